@@ -1,0 +1,136 @@
+"""`ember` command line: generate, chat, models."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ember.config import DEFAULT_MODEL, EnvSettings
+from ember.loading.errors import ModelLoadError
+from ember.types import InvalidRequestError, SamplingParams
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=list(args.stop))
+
+
+def _llm(args: argparse.Namespace) -> Any:
+    from ember.engine.llm import LLM
+    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = _llm(args)
+    params = _sampling(args)
+    prompt = llm.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat \
+        else args.prompt
+    for out in llm.stream(prompt, params):
+        sys.stdout.write(out.outputs[0].delta_text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _llm(args)
+    params = _sampling(args)
+    console = Console(stderr=True)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    console.print("[dim]ember chat: type a message; Ctrl-D or /exit to quit, /reset to clear[/]")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        try:
+            for out in llm.stream(llm.encode_chat(messages), params):
+                sys.stdout.write(out.outputs[0].delta_text)
+                sys.stdout.flush()
+                reply.append(out.outputs[0].delta_text)
+        except KeyboardInterrupt:
+            pass
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ember.loading.sources import list_models
+    table = Table(title="Ember models")
+    for col in ("name", "status", "location", "description"):
+        table.add_column(col)
+    for row in list_models(EnvSettings.from_env().model_dirs):
+        table.add_row(row.name, row.status, row.location, row.description)
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="Ember inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("generate", help="complete one prompt, streaming to stdout")
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user chat message")
+    _add_model_args(p)
+    _add_sampling_args(p, max_tokens=128)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="interactive chat, streaming replies")
+    p.add_argument("--system", default=None, help="system message")
+    _add_model_args(p)
+    _add_sampling_args(p, max_tokens=512)
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("models", help="list local models and where they come from")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    env = EnvSettings.from_env()
+    logging.basicConfig(level=env.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ModelLoadError, InvalidRequestError, ValueError) as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

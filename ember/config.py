@@ -1,0 +1,146 @@
+"""Engine configuration: one dataclass per concern, validated, passed explicitly.
+
+This is the only module that reads environment variables (see `EnvSettings`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class EnvSettings:
+    """Settings taken from the environment, read once by `from_env()`."""
+
+    num_threads: int | None = None
+    """EMBER_NUM_THREADS: torch intra-op threads (default: torch's choice)."""
+    cache_dir: str | None = None
+    """EMBER_CACHE_DIR: where compiled artefacts are cached."""
+    log_level: str = "WARNING"
+    """EMBER_LOG_LEVEL: logging level for the `ember` logger."""
+    model_dirs: tuple[str, ...] = ()
+    """EMBER_MODEL_PATH: extra folders (os.pathsep separated) searched for local models."""
+
+    @classmethod
+    def from_env(cls) -> "EnvSettings":
+        threads = os.environ.get("EMBER_NUM_THREADS")
+        dirs = os.environ.get("EMBER_MODEL_PATH", "")
+        return cls(
+            num_threads=int(threads) if threads else None,
+            cache_dir=os.environ.get("EMBER_CACHE_DIR") or None,
+            log_level=os.environ.get("EMBER_LOG_LEVEL", "WARNING").upper(),
+            model_dirs=tuple(d for d in dirs.split(os.pathsep) if d),
+        )
+
+
+@dataclass
+class ModelConfig:
+    """Which model to run and in what precision."""
+
+    model: str = DEFAULT_MODEL
+    """A known model name, a local .gguf file or a local HF-style directory."""
+    dtype: str = "float32"
+    """Activation / dense weight dtype: float32 or bfloat16."""
+    max_model_len: int | None = None
+    """Context length; None uses the model's own (capped by the KV cache)."""
+
+    def validate(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache geometry."""
+
+    block_size: int = 16
+    """Tokens per KV block."""
+    num_blocks: int | None = None
+    """Blocks in the pool (including the reserved null block); None derives it from kv_cache_mb."""
+    kv_cache_mb: int = 512
+    """Memory budget for the KV cache when num_blocks is None."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of identical prefixes (chained block hashes)."""
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ConfigError(f"num_blocks must be >= 2, got {self.num_blocks}")
+        if self.kv_cache_mb < 1:
+            raise ConfigError(f"kv_cache_mb must be >= 1, got {self.kv_cache_mb}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Token-budget loop limits."""
+
+    max_num_batched_tokens: int = 512
+    """Token budget of one step (prefill chunks + decodes)."""
+    max_num_seqs: int = 64
+    """Most requests running at once."""
+    long_prefill_token_threshold: int = 0
+    """Cap one request's prefill chunk per step (0 = no cap beyond the budget)."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across steps; otherwise a prompt must fit in one step's budget."""
+    policy: str = "fcfs"
+    """'fcfs' or 'priority' (lower value first, then arrival)."""
+
+    def validate(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be >= 1")
+        if self.policy not in ("fcfs", "priority"):
+            raise ConfigError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+
+
+@dataclass
+class SpecConfig:
+    """Speculative decoding (not enabled yet)."""
+
+    method: str | None = None
+    num_speculative_tokens: int = 0
+
+    def validate(self) -> None:
+        if self.method is not None:
+            raise ConfigError("speculative decoding is not implemented yet")
+
+
+@dataclass
+class ServerConfig:
+    """HTTP server settings."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs, one field per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    env: EnvSettings = field(default_factory=EnvSettings.from_env)
+    seed: int = 0
+    """Seed for requests without their own seed."""
+
+    def validate(self) -> None:
+        for part in (self.model, self.cache, self.scheduler, self.spec, self.server):
+            part.validate()

@@ -1,0 +1,131 @@
+"""Offline inference: `LLM().generate(prompts, params)` and `LLM().chat(messages, params)`."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ember.config import (DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig,
+                          SchedulerConfig)
+from ember.engine.engine import LLMEngine, Prompt
+from ember.tokenizer import Tokenizer
+from ember.types import RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, Any]
+
+
+def _progress(show: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), disable=not show, transient=True)
+
+
+class LLM:
+    """An engine for offline batch generation on one model."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "float32",
+                 max_model_len: int | None = None, block_size: int = 16,
+                 num_blocks: int | None = None, kv_cache_mb: int = 512,
+                 enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512,
+                 max_num_seqs: int = 64, seed: int = 0, show_progress: bool = True,
+                 config: EngineConfig | None = None) -> None:
+        if config is None:
+            config = EngineConfig(
+                model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len),
+                cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                                  kv_cache_mb=kv_cache_mb,
+                                  enable_prefix_caching=enable_prefix_caching),
+                scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
+                                          max_num_seqs=max_num_seqs),
+                seed=seed)
+        self.show_progress = show_progress
+        with _progress(show_progress) as bar:
+            task = bar.add_task(f"loading {config.model.model}", total=None)
+            self.engine = LLMEngine.from_config(
+                config, progress=lambda done, total: bar.update(task, completed=done,
+                                                                total=total))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); outputs come back in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                        and isinstance(prompts[0], int)):
+            prompt_list: list[Prompt] = [prompts]  # type: ignore[list-item]
+        else:
+            prompt_list = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            params_list = [SamplingParams()] * len(prompt_list)
+        elif isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"got {len(params_list)} sampling params for "
+                                 f"{len(prompt_list)} prompts")
+        ids = []
+        try:
+            for prompt, params in zip(prompt_list, params_list):
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, prompt, params)
+                ids.append(rid)
+        except Exception:
+            self.engine.abort_request(ids)
+            raise
+        return self._run(ids, self.show_progress if use_tqdm is None else use_tqdm)
+
+    def chat(self, messages: Sequence[Message] | Sequence[Sequence[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool | None = None,
+             **template_kwargs: Any) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template, then generate."""
+        conversations = ([messages] if messages and isinstance(messages[0], dict)
+                         else list(messages))
+        prompts: list[Prompt] = [
+            self.encode_chat(conv, add_generation_prompt, **template_kwargs)  # type: ignore[arg-type]
+            for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
+               ) -> Iterator[RequestOutput]:
+        """Generate for one prompt, yielding each step's output (deltas in delta_text)."""
+        rid = str(next(self._ids))
+        self.engine.add_request(rid, prompt, sampling_params or SamplingParams())
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.engine.abort_request([rid])
+
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    **template_kwargs: Any) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template."""
+        tok = self.engine.tokenizer
+        text = tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                       **template_kwargs)
+        return tok.encode(text, add_special_tokens=False)
+
+    def _run(self, ids: list[str], show: bool) -> list[RequestOutput]:
+        finals: dict[str, RequestOutput] = {}
+        with _progress(show) as bar:
+            task = bar.add_task("generating", total=len(ids))
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+                        bar.advance(task)
+        return [finals[rid] for rid in ids]

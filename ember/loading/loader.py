@@ -1,0 +1,128 @@
+"""Build a ready model (weights + tokenizer + architecture) from a ModelConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ember.config import EnvSettings, ModelConfig
+from ember.loading.errors import ModelLoadError
+from ember.loading.gguf import GGUFFile, read_gguf
+from ember.loading.sources import ModelSource, resolve_model
+from ember.loading.weights import load_strict
+from ember.models.arch import ArchConfig
+from ember.models.registry import get_model_class
+from ember.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+"""progress(done, total) called while tensors load."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the runner."""
+
+    model: nn.Module
+    arch: ArchConfig
+    tokenizer: Tokenizer
+    source: ModelSource
+    dtype: torch.dtype
+    weight_types: dict[str, int]
+    """Source tensor types and counts, e.g. {'Q4_1': 210, 'F32': 61} (for startup reports)."""
+    gguf: GGUFFile | None = None
+    """The GGUF file (raw quantized blocks stay reachable for runtime weight formats)."""
+
+
+def load_model(config: ModelConfig, env: EnvSettings,
+               progress: ProgressFn | None = None) -> LoadedModel:
+    source = resolve_model(config.model, env.model_dirs)
+    dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    if source.kind == "gguf":
+        return _load_gguf(source, dtype, progress)
+    return _load_hf_dir(source, dtype, progress)
+
+
+def _build(arch: ArchConfig, dtype: torch.dtype, source: str) -> nn.Module:
+    cls = get_model_class(arch.architecture, source)
+    model = cls(arch, dtype)
+    model.eval()
+    return model
+
+
+def _load_gguf(source: ModelSource, dtype: torch.dtype,
+               progress: ProgressFn | None) -> LoadedModel:
+    gf = read_gguf(source.path)
+    where = str(source.path)
+    arch = ArchConfig.from_gguf_metadata(gf.metadata, where)
+    if "output.weight" in gf.tensors:
+        arch = dataclasses.replace(arch, tie_word_embeddings=False)
+    model = _build(arch, dtype, where)
+    map_name = model.map_gguf_name  # type: ignore[attr-defined]
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        total = len(gf.tensors)
+        for i, (name, tensor) in enumerate(gf.tensors.items()):
+            mapped = map_name(name, arch)
+            if mapped is None:
+                yield name, torch.empty(0)  # reported as unexpected by load_strict
+                continue
+            param_name, transform = mapped
+            value = tensor.dequantize(torch.float32)
+            if transform is not None:
+                value = transform(value)
+            yield param_name, value
+            if progress is not None:
+                progress(i + 1, total)
+
+    load_strict(model, tensors(), where)
+    tokenizer = Tokenizer.from_gguf_metadata(gf.metadata)
+    return LoadedModel(model, arch, tokenizer, source, dtype, gf.quant_summary(), gf)
+
+
+def _load_hf_dir(source: ModelSource, dtype: torch.dtype,
+                 progress: ProgressFn | None) -> LoadedModel:
+    from safetensors import safe_open
+
+    folder = source.path
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{folder / 'config.json'}: cannot read ({exc})") from exc
+    arch = ArchConfig.from_hf_config(cfg, str(folder))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{folder}: no *.safetensors files")
+    model = _build(arch, dtype, str(folder))
+    counts: dict[str, int] = {}
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for i, path in enumerate(files):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name in f.keys():
+                        t = f.get_tensor(name)
+                        key = str(t.dtype).removeprefix("torch.")
+                        counts[key] = counts.get(key, 0) + 1
+                        yield name, t
+            except ModelLoadError:
+                raise
+            except Exception as exc:
+                raise ModelLoadError(f"{path}: cannot read safetensors ({exc})") from exc
+            if progress is not None:
+                progress(i + 1, len(files))
+
+    ignore = model.expected_unused(arch)  # type: ignore[attr-defined]
+    load_strict(model, tensors(), str(folder), ignore=ignore)
+    if not (folder / "tokenizer.json").is_file():
+        raise ModelLoadError(f"{folder}: no tokenizer.json")
+    tokenizer = Tokenizer.from_dir(Path(folder))
+    return LoadedModel(model, arch, tokenizer, source, dtype, counts, None)

@@ -1,0 +1,161 @@
+"""Llama-family decoder (RMSNorm, RoPE, GQA, SwiGLU): forward math and weight names only."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.attention.backend import paged_attention
+from ember.attention.metadata import AttentionMetadata
+from ember.layers.linear import Linear
+from ember.layers.norm import RMSNorm
+from ember.layers.rope import RotaryEmbedding
+from ember.models.arch import ArchConfig
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        q_size = cfg.num_heads * cfg.head_dim
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = Linear(cfg.hidden_size, q_size, dtype=dtype)
+        self.k_proj = Linear(cfg.hidden_size, kv_size, dtype=dtype)
+        self.v_proj = Linear(cfg.hidden_size, kv_size, dtype=dtype)
+        self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype)
+        self.rope = rope
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # (T, Hq, D)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        q, k = self.rope(positions, q, k)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))  # (T, H*D)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, dtype, rope)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg, dtype)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype, rope)
+                                    for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids, positions, kv_caches, attn_metadata) -> hidden states (T, hidden)."""
+
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaBody(cfg, dtype)
+        # NOTE: with tied embeddings the head shares the embedding matrix (one tensor in memory).
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)  # (T, hidden)
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            h = layer(h, positions, kv_cache, meta)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab) float32 logits."""
+        return self.lm_head(hidden).float()
+
+    # ---- weight names -------------------------------------------------------------------
+
+    @staticmethod
+    def expected_unused(cfg: ArchConfig) -> set[str]:
+        """Checkpoint names that are known and deliberately not loaded."""
+        unused = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(cfg.num_layers)}
+        if cfg.tie_word_embeddings:
+            unused.add("lm_head.weight")
+        return unused
+
+    @staticmethod
+    def map_gguf_name(name: str, cfg: ArchConfig
+                      ) -> tuple[str, Callable[[torch.Tensor], torch.Tensor] | None] | None:
+        """GGUF tensor name -> (parameter name, transform) or None if unknown.
+
+        NOTE: llama.cpp's converter permutes q/k rows so its interleaved RoPE works; we undo
+        the permutation to get HF's rotate-half layout back (one RoPE style for every source).
+        """
+        if name in _GGUF_GLOBAL:
+            return _GGUF_GLOBAL[name], None
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+        if m is None or m.group(2) not in _GGUF_LAYER:
+            return None
+        param = f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.weight"
+        if m.group(2) == "attn_q":
+            return param, lambda w: unpermute_rope_rows(w, cfg.num_heads)
+        if m.group(2) == "attn_k":
+            return param, lambda w: unpermute_rope_rows(w, cfg.num_kv_heads)
+        return param, None
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of llama.cpp's `permute` on q/k rows: interleaved pairs -> rotate-half halves."""
+    rows = w.shape[0]
+    # (H, D/2, 2, ...) -> (H, 2, D/2, ...)
+    return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
+            .transpose(1, 2).reshape(w.shape))
+
+
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}

@@ -1,0 +1,210 @@
+"""ModelRunner: SchedulerOutput -> tensors -> model -> logits -> sampled tokens."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ember.attention.metadata import AttentionMetadata, PrefillChunk
+from ember.models.arch import ArchConfig
+from ember.sampling.logprobs import compute_token_logprobs
+from ember.sampling.sampler import Sampler
+from ember.types import (ModelRunnerOutput, SamplingBatchRow, ScheduledRequest, SchedulerOutput,
+                         TokenLogprobs)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _LogitsPlan:
+    """Which hidden rows need logits and what each is for."""
+
+    sample_rows: list[int]
+    sample_reqs: list[ScheduledRequest]
+    prompt_rows: list[int]
+    prompt_targets: list[int]
+    prompt_owner: list[tuple[ScheduledRequest, int, bool]]
+    """(request, number of rows, starts with the first prompt token) per prompt-logprob request."""
+
+
+def kv_cache_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
+
+
+class ModelRunner:
+    """Owns the KV cache tensors (one K and one V tensor per layer) and runs steps."""
+
+    def __init__(self, model: torch.nn.Module, arch: ArchConfig, dtype: torch.dtype,
+                 block_size: int, num_blocks: int, max_num_batched_tokens: int,
+                 sampler: Sampler) -> None:
+        self.model = model
+        self.arch = arch
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.sampler = sampler
+        shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+        # NOTE: one tensor per layer (not one big buffer sliced per layer): compiled decode
+        # graphs are much faster with distinct per-layer tensors.
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                          for _ in range(arch.num_layers)]
+        # Persistent input buffers, sliced per step.
+        self._input_ids = torch.zeros(max_num_batched_tokens, dtype=torch.int64)
+        self._positions = torch.zeros(max_num_batched_tokens, dtype=torch.int64)
+        self._slots = torch.zeros(max_num_batched_tokens, dtype=torch.int64)
+        self._generators: dict[str, torch.Generator] = {}
+        self._prompt_lp_next: dict[str, int] = {}
+
+    # ---- per-request state --------------------------------------------------------------
+
+    def _generator_for(self, sr: ScheduledRequest) -> torch.Generator | None:
+        seed = sr.request.sampling_params.seed
+        if seed is None:
+            return None
+        gen = self._generators.get(sr.request.request_id)
+        if gen is None:
+            gen = torch.Generator().manual_seed(seed)
+            self._generators[sr.request.request_id] = gen
+        return gen
+
+    def release(self, request_ids: set[str]) -> None:
+        for rid in request_ids:
+            self._generators.pop(rid, None)
+            self._prompt_lp_next.pop(rid, None)
+
+    # ---- one step -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self.release(so.finished_request_ids)
+        out = ModelRunnerOutput()
+        if so.is_empty:
+            return out
+        order = sorted(so.scheduled, key=lambda sr: sr.num_new_tokens > 1)  # decodes first
+        input_ids, positions, meta, plan = self._prepare(order)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (T, hidden)
+        rows = plan.sample_rows + plan.prompt_rows
+        if not rows:
+            return out
+        logits = self.model.compute_logits(hidden[rows])  # (N, V) float32
+        n_sample = len(plan.sample_rows)
+        if n_sample:
+            self._sample(logits[:n_sample], plan.sample_reqs, out)
+        if plan.prompt_rows:
+            self._prompt_logprobs(logits[n_sample:], plan, out)
+        return out
+
+    def _sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest],
+                out: ModelRunnerOutput) -> None:
+        batch = [SamplingBatchRow(request_id=sr.request.request_id,
+                                  params=sr.request.sampling_params,
+                                  prompt_token_ids=sr.request.prompt_token_ids,
+                                  output_token_ids=sr.request.output_token_ids,
+                                  eos_token_id=sr.request.eos_token_id,
+                                  generator=self._generator_for(sr))
+                 for sr in reqs]
+        result = self.sampler(logits, batch)
+        for sr, token, lp in zip(reqs, result.token_ids, result.logprobs):
+            rid = sr.request.request_id
+            out.sampled_token_ids[rid] = [token]
+            if lp is not None:
+                out.logprobs[rid] = [lp]
+
+    def _prompt_logprobs(self, logits: torch.Tensor, plan: _LogitsPlan,
+                         out: ModelRunnerOutput) -> None:
+        offset = 0
+        for sr, count, first in plan.prompt_owner:
+            num_top = sr.request.sampling_params.prompt_logprobs or 0
+            values: list[TokenLogprobs | None] = [None] if first else []
+            if count:
+                values += compute_token_logprobs(
+                    logits[offset:offset + count],
+                    plan.prompt_targets[offset:offset + count], num_top)
+            out.prompt_logprobs[sr.request.request_id] = values
+            offset += count
+
+    # ---- input preparation --------------------------------------------------------------
+
+    def _prepare(self, order: list[ScheduledRequest]
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, _LogitsPlan]:
+        bs = self.block_size
+        ids: list[int] = []
+        pos_parts: list[np.ndarray] = []
+        slot_parts: list[np.ndarray] = []
+        plan = _LogitsPlan([], [], [], [], [])
+        prefills: list[PrefillChunk] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        for sr in order:
+            q0 = len(ids)
+            ids.extend(sr.token_ids)
+            pos = np.arange(sr.start, sr.end, dtype=np.int64)
+            table = np.asarray(sr.block_ids, dtype=np.int64)
+            pos_parts.append(pos)
+            slot_parts.append(table[pos // bs] * bs + pos % bs)
+            if sr.num_new_tokens == 1:
+                decode_tables.append(sr.block_ids)
+                decode_lens.append(sr.end)
+            else:
+                prefills.append(self._prefill_chunk(sr, q0, table))
+            self._plan_logits(sr, q0, plan)
+        t = len(ids)
+        self._input_ids[:t] = torch.tensor(ids, dtype=torch.int64)
+        self._positions[:t] = torch.from_numpy(np.concatenate(pos_parts))
+        self._slots[:t] = torch.from_numpy(np.concatenate(slot_parts))
+        kv_slots, kv_mask = self._decode_tables(decode_tables, decode_lens)
+        meta = AttentionMetadata(num_tokens=t, slot_mapping=self._slots[:t],
+                                 num_decodes=len(decode_lens), decode_kv_slots=kv_slots,
+                                 decode_kv_mask=kv_mask, prefills=prefills)
+        return self._input_ids[:t], self._positions[:t], meta, plan
+
+    def _prefill_chunk(self, sr: ScheduledRequest, q0: int, table: np.ndarray) -> PrefillChunk:
+        if sr.start == 0:
+            return PrefillChunk(q0, sr.num_new_tokens, 0, None, None)
+        bs = self.block_size
+        kv_pos = np.arange(sr.end, dtype=np.int64)
+        kv_slots = torch.from_numpy(table[kv_pos // bs] * bs + kv_pos % bs)
+        q_pos = torch.arange(sr.start, sr.end).unsqueeze(1)  # (Tq, 1)
+        mask = torch.arange(sr.end).unsqueeze(0) <= q_pos  # (Tq, Tk)
+        return PrefillChunk(q0, sr.num_new_tokens, sr.start, kv_slots, mask)
+
+    def _decode_tables(self, tables: list[list[int]], lens: list[int]
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not tables:
+            return None, None
+        bs = self.block_size
+        nblk = max((n + bs - 1) // bs for n in lens)
+        padded = np.zeros((len(tables), nblk), dtype=np.int64)  # pad with the null block 0
+        for i, (table, n) in enumerate(zip(tables, lens)):
+            used = (n + bs - 1) // bs
+            padded[i, :used] = table[:used]
+        slots = (padded[:, :, None] * bs + np.arange(bs)).reshape(len(tables), -1)  # (B, L)
+        valid = np.arange(nblk * bs)[None, :] < np.asarray(lens)[:, None]  # (B, L)
+        mask = torch.zeros(valid.shape, dtype=torch.float32)
+        mask.masked_fill_(torch.from_numpy(~valid), float("-inf"))
+        return torch.from_numpy(slots), mask.view(len(tables), 1, 1, -1)  # (B, 1, 1, L)
+
+    def _plan_logits(self, sr: ScheduledRequest, q0: int, plan: _LogitsPlan) -> None:
+        req = sr.request
+        # NOTE: after a preemption the prompt is recomputed; positions already reported are
+        # not reported again (`_prompt_lp_next` is the next prompt position to report).
+        done = self._prompt_lp_next.get(req.request_id, 0)
+        if req.sampling_params.prompt_logprobs is not None and sr.end > done \
+                and done < req.num_prompt_tokens:
+            # logits at position p score prompt token p + 1
+            first = max(sr.start, done)
+            last = min(sr.end, req.num_prompt_tokens - 1)
+            count = max(0, last - first)
+            row0 = q0 + first - sr.start
+            plan.prompt_rows.extend(range(row0, row0 + count))
+            plan.prompt_targets.extend(req.all_token_ids[first + 1:first + 1 + count])
+            plan.prompt_owner.append((sr, count, first == 0))
+            nxt = first + count
+            self._prompt_lp_next[req.request_id] = (
+                req.num_prompt_tokens if nxt >= req.num_prompt_tokens - 1 else max(nxt, 1))
+        if sr.samples:
+            plan.sample_rows.append(q0 + sr.num_new_tokens - 1)
+            plan.sample_reqs.append(sr)

@@ -1,0 +1,77 @@
+"""Shared fixtures. Model fixtures load once per test session (loads take seconds)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ember.loading.sources import PACKAGED_MODELS, packaged_path
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def smollm2_gguf() -> Path:
+    path = packaged_path(PACKAGED_MODELS[0])
+    if path is None:
+        pytest.fail(f"default model missing: {PACKAGED_MODELS[0].install_hint} (make setup does it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def pride_text() -> str:
+    path = SHARED_DATA / "pride_and_prejudice.txt"
+    if not path.is_file():
+        pytest.fail(f"evaluation text missing: {path}")
+    return path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def make_llm() -> Callable[..., object]:
+    """Factory of LLM engines, cached per keyword arguments for the session."""
+    from ember import LLM
+
+    cache: dict[tuple, object] = {}
+
+    def make(**kwargs: object) -> object:
+        key = tuple(sorted(kwargs.items()))
+        if key not in cache:
+            cache[key] = LLM(show_progress=False, **kwargs)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def llm(make_llm):
+    return make_llm()
+
+
+@pytest.fixture(scope="session")
+def hf_model(gguf_path):
+    """HF transformers reference on the same GGUF weights, fp32 (slow: ~20 s, once)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(gguf_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
