@@ -1,9 +1,8 @@
-"""`ember` command line: generate, chat, models."""
+"""`ember generate`, `ember chat`, `ember models`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
@@ -11,8 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ember.config import DEFAULT_MODEL, EnvSettings
-from ember.loading.errors import ModelLoadError
-from ember.types import InvalidRequestError, SamplingParams
+from ember.types import SamplingParams
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -102,9 +100,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ember", description="Ember inference engine")
-    sub = parser.add_subparsers(dest="command", required=True)
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add generate, chat and models to the `ember` command."""
     p = sub.add_parser("generate", help="complete one prompt, streaming to stdout")
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user chat message")
@@ -118,19 +115,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("models", help="list local models and where they come from")
     p.set_defaults(func=cmd_models)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    env = EnvSettings.from_env()
-    logging.basicConfig(level=env.log_level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except (ModelLoadError, InvalidRequestError, ValueError) as exc:
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

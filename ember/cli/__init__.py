@@ -1,0 +1,39 @@
+"""The `ember` command. Each subcommand group lives in its own module with `register()`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rich.console import Console
+
+from ember.cli import generate
+from ember.config import EnvSettings
+from ember.loading.errors import ModelLoadError
+from ember.types import InvalidRequestError
+
+COMMAND_MODULES = (generate,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="Ember inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    env = EnvSettings.from_env()
+    logging.basicConfig(level=env.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ModelLoadError, InvalidRequestError, ValueError) as exc:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
