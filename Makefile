@@ -25,6 +25,7 @@ chat: setup
 	$(VENV)/bin/ember chat
 
 test: setup
+	$(PY) -m mypy ember
 	$(PY) -m pytest -q tests
 
 bench: setup

@@ -27,6 +27,8 @@ class EnvSettings:
     """EMBER_LOG_LEVEL: logging level for the `ember` logger."""
     model_dirs: tuple[str, ...] = ()
     """EMBER_MODEL_PATH: extra folders (os.pathsep separated) searched for local models."""
+    api_key: str | None = None
+    """EMBER_API_KEY: an API key `ember serve` accepts (added to --api-key)."""
 
     @classmethod
     def from_env(cls) -> "EnvSettings":
@@ -37,6 +39,7 @@ class EnvSettings:
             cache_dir=os.environ.get("EMBER_CACHE_DIR") or None,
             log_level=os.environ.get("EMBER_LOG_LEVEL", "WARNING").upper(),
             model_dirs=tuple(d for d in dirs.split(os.pathsep) if d),
+            api_key=os.environ.get("EMBER_API_KEY") or None,
         )
 
 
@@ -118,14 +121,43 @@ class SpecConfig:
 
 @dataclass
 class ServerConfig:
-    """HTTP server settings."""
+    """HTTP server settings (the OpenAI-compatible API of `ember serve`)."""
 
     host: str = "127.0.0.1"
+    """Interface to bind; the default serves this machine only."""
     port: int = 8000
+    served_model_names: tuple[str, ...] = ()
+    """Names the model answers to in requests and /v1/models; empty means the model name."""
+    api_keys: tuple[str, ...] = ()
+    """Accepted Bearer keys for the API endpoints; empty disables authentication."""
+    auth_all_endpoints: bool = False
+    """Also require a key for /health, /metrics and the API docs (open by default)."""
+    max_queued_requests: int = 256
+    """Sequences allowed to wait beyond those running (max_num_seqs); more are refused (429)."""
+    rate_limit_rpm: int | None = None
+    """Requests per minute per API key (per client address without keys); None = no limit."""
+    rate_limit_tpm: int | None = None
+    """Tokens (prompt + max new tokens, refunded to actual use) per minute per key; None = off."""
+    max_body_bytes: int = 4 * 2**20
+    """Largest accepted request body; larger ones get 413."""
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM, how long in-flight requests may take to finish before they are aborted."""
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if any(not key or key != key.strip() for key in self.api_keys):
+            raise ConfigError("api_keys must be non-empty strings without surrounding spaces")
+        if self.max_queued_requests < 0:
+            raise ConfigError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        for name in ("rate_limit_rpm", "rate_limit_tpm"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 (or unset), got {value}")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
 
 
 @dataclass

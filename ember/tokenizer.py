@@ -122,9 +122,12 @@ def _build_byte_level_bpe(
     """A byte-level BPE `tokenizers.Tokenizer` from GGUF vocabulary pieces."""
     kinds = [*token_types, *[TOKEN_TYPE_NORMAL] * (len(tokens) - len(token_types))]
     vocab = _byte_level_vocab(tokens, kinds)
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    if (bad := next((m for m, p in zip(merges, pairs) if len(p) != 2), None)) is not None:
-        raise ValueError(f"malformed GGUF merge {bad!r} (expected 'left right')")
+    pairs: list[tuple[str, str]] = []
+    for merge in merges:
+        left, sep, right = merge.partition(" ")
+        if not sep or not left or not right:
+            raise ValueError(f"malformed GGUF merge {merge!r} (expected 'left right')")
+        pairs.append((left, right))
     backend = tokenizers.Tokenizer(
         models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in _LLAMA3_FAMILY)
     )
@@ -319,8 +322,10 @@ class Tokenizer:
         self.backend = backend
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
         self.pad_token_id, self.unk_token_id = pad_token_id, unk_token_id
-        named = {bos_token_id, eos_token_id, pad_token_id, unk_token_id} - {None}
-        self.eos_token_ids = frozenset({eos_token_id} - {None} | set(extra_eos_token_ids))
+        named = {i for i in (bos_token_id, eos_token_id, pad_token_id, unk_token_id)
+                 if i is not None}
+        self.eos_token_ids = frozenset(
+            {i for i in (eos_token_id, *extra_eos_token_ids) if i is not None})
         self.bos_token = None if bos_token_id is None else backend.id_to_token(bos_token_id)
         self.eos_token = None if eos_token_id is None else backend.id_to_token(eos_token_id)
         self.vocab_size = int(backend.get_vocab_size(with_added_tokens=True))

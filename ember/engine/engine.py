@@ -120,6 +120,13 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._children)
 
+    def first_scheduled_time(self, request_id: str) -> float | None:
+        """When the first completion of a user request was first scheduled (the scheduler's
+        monotonic clock); None while it waits, or once it finished (for queue-time metrics)."""
+        children = self._children.get(request_id)
+        request = self.core.scheduler.requests.get(children[0]) if children else None
+        return None if request is None else request.first_scheduled_time
+
     def step(self) -> list[RequestOutput]:
         """Run one engine step; return outputs of the requests that advanced."""
         core_outputs = self.core.step()

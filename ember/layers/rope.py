@@ -32,6 +32,9 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any]) -> torch.Ten
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to q and k given absolute positions; cos/sin tables built once."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, max_position: int, theta: float,
                  scaling: dict[str, Any] | None = None) -> None:
         super().__init__()

@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from ember.config import EnvSettings, ModelConfig
 from ember.loading.errors import ModelLoadError
 from ember.loading.gguf import GGUFFile, read_gguf
 from ember.loading.sources import ModelSource, resolve_model
 from ember.loading.weights import load_strict
 from ember.models.arch import ArchConfig
+from ember.models.base import CausalLM
 from ember.models.registry import get_model_class
 from ember.tokenizer import Tokenizer
 
@@ -31,7 +30,7 @@ ProgressFn = Callable[[int, int], None]
 class LoadedModel:
     """A model ready for the runner."""
 
-    model: nn.Module
+    model: CausalLM
     arch: ArchConfig
     tokenizer: Tokenizer
     source: ModelSource
@@ -51,7 +50,7 @@ def load_model(config: ModelConfig, env: EnvSettings,
     return _load_hf_dir(source, dtype, progress)
 
 
-def _build(arch: ArchConfig, dtype: torch.dtype, source: str) -> nn.Module:
+def _build(arch: ArchConfig, dtype: torch.dtype, source: str) -> CausalLM:
     cls = get_model_class(arch.architecture, source)
     model = cls(arch, dtype)
     model.eval()
@@ -66,7 +65,7 @@ def _load_gguf(source: ModelSource, dtype: torch.dtype,
     if "output.weight" in gf.tensors:
         arch = dataclasses.replace(arch, tie_word_embeddings=False)
     model = _build(arch, dtype, where)
-    map_name = model.map_gguf_name  # type: ignore[attr-defined]
+    map_name = model.map_gguf_name
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         total = len(gf.tensors)
@@ -120,7 +119,7 @@ def _load_hf_dir(source: ModelSource, dtype: torch.dtype,
             if progress is not None:
                 progress(i + 1, len(files))
 
-    ignore = model.expected_unused(arch)  # type: ignore[attr-defined]
+    ignore = model.expected_unused(arch)
     load_strict(model, tensors(), str(folder), ignore=ignore)
     if not (folder / "tokenizer.json").is_file():
         raise ModelLoadError(f"{folder}: no tokenizer.json")

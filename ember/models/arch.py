@@ -40,10 +40,11 @@ class ArchConfig:
 
         hidden = int(get("embedding_length"))
         heads = int(get("attention.head_count"))
-        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+        tokens = meta.get("tokenizer.ggml.tokens") or []
+        vocab = meta.get(f"{arch}.vocab_size") or len(tokens)  # type: ignore[arg-type]
         return cls(
             architecture=arch,
-            vocab_size=int(vocab),  # type: ignore[arg-type]
+            vocab_size=int(vocab),  # type: ignore[call-overload]
             hidden_size=hidden,
             intermediate_size=int(get("feed_forward_length")),
             num_layers=int(get("block_count")),
@@ -62,6 +63,10 @@ class ArchConfig:
         archs = cfg.get("architectures") or []
         model_type = str(cfg.get("model_type", ""))
         arch = "llama" if model_type == "llama" or "LlamaForCausalLM" in archs else model_type
+        # NOTE: transformers >= 5 writes rope settings under "rope_parameters"; older
+        # configs have top-level rope_theta / rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = cfg.get("rope_theta", rope.pop("rope_theta", 10000.0))
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
@@ -76,8 +81,8 @@ class ArchConfig:
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 max_position=int(cfg.get("max_position_embeddings", 2048)),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_scaling=dict(cfg.get("rope_scaling") or {}),
+                rope_theta=float(theta),
+                rope_scaling=rope,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 name=str(cfg.get("_name_or_path", "")),
             )

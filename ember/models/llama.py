@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +14,7 @@ from ember.layers.linear import Linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rope import RotaryEmbedding
 from ember.models.arch import ArchConfig
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
+from ember.models.base import CausalLM, KVCache, TensorTransform
 
 
 class LlamaAttention(nn.Module):
@@ -81,8 +79,8 @@ class LlamaBody(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class LlamaForCausalLM(nn.Module):
-    """forward(input_ids, positions, kv_caches, attn_metadata) -> hidden states (T, hidden)."""
+class LlamaForCausalLM(CausalLM):
+    """Llama / SmolLM2 / Mistral-style decoder with HF parameter names."""
 
     def __init__(self, cfg: ArchConfig, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -91,7 +89,7 @@ class LlamaForCausalLM(nn.Module):
         # NOTE: with tied embeddings the head shares the embedding matrix (one tensor in memory).
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
         if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
@@ -101,25 +99,20 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, hidden) -> (N, vocab) float32 logits."""
         return self.lm_head(hidden).float()
 
     # ---- weight names -------------------------------------------------------------------
 
     @staticmethod
     def expected_unused(cfg: ArchConfig) -> set[str]:
-        """Checkpoint names that are known and deliberately not loaded."""
         unused = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(cfg.num_layers)}
         if cfg.tie_word_embeddings:
             unused.add("lm_head.weight")
         return unused
 
     @staticmethod
-    def map_gguf_name(name: str, cfg: ArchConfig
-                      ) -> tuple[str, Callable[[torch.Tensor], torch.Tensor] | None] | None:
-        """GGUF tensor name -> (parameter name, transform) or None if unknown.
-
-        NOTE: llama.cpp's converter permutes q/k rows so its interleaved RoPE works; we undo
+    def map_gguf_name(name: str, cfg: ArchConfig) -> tuple[str, TensorTransform | None] | None:
+        """NOTE: llama.cpp's converter permutes q/k rows so its interleaved RoPE works; we undo
         the permutation to get HF's rotate-half layout back (one RoPE style for every source).
         """
         if name in _GGUF_GLOBAL:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from ember.loading.errors import ModelLoadError
+from ember.models.base import CausalLM
 from ember.models.llama import LlamaForCausalLM
 
-_REGISTRY: dict[str, type[nn.Module]] = {
+_REGISTRY: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
 }
 
 
-def get_model_class(architecture: str, source: str) -> type[nn.Module]:
+def get_model_class(architecture: str, source: str) -> type[CausalLM]:
     try:
         return _REGISTRY[architecture]
     except KeyError:

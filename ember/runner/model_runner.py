@@ -10,6 +10,7 @@ import torch
 
 from ember.attention.metadata import AttentionMetadata, PrefillChunk
 from ember.models.arch import ArchConfig
+from ember.models.base import CausalLM
 from ember.sampling.logprobs import compute_token_logprobs
 from ember.sampling.sampler import Sampler
 from ember.types import (ModelRunnerOutput, SamplingBatchRow, ScheduledRequest, SchedulerOutput,
@@ -38,7 +39,7 @@ def kv_cache_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dty
 class ModelRunner:
     """Owns the KV cache tensors (one K and one V tensor per layer) and runs steps."""
 
-    def __init__(self, model: torch.nn.Module, arch: ArchConfig, dtype: torch.dtype,
+    def __init__(self, model: CausalLM, arch: ArchConfig, dtype: torch.dtype,
                  block_size: int, num_blocks: int, max_num_batched_tokens: int,
                  sampler: Sampler) -> None:
         self.model = model

@@ -263,7 +263,7 @@ def mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
     # so only the best candidates are sorted and rows whose candidates do not reach top_p of
     # the mass fall back to a full sort.
     top_p = torch.where(top_p >= 1.0, float("inf"), top_p)  # (R,) inf keeps everything
-    k_max = int(top_k[k_on].max().item()) if bool(k_on.any()) else 0
+    k_max = int(top_k[k_on].max().item()) if top_k is not None and bool(k_on.any()) else 0
     num_cand = min(vocab, max(_TOP_P_CANDIDATES, k_max))
     values, indices = torch.topk(logits, num_cand, dim=-1)  # (R, C) descending
     keep, reached = _top_k_top_p_keep(logits, values, top_k, k_on, top_p)
