@@ -66,7 +66,8 @@ class ArchConfig:
         # NOTE: transformers >= 5 writes rope settings under "rope_parameters"; older
         # configs have top-level rope_theta / rope_scaling.
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = cfg.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        nested_theta = rope.pop("rope_theta", None)
+        theta = float(cfg.get("rope_theta") or nested_theta or 10000.0)
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
@@ -81,7 +82,7 @@ class ArchConfig:
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 max_position=int(cfg.get("max_position_embeddings", 2048)),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(theta),
+                rope_theta=theta,
                 rope_scaling=rope,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 name=str(cfg.get("_name_or_path", "")),
