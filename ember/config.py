@@ -53,10 +53,16 @@ class ModelConfig:
     """Activation / dense weight dtype: float32 or bfloat16."""
     max_model_len: int | None = None
     """Context length; None uses the model's own (capped by the KV cache)."""
+    quantization: str | None = None
+    """Runtime weight format: None (dense in `dtype`), 'int8' or 'int4' (weight-only; the
+    kernels run bf16 activations, so dtype is forced to bfloat16)."""
 
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.quantization not in (None, "int8", "int4"):
+            raise ConfigError(
+                f"quantization must be 'int8', 'int4' or unset, got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

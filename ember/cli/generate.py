@@ -17,6 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--quantization", "-q", default=None, choices=["int8", "int4"],
+                   help="runtime weight format (weight-only; bf16 activations)")
     p.add_argument("--max-model-len", type=int, default=None)
 
 
@@ -40,7 +42,8 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 def _llm(args: argparse.Namespace) -> Any:
     from ember.engine.llm import LLM
-    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    return LLM(args.model, dtype=args.dtype, quantization=args.quantization,
+               max_model_len=args.max_model_len)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -29,14 +29,15 @@ class LLM:
     """An engine for offline batch generation on one model."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "float32",
-                 max_model_len: int | None = None, block_size: int = 16,
+                 quantization: str | None = None, max_model_len: int | None = None, block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_mb: int = 512,
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, seed: int = 0, show_progress: bool = True,
                  config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(
-                model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len),
+                model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len,
+                                  quantization=quantization),
                 cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                   kv_cache_mb=kv_cache_mb,
                                   enable_prefix_caching=enable_prefix_caching),
