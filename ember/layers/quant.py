@@ -70,6 +70,9 @@ class Int4Weights:
 class Int4Linear(nn.Module):
     """y = x @ W^T with 4-bit group-wise weights (activations bf16 inside the kernel)."""
 
+    packed: torch.Tensor
+    scales_zeros: torch.Tensor
+
     def __init__(self, weights: Int4Weights, keep_dense: bool, dense_threshold: int = 4,
                  act_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
@@ -102,6 +105,9 @@ class Int4Linear(nn.Module):
 
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)^T with int8 weights and one scale per output channel."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, w: torch.Tensor, act_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()

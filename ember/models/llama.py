@@ -16,9 +16,11 @@ from ember.layers.rope import RotaryEmbedding
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM, KVCache, TensorTransform
 
+RopeTables = tuple[torch.Tensor, torch.Tensor]
+
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, rope: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
@@ -30,15 +32,14 @@ class LlamaAttention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, kv_size, dtype=dtype)
         self.v_proj = Linear(cfg.hidden_size, kv_size, dtype=dtype)
         self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype)
-        self.rope = rope
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+    def forward(self, x: torch.Tensor, rope: RopeTables, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        q, k = self.rope(positions, q, k)
+        q, k = RotaryEmbedding.rotate(q, k, rope)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))  # (T, H*D)
 
@@ -55,26 +56,27 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, rope: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, dtype, rope)
+        self.self_attn = LlamaAttention(cfg, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg, dtype)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+    def forward(self, x: torch.Tensor, rope: RopeTables, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaBody(nn.Module):
     def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta,
+                                          cfg.rope_scaling)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype, rope)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype)
                                     for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -94,8 +96,9 @@ class LlamaForCausalLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)  # (T, hidden)
+        rope = self.model.rotary_emb.cos_sin(positions)
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            h = layer(h, positions, kv_cache, meta)
+            h = layer(h, rope, kv_cache, meta)
         return self.model.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

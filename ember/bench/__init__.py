@@ -1,0 +1,1 @@
+"""Benchmarks: serving load (`ember bench serve`) and others; JSON + PNG reports."""

@@ -1,0 +1,206 @@
+"""`ember bench offline`: Ember and its peers side by side, interleaved, repeated, medians.
+
+Every engine run is a fresh subprocess (`ember.bench.workers`), so load time and RSS are its
+own. Runs interleave engines within each repeat, so machine noise hits every engine alike.
+Writes JSON and a PNG chart; prints ratios against llama.cpp and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ember.bench.workers import FIGURES
+
+logger = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = {"load_s", "rss_mb", "ttft_16_ms"}
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    label: str
+    engine: str
+    quantization: str | None = None
+    dtype: str = "bfloat16"
+
+    def argv(self, model_path: str, threads: int, decode_tokens: int) -> list[str]:
+        cmd = [sys.executable, "-m", "ember.bench.workers", self.engine,
+               "--model-path", model_path, "--threads", str(threads),
+               "--decode-tokens", str(decode_tokens), "--dtype", self.dtype]
+        if self.quantization:
+            cmd += ["--quantization", self.quantization]
+        return cmd
+
+
+def available_engines(include_hf: bool, ember_variants: list[str]) -> tuple[list[EngineSpec],
+                                                                             list[str]]:
+    """Engines to run plus notes on peers that are absent."""
+    specs = []
+    for variant in ember_variants:
+        quant = None if variant in ("bf16", "fp32") else variant
+        dtype = "float32" if variant == "fp32" else "bfloat16"
+        specs.append(EngineSpec(f"ember-{variant}", "ember", quant, dtype))
+    notes = []
+    if importlib.util.find_spec("llama_cpp") is not None:
+        specs.append(EngineSpec("llama.cpp", "llama.cpp"))
+    else:
+        notes.append("llama.cpp skipped: llama-cpp-python is not installed "
+                     "(pip install 'ember[peers]' builds it from source)")
+    if include_hf:
+        specs.append(EngineSpec("transformers", "transformers", None, "float32"))
+    return specs, notes
+
+
+def measure_bandwidth_gbs(threads: int, mb: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth: the best of a few full passes (sum) over a large buffer."""
+    import torch
+
+    torch.set_num_threads(threads)
+    buf = torch.ones(mb * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return mb * 2**20 / best / 1e9
+
+
+def run_one(spec: EngineSpec, model_path: str, threads: int, decode_tokens: int,
+            timeout_s: float) -> dict[str, float] | None:
+    proc = subprocess.run(spec.argv(model_path, threads, decode_tokens), capture_output=True,
+                          text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        logger.warning("%s failed: %s", spec.label, tail[0])
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    return {label: {f: statistics.median(r[f] for r in rs) for f in FIGURES}
+            for label, rs in runs.items() if rs}
+
+
+def ratios(medians: dict[str, dict[str, float]], peer: str) -> dict[str, dict[str, float]]:
+    """For each Ember variant: figure ratio vs the peer, >1 always means Ember is better."""
+    if peer not in medians:
+        return {}
+    base = medians[peer]
+    out = {}
+    for label, figs in medians.items():
+        if not label.startswith("ember"):
+            continue
+        out[label] = {f: (base[f] / figs[f] if f in LOWER_IS_BETTER else figs[f] / base[f])
+                      for f in FIGURES if figs[f] and base[f]}
+    return out
+
+
+def print_table(console: Console, medians: dict[str, dict[str, float]],
+                rel: dict[str, dict[str, dict[str, float]]]) -> None:
+    table = Table(title="ember bench offline (medians)")
+    table.add_column("figure")
+    for label in medians:
+        table.add_column(label, justify="right")
+    for peer, per in rel.items():
+        for label in per:
+            table.add_column(f"{label} / {peer}", justify="right")
+    for f in FIGURES:
+        row = [f] + [f"{medians[label][f]:.1f}" for label in medians]
+        for per in rel.values():
+            row += [f"{per[label].get(f, float('nan')):.2f}x" for label in per]
+        table.add_row(*row)
+    console.print(table)
+
+
+def plot(medians: dict[str, dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = [f for f in FIGURES if f.endswith("tok_s")]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / max(len(medians), 1)
+    for i, (label, m) in enumerate(medians.items()):
+        ax.bar([x + i * width for x in range(len(figs))], [m[f] for f in figs], width,
+               label=label)
+    ax.set_xticks([x + width * (len(medians) - 1) / 2 for x in range(len(figs))], figs,
+                  rotation=15)
+    ax.set_ylabel("tokens / s (higher is better)")
+    ax.set_title("Ember vs peers, 2 threads, same model")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@dataclass
+class OfflineBenchArgs:
+    model_path: str
+    out_dir: Path
+    repeats: int = 3
+    threads: int = 2
+    decode_tokens: int = 256
+    include_hf: bool = True
+    ember_variants: tuple[str, ...] = ("int4",)
+    timeout_s: float = 900.0
+
+
+def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) -> dict[str, Any]:
+    """Run every engine `repeats` times, interleaved; return and write the report."""
+    from rich.progress import Progress
+
+    console = console or Console()
+    specs, notes = available_engines(args.include_hf, list(args.ember_variants))
+    for note in notes:
+        console.print(f"[yellow]note:[/] {note}")
+    bandwidth = measure_bandwidth_gbs(args.threads)
+    runs: dict[str, list[dict[str, float]]] = {s.label: [] for s in specs}
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("benchmarking", total=args.repeats * len(specs))
+        for rep in range(args.repeats):
+            order = specs[rep % len(specs):] + specs[:rep % len(specs)]  # rotate the order
+            for spec in order:
+                bar.update(task, description=f"run {rep + 1}/{args.repeats}: {spec.label}")
+                result = run_one(spec, args.model_path, args.threads, args.decode_tokens,
+                                 args.timeout_s)
+                if result is not None:
+                    runs[spec.label].append(result)
+                bar.advance(task)
+    medians = summarise(runs)
+    rel: dict[str, dict[str, dict[str, float]]] = {
+        peer: ratios(medians, peer) for peer in ("llama.cpp", "transformers") if peer in medians}
+    weight_bytes = _weight_bytes(args.model_path)
+    report: dict[str, Any] = {"model": args.model_path, "threads": args.threads, "repeats": args.repeats,
+              "bandwidth_gbs": bandwidth, "notes": notes, "runs": runs, "medians": medians,
+              "ratios": rel, "weight_bytes": weight_bytes}
+    for label, m in medians.items():
+        # fraction of the bandwidth bound: every decode step reads all weights once
+        bound = bandwidth * 1e9 / weight_bytes
+        m["decode_bandwidth_fraction"] = m["decode_16_tok_s"] / bound
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "bench_offline.json").write_text(json.dumps(report, indent=2))
+    plot(medians, args.out_dir / "bench_offline.png")
+    print_table(console, medians, rel)
+    console.print(f"read bandwidth {bandwidth:.1f} GB/s; weight file "
+                  f"{weight_bytes / 1e6:.0f} MB; wrote {args.out_dir}/bench_offline.json"
+                  f" and bench_offline.png")
+    return report
+
+
+def _weight_bytes(model_path: str) -> int:
+    path = Path(model_path)
+    return path.stat().st_size if path.is_file() else sum(
+        p.stat().st_size for p in path.glob("*.safetensors"))
