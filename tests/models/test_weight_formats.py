@@ -75,3 +75,19 @@ def test_int4_decode_kernel_path_gives_fp32_greedy_start(make_llm, llm):
     ref = llm.generate(["The capital of France is"], params, use_tqdm=False)[0].outputs[0]
     got = q.generate(["The capital of France is"], params, use_tqdm=False)[0].outputs[0]
     assert got.token_ids[:3] == ref.token_ids[:3]
+
+
+def test_gguf_reader_matches_the_gguf_library(gguf_path, gguf_file):
+    """Our header walk gives the same metadata and tensor bytes as gguf.GGUFReader."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+    for key, field in reader.fields.items():
+        assert gguf_file.metadata[key] == field.contents(), key
+    assert len(reader.tensors) == len(gguf_file.tensors)
+    for t in reader.tensors:
+        ours = gguf_file.tensors[t.name]
+        assert ours.qtype == t.tensor_type
+        assert ours.shape == tuple(reversed(t.shape.tolist()))
+        assert np.array_equal(np.asarray(t.data), ours.raw)
