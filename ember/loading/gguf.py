@@ -68,11 +68,45 @@ class GGUFTensor:
         elif self.qtype == GGMLQuantizationType.BF16:
             bits = np.ascontiguousarray(self.raw).view(np.int16)
             return torch.from_numpy(bits.copy()).view(torch.bfloat16).reshape(self.shape).to(dtype)
+        elif self.qtype in _FAST_DEQUANT:
+            return _FAST_DEQUANT[self.qtype](self.raw, self.shape).to(dtype)
         else:
             values = gguf_quants.dequantize(self.raw, self.qtype)
-        if not values.flags.writeable:
-            values = values.copy()  # the file is mapped read-only; torch wants writable memory
         return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape).to(dtype)
+
+
+def _blocks(raw: np.ndarray, shape: tuple[int, ...], block_bytes: int) -> torch.Tensor:
+    """(rows, blocks, block_bytes) uint8 view of a block-quantized tensor."""
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return torch.from_numpy(np.ascontiguousarray(raw)).view(rows, shape[-1] // 32, block_bytes)
+
+
+def _fp16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    # (rows, blocks, 1) float32 from two little-endian bytes at `start` of each block
+    return blocks[..., start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _dequant_q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    b = _blocks(raw, shape, 34)  # d (fp16) + 32 int8
+    q = b[..., 2:].contiguous().view(torch.int8).float()  # (rows, blocks, 32)
+    return (q * _fp16_field(b, 0)).reshape(shape)
+
+
+def _dequant_q4(raw: np.ndarray, shape: tuple[int, ...], with_min: bool) -> torch.Tensor:
+    b = _blocks(raw, shape, 20 if with_min else 18)
+    qs = b[..., 4:] if with_min else b[..., 2:]  # 16 bytes: low nibbles 0..15, high 16..31
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()  # (rows, blocks, 32)
+    d = _fp16_field(b, 0)
+    w = q * d + _fp16_field(b, 2) if with_min else (q - 8) * d
+    return w.reshape(shape)
+
+
+_FAST_DEQUANT = {
+    GGMLQuantizationType.Q8_0: _dequant_q8_0,
+    GGMLQuantizationType.Q4_0: lambda raw, shape: _dequant_q4(raw, shape, with_min=False),
+    GGMLQuantizationType.Q4_1: lambda raw, shape: _dequant_q4(raw, shape, with_min=True),
+}
+"""Vectorised torch dequantizers for the common block types (the gguf library's are numpy)."""
 
 
 @dataclass
@@ -142,7 +176,8 @@ class _Cursor:
 
 def parse_gguf(path: Path) -> tuple[dict[str, object], list[GGUFTensor]]:
     """Metadata dict and tensor entries (raw data memory-mapped read-only)."""
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    # NOTE: copy-on-write mapping: writable views for torch without copying the file
+    data = np.memmap(path, dtype=np.uint8, mode="c")
     cur = _Cursor(memoryview(data))  # type: ignore[arg-type]
     if bytes(data[:4]) != b"GGUF":
         raise ValueError("bad magic (not a GGUF file)")

@@ -91,3 +91,12 @@ def test_gguf_reader_matches_the_gguf_library(gguf_path, gguf_file):
         assert ours.qtype == t.tensor_type
         assert ours.shape == tuple(reversed(t.shape.tolist()))
         assert np.array_equal(np.asarray(t.data), ours.raw)
+
+
+@pytest.mark.parametrize("name", ["token_embd.weight", "blk.5.ffn_up.weight"])
+def test_fast_dequantize_equals_gguf_library(gguf_file, name):
+    from gguf import quants
+
+    tensor = gguf_file.tensors[name]
+    ref = torch.from_numpy(quants.dequantize(tensor.raw, tensor.qtype)).reshape(tensor.shape)
+    assert torch.equal(tensor.dequantize(), ref)
