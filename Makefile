@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ember-installed
 PROMPT ?= Write one sentence about the sea.
 
-.PHONY: setup run chat test bench clean
+.PHONY: setup serve run chat test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+serve: setup
+	$(VENV)/bin/ember serve
 
 run: setup
 	$(VENV)/bin/ember generate "$(PROMPT)"

@@ -164,7 +164,9 @@ class ServeBenchmark:
         if self.config.stream_usage:
             body["stream_options"] = {"include_usage": True}
         if self.config.ignore_eos:
+            # NOTE: min_tokens too: servers without ignore_eos (llama-cpp-python) honour it.
             body["ignore_eos"] = True
+            body["min_tokens"] = max_tokens
         return body
 
     async def one_request(self, prompt: str, max_tokens: int) -> RequestResult:
@@ -308,16 +310,13 @@ def results_table(levels: list[LevelResult], title: str) -> Any:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("clients", "reqs", "errors", "req/s", "out tok/s", "TTFT p50/p90/p99 ms",
-                "ITL p50/p90/p99 ms", "TPOT p50 ms", "e2e p50 s"):
+    for col in ("clients", "reqs", "err", "req/s", "out tok/s", "TTFT p50", "p90", "p99",
+                "ITL p50", "p90", "p99", "TPOT p50", "e2e p50"):
         table.add_column(col, justify="right")
-
-    def trio(d: dict[str, float]) -> str:
-        return f"{d['p50']:.0f} / {d['p90']:.0f} / {d['p99']:.0f}"
-
     for lv in levels:
+        ms = [f"{d[p]:.0f}" for d in (lv.ttft_ms, lv.itl_ms) for p in ("p50", "p90", "p99")]
         table.add_row(str(lv.concurrency), str(lv.num_requests), str(lv.num_errors),
-                      f"{lv.requests_per_s:.2f}", f"{lv.output_tokens_per_s:.1f}",
-                      trio(lv.ttft_ms), trio(lv.itl_ms), f"{lv.tpot_ms['p50']:.0f}",
-                      f"{lv.e2e_ms['p50'] / 1000:.1f}")
+                      f"{lv.requests_per_s:.2f}", f"{lv.output_tokens_per_s:.1f}", *ms,
+                      f"{lv.tpot_ms['p50']:.0f}", f"{lv.e2e_ms['p50'] / 1000:.1f}s")
+    table.caption = "latencies in ms unless marked; TPOT = (e2e - TTFT) / (tokens - 1)"
     return table

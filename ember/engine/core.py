@@ -10,6 +10,7 @@ import torch
 
 from ember.config import EngineConfig
 from ember.kv_cache.manager import KVCacheManager
+from ember.loading.formats import apply_weight_format
 from ember.loading.loader import LoadedModel
 from ember.runner.model_runner import ModelRunner, kv_cache_bytes_per_block
 from ember.sampling.sampler import Sampler
@@ -45,6 +46,9 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.config = config
+        loaded.runtime_formats = apply_weight_format(loaded.model, config.model.quantization,
+                                                     loaded.gguf)
+        logger.info("runtime weight formats: %s", loaded.runtime_formats)
         self.layout = plan_cache(config, loaded)
         self.kv_manager = KVCacheManager(self.layout.num_blocks, self.layout.block_size,
                                          config.cache.enable_prefix_caching)

@@ -97,7 +97,7 @@ class LLMEngine:
             child_params = params
             if params.seed is not None and i > 0:
                 # NOTE: each of the n completions gets its own stream: seed + index.
-                child_params = dataclasses.replace(params, seed=params.seed + i)
+                child_params = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
             self.core.add_request(Request(
                 request_id=child, prompt_token_ids=processed.token_ids,
                 sampling_params=child_params, eos_token_id=self.tokenizer.eos_token_id,

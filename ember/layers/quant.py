@@ -36,6 +36,14 @@ class Int4Weights:
         w = (q - 8) * self.scale.unsqueeze(-1) + self.zero.unsqueeze(-1)
         return w.view(out_f, in_f)
 
+    @classmethod
+    def cat(cls, parts: list["Int4Weights"]) -> "Int4Weights":
+        """Row-wise concatenation (fused projections); group sizes must match."""
+        if len({p.group_size for p in parts}) != 1:
+            raise ValueError("cannot fuse int4 weights with different group sizes")
+        return cls(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                   torch.cat([p.zero for p in parts]))
+
     def permute_rows(self, fn) -> "Int4Weights":
         return Int4Weights(fn(self.q), fn(self.scale), fn(self.zero))
 

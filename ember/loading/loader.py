@@ -39,15 +39,32 @@ class LoadedModel:
     """Source tensor types and counts, e.g. {'Q4_1': 210, 'F32': 61} (for startup reports)."""
     gguf: GGUFFile | None = None
     """The GGUF file (raw quantized blocks stay reachable for runtime weight formats)."""
+    runtime_formats: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Linear formats after the engine's `apply_weight_format` (empty before)."""
 
 
 def load_model(config: ModelConfig, env: EnvSettings,
                progress: ProgressFn | None = None) -> LoadedModel:
     source = resolve_model(config.model, env.model_dirs)
-    dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    quantized = config.quantization is not None
+    dtype = torch.bfloat16 if config.dtype == "bfloat16" or quantized else torch.float32
     if source.kind == "gguf":
-        return _load_gguf(source, dtype, progress)
-    return _load_hf_dir(source, dtype, progress)
+        loaded = _load_gguf(source, dtype, progress)
+    elif source.kind == "ember":
+        loaded = _load_ember(source, dtype, progress)
+    else:
+        loaded = _load_hf_dir(source, dtype, progress)
+    return loaded
+
+
+def _load_ember(source: ModelSource, dtype: torch.dtype,
+                progress: ProgressFn | None) -> LoadedModel:
+    """An Ember checkpoint (written by `ember quantize / prune / distill`)."""
+    from ember.loading import ember_checkpoint
+
+    ckpt = ember_checkpoint.load(source.path, dtype,
+                                 lambda arch: _build(arch, dtype, str(source.path)), progress)
+    return LoadedModel(ckpt.model, ckpt.arch, ckpt.tokenizer, source, dtype, ckpt.weight_types)
 
 
 def _build(arch: ArchConfig, dtype: torch.dtype, source: str) -> CausalLM:

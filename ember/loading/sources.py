@@ -38,7 +38,8 @@ class ModelSource:
     name: str
     path: Path
     kind: str
-    """'gguf' (one .gguf file) or 'hf' (config.json + *.safetensors + tokenizer.json)."""
+    """'gguf' (one .gguf file), 'hf' (config.json + *.safetensors + tokenizer.json) or 'ember'
+    (an Ember checkpoint: ember.json + model.safetensors + tokenizer.json)."""
     origin: str
     """Human description of where it came from (package name or 'local path')."""
 
@@ -79,12 +80,14 @@ def resolve_model(name_or_path: str, search_dirs: tuple[str, ...] = ()) -> Model
     known = ", ".join(m.name for m in PACKAGED_MODELS)
     raise ModelNotFoundError(
         f"model {name_or_path!r} not found: not a packaged model ({known}), "
-        f"a .gguf file, or a directory with config.json")
+        f"a .gguf file, or a directory with ember.json or config.json")
 
 
 def _local_source(path: Path) -> ModelSource | None:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(path.stem, path.resolve(), "gguf", "local path")
+    if path.is_dir() and (path / "ember.json").is_file():
+        return ModelSource(path.name, path.resolve(), "ember", "local path")
     if path.is_dir() and (path / "config.json").is_file():
         return ModelSource(path.name, path.resolve(), "hf", "local path")
     if path.is_dir():

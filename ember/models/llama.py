@@ -20,6 +20,9 @@ RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
+    FUSIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+    """Projections the runtime may merge into one matmul (see ember.loading.formats)."""
+
     def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -32,27 +35,40 @@ class LlamaAttention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, kv_size, dtype=dtype)
         self.v_proj = Linear(cfg.hidden_size, kv_size, dtype=dtype)
         self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype)
+        self.qkv_proj: nn.Module | None = None
+        self.split_sizes = [q_size, kv_size, kv_size]
 
     def forward(self, x: torch.Tensor, rope: RopeTables, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # (T, Hq, D)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(t, self.num_heads, self.head_dim)  # (T, Hq, D)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         q, k = RotaryEmbedding.rotate(q, k, rope)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))  # (T, H*D)
 
 
 class LlamaMLP(nn.Module):
+    FUSIONS = {"gate_up_proj": ("gate_proj", "up_proj")}
+
     def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype)
+        self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,0 +1,112 @@
+"""`ember bench <sub>`: benchmarks. Each benchmark is one subcommand registered here
+(`serve` now; e.g. `offline` can be added next to it with its own `_register_*`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,4,16, got {text!r}") from exc
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from ember.bench.serve import BenchConfig, ServeBenchmark, results_table, write_report
+
+    config = BenchConfig(
+        url=args.url, model=args.model, concurrency=args.concurrency,
+        request_rate=args.request_rate, num_prompts=args.num_prompts, input_len=args.input_len,
+        output_len=args.output_len, seed=args.seed, api_key=args.api_key,
+        ignore_eos=not args.no_ignore_eos, stream_usage=not args.no_stream_usage,
+        timeout_s=args.timeout, label=args.label or "")
+    # NOTE: a wide console when piped, so the table is not wrapped into unreadable cells.
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    bench = ServeBenchmark(config)
+    console.print(f"ember bench serve: {args.url}, clients {args.concurrency}, "
+                  f"~{args.input_len} prompt / {args.output_len} output tokens", highlight=False)
+    try:
+        levels = asyncio.run(bench.run())
+    except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
+        Console(stderr=True).print(f"[red]error:[/] {type(exc).__name__}: {exc}",
+                                   highlight=False)
+        return 1
+    title = f"{config.label or args.url} ({bench.model})"
+    console.print(results_table(levels, title))
+    json_path, png_path = write_report(config, bench.model, levels, Path(args.out))
+    console.print(f"wrote {json_path} and {png_path}", highlight=False)
+    return 0 if all(lv.num_errors == 0 for lv in levels) else 1
+
+
+def _register_serve(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("serve", help="load an OpenAI-compatible server (any vendor)")
+    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
+    p.add_argument("--concurrency", type=_int_list, default=[1, 4, 16, 32],
+                   help="comma-separated client counts (default 1,4,16,32)")
+    p.add_argument("--request-rate", type=float, default=None,
+                   help="requests/s with Poisson arrivals (concurrency then caps in-flight)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="requests per level (default 2 x concurrency, at least 4)")
+    p.add_argument("--input-len", type=int, default=128, help="approximate prompt tokens")
+    p.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--label", default=None, help="server name in the report")
+    p.add_argument("--no-ignore-eos", action="store_true",
+                   help="do not send ignore_eos (for servers that reject it)")
+    p.add_argument("--no-stream-usage", action="store_true",
+                   help="do not ask for a usage chunk; count streamed chunks instead")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
+    p.add_argument("--out", default="bench_results", help="folder for the JSON and PNG")
+    p.set_defaults(func=cmd_bench_serve)
+
+
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from ember.bench.offline import OfflineBenchArgs, run_offline_bench
+    from ember.config import EnvSettings
+    from ember.loading.sources import resolve_model
+
+    source = resolve_model(args.model, EnvSettings.from_env().model_dirs)
+    if source.kind != "gguf":
+        raise ValueError(f"{source.path}: peers run GGUF files; got a {source.kind} model")
+    variants = tuple(args.ember or ["int4"])
+    run_offline_bench(OfflineBenchArgs(
+        model_path=str(source.path), out_dir=Path(args.out), repeats=args.repeats,
+        threads=args.threads, decode_tokens=args.decode_tokens,
+        include_hf=not args.no_transformers, ember_variants=variants))
+    return 0
+
+
+def _register_offline(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("offline", help="Ember vs llama.cpp and transformers, in-process "
+                                             "engines side by side (fresh process per run)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="a packaged name or .gguf")
+    p.add_argument("--ember", action="append", default=None,
+                   choices=["int4", "int8", "bf16", "fp32"],
+                   help="Ember variant(s) to run (repeatable; default int4)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decode-tokens", type=int, default=256)
+    p.add_argument("--no-transformers", action="store_true", help="skip the HF peer")
+    p.add_argument("--out", default="bench_out", help="folder for the JSON and PNG")
+    p.set_defaults(func=cmd_bench_offline)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `bench` (with its subcommands) to the `ember` command."""
+    p = sub.add_parser("bench", help="benchmarks: offline (engines side by side), "
+                                     "serve (load an OpenAI-compatible server)")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    _register_offline(bench_sub)
+    _register_serve(bench_sub)

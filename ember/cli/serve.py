@@ -1,0 +1,149 @@
+"""`ember serve`: the OpenAI-compatible HTTP server.
+
+SIGTERM / Ctrl-C: stop accepting (new connections refused, /health 503), let in-flight
+requests and streams finish within --shutdown-grace seconds, then exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from types import FrameType
+
+from rich.console import Console
+
+from ember.config import (DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig,
+                          SchedulerConfig, ServerConfig)
+
+logger = logging.getLogger(__name__)
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn.Server that drains on the first signal and exits 0 (uvicorn would re-raise
+        the signal after shutting down, ending the process with 128 + signum)."""
+
+        def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]) -> None:
+            super().__init__(config)
+            self._on_signal = on_signal
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: stop waiting
+                return
+            logger.warning("received signal %d: draining (grace %.0f s)", sig,
+                           self.config.timeout_graceful_shutdown or 0)
+            self._on_signal()
+            self.should_exit = True
+
+    return GracefulServer
+
+
+def _config(args: argparse.Namespace) -> EngineConfig:
+    keys = list(args.api_key)
+    if args.api_key_file:
+        from ember.server.limits import read_api_key_file
+        keys += read_api_key_file(args.api_key_file)
+    return EngineConfig(
+        model=ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len),
+        cache=CacheConfig(block_size=args.block_size, kv_cache_mb=args.kv_cache_mb,
+                          enable_prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_num_seqs=args.max_num_seqs, policy=args.policy),
+        server=ServerConfig(
+            host=args.host, port=args.port, served_model_names=tuple(args.served_model_name),
+            api_keys=tuple(keys), auth_all_endpoints=args.auth_all_endpoints,
+            max_queued_requests=args.max_queued_requests, rate_limit_rpm=args.rate_limit_rpm,
+            rate_limit_tpm=args.rate_limit_tpm, max_body_bytes=args.max_body_bytes,
+            shutdown_grace_s=args.shutdown_grace),
+        seed=args.seed)
+
+
+async def _serve(config: EngineConfig, log_level: str, access_log: bool) -> int:
+    import uvicorn
+
+    from ember.server.app import create_app
+
+    app = create_app(config)
+    state = app.state.ember
+    server_cfg = config.server
+    uv_config = uvicorn.Config(
+        app, host=server_cfg.host, port=server_cfg.port, log_level=log_level,
+        access_log=access_log, timeout_graceful_shutdown=int(server_cfg.shutdown_grace_s) or 1,
+        lifespan="on")
+    server = _server_class()(uv_config, on_signal=state.begin_drain)
+    console = Console(stderr=True)
+    url = f"http://{server_cfg.host}:{server_cfg.port}"
+
+    async def watch_loading() -> None:
+        await state.loaded.wait()
+        if state.load_error is not None:
+            console.print(f"[red]error:[/] {state.load_error}", highlight=False)
+            server.should_exit = True
+        else:
+            console.print(f"[green]ready[/]: {url}/v1 serves {', '.join(state.model_names)}",
+                          highlight=False)
+
+    console.print(f"ember serve: loading {config.model.model}; {url}/health answers 503 "
+                  "until ready", highlight=False)
+    watcher = asyncio.create_task(watch_loading())
+    try:
+        await server.serve()
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind
+        return int(exc.code or 1)
+    finally:
+        watcher.cancel()
+    return 1 if state.load_error is not None else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args)
+    config.validate()
+    logging.getLogger("ember").setLevel(args.log_level.upper())
+    return asyncio.run(_serve(config, args.log_level, not args.no_access_log))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `serve` to the `ember` command."""
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (streaming, metrics)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    g.add_argument("--served-model-name", action="append", default=[],
+                   help="name clients use for the model (repeatable; default: --model)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0, help="seed of requests without their own")
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,
+                   help="most sequences decoded together")
+    g.add_argument("--max-num-batched-tokens", type=int,
+                   default=SchedulerConfig.max_num_batched_tokens, help="token budget per step")
+    g.add_argument("--kv-cache-mb", type=int, default=CacheConfig.kv_cache_mb)
+    g.add_argument("--block-size", type=int, default=CacheConfig.block_size)
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--policy", default="fcfs", choices=["fcfs", "priority"])
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default=ServerConfig.host, help="bind address (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=ServerConfig.port)
+    g.add_argument("--api-key", action="append", default=[],
+                   help="accepted Bearer key (repeatable; also EMBER_API_KEY)")
+    g.add_argument("--api-key-file", default=None, help="file with one key per line")
+    g.add_argument("--auth-all-endpoints", action="store_true",
+                   help="also require a key for /health, /metrics and the docs")
+    g.add_argument("--max-queued-requests", type=int, default=ServerConfig.max_queued_requests,
+                   help="sequences allowed to wait beyond --max-num-seqs (then 429)")
+    g.add_argument("--rate-limit-rpm", type=int, default=None, help="requests/min per key")
+    g.add_argument("--rate-limit-tpm", type=int, default=None, help="tokens/min per key")
+    g.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes)
+    g.add_argument("--shutdown-grace", type=float, default=ServerConfig.shutdown_grace_s,
+                   help="seconds in-flight requests get to finish on SIGTERM")
+    g.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    g.add_argument("--no-access-log", action="store_true")
+    p.set_defaults(func=cmd_serve)

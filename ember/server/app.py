@@ -1,0 +1,108 @@
+"""The FastAPI app factory: routes, OpenAI-shaped errors, middleware (metrics, auth, body size)
+and a lifespan that loads the model in the background (so /health answers 503 meanwhile) and
+drains the engine on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from ember import __version__
+from ember.config import EngineConfig
+from ember.engine.async_engine import AsyncEngine
+from ember.server.errors import install_exception_handlers
+from ember.server.limits import ApiKeyAuth, AuthMiddleware, BodySizeLimitMiddleware
+from ember.server.metrics import HttpMetricsMiddleware, ServerMetrics
+from ember.server.protocol import STREAM_MODELS
+from ember.server.routes import admin, openai
+from ember.server.state import AppState
+
+logger = logging.getLogger(__name__)
+
+API_PREFIXES = ("/v1/", "/v1", "/tokenize", "/detokenize")
+"""Paths that need an API key when keys are configured (all paths with auth_all_endpoints)."""
+
+
+def served_model_names(config: EngineConfig) -> tuple[str, ...]:
+    """--served-model-name values, else the model argument (a path's file name)."""
+    if config.server.served_model_names:
+        return tuple(config.server.served_model_names)
+    return (config.model.model,)
+
+
+def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastAPI:
+    """Build the server app.
+
+    Args:
+        config: engine + server configuration (validated here).
+        engine: an already loaded engine (tests, embedding); without one the lifespan loads
+            `config.model` in a worker thread while /health answers 503.
+
+    Returns:
+        The app; its `state.ember` is the `AppState` (readiness, metrics, engine).
+    """
+    config.validate()
+    names = served_model_names(config)
+    state = AppState(config=config, metrics=ServerMetrics(names[0]), model_names=names,
+                     engine=engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = None
+        if engine is None:
+            task = asyncio.create_task(state.load())
+        else:
+            state.attach(engine)
+        try:
+            yield
+        finally:
+            if task is not None and not task.done():
+                task.cancel()  # the loading thread finishes on its own; nothing uses it
+            await state.shutdown()
+
+    app = FastAPI(title="Ember", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible inference server of the Ember engine.")
+    app.state.ember = state
+    app.include_router(openai.router)
+    app.include_router(admin.router)
+    install_exception_handlers(app)
+    server = config.server
+    keys = list(server.api_keys)
+    if config.env.api_key:
+        keys.append(config.env.api_key)
+    # NOTE: Starlette runs the last added middleware first: metrics -> auth -> body size -> app.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=server.max_body_bytes)
+    app.add_middleware(AuthMiddleware, auth=ApiKeyAuth(keys),
+                       protected_prefixes=None if server.auth_all_endpoints else API_PREFIXES)
+    app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, plus the SSE chunk models, minus the 422 FastAPI adds by default
+    (validation errors are answered with 400 here)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                         routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in STREAM_MODELS:
+        model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}",
+                                               mode="serialization")
+        for name, sub in model_schema.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components.setdefault(model.__name__, model_schema)
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    app.openapi_schema = schema
+    return schema

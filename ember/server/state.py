@@ -1,0 +1,106 @@
+"""Per-app server state: loading the model in the background, readiness, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from ember.config import EngineConfig
+from ember.engine.async_engine import AsyncEngine
+from ember.server.errors import APIError, unavailable
+from ember.server.limits import AdmissionControl, RateLimiter
+from ember.server.metrics import ServerMetrics
+from ember.server.serving import ServingContext, Servings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    """Everything one app instance owns (stored on `app.state.ember`)."""
+
+    config: EngineConfig
+    metrics: ServerMetrics
+    model_names: tuple[str, ...]
+    engine: AsyncEngine | None = None
+    servings: Servings | None = None
+    load_error: str | None = None
+    draining: bool = False
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when loading ended, successfully or not."""
+
+    @property
+    def ready(self) -> bool:
+        return (self.servings is not None and self.engine is not None
+                and self.engine.is_running and not self.draining)
+
+    def not_ready_error(self) -> APIError:
+        """Why requests cannot be served now (503)."""
+        if self.load_error is not None:
+            return unavailable(f"the model failed to load: {self.load_error}")
+        if self.draining:
+            return unavailable("the server is shutting down")
+        if self.engine is not None and self.engine.error is not None:
+            return unavailable("the engine failed; restart the server")
+        return unavailable("the model is loading; retry shortly", retry_after_s=5)
+
+    def require(self) -> Servings:
+        """The servings, or a 503 while loading / draining / failed."""
+        if not self.ready:
+            raise self.not_ready_error()
+        assert self.servings is not None
+        return self.servings
+
+    async def load(self) -> None:
+        """Load the model in a worker thread (the event loop keeps answering /health)."""
+        try:
+            engine = await asyncio.to_thread(AsyncEngine.from_config, self.config)
+        except Exception as exc:  # noqa: BLE001 - reported by /health and the CLI
+            logger.error("failed to load the model: %s", exc)
+            self.load_error = str(exc)
+            self.loaded.set()
+            return
+        self.attach(engine)
+        logger.info("model %s ready (context %d tokens)", self.model_names[0],
+                    engine.max_model_len)
+
+    def attach(self, engine: AsyncEngine) -> None:
+        """Use a loaded engine: start its thread and build the serving objects."""
+        engine.set_observer(self.metrics)
+        if not engine.is_running and engine.error is None:
+            engine.start()
+        self.metrics.bind_engine(engine.stats)
+        server, sched = self.config.server, self.config.scheduler
+        ctx = ServingContext(
+            engine=engine, model_names=self.model_names,
+            admission=AdmissionControl(sched.max_num_seqs, server.max_queued_requests),
+            rate_limiter=RateLimiter(server.rate_limit_rpm, server.rate_limit_tpm),
+            metrics=self.metrics, model_root=self.config.model.model)
+        self.engine = engine
+        self.servings = Servings.create(ctx)
+        self.loaded.set()
+
+    def begin_drain(self) -> None:
+        """Stop taking requests (health turns 503); in-flight ones continue."""
+        self.draining = True
+        if self.engine is not None:
+            self.engine.stop_accepting()
+
+    async def shutdown(self) -> None:
+        """Drain and stop the engine (in-flight requests get the grace period)."""
+        self.begin_drain()
+        if self.engine is not None:
+            await self.engine.shutdown(self.config.server.shutdown_grace_s)
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.ember
+    return state
+
+
+def get_servings(request: Request) -> Servings:
+    """FastAPI dependency: the ready servings (503 otherwise)."""
+    return get_state(request).require()
