@@ -178,16 +178,8 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-class CompletionStreamResponse(BaseModel):
+class CompletionStreamResponse(CompletionResponse):
     """One SSE chunk of a streamed completion (same `id` throughout)."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class TopLogprob(BaseModel):

@@ -9,6 +9,7 @@ import torch
 
 from ember import SamplingParams
 from ember.attention.metadata import AttentionMetadata, PrefillChunk
+from agreement import teacher_forced_agreement
 from ember.eval.perplexity import perplexity, windows_of
 
 PROMPTS = [
@@ -103,13 +104,7 @@ def test_perplexity_matches_transformers(llm, hf_model, pride_text):
 @torch.inference_mode()
 def test_bfloat16_path_tracks_float32(make_llm, llm, pride_text):
     """bf16 weights/activations: teacher-forced top-1 agreement with fp32 >= 95%."""
-    bf16 = make_llm(dtype="bfloat16")
     ids = llm.get_tokenizer().encode(pride_text[:4000])[:512]
-    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
-    ref = llm.generate([ids], params, use_tqdm=False)[0].prompt_logprobs[1:]
-    got = bf16.generate([ids], params, use_tqdm=False)[0].prompt_logprobs[1:]
-    agree = sum(a.top[0][0] == b.top[0][0] for a, b in zip(ref, got)) / len(ref)
-    assert agree >= 0.95, agree
-    nll_ref = -sum(a.logprob for a in ref) / len(ref)
-    nll_bf16 = -sum(b.logprob for b in got) / len(got)
-    assert abs(nll_bf16 - nll_ref) / nll_ref < 0.02
+    result = teacher_forced_agreement(llm, make_llm(dtype="bfloat16"), ids)
+    assert result.top1 >= 0.95, result
+    assert result.nll_rel_diff < 0.02, result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from agreement import teacher_forced_agreement
 from ember import SamplingParams
 from ember.layers.quant import Int4Linear, Int4Weights, Int8Linear
 from ember.loading.gguf import read_gguf
@@ -58,14 +59,9 @@ def test_quantized_paths_agree_with_fp32(make_llm, llm, pride_text, quantization
     # 30 layers x (qkv, o, gate_up, down) fused projections, plus the int8 head
     assert formats.get("int8", 0) >= 1 and (quantization == "int8" or formats["int4-g32"] == 120)
     ids = llm.get_tokenizer().encode(pride_text[:6000])[:1024]
-    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
-    ref = llm.generate([ids], params, use_tqdm=False)[0].prompt_logprobs[1:]
-    got = q.generate([ids], params, use_tqdm=False)[0].prompt_logprobs[1:]
-    agree = sum(a.top[0][0] == b.top[0][0] for a, b in zip(ref, got)) / len(ref)
-    assert agree >= 0.95, agree
-    nll_ref = -sum(a.logprob for a in ref) / len(ref)
-    nll_q = -sum(b.logprob for b in got) / len(got)
-    assert abs(nll_q - nll_ref) / nll_ref < 0.02
+    result = teacher_forced_agreement(llm, q, ids)
+    assert result.top1 >= 0.95, result
+    assert result.nll_rel_diff < 0.02, result
 
 
 def test_int4_decode_kernel_path_gives_fp32_greedy_start(make_llm, llm):

@@ -7,24 +7,11 @@ import copy
 import pytest
 import torch
 
-from ember.attention.metadata import AttentionMetadata, PrefillChunk
 from ember.layers.linear import Linear
 from ember.layers.quant import Int4Weights, Int8Linear
 from ember.loading.formats import apply_weight_format
 from ember.models.base import CausalLM
-from tiny_llama import tiny_model
-
-
-def forward_logits(model: CausalLM, ids: list[int]) -> torch.Tensor:
-    """Logits of one prefill chunk over a scratch KV cache of its own (one block per token)."""
-    arch, t = model.config, len(ids)
-    caches = [(torch.zeros(t, 1, arch.num_kv_heads, arch.head_dim),
-               torch.zeros(t, 1, arch.num_kv_heads, arch.head_dim))
-              for _ in range(arch.num_layers)]
-    meta = AttentionMetadata(t, torch.arange(t), 0, None, None,
-                             [PrefillChunk(0, t, 0, None, None)])
-    with torch.inference_mode():
-        return model.compute_logits(model(torch.tensor(ids), torch.arange(t), caches, meta))
+from tiny_llama import forward_logits, tiny_model
 
 
 IDS = [3, 17, 42, 99, 200, 5, 77, 8, 150, 9, 11, 64]

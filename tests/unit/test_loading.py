@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ember.attention.metadata import AttentionMetadata, PrefillChunk
 from ember.config import EnvSettings, ModelConfig
 from ember.loading import sources
 from ember.loading.errors import ModelLoadError, ModelNotFoundError
 from ember.loading.gguf import read_gguf
 from ember.loading.loader import load_model
 from ember.models.llama import unpermute_rope_rows
+from tiny_llama import forward_logits
 
 
 def _tiny_tokenizer_json(folder: Path) -> None:
@@ -47,18 +47,6 @@ def tiny_hf_dir(tmp_path_factory) -> tuple[Path, object]:
     return folder, model
 
 
-def _logits(loaded, ids: list[int]) -> torch.Tensor:
-    arch, t = loaded.arch, len(ids)
-    caches = [(torch.zeros(t, 1, arch.num_kv_heads, arch.head_dim),
-               torch.zeros(t, 1, arch.num_kv_heads, arch.head_dim))
-              for _ in range(arch.num_layers)]
-    meta = AttentionMetadata(t, torch.arange(t), 0, None, None,
-                             [PrefillChunk(0, t, 0, None, None)])
-    with torch.inference_mode():
-        return loaded.model.compute_logits(
-            loaded.model(torch.tensor(ids), torch.arange(t), caches, meta))
-
-
 def test_hf_dir_loads_and_matches_transformers(tiny_hf_dir):
     folder, hf = tiny_hf_dir
     loaded = load_model(ModelConfig(model=str(folder)), EnvSettings())
@@ -66,7 +54,7 @@ def test_hf_dir_loads_and_matches_transformers(tiny_hf_dir):
     ids = [5, 17, 42, 99, 250, 3, 7, 8, 9, 10]
     with torch.inference_mode():
         ref = hf(torch.tensor([ids])).logits[0]
-    assert (_logits(loaded, ids) - ref).abs().max().item() < 1e-4
+    assert (forward_logits(loaded.model, ids) - ref).abs().max().item() < 1e-4
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("the cat")) == "the cat"
 
 

@@ -14,7 +14,9 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers
 
+from ember.attention.metadata import AttentionMetadata, PrefillChunk
 from ember.loading.loader import LoadedModel
+from ember.models.base import CausalLM
 from ember.loading.sources import ModelSource
 from ember.models.arch import ArchConfig
 from ember.models.llama import LlamaForCausalLM
@@ -76,6 +78,18 @@ def tiny_loaded(arch: ArchConfig | None = None, seed: int = 0,
     source = ModelSource("tiny", path or Path("/nonexistent/tiny"), "hf", "test")
     return LoadedModel(tiny_model(arch, seed), arch, tiny_tokenizer(), source, torch.float32,
                        {"float32": 1})
+
+
+def forward_logits(model: CausalLM, ids: list[int]) -> torch.Tensor:
+    """Logits of one prefill chunk over a scratch KV cache of its own (one block per token)."""
+    arch, t = model.config, len(ids)
+    caches = [(torch.zeros(t, 1, arch.num_kv_heads, arch.head_dim),
+               torch.zeros(t, 1, arch.num_kv_heads, arch.head_dim))
+              for _ in range(arch.num_layers)]
+    meta = AttentionMetadata(t, torch.arange(t), 0, None, None,
+                             [PrefillChunk(0, t, 0, None, None)])
+    with torch.inference_mode():
+        return model.compute_logits(model(torch.tensor(ids), torch.arange(t), caches, meta))
 
 
 def write_text(folder: Path, name: str = "calib.txt", text: str = TEXT) -> Path:
