@@ -65,6 +65,7 @@ class EvalResult:
     decode_tok_s: float | None = None
     """Best of the runs: on a shared machine other load only ever slows a run down."""
     decode_tok_s_runs: list[float] = field(default_factory=list)
+    decode_measurement: str = "one pass: best of the runs"
     agreement: float | None = None
     kl: float | None = None
     reference: str | None = None
@@ -163,9 +164,9 @@ def agreement_and_kl(model: nn.Module, reference: nn.Module, windows: list[list[
 def describe(loaded: "LoadedModel") -> tuple[str, str, dict[str, Any]]:
     """(label, method, settings) of a model from its ember.json (or its source kind)."""
     if loaded.source.kind != "ember":
-        types = "+".join(sorted(loaded.weight_types))
-        return f"{loaded.source.name} ({types} -> {loaded.dtype})".replace("torch.", ""), \
-            "reference", {}
+        dtype = str(loaded.dtype).removeprefix("torch.")
+        return f"{loaded.source.name} ({dtype})", "reference", \
+            {"source_types": dict(loaded.weight_types)}
     from ember.loading.ember_checkpoint import read_metadata
     comp = read_metadata(loaded.source.path).get("compression") or {}
     method = str(comp.get("method", "?"))
