@@ -29,7 +29,7 @@ def _settings(args: argparse.Namespace, out: Path) -> Any:
         steps=200 if args.steps is None else args.steps, time_budget_s=args.time_budget,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         warmup_steps=args.warmup_steps, temperature=args.temperature, topk=args.topk,
-        hidden_weight=args.hidden_weight, no_teacher=args.no_teacher, autocast=args.autocast,
+        hidden_weight=args.hidden_weight, ce_weight=args.ce_weight, no_teacher=args.no_teacher, autocast=args.autocast,
         train_embeddings=args.train_embeddings, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, seed=args.seed)
 
@@ -42,7 +42,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     out = check_output(args.output)
     if args.resume and not (out / "train_state").is_dir():
         raise ValueError(f"--resume: {out} has no train_state/ to resume from")
-    if not args.resume and (out / "train_state").is_dir() and not args.overwrite:
+    if (not args.resume and not args.precompute_teacher and (out / "train_state").is_dir()
+            and not args.overwrite):
         raise ValueError(f"{out} already holds a training run: pass --resume to continue it "
                          f"or --overwrite to start over")
     settings = _settings(args, out)
@@ -51,9 +52,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
     for other in args.compare or []:
         title, log = read_log(Path(other).expanduser())
         compare[f"{title} ({Path(other).name})"] = log
+    cache_dir = Path(args.teacher_cache).expanduser() if args.teacher_cache else None
     t0 = time.perf_counter()
     with StageProgress(console()) as progress:
-        distiller = load_for_distill(settings, out, args.resume, progress)
+        distiller = load_for_distill(settings, out, args.resume, progress, cache_dir)
+        if args.precompute_teacher:
+            seconds = distiller.precompute_teacher(progress)
+            print_summary("ember distill --precompute-teacher", [
+                ("teacher", settings.teacher), ("windows", str(len(distiller.cache.values))),
+                ("time", f"{seconds:.0f} s"), ("cache", str(distiller.cache_dir))])
+            return 0
         distiller.compare = compare
         start_step = distiller.step
         distiller.run(progress)
@@ -68,7 +76,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
                        else "")),
         ("loss", "next-token cross-entropy (no teacher)" if s.no_teacher else
          f"KL to teacher, T={s.temperature}, top-{s.topk or 'all'}"
-         + (f" + {s.hidden_weight} x hidden MSE" if s.hidden_weight else "")),
+         + (f" + {s.hidden_weight} x hidden MSE" if s.hidden_weight else "")
+         + (f" + {s.ce_weight} x next-token CE" if s.ce_weight else "")),
         ("steps", f"{start_step} -> {distiller.step} ({distiller.tokens} tokens)"),
         ("training time", f"{distiller.train_s:.0f} s"
                           + (f" of a {s.time_budget_s:.0f} s budget" if s.time_budget_s else "")),
@@ -101,11 +110,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="softening of both distributions (default 1; T=2 learned much slower here)")
     p.add_argument("--topk", type=int, default=64,
                    help="teacher logits kept per token (cacheable); 0 = full vocabulary")
     p.add_argument("--hidden-weight", type=float, default=0.0,
                    help="weight of the final hidden-state MSE (0 = off)")
+    p.add_argument("--ce-weight", type=float, default=0.0,
+                   help="add this x next-token cross-entropy to the KD loss (0 = pure KD)")
     p.add_argument("--no-teacher", action="store_true",
                    help="plain next-token loss (baseline; the teacher only initialises)")
     p.add_argument("--autocast", default="bf16", choices=["bf16", "none"])
@@ -114,6 +126,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="where teacher top-k logits are cached (default OUT/train_state)")
+    p.add_argument("--precompute-teacher", action="store_true",
+                   help="only fill the teacher cache for --steps steps, then exit")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/")
     p.add_argument("--overwrite", action="store_true", help="start over in an existing OUT/")
     p.add_argument("--compare", nargs="+", default=None, metavar="DIR",

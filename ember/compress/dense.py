@@ -66,12 +66,16 @@ def embed(model: Model, input_ids: torch.Tensor) -> torch.Tensor:
     return model.model.embed_tokens(input_ids)
 
 
-def hidden_states(model: Model, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) ids -> (B, T, hidden) final (normed) hidden states."""
+def hidden_states(model: Model, input_ids: torch.Tensor,
+                  layer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, T) ids -> (B, T, hidden) final (normed) hidden states; every layer's output
+    (B, T, hidden) is appended to `layer_outputs` when given."""
     rope = make_rope(model, positions_for(input_ids.shape[1], input_ids.device))
     h = embed(model, input_ids)
     for layer in model.model.layers:
         h = block_forward(layer, h, rope)
+        if layer_outputs is not None:
+            layer_outputs.append(h)
     return model.model.norm(h)
 
 

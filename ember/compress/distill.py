@@ -2,7 +2,10 @@
 learns the teacher's softened next-token distribution.
 
 loss = T^2 * KL(softmax(teacher / T) || softmax(student / T)) over the teacher's top-k tokens
-(renormalised; k = 0 uses the full vocabulary), + hidden_weight * MSE(final hidden states).
+(renormalised; k = 0 uses the full vocabulary), + hidden_weight * MSE(final hidden states)
+(+ ce_weight * next-token cross-entropy, optional). The hidden-state loss is a normalised MSE
+||h_s - h_t||^2 / ||h_t||^2 between each student layer's output and the output of the teacher
+layer it was copied from (the final hidden state only when that mapping is unknown).
 With `no_teacher` the loss is plain next-token cross-entropy (the comparison baseline). AdamW,
 bf16 autocast, cosine learning rate with warmup; the schedule follows steps, or training time
 when a time budget is set. Checkpoints every K steps are complete Ember checkpoints plus a
@@ -56,9 +59,11 @@ class DistillSettings:
     warmup_steps: int = 10
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    temperature: float = 2.0
+    temperature: float = 1.0
     topk: int = 64
     hidden_weight: float = 0.0
+    ce_weight: float = 0.0
+    """Weight of the plain next-token loss added to the KD loss (0 = pure KD)."""
     no_teacher: bool = False
     autocast: str = "bf16"
     train_embeddings: bool = False
@@ -156,12 +161,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor,
     return (p_t * (log_p - log_q)).sum(-1).mean() * temperature ** 2
 
 
+def hidden_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of ||h_s - h_t||^2 / ||h_t||^2 (per token, averaged)."""
+    losses = []
+    for s, t in zip(student, teacher, strict=True):
+        s, t = s.float(), t.float()
+        losses.append(((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp(min=1e-6)).mean())
+    return torch.stack(losses).mean()
+
+
 class Distiller:
     """One distillation run: models, data, optimizer, log; `run()` trains and checkpoints."""
 
     def __init__(self, settings: DistillSettings, out: Path, teacher_loaded: Any,
                  student: Model, student_arch: ArchConfig, data: WindowData,
-                 files: list[Any], layer_ids: list[int] | None) -> None:
+                 files: list[Any], layer_ids: list[int] | None,
+                 cache_dir: Path | None = None) -> None:
         self.settings, self.out = settings, out
         self.teacher_loaded = teacher_loaded
         self.teacher = teacher_loaded.model
@@ -177,7 +192,9 @@ class Distiller:
         identity = {"teacher": settings.teacher, "data": [f.sha256 for f in files],
                     "seq_len": settings.seq_len, "topk": settings.topk, "seed": settings.seed,
                     "autocast": settings.autocast}
-        self.cache = TeacherCache.load(out / train_state.STATE_DIR, identity)
+        self.cache_dir = cache_dir or out / train_state.STATE_DIR
+        """Where the teacher's top-k logits are cached (shareable between runs)."""
+        self.cache = TeacherCache.load(self.cache_dir, identity)
 
     # ---- one step ----------------------------------------------------------------------
 
@@ -187,15 +204,18 @@ class Distiller:
 
     @torch.no_grad()
     def _teacher(self, index: torch.Tensor, ids: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Teacher (values, index or None, final hidden or None) for a batch."""
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
+        """Teacher (values, index or None, hidden targets or None) for a batch."""
         s = self.settings
         use_cache = s.topk > 0 and s.hidden_weight == 0
         if use_cache and (hit := self.cache.get(index)) is not None:
             return hit[0], hit[1], None
+        outputs: list[torch.Tensor] = []
         with self._autocast():
-            hidden = dense.hidden_states(self.teacher, ids)
-            logits = self.teacher.lm_head(hidden).float()  # (B, T, V)
+            final = dense.hidden_states(self.teacher, ids, outputs)
+            logits = self.teacher.lm_head(final).float()  # (B, T, V)
+        hidden = ([outputs[i] for i in self.layer_ids] if self.layer_ids is not None
+                  else [final])
         if s.topk == 0:
             return logits, None, hidden
         values, top = torch.topk(logits, s.topk, dim=-1)  # (B, T, k)
@@ -209,9 +229,11 @@ class Distiller:
     def train_step(self, index: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
         s = self.settings
         teacher = None if s.no_teacher else self._teacher(index, ids)
+        outputs: list[torch.Tensor] = []
         with self._autocast():
-            hidden = dense.hidden_states(self.student, ids)
-            logits = self.student.lm_head(hidden).float()  # (B, T, V)
+            final = dense.hidden_states(self.student, ids, outputs)
+            logits = self.student.lm_head(final).float()  # (B, T, V)
+        hidden = outputs if self.layer_ids is not None else [final]
         vocab = logits.shape[-1]
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
         parts = {"ce": float(ce.detach())}
@@ -220,8 +242,10 @@ class Distiller:
         else:
             loss = kd_loss(logits, teacher[0], teacher[1], s.temperature)
             parts["kl"] = float(loss.detach())
+            if s.ce_weight > 0:
+                loss = loss + s.ce_weight * ce
             if s.hidden_weight > 0 and teacher[2] is not None:
-                mse = F.mse_loss(hidden.float(), teacher[2].float())
+                mse = hidden_loss(hidden, teacher[2])
                 parts["hidden_mse"] = float(mse.detach())
                 loss = loss + s.hidden_weight * mse
         self.optimizer.zero_grad(set_to_none=True)
@@ -288,6 +312,23 @@ class Distiller:
         self._record_validation()
         self.save()
 
+    def precompute_teacher(self, progress: Progress | None = None) -> float:
+        """Fill the teacher cache for the windows of the first `steps` steps (no training);
+        returns the seconds it took. Training runs sharing the cache then skip the teacher."""
+        s = self.settings
+        if s.topk == 0 or s.hidden_weight > 0 or s.no_teacher:
+            raise ValueError("--precompute-teacher needs --topk > 0, no --hidden-weight and a "
+                             "teacher")
+        t0 = time.perf_counter()
+        for step in range(s.steps):
+            index, ids = self.data.batch(step * s.batch_size, s.batch_size)
+            self._teacher(index, ids)
+            if progress is not None:
+                progress("teacher logits", step + 1, s.steps)
+        seconds = time.perf_counter() - t0
+        self.cache.save(self.cache_dir)
+        return seconds
+
     def _report(self, progress: Progress, loss: float) -> None:
         """Progress over steps, or over training seconds when a time budget is set."""
         s = self.settings
@@ -314,7 +355,7 @@ class Distiller:
             "param_names": [n for n, _ in self.named], "optimizer": groups,
             "layer_ids": self.layer_ids, "log": self.log.to_dict()})
         if self.cache.values:
-            self.cache.save(folder)
+            self.cache.save(self.cache_dir)
         self.log.write(self.out, title=_title(self.settings), compare=self.compare)
 
     def restore(self) -> None:
@@ -336,7 +377,8 @@ def _title(s: DistillSettings) -> str:
 
 
 def load_for_distill(settings: DistillSettings, out: Path, resume: bool,
-                     progress: Progress | None = None) -> Distiller:
+                     progress: Progress | None = None,
+                     cache_dir: Path | None = None) -> Distiller:
     """Load teacher, student (fresh or from OUT/ when resuming) and data; build a Distiller."""
     from ember.config import EnvSettings, ModelConfig
     from ember.loading.loader import load_model
@@ -366,7 +408,8 @@ def load_for_distill(settings: DistillSettings, out: Path, resume: bool,
         raise ValueError("the student and the teacher have different vocabularies")
     data = build_windows(files, teacher.tokenizer, settings.seq_len, settings.seed,
                          settings.val_windows)
-    distiller = Distiller(settings, out, teacher, student, arch, data, files, layer_ids)
+    distiller = Distiller(settings, out, teacher, student, arch, data, files, layer_ids,
+                          cache_dir)
     if resume:
         distiller.restore()
     return distiller

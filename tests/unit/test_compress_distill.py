@@ -84,3 +84,25 @@ def test_distill_cli_no_teacher_and_errors(tmp_path, capsys) -> None:
     assert main(["distill", "--teacher", settings.teacher, "--data", settings.data[0],
                  "-o", str(tmp_path / "y")]) == 2
     assert "--student-layers" in capsys.readouterr().err
+
+
+def test_precomputed_teacher_cache_gives_the_same_training(tmp_path) -> None:
+    settings = _settings(tmp_path, steps=3)
+    direct = load_for_distill(settings, tmp_path / "direct", resume=False)
+    direct.run()
+    cache = tmp_path / "cache"
+    pre = load_for_distill(settings, tmp_path / "pre", resume=False, cache_dir=cache)
+    pre.precompute_teacher()
+    assert (cache / "teacher_cache.safetensors").is_file() and len(pre.cache.values) == 6
+    cached = load_for_distill(settings, tmp_path / "cached", resume=False, cache_dir=cache)
+    assert len(cached.cache.values) == 6
+    cached.teacher = None  # every teacher output must now come from the cache
+    cached.run()
+    assert [r["loss"] for r in cached.log.steps] == [r["loss"] for r in direct.log.steps]
+
+
+def test_layerwise_hidden_loss_runs(tmp_path) -> None:
+    distiller = load_for_distill(_settings(tmp_path, steps=3, hidden_weight=1.0, topk=0),
+                                 tmp_path / "h", resume=False)
+    distiller.run()
+    assert all("hidden_mse" in row for row in distiller.log.steps)
