@@ -54,15 +54,19 @@ class ModelConfig:
     max_model_len: int | None = None
     """Context length; None uses the model's own (capped by the KV cache)."""
     quantization: str | None = None
-    """Runtime weight format: None (dense in `dtype`), 'int8' or 'int4' (weight-only; the
-    kernels run bf16 activations, so dtype is forced to bfloat16)."""
+    """Runtime weight format: None (dense in `dtype`), 'int8' or 'int4' (weight-only), or
+    'auto' (the source's own: a GGUF of Q4_0/Q4_1 layers runs int4, of Q8_0 layers int8,
+    anything else dense). With Ember's CPU kernels activations are float32; PyTorch's fallback
+    ops force bfloat16."""
+    cpu_kernels: bool = True
+    """Use Ember's compiled AVX-512/VNNI kernels when this CPU has them (else PyTorch ops)."""
 
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        if self.quantization not in (None, "int8", "int4"):
-            raise ConfigError(
-                f"quantization must be 'int8', 'int4' or unset, got {self.quantization!r}")
+        if self.quantization not in (None, "int8", "int4", "auto"):
+            raise ConfigError(f"quantization must be 'int8', 'int4', 'auto' or unset, "
+                              f"got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

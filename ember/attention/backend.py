@@ -1,7 +1,11 @@
-"""Paged attention over per-layer KV cache tensors (reference CPU backend).
+"""Paged attention over per-layer KV cache tensors.
 
 Cache layout per layer: k_cache, v_cache of shape (num_blocks, block_size, H_kv, D); viewed
 flat as (num_slots, H_kv, D) for slot-indexed reads and writes.
+
+Two implementations behind `qkv_attention`: Ember's CPU kernels (float32; RoPE + cache write
+fused, decode attention reading only the blocks in use) when `meta.kernels` is set, otherwise
+the PyTorch reference (grouped matmul for decode). Prefill chunks use SDPA's flash kernel in both.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.attention.metadata import AttentionMetadata
+from ember.layers.rope import RotaryEmbedding
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -19,6 +24,46 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_flat = v_cache.view(-1, v_cache.shape[-2], v_cache.shape[-1])
     k_flat.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_flat.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def qkv_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                  rope: tuple[torch.Tensor, torch.Tensor], kv_cache: tuple[torch.Tensor, ...],
+                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention for fused projections qkv (T, (Hq + 2 Hk) * D) -> (T, Hq * D)."""
+    t = qkv.shape[0]
+    sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+    kern = meta.kernels
+    if kern is None or qkv.dtype != torch.float32:
+        q, k, v = qkv.split(sizes, dim=-1)
+        q = q.reshape(t, num_heads, head_dim)  # (T, Hq, D)
+        k = k.reshape(t, num_kv_heads, head_dim)  # (T, Hk, D)
+        v = v.reshape(t, num_kv_heads, head_dim)
+        q, k = RotaryEmbedding.rotate(q, k, rope)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, scale)
+        return out.reshape(t, num_heads * head_dim)
+    qkv = qkv.contiguous()
+    k_cache, v_cache = kv_cache
+    kern.rope_store_qkv(qkv, rope[0], rope[1], num_heads, num_kv_heads, head_dim, k_cache,
+                        v_cache, meta.slot_mapping)
+    nd = meta.num_decodes
+    if not meta.prefills:
+        assert meta.decode_block_tables is not None and meta.decode_lens is not None
+        return kern.paged_decode_attention(qkv, num_heads, head_dim, k_cache, v_cache,
+                                           meta.decode_block_tables, meta.decode_lens, scale)
+    out = torch.empty(t, num_heads * head_dim, dtype=qkv.dtype)
+    if nd:
+        assert meta.decode_block_tables is not None and meta.decode_lens is not None
+        out[:nd] = kern.paged_decode_attention(qkv, num_heads, head_dim, k_cache, v_cache,
+                                               meta.decode_block_tables, meta.decode_lens, scale)
+    q, k, v = qkv.split(sizes, dim=-1)
+    q = q.view(t, num_heads, head_dim)  # (T, Hq, D) strided view of qkv
+    k = k.view(t, num_kv_heads, head_dim)
+    v = v.view(t, num_kv_heads, head_dim)
+    for chunk in meta.prefills:
+        sl = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+        res = _prefill_attention(q[sl], k[sl], v[sl], k_cache, v_cache, chunk, scale)
+        out[sl] = res.reshape(chunk.query_len, num_heads * head_dim)
+    return out
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -7,9 +7,13 @@ attends to its cached context plus itself causally.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ember.kernels.ops import CpuKernels
 
 
 @dataclass
@@ -38,7 +42,14 @@ class AttentionMetadata:
     num_decodes: int
     """The first num_decodes tokens are single-token queries, one per request."""
     decode_kv_slots: torch.Tensor | None
-    """(B, L) int64: cache slots of each decode request's context, padded to L with slot 0."""
+    """(B, L) int64: cache slots of each decode request's context, padded to L with slot 0
+    (PyTorch reference path only)."""
     decode_kv_mask: torch.Tensor | None
-    """(B, 1, 1, L) float additive mask: 0 for valid keys, -inf for padding."""
+    """(B, 1, 1, L) float additive mask: 0 for valid keys, -inf for padding (reference only)."""
     prefills: list[PrefillChunk]
+    decode_block_tables: torch.Tensor | None = None
+    """(B, max_blocks) int64 block ids of each decode request (kernel path)."""
+    decode_lens: torch.Tensor | None = None
+    """(B,) int64 context length of each decode request, this step's token included."""
+    kernels: CpuKernels | None = field(default=None, repr=False)
+    """Ember's CPU kernels when the runner uses them; None = PyTorch reference path."""

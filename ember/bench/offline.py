@@ -50,7 +50,9 @@ def available_engines(include_hf: bool, ember_variants: list[str]) -> tuple[list
     specs = []
     for variant in ember_variants:
         quant = None if variant in ("bf16", "fp32") else variant
-        dtype = "float32" if variant == "fp32" else "bfloat16"
+        # NOTE: quantized formats run float32 activations on Ember's kernels (the workers
+        # fall back to PyTorch's bf16 ops by themselves where the kernels are unavailable).
+        dtype = "bfloat16" if variant == "bf16" else "float32"
         specs.append(EngineSpec(f"ember-{variant}", "ember", quant, dtype))
     notes = []
     if importlib.util.find_spec("llama_cpp") is not None:

@@ -58,7 +58,7 @@ class LlamaCppRunner:
         from llama_cpp import Llama
 
         self.llm = Llama(model_path=model_path, n_threads=threads, n_threads_batch=threads,
-                         n_ctx=2048, n_batch=512, verbose=False)
+                         n_ctx=2048, n_batch=512, flash_attn=True, verbose=False)
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=False, special=True)

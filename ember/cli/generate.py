@@ -17,9 +17,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--quantization", "-q", default=None, choices=["int8", "int4"],
-                   help="runtime weight format (weight-only; bf16 activations)")
+    add_quantization_arg(p)
     p.add_argument("--max-model-len", type=int, default=None)
+
+
+def add_quantization_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--quantization", "-q", default="auto",
+                   choices=["auto", "none", "int8", "int4"],
+                   help="runtime weight format (weight-only). auto (default): the file's own "
+                        "(Q4 GGUF -> int4, Q8_0 -> int8, else dense); none: dense --dtype")
+    p.add_argument("--no-cpu-kernels", action="store_true",
+                   help="use PyTorch ops instead of Ember's AVX-512 kernels")
+
+
+def quantization_of(args: argparse.Namespace) -> str | None:
+    return None if args.quantization == "none" else args.quantization
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -42,8 +54,8 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 
 def _llm(args: argparse.Namespace) -> Any:
     from ember.engine.llm import LLM
-    return LLM(args.model, dtype=args.dtype, quantization=args.quantization,
-               max_model_len=args.max_model_len)
+    return LLM(args.model, dtype=args.dtype, quantization=quantization_of(args),
+               max_model_len=args.max_model_len, cpu_kernels=not args.no_cpu_kernels)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

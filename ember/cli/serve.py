@@ -15,6 +15,7 @@ from types import FrameType
 
 from rich.console import Console
 
+from ember.cli.generate import add_quantization_arg, quantization_of
 from ember.config import (DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig,
                           SchedulerConfig, ServerConfig)
 
@@ -50,7 +51,9 @@ def _config(args: argparse.Namespace) -> EngineConfig:
         from ember.server.limits import read_api_key_file
         keys += read_api_key_file(args.api_key_file)
     return EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len),
+        model=ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                          quantization=quantization_of(args),
+                          cpu_kernels=not args.no_cpu_kernels),
         cache=CacheConfig(block_size=args.block_size, kv_cache_mb=args.kv_cache_mb,
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
@@ -117,6 +120,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--served-model-name", action="append", default=[],
                    help="name clients use for the model (repeatable; default: --model)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_quantization_arg(g)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--seed", type=int, default=0, help="seed of requests without their own")
     g = p.add_argument_group("engine")

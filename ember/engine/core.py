@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -9,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.config import EngineConfig
+from ember.kernels.ops import CpuKernels
 from ember.kv_cache.manager import KVCacheManager
 from ember.loading.formats import apply_weight_format
 from ember.loading.loader import LoadedModel
@@ -18,6 +21,15 @@ from ember.scheduler.scheduler import Scheduler
 from ember.types import EngineCoreOutput, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
+
+
+def release_free_memory() -> None:
+    """Return free heap pages to the OS (glibc's malloc_trim; a no-op elsewhere)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass(frozen=True)
@@ -44,10 +56,19 @@ def plan_cache(config: EngineConfig, loaded: LoadedModel) -> CacheLayout:
 class EngineCore:
     """Owns the scheduler and the model runner; `step()` advances every running request."""
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel,
+                 kernels: CpuKernels | None = None) -> None:
         self.config = config
-        loaded.runtime_formats = apply_weight_format(loaded.model, config.model.quantization,
-                                                     loaded.gguf)
+        self.kernels = kernels
+        """Ember's CPU kernels, or None for the PyTorch implementations."""
+        quantization = (loaded.quantization if config.model.quantization == "auto"
+                        else config.model.quantization)
+        loaded.runtime_formats = apply_weight_format(loaded.model, quantization, loaded.gguf,
+                                                     kernels=kernels)
+        # NOTE: the runtime formats hold their own copies: unmap the file and hand the load's
+        # freed heap back to the OS, so RSS reflects what serving needs.
+        loaded.gguf = None
+        release_free_memory()
         logger.info("runtime weight formats: %s", loaded.runtime_formats)
         self.layout = plan_cache(config, loaded)
         self.kv_manager = KVCacheManager(self.layout.num_blocks, self.layout.block_size,
@@ -58,7 +79,7 @@ class EngineCore:
         max_tokens = max(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
         self.runner = ModelRunner(loaded.model, loaded.arch, loaded.dtype,
                                   self.layout.block_size, self.layout.num_blocks, max_tokens,
-                                  Sampler(default_gen))
+                                  Sampler(default_gen), kernels)
         logger.info("KV cache: %d blocks x %d tokens, context %d", self.layout.num_blocks,
                     self.layout.block_size, self.layout.max_model_len)
 

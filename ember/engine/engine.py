@@ -15,6 +15,7 @@ import torch
 
 from ember.config import EngineConfig
 from ember.engine.core import EngineCore
+from ember.kernels.ops import CpuKernels
 from ember.engine.outputs import OutputProcessor
 from ember.loading.loader import LoadedModel, ProgressFn, load_model
 from ember.tokenizer import Tokenizer
@@ -36,11 +37,12 @@ class ProcessedPrompt:
 class LLMEngine:
     """Accepts requests, steps the core, returns RequestOutputs (with streaming deltas)."""
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel,
+                 kernels: CpuKernels | None = None) -> None:
         self.config = config
         self.loaded = loaded
         self.tokenizer: Tokenizer = loaded.tokenizer
-        self.core = EngineCore(config, loaded)
+        self.core = EngineCore(config, loaded, kernels)
         self.max_model_len = self.core.layout.max_model_len
         self.output_processor = OutputProcessor(self.tokenizer)
         self._children: dict[str, list[str]] = {}
@@ -50,8 +52,10 @@ class LLMEngine:
         config.validate()
         if config.env.num_threads:
             torch.set_num_threads(config.env.num_threads)
-        loaded = load_model(config.model, config.env, progress)
-        return cls(config, loaded)
+        kernels = (CpuKernels.load(config.env.cache_dir, torch.get_num_threads())
+                   if config.model.cpu_kernels else None)
+        loaded = load_model(config.model, config.env, progress, use_kernels=kernels is not None)
+        return cls(config, loaded, kernels)
 
     # ---- requests -----------------------------------------------------------------------
 

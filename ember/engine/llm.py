@@ -33,11 +33,11 @@ class LLM:
                  num_blocks: int | None = None, kv_cache_mb: int = 512,
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, seed: int = 0, show_progress: bool = True,
-                 config: EngineConfig | None = None) -> None:
+                 cpu_kernels: bool = True, config: EngineConfig | None = None) -> None:
         if config is None:
             config = EngineConfig(
                 model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len,
-                                  quantization=quantization),
+                                  quantization=quantization, cpu_kernels=cpu_kernels),
                 cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                   kv_cache_mb=kv_cache_mb,
                                   enable_prefix_caching=enable_prefix_caching),

@@ -1,9 +1,14 @@
 """Runtime weight formats: turn a loaded model's dense Linears into the serving layout.
 
 Chosen by `ModelConfig.quantization` (never from a file name): None keeps dense weights in the
-model dtype; "int8" uses int8 per-channel weights; "int4" uses 4-bit group-wise weights (GGUF
-Q4_0/Q4_1 tensors convert exactly, others are re-quantized round-to-nearest, group 32). The
-LM head (tied to the embedding in SmolLM2) becomes int8 in both, since it is read every step.
+model dtype; "int8" uses 8-bit weights; "int4" uses 4-bit group-wise weights (GGUF Q4_0/Q4_1
+tensors convert exactly, others are re-quantized round-to-nearest, group 32). The LM head (tied
+to the embedding in SmolLM2) becomes 8-bit in both, since it is read every step.
+
+With Ember's CPU kernels (`kernels` given) the formats are the kernels' group-32 Q4 / Q8 blocks
+(float32 activations) and the embedding is looked up from the head's Q8 table, so no dense
+copy of any matrix stays in memory; the norms and the gated activation use the kernels too.
+Without them, PyTorch's int4pack / int8pack ops run the formats (bf16 activations).
 
 Projections a module lists in its `FUSIONS` (q/k/v, gate/up) are merged into one matmul here:
 fewer, larger kernels per layer. Offline tools (compression, training) use the unfused model
@@ -18,9 +23,11 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from ember.kernels.ops import CpuKernels
+from ember.layers.cpu_quant import Q4Linear, Q8Embedding, Q8Linear
 from ember.layers.linear import Linear
 from ember.layers.quant import Int4Linear, Int4Weights, Int8Linear
-from ember.loading.gguf import GGUFFile, GGUFTensor
+from ember.loading.gguf import GGUFFile, GGUFTensor, q8_0_blocks
 from ember.models.base import CausalLM, TensorTransform
 
 logger = logging.getLogger(__name__)
@@ -31,33 +38,48 @@ Sources = dict[str, tuple[GGUFTensor, TensorTransform | None]]
 
 
 def _gguf_sources(model: CausalLM, gf: GGUFFile | None) -> Sources:
-    """Parameter name -> (GGUF tensor, row transform) for tensors stored as Q4_0/Q4_1."""
+    """Parameter name -> (GGUF tensor, row transform) for tensors stored as Q4_0/Q4_1/Q8_0."""
     if gf is None:
         return {}
     found = {}
     for name, tensor in gf.tensors.items():
         mapped = model.map_gguf_name(name, model.config)
-        if mapped is not None and tensor.qtype in _EXACT_INT4:
+        if mapped is not None and tensor.qtype in (*_EXACT_INT4, GGMLQuantizationType.Q8_0):
             found[mapped[0]] = (tensor, mapped[1])
+    if model.config.tie_word_embeddings and "model.embed_tokens.weight" in found:
+        found["lm_head.weight"] = found["model.embed_tokens.weight"]
     return found
+
+
+def _q8_blocks(names: list[str], sources: Sources) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exact Q8_0 blocks of a single unpermuted GGUF tensor, else None."""
+    src = sources.get(f"{names[0]}.weight") if len(names) == 1 else None
+    if src is None or src[1] is not None or src[0].qtype != GGMLQuantizationType.Q8_0:
+        return None
+    q, d = q8_0_blocks(src[0].raw, src[0].shape)
+    return q.reshape(src[0].shape), d.reshape(src[0].shape[0], -1)
 
 
 def _int4_weights(name: str, layer: Linear, sources: Sources) -> Int4Weights:
     src = sources.get(f"{name}.weight")
-    if src is None:
+    if src is None or src[0].qtype not in _EXACT_INT4:
         return Int4Weights.quantize(layer.weight.detach())
     weights = Int4Weights.from_gguf(src[0])
     return weights if src[1] is None else weights.permute_rows(src[1])
 
 
 def _convert(names: list[str], layers: list[Linear], quantization: str | None,
-             sources: Sources, keep_dense: bool) -> nn.Module:
+             sources: Sources, keep_dense: bool, kernels: CpuKernels | None) -> nn.Module:
     """One runtime module computing the row-wise concatenation of `layers`."""
     if quantization == "int4" and names != ["lm_head"]:
-        return Int4Linear(Int4Weights.cat([_int4_weights(n, layer, sources)
-                                           for n, layer in zip(names, layers)]),
-                          keep_dense=keep_dense)
+        weights = Int4Weights.cat([_int4_weights(n, layer, sources)
+                                   for n, layer in zip(names, layers)])
+        if kernels is not None:
+            return Q4Linear(weights, kernels)
+        return Int4Linear(weights, keep_dense=keep_dense)
     weight = torch.cat([layer.weight.detach() for layer in layers], dim=0)  # (sum out, in)
+    if quantization is not None and kernels is not None:
+        return Q8Linear(weight, kernels, _q8_blocks(names, sources))
     if quantization is not None:
         return Int8Linear(weight)
     if len(layers) == 1:
@@ -68,11 +90,13 @@ def _convert(names: list[str], layers: list[Linear], quantization: str | None,
 
 
 def apply_weight_format(model: CausalLM, quantization: str | None, gf: GGUFFile | None,
-                        keep_dense: bool = True) -> dict[str, int]:
+                        keep_dense: bool = True, kernels: CpuKernels | None = None
+                        ) -> dict[str, int]:
     """Fuse projections and set every Linear's format, in place; count modules per format.
 
-    keep_dense: Int4 layers also keep a dequantized bf16 copy for many-row steps (prefill);
-    False saves memory at the cost of slow prefill.
+    keep_dense: without kernels, Int4 layers also keep a dequantized bf16 copy for many-row
+    steps (prefill); False saves memory at the cost of slow prefill.
+    kernels: Ember's CPU kernels; None keeps the PyTorch implementations.
     """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
@@ -93,13 +117,34 @@ def apply_weight_format(model: CausalLM, quantization: str | None, gf: GGUFFile 
                 continue  # already converted, or a structure this step does not know
             names = [f"{prefix}.{p}" if prefix else p for p in parts]
             install(parent, fused_name, _convert(names, layers, quantization,  # type: ignore[arg-type]
-                                                 sources, keep_dense))
+                                                 sources, keep_dense, kernels))
             for p in parts:
                 delattr(parent, p)
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear) and id(module) not in installed:
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            install(parent, attr, _convert([name], [module], quantization, sources, keep_dense))
+            install(parent, attr, _convert([name], [module], quantization, sources, keep_dense,
+                                           kernels))
+    if kernels is not None:
+        _use_kernels(model, quantization is not None, kernels)
     logger.info("weight formats: %s", counts)
     return counts
+
+
+def _use_kernels(model: CausalLM, quantized: bool, kernels: CpuKernels) -> None:
+    """Hand the kernels to every module that can use them; with a quantized model, look the
+    embedding up from the head's Q8 table (tied) or its own one."""
+    for module in model.modules():
+        if hasattr(module, "kernels") and getattr(module, "kernels") is None:
+            setattr(module, "kernels", kernels)
+    body = getattr(model, "model", None)
+    embed = getattr(body, "embed_tokens", None)
+    if not quantized or not isinstance(embed, nn.Embedding):
+        return
+    head = getattr(model, "lm_head", None)
+    if model.config.tie_word_embeddings and isinstance(head, Q8Linear):
+        table = head
+    else:
+        table = Q8Linear(embed.weight.detach(), kernels)
+    body.embed_tokens = Q8Embedding(table, embed.weight.dtype)  # type: ignore[union-attr]

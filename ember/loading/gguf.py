@@ -86,10 +86,15 @@ def _fp16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[..., start:start + 2].contiguous().view(torch.float16).float()
 
 
-def _dequant_q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+def q8_0_blocks(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 blocks as q (rows, blocks, 32) int8 and d (rows, blocks, 1) float32."""
     b = _blocks(raw, shape, 34)  # d (fp16) + 32 int8
-    q = b[..., 2:].contiguous().view(torch.int8).float()  # (rows, blocks, 32)
-    return (q * _fp16_field(b, 0)).reshape(shape)
+    return b[..., 2:].contiguous().view(torch.int8), _fp16_field(b, 0)
+
+
+def _dequant_q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    q, d = q8_0_blocks(raw, shape)
+    return (q.float() * d).reshape(shape)
 
 
 def _dequant_q4(raw: np.ndarray, shape: tuple[int, ...], with_min: bool) -> torch.Tensor:

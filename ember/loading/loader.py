@@ -41,20 +41,43 @@ class LoadedModel:
     """The GGUF file (raw quantized blocks stay reachable for runtime weight formats)."""
     runtime_formats: dict[str, int] = dataclasses.field(default_factory=dict)
     """Linear formats after the engine's `apply_weight_format` (empty before)."""
+    quantization: str | None = None
+    """The runtime weight format to apply (ModelConfig.quantization with 'auto' resolved)."""
 
 
 def load_model(config: ModelConfig, env: EnvSettings,
-               progress: ProgressFn | None = None) -> LoadedModel:
+               progress: ProgressFn | None = None, use_kernels: bool = False) -> LoadedModel:
+    """use_kernels: Ember's CPU kernels will run the model (quantized formats then keep
+    float32 activations; PyTorch's int4/int8 ops need bfloat16)."""
     source = resolve_model(config.model, env.model_dirs)
-    quantized = config.quantization is not None
-    dtype = torch.bfloat16 if config.dtype == "bfloat16" or quantized else torch.float32
-    if source.kind == "gguf":
-        loaded = _load_gguf(source, dtype, progress)
+    gf = read_gguf(source.path) if source.kind == "gguf" else None
+    quantization = config.quantization
+    if quantization == "auto":
+        quantization = _source_format(gf)
+    quantized = quantization is not None
+    dtype = (torch.bfloat16 if config.dtype == "bfloat16" or (quantized and not use_kernels)
+             else torch.float32)
+    if gf is not None:
+        loaded = _load_gguf(source, gf, dtype, progress)
     elif source.kind == "ember":
         loaded = _load_ember(source, dtype, progress)
     else:
         loaded = _load_hf_dir(source, dtype, progress)
+    loaded.quantization = quantization
     return loaded
+
+
+def _source_format(gf: GGUFFile | None) -> str | None:
+    """'int4' / 'int8' when most layer matrices of the GGUF are Q4_0/Q4_1 / Q8_0, else None."""
+    if gf is None:
+        return None
+    counts: dict[str, int] = {}
+    for name, tensor in gf.tensors.items():
+        if name.startswith("blk.") and len(tensor.shape) == 2:
+            fmt = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}.get(tensor.type_name, "dense")
+            counts[fmt] = counts.get(fmt, 0) + 1
+    best = max(counts, key=lambda k: counts[k], default="dense")
+    return None if best == "dense" else best
 
 
 def _load_ember(source: ModelSource, dtype: torch.dtype,
@@ -74,9 +97,8 @@ def _build(arch: ArchConfig, dtype: torch.dtype, source: str) -> CausalLM:
     return model
 
 
-def _load_gguf(source: ModelSource, dtype: torch.dtype,
+def _load_gguf(source: ModelSource, gf: GGUFFile, dtype: torch.dtype,
                progress: ProgressFn | None) -> LoadedModel:
-    gf = read_gguf(source.path)
     where = str(source.path)
     arch = ArchConfig.from_gguf_metadata(gf.metadata, where)
     if "output.weight" in gf.tensors:

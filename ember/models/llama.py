@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.attention.backend import paged_attention
+from ember.attention.backend import paged_attention, qkv_attention
 from ember.attention.metadata import AttentionMetadata
+from ember.layers.activation import SiluAndMul
 from ember.layers.linear import Linear
 from ember.layers.norm import RMSNorm
 from ember.layers.rope import RotaryEmbedding
@@ -42,7 +43,9 @@ class LlamaAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+            out = qkv_attention(self.qkv_proj(x), self.num_heads, self.num_kv_heads,
+                                self.head_dim, rope, kv_cache, meta, self.scale)
+            return self.o_proj(out)  # (T, H*D)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.reshape(t, self.num_heads, self.head_dim)  # (T, Hq, D)
@@ -62,13 +65,12 @@ class LlamaMLP(nn.Module):
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype)
         self.gate_up_proj: nn.Module | None = None
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(self.act(self.gate_up_proj(x)))  # (T, 2I) -> (T, I)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -79,10 +81,17 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg, dtype)
 
-    def forward(self, x: torch.Tensor, rope: RopeTables, kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables,
+                kv_cache: KVCache, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, residual stream before it); the next norm adds the two."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, rope, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaBody(nn.Module):
@@ -116,9 +125,10 @@ class LlamaForCausalLM(CausalLM):
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)  # (T, hidden)
         rope = self.model.rotary_emb.cos_sin(positions)
+        residual: torch.Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            h = layer(h, rope, kv_cache, meta)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, rope, kv_cache, meta)
+        return self.model.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

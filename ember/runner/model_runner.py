@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from ember.attention.metadata import AttentionMetadata, PrefillChunk
+from ember.kernels.decoder import FusedDecoder
+from ember.kernels.ops import CpuKernels
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM
 from ember.sampling.logprobs import compute_token_logprobs
@@ -41,8 +43,11 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, arch: ArchConfig, dtype: torch.dtype,
                  block_size: int, num_blocks: int, max_num_batched_tokens: int,
-                 sampler: Sampler) -> None:
+                 sampler: Sampler, kernels: CpuKernels | None = None) -> None:
         self.model = model
+        # NOTE: the attention kernels work on float32 activations and caches only.
+        self.kernels = kernels if dtype == torch.float32 else None
+        """Ember's CPU kernels (passed to attention in the metadata), or None."""
         self.arch = arch
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -50,12 +55,20 @@ class ModelRunner:
         shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
         # NOTE: one tensor per layer (not one big buffer sliced per layer): compiled decode
         # graphs are much faster with distinct per-layer tensors.
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+        # NOTE: empty, not zeros: pages are touched only as blocks fill up (RSS grows with use).
+        # Block 0 is the null block padded reads point at; it must hold finite values.
+        self.kv_caches = [(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
                           for _ in range(arch.num_layers)]
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[0].zero_()
+            v_cache[0].zero_()
         # Persistent input buffers, sliced per step.
         self._input_ids = torch.zeros(max_num_batched_tokens, dtype=torch.int64)
         self._positions = torch.zeros(max_num_batched_tokens, dtype=torch.int64)
         self._slots = torch.zeros(max_num_batched_tokens, dtype=torch.int64)
+        self.decoder = (FusedDecoder.build(model, self.kv_caches, block_size, self.kernels)
+                        if self.kernels is not None else None)
+        """Whole-step decode kernel for steps made only of decodes (None: module path)."""
         self._generators: dict[str, torch.Generator] = {}
         self._prompt_lp_next: dict[str, int] = {}
 
@@ -86,7 +99,10 @@ class ModelRunner:
             return out
         order = sorted(so.scheduled, key=lambda sr: sr.num_new_tokens > 1)  # decodes first
         input_ids, positions, meta, plan = self._prepare(order)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (T, hidden)
+        if self.decoder is not None and not meta.prefills:
+            hidden = self.decoder(input_ids, positions, meta)  # (B, hidden)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (T, hidden)
         rows = plan.sample_rows + plan.prompt_rows
         if not rows:
             return out
@@ -156,10 +172,15 @@ class ModelRunner:
         self._input_ids[:t] = torch.tensor(ids, dtype=torch.int64)
         self._positions[:t] = torch.from_numpy(np.concatenate(pos_parts))
         self._slots[:t] = torch.from_numpy(np.concatenate(slot_parts))
-        kv_slots, kv_mask = self._decode_tables(decode_tables, decode_lens)
         meta = AttentionMetadata(num_tokens=t, slot_mapping=self._slots[:t],
-                                 num_decodes=len(decode_lens), decode_kv_slots=kv_slots,
-                                 decode_kv_mask=kv_mask, prefills=prefills)
+                                 num_decodes=len(decode_lens), decode_kv_slots=None,
+                                 decode_kv_mask=None, prefills=prefills, kernels=self.kernels)
+        if decode_tables and self.kernels is not None:
+            meta.decode_block_tables, meta.decode_lens = self._block_tables(decode_tables,
+                                                                            decode_lens)
+        elif decode_tables:
+            meta.decode_kv_slots, meta.decode_kv_mask = self._decode_tables(decode_tables,
+                                                                            decode_lens)
         return self._input_ids[:t], self._positions[:t], meta, plan
 
     def _prefill_chunk(self, sr: ScheduledRequest, q0: int, table: np.ndarray) -> PrefillChunk:
@@ -171,6 +192,15 @@ class ModelRunner:
         q_pos = torch.arange(sr.start, sr.end).unsqueeze(1)  # (Tq, 1)
         mask = torch.arange(sr.end).unsqueeze(0) <= q_pos  # (Tq, Tk)
         return PrefillChunk(q0, sr.num_new_tokens, sr.start, kv_slots, mask)
+
+    def _block_tables(self, tables: list[list[int]], lens: list[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, max_blocks) block ids (padded with the null block) and (B,) lengths."""
+        width = max(len(t) for t in tables)
+        padded = torch.zeros(len(tables), width, dtype=torch.int64)
+        for i, table in enumerate(tables):
+            padded[i, :len(table)] = torch.tensor(table, dtype=torch.int64)
+        return padded, torch.tensor(lens, dtype=torch.int64)
 
     def _decode_tables(self, tables: list[list[int]], lens: list[int]
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

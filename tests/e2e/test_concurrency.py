@@ -23,9 +23,10 @@ def _prompts() -> list[str]:
             for i, s in enumerate(subjects[:NUM_CLIENTS])]
 
 
-def test_concurrent_streams_equal_offline_generate(server, model_name, llm):
+def test_concurrent_streams_equal_offline_generate(server, model_name, make_llm):
     from openai import AsyncOpenAI
 
+    llm = make_llm(quantization="auto")  # the server's default: the GGUF's own Q4 format
     prompts = _prompts()
     offline = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
                            use_tqdm=False)

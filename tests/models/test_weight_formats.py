@@ -7,6 +7,7 @@ import torch
 
 from agreement import teacher_forced_agreement
 from ember import SamplingParams
+from ember.kernels.build import missing_cpu_features
 from ember.layers.quant import Int4Linear, Int4Weights, Int8Linear
 from ember.loading.gguf import read_gguf
 from ember.models.llama import unpermute_rope_rows
@@ -51,23 +52,31 @@ def test_int8_roundtrip_error_is_small():
     assert bool(((layer.dequantize() - w).abs() <= bound).all())
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False])
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_quantized_paths_agree_with_fp32(make_llm, llm, pride_text, quantization):
-    """Teacher-forced top-1 agreement with the fp32 reference >= 95%; NLL within 2%."""
-    q = make_llm(quantization=quantization)
+def test_quantized_paths_agree_with_fp32(make_llm, llm, pride_text, quantization, cpu_kernels):
+    """Teacher-forced top-1 agreement with the fp32 reference >= 95%; NLL within 2%, for
+    Ember's kernels (Q4/Q8 blocks, int8 activations) and PyTorch's ops (bf16 activations)."""
+    q = make_llm(quantization=quantization, cpu_kernels=cpu_kernels)
     formats = q.engine.loaded.runtime_formats
-    # 30 layers x (qkv, o, gate_up, down) fused projections, plus the int8 head
-    assert formats.get("int8", 0) >= 1 and (quantization == "int8" or formats["int4-g32"] == 120)
+    # 30 layers x (qkv, o, gate_up, down) fused projections, plus the 8-bit head
+    if q.engine.core.kernels is not None:
+        four, eight = "q4-g32", "q8-g32"
+    else:
+        assert not cpu_kernels or missing_cpu_features()
+        four, eight = "int4-g32", "int8"
+    assert formats.get(eight, 0) >= 1 and (quantization == "int8" or formats[four] == 120)
     ids = llm.get_tokenizer().encode(pride_text[:6000])[:1024]
     result = teacher_forced_agreement(llm, q, ids)
     assert result.top1 >= 0.95, result
     assert result.nll_rel_diff < 0.02, result
 
 
-def test_int4_decode_kernel_path_gives_fp32_greedy_start(make_llm, llm):
-    """Single-stream decode runs the int4 kernel (one row per step); its greedy text starts
-    like the fp32 reference on a factual prompt."""
-    q = make_llm(quantization="int4")
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_int4_decode_kernel_path_gives_fp32_greedy_start(make_llm, llm, cpu_kernels):
+    """Single-stream decode runs the int4 kernel (one row per step; the fused decode step with
+    Ember's kernels); its greedy text starts like the fp32 reference on a factual prompt."""
+    q = make_llm(quantization="int4", cpu_kernels=cpu_kernels)
     params = SamplingParams(max_tokens=8, temperature=0)
     ref = llm.generate(["The capital of France is"], params, use_tqdm=False)[0].outputs[0]
     got = q.generate(["The capital of France is"], params, use_tqdm=False)[0].outputs[0]
@@ -97,3 +106,14 @@ def test_fast_dequantize_equals_gguf_library(gguf_file, name):
     tensor = gguf_file.tensors[name]
     ref = torch.from_numpy(quants.dequantize(tensor.raw, tensor.qtype)).reshape(tensor.shape)
     assert torch.equal(tensor.dequantize(), ref)
+
+
+def test_q8_head_and_embedding_equal_the_gguf_q8_0_values(make_llm, gguf_file):
+    """With Ember's kernels the tied head/embedding keeps GGUF's Q8_0 blocks exactly."""
+    q = make_llm(quantization="int4")
+    if q.engine.core.kernels is None:
+        pytest.skip("Ember's CPU kernels are not available here")
+    embed = q.engine.loaded.model.model.embed_tokens
+    ids = torch.tensor([0, 1, 17, 1234, 49151])
+    ref = gguf_file.tensors["token_embd.weight"].dequantize()[ids]
+    assert torch.equal(embed(ids), ref)

@@ -1,0 +1,103 @@
+// Ember CPU kernels: one operation per call (ctypes entry points). Building blocks and weight
+// layouts live in kernels.h; whole decode steps in decoder.cpp.
+//
+// Weight formats (group 32; N padded to a multiple of 16 rows, K a multiple of 32):
+//   Q4: w = q * d + m, q in [0, 15] (asymmetric). Rows are interleaved in tiles of 16 so that one
+//     64-byte vector holds 4 consecutive weights of each of 16 rows: packed (N/16, K/32, 4, 64)
+//     uint8, byte [t][b][c][4 l + e] = q[16 t + l][32 b + 4 c + e] | q[..][32 b + 16 + 4 c + e] << 4.
+//     d, m: (N/16, K/32, 16) float32, [t][b][l] for row 16 t + l.
+//   Q8: w = q * d, q int8 in [-127, 127] (symmetric), stored as u = q + 128 in the same
+//     interleaving: (N/16, K/32, 8, 64) uint8, byte [t][b][j][4 l + e] = u[16 t + l][32 b + 4 j + e];
+//     d: (N/16, K/32, 16) float32.
+// Activations are quantized per 32-element block to int8 (x = qx * dx, as llama.cpp's Q8_1).
+// A block's dot product for 16 rows is then 8 VNNI instructions on int32 lanes (lane = row),
+// one conversion and two FMAs: no horizontal sums in the inner loop.
+
+#include "kernels.h"
+
+extern "C" {
+
+int ember_kernels_version() { return 3; }
+
+// y (M, Np) = x (M, K) @ W^T for Q4 weights (Np = N padded to 16).
+void q4_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, const float* d,
+             const float* m, int64_t np, float* y, int nthreads) {
+  const QuantizedActs a(x, mrows, k);
+  const LinearW lw{4, np, k, packed, d, m};
+#pragma omp parallel num_threads(nthreads)
+  gemm_tiles(lw, a, mrows, y);
+}
+
+// y (M, Np) = x (M, K) @ W^T for Q8 weights.
+void q8_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* q, const float* d,
+             int64_t np, float* y, int nthreads) {
+  const QuantizedActs a(x, mrows, k);
+  const LinearW lw{8, np, k, q, d, nullptr};
+#pragma omp parallel num_threads(nthreads)
+  gemm_tiles(lw, a, mrows, y);
+}
+
+// Rows `ids` (T,) of Q8 weights dequantized into out (T, K) float32 (embedding lookup).
+void q8_rows(const uint8_t* q, const float* d, int64_t k, const int64_t* ids, int64_t t,
+             float* out) {
+  const int64_t nb = k / kBlock;
+  for (int64_t i = 0; i < t; ++i) {
+    const int64_t tile = ids[i] / kTile, l = ids[i] % kTile;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* wb = q + (tile * nb + b) * 512;
+      const float scale = d[(tile * nb + b) * kTile + l];
+      for (int64_t j = 0; j < 8; ++j)
+        for (int64_t e = 0; e < 4; ++e)
+          out[i * k + b * kBlock + 4 * j + e] =
+              static_cast<float>(static_cast<int>(wb[j * 64 + 4 * l + e]) - 128) * scale;
+    }
+  }
+}
+
+// out (T, H) = x * rsqrt(mean(x^2) + eps) * w per row; with `residual` (T, H), x += residual
+// first (in place) so x carries the new residual stream.
+void rms_norm(float* x, const float* residual, const float* w, int64_t t, int64_t h, float eps,
+              float* out) {
+  for (int64_t i = 0; i < t; ++i)
+    rms_norm_row(x + i * h, residual ? residual + i * h : nullptr, w, h, eps, out + i * h);
+}
+
+// out (T, I) = silu(gu[:, :I]) * gu[:, I:] for gu (T, 2I).
+void silu_mul(const float* gu, int64_t t, int64_t inter, float* out) {
+  for (int64_t i = 0; i < t; ++i)
+    silu_mul_row(gu + i * 2 * inter, gu + i * 2 * inter + inter, inter, out + i * inter);
+}
+
+// RoPE (cos/sin (T, D/2)) in place on the q and k heads of qkv (T, (Hq + 2 Hk) * D), then the
+// k and v heads stored at `slots` (T,) of k_cache/v_cache (S, Hk, D) float32.
+void rope_store_qkv(float* qkv, const float* cos_t, const float* sin_t, int64_t t, int64_t hq,
+                    int64_t hk, int64_t dim, float* k_cache, float* v_cache,
+                    const int64_t* slots) {
+  const int64_t row = (hq + 2 * hk) * dim;
+  for (int64_t i = 0; i < t; ++i)
+    rope_store_row(qkv + i * row, cos_t + i * dim / 2, sin_t + i * dim / 2, hq, hk, dim, k_cache,
+                   v_cache, slots[i]);
+}
+
+// One query token per request against its paged context. q (B, Hq, D) with q_stride floats
+// between requests; caches (num_blocks * block_size, Hk, D) float32; block_tables
+// (B, max_blocks); lens (B,). out (B, Hq, D).
+void paged_decode_attention(const float* q, int64_t q_stride, const float* k_cache,
+                            const float* v_cache, const int64_t* block_tables, int64_t max_blocks,
+                            const int64_t* lens, int64_t batch, int64_t hq, int64_t hk,
+                            int64_t dim, int64_t block_size, float scale, float* out,
+                            int nthreads) {
+  const DecodeCtx c{block_tables, max_blocks, lens, hq, hk, dim, block_size, scale};
+  const int64_t max_len = *std::max_element(lens, lens + batch);
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> scores(static_cast<size_t>(max_len));
+#pragma omp for schedule(dynamic) collapse(2)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t h = 0; h < hq; ++h)
+        attend_head(c, b, h, q + b * q_stride + h * dim, k_cache, v_cache, scores.data(),
+                    out + (b * hq + h) * dim);
+  }
+}
+
+}  // extern "C"

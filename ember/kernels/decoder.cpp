@@ -1,0 +1,98 @@
+// Whole decode steps of a Llama-style decoder in one call: for B single-token requests, every
+// layer's RMSNorm -> fused QKV -> RoPE + cache write -> paged attention -> O -> add + RMSNorm ->
+// fused gate/up -> SiLU * up -> down -> add, in one OpenMP region (a barrier between stages)
+// instead of a Python call per operation. The math is the one of ember/models/llama.py, whose
+// module path stays the reference (and runs prefill); tests compare the two.
+
+#include "kernels.h"
+
+namespace {
+
+struct LayerW {
+  const float* in_norm;    // (H,)
+  const float* post_norm;  // (H,)
+  LinearW qkv, o, gate_up, down;
+  float* k_cache;  // (S, Hk, D)
+  float* v_cache;
+};
+
+struct Shape {
+  int64_t hidden, inter, hq, hk, dim, block_size;
+  float eps, scale;
+};
+
+}  // namespace
+
+extern "C" {
+
+// x (B, H): token embeddings in; the residual stream after the last layer out (not normed).
+// cos/sin (B, D/2); slots (B,); block_tables (B, max_blocks); lens (B,).
+void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_layers,
+                   const Shape* shape, const float* cos_t, const float* sin_t,
+                   const int64_t* slots, const int64_t* block_tables, int64_t max_blocks,
+                   const int64_t* lens, int nthreads) {
+  const Shape& s = *shape;
+  const int64_t h = s.hidden, dim = s.dim, hq = s.hq;
+  const int64_t qkv_np = padded((hq + 2 * s.hk) * dim), o_np = padded(h);
+  const int64_t gu_np = padded(2 * s.inter), down_np = padded(h);
+  std::vector<float> normed(static_cast<size_t>(batch * h));
+  std::vector<float> qkv(static_cast<size_t>(batch * qkv_np));
+  std::vector<float> attn(static_cast<size_t>(batch * hq * dim));
+  std::vector<float> proj(static_cast<size_t>(batch * std::max(o_np, down_np)));
+  std::vector<float> gu(static_cast<size_t>(batch * gu_np));
+  std::vector<float> act(static_cast<size_t>(batch * s.inter));
+  const DecodeCtx ctx{block_tables, max_blocks, lens, hq, s.hk, dim, s.block_size, s.scale};
+  const int64_t max_len = *std::max_element(lens, lens + batch);
+  QuantizedActs qa;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> scores(static_cast<size_t>(max_len));
+    for (int64_t l = 0; l < num_layers; ++l) {
+      const LayerW& L = layers[l];
+#pragma omp single
+      {
+        for (int64_t b = 0; b < batch; ++b)
+          rms_norm_row(x + b * h, nullptr, L.in_norm, h, s.eps, normed.data() + b * h);
+        qa.quantize(normed.data(), batch, h, h);
+      }
+      gemm_tiles(L.qkv, qa, batch, qkv.data());
+#pragma omp barrier
+#pragma omp single
+      for (int64_t b = 0; b < batch; ++b)
+        rope_store_row(qkv.data() + b * qkv_np, cos_t + b * dim / 2, sin_t + b * dim / 2, hq,
+                       s.hk, dim, L.k_cache, L.v_cache, slots[b]);
+#pragma omp for schedule(dynamic) collapse(2)
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t hh = 0; hh < hq; ++hh)
+          attend_head(ctx, b, hh, qkv.data() + b * qkv_np + hh * dim, L.k_cache, L.v_cache,
+                      scores.data(), attn.data() + (b * hq + hh) * dim);
+#pragma omp single
+      qa.quantize(attn.data(), batch, hq * dim, hq * dim);
+      gemm_tiles(L.o, qa, batch, proj.data());
+#pragma omp barrier
+#pragma omp single
+      {
+        for (int64_t b = 0; b < batch; ++b)
+          rms_norm_row(x + b * h, proj.data() + b * o_np, L.post_norm, h, s.eps,
+                       normed.data() + b * h);
+        qa.quantize(normed.data(), batch, h, h);
+      }
+      gemm_tiles(L.gate_up, qa, batch, gu.data());
+#pragma omp barrier
+#pragma omp single
+      {
+        for (int64_t b = 0; b < batch; ++b)
+          silu_mul_row(gu.data() + b * gu_np, gu.data() + b * gu_np + s.inter, s.inter,
+                       act.data() + b * s.inter);
+        qa.quantize(act.data(), batch, s.inter, s.inter);
+      }
+      gemm_tiles(L.down, qa, batch, proj.data());
+#pragma omp barrier
+#pragma omp single
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t j = 0; j < h; ++j) x[b * h + j] += proj[static_cast<size_t>(b * down_np + j)];
+    }
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,247 @@
+// Building blocks of Ember's CPU kernels, shared by cpu_kernels.cpp (one op per call) and
+// decoder.cpp (whole decode steps). Formats and layouts: see cpu_kernels.cpp.
+#pragma once
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int kBlock = 32;
+constexpr int kTile = 16;
+constexpr int kChunk = 4;  // activation rows sharing one unpacked weight block
+
+// Activations (M, K) quantized once per call: qx (M, K) int8, dx (M, K/32) scales,
+// sx (M, K/32) = dx * sum(qx) (the Q4 min term), si (M, K/32) = 128 * sum(qx) (the Q8 offset).
+struct QuantizedActs {
+  int64_t nb = 0;
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  std::vector<int32_t> si;
+  QuantizedActs() = default;
+  QuantizedActs(const float* x, int64_t mrows, int64_t k) { quantize(x, mrows, k, k); }
+  // x rows are `stride` floats apart.
+  void quantize(const float* x, int64_t mrows, int64_t k, int64_t stride) {
+    nb = k / kBlock;
+    q.resize(static_cast<size_t>(mrows * k));
+    d.resize(static_cast<size_t>(mrows * nb));
+    s.resize(static_cast<size_t>(mrows * nb));
+    si.resize(static_cast<size_t>(mrows * nb));
+    for (int64_t b = 0; b < mrows * nb; ++b) {
+      const float* xb = x + (b / nb) * stride + (b % nb) * kBlock;
+      const __m512 a0 = _mm512_loadu_ps(xb), a1 = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+      const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(a0, _mm512_set1_ps(id)));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(a1, _mm512_set1_ps(id)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[static_cast<size_t>(b * kBlock)]),
+                       _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(&q[static_cast<size_t>(b * kBlock + 16)]),
+                       _mm512_cvtsepi32_epi8(q1));
+      const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      d[static_cast<size_t>(b)] = amax / 127.0f;
+      s[static_cast<size_t>(b)] = amax / 127.0f * static_cast<float>(sum);
+      si[static_cast<size_t>(b)] = 128 * sum;
+    }
+  }
+  const int8_t* qrow(int64_t i) const { return q.data() + i * nb * kBlock; }
+};
+
+inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// One 16-row tile of Q4 weights against `count` (<= kChunk) activation rows starting at m0.
+template <int C>
+inline void q4_tile(const uint8_t* w, const float* d, const float* mn, const QuantizedActs& a,
+                    int64_t m0, float* y, int64_t n) {
+  __m512 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wb = w + b * 256;
+    __m512i wv[8];
+    for (int c = 0; c < 4; ++c) {
+      const __m512i raw = _mm512_loadu_si512(wb + c * 64);
+      wv[c] = _mm512_and_si512(raw, mask);
+      wv[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+    }
+    const __m512 dw = _mm512_loadu_ps(d + b * kTile), mw = _mm512_loadu_ps(mn + b * kTile);
+    for (int c = 0; c < C; ++c) {
+      const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
+      __m512i dot = _mm512_setzero_si512();
+      for (int j = 0; j < 8; ++j) dot = _mm512_dpbusd_epi32(dot, wv[j], bcast4(xq + 4 * j));
+      const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
+      acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                               _mm512_mul_ps(dw, _mm512_set1_ps(a.d[ab])), acc[c]);
+      acc[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[ab]), acc[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + (m0 + c) * n, acc[c]);
+}
+
+template <int C>
+inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, int64_t m0,
+                    float* y, int64_t n) {
+  __m512 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wb = w + b * 512;
+    __m512i wv[8];
+    for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(wb + j * 64);
+    const __m512 dw = _mm512_loadu_ps(d + b * kTile);
+    for (int c = 0; c < C; ++c) {
+      const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
+      const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
+      __m512i dot = _mm512_set1_epi32(-a.si[ab]);
+      for (int j = 0; j < 8; ++j) dot = _mm512_dpbusd_epi32(dot, wv[j], bcast4(xq + 4 * j));
+      acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                               _mm512_mul_ps(dw, _mm512_set1_ps(a.d[ab])), acc[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + (m0 + c) * n, acc[c]);
+}
+
+
+// A weight matrix in one of the kernel formats.
+struct LinearW {
+  int64_t fmt;  // 4 = Q4, 8 = Q8
+  int64_t n, k;  // logical shape (out, in); outputs are padded to np = n rounded up to 16
+  const uint8_t* w;
+  const float* d;
+  const float* m;  // Q4 mins (unused for Q8)
+};
+
+inline int64_t padded(int64_t n) { return (n + kTile - 1) / kTile * kTile; }
+
+// y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region
+// (every thread of the team must call it) or wrap with `omp parallel`.
+inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y) {
+  const int64_t np = padded(lw.n), tiles = np / kTile, nb = a.nb;
+#pragma omp for schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) {
+    float* yt = y + t * kTile;
+    int64_t m0 = 0;
+    if (lw.fmt == 4) {
+      const uint8_t* w = lw.w + t * nb * 256;
+      const float *dt = lw.d + t * nb * kTile, *mt = lw.m + t * nb * kTile;
+      for (; m0 + kChunk <= mrows; m0 += kChunk) q4_tile<kChunk>(w, dt, mt, a, m0, yt, np);
+      switch (mrows - m0) {
+        case 3: q4_tile<3>(w, dt, mt, a, m0, yt, np); break;
+        case 2: q4_tile<2>(w, dt, mt, a, m0, yt, np); break;
+        case 1: q4_tile<1>(w, dt, mt, a, m0, yt, np); break;
+        default: break;
+      }
+    } else {
+      const uint8_t* w = lw.w + t * nb * 512;
+      const float* dt = lw.d + t * nb * kTile;
+      for (; m0 + kChunk <= mrows; m0 += kChunk) q8_tile<kChunk>(w, dt, a, m0, yt, np);
+      switch (mrows - m0) {
+        case 3: q8_tile<3>(w, dt, a, m0, yt, np); break;
+        case 2: q8_tile<2>(w, dt, a, m0, yt, np); break;
+        case 1: q8_tile<1>(w, dt, a, m0, yt, np); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// out row = x row * rsqrt(mean(x^2) + eps) * w for one row of h floats; with `residual`,
+// x += residual first (in place).
+inline void rms_norm_row(float* x, const float* residual, const float* w, int64_t h, float eps,
+                         float* out) {
+  __m512 ss = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= h; j += 16) {
+    __m512 v = _mm512_loadu_ps(x + j);
+    if (residual) {
+      v = _mm512_add_ps(v, _mm512_loadu_ps(residual + j));
+      _mm512_storeu_ps(x + j, v);
+    }
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  float s = _mm512_reduce_add_ps(ss);
+  for (; j < h; ++j) {
+    if (residual) x[j] += residual[j];
+    s += x[j] * x[j];
+  }
+  const float inv = 1.0f / sqrtf(s / static_cast<float>(h) + eps);
+  for (j = 0; j < h; ++j) out[j] = x[j] * inv * w[j];
+}
+
+inline void silu_mul_row(const float* g, const float* u, int64_t inter, float* out) {
+  for (int64_t j = 0; j < inter; ++j) out[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+}
+
+// Rotate-half RoPE in place on the Hq + Hk leading heads of one qkv row, then copy its k and v
+// heads into the caches at `slot`.
+inline void rope_store_row(float* r, const float* c, const float* s, int64_t hq, int64_t hk,
+                           int64_t dim, float* k_cache, float* v_cache, int64_t slot) {
+  const int64_t half = dim / 2, kv_row = hk * dim;
+  for (int64_t h = 0; h < hq + hk; ++h) {
+    float* x = r + h * dim;
+    for (int64_t j = 0; j < half; ++j) {
+      const float a = x[j], b = x[j + half];
+      x[j] = a * c[j] - b * s[j];
+      x[j + half] = b * c[j] + a * s[j];
+    }
+  }
+  memcpy(k_cache + slot * kv_row, r + hq * dim, static_cast<size_t>(kv_row) * sizeof(float));
+  memcpy(v_cache + slot * kv_row, r + (hq + hk) * dim, static_cast<size_t>(kv_row) * sizeof(float));
+}
+
+// Paged-cache geometry of one decode step.
+struct DecodeCtx {
+  const int64_t* block_tables;  // (B, max_blocks)
+  int64_t max_blocks;
+  const int64_t* lens;  // (B,)
+  int64_t hq, hk, dim, block_size;
+  float scale;
+};
+
+// Attention of query head h of request b (q: D floats) over its context; `scores` is scratch
+// of at least lens[b] floats. out: D floats. Softmax in float32.
+inline void attend_head(const DecodeCtx& c, int64_t b, int64_t h, const float* q,
+                        const float* k_cache, const float* v_cache, float* scores, float* out) {
+  const int64_t len = c.lens[b], kvh = h / (c.hq / c.hk), dim = c.dim, bs = c.block_size;
+  const int64_t* table = c.block_tables + b * c.max_blocks;
+  float mx = -INFINITY;
+  for (int64_t p = 0; p < len; ++p) {
+    const float* kv = k_cache + ((table[p / bs] * bs + p % bs) * c.hk + kvh) * dim;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= dim; j += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), _mm512_loadu_ps(kv + j), acc);
+    float s = _mm512_reduce_add_ps(acc);
+    for (; j < dim; ++j) s += q[j] * kv[j];
+    s *= c.scale;
+    scores[p] = s;
+    mx = std::max(mx, s);
+  }
+  float denom = 0.0f;
+  for (int64_t p = 0; p < len; ++p) {
+    scores[p] = expf(scores[p] - mx);
+    denom += scores[p];
+  }
+  for (int64_t j = 0; j < dim; ++j) out[j] = 0.0f;
+  for (int64_t p = 0; p < len; ++p) {
+    const float* vv = v_cache + ((table[p / bs] * bs + p % bs) * c.hk + kvh) * dim;
+    const float w = scores[p];
+    int64_t j = 0;
+    for (; j + 16 <= dim; j += 16)
+      _mm512_storeu_ps(out + j, _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(vv + j),
+                                                _mm512_loadu_ps(out + j)));
+    for (; j < dim; ++j) out[j] += w * vv[j];
+  }
+  const float inv = 1.0f / denom;
+  for (int64_t j = 0; j < dim; ++j) out[j] *= inv;
+}
+
+}  // namespace

@@ -1,0 +1,172 @@
+"""Tensor-level wrappers around the compiled CPU kernels (see cpu_kernels.cpp for layouts).
+
+`CpuKernels` is created once per engine (by the runtime format step) and handed to the layers
+that use it; every method takes contiguous float32 CPU tensors and allocates its output.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import c_float, c_int, c_int64, c_void_p
+
+import torch
+
+from ember.kernels.build import load_library
+
+BLOCK = 32
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+TILE = 16
+
+
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    """Pad dim 0 to a multiple of TILE with zeros."""
+    extra = -t.shape[0] % TILE
+    return t if extra == 0 else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+
+
+def _tile_scales(s: torch.Tensor) -> torch.Tensor:
+    """(N, K/32) per-row block scales -> (N/16, K/32, 16): lane l of tile t is row 16 t + l."""
+    s = _pad_rows(s.float())
+    return s.view(-1, TILE, s.shape[1]).transpose(1, 2).contiguous()
+
+
+def _interleave(q: torch.Tensor, vectors: int) -> torch.Tensor:
+    """(Np, K) bytes -> (Np/16, K/32, vectors, 16 rows, 32/vectors) in row-interleaved order."""
+    n, k = q.shape
+    per = BLOCK // vectors  # bytes of one row inside one 64-byte vector: 4
+    return (q.view(n // TILE, TILE, k // BLOCK, vectors, per)
+            .permute(0, 2, 3, 1, 4).contiguous())  # (tiles, blocks, vectors, 16, 4)
+
+
+def pack_q4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-32 4-bit weights w = (q - 8) * scale + zero (q (N, K) uint8 in [0, 15]) into the
+    kernel layout of cpu_kernels.cpp: packed (Np/16, K/32, 4, 64) uint8 and d, m
+    (Np/16, K/32, 16) float32 with w = q * d + m. N is padded to a multiple of 16 rows."""
+    n, k = q.shape
+    if k % BLOCK or scale.shape[1] * BLOCK != k:
+        raise ValueError(f"Q4 kernels need group size {BLOCK} and K % {BLOCK} == 0")
+    v = _interleave(_pad_rows(q.to(torch.uint8)), 8)  # (tiles, blocks, 8, 16, 4)
+    packed = (v[:, :, :4] | (v[:, :, 4:] << 4)).reshape(-1, k // BLOCK, 4, 64).contiguous()
+    return packed, _tile_scales(scale), _tile_scales(zero - 8 * scale)
+
+
+def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit, group 32, of a dense (N, K) weight into the kernel layout: q + 128
+    (Np/16, K/32, 8, 64) uint8 and d (Np/16, K/32, 16) float32."""
+    n, k = w.shape
+    if k % BLOCK:
+        raise ValueError(f"Q8 kernels need K % {BLOCK} == 0, got {k}")
+    wg = w.float().view(n, k // BLOCK, BLOCK)  # (N, groups, 32)
+    d = wg.abs().amax(-1) / 127  # (N, groups)
+    q = torch.round(wg / d.clamp_min(1e-30).unsqueeze(-1)).clamp(-127, 127)
+    return pack_q8(q.to(torch.int8).view(n, k), d)
+
+
+def pack_q8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-32 8-bit weights w = q * d (q (N, K) int8, d (N, K/32)) into the kernel layout
+    (exact: GGUF Q8_0 blocks convert without rounding)."""
+    n, k = q.shape
+    u = (q.to(torch.int16) + 128).to(torch.uint8)
+    packed = _interleave(_pad_rows(u), 8).reshape(-1, k // BLOCK, 8, 64).contiguous()
+    return packed, _tile_scales(d.reshape(n, k // BLOCK))
+
+
+class CpuKernels:
+    """The compiled kernel library plus the thread count every call uses."""
+
+    def __init__(self, lib: ctypes.CDLL, num_threads: int) -> None:
+        self.lib = lib
+        self.num_threads = num_threads
+        i64, f32, ptr, i32 = c_int64, c_float, c_void_p, c_int
+        sigs = {
+            "q4_gemm": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32],
+            "q8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
+            "q8_rows": [ptr, ptr, i64, ptr, i64, ptr],
+            "rms_norm": [ptr, ptr, ptr, i64, i64, f32, ptr],
+            "silu_mul": [ptr, i64, i64, ptr],
+            "rope_store_qkv": [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr],
+            "paged_decode_attention": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64,
+                                       i64, f32, ptr, i32],
+        }
+        for name, args in sigs.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, None
+
+    @classmethod
+    def load(cls, cache_dir: str | None, num_threads: int) -> "CpuKernels | None":
+        lib = load_library(cache_dir)
+        return None if lib is None else cls(lib, num_threads)
+
+    # ---- linear -------------------------------------------------------------------------
+
+    def q4_gemm(self, x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                ) -> torch.Tensor:
+        """x (M, K) float32 -> (M, Np) with Np = 16 * packed.shape[0]."""
+        mrows, k = x.shape
+        y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
+        self.lib.q4_gemm(_ptr(x), mrows, k, _ptr(packed), _ptr(d), _ptr(m), y.shape[1], _ptr(y),
+                         self.num_threads)
+        return y
+
+    def q8_gemm(self, x: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """x (M, K) float32 -> (M, Np)."""
+        mrows, k = x.shape
+        y = torch.empty(mrows, q.shape[0] * TILE, dtype=torch.float32)
+        self.lib.q8_gemm(_ptr(x), mrows, k, _ptr(q), _ptr(d), y.shape[1], _ptr(y),
+                         self.num_threads)
+        return y
+
+    def q8_rows(self, q: torch.Tensor, d: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (T,) int64 of Q8 weights as float32 (T, K) (embedding lookup)."""
+        k = q.shape[1] * BLOCK
+        out = torch.empty(ids.shape[0], k, dtype=torch.float32)
+        self.lib.q8_rows(_ptr(q), _ptr(d), k, _ptr(ids), ids.shape[0], _ptr(out))
+        return out
+
+    # ---- elementwise ----------------------------------------------------------------------
+
+    def rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, w: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+        """Normalised rows of x (T, H); with `residual`, x += residual first, in place."""
+        t, h = x.shape
+        out = torch.empty_like(x)
+        self.lib.rms_norm(_ptr(x), None if residual is None else _ptr(residual), _ptr(w), t, h,
+                          eps, _ptr(out))
+        return out
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        t, two_i = gu.shape
+        out = torch.empty(t, two_i // 2, dtype=torch.float32)
+        self.lib.silu_mul(_ptr(gu), t, two_i // 2, _ptr(out))
+        return out
+
+    # ---- attention ------------------------------------------------------------------------
+
+    def rope_store_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       num_heads: int, num_kv_heads: int, head_dim: int, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+        """Rotate the q and k heads of qkv (T, (Hq + 2 Hk) * D) in place (cos/sin (T, D/2));
+        write its k and v heads at `slots` of the caches."""
+        self.lib.rope_store_qkv(_ptr(qkv), _ptr(cos), _ptr(sin), qkv.shape[0], num_heads,
+                                num_kv_heads, head_dim, _ptr(k_cache), _ptr(v_cache),
+                                _ptr(slots))
+
+    def paged_decode_attention(self, qkv: torch.Tensor, num_heads: int, head_dim: int,
+                               k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, lens: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+        """Queries = the q heads of the first B rows of qkv (rows of (Hq + 2 Hk) * D floats);
+        caches (blocks, block_size, Hk, D); block_tables (B, max_blocks). Returns (B, Hq * D)."""
+        b = block_tables.shape[0]
+        out = torch.empty(b, num_heads * head_dim, dtype=torch.float32)
+        self.lib.paged_decode_attention(
+            _ptr(qkv), qkv.stride(0), _ptr(k_cache), _ptr(v_cache), _ptr(block_tables),
+            block_tables.shape[1], _ptr(lens), b, num_heads, k_cache.shape[2], head_dim,
+            k_cache.shape[1], scale, _ptr(out), self.num_threads)
+        return out

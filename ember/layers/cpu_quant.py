@@ -1,0 +1,93 @@
+"""Weight formats run by Ember's own CPU kernels (ember.kernels): group-32 Q4 / Q8 blocks.
+
+- `Q4Linear`: 4-bit asymmetric weights (GGUF Q4_0 / Q4_1 convert exactly), any number of rows.
+- `Q8Linear`: 8-bit symmetric weights, group 32 (GGUF Q8_0 re-quantizes to the same values).
+- `Q8Embedding`: token lookup from a Q8 table, shared with a tied `Q8Linear` head.
+Activations are float32 at the boundary; the kernels quantize them to int8 per 32-element block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ember.kernels.ops import CpuKernels, pack_q4, pack_q8, quantize_q8
+from ember.layers.quant import Int4Weights
+
+
+class Q4Linear(nn.Module):
+    """y = x @ W^T with 4-bit group-32 weights in the kernels' row-interleaved layout."""
+
+    packed: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
+
+    def __init__(self, weights: Int4Weights, kernels: CpuKernels) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weights.q.shape
+        self.kernels = kernels
+        packed, d, m = pack_q4(weights.q, weights.scale, weights.zero)
+        self.register_buffer("packed", packed)
+        self.register_buffer("d", d)
+        self.register_buffer("m", m)
+
+    @property
+    def format(self) -> str:
+        return "q4-g32"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float().contiguous()  # (M, in)
+        y = self.kernels.q4_gemm(x2, self.packed, self.d, self.m)  # (M, out padded to 16)
+        if y.shape[1] != self.out_features:
+            y = y[:, :self.out_features]
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+class Q8Linear(nn.Module):
+    """y = x @ W^T with 8-bit symmetric group-32 weights."""
+
+    q: torch.Tensor
+    d: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, kernels: CpuKernels,
+                 blocks: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """weight (out, in) dense; `blocks` = exact (q int8, d) group-32 blocks of it when the
+        source already has them (GGUF Q8_0), else the weight is quantized here."""
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.kernels = kernels
+        q, d = pack_q8(*blocks) if blocks is not None else quantize_q8(weight)
+        self.register_buffer("q", q)
+        self.register_buffer("d", d)
+
+    @property
+    def format(self) -> str:
+        return "q8-g32"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float().contiguous()  # (M, in)
+        y = self.kernels.q8_gemm(x2, self.q, self.d)  # (M, out padded to 16)
+        if y.shape[1] != self.out_features:
+            y = y[:, :self.out_features]
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+class Q8Embedding(nn.Module):
+    """Token embedding read from a Q8 table (rows dequantized on lookup)."""
+
+    def __init__(self, table: Q8Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.table = table
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+
+    @property
+    def format(self) -> str:
+        return "q8-g32"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        rows = self.table.kernels.q8_rows(self.table.q, self.table.d, flat)  # (T, hidden)
+        return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)

@@ -1,0 +1,69 @@
+"""The engine on Ember's CPU kernels (tiny random Llama): the fused decode step equals the
+module path, and the kernel path equals the PyTorch reference path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember import SamplingParams
+from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from ember.engine.engine import LLMEngine
+from ember.kernels.build import missing_cpu_features
+from ember.kernels.decoder import FusedDecoder
+from ember.kernels.ops import CpuKernels
+from tiny_llama import tiny_loaded
+
+pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
+                                reason=f"CPU lacks {missing_cpu_features()}")
+
+PROMPTS = [[5, 17, 99, 3], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42] * 23]
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory) -> CpuKernels:
+    k = CpuKernels.load(str(tmp_path_factory.mktemp("cache")), num_threads=2)
+    assert k is not None
+    return k
+
+
+def run(quantization: str | None, kernels: CpuKernels | None, fused: bool = True
+        ) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy tokens and their logprobs for PROMPTS, all in one batch (mixed steps + decodes)."""
+    config = EngineConfig(model=ModelConfig(model="tiny", quantization=quantization),
+                          cache=CacheConfig(block_size=4, num_blocks=64),
+                          scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16))
+    engine = LLMEngine(config, tiny_loaded(), kernels)
+    decoder = engine.core.runner.decoder
+    if kernels is not None and quantization is not None:
+        assert isinstance(decoder, FusedDecoder)
+    if not fused:
+        engine.core.runner.decoder = None
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    outs = [done[str(i)] for i in range(len(PROMPTS))]
+    return ([list(o.token_ids) for o in outs],
+            [[lp.logprob for lp in o.logprobs] for o in outs])  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_fused_decode_step_equals_module_path(kernels, quantization):
+    fused_tokens, fused_lp = run(quantization, kernels, fused=True)
+    module_tokens, module_lp = run(quantization, kernels, fused=False)
+    assert fused_tokens == module_tokens
+    torch.testing.assert_close(torch.tensor(fused_lp), torch.tensor(module_lp), atol=1e-4,
+                               rtol=1e-4)
+
+
+def test_kernel_path_equals_reference_path_in_fp32(kernels):
+    """Dense fp32 weights: kernels run the norms, RoPE, cache writes and attention."""
+    got_tokens, got_lp = run(None, kernels)
+    ref_tokens, ref_lp = run(None, None)
+    assert got_tokens == ref_tokens
+    torch.testing.assert_close(torch.tensor(got_lp), torch.tensor(ref_lp), atol=1e-4, rtol=1e-4)

@@ -1,0 +1,121 @@
+"""Ember's CPU kernels against PyTorch references (skipped where the CPU lacks AVX-512 VNNI)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.attention.backend import decode_attention, write_kv
+from ember.attention.metadata import AttentionMetadata
+from ember.kernels.build import missing_cpu_features
+from ember.kernels.ops import CpuKernels, pack_q4, quantize_q8
+from ember.layers.quant import Int4Weights
+from ember.layers.rope import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
+                                reason=f"CPU lacks {missing_cpu_features()}")
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory) -> CpuKernels:
+    k = CpuKernels.load(str(tmp_path_factory.mktemp("cache")), num_threads=2)
+    assert k is not None, "the kernels failed to compile"
+    return k
+
+
+def act_quantized(x: torch.Tensor) -> torch.Tensor:
+    """x with each 32-element block rounded the way the kernels quantize activations."""
+    xb = x.view(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    q = torch.round(xb * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))
+    return (q * (amax / 127.0)).view_as(x)
+
+
+@pytest.mark.parametrize("n, k", [(100, 96), (64, 576), (48, 1536)])
+@pytest.mark.parametrize("m", [1, 3, 5, 33])
+def test_q4_gemm_equals_dequantized_math(kernels, n, k, m):
+    gen = torch.Generator().manual_seed(n * k + m)
+    w4 = Int4Weights.quantize(torch.randn(n, k, generator=gen))
+    x = torch.randn(m, k, generator=gen)
+    packed, d, mins = pack_q4(w4.q, w4.scale, w4.zero)
+    got = kernels.q4_gemm(x, packed, d, mins)
+    assert got.shape == (m, (n + 15) // 16 * 16)
+    ref = act_quantized(x) @ w4.dequantize().t()
+    torch.testing.assert_close(got[:, :n], ref, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n, k, m", [(100, 96, 1), (272, 64, 7), (64, 576, 4)])
+def test_q8_gemm_and_rows_equal_dequantized_math(kernels, n, k, m):
+    gen = torch.Generator().manual_seed(n + k + m)
+    w = torch.randn(n, k, generator=gen)
+    q, d = quantize_q8(w)
+    wg = w.view(n, -1, 32)
+    scale = wg.abs().amax(-1, keepdim=True) / 127
+    deq = (torch.round(wg / scale).clamp(-127, 127) * scale).view(n, k)
+    x = torch.randn(m, k, generator=gen)
+    torch.testing.assert_close(kernels.q8_gemm(x, q, d)[:, :n], act_quantized(x) @ deq.t(),
+                               atol=1e-3, rtol=1e-4)
+    ids = torch.tensor([0, n - 1, 17, 17, 5])
+    torch.testing.assert_close(kernels.q8_rows(q, d, ids), deq[ids], atol=1e-6, rtol=1e-6)
+
+
+def test_rms_norm_and_silu_mul(kernels):
+    x, res, w = torch.randn(5, 96), torch.randn(5, 96), torch.rand(96) + 0.5
+    ref = (x + res) * torch.rsqrt((x + res).pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    x_in = x.clone()
+    got = kernels.rms_norm(x_in, res, w, 1e-5)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(x_in, x + res)  # the new residual stream, in place
+    gu = torch.randn(3, 64)
+    torch.testing.assert_close(kernels.silu_mul(gu), torch.nn.functional.silu(gu[:, :32]) * gu[:, 32:])
+
+
+def _paged_setup(gen: torch.Generator, lens: list[int], hk: int, dim: int, block_size: int = 4):
+    num_blocks = 1 + sum((n + block_size - 1) // block_size for n in lens)
+    k_cache = torch.randn(num_blocks, block_size, hk, dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, hk, dim, generator=gen)
+    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # scattered blocks
+    tables, at = [], 0
+    for n in lens:
+        used = (n + block_size - 1) // block_size
+        tables.append(perm[at:at + used])
+        at += used
+    return k_cache, v_cache, tables
+
+
+def test_paged_decode_attention_matches_reference(kernels):
+    gen = torch.Generator().manual_seed(0)
+    hq, hk, dim, bs, lens = 6, 2, 32, 4, [1, 7, 13]
+    k_cache, v_cache, tables = _paged_setup(gen, lens, hk, dim, bs)
+    q = torch.randn(len(lens), hq, dim, generator=gen)
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    slots = torch.stack([torch.cat([torch.arange(bs) + b * bs for b in row]) for row in block_tables])
+    mask = torch.where(torch.arange(width * bs)[None, :] < torch.tensor(lens)[:, None], 0.0,
+                       float("-inf")).view(len(lens), 1, 1, -1)
+    meta = AttentionMetadata(num_tokens=len(lens), slot_mapping=torch.zeros(0), num_decodes=3,
+                             decode_kv_slots=slots, decode_kv_mask=mask, prefills=[])
+    ref = decode_attention(q, k_cache, v_cache, meta, dim ** -0.5)
+    qkv = torch.cat([q.reshape(len(lens), -1), torch.zeros(len(lens), 2 * hk * dim)], dim=1)
+    got = kernels.paged_decode_attention(qkv, hq, dim, k_cache, v_cache, block_tables,
+                                         torch.tensor(lens), dim ** -0.5)
+    torch.testing.assert_close(got.view(len(lens), hq, dim), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_store_matches_reference(kernels):
+    gen = torch.Generator().manual_seed(1)
+    t, hq, hk, dim = 3, 4, 2, 16
+    rope = RotaryEmbedding(dim, 64, 10000.0)
+    positions = torch.tensor([0, 5, 63])
+    cos_sin = rope.cos_sin(positions)
+    qkv = torch.randn(t, (hq + 2 * hk) * dim, generator=gen)
+    q, k, v = qkv.split([hq * dim, hk * dim, hk * dim], dim=-1)
+    q_ref, k_ref = RotaryEmbedding.rotate(q.reshape(t, hq, dim), k.reshape(t, hk, dim), cos_sin)
+    caches = [torch.zeros(4, 4, hk, dim) for _ in range(4)]
+    slots = torch.tensor([1, 6, 13])
+    write_kv(k_ref, v.reshape(t, hk, dim), caches[0], caches[1], slots)
+    got = qkv.clone()
+    kernels.rope_store_qkv(got, cos_sin[0], cos_sin[1], hq, hk, dim, caches[2], caches[3], slots)
+    torch.testing.assert_close(got[:, :hq * dim].view(t, hq, dim), q_ref)
+    torch.testing.assert_close(caches[2], caches[0])
+    torch.testing.assert_close(caches[3], caches[1])
