@@ -188,8 +188,12 @@ def variant_label(method: str, s: dict[str, Any], summary: dict[str, Any]) -> st
                  f"heads {s['heads_keep']}" if s.get("heads_keep") else ""]
         return "structured " + " ".join(p for p in parts if p)
     if method == "distill":
-        mode = "next-token" if s.get("no_teacher") else "KD"
-        return f"distill {mode} {s.get('student_layers', '?')}L step {summary.get('step', '?')}"
+        layers = f"{s.get('student_layers', '?')}L"
+        if summary.get("step") == 0:
+            return f"distill {layers} untrained"
+        mode = ("next-token" if s.get("no_teacher") else
+                "KD" + (f"+{s['ce_weight']:g}CE" if s.get("ce_weight") else ""))
+        return f"distill {mode} {layers} step {summary.get('step', '?')}"
     return method
 
 

@@ -15,7 +15,25 @@ from ember.kernels.ops import CpuKernels, pack_q4, pack_q8, quantize_q8
 from ember.layers.quant import Int4Weights
 
 
-class Q4Linear(nn.Module):
+class _KernelLinear(nn.Module):
+    """Shared shape handling: float32 (M, in) rows in, (M, out) rows back in x's dtype."""
+
+    out_features: int
+    in_features: int
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, in) float32 contiguous -> (M, out padded to 16) float32."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._matmul(x.reshape(-1, self.in_features).float().contiguous())
+        if y.shape[1] != self.out_features:
+            y = y[:, :self.out_features]
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+class Q4Linear(_KernelLinear):
     """y = x @ W^T with 4-bit group-32 weights in the kernels' row-interleaved layout."""
 
     packed: torch.Tensor
@@ -35,16 +53,11 @@ class Q4Linear(nn.Module):
     def format(self) -> str:
         return "q4-g32"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float().contiguous()  # (M, in)
-        y = self.kernels.q4_gemm(x2, self.packed, self.d, self.m)  # (M, out padded to 16)
-        if y.shape[1] != self.out_features:
-            y = y[:, :self.out_features]
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.kernels.q4_gemm(x2, self.packed, self.d, self.m)
 
 
-class Q8Linear(nn.Module):
+class Q8Linear(_KernelLinear):
     """y = x @ W^T with 8-bit symmetric group-32 weights."""
 
     q: torch.Tensor
@@ -65,13 +78,8 @@ class Q8Linear(nn.Module):
     def format(self) -> str:
         return "q8-g32"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float().contiguous()  # (M, in)
-        y = self.kernels.q8_gemm(x2, self.q, self.d)  # (M, out padded to 16)
-        if y.shape[1] != self.out_features:
-            y = y[:, :self.out_features]
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.kernels.q8_gemm(x2, self.q, self.d)
 
 
 class Q8Embedding(nn.Module):

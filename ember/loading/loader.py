@@ -14,6 +14,7 @@ from ember.config import EnvSettings, ModelConfig
 from ember.loading.errors import ModelLoadError
 from ember.loading.gguf import GGUFFile, read_gguf
 from ember.loading.sources import ModelSource, resolve_model
+from ember.layers.linear import Linear
 from ember.loading.weights import load_strict
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM
@@ -58,7 +59,7 @@ def load_model(config: ModelConfig, env: EnvSettings,
     dtype = (torch.bfloat16 if config.dtype == "bfloat16" or (quantized and not use_kernels)
              else torch.float32)
     if gf is not None:
-        loaded = _load_gguf(source, gf, dtype, progress)
+        loaded = _load_gguf(source, gf, dtype, progress, defer_q4=quantization == "int4")
     elif source.kind == "ember":
         loaded = _load_ember(source, dtype, progress)
     else:
@@ -98,13 +99,16 @@ def _build(arch: ArchConfig, dtype: torch.dtype, source: str) -> CausalLM:
 
 
 def _load_gguf(source: ModelSource, gf: GGUFFile, dtype: torch.dtype,
-               progress: ProgressFn | None) -> LoadedModel:
+               progress: ProgressFn | None, defer_q4: bool = False) -> LoadedModel:
+    """defer_q4: leave Linear weights stored as Q4_0/Q4_1 unset (their shapes are checked):
+    the int4 runtime format converts them from the file's blocks, never from dense values."""
     where = str(source.path)
     arch = ArchConfig.from_gguf_metadata(gf.metadata, where)
     if "output.weight" in gf.tensors:
         arch = dataclasses.replace(arch, tie_word_embeddings=False)
     model = _build(arch, dtype, where)
     map_name = model.map_gguf_name
+    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear)}
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         total = len(gf.tensors)
@@ -114,6 +118,10 @@ def _load_gguf(source: ModelSource, gf: GGUFFile, dtype: torch.dtype,
                 yield name, torch.empty(0)  # reported as unexpected by load_strict
                 continue
             param_name, transform = mapped
+            if defer_q4 and tensor.type_name in ("Q4_0", "Q4_1") \
+                    and param_name in linear_weights:
+                yield param_name, torch.empty(tensor.shape, device="meta")
+                continue
             value = tensor.dequantize(torch.float32)
             if transform is not None:
                 value = transform(value)

@@ -15,7 +15,9 @@ def load_strict(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], s
     """Copy named tensors into the model's parameters.
 
     Raises ModelLoadError (one line, naming `source`) on an unexpected name, a shape
-    mismatch, a duplicate, or any parameter left unfilled.
+    mismatch, a duplicate, or any parameter left unfilled. A tensor on the meta device counts
+    as filled after its shape check but copies nothing (a weight a runtime format will
+    replace from the file's own blocks).
     """
     params = dict(model.named_parameters())  # tied parameters appear once
     ignore = ignore or set()
@@ -32,8 +34,9 @@ def load_strict(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], s
         if tuple(tensor.shape) != tuple(param.shape):
             raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor)
+        if not tensor.is_meta:
+            with torch.no_grad():
+                param.copy_(tensor)
         filled.add(name)
     if unexpected:
         raise ModelLoadError(f"{source}: unexpected tensors: {_names(unexpected)}")
