@@ -91,12 +91,12 @@ void paged_decode_attention(const float* q, int64_t q_stride, const float* k_cac
   const int64_t max_len = *std::max_element(lens, lens + batch);
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> scores(static_cast<size_t>(max_len));
+    std::vector<float> scores(static_cast<size_t>(max_len * (hq / hk)));
 #pragma omp for schedule(dynamic) collapse(2)
     for (int64_t b = 0; b < batch; ++b)
-      for (int64_t h = 0; h < hq; ++h)
-        attend_head(c, b, h, q + b * q_stride + h * dim, k_cache, v_cache, scores.data(),
-                    out + (b * hq + h) * dim);
+      for (int64_t g = 0; g < hk; ++g)
+        attend_kv_group(c, b, g, q + b * q_stride, k_cache, v_cache, scores.data(),
+                        out + b * hq * dim);
   }
 }
 

@@ -46,7 +46,7 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
   QuantizedActs qa;
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> scores(static_cast<size_t>(max_len));
+    std::vector<float> scores(static_cast<size_t>(max_len * (hq / s.hk)));
     for (int64_t l = 0; l < num_layers; ++l) {
       const LayerW& L = layers[l];
 #pragma omp single
@@ -63,9 +63,9 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
                        s.hk, dim, L.k_cache, L.v_cache, slots[b]);
 #pragma omp for schedule(dynamic) collapse(2)
       for (int64_t b = 0; b < batch; ++b)
-        for (int64_t hh = 0; hh < hq; ++hh)
-          attend_head(ctx, b, hh, qkv.data() + b * qkv_np + hh * dim, L.k_cache, L.v_cache,
-                      scores.data(), attn.data() + (b * hq + hh) * dim);
+        for (int64_t g = 0; g < s.hk; ++g)
+          attend_kv_group(ctx, b, g, qkv.data() + b * qkv_np, L.k_cache, L.v_cache,
+                          scores.data(), attn.data() + b * hq * dim);
 #pragma omp single
       qa.quantize(attn.data(), batch, hq * dim, hq * dim);
       gemm_tiles(L.o, qa, batch, proj.data());
@@ -79,13 +79,12 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
       }
       gemm_tiles(L.gate_up, qa, batch, gu.data());
 #pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < batch; ++b)
+        silu_mul_row(gu.data() + b * gu_np, gu.data() + b * gu_np + s.inter, s.inter,
+                     act.data() + b * s.inter);
 #pragma omp single
-      {
-        for (int64_t b = 0; b < batch; ++b)
-          silu_mul_row(gu.data() + b * gu_np, gu.data() + b * gu_np + s.inter, s.inter,
-                       act.data() + b * s.inter);
-        qa.quantize(act.data(), batch, s.inter, s.inter);
-      }
+      qa.quantize(act.data(), batch, s.inter, s.inter);
       gemm_tiles(L.down, qa, batch, proj.data());
 #pragma omp barrier
 #pragma omp single

@@ -14,7 +14,7 @@ namespace {
 
 constexpr int kBlock = 32;
 constexpr int kTile = 16;
-constexpr int kChunk = 4;  // activation rows sharing one unpacked weight block
+constexpr int kChunk = 8;  // activation rows sharing one unpacked weight block
 
 // Activations (M, K) quantized once per call: qx (M, K) int8, dx (M, K/32) scales,
 // sx (M, K/32) = dx * sum(qx) (the Q4 min term), si (M, K/32) = 128 * sum(qx) (the Q8 offset).
@@ -58,6 +58,17 @@ inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// init + sum over the 8 vectors of one block (lane = weight row): two independent VNNI chains
+// (the instruction's latency is several cycles; integer sums are exact in any order).
+inline __m512i dot8(const __m512i* wv, const int8_t* xq, __m512i init) {
+  __m512i d0 = init, d1 = _mm512_setzero_si512();
+  for (int j = 0; j < 8; j += 2) {
+    d0 = _mm512_dpbusd_epi32(d0, wv[j], bcast4(xq + 4 * j));
+    d1 = _mm512_dpbusd_epi32(d1, wv[j + 1], bcast4(xq + 4 * j + 4));
+  }
+  return _mm512_add_epi32(d0, d1);
+}
+
 // One 16-row tile of Q4 weights against `count` (<= kChunk) activation rows starting at m0.
 template <int C>
 inline void q4_tile(const uint8_t* w, const float* d, const float* mn, const QuantizedActs& a,
@@ -76,8 +87,7 @@ inline void q4_tile(const uint8_t* w, const float* d, const float* mn, const Qua
     const __m512 dw = _mm512_loadu_ps(d + b * kTile), mw = _mm512_loadu_ps(mn + b * kTile);
     for (int c = 0; c < C; ++c) {
       const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
-      __m512i dot = _mm512_setzero_si512();
-      for (int j = 0; j < 8; ++j) dot = _mm512_dpbusd_epi32(dot, wv[j], bcast4(xq + 4 * j));
+      const __m512i dot = dot8(wv, xq, _mm512_setzero_si512());
       const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
       acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
                                _mm512_mul_ps(dw, _mm512_set1_ps(a.d[ab])), acc[c]);
@@ -100,8 +110,7 @@ inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, in
     for (int c = 0; c < C; ++c) {
       const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
       const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
-      __m512i dot = _mm512_set1_epi32(-a.si[ab]);
-      for (int j = 0; j < 8; ++j) dot = _mm512_dpbusd_epi32(dot, wv[j], bcast4(xq + 4 * j));
+      const __m512i dot = dot8(wv, xq, _mm512_set1_epi32(-a.si[ab]));
       acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
                                _mm512_mul_ps(dw, _mm512_set1_ps(a.d[ab])), acc[c]);
     }
@@ -134,6 +143,10 @@ inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows,
       const float *dt = lw.d + t * nb * kTile, *mt = lw.m + t * nb * kTile;
       for (; m0 + kChunk <= mrows; m0 += kChunk) q4_tile<kChunk>(w, dt, mt, a, m0, yt, np);
       switch (mrows - m0) {
+        case 7: q4_tile<7>(w, dt, mt, a, m0, yt, np); break;
+        case 6: q4_tile<6>(w, dt, mt, a, m0, yt, np); break;
+        case 5: q4_tile<5>(w, dt, mt, a, m0, yt, np); break;
+        case 4: q4_tile<4>(w, dt, mt, a, m0, yt, np); break;
         case 3: q4_tile<3>(w, dt, mt, a, m0, yt, np); break;
         case 2: q4_tile<2>(w, dt, mt, a, m0, yt, np); break;
         case 1: q4_tile<1>(w, dt, mt, a, m0, yt, np); break;
@@ -144,6 +157,10 @@ inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows,
       const float* dt = lw.d + t * nb * kTile;
       for (; m0 + kChunk <= mrows; m0 += kChunk) q8_tile<kChunk>(w, dt, a, m0, yt, np);
       switch (mrows - m0) {
+        case 7: q8_tile<7>(w, dt, a, m0, yt, np); break;
+        case 6: q8_tile<6>(w, dt, a, m0, yt, np); break;
+        case 5: q8_tile<5>(w, dt, a, m0, yt, np); break;
+        case 4: q8_tile<4>(w, dt, a, m0, yt, np); break;
         case 3: q8_tile<3>(w, dt, a, m0, yt, np); break;
         case 2: q8_tile<2>(w, dt, a, m0, yt, np); break;
         case 1: q8_tile<1>(w, dt, a, m0, yt, np); break;
@@ -176,8 +193,32 @@ inline void rms_norm_row(float* x, const float* residual, const float* w, int64_
   for (j = 0; j < h; ++j) out[j] = x[j] * inv * w[j];
 }
 
+// exp(x) for 16 floats: 2^(x log2 e) = 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f by
+// a degree-6 polynomial (relative error ~2e-7); inputs clamped to avoid inf/denormal edges.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
 inline void silu_mul_row(const float* g, const float* u, int64_t inter, float* out) {
-  for (int64_t j = 0; j < inter; ++j) out[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+  int64_t j = 0;
+  for (; j + 16 <= inter; j += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + j);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    _mm512_storeu_ps(out + j, _mm512_mul_ps(s, _mm512_loadu_ps(u + j)));
+  }
+  for (; j < inter; ++j) out[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
 }
 
 // Rotate-half RoPE in place on the Hq + Hk leading heads of one qkv row, then copy its k and v
@@ -226,7 +267,15 @@ inline void attend_head(const DecodeCtx& c, int64_t b, int64_t h, const float* q
     mx = std::max(mx, s);
   }
   float denom = 0.0f;
-  for (int64_t p = 0; p < len; ++p) {
+  int64_t p = 0;
+  __m512 dsum = _mm512_setzero_ps();
+  for (; p + 16 <= len; p += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + p), _mm512_set1_ps(mx)));
+    _mm512_storeu_ps(scores + p, e);
+    dsum = _mm512_add_ps(dsum, e);
+  }
+  denom = _mm512_reduce_add_ps(dsum);
+  for (; p < len; ++p) {
     scores[p] = expf(scores[p] - mx);
     denom += scores[p];
   }
@@ -242,6 +291,122 @@ inline void attend_head(const DecodeCtx& c, int64_t b, int64_t h, const float* q
   }
   const float inv = 1.0f / denom;
   for (int64_t j = 0; j < dim; ++j) out[j] *= inv;
+}
+
+// [sum(v0), sum(v1), sum(v2), sum(v3)]: four horizontal sums sharing the shuffles.
+inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+  const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+  // per 128-bit lane: [v0, v1, v2, v3] partial sums
+  const __m512 c = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
+  const __m512 d = _mm512_add_ps(c, _mm512_shuffle_f32x4(c, c, 0x4E));
+  const __m512 e = _mm512_add_ps(d, _mm512_shuffle_f32x4(d, d, 0xB1));
+  return _mm512_castps512_ps128(e);
+}
+
+// Attention of the G query heads sharing kv head `kvh` (q: G rows of NV * 16 floats, q_stride
+// apart) of request b; scores: scratch of G * lens[b] floats; out: G rows, out_stride apart.
+// K and V rows are loaded once for the group; scores come four positions at a time.
+template <int G, int NV>
+inline void attend_group(const DecodeCtx& c, int64_t b, int64_t kvh, const float* q,
+                         int64_t q_stride, const float* k_cache, const float* v_cache,
+                         float* scores, float* out, int64_t out_stride) {
+  constexpr int64_t dim = NV * 16;
+  const int64_t len = c.lens[b], bs = c.block_size, hk = c.hk;
+  const int64_t* table = c.block_tables + b * c.max_blocks;
+  auto row = [&](const float* cache, int64_t p) {
+    return cache + ((table[p / bs] * bs + p % bs) * hk + kvh) * dim;
+  };
+  __m512 qv[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) qv[g][v] = _mm512_loadu_ps(q + g * q_stride + v * 16);
+  int64_t p = 0;
+  for (; p + 4 <= len; p += 4) {
+    const float* kr[4] = {row(k_cache, p), row(k_cache, p + 1), row(k_cache, p + 2),
+                          row(k_cache, p + 3)};
+    __m512 part[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < 4; ++i) part[g][i] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v)
+      for (int i = 0; i < 4; ++i) {
+        const __m512 kvec = _mm512_loadu_ps(kr[i] + v * 16);
+        for (int g = 0; g < G; ++g) part[g][i] = _mm512_fmadd_ps(qv[g][v], kvec, part[g][i]);
+      }
+    for (int g = 0; g < G; ++g)
+      _mm_storeu_ps(scores + g * len + p, _mm_mul_ps(reduce4(part[g][0], part[g][1], part[g][2],
+                                                            part[g][3]),
+                                                    _mm_set1_ps(c.scale)));
+  }
+  for (; p < len; ++p) {
+    const float* kr = row(k_cache, p);
+    for (int g = 0; g < G; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int v = 0; v < NV; ++v) acc = _mm512_fmadd_ps(qv[g][v], _mm512_loadu_ps(kr + v * 16), acc);
+      scores[g * len + p] = _mm512_reduce_add_ps(acc) * c.scale;
+    }
+  }
+  float inv[G];
+  for (int g = 0; g < G; ++g) {
+    float* sg = scores + g * len;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < len; ++i) mx = std::max(mx, sg[i]);
+    float denom = 0.0f;
+    int64_t i = 0;
+    __m512 dsum = _mm512_setzero_ps();
+    for (; i + 16 <= len; i += 16) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + i), _mm512_set1_ps(mx)));
+      _mm512_storeu_ps(sg + i, e);
+      dsum = _mm512_add_ps(dsum, e);
+    }
+    denom = _mm512_reduce_add_ps(dsum);
+    for (; i < len; ++i) {
+      sg[i] = expf(sg[i] - mx);
+      denom += sg[i];
+    }
+    inv[g] = 1.0f / denom;
+  }
+  __m512 acc[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; ++i) {
+    const float* vr = row(v_cache, i);
+    for (int v = 0; v < NV; ++v) {
+      const __m512 vvec = _mm512_loadu_ps(vr + v * 16);
+      for (int g = 0; g < G; ++g)
+        acc[g][v] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + i]), vvec, acc[g][v]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v)
+      _mm512_storeu_ps(out + g * out_stride + v * 16, _mm512_mul_ps(acc[g][v], _mm512_set1_ps(inv[g])));
+}
+
+// Attention of every query head of kv group `kvh` of request b: the grouped kernel for the
+// common shapes (head_dim 64 or 128, 1-4 query heads per kv head), else head by head.
+// q: the request's query heads (D floats each); scores: scratch of hq/hk * lens[b] floats.
+inline void attend_kv_group(const DecodeCtx& c, int64_t b, int64_t kvh, const float* q,
+                            const float* k_cache, const float* v_cache, float* scores,
+                            float* out) {
+  const int64_t group = c.hq / c.hk, h0 = kvh * group, d = c.dim;
+  const float* qg = q + h0 * d;
+  float* og = out + h0 * d;
+#define EMBER_ATTEND(G, NV) \
+  attend_group<G, NV>(c, b, kvh, qg, d, k_cache, v_cache, scores, og, d); return
+  if (d == 64) {
+    switch (group) {
+      case 1: EMBER_ATTEND(1, 4); case 2: EMBER_ATTEND(2, 4);
+      case 3: EMBER_ATTEND(3, 4); case 4: EMBER_ATTEND(4, 4);
+      default: break;
+    }
+  } else if (d == 128) {
+    switch (group) {
+      case 1: EMBER_ATTEND(1, 8); case 2: EMBER_ATTEND(2, 8);
+      default: break;
+    }
+  }
+#undef EMBER_ATTEND
+  for (int64_t h = h0; h < h0 + group; ++h)
+    attend_head(c, b, h, q + h * d, k_cache, v_cache, scores, out + h * d);
 }
 
 }  // namespace

@@ -83,9 +83,11 @@ def _paged_setup(gen: torch.Generator, lens: list[int], hk: int, dim: int, block
     return k_cache, v_cache, tables
 
 
-def test_paged_decode_attention_matches_reference(kernels):
-    gen = torch.Generator().manual_seed(0)
-    hq, hk, dim, bs, lens = 6, 2, 32, 4, [1, 7, 13]
+@pytest.mark.parametrize("hq, hk, dim", [(6, 2, 32), (9, 3, 64), (4, 2, 128), (8, 2, 64)])
+def test_paged_decode_attention_matches_reference(kernels, hq, hk, dim):
+    """Grouped kernel (head_dim 64/128, 1-4 heads per kv head) and the per-head fallback."""
+    gen = torch.Generator().manual_seed(dim + hq)
+    bs, lens = 4, [1, 7, 13, 16, 37]
     k_cache, v_cache, tables = _paged_setup(gen, lens, hk, dim, bs)
     q = torch.randn(len(lens), hq, dim, generator=gen)
     width = max(len(t) for t in tables)
@@ -93,7 +95,8 @@ def test_paged_decode_attention_matches_reference(kernels):
     slots = torch.stack([torch.cat([torch.arange(bs) + b * bs for b in row]) for row in block_tables])
     mask = torch.where(torch.arange(width * bs)[None, :] < torch.tensor(lens)[:, None], 0.0,
                        float("-inf")).view(len(lens), 1, 1, -1)
-    meta = AttentionMetadata(num_tokens=len(lens), slot_mapping=torch.zeros(0), num_decodes=3,
+    meta = AttentionMetadata(num_tokens=len(lens), slot_mapping=torch.zeros(0),
+                             num_decodes=len(lens),
                              decode_kv_slots=slots, decode_kv_mask=mask, prefills=[])
     ref = decode_attention(q, k_cache, v_cache, meta, dim ** -0.5)
     qkv = torch.cat([q.reshape(len(lens), -1), torch.zeros(len(lens), 2 * hk * dim)], dim=1)
