@@ -126,3 +126,21 @@ def test_int4_perplexity_within_one_percent_of_fp32(make_llm, llm, pride_text):
     ref = perplexity(llm, pride_text).perplexity
     got = perplexity(make_llm(quantization="int4"), pride_text).perplexity
     assert abs(got - ref) / ref < 0.01, (got, ref)
+
+
+def test_fused_decode_step_gives_the_module_path_tokens(make_llm):
+    """The whole-step decode kernel and the per-module path (the model file's math) agree
+    token for token on the real model, batched."""
+    from ember import LLM
+
+    fused = make_llm(quantization="int4")
+    if fused.engine.core.runner.decoder is None:
+        pytest.skip("Ember's CPU kernels are not available here")
+    modules = LLM(quantization="int4", show_progress=False)
+    modules.engine.core.runner.decoder = None
+    prompts = ["The capital of France is", "Once upon a time", "def add(a, b):",
+               "Water boils at"]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in fused.generate(prompts, params, use_tqdm=False)]
+    ref = [o.outputs[0].token_ids for o in modules.generate(prompts, params, use_tqdm=False)]
+    assert got == ref
