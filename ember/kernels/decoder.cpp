@@ -41,23 +41,26 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
   std::vector<float> proj(static_cast<size_t>(batch * std::max(o_np, down_np)));
   std::vector<float> gu(static_cast<size_t>(batch * gu_np));
   std::vector<float> act(static_cast<size_t>(batch * s.inter));
+  // Quantized inputs of the projections, one buffer per input width.
+  QuantizedActs qa_h(batch, h), qa_attn(batch, hq * dim), qa_act(batch, s.inter);
   const DecodeCtx ctx{block_tables, max_blocks, lens, hq, s.hk, dim, s.block_size, s.scale};
   const int64_t max_len = *std::max_element(lens, lens + batch);
-  QuantizedActs qa;
+  // NOTE: every stage is a worksharing loop (rows, tiles or heads) ending in the implicit
+  // barrier the next stage needs; one parallel region for the whole step.
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<float> scores(static_cast<size_t>(max_len * (hq / s.hk)));
     for (int64_t l = 0; l < num_layers; ++l) {
       const LayerW& L = layers[l];
-#pragma omp single
-      {
-        for (int64_t b = 0; b < batch; ++b)
-          rms_norm_row(x + b * h, nullptr, L.in_norm, h, s.eps, normed.data() + b * h);
-        qa.quantize(normed.data(), batch, h, h);
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < batch; ++b) {
+        if (l > 0)  // the previous layer's MLP output joins the residual stream
+          for (int64_t j = 0; j < h; ++j) x[b * h + j] += proj[static_cast<size_t>(b * down_np + j)];
+        rms_norm_row(x + b * h, nullptr, L.in_norm, h, s.eps, normed.data() + b * h);
+        qa_h.quantize_row(normed.data() + b * h, b);
       }
-      gemm_tiles(L.qkv, qa, batch, qkv.data());
-#pragma omp barrier
-#pragma omp single
+      gemm_tiles(L.qkv, qa_h, batch, qkv.data());
+#pragma omp for schedule(static)
       for (int64_t b = 0; b < batch; ++b)
         rope_store_row(qkv.data() + b * qkv_np, cos_t + b * dim / 2, sin_t + b * dim / 2, hq,
                        s.hk, dim, L.k_cache, L.v_cache, slots[b]);
@@ -66,31 +69,27 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
         for (int64_t g = 0; g < s.hk; ++g)
           attend_kv_group(ctx, b, g, qkv.data() + b * qkv_np, L.k_cache, L.v_cache,
                           scores.data(), attn.data() + b * hq * dim);
-#pragma omp single
-      qa.quantize(attn.data(), batch, hq * dim, hq * dim);
-      gemm_tiles(L.o, qa, batch, proj.data());
-#pragma omp barrier
-#pragma omp single
-      {
-        for (int64_t b = 0; b < batch; ++b)
-          rms_norm_row(x + b * h, proj.data() + b * o_np, L.post_norm, h, s.eps,
-                       normed.data() + b * h);
-        qa.quantize(normed.data(), batch, h, h);
-      }
-      gemm_tiles(L.gate_up, qa, batch, gu.data());
-#pragma omp barrier
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < batch; ++b)
+      for (int64_t b = 0; b < batch; ++b) qa_attn.quantize_row(attn.data() + b * hq * dim, b);
+      gemm_tiles(L.o, qa_attn, batch, proj.data());
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < batch; ++b) {
+        rms_norm_row(x + b * h, proj.data() + b * o_np, L.post_norm, h, s.eps,
+                     normed.data() + b * h);
+        qa_h.quantize_row(normed.data() + b * h, b);
+      }
+      gemm_tiles(L.gate_up, qa_h, batch, gu.data());
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < batch; ++b) {
         silu_mul_row(gu.data() + b * gu_np, gu.data() + b * gu_np + s.inter, s.inter,
                      act.data() + b * s.inter);
-#pragma omp single
-      qa.quantize(act.data(), batch, s.inter, s.inter);
-      gemm_tiles(L.down, qa, batch, proj.data());
-#pragma omp barrier
-#pragma omp single
-      for (int64_t b = 0; b < batch; ++b)
-        for (int64_t j = 0; j < h; ++j) x[b * h + j] += proj[static_cast<size_t>(b * down_np + j)];
+        qa_act.quantize_row(act.data() + b * s.inter, b);
+      }
+      gemm_tiles(L.down, qa_act, batch, proj.data());
     }
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t j = 0; j < h; ++j) x[b * h + j] += proj[static_cast<size_t>(b * down_np + j)];
   }
 }
 

@@ -23,17 +23,16 @@ struct QuantizedActs {
   std::vector<int8_t> q;
   std::vector<float> d, s;
   std::vector<int32_t> si;
-  QuantizedActs() = default;
-  QuantizedActs(const float* x, int64_t mrows, int64_t k) { quantize(x, mrows, k, k); }
-  // x rows are `stride` floats apart.
-  void quantize(const float* x, int64_t mrows, int64_t k, int64_t stride) {
-    nb = k / kBlock;
-    q.resize(static_cast<size_t>(mrows * k));
-    d.resize(static_cast<size_t>(mrows * nb));
-    s.resize(static_cast<size_t>(mrows * nb));
-    si.resize(static_cast<size_t>(mrows * nb));
-    for (int64_t b = 0; b < mrows * nb; ++b) {
-      const float* xb = x + (b / nb) * stride + (b % nb) * kBlock;
+  // Room for mrows rows of k values; fill with quantize_row (any thread, one row each).
+  QuantizedActs(int64_t mrows, int64_t k)
+      : nb(k / kBlock), q(static_cast<size_t>(mrows * k)), d(static_cast<size_t>(mrows * nb)),
+        s(static_cast<size_t>(mrows * nb)), si(static_cast<size_t>(mrows * nb)) {}
+  QuantizedActs(const float* x, int64_t mrows, int64_t k) : QuantizedActs(mrows, k) {
+    for (int64_t i = 0; i < mrows; ++i) quantize_row(x + i * k, i);
+  }
+  void quantize_row(const float* x, int64_t i) {
+    for (int64_t b = i * nb; b < (i + 1) * nb; ++b) {
+      const float* xb = x + (b - i * nb) * kBlock;
       const __m512 a0 = _mm512_loadu_ps(xb), a1 = _mm512_loadu_ps(xb + 16);
       const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
       const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
