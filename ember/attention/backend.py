@@ -4,8 +4,9 @@ Cache layout per layer: k_cache, v_cache of shape (num_blocks, block_size, H_kv,
 flat as (num_slots, H_kv, D) for slot-indexed reads and writes.
 
 Two implementations behind `qkv_attention`: Ember's CPU kernels (float32; RoPE + cache write
-fused, decode attention reading only the blocks in use) when `meta.kernels` is set, otherwise
-the PyTorch reference (grouped matmul for decode). Prefill chunks use SDPA's flash kernel in both.
+fused; every query row, decode or prefill, attends over the cache blocks it uses) when
+`meta.kernels` is set, otherwise the PyTorch reference (grouped matmul for decode, SDPA's flash
+kernel for prefill chunks).
 """
 
 from __future__ import annotations
@@ -45,25 +46,11 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim
     k_cache, v_cache = kv_cache
     kern.rope_store_qkv(qkv, rope[0], rope[1], num_heads, num_kv_heads, head_dim, k_cache,
                         v_cache, meta.slot_mapping)
-    nd = meta.num_decodes
-    if not meta.prefills:
-        assert meta.decode_block_tables is not None and meta.decode_lens is not None
-        return kern.paged_decode_attention(qkv, num_heads, head_dim, k_cache, v_cache,
-                                           meta.decode_block_tables, meta.decode_lens, scale)
-    out = torch.empty(t, num_heads * head_dim, dtype=qkv.dtype)
-    if nd:
-        assert meta.decode_block_tables is not None and meta.decode_lens is not None
-        out[:nd] = kern.paged_decode_attention(qkv, num_heads, head_dim, k_cache, v_cache,
-                                               meta.decode_block_tables, meta.decode_lens, scale)
-    q, k, v = qkv.split(sizes, dim=-1)
-    q = q.view(t, num_heads, head_dim)  # (T, Hq, D) strided view of qkv
-    k = k.view(t, num_kv_heads, head_dim)
-    v = v.view(t, num_kv_heads, head_dim)
-    for chunk in meta.prefills:
-        sl = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        res = _prefill_attention(q[sl], k[sl], v[sl], k_cache, v_cache, chunk, scale)
-        out[sl] = res.reshape(chunk.query_len, num_heads * head_dim)
-    return out
+    # NOTE: every row (decode or prefill) is one query over its cached context, itself
+    # included: the same kernel and order as the fused decoder, so both paths agree exactly.
+    assert meta.row_block_tables is not None and meta.row_lens is not None
+    return kern.paged_decode_attention(qkv, num_heads, head_dim, k_cache, v_cache,
+                                       meta.row_block_tables, meta.row_lens, scale)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -47,9 +47,10 @@ class AttentionMetadata:
     decode_kv_mask: torch.Tensor | None
     """(B, 1, 1, L) float additive mask: 0 for valid keys, -inf for padding (reference only)."""
     prefills: list[PrefillChunk]
-    decode_block_tables: torch.Tensor | None = None
-    """(B, max_blocks) int64 block ids of each decode request (kernel path)."""
-    decode_lens: torch.Tensor | None = None
-    """(B,) int64 context length of each decode request, this step's token included."""
+    row_block_tables: torch.Tensor | None = None
+    """(T, max_blocks) int64: each query row's block table (kernel path: every token, prefill
+    or decode, attends to its cached context, itself included)."""
+    row_lens: torch.Tensor | None = None
+    """(T,) int64: context length of each query row, itself included (kernel path)."""
     kernels: CpuKernels | None = field(default=None, repr=False)
     """Ember's CPU kernels when the runner uses them; None = PyTorch reference path."""

@@ -2,8 +2,8 @@
 
 `FusedDecoder.build` accepts a model whose projections are in the kernels' Q4/Q8 formats (after
 `apply_weight_format` with kernels) and returns None for anything else; the model runner then
-uses it for steps made only of single-token decodes, and the module path (the reference, see
-ember/models/llama.py) for everything else. Weight and cache pointers are captured once here:
+runs every step through it (decodes and prefill chunks: each token is a query row over its own
+context), and the module path (the reference, see ember/models/llama.py) otherwise. Weight and cache pointers are captured once here:
 a step passes only its activations and metadata.
 """
 
@@ -89,14 +89,16 @@ class FusedDecoder:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states (B, hidden) after the final norm, for B single-token decodes."""
-        assert meta.decode_block_tables is not None and meta.decode_lens is not None
+        """Hidden states (T, hidden) after the final norm for the step's T tokens: decodes and
+        prefill chunks alike, each token a query over its cached context (itself included;
+        the step's keys are written before attention reads them)."""
+        assert meta.row_block_tables is not None and meta.row_lens is not None
         body: Any = self.model.model
-        x = body.embed_tokens(input_ids).float().contiguous()  # (B, H)
-        cos, sin = body.rotary_emb.cos_sin(positions)  # (B, 1, D/2) each, contiguous
-        tables = meta.decode_block_tables
+        x = body.embed_tokens(input_ids).float().contiguous()  # (T, H)
+        cos, sin = body.rotary_emb.cos_sin(positions)  # (T, 1, D/2) each, contiguous
+        tables = meta.row_block_tables
         self._fn(x.data_ptr(), x.shape[0], ctypes.addressof(self.layers), len(self.layers),
                  ctypes.addressof(self.shape), cos.data_ptr(), sin.data_ptr(),
                  meta.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1],
-                 meta.decode_lens.data_ptr(), self.kernels.num_threads)
+                 meta.row_lens.data_ptr(), self.kernels.num_threads)
         return body.norm(x)

@@ -99,8 +99,8 @@ class ModelRunner:
             return out
         order = sorted(so.scheduled, key=lambda sr: sr.num_new_tokens > 1)  # decodes first
         input_ids, positions, meta, plan = self._prepare(order)
-        if self.decoder is not None and not meta.prefills:
-            hidden = self.decoder(input_ids, positions, meta)  # (B, hidden)
+        if self.decoder is not None:
+            hidden = self.decoder(input_ids, positions, meta)  # (T, hidden)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (T, hidden)
         rows = plan.sample_rows + plan.prompt_rows
@@ -153,8 +153,9 @@ class ModelRunner:
         slot_parts: list[np.ndarray] = []
         plan = _LogitsPlan([], [], [], [], [])
         prefills: list[PrefillChunk] = []
-        decode_tables: list[list[int]] = []
+        tables: list[list[int]] = []  # kernel path: every request's; else the decodes'
         decode_lens: list[int] = []
+        rows = self.kernels is not None  # kernel attention: every token is a query row
         for sr in order:
             q0 = len(ids)
             ids.extend(sr.token_ids)
@@ -162,8 +163,8 @@ class ModelRunner:
             table = np.asarray(sr.block_ids, dtype=np.int64)
             pos_parts.append(pos)
             slot_parts.append(table[pos // bs] * bs + pos % bs)
-            if sr.num_new_tokens == 1:
-                decode_tables.append(sr.block_ids)
+            if rows or sr.num_new_tokens == 1:
+                tables.append(sr.block_ids)
                 decode_lens.append(sr.end)
             else:
                 prefills.append(self._prefill_chunk(sr, q0, table))
@@ -173,14 +174,13 @@ class ModelRunner:
         self._positions[:t] = torch.from_numpy(np.concatenate(pos_parts))
         self._slots[:t] = torch.from_numpy(np.concatenate(slot_parts))
         meta = AttentionMetadata(num_tokens=t, slot_mapping=self._slots[:t],
-                                 num_decodes=len(decode_lens), decode_kv_slots=None,
+                                 num_decodes=sum(sr.num_new_tokens == 1 for sr in order),
+                                 decode_kv_slots=None,
                                  decode_kv_mask=None, prefills=prefills, kernels=self.kernels)
-        if decode_tables and self.kernels is not None:
-            meta.decode_block_tables, meta.decode_lens = self._block_tables(decode_tables,
-                                                                            decode_lens)
-        elif decode_tables:
-            meta.decode_kv_slots, meta.decode_kv_mask = self._decode_tables(decode_tables,
-                                                                            decode_lens)
+        if rows:
+            meta.row_block_tables, meta.row_lens = self._row_tables(order, tables)
+        elif tables:
+            meta.decode_kv_slots, meta.decode_kv_mask = self._decode_tables(tables, decode_lens)
         return self._input_ids[:t], self._positions[:t], meta, plan
 
     def _prefill_chunk(self, sr: ScheduledRequest, q0: int, table: np.ndarray) -> PrefillChunk:
@@ -193,14 +193,24 @@ class ModelRunner:
         mask = torch.arange(sr.end).unsqueeze(0) <= q_pos  # (Tq, Tk)
         return PrefillChunk(q0, sr.num_new_tokens, sr.start, kv_slots, mask)
 
-    def _block_tables(self, tables: list[list[int]], lens: list[int]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, max_blocks) block ids (padded with the null block) and (B,) lengths."""
+    def _row_tables(self, order: list[ScheduledRequest], tables: list[list[int]]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query row: its request's block table (T, max_blocks) and the context length it
+        attends to, itself included (T,)."""
+        per_request = self._padded_tables(tables)
+        counts = torch.tensor([sr.num_new_tokens for sr in order])
+        rows = torch.repeat_interleave(torch.arange(len(order)), counts)
+        lens = torch.cat([torch.arange(sr.start + 1, sr.end + 1) for sr in order])
+        return per_request.index_select(0, rows), lens
+
+    @staticmethod
+    def _padded_tables(tables: list[list[int]]) -> torch.Tensor:
+        """(R, max_blocks) block ids, padded with the null block."""
         width = max(len(t) for t in tables)
         padded = torch.zeros(len(tables), width, dtype=torch.int64)
         for i, table in enumerate(tables):
             padded[i, :len(table)] = torch.tensor(table, dtype=torch.int64)
-        return padded, torch.tensor(lens, dtype=torch.int64)
+        return padded
 
     def _decode_tables(self, tables: list[list[int]], lens: list[int]
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
