@@ -242,6 +242,23 @@ inline void rope_store_row(float* r, const float* c, const float* s, int64_t hq,
   memcpy(v_cache + slot * kv_row, r + (hq + hk) * dim, static_cast<size_t>(kv_row) * sizeof(float));
 }
 
+// scores[i] = exp(scores[i] - mx) in place; returns their sum (the softmax denominator).
+inline float exp_shifted(float* scores, int64_t len, float mx) {
+  int64_t i = 0;
+  __m512 dsum = _mm512_setzero_ps();
+  for (; i + 16 <= len; i += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + i), _mm512_set1_ps(mx)));
+    _mm512_storeu_ps(scores + i, e);
+    dsum = _mm512_add_ps(dsum, e);
+  }
+  float denom = _mm512_reduce_add_ps(dsum);
+  for (; i < len; ++i) {
+    scores[i] = expf(scores[i] - mx);
+    denom += scores[i];
+  }
+  return denom;
+}
+
 // Paged-cache geometry of one decode step.
 struct DecodeCtx {
   const int64_t* block_tables;  // (B, max_blocks)
@@ -270,19 +287,7 @@ inline void attend_head(const DecodeCtx& c, int64_t b, int64_t h, const float* q
     scores[p] = s;
     mx = std::max(mx, s);
   }
-  float denom = 0.0f;
-  int64_t p = 0;
-  __m512 dsum = _mm512_setzero_ps();
-  for (; p + 16 <= len; p += 16) {
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + p), _mm512_set1_ps(mx)));
-    _mm512_storeu_ps(scores + p, e);
-    dsum = _mm512_add_ps(dsum, e);
-  }
-  denom = _mm512_reduce_add_ps(dsum);
-  for (; p < len; ++p) {
-    scores[p] = expf(scores[p] - mx);
-    denom += scores[p];
-  }
+  const float denom = exp_shifted(scores, len, mx);
   for (int64_t j = 0; j < dim; ++j) out[j] = 0.0f;
   for (int64_t p = 0; p < len; ++p) {
     const float* vv = v_cache + ((table[p / bs] * bs + p % bs) * c.hk + kvh) * dim;
@@ -354,20 +359,7 @@ inline void attend_group(const DecodeCtx& c, int64_t b, int64_t kvh, const float
     float* sg = scores + g * len;
     float mx = -INFINITY;
     for (int64_t i = 0; i < len; ++i) mx = std::max(mx, sg[i]);
-    float denom = 0.0f;
-    int64_t i = 0;
-    __m512 dsum = _mm512_setzero_ps();
-    for (; i + 16 <= len; i += 16) {
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(sg + i), _mm512_set1_ps(mx)));
-      _mm512_storeu_ps(sg + i, e);
-      dsum = _mm512_add_ps(dsum, e);
-    }
-    denom = _mm512_reduce_add_ps(dsum);
-    for (; i < len; ++i) {
-      sg[i] = expf(sg[i] - mx);
-      denom += sg[i];
-    }
-    inv[g] = 1.0f / denom;
+    inv[g] = 1.0f / exp_shifted(sg, len, mx);
   }
   __m512 acc[G][NV];
   for (int g = 0; g < G; ++g)
