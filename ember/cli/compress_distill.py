@@ -26,10 +26,12 @@ def _settings(args: argparse.Namespace, out: Path) -> Any:
     return DistillSettings(
         teacher=args.teacher, data=tuple(str(Path(p).expanduser().resolve()) for p in args.data),
         student_layers=args.student_layers, layer_ids=layer_ids, student=args.student,
+        layer_choice=args.layer_choice, importance_windows=args.importance_windows,
         steps=200 if args.steps is None else args.steps, time_budget_s=args.time_budget,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         warmup_steps=args.warmup_steps, temperature=args.temperature, topk=args.topk,
-        hidden_weight=args.hidden_weight, ce_weight=args.ce_weight, no_teacher=args.no_teacher, autocast=args.autocast,
+        hidden_weight=args.hidden_weight, ce_weight=args.ce_weight, no_teacher=args.no_teacher,
+        autocast=args.autocast,
         train_embeddings=args.train_embeddings, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, seed=args.seed)
 
@@ -98,7 +100,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "--resume continues a run.")
     p.add_argument("--teacher", default=DEFAULT_MODEL, help=f"teacher (default {DEFAULT_MODEL})")
     p.add_argument("--student-layers", type=int, default=None,
-                   help="student depth: teacher layers evenly spaced, first and last kept")
+                   help="student depth (which teacher layers: --layer-choice)")
+    p.add_argument("--layer-choice", default="even", choices=["even", "importance"],
+                   help="even: evenly spaced teacher layers, first and last kept; importance: "
+                        "the layers that change the hidden state most (angular distance on "
+                        "training windows, as `ember prune --drop-layers`)")
+    p.add_argument("--importance-windows", type=int, default=16,
+                   help="training windows the layer importance is measured on (default 16)")
     p.add_argument("--layer-ids", default=None, help="explicit teacher layers, e.g. 0,2,4")
     p.add_argument("--student", default=None,
                    help="initialise the student from this model (e.g. an `ember prune` output)")
@@ -115,7 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--topk", type=int, default=64,
                    help="teacher logits kept per token (cacheable); 0 = full vocabulary")
     p.add_argument("--hidden-weight", type=float, default=0.0,
-                   help="weight of the final hidden-state MSE (0 = off)")
+                   help="weight of the per-layer hidden-state MSE (0 = off; the teacher "
+                        "cache is then not used)")
     p.add_argument("--ce-weight", type=float, default=0.0,
                    help="add this x next-token cross-entropy to the KD loss (0 = pure KD)")
     p.add_argument("--no-teacher", action="store_true",

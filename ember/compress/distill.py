@@ -1,5 +1,6 @@
 """Knowledge distillation on CPU: a student initialised from a subset of the teacher's layers
-learns the teacher's softened next-token distribution.
+(evenly spaced, or the most important ones by the angular distance of `structured.py`) learns
+the teacher's softened next-token distribution.
 
 loss = T^2 * KL(softmax(teacher / T) || softmax(student / T)) over the teacher's top-k tokens
 (renormalised; k = 0 uses the full vocabulary), + hidden_weight * MSE(final hidden states)
@@ -45,7 +46,13 @@ class DistillSettings:
     teacher: str
     data: tuple[str, ...]
     student_layers: int | None = None
-    """Student depth; layers are taken evenly spaced from the teacher (first and last kept)."""
+    """Student depth; which teacher layers it keeps is `layer_choice`."""
+    layer_choice: str = "even"
+    """even: evenly spaced (first and last kept); importance: the layers that change the
+    residual stream most (angular distance on training windows, as `ember prune
+    --drop-layers`)."""
+    importance_windows: int = 16
+    """Training windows the layer importance is measured on (layer_choice importance)."""
     layer_ids: tuple[int, ...] | None = None
     """Explicit teacher layers for the student (overrides the even spacing)."""
     student: str | None = None
@@ -83,6 +90,9 @@ class DistillSettings:
             raise ValueError("--temperature and --lr must be > 0, --topk >= 0")
         if self.checkpoint_every < 1 or self.eval_every < 1:
             raise ValueError("--checkpoint-every and --eval-every must be >= 1")
+        if self.layer_choice not in ("even", "importance") or self.importance_windows < 1:
+            raise ValueError(f"--layer-choice must be even or importance (with "
+                             f"--importance-windows >= 1), got {self.layer_choice!r}")
 
     def metadata(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,6 +120,28 @@ def student_layer_ids(num_teacher_layers: int, settings: DistillSettings) -> lis
     if n == 1:
         return [num_teacher_layers - 1]
     return sorted({round(i * (num_teacher_layers - 1) / (n - 1)) for i in range(n)})
+
+
+def importance_layer_ids(distances: list[float], n: int) -> list[int]:
+    """The `n` layers with the largest input/output angular distance, in order."""
+    if not 1 <= n <= len(distances):
+        raise ValueError(f"--student-layers must be in [1, {len(distances)}], got {n}")
+    return sorted(sorted(range(len(distances)), key=lambda i: -distances[i])[:n])
+
+
+def choose_layer_ids(teacher: Model, num_layers: int, settings: DistillSettings,
+                     data: WindowData, progress: Progress | None = None) -> list[int]:
+    """Teacher layers for a fresh student: explicit, evenly spaced or by measured importance."""
+    if settings.layer_ids or settings.layer_choice == "even":
+        return student_layer_ids(num_layers, settings)
+    from ember.compress.structured import layer_distances
+
+    calib = data.train[data.order(0)[:settings.importance_windows]]
+    distances = layer_distances(teacher, calib, progress=progress)
+    ids = importance_layer_ids(distances, int(settings.student_layers or 0))
+    logger.info("layer angular distances %s -> student layers %s",
+                [round(d, 4) for d in distances], ids)
+    return ids
 
 
 def build_student(teacher: Model, arch: ArchConfig, ids: list[int]
@@ -147,14 +179,19 @@ def lr_at(settings: DistillSettings, step: int, train_s: float) -> float:
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor,
-            teacher_index: torch.Tensor | None, temperature: float) -> torch.Tensor:
+            teacher_index: torch.Tensor | None, temperature: float,
+            student_log_probs: torch.Tensor | None = None) -> torch.Tensor:
     """T^2 * mean KL(p_teacher || p_student) at temperature T.
 
     student_logits (B, T, V); teacher_values (B, T, k) top-k logits with their vocabulary ids
     teacher_index (B, T, k), or (B, T, V) full logits with teacher_index None.
+    student_log_probs: log_softmax(student_logits) when already computed (used at T = 1 only).
     """
     p_t = torch.softmax(teacher_values.float() / temperature, dim=-1)
-    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    if student_log_probs is not None and temperature == 1:
+        log_q = student_log_probs
+    else:
+        log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     if teacher_index is not None:
         log_q = log_q.gather(-1, teacher_index.long())  # (B, T, k)
     log_p = torch.log(p_t.clamp(min=1e-12))
@@ -235,12 +272,15 @@ class Distiller:
             logits = self.student.lm_head(final).float()  # (B, T, V)
         hidden = outputs if self.layer_ids is not None else [final]
         vocab = logits.shape[-1]
-        ce = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        # NOTE: one log_softmax over the vocabulary serves both the next-token loss and (at
+        # T = 1) the KL, so a KD step costs about what a next-token step costs.
+        log_probs = torch.log_softmax(logits, dim=-1)  # (B, T, V)
+        ce = F.nll_loss(log_probs[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
         parts = {"ce": float(ce.detach())}
         if teacher is None:
             loss = ce
         else:
-            loss = kd_loss(logits, teacher[0], teacher[1], s.temperature)
+            loss = kd_loss(logits, teacher[0], teacher[1], s.temperature, log_probs)
             parts["kl"] = float(loss.detach())
             if s.ce_weight > 0:
                 loss = loss + s.ce_weight * ce
@@ -372,8 +412,11 @@ class Distiller:
 
 
 def _title(s: DistillSettings) -> str:
-    mode = "next-token loss (no teacher)" if s.no_teacher else f"KD T={s.temperature} top-{s.topk}"
-    return f"distill: {mode}"
+    if s.no_teacher:
+        return "distill: next-token loss (no teacher)"
+    extras = (f" + {s.ce_weight:g} CE" if s.ce_weight else "") + (
+        f" + {s.hidden_weight:g} hidden" if s.hidden_weight else "")
+    return f"distill: KD T={s.temperature:g} top-{s.topk or 'all'}{extras}"
 
 
 def load_for_distill(settings: DistillSettings, out: Path, resume: bool,
@@ -392,6 +435,8 @@ def load_for_distill(settings: DistillSettings, out: Path, resume: bool,
 
     teacher = load_model(ModelConfig(model=settings.teacher), env, loader("loading teacher"))
     teacher.model.requires_grad_(False)
+    data = build_windows(files, teacher.tokenizer, settings.seq_len, settings.seed,
+                         settings.val_windows)
     layer_ids: list[int] | None = None
     student: Model
     if resume:
@@ -402,12 +447,11 @@ def load_for_distill(settings: DistillSettings, out: Path, resume: bool,
         loaded = load_model(ModelConfig(model=settings.student), env, loader("loading student"))
         student, arch = loaded.model, loaded.arch
     else:
-        layer_ids = student_layer_ids(teacher.arch.num_layers, settings)
+        layer_ids = choose_layer_ids(teacher.model, teacher.arch.num_layers, settings, data,
+                                     progress)
         student, arch = build_student(teacher.model, teacher.arch, layer_ids)
     if arch.vocab_size != teacher.arch.vocab_size:
         raise ValueError("the student and the teacher have different vocabularies")
-    data = build_windows(files, teacher.tokenizer, settings.seq_len, settings.seed,
-                         settings.val_windows)
     distiller = Distiller(settings, out, teacher, student, arch, data, files, layer_ids,
                           cache_dir)
     if resume:

@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from ember.cli import main
-from ember.compress.distill import (DistillSettings, kd_loss, load_for_distill,
-                                    student_layer_ids)
+from ember.compress.distill import (DistillSettings, importance_layer_ids, kd_loss,
+                                    load_for_distill, student_layer_ids)
+from ember.compress.structured import layer_distances
 from tiny_llama import one_thread, save_tiny, tiny_arch, write_text  # noqa: F401 (fixture)
 
 
@@ -29,11 +30,41 @@ def test_student_layers_are_spread_over_the_teacher() -> None:
     assert len(ids) == 15 and ids[0] == 0 and ids[-1] == 29
 
 
+def test_importance_keeps_the_layers_that_change_the_hidden_state_most() -> None:
+    assert importance_layer_ids([0.5, 0.1, 0.3, 0.05, 0.2], 3) == [0, 2, 4]
+    assert importance_layer_ids([0.1, 0.2], 2) == [0, 1]
+
+
+def test_importance_student_uses_the_measured_layers(tmp_path) -> None:
+    settings = _settings(tmp_path, layer_choice="importance", importance_windows=4, steps=1)
+    distiller = load_for_distill(settings, tmp_path / "imp", resume=False)
+    teacher = distiller.teacher
+    calib = distiller.data.train[distiller.data.order(0)[:4]]
+    expected = importance_layer_ids(layer_distances(teacher, calib), 2)
+    assert distiller.layer_ids == expected and len(distiller.student.model.layers) == 2
+    for s_layer, t_id in zip(distiller.student.model.layers, expected):
+        torch.testing.assert_close(s_layer.mlp.down_proj.weight,
+                                   teacher.model.layers[t_id].mlp.down_proj.weight)
+    distiller.run()
+    resumed = load_for_distill(settings, tmp_path / "imp", resume=True)
+    assert resumed.layer_ids == expected
+    try:
+        DistillSettings(teacher="t", data=(), student_layers=2, layer_choice="best").validate()
+    except ValueError as err:
+        assert "--layer-choice" in str(err)
+    else:
+        raise AssertionError("an unknown --layer-choice must be refused")
+
+
 def test_kd_loss_is_zero_for_the_teacher_itself() -> None:
     logits = torch.randn(2, 5, 50)
     values, index = torch.topk(logits, 50, dim=-1)
     assert float(kd_loss(logits, values, index, 2.0)) < 1e-5
     assert float(kd_loss(torch.zeros_like(logits), logits, None, 1.0)) > 0.1
+    student = torch.randn(2, 5, 50)
+    shared = kd_loss(student, values[..., :8], index[..., :8], 1.0,
+                     torch.log_softmax(student, dim=-1))
+    torch.testing.assert_close(shared, kd_loss(student, values[..., :8], index[..., :8], 1.0))
 
 
 def test_distill_loss_decreases(tmp_path) -> None:
@@ -106,3 +137,13 @@ def test_layerwise_hidden_loss_runs(tmp_path) -> None:
                                  tmp_path / "h", resume=False)
     distiller.run()
     assert all("hidden_mse" in row for row in distiller.log.steps)
+
+
+def test_distill_report_labels() -> None:
+    from ember.eval.quality import variant_label
+
+    assert variant_label("distill", {"student_layers": 15}, {"step": 0}) == "distill 15L untrained"
+    assert (variant_label("distill", {"student_layers": 15, "ce_weight": 1.0}, {"step": 9})
+            == "distill KD+1CE 15L step 9")
+    assert (variant_label("distill", {"student_layers": 15, "no_teacher": True}, {"step": 9})
+            == "distill next-token 15L step 9")
