@@ -3,7 +3,7 @@
 On a shared machine a single timed run per model (what `ember eval` does) mostly measures the
 neighbours' load at that moment; interleaving the variants round by round makes them share the
 same conditions. Prints best / median tok/s per model and, with --update-eval, writes the
-result into each variant's eval.json (decode_tok_s = best round; the runs are kept).
+result into each variant's eval.json (decode_tok_s = median round; the runs are kept).
 
 Usage: python benchmarks/compress_decode_speed.py MODEL... --text FILE [--rounds 7]
        [--tokens 64] [--update-eval] [--json OUT.json]
@@ -52,9 +52,9 @@ def main() -> None:
             target = Path(args.reference_json)
         if args.update_eval and target.is_file():
             data = json.loads(target.read_text())
-            data.update(decode_tok_s=s["best"], decode_tok_s_runs=s["runs"],
+            data.update(decode_tok_s=s["median"], decode_tok_s_runs=s["runs"],
                         decode_measurement=f"interleaved, {args.rounds} rounds x "
-                                           f"{args.tokens} tokens, best round")
+                                           f"{args.tokens} tokens, median round")
             target.write_text(json.dumps(data, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))

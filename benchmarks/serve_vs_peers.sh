@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Serving side by side: 1 and 32 concurrent streamed clients x 128 tokens through `ember serve`
 # and through llama-cpp-python's OpenAI server, on the same GGUF with the same thread count,
-# one server at a time (never both loaded). HF transformers batch 32 comes from
+# one server at a time (never both loaded). llama-cpp-python runs with --interrupt_requests false
+# (its default cancels the running stream whenever a new request arrives). HF transformers batch 32 comes from
 # `ember bench offline` (it has no server). Writes OUT/<label>/bench_serve.{json,png}.
 #
 # Usage: benchmarks/serve_vs_peers.sh [OUT_DIR]      env: THREADS (2), CONCURRENCY (1,32)
@@ -40,7 +41,7 @@ kill -TERM $PID; wait $PID || true
 if $PY -c "import llama_cpp.server.app" 2>/dev/null; then
   echo "== llama-cpp-python server ($THREADS threads)"
   $PY -m llama_cpp.server --model "$MODEL" --n_threads "$THREADS" --n_threads_batch "$THREADS" \
-    --n_ctx 4096 --flash_attn true --port $PORT > "$OUT/llama-cpp-server.log" 2>&1 &
+    --n_ctx 4096 --flash_attn true --interrupt_requests false --port $PORT > "$OUT/llama-cpp-server.log" 2>&1 &
   PID=$!
   wait_ready "http://127.0.0.1:$PORT"
   bench llama-cpp-python --no-ignore-eos
