@@ -64,7 +64,9 @@ class EngineCore:
         quantization = (loaded.quantization if config.model.quantization == "auto"
                         else config.model.quantization)
         loaded.runtime_formats = apply_weight_format(loaded.model, quantization, loaded.gguf,
-                                                     kernels=kernels)
+                                                     kernels=kernels,
+                                                     exact_int4=loaded.int4_weights)
+        loaded.int4_weights = {}
         # NOTE: the runtime formats hold their own copies: unmap the file and hand the load's
         # freed heap back to the OS, so RSS reflects what serving needs.
         loaded.gguf = None

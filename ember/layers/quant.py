@@ -65,6 +65,20 @@ class Int4Weights:
         return cls(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero))
 
     @classmethod
+    def from_grouped(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int) -> "Int4Weights":
+        """Exact group-32 form of codes (out, in) in [0, 15] with w = (q - zero) * scale per
+        group of `group_size` (a multiple of 32; e.g. an Ember int4 g128 / int3 g64 tensor):
+        every 32-wide sub-block keeps its group's scale, and zero' = (8 - zero) * scale."""
+        out_f, in_f = codes.shape
+        if group_size % 32 or in_f % 32:
+            raise ValueError(f"group size {group_size} / width {in_f} are not multiples of 32")
+        rep = group_size // 32
+        s = scales.float().repeat_interleave(rep, dim=1)[:, :in_f // 32]  # (out, in / 32)
+        z = zeros.float().repeat_interleave(rep, dim=1)[:, :in_f // 32]
+        return cls(codes.to(torch.uint8), s.contiguous(), ((8 - z) * s).contiguous())
+
+    @classmethod
     def quantize(cls, w: torch.Tensor, group_size: int = 32) -> "Int4Weights":
         """Round-to-nearest asymmetric 4-bit quantization of a dense (out, in) weight."""
         out_f, in_f = w.shape

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ class EmberCheckpoint:
     metadata: dict[str, Any]
     weight_types: dict[str, int]
     """Stored tensor formats and counts, e.g. {'int4': 210, 'float32': 61}."""
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
+    """The tensors stored quantized, as stored (runtime formats may use the codes directly)."""
 
 
 def is_ember_checkpoint(path: Path) -> bool:
@@ -182,4 +184,5 @@ def load(folder: Path, dtype: torch.dtype, build: Callable[[ArchConfig], CausalL
     load_strict(model, tensors(), where)
     tokenizer = tokenizer_from_metadata(folder, meta)
     logger.info("loaded Ember checkpoint %s (%s)", where, counts)
-    return EmberCheckpoint(model, arch, tokenizer, meta, counts)
+    quantized = {n: v for n, v in stored.items() if isinstance(v, QuantizedTensor)}
+    return EmberCheckpoint(model, arch, tokenizer, meta, counts, quantized)

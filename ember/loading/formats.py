@@ -60,7 +60,10 @@ def _q8_blocks(names: list[str], sources: Sources) -> tuple[torch.Tensor, torch.
     return q.reshape(src[0].shape), d.reshape(src[0].shape[0], -1)
 
 
-def _int4_weights(name: str, layer: Linear, sources: Sources) -> Int4Weights:
+def _int4_weights(name: str, layer: Linear, sources: Sources,
+                  exact: dict[str, Int4Weights]) -> Int4Weights:
+    if f"{name}.weight" in exact:  # a checkpoint's own <= 4-bit codes, regrouped exactly
+        return exact[f"{name}.weight"]
     src = sources.get(f"{name}.weight")
     if src is None or src[0].qtype not in _EXACT_INT4:
         return Int4Weights.quantize(layer.weight.detach())
@@ -69,10 +72,11 @@ def _int4_weights(name: str, layer: Linear, sources: Sources) -> Int4Weights:
 
 
 def _convert(names: list[str], layers: list[Linear], quantization: str | None,
-             sources: Sources, keep_dense: bool, kernels: CpuKernels | None) -> nn.Module:
+             sources: Sources, keep_dense: bool, kernels: CpuKernels | None,
+             exact: dict[str, Int4Weights]) -> nn.Module:
     """One runtime module computing the row-wise concatenation of `layers`."""
     if quantization == "int4" and names != ["lm_head"]:
-        weights = Int4Weights.cat([_int4_weights(n, layer, sources)
+        weights = Int4Weights.cat([_int4_weights(n, layer, sources, exact)
                                    for n, layer in zip(names, layers)])
         if kernels is not None:
             return Q4Linear(weights, kernels)
@@ -90,14 +94,17 @@ def _convert(names: list[str], layers: list[Linear], quantization: str | None,
 
 
 def apply_weight_format(model: CausalLM, quantization: str | None, gf: GGUFFile | None,
-                        keep_dense: bool = True, kernels: CpuKernels | None = None
-                        ) -> dict[str, int]:
+                        keep_dense: bool = True, kernels: CpuKernels | None = None,
+                        exact_int4: dict[str, Int4Weights] | None = None) -> dict[str, int]:
     """Fuse projections and set every Linear's format, in place; count modules per format.
 
     keep_dense: without kernels, Int4 layers also keep a dequantized bf16 copy for many-row
     steps (prefill); False saves memory at the cost of slow prefill.
     kernels: Ember's CPU kernels; None keeps the PyTorch implementations.
+    exact_int4: parameter name -> exact group-32 weights (from a checkpoint's own codes) that
+    the int4 format uses instead of quantizing the dense values.
     """
+    exact = exact_int4 or {}
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     sources = _gguf_sources(model, gf)
@@ -117,7 +124,7 @@ def apply_weight_format(model: CausalLM, quantization: str | None, gf: GGUFFile 
                 continue  # already converted, or a structure this step does not know
             names = [f"{prefix}.{p}" if prefix else p for p in parts]
             install(parent, fused_name, _convert(names, layers, quantization,  # type: ignore[arg-type]
-                                                 sources, keep_dense, kernels))
+                                                 sources, keep_dense, kernels, exact))
             for p in parts:
                 delattr(parent, p)
     for name, module in list(model.named_modules()):
@@ -125,7 +132,7 @@ def apply_weight_format(model: CausalLM, quantization: str | None, gf: GGUFFile 
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             install(parent, attr, _convert([name], [module], quantization, sources, keep_dense,
-                                           kernels))
+                                           kernels, exact))
     if kernels is not None:
         _use_kernels(model, quantization is not None, kernels)
     logger.info("weight formats: %s", counts)

@@ -15,6 +15,7 @@ from ember.loading.errors import ModelLoadError
 from ember.loading.gguf import GGUFFile, read_gguf
 from ember.loading.sources import ModelSource, resolve_model
 from ember.layers.linear import Linear
+from ember.layers.quant import Int4Weights
 from ember.loading.weights import load_strict
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM
@@ -44,6 +45,9 @@ class LoadedModel:
     """Linear formats after the engine's `apply_weight_format` (empty before)."""
     quantization: str | None = None
     """The runtime weight format to apply (ModelConfig.quantization with 'auto' resolved)."""
+    int4_weights: dict[str, Int4Weights] = dataclasses.field(default_factory=dict)
+    """Exact group-32 forms of weights a checkpoint stores with <= 4 bits (parameter name ->
+    weights), for the int4 runtime format to use instead of re-quantizing."""
 
 
 def load_model(config: ModelConfig, env: EnvSettings,
@@ -54,7 +58,8 @@ def load_model(config: ModelConfig, env: EnvSettings,
     gf = read_gguf(source.path) if source.kind == "gguf" else None
     quantization = config.quantization
     if quantization == "auto":
-        quantization = _source_format(gf)
+        quantization = (_source_format(gf) if gf is not None
+                        else _checkpoint_format(source.path) if source.kind == "ember" else None)
     quantized = quantization is not None
     dtype = (torch.bfloat16 if config.dtype == "bfloat16" or (quantized and not use_kernels)
              else torch.float32)
@@ -66,6 +71,18 @@ def load_model(config: ModelConfig, env: EnvSettings,
         loaded = _load_hf_dir(source, dtype, progress)
     loaded.quantization = quantization
     return loaded
+
+
+def _checkpoint_format(folder: Path) -> str | None:
+    """'int4' / 'int8' when an Ember checkpoint stores its matrices mostly in <= 4 / 8 bits."""
+    from ember.loading.ember_checkpoint import read_metadata
+
+    counts: dict[str, int] = {}
+    for entry in read_metadata(folder)["tensors"].values():
+        fmt = {"int3": "int4", "int4": "int4", "int8": "int8"}.get(entry.get("format", ""))
+        if fmt is not None:
+            counts[fmt] = counts.get(fmt, 0) + 1
+    return max(counts, key=lambda k: counts[k]) if counts else None
 
 
 def _source_format(gf: GGUFFile | None) -> str | None:
@@ -88,7 +105,11 @@ def _load_ember(source: ModelSource, dtype: torch.dtype,
 
     ckpt = ember_checkpoint.load(source.path, dtype,
                                  lambda arch: _build(arch, dtype, str(source.path)), progress)
-    return LoadedModel(ckpt.model, ckpt.arch, ckpt.tokenizer, source, dtype, ckpt.weight_types)
+    exact = {f"{name}": Int4Weights.from_grouped(qt.codes(), qt.scales, qt.zeros, qt.group_size)
+             for name, qt in ckpt.quantized.items()
+             if qt.bits <= 4 and qt.group_size % 32 == 0 and qt.shape[1] % 32 == 0}
+    return LoadedModel(ckpt.model, ckpt.arch, ckpt.tokenizer, source, dtype, ckpt.weight_types,
+                       int4_weights=exact)
 
 
 def _build(arch: ArchConfig, dtype: torch.dtype, source: str) -> CausalLM:

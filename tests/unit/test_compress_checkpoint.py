@@ -158,3 +158,30 @@ def test_quantized_tensor_validates_shapes() -> None:
     bad = QuantizedTensor(qt.qweight[:, :10], qt.scales, qt.zeros, 4, 32, (8, 64))
     with pytest.raises(ValueError, match="qweight"):
         bad.validate("w")
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (3, 32)])
+def test_int4_runtime_format_uses_the_checkpoint_codes_exactly(tmp_path, bits, group_size):
+    """`quantization="auto"` runs a <= 4-bit checkpoint on the int4 format built from its own
+    codes (regrouped to 32 columns), so the runtime weights equal the stored ones."""
+    from ember.engine.core import EngineCore
+    from ember.config import CacheConfig, EngineConfig
+    from ember.layers.quant import Int4Weights
+
+    loaded = tiny_loaded()
+    settings = QuantSettings(method="rtn", bits=bits, group_size=group_size)
+    quantized = quantize_model(loaded.model, settings, None)
+    out = save_checkpoint(tmp_path / "q", loaded, Compression("rtn", settings.metadata()),
+                          quantized=quantized)
+    reloaded = load_model(ModelConfig(model=str(out), quantization="auto"), EnvSettings())
+    assert reloaded.quantization == "int4"
+    name = "model.layers.1.mlp.down_proj.weight"
+    exact = reloaded.int4_weights[name]
+    assert isinstance(exact, Int4Weights) and exact.group_size == 32
+    torch.testing.assert_close(exact.dequantize(), quantized[name].dequantize(torch.float32),
+                               atol=1e-6, rtol=1e-6)
+    config = EngineConfig(model=ModelConfig(model=str(out), quantization="auto"),
+                          cache=CacheConfig(block_size=4, num_blocks=16))
+    EngineCore(config, reloaded)
+    assert reloaded.runtime_formats.get("int4-g32", 0) + reloaded.runtime_formats.get(
+        "q4-g32", 0) == 2 * 4  # qkv, o, gate_up, down in each of the 2 layers
