@@ -15,7 +15,7 @@ from ember.kernels.ops import CpuKernels
 from ember.kv_cache.manager import KVCacheManager
 from ember.loading.formats import apply_weight_format
 from ember.loading.loader import LoadedModel
-from ember.runner.model_runner import ModelRunner, kv_cache_bytes_per_block
+from ember.runner.model_runner import ModelRunner, kv_cache_bytes_per_block, kv_cache_dtype
 from ember.sampling.sampler import Sampler
 from ember.scheduler.scheduler import Scheduler
 from ember.types import EngineCoreOutput, Request, RequestStatus
@@ -41,12 +41,12 @@ class CacheLayout:
     max_model_len: int
 
 
-def plan_cache(config: EngineConfig, loaded: LoadedModel) -> CacheLayout:
+def plan_cache(config: EngineConfig, loaded: LoadedModel, kv_dtype: torch.dtype) -> CacheLayout:
     """Number of KV blocks and the usable context length for this model and config."""
     bs = config.cache.block_size
     num_blocks = config.cache.num_blocks
     if num_blocks is None:
-        per_block = kv_cache_bytes_per_block(loaded.arch, bs, loaded.dtype)
+        per_block = kv_cache_bytes_per_block(loaded.arch, bs, kv_dtype)
         num_blocks = max(2, config.cache.kv_cache_mb * 2**20 // per_block)
     max_len = config.model.max_model_len or loaded.arch.max_position
     max_len = min(max_len, loaded.arch.max_position, (num_blocks - 1) * bs)
@@ -72,7 +72,8 @@ class EngineCore:
         loaded.gguf = None
         release_free_memory()
         logger.info("runtime weight formats: %s", loaded.runtime_formats)
-        self.layout = plan_cache(config, loaded)
+        kv_dtype = kv_cache_dtype(loaded.dtype, kernels is not None, quantization is not None)
+        self.layout = plan_cache(config, loaded, kv_dtype)
         self.kv_manager = KVCacheManager(self.layout.num_blocks, self.layout.block_size,
                                          config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.layout.max_model_len)
@@ -81,7 +82,7 @@ class EngineCore:
         max_tokens = max(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
         self.runner = ModelRunner(loaded.model, loaded.arch, loaded.dtype,
                                   self.layout.block_size, self.layout.num_blocks, max_tokens,
-                                  Sampler(default_gen), kernels)
+                                  Sampler(default_gen), kernels, kv_dtype)
         logger.info("KV cache: %d blocks x %d tokens, context %d", self.layout.num_blocks,
                     self.layout.block_size, self.layout.max_model_len)
 

@@ -69,9 +69,9 @@ void silu_mul(const float* gu, int64_t t, int64_t inter, float* out) {
 }
 
 // RoPE (cos/sin (T, D/2)) in place on the q and k heads of qkv (T, (Hq + 2 Hk) * D), then the
-// k and v heads stored at `slots` (T,) of k_cache/v_cache (S, Hk, D) float32.
+// k and v heads stored at `slots` (T,) of k_cache/v_cache (S, Hk, D) bfloat16.
 void rope_store_qkv(float* qkv, const float* cos_t, const float* sin_t, int64_t t, int64_t hq,
-                    int64_t hk, int64_t dim, float* k_cache, float* v_cache,
+                    int64_t hk, int64_t dim, kv_t* k_cache, kv_t* v_cache,
                     const int64_t* slots) {
   const int64_t row = (hq + 2 * hk) * dim;
   for (int64_t i = 0; i < t; ++i)
@@ -80,10 +80,10 @@ void rope_store_qkv(float* qkv, const float* cos_t, const float* sin_t, int64_t 
 }
 
 // One query token per request against its paged context. q (B, Hq, D) with q_stride floats
-// between requests; caches (num_blocks * block_size, Hk, D) float32; block_tables
+// between requests; caches (num_blocks * block_size, Hk, D) bfloat16; block_tables
 // (B, max_blocks); lens (B,). out (B, Hq, D).
-void paged_decode_attention(const float* q, int64_t q_stride, const float* k_cache,
-                            const float* v_cache, const int64_t* block_tables, int64_t max_blocks,
+void paged_decode_attention(const float* q, int64_t q_stride, const kv_t* k_cache,
+                            const kv_t* v_cache, const int64_t* block_tables, int64_t max_blocks,
                             const int64_t* lens, int64_t batch, int64_t hq, int64_t hk,
                             int64_t dim, int64_t block_size, float scale, float* out,
                             int nthreads) {

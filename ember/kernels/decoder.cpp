@@ -12,8 +12,8 @@ struct LayerW {
   const float* in_norm;    // (H,)
   const float* post_norm;  // (H,)
   LinearW qkv, o, gate_up, down;
-  float* k_cache;  // (S, Hk, D)
-  float* v_cache;
+  kv_t* k_cache;  // (S, Hk, D) bfloat16
+  kv_t* v_cache;
 };
 
 struct Shape {

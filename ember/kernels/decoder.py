@@ -78,7 +78,7 @@ class FusedDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
                                             mlp.down_proj)]
-            if any(lw is None for lw in linears) or k_cache.dtype != torch.float32:
+            if any(lw is None for lw in linears) or k_cache.dtype != torch.bfloat16:
                 return None
             items.append(_LayerW(layer.input_layernorm.weight.data_ptr(),
                                  layer.post_attention_layernorm.weight.data_ptr(), *linears,

@@ -225,10 +225,37 @@ inline void silu_mul_row(const float* g, const float* u, int64_t inter, float* o
   for (; j < inter; ++j) out[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
 }
 
+// KV caches hold bfloat16 (as uint16 bits): half the bytes long-context attention reads.
+typedef uint16_t kv_t;
+
+inline __m512 load_bf16(const kv_t* p) {  // 16 bf16 -> 16 floats
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+inline float bf16_to_float(kv_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline void store_bf16(kv_t* dst, const float* src, int64_t n) {  // round to nearest even
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
+                        reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j))));
+  for (; j < n; ++j) {
+    uint32_t bits;
+    memcpy(&bits, src + j, 4);
+    dst[j] = static_cast<kv_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  }
+}
+
 // Rotate-half RoPE in place on the Hq + Hk leading heads of one qkv row, then copy its k and v
 // heads into the caches at `slot`.
 inline void rope_store_row(float* r, const float* c, const float* s, int64_t hq, int64_t hk,
-                           int64_t dim, float* k_cache, float* v_cache, int64_t slot) {
+                           int64_t dim, kv_t* k_cache, kv_t* v_cache, int64_t slot) {
   const int64_t half = dim / 2, kv_row = hk * dim;
   for (int64_t h = 0; h < hq + hk; ++h) {
     float* x = r + h * dim;
@@ -238,8 +265,8 @@ inline void rope_store_row(float* r, const float* c, const float* s, int64_t hq,
       x[j + half] = b * c[j] + a * s[j];
     }
   }
-  memcpy(k_cache + slot * kv_row, r + hq * dim, static_cast<size_t>(kv_row) * sizeof(float));
-  memcpy(v_cache + slot * kv_row, r + (hq + hk) * dim, static_cast<size_t>(kv_row) * sizeof(float));
+  store_bf16(k_cache + slot * kv_row, r + hq * dim, kv_row);
+  store_bf16(v_cache + slot * kv_row, r + (hq + hk) * dim, kv_row);
 }
 
 // scores[i] = exp(scores[i] - mx) in place; returns their sum (the softmax denominator).
@@ -271,18 +298,18 @@ struct DecodeCtx {
 // Attention of query head h of request b (q: D floats) over its context; `scores` is scratch
 // of at least lens[b] floats. out: D floats. Softmax in float32.
 inline void attend_head(const DecodeCtx& c, int64_t b, int64_t h, const float* q,
-                        const float* k_cache, const float* v_cache, float* scores, float* out) {
+                        const kv_t* k_cache, const kv_t* v_cache, float* scores, float* out) {
   const int64_t len = c.lens[b], kvh = h / (c.hq / c.hk), dim = c.dim, bs = c.block_size;
   const int64_t* table = c.block_tables + b * c.max_blocks;
   float mx = -INFINITY;
   for (int64_t p = 0; p < len; ++p) {
-    const float* kv = k_cache + ((table[p / bs] * bs + p % bs) * c.hk + kvh) * dim;
+    const kv_t* kv = k_cache + ((table[p / bs] * bs + p % bs) * c.hk + kvh) * dim;
     __m512 acc = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= dim; j += 16)
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), _mm512_loadu_ps(kv + j), acc);
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), load_bf16(kv + j), acc);
     float s = _mm512_reduce_add_ps(acc);
-    for (; j < dim; ++j) s += q[j] * kv[j];
+    for (; j < dim; ++j) s += q[j] * bf16_to_float(kv[j]);
     s *= c.scale;
     scores[p] = s;
     mx = std::max(mx, s);
@@ -290,13 +317,13 @@ inline void attend_head(const DecodeCtx& c, int64_t b, int64_t h, const float* q
   const float denom = exp_shifted(scores, len, mx);
   for (int64_t j = 0; j < dim; ++j) out[j] = 0.0f;
   for (int64_t p = 0; p < len; ++p) {
-    const float* vv = v_cache + ((table[p / bs] * bs + p % bs) * c.hk + kvh) * dim;
+    const kv_t* vv = v_cache + ((table[p / bs] * bs + p % bs) * c.hk + kvh) * dim;
     const float w = scores[p];
     int64_t j = 0;
     for (; j + 16 <= dim; j += 16)
-      _mm512_storeu_ps(out + j, _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(vv + j),
+      _mm512_storeu_ps(out + j, _mm512_fmadd_ps(_mm512_set1_ps(w), load_bf16(vv + j),
                                                 _mm512_loadu_ps(out + j)));
-    for (; j < dim; ++j) out[j] += w * vv[j];
+    for (; j < dim; ++j) out[j] += w * bf16_to_float(vv[j]);
   }
   const float inv = 1.0f / denom;
   for (int64_t j = 0; j < dim; ++j) out[j] *= inv;
@@ -318,12 +345,12 @@ inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
 // K and V rows are loaded once for the group; scores come four positions at a time.
 template <int G, int NV>
 inline void attend_group(const DecodeCtx& c, int64_t b, int64_t kvh, const float* q,
-                         int64_t q_stride, const float* k_cache, const float* v_cache,
+                         int64_t q_stride, const kv_t* k_cache, const kv_t* v_cache,
                          float* scores, float* out, int64_t out_stride) {
   constexpr int64_t dim = NV * 16;
   const int64_t len = c.lens[b], bs = c.block_size, hk = c.hk;
   const int64_t* table = c.block_tables + b * c.max_blocks;
-  auto row = [&](const float* cache, int64_t p) {
+  auto row = [&](const kv_t* cache, int64_t p) {
     return cache + ((table[p / bs] * bs + p % bs) * hk + kvh) * dim;
   };
   __m512 qv[G][NV];
@@ -331,14 +358,14 @@ inline void attend_group(const DecodeCtx& c, int64_t b, int64_t kvh, const float
     for (int v = 0; v < NV; ++v) qv[g][v] = _mm512_loadu_ps(q + g * q_stride + v * 16);
   int64_t p = 0;
   for (; p + 4 <= len; p += 4) {
-    const float* kr[4] = {row(k_cache, p), row(k_cache, p + 1), row(k_cache, p + 2),
-                          row(k_cache, p + 3)};
+    const kv_t* kr[4] = {row(k_cache, p), row(k_cache, p + 1), row(k_cache, p + 2),
+                         row(k_cache, p + 3)};
     __m512 part[G][4];
     for (int g = 0; g < G; ++g)
       for (int i = 0; i < 4; ++i) part[g][i] = _mm512_setzero_ps();
     for (int v = 0; v < NV; ++v)
       for (int i = 0; i < 4; ++i) {
-        const __m512 kvec = _mm512_loadu_ps(kr[i] + v * 16);
+        const __m512 kvec = load_bf16(kr[i] + v * 16);
         for (int g = 0; g < G; ++g) part[g][i] = _mm512_fmadd_ps(qv[g][v], kvec, part[g][i]);
       }
     for (int g = 0; g < G; ++g)
@@ -347,10 +374,10 @@ inline void attend_group(const DecodeCtx& c, int64_t b, int64_t kvh, const float
                                                     _mm_set1_ps(c.scale)));
   }
   for (; p < len; ++p) {
-    const float* kr = row(k_cache, p);
+    const kv_t* kr = row(k_cache, p);
     for (int g = 0; g < G; ++g) {
       __m512 acc = _mm512_setzero_ps();
-      for (int v = 0; v < NV; ++v) acc = _mm512_fmadd_ps(qv[g][v], _mm512_loadu_ps(kr + v * 16), acc);
+      for (int v = 0; v < NV; ++v) acc = _mm512_fmadd_ps(qv[g][v], load_bf16(kr + v * 16), acc);
       scores[g * len + p] = _mm512_reduce_add_ps(acc) * c.scale;
     }
   }
@@ -365,9 +392,9 @@ inline void attend_group(const DecodeCtx& c, int64_t b, int64_t kvh, const float
   for (int g = 0; g < G; ++g)
     for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_setzero_ps();
   for (int64_t i = 0; i < len; ++i) {
-    const float* vr = row(v_cache, i);
+    const kv_t* vr = row(v_cache, i);
     for (int v = 0; v < NV; ++v) {
-      const __m512 vvec = _mm512_loadu_ps(vr + v * 16);
+      const __m512 vvec = load_bf16(vr + v * 16);
       for (int g = 0; g < G; ++g)
         acc[g][v] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * len + i]), vvec, acc[g][v]);
     }
@@ -381,7 +408,7 @@ inline void attend_group(const DecodeCtx& c, int64_t b, int64_t kvh, const float
 // common shapes (head_dim 64 or 128, 1-4 query heads per kv head), else head by head.
 // q: the request's query heads (D floats each); scores: scratch of hq/hk * lens[b] floats.
 inline void attend_kv_group(const DecodeCtx& c, int64_t b, int64_t kvh, const float* q,
-                            const float* k_cache, const float* v_cache, float* scores,
+                            const kv_t* k_cache, const kv_t* v_cache, float* scores,
                             float* out) {
   const int64_t group = c.hq / c.hk, h0 = kvh * group, d = c.dim;
   const float* qg = q + h0 * d;

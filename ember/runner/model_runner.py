@@ -33,6 +33,13 @@ class _LogitsPlan:
     """(request, number of rows, starts with the first prompt token) per prompt-logprob request."""
 
 
+def kv_cache_dtype(dtype: torch.dtype, kernels: bool, quantized: bool) -> torch.dtype:
+    """bfloat16 for a quantized model on Ember's kernels (float32 activations; half the bytes
+    long-context attention reads), else the activation dtype: the dense float32 path stays the
+    exact reference."""
+    return torch.bfloat16 if kernels and quantized and dtype == torch.float32 else dtype
+
+
 def kv_cache_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty(0, dtype=dtype).element_size()
     return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
@@ -43,11 +50,15 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, arch: ArchConfig, dtype: torch.dtype,
                  block_size: int, num_blocks: int, max_num_batched_tokens: int,
-                 sampler: Sampler, kernels: CpuKernels | None = None) -> None:
+                 sampler: Sampler, kernels: CpuKernels | None = None,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
-        # NOTE: the attention kernels work on float32 activations and caches only.
-        self.kernels = kernels if dtype == torch.float32 else None
-        """Ember's CPU kernels (passed to attention in the metadata), or None."""
+        kv_dtype = kv_dtype or dtype
+        # NOTE: the attention kernels (and the fused decoder) take float32 activations and
+        # bfloat16 caches; other combinations use the PyTorch attention.
+        self.kernels = (kernels if dtype == torch.float32 and kv_dtype == torch.bfloat16
+                        else None)
+        """Ember's CPU kernels for attention (in the metadata) and fused steps, or None."""
         self.arch = arch
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -57,7 +68,7 @@ class ModelRunner:
         # graphs are much faster with distinct per-layer tensors.
         # NOTE: empty, not zeros: pages are touched only as blocks fill up (RSS grows with use).
         # Block 0 is the null block padded reads point at; it must hold finite values.
-        self.kv_caches = [(torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype))
+        self.kv_caches = [(torch.empty(shape, dtype=kv_dtype), torch.empty(shape, dtype=kv_dtype))
                           for _ in range(arch.num_layers)]
         for k_cache, v_cache in self.kv_caches:
             k_cache[0].zero_()

@@ -72,8 +72,9 @@ def test_rms_norm_and_silu_mul(kernels):
 
 def _paged_setup(gen: torch.Generator, lens: list[int], hk: int, dim: int, block_size: int = 4):
     num_blocks = 1 + sum((n + block_size - 1) // block_size for n in lens)
-    k_cache = torch.randn(num_blocks, block_size, hk, dim, generator=gen)
-    v_cache = torch.randn(num_blocks, block_size, hk, dim, generator=gen)
+    # the kernels' caches hold bfloat16
+    k_cache = torch.randn(num_blocks, block_size, hk, dim, generator=gen).bfloat16()
+    v_cache = torch.randn(num_blocks, block_size, hk, dim, generator=gen).bfloat16()
     perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # scattered blocks
     tables, at = [], 0
     for n in lens:
@@ -114,7 +115,7 @@ def test_rope_store_matches_reference(kernels):
     qkv = torch.randn(t, (hq + 2 * hk) * dim, generator=gen)
     q, k, v = qkv.split([hq * dim, hk * dim, hk * dim], dim=-1)
     q_ref, k_ref = RotaryEmbedding.rotate(q.reshape(t, hq, dim), k.reshape(t, hk, dim), cos_sin)
-    caches = [torch.zeros(4, 4, hk, dim) for _ in range(4)]
+    caches = [torch.zeros(4, 4, hk, dim, dtype=torch.bfloat16) for _ in range(4)]
     slots = torch.tensor([1, 6, 13])
     write_kv(k_ref, v.reshape(t, hk, dim), caches[0], caches[1], slots)
     got = qkv.clone()
