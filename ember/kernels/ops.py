@@ -20,6 +20,14 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _check_kv(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The kernels read raw pointers: refuse caches of another dtype or layout."""
+    for cache in (k_cache, v_cache):
+        if cache.dtype != torch.bfloat16 or not cache.is_contiguous():
+            raise ValueError(f"attention kernels need contiguous bfloat16 KV caches, got "
+                             f"{cache.dtype}")
+
+
 TILE = 16
 
 
@@ -59,13 +67,18 @@ def pack_q4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric 8-bit, group 32, of a dense (N, K) weight into the kernel layout: q + 128
     (Np/16, K/32, 8, 64) uint8 and d (Np/16, K/32, 16) float32."""
+    return pack_q8(*q8_blocks(w))
+
+
+def q8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit, group 32, of a dense (N, K) weight: q (N, K) int8, d (N, K/32)."""
     n, k = w.shape
     if k % BLOCK:
         raise ValueError(f"Q8 kernels need K % {BLOCK} == 0, got {k}")
     wg = w.float().view(n, k // BLOCK, BLOCK)  # (N, groups, 32)
     d = wg.abs().amax(-1) / 127  # (N, groups)
     q = torch.round(wg / d.clamp_min(1e-30).unsqueeze(-1)).clamp(-127, 127)
-    return pack_q8(q.to(torch.int8).view(n, k), d)
+    return q.to(torch.int8).view(n, k), d
 
 
 def pack_q8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +165,8 @@ class CpuKernels:
                        num_heads: int, num_kv_heads: int, head_dim: int, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slots: torch.Tensor) -> None:
         """Rotate the q and k heads of qkv (T, (Hq + 2 Hk) * D) in place (cos/sin (T, D/2));
-        write its k and v heads at `slots` of the caches."""
+        write its k and v heads at `slots` of the caches (bfloat16)."""
+        _check_kv(k_cache, v_cache)
         self.lib.rope_store_qkv(_ptr(qkv), _ptr(cos), _ptr(sin), qkv.shape[0], num_heads,
                                 num_kv_heads, head_dim, _ptr(k_cache), _ptr(v_cache),
                                 _ptr(slots))
@@ -162,7 +176,9 @@ class CpuKernels:
                                block_tables: torch.Tensor, lens: torch.Tensor,
                                scale: float) -> torch.Tensor:
         """Queries = the q heads of the first B rows of qkv (rows of (Hq + 2 Hk) * D floats);
-        caches (blocks, block_size, Hk, D); block_tables (B, max_blocks). Returns (B, Hq * D)."""
+        caches (blocks, block_size, Hk, D) bfloat16; block_tables (B, max_blocks). Returns
+        (B, Hq * D)."""
+        _check_kv(k_cache, v_cache)
         b = block_tables.shape[0]
         out = torch.empty(b, num_heads * head_dim, dtype=torch.float32)
         self.lib.paged_decode_attention(

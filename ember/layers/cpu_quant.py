@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ember.kernels.ops import CpuKernels, pack_q4, pack_q8, quantize_q8
+from ember.kernels.ops import CpuKernels, pack_q4, pack_q8, q8_blocks
 from ember.layers.quant import Int4Weights
 
 
@@ -63,16 +63,20 @@ class Q8Linear(_KernelLinear):
     q: torch.Tensor
     d: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, kernels: CpuKernels,
-                 blocks: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """weight (out, in) dense; `blocks` = exact (q int8, d) group-32 blocks of it when the
-        source already has them (GGUF Q8_0), else the weight is quantized here."""
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, kernels: CpuKernels) -> None:
+        """q (out, in) int8 and d (out, in / 32): group-32 blocks, w = q * d (exact from GGUF
+        Q8_0, or `from_dense`)."""
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = q.shape
         self.kernels = kernels
-        q, d = pack_q8(*blocks) if blocks is not None else quantize_q8(weight)
-        self.register_buffer("q", q)
-        self.register_buffer("d", d)
+        packed, scales = pack_q8(q, d)
+        self.register_buffer("q", packed)
+        self.register_buffer("d", scales)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, kernels: CpuKernels) -> "Q8Linear":
+        """Round-to-nearest symmetric group-32 blocks of a dense (out, in) weight."""
+        return cls(*q8_blocks(weight), kernels)
 
     @property
     def format(self) -> str:

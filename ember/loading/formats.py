@@ -81,9 +81,13 @@ def _convert(names: list[str], layers: list[Linear], quantization: str | None,
         if kernels is not None:
             return Q4Linear(weights, kernels)
         return Int4Linear(weights, keep_dense=keep_dense)
+    if quantization is not None and kernels is not None:
+        blocks = _q8_blocks(names, sources)  # exact, and no dense copy to make
+        if blocks is not None:
+            return Q8Linear(*blocks, kernels)
     weight = torch.cat([layer.weight.detach() for layer in layers], dim=0)  # (sum out, in)
     if quantization is not None and kernels is not None:
-        return Q8Linear(weight, kernels, _q8_blocks(names, sources))
+        return Q8Linear.from_dense(weight, kernels)
     if quantization is not None:
         return Int8Linear(weight)
     if len(layers) == 1:
@@ -153,5 +157,5 @@ def _use_kernels(model: CausalLM, quantized: bool, kernels: CpuKernels) -> None:
     if model.config.tie_word_embeddings and isinstance(head, Q8Linear):
         table = head
     else:
-        table = Q8Linear(embed.weight.detach(), kernels)
+        table = Q8Linear.from_dense(embed.weight.detach(), kernels)
     body.embed_tokens = Q8Embedding(table, embed.weight.dtype)  # type: ignore[union-attr]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,29 +73,29 @@ def load_model(config: ModelConfig, env: EnvSettings,
     return loaded
 
 
+def _majority_format(formats: Iterable[str | None]) -> str | None:
+    """The runtime format most of a source's matrices are stored in (None = dense)."""
+    counts: dict[str | None, int] = {}
+    for fmt in formats:
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return max(counts, key=lambda k: counts[k]) if counts else None
+
+
 def _checkpoint_format(folder: Path) -> str | None:
     """'int4' / 'int8' when an Ember checkpoint stores its matrices mostly in <= 4 / 8 bits."""
     from ember.loading.ember_checkpoint import read_metadata
 
-    counts: dict[str, int] = {}
-    for entry in read_metadata(folder)["tensors"].values():
-        fmt = {"int3": "int4", "int4": "int4", "int8": "int8"}.get(entry.get("format", ""))
-        if fmt is not None:
-            counts[fmt] = counts.get(fmt, 0) + 1
-    return max(counts, key=lambda k: counts[k]) if counts else None
+    stored = {"int3": "int4", "int4": "int4", "int8": "int8"}
+    return _majority_format(stored[e["format"]]
+                            for e in read_metadata(folder)["tensors"].values()
+                            if e.get("format") in stored)
 
 
-def _source_format(gf: GGUFFile | None) -> str | None:
+def _source_format(gf: GGUFFile) -> str | None:
     """'int4' / 'int8' when most layer matrices of the GGUF are Q4_0/Q4_1 / Q8_0, else None."""
-    if gf is None:
-        return None
-    counts: dict[str, int] = {}
-    for name, tensor in gf.tensors.items():
-        if name.startswith("blk.") and len(tensor.shape) == 2:
-            fmt = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}.get(tensor.type_name, "dense")
-            counts[fmt] = counts.get(fmt, 0) + 1
-    best = max(counts, key=lambda k: counts[k], default="dense")
-    return None if best == "dense" else best
+    stored = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
+    return _majority_format(stored.get(t.type_name) for name, t in gf.tensors.items()
+                            if name.startswith("blk.") and len(t.shape) == 2)
 
 
 def _load_ember(source: ModelSource, dtype: torch.dtype,
@@ -105,7 +105,7 @@ def _load_ember(source: ModelSource, dtype: torch.dtype,
 
     ckpt = ember_checkpoint.load(source.path, dtype,
                                  lambda arch: _build(arch, dtype, str(source.path)), progress)
-    exact = {f"{name}": Int4Weights.from_grouped(qt.codes(), qt.scales, qt.zeros, qt.group_size)
+    exact = {name: Int4Weights.from_grouped(qt.codes(), qt.scales, qt.zeros, qt.group_size)
              for name, qt in ckpt.quantized.items()
              if qt.bits <= 4 and qt.group_size % 32 == 0 and qt.shape[1] % 32 == 0}
     return LoadedModel(ckpt.model, ckpt.arch, ckpt.tokenizer, source, dtype, ckpt.weight_types,
