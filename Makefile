@@ -22,7 +22,7 @@ serve: setup
 	$(VENV)/bin/ember serve
 
 run: setup
-	$(VENV)/bin/ember generate "$(PROMPT)"
+	$(VENV)/bin/ember generate --chat "$(PROMPT)"
 
 chat: setup
 	$(VENV)/bin/ember chat
