@@ -1,6 +1,7 @@
 """Read GGUF files: metadata, tensors and their quantization types.
 
-The `gguf` library supplies the type tables and dequantizers. NOTE: the header is parsed here
+The `gguf` library supplies the type enum and block sizes; dequantization dispatches through
+Ember's format table (`ember.formats`). NOTE: the header is parsed here
 with `struct` because `gguf.GGUFReader` builds a numpy view per array element, ~4 s for a
 49k-token vocabulary (most of a cold start); this walk takes ~0.15 s and yields the same values
 (checked against GGUFReader in the tests).
@@ -19,19 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf import quants as gguf_quants
 
+from ember.formats import SUPPORTED_GGUF_TYPES, format_for
 from ember.loading.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_TYPES = frozenset({
-    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
-    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
-    GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1, GGMLQuantizationType.Q6_K,
-    GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q8_K,
-    GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K,
-})
+SUPPORTED_TYPES = SUPPORTED_GGUF_TYPES
+"""GGUF tensor types `read_gguf` accepts (the format table's)."""
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -60,58 +56,9 @@ class GGUFTensor:
         return self.qtype.name
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Return the tensor's values as a dense torch tensor of `shape`."""
-        if self.qtype == GGMLQuantizationType.F32:
-            values = np.asarray(self.raw, dtype=np.float32)
-        elif self.qtype == GGMLQuantizationType.F16:
-            values = np.asarray(self.raw, dtype=np.float16)
-        elif self.qtype == GGMLQuantizationType.BF16:
-            bits = np.ascontiguousarray(self.raw).view(np.int16)
-            return torch.from_numpy(bits.copy()).view(torch.bfloat16).reshape(self.shape).to(dtype)
-        elif self.qtype in _FAST_DEQUANT:
-            return _FAST_DEQUANT[self.qtype](self.raw, self.shape).to(dtype)
-        else:
-            values = gguf_quants.dequantize(self.raw, self.qtype)
-        return torch.from_numpy(np.ascontiguousarray(values)).reshape(self.shape).to(dtype)
-
-
-def _blocks(raw: np.ndarray, shape: tuple[int, ...], block_bytes: int) -> torch.Tensor:
-    """(rows, blocks, block_bytes) uint8 view of a block-quantized tensor."""
-    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    return torch.from_numpy(np.ascontiguousarray(raw)).view(rows, shape[-1] // 32, block_bytes)
-
-
-def _fp16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    # (rows, blocks, 1) float32 from two little-endian bytes at `start` of each block
-    return blocks[..., start:start + 2].contiguous().view(torch.float16).float()
-
-
-def q8_0_blocks(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 blocks as q (rows, blocks, 32) int8 and d (rows, blocks, 1) float32."""
-    b = _blocks(raw, shape, 34)  # d (fp16) + 32 int8
-    return b[..., 2:].contiguous().view(torch.int8), _fp16_field(b, 0)
-
-
-def _dequant_q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-    q, d = q8_0_blocks(raw, shape)
-    return (q.float() * d).reshape(shape)
-
-
-def _dequant_q4(raw: np.ndarray, shape: tuple[int, ...], with_min: bool) -> torch.Tensor:
-    b = _blocks(raw, shape, 20 if with_min else 18)
-    qs = b[..., 4:] if with_min else b[..., 2:]  # 16 bytes: low nibbles 0..15, high 16..31
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()  # (rows, blocks, 32)
-    d = _fp16_field(b, 0)
-    w = q * d + _fp16_field(b, 2) if with_min else (q - 8) * d
-    return w.reshape(shape)
-
-
-_FAST_DEQUANT = {
-    GGMLQuantizationType.Q8_0: _dequant_q8_0,
-    GGMLQuantizationType.Q4_0: lambda raw, shape: _dequant_q4(raw, shape, with_min=False),
-    GGMLQuantizationType.Q4_1: lambda raw, shape: _dequant_q4(raw, shape, with_min=True),
-}
-"""Vectorised torch dequantizers for the common block types (the gguf library's are numpy)."""
+        """Return the tensor's values as a dense torch tensor of `shape` (exact, via the
+        format table)."""
+        return format_for(self.qtype).dequantize(self.raw, self.shape).to(dtype)
 
 
 @dataclass
