@@ -2,12 +2,14 @@
 
 from typing import TYPE_CHECKING, Any
 
+from ember.engine.inputs import TextPrompt, TokensPrompt
 from ember.types import CompletionOutput, RequestOutput, SamplingParams
 
 if TYPE_CHECKING:
     from ember.engine.llm import LLM
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "TextPrompt",
+           "TokensPrompt"]
 __version__ = "0.1.0"
 
 

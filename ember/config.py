@@ -60,6 +60,11 @@ class ModelConfig:
     ops force bfloat16."""
     cpu_kernels: bool = True
     """Use Ember's compiled AVX-512/VNNI kernels when this CPU has them (else PyTorch ops)."""
+    generation_config: str = "auto"
+    """Default sampling values (vLLM's --generation-config): 'auto' takes the model's own
+    (generation_config.json, GGUF general.sampling.*; Ember's fallback when it has none),
+    'none' or 'vllm' uses SamplingParams' neutral defaults, a folder path uses the
+    generation_config.json in it. Requests' explicit values always win."""
 
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -69,6 +74,11 @@ class ModelConfig:
                               f"got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if (self.generation_config not in ("auto", "none", "vllm")
+                and not os.path.isfile(os.path.join(self.generation_config,
+                                                    "generation_config.json"))):
+            raise ConfigError("generation_config must be 'auto', 'none', 'vllm' or a folder "
+                              f"with a generation_config.json, got {self.generation_config!r}")
 
 
 @dataclass

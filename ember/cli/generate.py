@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ember.config import DEFAULT_MODEL, EnvSettings
+from ember.engine.generation_defaults import GenerationDefaults
 from ember.types import SamplingParams
 
 
@@ -19,6 +20,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_quantization_arg(p)
     p.add_argument("--max-model-len", type=int, default=None)
+    add_generation_config_arg(p)
+
+
+def add_generation_config_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--generation-config", default="auto", metavar="{auto,none,vllm,FOLDER}",
+                   help="default sampling values: auto (default): the model's own "
+                        "(generation_config.json or GGUF general.sampling.*; else temperature "
+                        "0.7, top_p 0.9, repetition_penalty 1.1); none / vllm: neutral "
+                        "(temperature 1, no top-p/top-k/penalty); FOLDER: its "
+                        "generation_config.json. Explicit sampling flags always win")
 
 
 def add_quantization_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -35,32 +46,44 @@ def quantization_of(args: argparse.Namespace) -> str | None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    # NOTE: sampling flags default to None = the model's generation default.
+    model_default = "default: the model's (see --generation-config)"
     p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None, help=f"0 = greedy; {model_default}")
+    p.add_argument("--top-p", type=float, default=None, help=model_default)
+    p.add_argument("--top-k", type=int, default=None, help=f"0 disables; {model_default}")
+    p.add_argument("--min-p", type=float, default=None, help=model_default)
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help=f"1 disables; {model_default}")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _sampling(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          stop=list(args.stop))
+def sampling_from_args(args: argparse.Namespace, defaults: GenerationDefaults) -> SamplingParams:
+    """SamplingParams of the CLI flags; sampling flags not given take the model's defaults."""
+    return defaults.sampling_params(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        seed=args.seed, stop=list(args.stop))
 
 
 def _llm(args: argparse.Namespace) -> Any:
     from ember.engine.llm import LLM
     return LLM(args.model, dtype=args.dtype, quantization=quantization_of(args),
-               max_model_len=args.max_model_len, cpu_kernels=not args.no_cpu_kernels)
+               max_model_len=args.max_model_len, cpu_kernels=not args.no_cpu_kernels,
+               generation_config=args.generation_config)
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, SamplingParams]:
+    """Load the model, print its generation defaults (stderr), build the sampling params."""
+    llm = _llm(args)
+    defaults: GenerationDefaults = llm.engine.generation_defaults
+    Console(stderr=True).print(defaults.describe(), style="dim", highlight=False, soft_wrap=True)
+    return llm, sampling_from_args(args, defaults)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    llm = _llm(args)
-    params = _sampling(args)
+    llm, params = _setup(args)
     prompt = llm.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat \
         else args.prompt
     for out in llm.stream(prompt, params):
@@ -71,8 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    llm = _llm(args)
-    params = _sampling(args)
+    llm, params = _setup(args)
     console = Console(stderr=True)
     messages: list[dict[str, str]] = []
     if args.system:

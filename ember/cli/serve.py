@@ -15,7 +15,7 @@ from types import FrameType
 
 from rich.console import Console
 
-from ember.cli.generate import add_quantization_arg, quantization_of
+from ember.cli.generate import add_generation_config_arg, add_quantization_arg, quantization_of
 from ember.config import (DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig,
                           SchedulerConfig, ServerConfig)
 
@@ -53,7 +53,8 @@ def _config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                           quantization=quantization_of(args),
-                          cpu_kernels=not args.no_cpu_kernels),
+                          cpu_kernels=not args.no_cpu_kernels,
+                          generation_config=args.generation_config),
         cache=CacheConfig(block_size=args.block_size, kv_cache_mb=args.kv_cache_mb,
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
@@ -122,6 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_quantization_arg(g)
     g.add_argument("--max-model-len", type=int, default=None)
+    add_generation_config_arg(g)
     g.add_argument("--seed", type=int, default=0, help="seed of requests without their own")
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from ember.config import EngineConfig
 from ember.engine.engine import LLMEngine, Prompt, ProcessedPrompt
+from ember.engine.generation_defaults import GenerationDefaults
 from ember.loading.loader import ProgressFn
 from ember.tokenizer import Tokenizer
 from ember.types import RequestOutput, SamplingParams
@@ -225,6 +226,11 @@ class AsyncEngine:
     @property
     def config(self) -> EngineConfig:
         return self._engine.config
+
+    @property
+    def generation_defaults(self) -> GenerationDefaults:
+        """The model's default sampling values (for requests that leave them out)."""
+        return self._engine.generation_defaults
 
     @property
     def vocab_size(self) -> int:

@@ -8,13 +8,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from ember.config import EngineConfig
 from ember.engine.core import EngineCore
+from ember.engine.generation_defaults import GenerationDefaults, resolve_generation_defaults
+from ember.engine.inputs import Prompt, parse_prompt
 from ember.kernels.ops import CpuKernels
 from ember.engine.outputs import OutputProcessor
 from ember.loading.loader import LoadedModel, ProgressFn, load_model
@@ -23,8 +25,7 @@ from ember.types import InvalidRequestError, Request, RequestOutput, RequestStat
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | Sequence[int]
-"""A prompt is text (tokenized here) or a list of token ids."""
+__all__ = ["LLMEngine", "ProcessedPrompt", "Prompt"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class LLMEngine:
         self.config = config
         self.loaded = loaded
         self.tokenizer: Tokenizer = loaded.tokenizer
+        # NOTE: before EngineCore, which drops loaded.gguf (and its metadata) after load.
+        self.generation_defaults: GenerationDefaults = resolve_generation_defaults(
+            config.model.generation_config, loaded.source.kind, loaded.source.path,
+            loaded.gguf.metadata if loaded.gguf is not None else None)
+        logger.info("%s", self.generation_defaults.describe())
         self.core = EngineCore(config, loaded, kernels)
         self.max_model_len = self.core.layout.max_model_len
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -60,16 +66,18 @@ class LLMEngine:
     # ---- requests -----------------------------------------------------------------------
 
     def process_prompt(self, prompt: Prompt, params: SamplingParams) -> ProcessedPrompt:
-        """Tokenize and validate; raise InvalidRequestError naming the field."""
-        if isinstance(prompt, str):
-            if not prompt:
+        """Tokenize and validate any accepted prompt form (see `ember.engine.inputs`); raise
+        InvalidRequestError naming the field."""
+        parsed = parse_prompt(prompt)
+        if isinstance(parsed, str):
+            if not parsed:
                 raise InvalidRequestError("prompt must not be empty", "prompt")
-            text: str | None = prompt
-            ids = self.tokenizer.encode(prompt)
+            text: str | None = parsed
+            ids = self.tokenizer.encode(parsed)
         else:
-            text, ids = None, list(prompt)
+            text, ids = None, parsed
             vocab = self.loaded.arch.vocab_size
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            if any(not 0 <= t < vocab for t in ids):
                 raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})",
                                           "prompt")
         n, limit = len(ids), self.max_model_len

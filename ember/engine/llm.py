@@ -11,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ember.config import (DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig,
                           SchedulerConfig)
-from ember.engine.engine import LLMEngine, Prompt
+from ember.engine.engine import LLMEngine
+from ember.engine.inputs import Prompt, parse_prompts
 from ember.tokenizer import Tokenizer
 from ember.types import RequestOutput, SamplingParams
 
@@ -33,11 +34,16 @@ class LLM:
                  num_blocks: int | None = None, kv_cache_mb: int = 512,
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, seed: int = 0, show_progress: bool = True,
-                 cpu_kernels: bool = True, config: EngineConfig | None = None) -> None:
+                 cpu_kernels: bool = True, generation_config: str = "auto",
+                 config: EngineConfig | None = None) -> None:
+        """generation_config: where `get_default_sampling_params()` comes from ('auto': the
+        model's generation_config.json / GGUF sampling metadata, else Ember's fallback;
+        'none': SamplingParams' own defaults; or a folder with a generation_config.json)."""
         if config is None:
             config = EngineConfig(
                 model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len,
-                                  quantization=quantization, cpu_kernels=cpu_kernels),
+                                  quantization=quantization, cpu_kernels=cpu_kernels,
+                                  generation_config=generation_config),
                 cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                   kv_cache_mb=kv_cache_mb,
                                   enable_prefix_caching=enable_prefix_caching),
@@ -53,19 +59,27 @@ class LLM:
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer."""
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation defaults (see `generation_config`);
+        what `generate`, `chat` and `stream` use when given no sampling params."""
+        return self.engine.generation_defaults.sampling_params()
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool | None = None) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); outputs come back in prompt order."""
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                        and isinstance(prompts[0], int)):
-            prompt_list: list[Prompt] = [prompts]  # type: ignore[list-item]
-        else:
-            prompt_list = list(prompts)  # type: ignore[arg-type]
+        """Generate for each prompt; outputs come back in prompt order.
+
+        A prompt is a string, a list of token ids, {"prompt": str} or
+        {"prompt_token_ids": list[int]}; a list of these (mixed) is a batch. Anything else
+        raises InvalidRequestError stating the accepted forms. sampling_params=None uses
+        `get_default_sampling_params()`.
+        """
+        prompt_list = parse_prompts(prompts)
         if sampling_params is None:
-            params_list = [SamplingParams()] * len(prompt_list)
+            params_list = [self.get_default_sampling_params()] * len(prompt_list)
         elif isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompt_list)
         else:
@@ -91,16 +105,17 @@ class LLM:
         """Render each conversation with the model's chat template, then generate."""
         conversations = ([messages] if messages and isinstance(messages[0], dict)
                          else list(messages))
-        prompts: list[Prompt] = [
+        prompts: list[list[int]] = [
             self.encode_chat(conv, add_generation_prompt, **template_kwargs)  # type: ignore[arg-type]
             for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
                ) -> Iterator[RequestOutput]:
-        """Generate for one prompt, yielding each step's output (deltas in delta_text)."""
+        """Generate for one prompt (any form `generate` takes), yielding each step's output
+        (deltas in delta_text); sampling_params=None uses `get_default_sampling_params()`."""
         rid = str(next(self._ids))
-        self.engine.add_request(rid, prompt, sampling_params or SamplingParams())
+        self.engine.add_request(rid, prompt, sampling_params or self.get_default_sampling_params())
         finished = False
         try:
             while not finished:

@@ -37,14 +37,20 @@ class _SamplingRequest(_Request):
     model: str | None = Field(
         None, description="A name from /v1/models; omitted means the served model.")
     n: int | None = Field(1, ge=1, le=128, description="Completions per prompt.")
-    temperature: float | None = Field(1.0, ge=0, le=2, description="0 means greedy.")
-    top_p: float | None = Field(1.0, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, description="Ember extension; 0 or -1 disables.")
-    min_p: float | None = Field(None, ge=0, le=1, description="Ember extension.")
+    # NOTE: sampling fields default to None: omitted (or null) takes the model's generation
+    # defaults (GenerationDefaults), an explicit value always wins.
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="0 means greedy; omitted: the model's default.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Omitted: the model's default.")
+    top_k: int | None = Field(None, ge=-1, description="Ember extension; 0 or -1 disables; "
+                                                       "omitted: the model's default.")
+    min_p: float | None = Field(None, ge=0, le=1,
+                                description="Ember extension; omitted: the model's default.")
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=10,
-                                             description="Ember extension; 1 disables.")
+    repetition_penalty: float | None = Field(
+        None, gt=0, le=10, description="Ember extension; 1 disables; omitted: the model's "
+                                       "default.")
     seed: Seed | None = Field(None, description="Same seed and parameters give the same text.")
     stop: StopStr | Annotated[list[StopStr], Field(max_length=16)] | None = Field(
         None, description="Up to 16 stop strings; the matched text is not returned.")

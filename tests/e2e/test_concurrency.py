@@ -4,12 +4,11 @@ that goes away is aborted and its KV blocks are freed."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import httpx
 import pytest
-
-from ember import SamplingParams
 
 NUM_CLIENTS = 16
 MAX_TOKENS = 10
@@ -28,8 +27,11 @@ def test_concurrent_streams_equal_offline_generate(server, model_name, make_llm)
 
     llm = make_llm(quantization="auto")  # the server's default: the GGUF's own Q4 format
     prompts = _prompts()
-    offline = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
-                           use_tqdm=False)
+    # NOTE: the server fills the fields a request leaves out (top_p, repetition_penalty, ...)
+    # with the model's generation defaults, as get_default_sampling_params() does offline.
+    params = dataclasses.replace(llm.get_default_sampling_params(), max_tokens=MAX_TOKENS,
+                                 temperature=0.0)
+    offline = llm.generate(prompts, params, use_tqdm=False)
     expected = [o.outputs[0].text for o in offline]
 
     async def one(client: AsyncOpenAI, prompt: str, delay: float) -> str:

@@ -33,8 +33,11 @@ def test_health_models_and_loading(server, client, model_name):
 
 
 def test_completion_usage_and_logprobs(server, client, model_name):
+    # NOTE: logprobs are the model's raw ones: the greedy token is their top one only without
+    # a penalty (the model's generation defaults add repetition_penalty 1.1).
     out = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=6,
-                                    temperature=0, logprobs=2, extra_body=NO_EOS)
+                                    temperature=0, logprobs=2,
+                                    extra_body=NO_EOS | {"repetition_penalty": 1.0})
     choice = out.choices[0]
     assert out.object == "text_completion" and out.id.startswith("cmpl-")
     assert choice.finish_reason == "length"
@@ -114,7 +117,8 @@ def test_n3_completion_and_chat(client, model_name):
 
 def test_chat_logprobs_top_logprobs(client, model_name):
     out = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=5,
-                                         temperature=0, logprobs=True, top_logprobs=3)
+                                         temperature=0, logprobs=True, top_logprobs=3,
+                                         extra_body={"repetition_penalty": 1.0})  # raw top
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.completion_tokens
     for entry in content:

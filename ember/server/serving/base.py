@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from ember.engine.async_engine import (AsyncEngine, EngineDeadError, EngineUnavailableError,
                                        RequestStream)
+from ember.engine.generation_defaults import GenerationDefaults
 from ember.server.errors import APIError, bad_request, from_invalid_request, unavailable
 from ember.server.limits import PRINCIPAL_KEY, AdmissionControl, RateLimiter, Reservation
 from ember.server.metrics import ServerMetrics
@@ -121,9 +122,13 @@ class ServingContext:
 
 
 def build_sampling_params(req: _SamplingRequest, *, max_tokens: int | None,
-                          logprobs: int | None = None,
-                          prompt_logprobs: int | None = None) -> SamplingParams:
-    """SamplingParams from the shared request fields (400 naming the field if invalid)."""
+                          logprobs: int | None = None, prompt_logprobs: int | None = None,
+                          defaults: GenerationDefaults | None = None) -> SamplingParams:
+    """SamplingParams from the shared request fields (400 naming the field if invalid).
+
+    temperature, top_p, top_k, min_p and repetition_penalty the request leaves out (or sets
+    to null) take the model's `defaults`; explicit values (temperature 0 included) win.
+    """
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
     if req.stream_options is not None and not req.stream:
@@ -132,15 +137,17 @@ def build_sampling_params(req: _SamplingRequest, *, max_tokens: int | None,
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
 
+    def real(value: float | None) -> float | None:
+        return None if value is None else float(value)
+
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
-        return SamplingParams(
-            n=pick(req.n, 1), temperature=float(pick(req.temperature, 1.0)),
-            top_p=float(pick(req.top_p, 1.0)), top_k=pick(req.top_k, 0),
-            min_p=float(pick(req.min_p, 0.0)),
+        return (defaults or GenerationDefaults()).sampling_params(
+            n=pick(req.n, 1), temperature=real(req.temperature), top_p=real(req.top_p),
+            top_k=req.top_k, min_p=real(req.min_p),
+            repetition_penalty=real(req.repetition_penalty),
             presence_penalty=float(pick(req.presence_penalty, 0.0)),
-            frequency_penalty=float(pick(req.frequency_penalty, 0.0)),
-            repetition_penalty=float(pick(req.repetition_penalty, 1.0)), seed=req.seed,
+            frequency_penalty=float(pick(req.frequency_penalty, 0.0)), seed=req.seed,
             max_tokens=max_tokens, min_tokens=pick(req.min_tokens, 0), stop=stop,
             stop_token_ids=list(req.stop_token_ids or []), ignore_eos=bool(req.ignore_eos),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,

@@ -97,7 +97,8 @@ class ChatServing:
         num_top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = (body.max_completion_tokens if body.max_completion_tokens is not None
                       else body.max_tokens)
-        params = build_sampling_params(body, max_tokens=max_tokens, logprobs=num_top)
+        params = build_sampling_params(body, max_tokens=max_tokens, logprobs=num_top,
+                                       defaults=self.ctx.engine.generation_defaults)
         ids = render_chat(self.ctx.engine.tokenizer, body.messages,
                           body.add_generation_prompt is not False, body.chat_template_kwargs)
         try:

@@ -94,7 +94,8 @@ class CompletionServing:
                               "max_tokens")
         params = build_sampling_params(
             body, max_tokens=1 if echo_only else body.max_tokens, logprobs=body.logprobs,
-            prompt_logprobs=body.logprobs if echo else None)
+            prompt_logprobs=body.logprobs if echo else None,
+            defaults=self.ctx.engine.generation_defaults)
         raw_prompts = self._prompt_list(body.prompt)
         if len(raw_prompts) * params.n > _MAX_SEQS_PER_REQUEST:
             raise bad_request(f"len(prompt) x n must be <= {_MAX_SEQS_PER_REQUEST}", "prompt")
