@@ -29,6 +29,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from ember.chat_template import compile_chat_template, normalize_message
+from ember.spm_tokenizer import build_sentencepiece_bpe
 
 logger = logging.getLogger(__name__)
 
@@ -252,23 +253,32 @@ class Tokenizer:
             ValueError: no vocabulary, or an unsupported tokenizer model / pre-tokenizer.
         """
         model = metadata.get("tokenizer.ggml.model")
-        if model != "gpt2":
+        if model not in ("gpt2", "llama"):
             raise ValueError(
-                f"unsupported GGUF tokenizer model {model!r} (tokenizer.ggml.model): only "
-                "byte-level BPE ('gpt2') is supported; use a HF directory with tokenizer.json"
+                f"unsupported GGUF tokenizer model {model!r} (tokenizer.ggml.model): "
+                "byte-level BPE ('gpt2') and SentencePiece BPE ('llama') are supported; "
+                "use a HF directory with tokenizer.json"
             )
         if "tokenizer.ggml.tokens" not in metadata:
             raise ValueError("GGUF metadata has no tokenizer.ggml.tokens")
         tokens = _as_str_list(metadata["tokenizer.ggml.tokens"], "tokenizer.ggml.tokens")
         types = _int_ids(metadata.get("tokenizer.ggml.token_type"))
-        merges = _as_str_list(metadata.get("tokenizer.ggml.merges") or [], "tokenizer.ggml.merges")
         pre = str(metadata.get("tokenizer.ggml.pre") or "default")
         add_bos = metadata.get("tokenizer.ggml.add_bos_token")
+        if model == "llama":
+            # NOTE: llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
+            backend = build_sentencepiece_bpe(metadata, tokens, types,
+                                              str(metadata.get("general.architecture", "")))
+            add_bos = True if add_bos is None else add_bos
+        else:
+            merges = _as_str_list(metadata.get("tokenizer.ggml.merges") or [],
+                                  "tokenizer.ggml.merges")
+            backend = _build_byte_level_bpe(tokens, types, merges, pre)
         template = metadata.get("tokenizer.chat_template")
         eot_eom = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
         extra_eos = [_optional_int(metadata, key) for key in eot_eom]
         return cls(
-            _build_byte_level_bpe(tokens, types, merges, pre),
+            backend,
             bos_token_id=_optional_int(metadata, "tokenizer.ggml.bos_token_id"),
             eos_token_id=_optional_int(metadata, "tokenizer.ggml.eos_token_id"),
             pad_token_id=_optional_int(metadata, "tokenizer.ggml.padding_token_id"),
@@ -320,6 +330,11 @@ class Tokenizer:
             add_bos_token=add_bos,
             add_eos_token=bool(config.get("add_eos_token", False)),
         )
+
+    @property
+    def bos_prefix(self) -> list[int]:
+        """[BOS] when `encode` adds it (Gemma, Llama 3), else [] (SmolLM2)."""
+        return list(self._prefix)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. Special-token text (e.g. "<|im_end|>") is matched whole. With

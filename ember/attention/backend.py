@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ember.attention.metadata import AttentionMetadata
+from ember.attention.metadata import AttentionMetadata, PrefillChunk, chunk_mask
 from ember.layers.rope import RotaryEmbedding
 
 
@@ -54,21 +54,26 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: (T, H_q, D), k/v: (T, H_kv, D) for this step's tokens. Returns (T, H_q, D)."""
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    window: int | None = None) -> torch.Tensor:
+    """q: (T, H_q, D), k/v: (T, H_kv, D) for this step's tokens. Returns (T, H_q, D).
+    window: a sliding-window layer's window (keys older than the last `window` positions of
+    each query are masked), None for full attention."""
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[:meta.num_decodes] = decode_attention(q[:meta.num_decodes], k_cache, v_cache,
-                                                  meta, scale)
+                                                  meta, scale, window)
     for chunk in meta.prefills:
         sl = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        out[sl] = _prefill_attention(q[sl], k[sl], v[sl], k_cache, v_cache, chunk, scale)
+        out[sl] = _prefill_attention(q[sl], k[sl], v[sl], k_cache, v_cache, chunk, scale,
+                                     window)
     return out
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                     meta: AttentionMetadata, scale: float,
+                     window: int | None = None) -> torch.Tensor:
     """One query token per request against its paged context: grouped matmul, fp32 softmax.
 
     NOTE: on CPU this beats SDPA for single-token queries; GQA is handled by grouping the
@@ -83,21 +88,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     values = v_flat[meta.decode_kv_slots]  # (B, L, H_kv, D)
     qg = q.view(b, hkv, hq // hkv, d).float()  # (B, H_kv, G, D)
     scores = torch.matmul(qg, keys.permute(0, 2, 3, 1).float()) * scale  # (B, H_kv, G, L)
-    probs = torch.softmax(scores + meta.decode_kv_mask, dim=-1)
+    probs = torch.softmax(scores + meta.decode_mask(window), dim=-1)
     out = torch.matmul(probs, values.permute(0, 2, 1, 3).float())  # (B, H_kv, G, D)
     return out.reshape(b, hq, d).to(q.dtype)
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, chunk, scale: float) -> torch.Tensor:
+                       v_cache: torch.Tensor, chunk: PrefillChunk, scale: float,
+                       window: int | None = None) -> torch.Tensor:
     """Causal attention of one chunk (Tq, H_q, D) over its cached context plus itself."""
+    mask = chunk_mask(chunk, window)
+    causal = mask is None
     if chunk.kv_slots is None:
-        keys, values, mask, causal = k, v, None, True
+        keys, values = k, v
     else:
         hkv, d = k_cache.shape[-2], k_cache.shape[-1]
         keys = k_cache.view(-1, hkv, d)[chunk.kv_slots]  # (Tk, H_kv, D)
         values = v_cache.view(-1, hkv, d)[chunk.kv_slots]
-        mask, causal = chunk.causal_mask, False
     qh = q.transpose(0, 1).unsqueeze(0)  # (1, H_q, Tq, D)
     kh = keys.to(q.dtype).transpose(0, 1).unsqueeze(0)  # (1, H_kv, Tk, D)
     vh = values.to(q.dtype).transpose(0, 1).unsqueeze(0)

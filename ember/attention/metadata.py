@@ -54,3 +54,36 @@ class AttentionMetadata:
     """(T,) int64: context length of each query row, itself included (kernel path)."""
     kernels: CpuKernels | None = field(default=None, repr=False)
     """Ember's CPU kernels when the runner uses them; None = PyTorch reference path."""
+    decode_lens: torch.Tensor | None = None
+    """(B,) int64: context length of each decode request, itself included (reference path;
+    sliding-window masks are derived from it)."""
+    _window_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    """Per-step cache of sliding-window decode masks, one per window size."""
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """(B, 1, 1, L) additive mask of the decodes; with `window`, keys older than the last
+        `window` positions are masked too (built once per step and window)."""
+        assert self.decode_kv_mask is not None
+        if window is None:
+            return self.decode_kv_mask
+        mask = self._window_masks.get(window)
+        if mask is None:
+            assert self.decode_lens is not None
+            length = self.decode_kv_mask.shape[-1]
+            old = torch.arange(length).unsqueeze(0) < (self.decode_lens - window).unsqueeze(1)
+            mask = self.decode_kv_mask.masked_fill(old.view_as(self.decode_kv_mask),
+                                                   float("-inf"))
+            self._window_masks[window] = mask
+        return mask
+
+
+def chunk_mask(chunk: PrefillChunk, window: int | None) -> torch.Tensor | None:
+    """Boolean (Tq, Tk) mask of a prefill chunk (True = may attend), or None when plain causal
+    attention over its own keys is exact (fresh chunk, no window cutting into it)."""
+    if window is None or (chunk.context_len == 0 and chunk.query_len <= window):
+        return chunk.causal_mask
+    q_pos = torch.arange(chunk.context_len, chunk.context_len + chunk.query_len).unsqueeze(1)
+    k_pos = torch.arange(chunk.context_len + chunk.query_len).unsqueeze(0)
+    if chunk.context_len == 0:
+        k_pos = k_pos[:, :chunk.query_len]
+    return (k_pos <= q_pos) & (k_pos > q_pos - window)  # (Tq, Tk)

@@ -1,7 +1,8 @@
 """Perplexity through the engine itself (prompt logprobs over paged, chunked prefill).
 
 Protocol (DESIGN.md): the model's tokenizer, non-overlapping windows of 512 tokens, the first
-8192 tokens of the text; each window scores its tokens 2..N given the preceding ones.
+8192 tokens of the text; each window starts with BOS when the tokenizer adds one and scores its
+tokens 2..N given the preceding ones.
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ def windows_of(token_ids: list[int], window: int, max_tokens: int) -> list[list[
 def perplexity(llm: "LLM", text: str, window: int = 512, max_tokens: int = 8192
                ) -> PerplexityResult:
     """Perplexity of `text` under the LLM's model, computed by the engine's own forward."""
-    ids = llm.get_tokenizer().encode(text, add_special_tokens=False)
-    chunks = windows_of(ids, window, max_tokens)
+    tok = llm.get_tokenizer()
+    ids = tok.encode(text, add_special_tokens=False)
+    bos = tok.bos_prefix
+    # NOTE: with BOS each window is BOS + (window - 1) text tokens (Gemma's perplexity triples
+    # without it); the windows still cover the first max_tokens text tokens.
+    chunks = [bos + c for c in windows_of(ids, window - len(bos), max_tokens)]
     if not chunks:
         raise ValueError("text is too short to score (needs at least 2 tokens)")
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)

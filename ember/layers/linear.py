@@ -30,3 +30,21 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class AddBias(nn.Module):
+    """A runtime-format linear (quantized formats store no bias) followed by its bias:
+    y = inner(x) + b. `format` is the inner layer's."""
+
+    def __init__(self, inner: nn.Module, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.bias = nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def format(self) -> str:
+        return str(getattr(self.inner, "format", "?"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return out + self.bias.to(out.dtype)

@@ -23,11 +23,12 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from ember.formats.dequant import q8_0_blocks
 from ember.kernels.ops import CpuKernels
 from ember.layers.cpu_quant import Q4Linear, Q8Embedding, Q8Linear
-from ember.layers.linear import Linear
+from ember.layers.linear import AddBias, Linear
 from ember.layers.quant import Int4Linear, Int4Weights, Int8Linear
-from ember.loading.gguf import GGUFFile, GGUFTensor, q8_0_blocks
+from ember.loading.gguf import GGUFFile, GGUFTensor
 from ember.models.base import CausalLM, TensorTransform
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,23 @@ def _int4_weights(name: str, layer: Linear, sources: Sources,
 def _convert(names: list[str], layers: list[Linear], quantization: str | None,
              sources: Sources, keep_dense: bool, kernels: CpuKernels | None,
              exact: dict[str, Int4Weights]) -> nn.Module:
-    """One runtime module computing the row-wise concatenation of `layers`."""
+    """One runtime module computing the row-wise concatenation of `layers`, biases included
+    (a quantized format's module is wrapped in `AddBias`)."""
+    module = _convert_weight(names, layers, quantization, sources, keep_dense, kernels, exact)
+    if all(layer.bias is None for layer in layers) or any(module is x for x in layers):
+        return module
+    bias = torch.cat([layer.bias.detach() if layer.bias is not None
+                      else layer.weight.new_zeros(layer.out_features) for layer in layers])
+    if isinstance(module, Linear):  # a dense fusion
+        module.bias = nn.Parameter(bias, requires_grad=False)
+        return module
+    return AddBias(module, bias)
+
+
+def _convert_weight(names: list[str], layers: list[Linear], quantization: str | None,
+                    sources: Sources, keep_dense: bool, kernels: CpuKernels | None,
+                    exact: dict[str, Int4Weights]) -> nn.Module:
+    """One runtime module computing the row-wise concatenation of `layers`' weights."""
     if quantization == "int4" and names != ["lm_head"]:
         weights = Int4Weights.cat([_int4_weights(n, layer, sources, exact)
                                    for n, layer in zip(names, layers)])

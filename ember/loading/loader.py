@@ -127,6 +127,8 @@ def _load_gguf(source: ModelSource, gf: GGUFFile, dtype: torch.dtype,
     arch = ArchConfig.from_gguf_metadata(gf.metadata, where)
     if "output.weight" in gf.tensors:
         arch = dataclasses.replace(arch, tie_word_embeddings=False)
+    arch = get_model_class(arch.architecture, where).gguf_arch(arch, gf.metadata,
+                                                               set(gf.tensors))
     model = _build(arch, dtype, where)
     map_name = model.map_gguf_name
     linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear)}
@@ -165,6 +167,7 @@ def _load_hf_dir(source: ModelSource, dtype: torch.dtype,
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"{folder / 'config.json'}: cannot read ({exc})") from exc
     arch = ArchConfig.from_hf_config(cfg, str(folder))
+    arch = get_model_class(arch.architecture, str(folder)).hf_arch(arch, cfg)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder}: no *.safetensors files")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,3 +39,16 @@ class CausalLM(nn.Module):
     def map_gguf_name(name: str, cfg: ArchConfig) -> tuple[str, TensorTransform | None] | None:
         """GGUF tensor name -> (parameter name, transform) or None if unknown."""
         return None
+
+    @staticmethod
+    def gguf_arch(cfg: ArchConfig, meta: dict[str, object],
+                  tensor_names: set[str]) -> ArchConfig:
+        """The generic GGUF reading `cfg` completed with what this architecture implies but
+        llama.cpp does not store (layer patterns, biases present as tensors, ...)."""
+        return cfg
+
+    @staticmethod
+    def hf_arch(cfg: ArchConfig, hf_config: dict[str, Any]) -> ArchConfig:
+        """The generic config.json reading `cfg` completed with what this architecture implies
+        but its config does not say (Qwen3: q/k norms)."""
+        return cfg

@@ -55,9 +55,10 @@ class ModelRunner:
         self.model = model
         kv_dtype = kv_dtype or dtype
         # NOTE: the attention kernels (and the fused decoder) take float32 activations and
-        # bfloat16 caches; other combinations use the PyTorch attention.
+        # bfloat16 caches, and implement plain Llama attention only (no bias, q/k norm,
+        # sliding window or partial rotary); anything else uses the PyTorch attention.
         self.kernels = (kernels if dtype == torch.float32 and kv_dtype == torch.bfloat16
-                        else None)
+                        and arch.kernel_compatible else None)
         """Ember's CPU kernels for attention (in the metadata) and fused steps, or None."""
         self.arch = arch
         self.block_size = block_size
@@ -192,6 +193,7 @@ class ModelRunner:
             meta.row_block_tables, meta.row_lens = self._row_tables(order, tables)
         elif tables:
             meta.decode_kv_slots, meta.decode_kv_mask = self._decode_tables(tables, decode_lens)
+            meta.decode_lens = torch.tensor(decode_lens, dtype=torch.int64)
         return self._input_ids[:t], self._positions[:t], meta, plan
 
     def _prefill_chunk(self, sr: ScheduledRequest, q0: int, table: np.ndarray) -> PrefillChunk:

@@ -167,7 +167,7 @@ def test_eot_and_eom_are_eos():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"tokenizer.ggml.model": "llama"}, "unsupported GGUF tokenizer model 'llama'"),
+        ({"tokenizer.ggml.model": "bert"}, "unsupported GGUF tokenizer model 'bert'"),
         ({"tokenizer.ggml.model": None}, "unsupported GGUF tokenizer model"),
         ({"tokenizer.ggml.pre": "no-such-pre"}, "unsupported GGUF pre-tokenizer 'no-such-pre'"),
         ({"tokenizer.ggml.merges": ["hello"]}, "malformed GGUF merge"),

@@ -1,0 +1,223 @@
+"""Gemma 3 text decoder: forward math and weight names only.
+
+Differences from Llama: the embedding is scaled by sqrt(hidden); RMSNorms multiply by
+(1 + w) and sit before AND after attention and the MLP; queries and keys get a per-head
+RMSNorm before RoPE; the MLP is GeGLU (tanh GELU); attention scale is
+query_pre_attn_scalar ** -0.5; layers alternate sliding-window attention (window 512, RoPE base
+10k) with global attention (RoPE base 1M), five local layers to one global one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.attention.backend import paged_attention
+from ember.attention.metadata import AttentionMetadata
+from ember.layers.linear import Linear
+from ember.layers.rope import RotaryEmbedding
+from ember.models.arch import ArchConfig
+from ember.models.base import CausalLM, KVCache, TensorTransform
+
+RopeTables = tuple[torch.Tensor, torch.Tensor]
+SLIDING_PATTERN = 6
+"""Every 6th layer (5, 11, 17, ...) is global; llama.cpp's Gemma 3 files do not store this."""
+LOCAL_ROPE_THETA = 10000.0
+
+
+class GemmaRMSNorm(nn.Module):
+    """y = x / rms(x) * (1 + w), in float32, cast back (HF's Gemma convention for `w`)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class Gemma3Attention(nn.Module):
+    FUSIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+
+    def __init__(self, cfg: ArchConfig, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.attn_scale
+        self.window = cfg.layer_window(layer)
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = Linear(cfg.hidden_size, q_size, dtype=dtype)
+        self.k_proj = Linear(cfg.hidden_size, kv_size, dtype=dtype)
+        self.v_proj = Linear(cfg.hidden_size, kv_size, dtype=dtype)
+        self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype)
+        self.qkv_proj: nn.Module | None = None
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: RopeTables, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))  # (T, Hq, D)
+        k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))  # (T, Hk, D)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hk, D)
+        q, k = RotaryEmbedding.rotate(q, k, rope)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))  # (T, Hq*D)
+
+
+class Gemma3MLP(nn.Module):
+    FUSIONS = {"gate_up_proj": ("gate_proj", "up_proj")}
+
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype)
+        self.gate_up_proj: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, cfg: ArchConfig, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        eps = cfg.rms_norm_eps
+        self.is_sliding = cfg.layer_window(layer) is not None
+        self.input_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
+        self.self_attn = Gemma3Attention(cfg, layer, dtype)
+        self.post_attention_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
+        self.mlp = Gemma3MLP(cfg, dtype)
+        self.post_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
+
+    def forward(self, x: torch.Tensor, rope: RopeTables, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        return x + self.post_feedforward_layernorm(h)
+
+
+class Gemma3Body(nn.Module):
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta,
+                                          cfg.rope_scaling)
+        # NOTE: local layers use their own base and no scaling (HF: rope_local_base_freq).
+        self.rotary_emb_local = RotaryEmbedding(cfg.head_dim, cfg.max_position,
+                                                cfg.rope_local_theta or LOCAL_ROPE_THETA)
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size,
+            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, i, dtype)
+                                    for i in range(cfg.num_layers))
+        self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embed_scale = cfg.hidden_size ** 0.5
+
+
+class Gemma3ForCausalLM(CausalLM):
+    """Gemma 3 text model (GGUF `gemma3`, HF `gemma3_text`) with HF parameter names."""
+
+    def __init__(self, cfg: ArchConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Gemma3Body(cfg, dtype)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+        body = self.model
+        h = body.embed_tokens(input_ids)  # (T, hidden)
+        # NOTE: HF scales in the embedding's dtype (the scale rounded to it first).
+        h = h * torch.tensor(body.embed_scale, dtype=h.dtype)
+        rope_global = body.rotary_emb.cos_sin(positions)
+        rope_local = body.rotary_emb_local.cos_sin(positions)
+        for layer, kv_cache in zip(body.layers, kv_caches):
+            h = layer(h, rope_local if layer.is_sliding else rope_global, kv_cache, meta)
+        return body.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # ---- weight names -------------------------------------------------------------------
+
+    @staticmethod
+    def expected_unused(cfg: ArchConfig) -> set[str]:
+        return {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+
+    @staticmethod
+    def gguf_arch(cfg: ArchConfig, meta: dict[str, object],
+                  tensor_names: set[str]) -> ArchConfig:
+        """llama.cpp's Gemma 3 conventions: 5 sliding layers then a global one, local RoPE
+        base 10k, attention scale from head_dim (hidden / heads for the 27B model)."""
+        pattern = tuple("full" if (i + 1) % SLIDING_PATTERN == 0 else "sliding"
+                        for i in range(cfg.num_layers))
+        scalar = (cfg.hidden_size // cfg.num_heads if cfg.num_layers == 62 else cfg.head_dim)
+        scaling: dict[str, object] = {}
+        kind = meta.get("gemma3.rope.scaling.type")
+        if kind not in (None, "none"):
+            scaling = {"rope_type": kind,
+                       "factor": float(meta["gemma3.rope.scaling.factor"])}  # type: ignore[arg-type]
+        return dataclasses.replace(
+            cfg, layer_types=pattern if cfg.sliding_window else (), qk_norm=True,
+            rope_local_theta=LOCAL_ROPE_THETA, query_pre_attn_scalar=float(scalar),
+            rope_scaling=scaling)
+
+    @staticmethod
+    def map_gguf_name(name: str, cfg: ArchConfig) -> tuple[str, TensorTransform | None] | None:
+        """NOTE: llama.cpp stores Gemma's norm weights as 1 + w; HF's `w` is restored here.
+        Gemma's q/k rows are not permuted (llama.cpp runs it with NeoX-style RoPE)."""
+        if name in _GGUF_GLOBAL:
+            param = _GGUF_GLOBAL[name]
+            return param, (_minus_one if param.endswith("norm.weight") else None)
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+        if m is None or m.group(2) not in _GGUF_LAYER:
+            return None
+        param = f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.weight"
+        return param, (_minus_one if "norm" in m.group(2) else None)
+
+
+def _minus_one(w: torch.Tensor) -> torch.Tensor:
+    return w - 1
+
+
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
