@@ -6,6 +6,7 @@ This is the only module that reads environment variables (see `EnvSettings`).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -29,6 +30,12 @@ class EnvSettings:
     """EMBER_MODEL_PATH: extra folders (os.pathsep separated) searched for local models."""
     api_key: str | None = None
     """EMBER_API_KEY: an API key `ember serve` accepts (added to --api-key)."""
+
+    @property
+    def cache_path(self) -> Path:
+        """Where Ember caches artefacts (compiled kernels, assembled packaged models)."""
+        return Path(self.cache_dir).expanduser() if self.cache_dir else \
+            Path.home() / ".cache" / "ember"
 
     @classmethod
     def from_env(cls) -> "EnvSettings":
@@ -60,6 +67,8 @@ class ModelConfig:
     ops force bfloat16."""
     cpu_kernels: bool = True
     """Use Ember's compiled AVX-512/VNNI kernels when this CPU has them (else PyTorch ops)."""
+    chat_template: str | None = None
+    """A jinja2 chat-template file replacing (or, for base models, supplying) the model's."""
     generation_config: str = "auto"
     """Default sampling values (vLLM's --generation-config): 'auto' takes the model's own
     (generation_config.json, GGUF general.sampling.*; Ember's fallback when it has none),
@@ -74,6 +83,8 @@ class ModelConfig:
                               f"got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.chat_template is not None and not os.path.isfile(self.chat_template):
+            raise ConfigError(f"chat_template: {self.chat_template}: no such file")
         if (self.generation_config not in ("auto", "none", "vllm")
                 and not os.path.isfile(os.path.join(self.generation_config,
                                                     "generation_config.json"))):

@@ -16,6 +16,7 @@ own tokenizer.json (Digits + ByteLevel). We follow those two.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -331,6 +332,14 @@ class Tokenizer:
             add_eos_token=bool(config.get("add_eos_token", False)),
         )
 
+    def with_chat_template(self, template: str) -> "Tokenizer":
+        """A copy of this tokenizer that renders chats with `template` (checked to compile)."""
+        compile_chat_template(template)
+        clone = copy.copy(self)
+        clone.__dict__.pop("_compiled_chat_template", None)  # the cached_property's value
+        clone.chat_template = template
+        return clone
+
     @property
     def bos_prefix(self) -> list[int]:
         """[BOS] when `encode` adds it (Gemma, Llama 3), else [] (SmolLM2)."""
@@ -414,7 +423,9 @@ class Tokenizer:
     def _compiled_chat_template(self) -> jinja2.Template:
         # NOTE: compiled once per instance: compiling costs milliseconds, rendering microseconds.
         if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat template; send a prompt, not messages")
+            raise ValueError("this model has no chat template (a base model): send a prompt "
+                             "to /v1/completions, or give the server one with "
+                             "--chat-template FILE")
         return compile_chat_template(self.chat_template)
 
     def __repr__(self) -> str:

@@ -77,7 +77,8 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     from ember.config import EnvSettings
     from ember.loading.sources import resolve_model
 
-    source = resolve_model(args.model, EnvSettings.from_env().model_dirs)
+    env = EnvSettings.from_env()
+    source = resolve_model(args.model, env.model_dirs, env.cache_path)
     if source.kind != "gguf":
         raise ValueError(f"{source.path}: peers run GGUF files; got a {source.kind} model")
     variants = tuple(args.ember or ["int4"])

@@ -24,6 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_generation_config_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="jinja2 chat template replacing the model's (base models have none)")
     p.add_argument("--generation-config", default="auto", metavar="{auto,none,vllm,FOLDER}",
                    help="default sampling values: auto (default): the model's own "
                         "(generation_config.json or GGUF general.sampling.*; else temperature "
@@ -71,7 +73,7 @@ def _llm(args: argparse.Namespace) -> Any:
     from ember.engine.llm import LLM
     return LLM(args.model, dtype=args.dtype, quantization=quantization_of(args),
                max_model_len=args.max_model_len, cpu_kernels=not args.no_cpu_kernels,
-               generation_config=args.generation_config)
+               generation_config=args.generation_config, chat_template=args.chat_template)
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, SamplingParams]:
@@ -131,7 +133,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     table = Table(title="Ember models")
     for col in ("name", "status", "location", "description"):
         table.add_column(col)
-    for row in list_models(EnvSettings.from_env().model_dirs):
+    env = EnvSettings.from_env()
+    for row in list_models(env.model_dirs, env.cache_path):
         table.add_row(row.name, row.status, row.location, row.description)
     Console().print(table)
     return 0

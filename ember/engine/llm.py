@@ -35,15 +35,18 @@ class LLM:
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, seed: int = 0, show_progress: bool = True,
                  cpu_kernels: bool = True, generation_config: str = "auto",
+                 chat_template: str | None = None,
                  config: EngineConfig | None = None) -> None:
         """generation_config: where `get_default_sampling_params()` comes from ('auto': the
         model's generation_config.json / GGUF sampling metadata, else Ember's fallback;
-        'none': SamplingParams' own defaults; or a folder with a generation_config.json)."""
+        'none': SamplingParams' own defaults; or a folder with a generation_config.json).
+        chat_template: a jinja2 chat-template file replacing (or supplying) the model's."""
         if config is None:
             config = EngineConfig(
                 model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len,
                                   quantization=quantization, cpu_kernels=cpu_kernels,
-                                  generation_config=generation_config),
+                                  generation_config=generation_config,
+                                  chat_template=chat_template),
                 cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                   kv_cache_mb=kv_cache_mb,
                                   enable_prefix_caching=enable_prefix_caching),

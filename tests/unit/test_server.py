@@ -239,3 +239,17 @@ def test_config_validation_names_the_field():
         dataclasses.replace(ServerConfig(), max_queued_requests=-1).validate()
     with pytest.raises(ValueError, match="api_keys"):
         ServerConfig(api_keys=(" k",)).validate()
+
+
+def test_chat_on_a_model_without_template_is_400_naming_the_flag():
+    from ember.server.protocol import ChatMessage
+    from ember.server.serving.chat import render_chat
+    from tiny_llama import tiny_tokenizer
+
+    base = tiny_tokenizer()
+    tok = Tokenizer(base.backend, bos_token_id=256, eos_token_id=256)
+    with pytest.raises(APIError) as info:
+        render_chat(tok, [ChatMessage(role="user", content="hi")])
+    assert info.value.status == 400 and "--chat-template" in str(info.value.body())
+    fixed = tok.with_chat_template("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    assert fixed.decode(render_chat(fixed, [ChatMessage(role="user", content="hi")])) == "[hi]"

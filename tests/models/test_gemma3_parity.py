@@ -1,0 +1,145 @@
+"""Gemma 3 270M (the packaged GGUF Q4_K_M) against HF transformers on the same file (fp32).
+
+transformers dequantizes the GGUF itself (the gguf library's dequantizers) and runs its own
+Gemma 3 code, so it is an independent reference for the weights, names and forward math.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember import SamplingParams
+from ember.eval.perplexity import perplexity, windows_of
+from ember.loading.sources import PACKAGED_MODELS, packaged_path
+
+GEMMA = next(m for m in PACKAGED_MODELS if m.name == "gemma-3-270m")
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "1, 2, 3, 4, 5,",
+    "Once upon a time, in a small village by the sea, there lived",
+]
+TEXTS = ["Hello world", "  two leading spaces\tand a tab\n\nand lines", "café, naïve, 東京, 🙂",
+         "1234567 + 89 = ?", "<start_of_turn>user\nHi<end_of_turn>"]
+
+
+@pytest.fixture(scope="module")
+def gemma_path() -> Path:
+    path = packaged_path(GEMMA)
+    if path is None:
+        pytest.fail(f"Gemma 3 missing: {GEMMA.install_hint} (make setup does it)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_path):
+    from ember import LLM
+
+    return LLM(str(gemma_path), quantization=None, cpu_kernels=False, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def hf_gemma(gemma_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gemma_path.parent),
+                                                 gguf_file=gemma_path.name, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def test_architecture_from_gguf(gemma):
+    arch = gemma.engine.loaded.arch
+    assert (arch.architecture, arch.num_layers, arch.head_dim, arch.num_kv_heads) == \
+        ("gemma3", 18, 256, 1)
+    assert arch.layer_types.count("full") == 3 and arch.layer_types[5] == "full"
+    assert arch.sliding_window == 512 and arch.rope_local_theta == 10000.0
+    assert arch.attn_scale == 256 ** -0.5
+
+
+def test_tokenizer_ids_equal_transformers(gemma, gemma_path, pride_text):
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(str(gemma_path.parent), gguf_file=gemma_path.name)
+    tok = gemma.get_tokenizer()
+    for text in [*TEXTS, pride_text[:20000]]:
+        ids = tok.encode(text)
+        assert ids == hf_tok(text)["input_ids"], text[:40]
+        assert ids[0] == tok.bos_token_id
+        assert tok.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
+
+
+def test_logits_match_transformers(gemma, hf_gemma, pride_text):
+    ids = gemma.get_tokenizer().encode(pride_text[:3000])[:600]  # past the 512 window
+    out = gemma.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=5),
+                         use_tqdm=False)[0]
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf_gemma(torch.tensor([ids])).logits[0].float(), -1)
+    got = torch.tensor([lp.logprob for lp in out.prompt_logprobs[1:]])
+    want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert (got - want).abs().max().item() < 2e-3
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_tokens_equal_transformers(gemma, hf_gemma, prompt):
+    ids = gemma.get_tokenizer().encode(prompt)
+    out = gemma.generate([ids], SamplingParams(temperature=0, max_tokens=32,
+                                               repetition_penalty=1.0, ignore_eos=True),
+                         use_tqdm=False)[0]
+    assert list(out.outputs[0].token_ids) == _hf_greedy(hf_gemma, ids, 32)
+
+
+@pytest.mark.parametrize(("start", "length"), [(2000, 300), (40000, 700)])
+def test_long_passages_equal_transformers(gemma, hf_gemma, pride_text, start, length):
+    """~300 tokens, and 700 (past the sliding window: local layers must forget the start)."""
+    ids = gemma.get_tokenizer().encode(pride_text[start:start + 6000])[:length]
+    params = SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.0,
+                            ignore_eos=True)
+    out = gemma.generate([ids], params, use_tqdm=False)[0]
+    want = _hf_greedy(hf_gemma, ids, 16)
+    assert list(out.outputs[0].token_ids) == want
+    if length > 512:  # chunked prefill: windows over cached context, same tokens
+        from ember import LLM
+
+        chunked = LLM(str(gemma.engine.loaded.source.path), quantization=None,
+                      cpu_kernels=False, show_progress=False, max_num_batched_tokens=96,
+                      kv_cache_mb=64)
+        again = chunked.generate([ids], params, use_tqdm=False)[0]
+        assert list(again.outputs[0].token_ids) == want
+
+
+def test_perplexity_within_one_percent_of_transformers(gemma, hf_gemma, pride_text):
+    """DESIGN protocol with BOS per window (Gemma's tokenizer adds one), 2048 tokens here."""
+    ours = perplexity(gemma, pride_text, max_tokens=2048)
+    tok = gemma.get_tokenizer()
+    ids = tok.encode(pride_text[:40000], add_special_tokens=False)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for window in windows_of(ids, 511, 2048):
+            x = torch.tensor([tok.bos_prefix + window])
+            lp = torch.log_softmax(hf_gemma(x).logits[0, :-1].float(), -1)
+            total -= lp.gather(1, x[0, 1:, None]).sum().item()
+            count += x.shape[1] - 1
+    assert ours.num_scored_tokens == count
+    assert abs(ours.perplexity / math.exp(total / count) - 1) < 0.01
+
+
+def test_base_model_chat_names_missing_template(gemma, tmp_path):
+    with pytest.raises(ValueError, match="no chat template.*--chat-template"):
+        gemma.chat([{"role": "user", "content": "Hi"}])
+    tok = gemma.get_tokenizer().with_chat_template(
+        "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+        "<end_of_turn>\n{% endfor %}<start_of_turn>model\n")
+    ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    assert tok.decode(ids, skip_special_tokens=False) == \
+        "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model"
