@@ -128,21 +128,32 @@ def dequant_q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     return (q.float() * d).reshape(shape)
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """Legacy 16-byte quant field -> float32 (rows, blocks, 32): low nibbles 0..15, high 16..31."""
-    return _unpack(qs, 4).reshape(*qs.shape[:-1], QK).float()  # (rows, blocks, 2, 16) -> 32
+def q4_0_parts(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0 as codes uint8 (rows, blocks, 32) in [0, 15] and d float32 (rows, blocks, 1);
+    w = d * (q - 8). The one decoder of Q4_0 blocks (dequantization and int4 forms use it)."""
+    b = _blocks(raw, shape, QK, 18)  # (rows, blocks, 18)
+    return _unpack(b[..., 2:], 4).reshape(*b.shape[:-1], QK), _fp16_field(b, 0)
+
+
+def q4_1_parts(raw: np.ndarray, shape: tuple[int, ...]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 as codes uint8 (rows, blocks, 32) in [0, 15], d and m float32 (rows, blocks, 1);
+    w = d * q + m. The one decoder of Q4_1 blocks (dequantization and int4 forms use it)."""
+    b = _blocks(raw, shape, QK, 20)  # (rows, blocks, 20)
+    return _unpack(b[..., 4:], 4).reshape(*b.shape[:-1], QK), _fp16_field(b, 0), \
+        _fp16_field(b, 2)
 
 
 def dequant_q4_0(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     """Q4_0: w = d * (q - 8)."""
-    b = _blocks(raw, shape, QK, 18)  # (rows, blocks, 18)
-    return ((_nibbles(b[..., 2:]) - 8) * _fp16_field(b, 0)).reshape(shape)
+    q, d = q4_0_parts(raw, shape)
+    return ((q.float() - 8) * d).reshape(shape)
 
 
 def dequant_q4_1(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     """Q4_1: w = d * q + m."""
-    b = _blocks(raw, shape, QK, 20)  # (rows, blocks, 20)
-    return (_nibbles(b[..., 4:]) * _fp16_field(b, 0) + _fp16_field(b, 2)).reshape(shape)
+    q, d, m = q4_1_parts(raw, shape)
+    return (q.float() * d + m).reshape(shape)
 
 
 def _q5(b: torch.Tensor, qh_at: int) -> torch.Tensor:
@@ -152,10 +163,16 @@ def _q5(b: torch.Tensor, qh_at: int) -> torch.Tensor:
     return (low | (high << 4)).float()
 
 
+def q5_0_parts(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q5_0 as signed codes int8 (rows, blocks, 32) in [-16, 15] and d (rows, blocks, 1)."""
+    b = _blocks(raw, shape, QK, 22)  # (rows, blocks, 22)
+    return (_q5(b, 2) - 16).to(torch.int8), _fp16_field(b, 0)
+
+
 def dequant_q5_0(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     """Q5_0: w = d * (q - 16)."""
-    b = _blocks(raw, shape, QK, 22)  # (rows, blocks, 22)
-    return ((_q5(b, 2) - 16) * _fp16_field(b, 0)).reshape(shape)
+    q, d = q5_0_parts(raw, shape)
+    return (q.float() * d).reshape(shape)
 
 
 def dequant_q5_1(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
@@ -196,20 +213,33 @@ def dequant_q3_k(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     return (dl * q).reshape(shape)
 
 
+def _k_sub_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: each 32-weight sub-block's scale d * sc and offset dmin * m, float32
+    (rows, blocks, 8, 1) each."""
+    sc, mn = _k_scale_min(b[..., 4:16])  # (rows, blocks, 8) each
+    return (_fp16_field(b, 0) * sc).unsqueeze(-1), (_fp16_field(b, 2) * mn).unsqueeze(-1)
+
+
 def _k_scaled(b: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Q4_K / Q5_K: (d * sc) * q - (dmin * m) for q float32 (rows, blocks, 8, 32)."""
-    sc, mn = _k_scale_min(b[..., 4:16])  # (rows, blocks, 8) each
-    ds = (_fp16_field(b, 0) * sc).unsqueeze(-1)  # (rows, blocks, 8, 1)
-    dm = (_fp16_field(b, 2) * mn).unsqueeze(-1)  # (rows, blocks, 8, 1)
+    ds, dm = _k_sub_scales(b)
     return ds * q - dm
+
+
+def q4_k_parts(raw: np.ndarray, shape: tuple[int, ...]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K as 32-weight groups: codes uint8 (rows, blocks, 8, 32) in [0, 15], scale and
+    offset float32 (rows, blocks, 8, 1), w = scale * q - offset."""
+    b = _blocks(raw, shape, QK_K, 144)  # (rows, blocks, 144)
+    r, nb = b.shape[:2]
+    q = _unpack(b[..., 16:].reshape(r, nb, 4, 32), 4)  # (rows, blocks, 4, 2, 32)
+    return (q.reshape(r, nb, 8, 32), *_k_sub_scales(b))
 
 
 def dequant_q4_k(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     """Q4_K: 8 sub-blocks of 32; each 32-byte run of qs holds two (low, then high nibbles)."""
-    b = _blocks(raw, shape, QK_K, 144)  # (rows, blocks, 144)
-    r, nb = b.shape[:2]
-    q = _unpack(b[..., 16:].reshape(r, nb, 4, 32), 4)  # (rows, blocks, 4, 2, 32)
-    return _k_scaled(b, q.reshape(r, nb, 8, 32).float()).reshape(shape)
+    q, ds, dm = q4_k_parts(raw, shape)
+    return (ds * q.float() - dm).reshape(shape)
 
 
 def dequant_q5_k(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:

@@ -23,10 +23,10 @@ from ember.formats import dequant
 Dequantizer = Callable[[np.ndarray, tuple[int, ...]], torch.Tensor]
 """(raw bytes or typed array, logical shape) -> float32 tensor of that shape."""
 
-RUNS_DENSE = "dense"
-RUNS_INT4_REPACK = "exact repack into the int4 g32 kernel format"
-RUNS_Q8 = "exact: Q8 g32 kernel format"
-RUNS_DEQUANT = "dequantized exactly to dense at load"
+RUNS_DENSE = "dense (vectors); as a matrix: requantized to Q8 g32 when the model runs quantized"
+RUNS_INT4_REPACK = "exact repack into Q4 g32 (kernel format)"
+RUNS_Q8 = "exact repack into Q8 g32 (kernel format)"
+RUNS_DEQUANT = "requantized to Q8 g32 by round-to-nearest (error reported at load)"
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,11 @@ _SPECS = (
     FormatSpec("Q8_0", T.Q8_0, 32, 34, dequant.dequant_q8_0, RUNS_Q8),
     FormatSpec("Q4_0", T.Q4_0, 32, 18, dequant.dequant_q4_0, RUNS_INT4_REPACK),
     FormatSpec("Q4_1", T.Q4_1, 32, 20, dequant.dequant_q4_1, RUNS_INT4_REPACK),
-    FormatSpec("Q5_0", T.Q5_0, 32, 22, dequant.dequant_q5_0, RUNS_DEQUANT),
+    FormatSpec("Q5_0", T.Q5_0, 32, 22, dequant.dequant_q5_0, RUNS_Q8),
     FormatSpec("Q5_1", T.Q5_1, 32, 24, dequant.dequant_q5_1, RUNS_DEQUANT),
     FormatSpec("Q2_K", T.Q2_K, 256, 84, dequant.dequant_q2_k, RUNS_DEQUANT),
     FormatSpec("Q3_K", T.Q3_K, 256, 110, dequant.dequant_q3_k, RUNS_DEQUANT),
-    FormatSpec("Q4_K", T.Q4_K, 256, 144, dequant.dequant_q4_k, RUNS_DEQUANT),
+    FormatSpec("Q4_K", T.Q4_K, 256, 144, dequant.dequant_q4_k, RUNS_INT4_REPACK),
     FormatSpec("Q5_K", T.Q5_K, 256, 176, dequant.dequant_q5_k, RUNS_DEQUANT),
     FormatSpec("Q6_K", T.Q6_K, 256, 210, dequant.dequant_q6_k, RUNS_DEQUANT),
     FormatSpec("Q8_K", T.Q8_K, 256, 292, dequant.dequant_q8_k, RUNS_DEQUANT),

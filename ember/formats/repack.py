@@ -1,0 +1,131 @@
+"""GGUF blocks -> the two kernel weight formats, exactly where the math allows.
+
+The CPU kernels run two group-32 formats:
+    Q4 (`Q4Blocks`): w = q * scale + offset, q in [0, 15]     (GGUF Q4_1's convention)
+    Q8 (`Q8Blocks`): w = q * d, q in [-127, 127]              (GGUF Q8_0's convention)
+Per GGUF type (the format table's `runs` says the same for reports):
+    Q4_0, Q4_1, Q4_K  -> Q4, exact (Q4_K's 32-weight sub-blocks carry their own d*sc, dmin*m)
+    Q8_0, Q5_0        -> Q8, exact (Q5_0's 5-bit codes minus 16 fit int8 with the same d)
+    everything else   -> Q8 by round-to-nearest of the exact dequantized values: Q6_K has two
+                         scales per 32 weights and Q5_1/Q5_K/Q2_K an offset that Q8 lacks, so
+                         no exact repack exists; `requant_error` reports the cost.
+No dense copy of an exactly repacked tensor is ever made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+from ember.formats import dequant
+from ember.formats.table import format_for
+
+GROUP = 32
+
+
+@dataclass(frozen=True)
+class Q4Blocks:
+    """4-bit group-32 weights: q uint8 (N, K) in [0, 15], scale / offset float32 (N, K/32)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        q = self.q.float().view(n, k // GROUP, GROUP)  # (N, groups, 32)
+        return (q * self.scale.unsqueeze(-1) + self.offset.unsqueeze(-1)).view(n, k)
+
+
+@dataclass(frozen=True)
+class Q8Blocks:
+    """8-bit symmetric group-32 weights: q int8 (N, K), d float32 (N, K/32)."""
+
+    q: torch.Tensor
+    d: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        return (self.q.float().view(n, k // GROUP, GROUP) * self.d.unsqueeze(-1)).view(n, k)
+
+
+KernelBlocks = Q4Blocks | Q8Blocks
+
+
+def rtn_q8(w: torch.Tensor) -> Q8Blocks:
+    """Round-to-nearest symmetric 8-bit, group 32, of a dense (N, K) weight."""
+    n, k = w.shape
+    if k % GROUP:
+        raise ValueError(f"Q8 needs K % {GROUP} == 0, got {k}")
+    wg = w.float().view(n, k // GROUP, GROUP)  # (N, groups, 32)
+    d = wg.abs().amax(-1) / 127  # (N, groups)
+    q = torch.round(wg / d.clamp_min(1e-30).unsqueeze(-1)).clamp(-127, 127)
+    return Q8Blocks(q.to(torch.int8).view(n, k), d)
+
+
+def _matrix(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) != 2:
+        raise ValueError(f"kernel formats hold matrices, got shape {shape}")
+    return shape[0], shape[1]
+
+
+def _q4_legacy(raw: np.ndarray, shape: tuple[int, ...], with_min: bool) -> Q4Blocks:
+    n, k = _matrix(shape)
+    b = dequant._blocks(raw, shape, GROUP, 20 if with_min else 18)  # (N, groups, B)
+    q = dequant._unpack(b[..., 4:] if with_min else b[..., 2:], 4)  # (N, groups, 2, 16)
+    d = dequant._fp16_field(b, 0)[..., 0]  # (N, groups)
+    offset = dequant._fp16_field(b, 2)[..., 0] if with_min else -8 * d
+    return Q4Blocks(q.reshape(n, k), d, offset)
+
+
+def _q4_k(raw: np.ndarray, shape: tuple[int, ...]) -> Q4Blocks:
+    n, k = _matrix(shape)
+    q, ds, dm = dequant.q4_k_parts(raw, shape)  # (N, blocks, 8, 32), (N, blocks, 8, 1) x 2
+    return Q4Blocks(q.reshape(n, k), ds.reshape(n, k // GROUP), -dm.reshape(n, k // GROUP))
+
+
+def _q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> Q8Blocks:
+    n, k = _matrix(shape)
+    q, d = dequant.q8_0_blocks(raw, shape)  # (N, groups, 32), (N, groups, 1)
+    return Q8Blocks(q.reshape(n, k), d.reshape(n, k // GROUP))
+
+
+def _q5_0(raw: np.ndarray, shape: tuple[int, ...]) -> Q8Blocks:
+    n, k = _matrix(shape)
+    q, d = dequant.q5_0_parts(raw, shape)  # (N, groups, 32), (N, groups, 1)
+    return Q8Blocks(q.reshape(n, k), d.reshape(n, k // GROUP))
+
+
+Repacker = Callable[[np.ndarray, tuple[int, ...]], KernelBlocks]
+_EXACT: Mapping[T, Repacker] = MappingProxyType({
+    T.Q4_0: lambda raw, shape: _q4_legacy(raw, shape, with_min=False),
+    T.Q4_1: lambda raw, shape: _q4_legacy(raw, shape, with_min=True),
+    T.Q4_K: _q4_k,
+    T.Q8_0: _q8_0,
+    T.Q5_0: _q5_0,
+})
+
+def is_exact(qtype: T) -> bool:
+    """Whether tensors of this type reach a kernel format without rounding."""
+    return qtype in _EXACT
+
+
+def to_kernel_blocks(qtype: T, raw: np.ndarray, shape: tuple[int, ...]) -> KernelBlocks:
+    """The kernel-format blocks of a GGUF matrix: exact where `is_exact`, else Q8 by
+    round-to-nearest of its exact dequantized values."""
+    repack = _EXACT.get(qtype)
+    if repack is not None:
+        return repack(raw, shape)
+    return rtn_q8(format_for(qtype).dequantize(raw, shape))
+
+
+def requant_error(qtype: T, raw: np.ndarray, shape: tuple[int, ...],
+                  blocks: KernelBlocks) -> float:
+    """Relative RMS error ||W' - W|| / ||W|| of `blocks` against the file's exact values."""
+    exact = format_for(qtype).dequantize(raw, shape)
+    return float((blocks.dequantize() - exact).norm() / exact.norm().clamp_min(1e-30))

@@ -1,0 +1,54 @@
+"""GGUF blocks -> kernel formats: exact repacks reproduce the file's values bit for bit (checked
+against the gguf library); the others are Q8 by round-to-nearest with a small, reported error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from ember.formats.repack import (Q4Blocks, Q8Blocks, is_exact, requant_error, rtn_q8,
+                                  to_kernel_blocks)
+from test_formats_table import GGUF_SPECS, SHAPE, random_raw, reference
+
+EXACT_Q4 = (T.Q4_0, T.Q4_1, T.Q4_K)
+EXACT_Q8 = (T.Q8_0, T.Q5_0)
+
+
+@pytest.mark.parametrize("qtype", EXACT_Q4 + EXACT_Q8, ids=lambda t: t.name)
+def test_exact_repacks_equal_the_gguf_library(qtype):
+    raw = random_raw(qtype, SHAPE)
+    blocks = to_kernel_blocks(qtype, raw, SHAPE)
+    assert isinstance(blocks, Q4Blocks if qtype in EXACT_Q4 else Q8Blocks)
+    assert is_exact(qtype)
+    if isinstance(blocks, Q4Blocks):
+        assert blocks.q.dtype == torch.uint8 and int(blocks.q.max()) <= 15
+    else:
+        assert blocks.q.dtype == torch.int8 and int(blocks.q.abs().max()) <= 127
+    assert torch.equal(blocks.dequantize(), reference(raw, qtype, SHAPE))
+    assert requant_error(qtype, raw, SHAPE, blocks) == 0.0
+
+
+@pytest.mark.parametrize("spec", [s for s in GGUF_SPECS if not is_exact(s.qtype)],
+                         ids=lambda s: s.name)
+def test_other_types_requantize_to_q8_with_a_small_error(spec):
+    raw = random_raw(spec.qtype, SHAPE)
+    blocks = to_kernel_blocks(spec.qtype, raw, SHAPE)
+    assert isinstance(blocks, Q8Blocks)
+    err = requant_error(spec.qtype, raw, SHAPE, blocks)
+    assert 0 < err < 0.01  # 8 bits per 32 weights: well under 1% of the weight norm
+    assert torch.allclose(blocks.dequantize(), reference(raw, spec.qtype, SHAPE),
+                          atol=float(blocks.d.max()) / 2 + 1e-6)
+
+
+def test_the_table_says_which_types_repack_exactly():
+    for spec in GGUF_SPECS:
+        assert spec.runs.startswith("exact repack") == is_exact(spec.qtype), spec.name
+
+
+def test_rtn_q8_round_trip_and_shape_check():
+    w = torch.randn(4, 64)
+    blocks = rtn_q8(w)
+    assert (blocks.dequantize() - w).abs().max() <= blocks.d.max() / 2 + 1e-6
+    with pytest.raises(ValueError, match="K % 32"):
+        rtn_q8(torch.randn(4, 40))
