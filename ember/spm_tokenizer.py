@@ -33,9 +33,12 @@ def _rebuild_merges(vocab: Mapping[str, int], rank: Mapping[str, float]
     piece first; ties by the lengths of the parts (longer first), then file order."""
     found: list[tuple[str, str, float]] = []
     for piece, score in rank.items():
+        if len(piece) < 2:
+            continue
         local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
                  if piece[:i] in vocab and piece[i:] in vocab]
-        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        if len(local) > 1:
+            local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
         found.extend(local)
     found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in found]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -144,6 +145,28 @@ def _build_byte_level_bpe(
     return backend
 
 
+def _cached_backend(path: Path | None) -> tokenizers.Tokenizer | None:
+    """A cached backend, or None when absent or unreadable (then it is rebuilt)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as exc:  # a truncated or foreign file: rebuild
+        logger.warning("ignoring tokenizer cache %s: %s", path, exc)
+        return None
+
+
+def _store_backend(backend: tokenizers.Tokenizer, path: Path) -> None:
+    """Write atomically (rename), so concurrent loaders never read half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        backend.save(str(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("cannot cache the tokenizer in %s: %s", path, exc)
+
+
 def _as_str_list(value: object, key: str) -> list[str]:
     """A GGUF string array as `list[str]` (tolerates bytes items)."""
     if not isinstance(value, (list, tuple)):
@@ -242,8 +265,13 @@ class Tokenizer:
         self._suffix = [eos_token_id] if add_eos_token and eos_token_id is not None else []
 
     @classmethod
-    def from_gguf_metadata(cls, metadata: Mapping[str, object]) -> Tokenizer:
+    def from_gguf_metadata(cls, metadata: Mapping[str, object],
+                           backend_cache: Path | None = None) -> Tokenizer:
         """Build from GGUF metadata (`{key: field.contents()}` of a `gguf.GGUFReader`).
+
+        backend_cache: a JSON file for the built `tokenizers` backend, keyed by the caller to
+        the GGUF file: read when present, written after a build (a 262k SentencePiece
+        vocabulary takes seconds to turn into BPE merges, reading it back a fraction).
 
         Supports byte-level BPE (`tokenizer.ggml.model == "gpt2"`) with llama.cpp's
         pre-tokenizers. Control (3) tokens become special added tokens and user-defined (4) ones
@@ -268,13 +296,18 @@ class Tokenizer:
         add_bos = metadata.get("tokenizer.ggml.add_bos_token")
         if model == "llama":
             # NOTE: llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
-            backend = build_sentencepiece_bpe(metadata, tokens, types,
-                                              str(metadata.get("general.architecture", "")))
             add_bos = True if add_bos is None else add_bos
-        else:
-            merges = _as_str_list(metadata.get("tokenizer.ggml.merges") or [],
-                                  "tokenizer.ggml.merges")
-            backend = _build_byte_level_bpe(tokens, types, merges, pre)
+        backend = _cached_backend(backend_cache)
+        if backend is None:
+            if model == "llama":
+                backend = build_sentencepiece_bpe(metadata, tokens, types,
+                                                  str(metadata.get("general.architecture", "")))
+            else:
+                merges = _as_str_list(metadata.get("tokenizer.ggml.merges") or [],
+                                      "tokenizer.ggml.merges")
+                backend = _build_byte_level_bpe(tokens, types, merges, pre)
+            if backend_cache is not None:
+                _store_backend(backend, backend_cache)
         template = metadata.get("tokenizer.chat_template")
         eot_eom = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
         extra_eos = [_optional_int(metadata, key) for key in eot_eom]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -64,7 +65,8 @@ def load_model(config: ModelConfig, env: EnvSettings,
     dtype = (torch.bfloat16 if config.dtype == "bfloat16" or (quantized and not use_kernels)
              else torch.float32)
     if gf is not None:
-        loaded = _load_gguf(source, gf, dtype, progress, defer_q4=quantization == "int4")
+        loaded = _load_gguf(source, gf, dtype, progress, env.cache_path,
+                            defer_q4=quantization == "int4")
     elif source.kind == "ember":
         loaded = _load_ember(source, dtype, progress)
     else:
@@ -129,8 +131,22 @@ def _build(arch: ArchConfig, dtype: torch.dtype, source: str) -> CausalLM:
     return model
 
 
+def _tokenizer_cache(path: Path, cache_dir: Path) -> Path:
+    """Where the built tokenizer of GGUF file `path` is cached: keyed by the file (path, size,
+    mtime) and by the code that builds it, so an edit to either rebuilds."""
+    import ember.spm_tokenizer
+    import ember.tokenizer
+
+    stat = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    for module in (ember.tokenizer, ember.spm_tokenizer):
+        h.update(Path(str(module.__file__)).read_bytes())
+    return cache_dir / "tokenizers" / f"{h.hexdigest()[:20]}.json"
+
+
 def _load_gguf(source: ModelSource, gf: GGUFFile, dtype: torch.dtype,
-               progress: ProgressFn | None, defer_q4: bool = False) -> LoadedModel:
+               progress: ProgressFn | None, cache_dir: Path,
+               defer_q4: bool = False) -> LoadedModel:
     """defer_q4: leave Linear weights stored as Q4_0/Q4_1 unset (their shapes are checked):
     the int4 runtime format converts them from the file's blocks, never from dense values."""
     where = str(source.path)
@@ -163,7 +179,8 @@ def _load_gguf(source: ModelSource, gf: GGUFFile, dtype: torch.dtype,
                 progress(i + 1, total)
 
     load_strict(model, tensors(), where)
-    tokenizer = Tokenizer.from_gguf_metadata(gf.metadata)
+    tokenizer = Tokenizer.from_gguf_metadata(gf.metadata, _tokenizer_cache(source.path,
+                                                                          cache_dir))
     return LoadedModel(model, arch, tokenizer, source, dtype, gf.quant_summary(), gf)
 
 

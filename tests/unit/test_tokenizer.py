@@ -335,3 +335,25 @@ def test_from_dir_eos_falls_back_to_generation_config(tmp_path, tok):
 def test_from_dir_without_tokenizer_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_backend_cache_is_written_then_read(tmp_path, monkeypatch):
+    import ember.tokenizer as tokenizer_module
+
+    cache = tmp_path / "tok" / "backend.json"
+    meta = make_metadata()
+    built = Tokenizer.from_gguf_metadata(meta, backend_cache=cache)
+    assert cache.is_file()
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("rebuilt although cached")
+
+    monkeypatch.setattr(tokenizer_module, "_build_byte_level_bpe", no_build)
+    cached = Tokenizer.from_gguf_metadata(meta, backend_cache=cache)
+    for text in ("hello world", "he said <|im_end|>"):
+        assert cached.encode(text) == built.encode(text)
+    cache.write_text("{not json")
+    monkeypatch.undo()
+    again = Tokenizer.from_gguf_metadata(meta, backend_cache=cache)  # rebuilt, not an error
+    assert again.encode("hello world") == built.encode("hello world")
+    assert cache.read_text().startswith("{") and len(cache.read_text()) > 100  # rewritten
