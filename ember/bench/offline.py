@@ -2,7 +2,10 @@
 
 Every engine run is a fresh subprocess (`ember.bench.workers`), so load time and RSS are its
 own. Runs interleave engines within each repeat, so machine noise hits every engine alike.
-Writes JSON and a PNG chart; prints ratios against llama.cpp and transformers.
+Writes JSON and a PNG chart; prints ratios against llama.cpp (llama-cpp-python), native
+llama.cpp (`llama-bench`, see `ember.bench.llama_bench`) and transformers. An engine may lack
+some figures (llama-bench reports no load time, RSS, TTFT or batched decode): they are absent
+from its medians and left out of ratios, table cells and the chart.
 """
 
 from __future__ import annotations
@@ -16,16 +19,29 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from ember.bench.llama_bench import LlamaBenchSpec
 from ember.bench.workers import FIGURES
 
 logger = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = {"load_s", "rss_mb", "ttft_16_ms"}
+PEERS = ("llama.cpp", "llama.cpp-native", "transformers")
+
+
+class Engine(Protocol):
+    """One engine of the bench: `run` is one fresh-process run; None when it failed."""
+
+    @property
+    def label(self) -> str: ...
+
+    def run(self, model_path: str, threads: int, decode_tokens: int,
+            timeout_s: float) -> dict[str, float] | None: ...
 
 
 @dataclass(frozen=True)
@@ -43,11 +59,26 @@ class EngineSpec:
             cmd += ["--quantization", self.quantization]
         return cmd
 
+    def run(self, model_path: str, threads: int, decode_tokens: int,
+            timeout_s: float) -> dict[str, float] | None:
+        try:
+            proc = subprocess.run(self.argv(model_path, threads, decode_tokens),
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s timed out after %.0f s", self.label, timeout_s)
+            return None
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            logger.warning("%s failed: %s", self.label, tail[0])
+            return None
+        result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return result
 
-def available_engines(include_hf: bool, ember_variants: list[str]) -> tuple[list[EngineSpec],
-                                                                             list[str]]:
+
+def available_engines(include_hf: bool, ember_variants: list[str],
+                      llama_bench: Path | None = None) -> tuple[list[Engine], list[str]]:
     """Engines to run plus notes on peers that are absent."""
-    specs = []
+    specs: list[Engine] = []
     for variant in ember_variants:
         quant = None if variant in ("bf16", "fp32") else variant
         # NOTE: quantized formats run float32 activations on Ember's kernels (the workers
@@ -60,6 +91,8 @@ def available_engines(include_hf: bool, ember_variants: list[str]) -> tuple[list
     else:
         notes.append("llama.cpp skipped: llama-cpp-python is not installed "
                      "(pip install 'ember[peers]' builds it from source)")
+    if llama_bench is not None:
+        specs.append(LlamaBenchSpec(llama_bench))
     if include_hf:
         specs.append(EngineSpec("transformers", "transformers", None, "float32"))
     return specs, notes
@@ -79,20 +112,14 @@ def measure_bandwidth_gbs(threads: int, mb: int = 512, repeats: int = 5) -> floa
     return mb * 2**20 / best / 1e9
 
 
-def run_one(spec: EngineSpec, model_path: str, threads: int, decode_tokens: int,
-            timeout_s: float) -> dict[str, float] | None:
-    proc = subprocess.run(spec.argv(model_path, threads, decode_tokens), capture_output=True,
-                          text=True, timeout=timeout_s)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        logger.warning("%s failed: %s", spec.label, tail[0])
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def summarise(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
-    return {label: {f: statistics.median(r[f] for r in rs) for f in FIGURES}
-            for label, rs in runs.items() if rs}
+    """Per engine, the median of each figure over the runs that report it (absent if none)."""
+    out = {}
+    for label, rs in runs.items():
+        if rs:
+            out[label] = {f: statistics.median(r[f] for r in rs if f in r)
+                          for f in FIGURES if any(f in r for r in rs)}
+    return out
 
 
 def ratios(medians: dict[str, dict[str, float]], peer: str) -> dict[str, dict[str, float]]:
@@ -105,7 +132,7 @@ def ratios(medians: dict[str, dict[str, float]], peer: str) -> dict[str, dict[st
         if not label.startswith("ember"):
             continue
         out[label] = {f: (base[f] / figs[f] if f in LOWER_IS_BETTER else figs[f] / base[f])
-                      for f in FIGURES if figs[f] and base[f]}
+                      for f in FIGURES if figs.get(f) and base.get(f)}
     return out
 
 
@@ -119,11 +146,15 @@ def print_table(console: Console, medians: dict[str, dict[str, float]],
         for label in per:
             table.add_column(f"{label} / {peer}", justify="right")
     for f in FIGURES:
-        row = [f] + [f"{medians[label][f]:.1f}" for label in medians]
+        row = [f] + [_cell(medians[label].get(f), ".1f") for label in medians]
         for per in rel.values():
-            row += [f"{per[label].get(f, float('nan')):.2f}x" for label in per]
+            row += [_cell(per[label].get(f), ".2f", "x") for label in per]
         table.add_row(*row)
     console.print(table)
+
+
+def _cell(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{fmt}}{suffix}"
 
 
 def plot(medians: dict[str, dict[str, float]], path: Path) -> None:
@@ -136,7 +167,7 @@ def plot(medians: dict[str, dict[str, float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / max(len(medians), 1)
     for i, (label, m) in enumerate(medians.items()):
-        ax.bar([x + i * width for x in range(len(figs))], [m[f] for f in figs], width,
+        ax.bar([x + i * width for x in range(len(figs))], [m.get(f, 0.0) for f in figs], width,
                label=label)
     ax.set_xticks([x + width * (len(medians) - 1) / 2 for x in range(len(figs))], figs,
                   rotation=15)
@@ -158,6 +189,8 @@ class OfflineBenchArgs:
     include_hf: bool = True
     ember_variants: tuple[str, ...] = ("int4",)
     timeout_s: float = 900.0
+    llama_bench: Path | None = None
+    """The llama-bench binary of the native llama.cpp peer (None: that peer is skipped)."""
 
 
 def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) -> dict[str, Any]:
@@ -165,9 +198,10 @@ def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) ->
     from rich.progress import Progress
 
     console = console or Console()
-    specs, notes = available_engines(args.include_hf, list(args.ember_variants))
+    specs, notes = available_engines(args.include_hf, list(args.ember_variants),
+                                     args.llama_bench)
     for note in notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     bandwidth = measure_bandwidth_gbs(args.threads)
     runs: dict[str, list[dict[str, float]]] = {s.label: [] for s in specs}
     with Progress(console=console, transient=True) as bar:
@@ -176,14 +210,14 @@ def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) ->
             order = specs[rep % len(specs):] + specs[:rep % len(specs)]  # rotate the order
             for spec in order:
                 bar.update(task, description=f"run {rep + 1}/{args.repeats}: {spec.label}")
-                result = run_one(spec, args.model_path, args.threads, args.decode_tokens,
-                                 args.timeout_s)
+                result = spec.run(args.model_path, args.threads, args.decode_tokens,
+                                  args.timeout_s)
                 if result is not None:
                     runs[spec.label].append(result)
                 bar.advance(task)
     medians = summarise(runs)
     rel: dict[str, dict[str, dict[str, float]]] = {
-        peer: ratios(medians, peer) for peer in ("llama.cpp", "transformers") if peer in medians}
+        peer: ratios(medians, peer) for peer in PEERS if peer in medians}
     weight_bytes = _weight_bytes(args.model_path)
     report: dict[str, Any] = {"model": args.model_path, "threads": args.threads, "repeats": args.repeats,
               "bandwidth_gbs": bandwidth, "notes": notes, "runs": runs, "medians": medians,
@@ -191,7 +225,8 @@ def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) ->
     for label, m in medians.items():
         # fraction of the bandwidth bound: every decode step reads all weights once
         bound = bandwidth * 1e9 / weight_bytes
-        m["decode_bandwidth_fraction"] = m["decode_16_tok_s"] / bound
+        if "decode_16_tok_s" in m:
+            m["decode_bandwidth_fraction"] = m["decode_16_tok_s"] / bound
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "bench_offline.json").write_text(json.dumps(report, indent=2))
     plot(medians, args.out_dir / "bench_offline.png")

@@ -73,6 +73,9 @@ def _register_serve(bench_sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from ember.bench.llama_bench import resolve_binary
     from ember.bench.offline import OfflineBenchArgs, run_offline_bench
     from ember.config import EnvSettings
     from ember.loading.sources import resolve_model
@@ -82,16 +85,23 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     if source.kind != "gguf":
         raise ValueError(f"{source.path}: peers run GGUF files; got a {source.kind} model")
     variants = tuple(args.ember or ["int4"])
+    llama_bench, note = resolve_binary(args.llama_bench)
+    # NOTE: a wide console when piped, as for `bench serve` (the table has many columns).
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    if note:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     run_offline_bench(OfflineBenchArgs(
         model_path=str(source.path), out_dir=Path(args.out), repeats=args.repeats,
         threads=args.threads, decode_tokens=args.decode_tokens,
-        include_hf=not args.no_transformers, ember_variants=variants))
+        include_hf=not args.no_transformers, ember_variants=variants,
+        llama_bench=llama_bench), console)
     return 0
 
 
 def _register_offline(bench_sub: argparse._SubParsersAction) -> None:
-    p = bench_sub.add_parser("offline", help="Ember vs llama.cpp and transformers, in-process "
-                                             "engines side by side (fresh process per run)")
+    p = bench_sub.add_parser("offline", help="Ember vs llama.cpp (llama-cpp-python and native "
+                                             "llama-bench) and transformers, side by side "
+                                             "(fresh process per run)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="a packaged name or .gguf")
     p.add_argument("--ember", action="append", default=None,
                    choices=["int4", "int8", "bf16", "fp32"],
@@ -100,6 +110,10 @@ def _register_offline(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--decode-tokens", type=int, default=256)
     p.add_argument("--no-transformers", action="store_true", help="skip the HF peer")
+    p.add_argument("--llama-bench", default=None, metavar="PATH",
+                   help="native llama.cpp's llama-bench binary (or its bin folder) as the "
+                        "'llama.cpp-native' peer (default: ~/.cache/ember-peers/"
+                        "llama.cpp-native/build/bin/llama-bench if it exists, else skipped)")
     p.add_argument("--out", default="bench_out", help="folder for the JSON and PNG")
     p.set_defaults(func=cmd_bench_offline)
 
