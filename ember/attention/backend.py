@@ -3,19 +3,23 @@
 Cache layout per layer: k_cache, v_cache of shape (num_blocks, block_size, H_kv, D); viewed
 flat as (num_slots, H_kv, D) for slot-indexed reads and writes.
 
-Two implementations behind `qkv_attention`: Ember's CPU kernels (float32; RoPE + cache write
-fused; every query row, decode or prefill, attends over the cache blocks it uses) when
-`meta.kernels` is set, otherwise the PyTorch reference (grouped matmul for decode, SDPA's flash
-kernel for prefill chunks).
+Two implementations: the PyTorch reference `paged_attention` (grouped matmul for decode, SDPA's
+flash kernel for prefill chunks), and `kernel_qkv_attention` on Ember's CPU kernels (float32;
+RoPE + cache write fused; every query row, decode or prefill, attends over the cache blocks it
+uses), which a model's attention uses when the ExecutionPlan handed it the kernels.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ember.attention.metadata import AttentionMetadata, PrefillChunk, chunk_mask
-from ember.layers.rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from ember.kernels.ops import CpuKernels
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -27,30 +31,22 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_flat.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def qkv_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
-                  rope: tuple[torch.Tensor, torch.Tensor], kv_cache: tuple[torch.Tensor, ...],
-                  meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Attention for fused projections qkv (T, (Hq + 2 Hk) * D) -> (T, Hq * D)."""
-    t = qkv.shape[0]
-    sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-    kern = meta.kernels
-    if kern is None or qkv.dtype != torch.float32:
-        q, k, v = qkv.split(sizes, dim=-1)
-        q = q.reshape(t, num_heads, head_dim)  # (T, Hq, D)
-        k = k.reshape(t, num_kv_heads, head_dim)  # (T, Hk, D)
-        v = v.reshape(t, num_kv_heads, head_dim)
-        q, k = RotaryEmbedding.rotate(q, k, rope)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, scale)
-        return out.reshape(t, num_heads * head_dim)
+def kernel_qkv_attention(kernels: CpuKernels, qkv: torch.Tensor, num_heads: int,
+                         num_kv_heads: int, head_dim: int,
+                         rope: tuple[torch.Tensor, torch.Tensor],
+                         kv_cache: tuple[torch.Tensor, ...], meta: AttentionMetadata,
+                         scale: float) -> torch.Tensor:
+    """Plain Llama attention of fused projections qkv (T, (Hq + 2 Hk) * D) float32 on the
+    kernels -> (T, Hq * D): RoPE and the cache write fused, then paged attention."""
     qkv = qkv.contiguous()
     k_cache, v_cache = kv_cache
-    kern.rope_store_qkv(qkv, rope[0], rope[1], num_heads, num_kv_heads, head_dim, k_cache,
-                        v_cache, meta.slot_mapping)
+    kernels.rope_store_qkv(qkv, rope[0], rope[1], num_heads, num_kv_heads, head_dim, k_cache,
+                           v_cache, meta.slot_mapping)
     # NOTE: every row (decode or prefill) is one query over its cached context, itself
     # included: the same kernel and order as the fused decoder, so both paths agree exactly.
     assert meta.row_block_tables is not None and meta.row_lens is not None
-    return kern.paged_decode_attention(qkv, num_heads, head_dim, k_cache, v_cache,
-                                       meta.row_block_tables, meta.row_lens, scale)
+    return kernels.paged_decode_attention(qkv, num_heads, head_dim, k_cache, v_cache,
+                                          meta.row_block_tables, meta.row_lens, scale)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -8,12 +8,8 @@ attends to its cached context plus itself causally.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from ember.kernels.ops import CpuKernels
 
 
 @dataclass
@@ -52,8 +48,6 @@ class AttentionMetadata:
     or decode, attends to its cached context, itself included)."""
     row_lens: torch.Tensor | None = None
     """(T,) int64: context length of each query row, itself included (kernel path)."""
-    kernels: CpuKernels | None = field(default=None, repr=False)
-    """Ember's CPU kernels when the runner uses them; None = PyTorch reference path."""
     decode_lens: torch.Tensor | None = None
     """(B,) int64: context length of each decode request, itself included (reference path;
     sliding-window masks are derived from it)."""

@@ -129,6 +129,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.info:
+        return _model_info(args)
     from ember.loading.sources import list_models
     table = Table(title="Ember models")
     for col in ("name", "status", "location", "description"):
@@ -137,6 +139,30 @@ def cmd_models(args: argparse.Namespace) -> int:
     for row in list_models(env.model_dirs, env.cache_path):
         table.add_row(row.name, row.status, row.location, row.description)
     Console().print(table)
+    return 0
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    """`ember models --info NAME`: load the model as `ember generate` would and print its
+    execution plan on this CPU (generates nothing)."""
+    from ember.config import ModelConfig
+    from ember.loading.loader import load_model
+    from ember.plan import load_kernels
+
+    env = EnvSettings.from_env()
+    config = ModelConfig(model=args.info, quantization=quantization_of(args),
+                         cpu_kernels=not args.no_cpu_kernels)
+    config.validate()
+    loaded = load_model(config, env, runtime=True, kernels=load_kernels(config, env))
+    arch = loaded.arch
+    console = Console(soft_wrap=True, highlight=False)
+    console.print(f"{loaded.source.name}: {loaded.source.path} ({loaded.source.kind})")
+    console.print(f"architecture: {arch.architecture}, {arch.num_layers} layers, hidden "
+                  f"{arch.hidden_size}, heads {arch.num_heads}/{arch.num_kv_heads} x "
+                  f"{arch.head_dim}, vocab {arch.vocab_size}, context {arch.max_position}")
+    console.print(f"stored tensors: {loaded.weight_types}")
+    console.print(loaded.plan.describe())
+    console.print(f"runtime formats: {loaded.runtime_formats}")
     return 0
 
 
@@ -154,4 +180,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_sampling_args(p, max_tokens=512)
     p.set_defaults(func=cmd_chat)
     p = sub.add_parser("models", help="list local models and where they come from")
+    p.add_argument("--info", metavar="NAME", default=None,
+                   help="load model NAME (name, .gguf or directory) and print how it runs on "
+                        "this CPU: its execution plan and runtime weight formats")
+    add_quantization_arg(p)
     p.set_defaults(func=cmd_models)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 from ember.compress.dense import Model
+from ember.formats.rtn import minmax_params, round_codes, symmetric_params
 from ember.loading.ember_format import QuantizedTensor
 
 logger = logging.getLogger(__name__)
@@ -107,24 +108,15 @@ def pad_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
 def qparams(groups: torch.Tensor, bits: int, symmetric: bool,
             store_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero of each group: groups (..., g) -> two (...) float32 tensors, already
-    rounded to `store_dtype`."""
-    maxq = 2 ** bits - 1
-    if symmetric:
-        amax = groups.abs().amax(dim=-1)
-        scale = (2 * amax / maxq).clamp(min=1e-8)
-        zero = torch.full_like(scale, 2 ** (bits - 1))
-    else:
-        wmin, wmax = groups.amin(dim=-1), groups.amax(dim=-1)
-        scale = ((wmax - wmin) / maxq).clamp(min=1e-8)
-        zero = -wmin / scale
-    scale = scale.to(store_dtype).float().clamp(min=torch.finfo(store_dtype).tiny)
-    return scale, zero.to(store_dtype).float()
+    rounded to `store_dtype` (Ember's one RTN implementation, `ember.formats.rtn`)."""
+    params = symmetric_params if symmetric else minmax_params
+    return params(groups, bits, store_dtype)
 
 
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                   bits: int) -> torch.Tensor:
     """Codes of w given broadcastable scale / zero: clamp(round(w / scale + zero), 0, 2^b-1)."""
-    return torch.clamp(torch.round(w / scale + zero), 0, 2 ** bits - 1)
+    return round_codes(w, scale, zero, 0, 2 ** bits - 1)
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ember.config import EngineConfig
-from ember.kernels.ops import CpuKernels
 from ember.kv_cache.manager import KVCacheManager
-from ember.loading.formats import apply_weight_format
 from ember.loading.loader import LoadedModel
-from ember.runner.model_runner import ModelRunner, kv_cache_bytes_per_block, kv_cache_dtype
+from ember.runner.model_runner import ModelRunner, kv_cache_bytes_per_block
 from ember.sampling.sampler import Sampler
 from ember.scheduler.scheduler import Scheduler
 from ember.types import EngineCoreOutput, Request, RequestStatus
@@ -56,33 +54,24 @@ def plan_cache(config: EngineConfig, loaded: LoadedModel, kv_dtype: torch.dtype)
 class EngineCore:
     """Owns the scheduler and the model runner; `step()` advances every running request."""
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel,
-                 kernels: CpuKernels | None = None) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+        """loaded: the model in its runtime form; its ExecutionPlan says how it runs."""
         self.config = config
-        self.kernels = kernels
-        """Ember's CPU kernels, or None for the PyTorch implementations."""
-        quantization = (loaded.quantization if config.model.quantization == "auto"
-                        else config.model.quantization)
-        loaded.runtime_formats = apply_weight_format(loaded.model, quantization, loaded.gguf,
-                                                     kernels=kernels,
-                                                     exact_int4=loaded.int4_weights)
-        loaded.int4_weights = {}
-        # NOTE: the runtime formats hold their own copies: unmap the file and hand the load's
+        self.plan = loaded.plan
+        self.kernels = loaded.plan.kernels
+        """Ember's CPU kernels when the plan runs on them, else None (PyTorch)."""
+        # NOTE: the runtime formats hold their own copies of the weights: hand the load's
         # freed heap back to the OS, so RSS reflects what serving needs.
-        loaded.gguf = None
         release_free_memory()
-        logger.info("runtime weight formats: %s", loaded.runtime_formats)
-        kv_dtype = kv_cache_dtype(loaded.dtype, kernels is not None, quantization is not None)
-        self.layout = plan_cache(config, loaded, kv_dtype)
+        self.layout = plan_cache(config, loaded, self.plan.kv_dtype)
         self.kv_manager = KVCacheManager(self.layout.num_blocks, self.layout.block_size,
                                          config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.layout.max_model_len)
         default_gen = torch.Generator().manual_seed(config.seed)
         # NOTE: the step buffer must hold the budget; a decode step never exceeds max_num_seqs.
         max_tokens = max(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
-        self.runner = ModelRunner(loaded.model, loaded.arch, loaded.dtype,
-                                  self.layout.block_size, self.layout.num_blocks, max_tokens,
-                                  Sampler(default_gen), kernels, kv_dtype)
+        self.runner = ModelRunner(loaded.model, loaded.arch, self.plan, self.layout.block_size,
+                                  self.layout.num_blocks, max_tokens, Sampler(default_gen))
         logger.info("KV cache: %d blocks x %d tokens, context %d", self.layout.num_blocks,
                     self.layout.block_size, self.layout.max_model_len)
 

@@ -17,9 +17,9 @@ from ember.config import EngineConfig
 from ember.engine.core import EngineCore
 from ember.engine.generation_defaults import GenerationDefaults, resolve_generation_defaults
 from ember.engine.inputs import Prompt, parse_prompt
-from ember.kernels.ops import CpuKernels
 from ember.engine.outputs import OutputProcessor
 from ember.loading.loader import LoadedModel, ProgressFn, load_model
+from ember.plan import load_kernels
 from ember.tokenizer import Tokenizer
 from ember.types import InvalidRequestError, Request, RequestOutput, RequestStatus, SamplingParams
 
@@ -38,17 +38,17 @@ class ProcessedPrompt:
 class LLMEngine:
     """Accepts requests, steps the core, returns RequestOutputs (with streaming deltas)."""
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel,
-                 kernels: CpuKernels | None = None) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
+        """loaded: the model in its runtime form (`load_model(..., runtime=True)`)."""
         self.config = config
         self.loaded = loaded
         self.tokenizer: Tokenizer = loaded.tokenizer
-        # NOTE: before EngineCore, which drops loaded.gguf (and its metadata) after load.
+        metadata = (loaded.gguf_metadata if loaded.gguf_metadata is not None
+                    else loaded.gguf.metadata if loaded.gguf is not None else None)
         self.generation_defaults: GenerationDefaults = resolve_generation_defaults(
-            config.model.generation_config, loaded.source.kind, loaded.source.path,
-            loaded.gguf.metadata if loaded.gguf is not None else None)
+            config.model.generation_config, loaded.source.kind, loaded.source.path, metadata)
         logger.info("%s", self.generation_defaults.describe())
-        self.core = EngineCore(config, loaded, kernels)
+        self.core = EngineCore(config, loaded)
         self.max_model_len = self.core.layout.max_model_len
         self.output_processor = OutputProcessor(self.tokenizer)
         self._children: dict[str, list[str]] = {}
@@ -58,10 +58,9 @@ class LLMEngine:
         config.validate()
         if config.env.num_threads:
             torch.set_num_threads(config.env.num_threads)
-        kernels = (CpuKernels.load(config.env.cache_dir, torch.get_num_threads())
-                   if config.model.cpu_kernels else None)
-        loaded = load_model(config.model, config.env, progress, use_kernels=kernels is not None)
-        return cls(config, loaded, kernels)
+        kernels = load_kernels(config.model, config.env)
+        loaded = load_model(config.model, config.env, progress, runtime=True, kernels=kernels)
+        return cls(config, loaded)
 
     # ---- requests -----------------------------------------------------------------------
 

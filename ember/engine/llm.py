@@ -30,14 +30,18 @@ class LLM:
     """An engine for offline batch generation on one model."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, dtype: str = "float32",
-                 quantization: str | None = None, max_model_len: int | None = None, block_size: int = 16,
+                 quantization: str | None = "auto", max_model_len: int | None = None,
+                 block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_mb: int = 512,
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, seed: int = 0, show_progress: bool = True,
                  cpu_kernels: bool = True, generation_config: str = "auto",
                  chat_template: str | None = None,
                  config: EngineConfig | None = None) -> None:
-        """generation_config: where `get_default_sampling_params()` comes from ('auto': the
+        """quantization: the runtime weight format, as the CLI's --quantization: 'auto' (the
+        file's own format, on Ember's kernels where the CPU has them), None (dense `dtype`:
+        the exact reference), 'int8' or 'int4'.
+        generation_config: where `get_default_sampling_params()` comes from ('auto': the
         model's generation_config.json / GGUF sampling metadata, else Ember's fallback;
         'none': SamplingParams' own defaults; or a folder with a generation_config.json).
         chat_template: a jinja2 chat-template file replacing (or supplying) the model's."""

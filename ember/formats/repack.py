@@ -1,6 +1,6 @@
 """GGUF blocks -> the two kernel weight formats, exactly where the math allows.
 
-The CPU kernels run two group-32 formats:
+The CPU kernels run two group-32 formats (ember.formats.blocks, their one definition):
     Q4 (`Q4Blocks`): w = q * scale + offset, q in [0, 15]     (GGUF Q4_1's convention)
     Q8 (`Q8Blocks`): w = q * d, q in [-127, 127]              (GGUF Q8_0's convention)
 Per GGUF type (the format table's `runs` says the same for reports):
@@ -15,7 +15,6 @@ No dense copy of an exactly repacked tensor is ever made.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
@@ -23,49 +22,19 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from ember.formats import dequant
+from ember.formats.blocks import GROUP, Q4Blocks, Q8Blocks
 from ember.formats.table import format_for
 
-GROUP = 32
-
-
-@dataclass(frozen=True)
-class Q4Blocks:
-    """4-bit group-32 weights: q uint8 (N, K) in [0, 15], scale / offset float32 (N, K/32)."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    offset: torch.Tensor
-
-    def dequantize(self) -> torch.Tensor:
-        n, k = self.q.shape
-        q = self.q.float().view(n, k // GROUP, GROUP)  # (N, groups, 32)
-        return (q * self.scale.unsqueeze(-1) + self.offset.unsqueeze(-1)).view(n, k)
-
-
-@dataclass(frozen=True)
-class Q8Blocks:
-    """8-bit symmetric group-32 weights: q int8 (N, K), d float32 (N, K/32)."""
-
-    q: torch.Tensor
-    d: torch.Tensor
-
-    def dequantize(self) -> torch.Tensor:
-        n, k = self.q.shape
-        return (self.q.float().view(n, k // GROUP, GROUP) * self.d.unsqueeze(-1)).view(n, k)
-
+__all__ = ["GROUP", "KERNEL_ROUTE", "KernelBlocks", "Q4Blocks", "Q8Blocks", "is_exact",
+           "requant_error", "rtn_q8", "to_kernel_blocks"]
 
 KernelBlocks = Q4Blocks | Q8Blocks
 
 
 def rtn_q8(w: torch.Tensor) -> Q8Blocks:
-    """Round-to-nearest symmetric 8-bit, group 32, of a dense (N, K) weight."""
-    n, k = w.shape
-    if k % GROUP:
-        raise ValueError(f"Q8 needs K % {GROUP} == 0, got {k}")
-    wg = w.float().view(n, k // GROUP, GROUP)  # (N, groups, 32)
-    d = wg.abs().amax(-1) / 127  # (N, groups)
-    q = torch.round(wg / d.clamp_min(1e-30).unsqueeze(-1)).clamp(-127, 127)
-    return Q8Blocks(q.to(torch.int8).view(n, k), d)
+    """Round-to-nearest symmetric 8-bit, group 32, of a dense (N, K) weight (Ember's one RTN:
+    `Q8Blocks.quantize`)."""
+    return Q8Blocks.quantize(w)
 
 
 def _matrix(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -75,12 +44,8 @@ def _matrix(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def _q4_legacy(raw: np.ndarray, shape: tuple[int, ...], with_min: bool) -> Q4Blocks:
-    n, k = _matrix(shape)
-    b = dequant._blocks(raw, shape, GROUP, 20 if with_min else 18)  # (N, groups, B)
-    q = dequant._unpack(b[..., 4:] if with_min else b[..., 2:], 4)  # (N, groups, 2, 16)
-    d = dequant._fp16_field(b, 0)[..., 0]  # (N, groups)
-    offset = dequant._fp16_field(b, 2)[..., 0] if with_min else -8 * d
-    return Q4Blocks(q.reshape(n, k), d, offset)
+    _matrix(shape)
+    return Q4Blocks.from_q4_1(raw, shape) if with_min else Q4Blocks.from_q4_0(raw, shape)
 
 
 def _q4_k(raw: np.ndarray, shape: tuple[int, ...]) -> Q4Blocks:
@@ -90,9 +55,8 @@ def _q4_k(raw: np.ndarray, shape: tuple[int, ...]) -> Q4Blocks:
 
 
 def _q8_0(raw: np.ndarray, shape: tuple[int, ...]) -> Q8Blocks:
-    n, k = _matrix(shape)
-    q, d = dequant.q8_0_blocks(raw, shape)  # (N, groups, 32), (N, groups, 1)
-    return Q8Blocks(q.reshape(n, k), d.reshape(n, k // GROUP))
+    _matrix(shape)
+    return Q8Blocks.from_q8_0(raw, shape)
 
 
 def _q5_0(raw: np.ndarray, shape: tuple[int, ...]) -> Q8Blocks:

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_kernels.cpp", HERE / "decoder.cpp")
 HEADERS = (HERE / "kernels.h",)
+ISA = "avx512-vnni"
+"""The instruction set the kernels are written for (as the ExecutionPlan reports it)."""
 REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16")
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma",
             "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",

@@ -21,9 +21,24 @@ struct Shape {
   float eps, scale;
 };
 
+// Bump together with ABI_VERSION in ember/kernels/abi.py on any change of these structs.
+constexpr int64_t kAbiVersion = 1;
+
 }  // namespace
 
 extern "C" {
+
+// The interface version (what = 0) and the sizes of the structs Python mirrors (1: LinearW,
+// 2: LayerW, 3: Shape); -1 otherwise. Constants only: callable on any x86-64 CPU.
+int64_t ember_abi(int what) {
+  switch (what) {
+    case 0: return kAbiVersion;
+    case 1: return static_cast<int64_t>(sizeof(LinearW));
+    case 2: return static_cast<int64_t>(sizeof(LayerW));
+    case 3: return static_cast<int64_t>(sizeof(Shape));
+    default: return -1;
+  }
+}
 
 // x (B, H): token embeddings in; the residual stream after the last layer out (not normed).
 // cos/sin (B, D/2); slots (B,); block_tables (B, max_blocks); lens (B,).

@@ -1,60 +1,99 @@
-"""Fused decode steps: every decoder layer of a Llama-style model in one kernel call.
+"""Fused decoder steps: every decoder layer of a Llama-style stack in one kernel call.
 
-`FusedDecoder.build` accepts a model whose projections are in the kernels' Q4/Q8 formats (after
-`apply_weight_format` with kernels) and returns None for anything else; the model runner then
-runs every step through it (decodes and prefill chunks: each token is a query row over its own
-context), and the module path (the reference, see ember/models/llama.py) otherwise. Weight and cache pointers are captured once here:
-a step passes only its activations and metadata.
+The kernel knows tensors and layouts, never models: a model describes its layer stack as a
+`LayerStack` (per layer: norm weights, the four projections in a kernel format, the KV caches;
+plus shape constants) and the runner hands it to `FusedDecoder`. Each step then passes only its
+activations and metadata: `decoder(x, cos, sin, slots, block_tables, lens)` runs every layer on
+the embeddings x in place (decodes and prefill chunks alike: each token is a query row over its
+own context). The math is the one of ember/models/llama.py, whose module path stays the
+reference; tests compare the two.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import Any
-from ctypes import Structure, c_float, c_int, c_int64, c_void_p
+from ctypes import c_int, c_int64, c_void_p
+from dataclasses import dataclass
 
 import torch
 
-from ember.attention.metadata import AttentionMetadata
+from ember.kernels.abi import LayerW, LinearW, Shape
 from ember.kernels.ops import CpuKernels
-from ember.layers.cpu_quant import Q4Linear, Q8Linear
-from ember.models.base import CausalLM, KVCache
+
+Q4, Q8 = 4, 8
+"""`KernelLinear.fmt` values (kernels.h `LinearW::fmt`)."""
 
 
-class _LinearW(Structure):
-    _fields_ = [("fmt", c_int64), ("n", c_int64), ("k", c_int64), ("w", c_void_p),
-                ("d", c_void_p), ("m", c_void_p)]
+@dataclass(frozen=True)
+class KernelLinear:
+    """A weight matrix in a kernel format: fmt Q4 (w, d, m) or Q8 (w, d), logical (n, k)."""
+
+    fmt: int
+    n: int
+    k: int
+    w: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None = None
+
+    def c_struct(self) -> LinearW:
+        return LinearW(self.fmt, self.n, self.k, self.w.data_ptr(), self.d.data_ptr(),
+                       None if self.m is None else self.m.data_ptr())
 
 
-class _LayerW(Structure):
-    _fields_ = [("in_norm", c_void_p), ("post_norm", c_void_p), ("qkv", _LinearW),
-                ("o", _LinearW), ("gate_up", _LinearW), ("down", _LinearW),
-                ("k_cache", c_void_p), ("v_cache", c_void_p)]
+@dataclass(frozen=True)
+class KernelLayer:
+    """One pre-norm decoder layer: x += o(attn(qkv(norm(x)))); x += down(silu*up(norm(x)))."""
+
+    in_norm: torch.Tensor
+    """(H,) float32 RMSNorm weight before attention."""
+    post_norm: torch.Tensor
+    """(H,) float32 RMSNorm weight before the MLP."""
+    qkv: KernelLinear
+    """Rows q (Hq * D), k (Hk * D), v (Hk * D)."""
+    o: KernelLinear
+    gate_up: KernelLinear
+    """Rows gate (I), up (I)."""
+    down: KernelLinear
+    k_cache: torch.Tensor
+    """(blocks, block_size, Hk, D) bfloat16."""
+    v_cache: torch.Tensor
 
 
-class _Shape(Structure):
-    _fields_ = [("hidden", c_int64), ("inter", c_int64), ("hq", c_int64), ("hk", c_int64),
-                ("dim", c_int64), ("block_size", c_int64), ("eps", c_float), ("scale", c_float)]
+@dataclass(frozen=True)
+class LayerStack:
+    """A plain description of a decoder layer stack for `FusedDecoder`."""
 
-
-def _linear(module: object) -> _LinearW | None:
-    if isinstance(module, Q4Linear):
-        return _LinearW(4, module.out_features, module.in_features, module.packed.data_ptr(),
-                        module.d.data_ptr(), module.m.data_ptr())
-    if isinstance(module, Q8Linear):
-        return _LinearW(8, module.out_features, module.in_features, module.q.data_ptr(),
-                        module.d.data_ptr(), None)
-    return None
+    layers: tuple[KernelLayer, ...]
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    eps: float
+    scale: float
+    """Attention scale (head_dim ** -0.5 for Llama)."""
 
 
 class FusedDecoder:
-    """Runs the decoder layers of pure-decode steps through `decode_layers` (decoder.cpp)."""
+    """Runs a `LayerStack` through `decode_layers` (decoder.cpp)."""
 
-    def __init__(self, model: CausalLM, layers: ctypes.Array[_LayerW], shape: _Shape,
-                 kernels: CpuKernels) -> None:
-        self.model = model
-        self.layers = layers
-        self.shape = shape
+    def __init__(self, stack: LayerStack, kernels: CpuKernels) -> None:
+        for layer in stack.layers:
+            for cache in (layer.k_cache, layer.v_cache):
+                if cache.dtype != torch.bfloat16 or not cache.is_contiguous():
+                    raise ValueError(f"the fused decoder needs contiguous bfloat16 KV caches, "
+                                     f"got {cache.dtype}")
+        self.stack = stack
+        """Keeps every tensor the C structs point to alive."""
+        self.layers = (LayerW * len(stack.layers))(*[
+            LayerW(layer.in_norm.data_ptr(), layer.post_norm.data_ptr(), layer.qkv.c_struct(),
+                   layer.o.c_struct(), layer.gate_up.c_struct(), layer.down.c_struct(),
+                   layer.k_cache.data_ptr(), layer.v_cache.data_ptr())
+            for layer in stack.layers])
+        self.shape = Shape(stack.hidden, stack.intermediate, stack.num_heads,
+                           stack.num_kv_heads, stack.head_dim, stack.block_size, stack.eps,
+                           stack.scale)
         self.kernels = kernels
         fn = kernels.lib.decode_layers
         fn.argtypes = [c_void_p, c_int64, c_void_p, c_int64, c_void_p, c_void_p, c_void_p,
@@ -62,43 +101,13 @@ class FusedDecoder:
         fn.restype = None
         self._fn = fn
 
-    @classmethod
-    def build(cls, model: CausalLM, kv_caches: list[KVCache], block_size: int,
-              kernels: CpuKernels) -> "FusedDecoder | None":
-        """The fused decoder for this model, or None when its structure or formats are not
-        the ones the kernel implements (then every step takes the module path)."""
-        from ember.models.llama import LlamaForCausalLM
-
-        if type(model) is not LlamaForCausalLM:
-            return None
-        cfg = model.config
-        items = []
-        body: Any = model.model
-        for layer, (k_cache, v_cache) in zip(body.layers, kv_caches):
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj,
-                                            mlp.down_proj)]
-            if any(lw is None for lw in linears) or k_cache.dtype != torch.bfloat16:
-                return None
-            items.append(_LayerW(layer.input_layernorm.weight.data_ptr(),
-                                 layer.post_attention_layernorm.weight.data_ptr(), *linears,
-                                 k_cache.data_ptr(), v_cache.data_ptr()))
-        shape = _Shape(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                       cfg.head_dim, block_size, cfg.rms_norm_eps, cfg.head_dim ** -0.5)
-        return cls(model, (_LayerW * len(items))(*items), shape, kernels)
-
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states (T, hidden) after the final norm for the step's T tokens: decodes and
-        prefill chunks alike, each token a query over its cached context (itself included;
-        the step's keys are written before attention reads them)."""
-        assert meta.row_block_tables is not None and meta.row_lens is not None
-        body: Any = self.model.model
-        x = body.embed_tokens(input_ids).float().contiguous()  # (T, H)
-        cos, sin = body.rotary_emb.cos_sin(positions)  # (T, 1, D/2) each, contiguous
-        tables = meta.row_block_tables
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 slots: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor) -> None:
+        """Run every layer on x (T, hidden) float32 contiguous, in place: the residual stream
+        after the last layer (not normed). cos/sin (T, 1, D/2) contiguous; slots (T,): each
+        token's cache slot; block_tables (T, max_blocks) and lens (T,): each query row's
+        context, itself included (its key is written before attention reads it)."""
         self._fn(x.data_ptr(), x.shape[0], ctypes.addressof(self.layers), len(self.layers),
                  ctypes.addressof(self.shape), cos.data_ptr(), sin.data_ptr(),
-                 meta.slot_mapping.data_ptr(), tables.data_ptr(), tables.shape[1],
-                 meta.row_lens.data_ptr(), self.kernels.num_threads)
-        return body.norm(x)
+                 slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+                 lens.data_ptr(), self.kernels.num_threads)

@@ -1,17 +1,23 @@
 """Tensor-level wrappers around the compiled CPU kernels (see cpu_kernels.cpp for layouts).
 
-`CpuKernels` is created once per engine (by the runtime format step) and handed to the layers
-that use it; every method takes contiguous float32 CPU tensors and allocates its output.
+`CpuKernels` is loaded once (its ABI checked, see abi.py) and handed to the layers the
+ExecutionPlan puts on the kernels; every method takes contiguous float32 CPU tensors and
+allocates its output. `pack_q4` / `pack_q8` turn the runtime's group-32 forms (w = q * scale +
+offset; w = q * d: ember.formats.blocks) into the kernels' row-interleaved layouts.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 from ctypes import c_float, c_int, c_int64, c_void_p
 
 import torch
 
-from ember.kernels.build import load_library
+from ember.kernels.abi import check_abi
+from ember.kernels.build import ISA, load_library
+
+logger = logging.getLogger(__name__)
 
 BLOCK = 32
 
@@ -51,40 +57,26 @@ def _interleave(q: torch.Tensor, vectors: int) -> torch.Tensor:
             .permute(0, 2, 3, 1, 4).contiguous())  # (tiles, blocks, vectors, 16, 4)
 
 
-def pack_q4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+def pack_q4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group-32 4-bit weights w = (q - 8) * scale + zero (q (N, K) uint8 in [0, 15]) into the
-    kernel layout of cpu_kernels.cpp: packed (Np/16, K/32, 4, 64) uint8 and d, m
-    (Np/16, K/32, 16) float32 with w = q * d + m. N is padded to a multiple of 16 rows."""
+    """Group-32 4-bit weights w = q * scale + offset (q (N, K) uint8 in [0, 15], scale /
+    offset (N, K/32)) into the kernel layout of cpu_kernels.cpp: packed (Np/16, K/32, 4, 64)
+    uint8 and d, m (Np/16, K/32, 16) float32 with w = q * d + m. N is padded to a multiple of
+    16 rows."""
     n, k = q.shape
     if k % BLOCK or scale.shape[1] * BLOCK != k:
         raise ValueError(f"Q4 kernels need group size {BLOCK} and K % {BLOCK} == 0")
     v = _interleave(_pad_rows(q.to(torch.uint8)), 8)  # (tiles, blocks, 8, 16, 4)
     packed = (v[:, :, :4] | (v[:, :, 4:] << 4)).reshape(-1, k // BLOCK, 4, 64).contiguous()
-    return packed, _tile_scales(scale), _tile_scales(zero - 8 * scale)
-
-
-def quantize_q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric 8-bit, group 32, of a dense (N, K) weight into the kernel layout: q + 128
-    (Np/16, K/32, 8, 64) uint8 and d (Np/16, K/32, 16) float32."""
-    return pack_q8(*q8_blocks(w))
-
-
-def q8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric 8-bit, group 32, of a dense (N, K) weight: q (N, K) int8, d (N, K/32)."""
-    n, k = w.shape
-    if k % BLOCK:
-        raise ValueError(f"Q8 kernels need K % {BLOCK} == 0, got {k}")
-    wg = w.float().view(n, k // BLOCK, BLOCK)  # (N, groups, 32)
-    d = wg.abs().amax(-1) / 127  # (N, groups)
-    q = torch.round(wg / d.clamp_min(1e-30).unsqueeze(-1)).clamp(-127, 127)
-    return q.to(torch.int8).view(n, k), d
+    return packed, _tile_scales(scale), _tile_scales(offset)
 
 
 def pack_q8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-32 8-bit weights w = q * d (q (N, K) int8, d (N, K/32)) into the kernel layout
-    (exact: GGUF Q8_0 blocks convert without rounding)."""
+    """Group-32 8-bit weights w = q * d (q (N, K) int8, d (N, K/32)) into the kernel layout:
+    u = q + 128 (Np/16, K/32, 8, 64) uint8 and d (Np/16, K/32, 16) float32 (exact)."""
     n, k = q.shape
+    if k % BLOCK:
+        raise ValueError(f"Q8 kernels need K % {BLOCK} == 0, got {k}")
     u = (q.to(torch.int16) + 128).to(torch.uint8)
     packed = _interleave(_pad_rows(u), 8).reshape(-1, k // BLOCK, 8, 64).contiguous()
     return packed, _tile_scales(d.reshape(n, k // BLOCK))
@@ -96,6 +88,8 @@ class CpuKernels:
     def __init__(self, lib: ctypes.CDLL, num_threads: int) -> None:
         self.lib = lib
         self.num_threads = num_threads
+        self.isa = ISA
+        """The instruction set the library was built for."""
         i64, f32, ptr, i32 = c_int64, c_float, c_void_p, c_int
         sigs = {
             "q4_gemm": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32],
@@ -113,8 +107,16 @@ class CpuKernels:
 
     @classmethod
     def load(cls, cache_dir: str | None, num_threads: int) -> "CpuKernels | None":
+        """The compiled kernels (built on first use), or None when this machine cannot run
+        them or the library's C ABI differs from abi.py's mirror (reason logged)."""
         lib = load_library(cache_dir)
-        return None if lib is None else cls(lib, num_threads)
+        if lib is None:
+            return None
+        reason = check_abi(lib)
+        if reason is not None:
+            logger.warning("CPU kernels off: %s", reason)
+            return None
+        return cls(lib, num_threads)
 
     # ---- linear -------------------------------------------------------------------------
 

@@ -1,25 +1,42 @@
 """Weight formats run by Ember's own CPU kernels (ember.kernels): group-32 Q4 / Q8 blocks.
 
-- `Q4Linear`: 4-bit asymmetric weights (GGUF Q4_0 / Q4_1 convert exactly), any number of rows.
-- `Q8Linear`: 8-bit symmetric weights, group 32 (GGUF Q8_0 re-quantizes to the same values).
+- `Q4Linear`: 4-bit weights w = q * scale + offset (GGUF Q4_0 / Q4_1 and Ember int4
+  checkpoints arrive exactly; anything else is quantized round-to-nearest).
+- `Q8Linear`: 8-bit symmetric weights w = q * d (GGUF Q8_0 arrives exactly).
 - `Q8Embedding`: token lookup from a Q8 table, shared with a tied `Q8Linear` head.
 Activations are float32 at the boundary; the kernels quantize them to int8 per 32-element block.
+Both linears are built empty, filled row block by row block, and packed by `finalize` into the
+kernels' row-interleaved layout.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from torch import nn
 
-from ember.kernels.ops import CpuKernels, pack_q4, pack_q8, q8_blocks
-from ember.layers.quant import Int4Weights
+from ember.formats.blocks import Q4Blocks, Q8Blocks
+from ember.formats.stored import DenseWeight, StoredWeight
+from ember.kernels.decoder import Q4, Q8, KernelLinear
+from ember.kernels.ops import CpuKernels, pack_q4, pack_q8
+from ember.layers.linear import LinearBase
 
 
-class _KernelLinear(nn.Module):
+def _dense(weight: StoredWeight, dtype: torch.dtype | None) -> torch.Tensor:
+    """Exact values, rounded to the model dtype first when given (as a dense model holds them)."""
+    dense = weight.dense()
+    return dense if dtype is None else dense.to(dtype)
+
+
+class _KernelLinear(LinearBase):
     """Shared shape handling: float32 (M, in) rows in, (M, out) rows back in x's dtype."""
 
-    out_features: int
-    in_features: int
+    def __init__(self, in_features: int, out_features: int | Sequence[int],
+                 kernels: CpuKernels, dtype: torch.dtype | None) -> None:
+        super().__init__(in_features, out_features)
+        self.kernels = kernels
+        self.dtype = dtype
+        """Dense source values are rounded to it before quantization; None: as given."""
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, in) float32 contiguous -> (M, out padded to 16) float32."""
@@ -40,18 +57,40 @@ class Q4Linear(_KernelLinear):
     d: torch.Tensor
     m: torch.Tensor
 
-    def __init__(self, weights: Int4Weights, kernels: CpuKernels) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weights.q.shape
-        self.kernels = kernels
-        packed, d, m = pack_q4(weights.q, weights.scale, weights.zero)
-        self.register_buffer("packed", packed)
-        self.register_buffer("d", d)
-        self.register_buffer("m", m)
+    def __init__(self, in_features: int, out_features: int | Sequence[int],
+                 kernels: CpuKernels, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, kernels, dtype)
+        for name in ("packed", "d", "m"):
+            self.register_buffer(name, torch.empty(0))
+        self._loaded: Q4Blocks | None = None
+
+    @classmethod
+    def from_blocks(cls, weights: Q4Blocks, kernels: CpuKernels) -> "Q4Linear":
+        layer = cls(weights.q.shape[1], weights.q.shape[0], kernels)
+        layer._loaded = weights
+        layer.finalize()
+        return layer
 
     @property
     def format(self) -> str:
         return "q4-g32"
+
+    def load_weight(self, rows: slice, weight: StoredWeight) -> None:
+        part = weight.q4()
+        if part is None:
+            part = Q4Blocks.quantize(_dense(weight, self.dtype))
+        if self._loaded is None:
+            self._loaded = Q4Blocks.empty(self.out_features, self.in_features)
+        self._loaded.set_rows(rows, part)
+
+    def finalize(self) -> None:
+        w = self._loaded
+        assert w is not None, "Q4Linear finalized before its weights were loaded"
+        self.packed, self.d, self.m = pack_q4(w.q, w.scale, w.offset)
+        self._loaded = None
+
+    def kernel_linear(self) -> KernelLinear:
+        return KernelLinear(Q4, self.out_features, self.in_features, self.packed, self.d, self.m)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         return self.kernels.q4_gemm(x2, self.packed, self.d, self.m)
@@ -63,41 +102,78 @@ class Q8Linear(_KernelLinear):
     q: torch.Tensor
     d: torch.Tensor
 
-    def __init__(self, q: torch.Tensor, d: torch.Tensor, kernels: CpuKernels) -> None:
-        """q (out, in) int8 and d (out, in / 32): group-32 blocks, w = q * d (exact from GGUF
-        Q8_0, or `from_dense`)."""
-        super().__init__()
-        self.out_features, self.in_features = q.shape
-        self.kernels = kernels
-        packed, scales = pack_q8(q, d)
-        self.register_buffer("q", packed)
-        self.register_buffer("d", scales)
+    def __init__(self, in_features: int, out_features: int | Sequence[int],
+                 kernels: CpuKernels, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, kernels, dtype)
+        self.register_buffer("q", torch.empty(0, dtype=torch.uint8))
+        self.register_buffer("d", torch.empty(0))
+        self._loaded: Q8Blocks | None = None
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, kernels: CpuKernels) -> "Q8Linear":
         """Round-to-nearest symmetric group-32 blocks of a dense (out, in) weight."""
-        return cls(*q8_blocks(weight), kernels)
+        layer = cls(weight.shape[1], weight.shape[0], kernels)
+        layer.load_weight(slice(0, weight.shape[0]), DenseWeight(weight))
+        layer.finalize()
+        return layer
 
     @property
     def format(self) -> str:
         return "q8-g32"
+
+    def load_weight(self, rows: slice, weight: StoredWeight) -> None:
+        part = weight.q8()
+        if part is None:
+            part = Q8Blocks.quantize(_dense(weight, self.dtype))
+        if self._loaded is None:
+            self._loaded = Q8Blocks.empty(self.out_features, self.in_features)
+        self._loaded.set_rows(rows, part)
+
+    def finalize(self) -> None:
+        w = self._loaded
+        assert w is not None, "Q8Linear finalized before its weights were loaded"
+        self.q, self.d = pack_q8(w.q, w.d)
+        self._loaded = None
+
+    def kernel_linear(self) -> KernelLinear:
+        return KernelLinear(Q8, self.out_features, self.in_features, self.q, self.d)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         return self.kernels.q8_gemm(x2, self.q, self.d)
 
 
-class Q8Embedding(nn.Module):
+class Q8Embedding(torch.nn.Module):
     """Token embedding read from a Q8 table (rows dequantized on lookup)."""
 
-    def __init__(self, table: Q8Linear, dtype: torch.dtype) -> None:
+    def __init__(self, table: Q8Linear, dtype: torch.dtype, tied: bool) -> None:
+        """table: the tied head (tied: loaded and finalized as the head) or this embedding's
+        own table."""
         super().__init__()
         self.table = table
+        self.tied = tied
         self.dtype = dtype
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+        self.shard_sizes: tuple[int, ...] = (self.num_embeddings,)
+        self.in_features = self.embedding_dim
 
     @property
     def format(self) -> str:
         return "q8-g32"
+
+    @property
+    def has_bias(self) -> bool:
+        return False
+
+    def load_weight(self, rows: slice, weight: StoredWeight) -> None:
+        if not self.tied:
+            self.table.load_weight(rows, weight)
+
+    def load_bias(self, rows: slice, weight: StoredWeight) -> None:
+        raise ValueError("an embedding has no bias")
+
+    def finalize(self) -> None:
+        if not self.tied:
+            self.table.finalize()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).to(torch.int64).contiguous()

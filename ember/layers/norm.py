@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from ember.kernels.ops import CpuKernels
+if TYPE_CHECKING:
+    from ember.kernels.ops import CpuKernels
 
 
 class RMSNorm(nn.Module):
@@ -15,12 +18,14 @@ class RMSNorm(nn.Module):
     `h, residual = norm(x, residual)`.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6,
+                 kernels: CpuKernels | None = None) -> None:
+        """kernels: Ember's CPU kernels when the ExecutionPlan runs on them (float32 (T, H)
+        inputs then use them); None: PyTorch."""
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.eps = eps
-        self.kernels: CpuKernels | None = None
-        """Set by the runtime format step when Ember's CPU kernels are in use."""
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

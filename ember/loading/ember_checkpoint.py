@@ -1,7 +1,8 @@
 """Read Ember checkpoints (format in `ember.loading.ember_format`): metadata, tensors, tokenizer.
 
-Quantized tensors are dequantized to the runtime dtype for now; `read_tensors` hands out the
-`QuantizedTensor`s themselves for runtime weight formats that use the packed codes.
+`open_checkpoint` reads everything strictly checked; `stored_weights` hands each tensor to the
+loader as a StoredWeight: quantized tensors keep their codes (the int4 runtime format takes
+<= 4-bit ones exactly) and dequantize only for layers that ask for dense values.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import torch
 
 from ember.loading.ember_format import (CONFIG_FILE, DENSE_DTYPES, FORMAT_NAME, FORMAT_VERSION,
                                         QUANT_BITS, TOKENIZER_FILE, WEIGHTS_FILE, QuantizedTensor)
-from ember.loading.errors import ModelLoadError
-from ember.loading.weights import load_strict
+from ember.errors import ModelLoadError
+from ember.formats.blocks import GROUP, Q4Blocks, Q8Blocks
+from ember.formats.stored import DenseWeight, StoredWeight
 from ember.models.arch import ArchConfig
-from ember.models.base import CausalLM
 from ember.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -32,16 +33,15 @@ StoredTensor = torch.Tensor | QuantizedTensor
 
 @dataclass
 class EmberCheckpoint:
-    """A loaded checkpoint: the model with weights, and what ember.json says about it."""
+    """An opened checkpoint: what ember.json says about it and its stored tensors."""
 
-    model: CausalLM
     arch: ArchConfig
     tokenizer: Tokenizer
     metadata: dict[str, Any]
     weight_types: dict[str, int]
     """Stored tensor formats and counts, e.g. {'int4': 210, 'float32': 61}."""
-    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
-    """The tensors stored quantized, as stored (runtime formats may use the codes directly)."""
+    tensors: dict[str, StoredTensor] = field(default_factory=dict)
+    """Parameter name -> the tensor as stored (quantized ones keep their codes)."""
 
 
 def is_ember_checkpoint(path: Path) -> bool:
@@ -159,30 +159,57 @@ def tokenizer_from_metadata(folder: Path, meta: dict[str, Any]) -> Tokenizer:
         add_eos_token=bool(info.get("add_eos_token", False)))
 
 
-def load(folder: Path, dtype: torch.dtype, build: Callable[[ArchConfig], CausalLM],
-         progress: Callable[[int, int], None] | None = None) -> EmberCheckpoint:
-    """Load an Ember checkpoint: build the model with `build(arch)` and fill every parameter
-    (quantized tensors dequantized to `dtype`), with strict missing / unexpected / shape checks."""
+@dataclass(frozen=True)
+class GroupedWeight:
+    """A checkpoint's quantized tensor as a StoredWeight: dense values in the model dtype, and
+    its exact int4 form when it has <= 4 bits in groups of a multiple of 32 columns."""
+
+    tensor: QuantizedTensor
+    dtype: torch.dtype
+    """The dtype dense values are produced in (the model's)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.tensor.shape
+
+    def dense(self) -> torch.Tensor:
+        return self.tensor.dequantize(self.dtype)
+
+    def q4(self) -> Q4Blocks | None:
+        qt = self.tensor
+        if qt.bits > 4 or qt.group_size % GROUP or qt.shape[1] % GROUP:
+            return None
+        return Q4Blocks.from_grouped(qt.codes(), qt.scales, qt.zeros, qt.group_size)
+
+    def q8(self) -> Q8Blocks | None:
+        return None
+
+
+def open_checkpoint(folder: Path) -> EmberCheckpoint:
+    """Read an Ember checkpoint's metadata, architecture, tokenizer and stored tensors, all
+    strictly checked against ember.json."""
     where = str(folder)
     meta = read_metadata(folder)
     arch = arch_from_metadata(meta, where)
     stored = read_tensors(folder, meta)
-    model = build(arch)
     counts: dict[str, int] = {}
-
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for i, (name, value) in enumerate(stored.items()):
-            fmt = meta["tensors"][name]["format"]
-            counts[fmt] = counts.get(fmt, 0) + 1
-            if isinstance(value, QuantizedTensor):
-                yield name, value.dequantize(dtype)
-            else:
-                yield name, value
-            if progress is not None:
-                progress(i + 1, len(stored))
-
-    load_strict(model, tensors(), where)
+    for name in stored:
+        fmt = meta["tensors"][name]["format"]
+        counts[fmt] = counts.get(fmt, 0) + 1
     tokenizer = tokenizer_from_metadata(folder, meta)
-    logger.info("loaded Ember checkpoint %s (%s)", where, counts)
-    quantized = {n: v for n, v in stored.items() if isinstance(v, QuantizedTensor)}
-    return EmberCheckpoint(model, arch, tokenizer, meta, counts, quantized)
+    logger.info("read Ember checkpoint %s (%s)", where, counts)
+    return EmberCheckpoint(arch, tokenizer, meta, counts, stored)
+
+
+def stored_weights(ckpt: EmberCheckpoint, dtype: torch.dtype,
+                   progress: Callable[[int, int], None] | None = None
+                   ) -> Iterator[tuple[str, StoredWeight]]:
+    """(parameter name, stored weight) of every tensor; quantized ones dequantize to `dtype`
+    when a layer asks for dense values."""
+    for i, (name, value) in enumerate(ckpt.tensors.items()):
+        if isinstance(value, QuantizedTensor):
+            yield name, GroupedWeight(value, dtype)
+        else:
+            yield name, DenseWeight(value)
+        if progress is not None:
+            progress(i + 1, len(ckpt.tensors))

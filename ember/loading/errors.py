@@ -1,9 +1,5 @@
-"""Errors raised while finding or loading a model."""
+"""Errors raised while finding or loading a model (defined in `ember.errors`)."""
 
+from ember.errors import ModelLoadError, ModelNotFoundError
 
-class ModelLoadError(RuntimeError):
-    """A model file or directory cannot be used. The message is one line naming it."""
-
-
-class ModelNotFoundError(ModelLoadError):
-    """A model name or path does not resolve to anything local."""
+__all__ = ["ModelLoadError", "ModelNotFoundError"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ember.loading.errors import ModelLoadError
+from ember.errors import ModelLoadError
 from ember.layers.rope import ROPE_TYPES, rope_type
 
 

@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from ember.attention.metadata import AttentionMetadata
+from ember.formats.stored import TensorTransform
 from ember.models.arch import ArchConfig
+
+if TYPE_CHECKING:
+    from ember.kernels.decoder import FusedDecoder, LayerStack
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 """(key cache, value cache) of one layer, each (num_blocks, block_size, H_kv, D)."""
 
-TensorTransform = Callable[[torch.Tensor], torch.Tensor]
+__all__ = ["CausalLM", "KVCache", "TensorTransform"]
 
 
 class CausalLM(nn.Module):
-    """forward(input_ids, positions, kv_caches, attn_metadata) -> hidden states (T, hidden)."""
+    """forward(input_ids, positions, kv_caches, attn_metadata) -> hidden states (T, hidden).
+
+    Built by `cls(arch, layers)` with the ExecutionPlan's LayerFactory (ember.layers.factory):
+    fused projections where the plan fuses them, every layer in its runtime format.
+    """
 
     config: ArchConfig
+    packed_modules: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    """Fused module name -> the checkpoint modules whose rows it stacks, in order (vLLM's
+    packed_modules_mapping): the loader fills a fused layer's row blocks from them."""
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
@@ -29,6 +40,28 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) -> (N, vocab) float32 logits."""
         raise NotImplementedError
+
+    # ---- Ember's kernels: what this architecture lets them run ------------------------------
+
+    @classmethod
+    def supports_kernel_attention(cls, cfg: ArchConfig) -> bool:
+        """Whether Ember's paged attention kernels implement this model's attention."""
+        return False
+
+    @classmethod
+    def supports_kernel_decoder(cls, cfg: ArchConfig) -> bool:
+        """Whether the fused decoder kernel implements this model's layer stack."""
+        return False
+
+    def kernel_layer_stack(self, kv_caches: list[KVCache], block_size: int
+                           ) -> LayerStack | None:
+        """The layer stack described for the fused decoder kernel (None: not implemented)."""
+        return None
+
+    def forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      meta: AttentionMetadata, decoder: FusedDecoder) -> torch.Tensor:
+        """`forward` with the decoder layers run by `decoder` (see kernel_layer_stack)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused decoder path")
 
     @staticmethod
     def expected_unused(cfg: ArchConfig) -> set[str]:

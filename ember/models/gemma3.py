@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,8 @@ from torch import nn
 
 from ember.attention.backend import paged_attention
 from ember.attention.metadata import AttentionMetadata
-from ember.layers.linear import Linear
+from ember.layers.factory import LayerFactory
+from ember.layers.linear import LinearBase
 from ember.layers.rope import RotaryEmbedding
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM, KVCache, TensorTransform
@@ -44,28 +47,34 @@ class GemmaRMSNorm(nn.Module):
 
 
 class Gemma3Attention(nn.Module):
-    FUSIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
+    q_proj: LinearBase
+    k_proj: LinearBase
+    v_proj: LinearBase
+    qkv_proj: LinearBase
 
-    def __init__(self, cfg: ArchConfig, layer: int, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ArchConfig, layer: int, ops: LayerFactory) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = cfg.attn_scale
         self.window = cfg.layer_window(layer)
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, q_size, dtype=dtype)
-        self.k_proj = Linear(cfg.hidden_size, kv_size, dtype=dtype)
-        self.v_proj = Linear(cfg.hidden_size, kv_size, dtype=dtype)
-        self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype)
-        self.qkv_proj: nn.Module | None = None
         self.split_sizes = [q_size, kv_size, kv_size]
+        self.fused = ops.fuses("qkv")
+        if self.fused:
+            self.qkv_proj = ops.linear(cfg.hidden_size, self.split_sizes)
+        else:
+            self.q_proj = ops.linear(cfg.hidden_size, q_size)
+            self.k_proj = ops.linear(cfg.hidden_size, kv_size)
+            self.v_proj = ops.linear(cfg.hidden_size, kv_size)
+        self.o_proj = ops.linear(q_size, cfg.hidden_size)
         self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, rope: RopeTables, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        if self.qkv_proj is not None:
+        if self.fused:
             q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -78,17 +87,23 @@ class Gemma3Attention(nn.Module):
 
 
 class Gemma3MLP(nn.Module):
-    FUSIONS = {"gate_up_proj": ("gate_proj", "up_proj")}
+    gate_proj: LinearBase
+    up_proj: LinearBase
+    gate_up_proj: LinearBase
 
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ArchConfig, ops: LayerFactory) -> None:
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype)
-        self.gate_up_proj: nn.Module | None = None
+        hidden, inter = cfg.hidden_size, cfg.intermediate_size
+        self.fused = ops.fuses("gate_up")
+        if self.fused:
+            self.gate_up_proj = ops.linear(hidden, [inter, inter])
+        else:
+            self.gate_proj = ops.linear(hidden, inter)
+            self.up_proj = ops.linear(hidden, inter)
+        self.down_proj = ops.linear(inter, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
+        if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
@@ -96,15 +111,15 @@ class Gemma3MLP(nn.Module):
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, layer: int, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ArchConfig, layer: int, ops: LayerFactory) -> None:
         super().__init__()
         eps = cfg.rms_norm_eps
         self.is_sliding = cfg.layer_window(layer) is not None
         self.input_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
-        self.self_attn = Gemma3Attention(cfg, layer, dtype)
+        self.self_attn = Gemma3Attention(cfg, layer, ops)
         self.post_attention_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
-        self.mlp = Gemma3MLP(cfg, dtype)
+        self.mlp = Gemma3MLP(cfg, ops)
         self.post_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
 
     def forward(self, x: torch.Tensor, rope: RopeTables, kv_cache: KVCache,
@@ -116,18 +131,15 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3Body(nn.Module):
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ArchConfig, ops: LayerFactory, embed_tokens: nn.Module) -> None:
         super().__init__()
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta,
                                           cfg.rope_scaling)
         # NOTE: local layers use their own base and no scaling (HF: rope_local_base_freq).
         self.rotary_emb_local = RotaryEmbedding(cfg.head_dim, cfg.max_position,
                                                 cfg.rope_local_theta or LOCAL_ROPE_THETA)
-        self.embed_tokens = nn.Embedding(
-            cfg.vocab_size, cfg.hidden_size,
-            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, i, dtype)
+        self.embed_tokens = embed_tokens
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(cfg, i, ops)
                                     for i in range(cfg.num_layers))
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.embed_scale = cfg.hidden_size ** 0.5
@@ -136,13 +148,20 @@ class Gemma3Body(nn.Module):
 class Gemma3ForCausalLM(CausalLM):
     """Gemma 3 text model (GGUF `gemma3`, HF `gemma3_text`) with HF parameter names."""
 
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype = torch.float32) -> None:
+    packed_modules: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+    def __init__(self, cfg: ArchConfig, layers: LayerFactory | torch.dtype | None = None
+                 ) -> None:
+        """layers: builds every layer in the ExecutionPlan's runtime form (default: the dense
+        float32 unfused reference; a dtype: the reference in that dtype)."""
         super().__init__()
+        ops = LayerFactory.of(layers)
         self.config = cfg
-        self.model = Gemma3Body(cfg, dtype)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
+        embed, head = ops.embedding_and_head(cfg.vocab_size, cfg.hidden_size,
+                                             cfg.tie_word_embeddings)
+        self.model = Gemma3Body(cfg, ops, embed)
+        self.lm_head = head
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:

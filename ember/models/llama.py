@@ -2,8 +2,9 @@
 
 ArchConfig flags generalise it to the families that differ from Llama only in small ways:
 q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3), sliding-window layers (Mistral, Phi-3),
-partial rotary (Phi-4-mini). Those run the PyTorch attention; a plain Llama config
-(`ArchConfig.kernel_compatible`) may also run Ember's attention kernels.
+partial rotary (Phi-4-mini). Layers come from the LayerFactory the ExecutionPlan built (their
+format, fusion and backend decided there); a plain Llama config (`ArchConfig.kernel_compatible`)
+may run Ember's attention kernels and describes its layer stack for the fused decoder kernel.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.attention.backend import paged_attention, qkv_attention
+from ember.attention.backend import kernel_qkv_attention, paged_attention
 from ember.attention.metadata import AttentionMetadata
-from ember.layers.activation import SiluAndMul
-from ember.layers.linear import Linear
-from ember.layers.norm import RMSNorm
+from ember.errors import ModelLoadError
+from ember.kernels.decoder import FusedDecoder, KernelLayer, LayerStack
+from ember.layers.factory import LayerFactory
+from ember.layers.linear import LinearBase
 from ember.layers.rope import RotaryEmbedding
-from ember.loading.errors import ModelLoadError
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM, KVCache, TensorTransform
 
@@ -51,10 +52,13 @@ LLAMA_GGUF_LAYER = {
 
 
 class LlamaAttention(nn.Module):
-    FUSIONS: ClassVar[dict[str, tuple[str, ...]]] = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
-    """Projections the runtime may merge into one matmul (see ember.loading.formats)."""
+    q_proj: LinearBase
+    k_proj: LinearBase
+    v_proj: LinearBase
+    qkv_proj: LinearBase
+    """One (Hq + 2 Hkv) * D-row projection, rows q, k, v (when fused)."""
 
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, layer: int = 0) -> None:
+    def __init__(self, cfg: ArchConfig, ops: LayerFactory, layer: int = 0) -> None:
         """layer: this layer's index (its sliding window comes from `cfg.layer_window`)."""
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -62,36 +66,41 @@ class LlamaAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.scale = cfg.attn_scale
         self.window = cfg.layer_window(layer)
-        self.plain = cfg.kernel_compatible
-        """Plain Llama attention: the fused q/k/v path may hand it to the kernels."""
         q_size = cfg.num_heads * cfg.head_dim
         kv_size = cfg.num_kv_heads * cfg.head_dim
         self.split_sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj: nn.Module | None = None
-        self.build_projections(cfg, dtype)
-        self.o_proj = Linear(q_size, cfg.hidden_size, dtype=dtype)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.fused = self.build_projections(cfg, ops)
+        self.o_proj = ops.linear(q_size, cfg.hidden_size)
+        self.q_norm = ops.rms_norm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = ops.rms_norm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.attention_kernels = ops.attention_kernels
+        """Ember's paged attention kernels (the plan's attention backend), or None: PyTorch."""
 
-    def build_projections(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
-        """Separate q/k/v projections (HF Llama names); the runtime may fuse them."""
-        bias = cfg.attention_bias
-        self.q_proj = Linear(cfg.hidden_size, self.split_sizes[0], bias=bias, dtype=dtype)
-        self.k_proj = Linear(cfg.hidden_size, self.split_sizes[1], bias=bias, dtype=dtype)
-        self.v_proj = Linear(cfg.hidden_size, self.split_sizes[2], bias=bias, dtype=dtype)
+    def build_projections(self, cfg: ArchConfig, ops: LayerFactory) -> bool:
+        """q/k/v as one fused projection when the plan fuses them, else HF Llama's three;
+        returns whether they are fused."""
+        bias, hidden = cfg.attention_bias, cfg.hidden_size
+        if ops.fuses("qkv"):
+            self.qkv_proj = ops.linear(hidden, self.split_sizes, bias)
+            return True
+        self.q_proj = ops.linear(hidden, self.split_sizes[0], bias)
+        self.k_proj = ops.linear(hidden, self.split_sizes[1], bias)
+        self.v_proj = ops.linear(hidden, self.split_sizes[2], bias)
+        return False
 
     def forward(self, x: torch.Tensor, rope: RopeTables, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
+        if self.fused:
             qkv = self.qkv_proj(x)  # (T, (Hq + 2 Hkv) * D)
-            if self.plain:
-                out = qkv_attention(qkv, self.num_heads, self.num_kv_heads, self.head_dim,
-                                    rope, kv_cache, meta, self.scale)
+            if self.attention_kernels is not None:
+                out = kernel_qkv_attention(self.attention_kernels, qkv, self.num_heads,
+                                           self.num_kv_heads, self.head_dim, rope, kv_cache,
+                                           meta, self.scale)
                 return self.o_proj(out)  # (T, hidden)
             q, k, v = qkv.split(self.split_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.reshape(t, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
@@ -104,35 +113,43 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    FUSIONS: ClassVar[dict[str, tuple[str, ...]]] = {"gate_up_proj": ("gate_proj", "up_proj")}
+    gate_proj: LinearBase
+    up_proj: LinearBase
+    gate_up_proj: LinearBase
+    """One 2I-row projection, rows gate then up (when fused)."""
 
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ArchConfig, ops: LayerFactory) -> None:
         super().__init__()
-        self.gate_up_proj: nn.Module | None = None
-        self.build_projections(cfg, dtype)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, dtype=dtype)
-        self.act = SiluAndMul()
+        self.fused = self.build_projections(cfg, ops)
+        self.down_proj = ops.linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = ops.silu_and_mul()
 
-    def build_projections(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
-        """Separate gate/up projections (HF Llama names); the runtime may fuse them."""
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, dtype=dtype)
+    def build_projections(self, cfg: ArchConfig, ops: LayerFactory) -> bool:
+        """gate/up as one fused projection when the plan fuses them, else HF Llama's two;
+        returns whether they are fused."""
+        hidden, inter = cfg.hidden_size, cfg.intermediate_size
+        if ops.fuses("gate_up"):
+            self.gate_up_proj = ops.linear(hidden, [inter, inter])
+            return True
+        self.gate_proj = ops.linear(hidden, inter)
+        self.up_proj = ops.linear(hidden, inter)
+        return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
+        if self.fused:
             return self.down_proj(self.act(self.gate_up_proj(x)))  # (T, 2I) -> (T, I)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype, layer: int = 0,
+    def __init__(self, cfg: ArchConfig, ops: LayerFactory, layer: int = 0,
                  attention_cls: type[LlamaAttention] = LlamaAttention,
                  mlp_cls: type[LlamaMLP] = LlamaMLP) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = attention_cls(cfg, dtype, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = mlp_cls(cfg, dtype)
+        self.input_layernorm = ops.rms_norm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = attention_cls(cfg, ops, layer)
+        self.post_attention_layernorm = ops.rms_norm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = mlp_cls(cfg, ops)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeTables,
                 kv_cache: KVCache, meta: AttentionMetadata
@@ -148,7 +165,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaBody(nn.Module):
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype,
+    def __init__(self, cfg: ArchConfig, ops: LayerFactory, embed_tokens: nn.Module,
                  attention_cls: type[LlamaAttention] = LlamaAttention,
                  mlp_cls: type[LlamaMLP] = LlamaMLP) -> None:
         super().__init__()
@@ -157,14 +174,10 @@ class LlamaBody(nn.Module):
                                               cfg.rope_scaling, rotary_dim=cfg.rotary_dim)
         except ValueError as exc:  # an unsupported rope_scaling type
             raise ModelLoadError(f"{cfg.name or cfg.architecture}: {exc}") from None
-        # NOTE: _weight skips the random init of a 28M-entry table that loading overwrites.
-        self.embed_tokens = nn.Embedding(
-            cfg.vocab_size, cfg.hidden_size,
-            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype))
-        self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype, i, attention_cls, mlp_cls)
+        self.embed_tokens = embed_tokens
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ops, i, attention_cls, mlp_cls)
                                     for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = ops.rms_norm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -182,14 +195,24 @@ class LlamaForCausalLM(CausalLM):
     """llama.cpp permutes q/k rows for its interleaved RoPE (llama, mistral); NeoX-RoPE
     architectures (qwen2, qwen3, phi3) keep HF's row order."""
 
-    def __init__(self, cfg: ArchConfig, dtype: torch.dtype = torch.float32) -> None:
+    packed_modules: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+    kernel_decoder: ClassVar[bool] = True
+    """The fused decoder kernel implements this class's layers (checked against the module
+    path by the tests); subclasses not checked against it set False."""
+
+    def __init__(self, cfg: ArchConfig, layers: LayerFactory | torch.dtype | None = None
+                 ) -> None:
+        """layers: builds every layer in the ExecutionPlan's runtime form (default: the dense
+        float32 unfused reference; a dtype: the reference in that dtype)."""
         super().__init__()
+        ops = LayerFactory.of(layers)
         self.config = cfg
-        self.model = LlamaBody(cfg, dtype, self.attention_cls, self.mlp_cls)
-        # NOTE: with tied embeddings the head shares the embedding matrix (one tensor in memory).
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight  # type: ignore[assignment]
+        embed, head = ops.embedding_and_head(cfg.vocab_size, cfg.hidden_size,
+                                             cfg.tie_word_embeddings)
+        self.model = LlamaBody(cfg, ops, embed, self.attention_cls, self.mlp_cls)
+        # NOTE: with tied embeddings the head shares the embedding's weights (one table).
+        self.lm_head = head
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
@@ -199,6 +222,48 @@ class LlamaForCausalLM(CausalLM):
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             h, residual = layer(h, residual, rope, kv_cache, meta)
         return self.model.norm(h, residual)[0]
+
+    # ---- the fused decoder kernel -------------------------------------------------------
+
+    @classmethod
+    def supports_kernel_attention(cls, cfg: ArchConfig) -> bool:
+        return cfg.kernel_compatible
+
+    @classmethod
+    def supports_kernel_decoder(cls, cfg: ArchConfig) -> bool:
+        return cls.kernel_decoder and cfg.kernel_compatible
+
+    def kernel_layer_stack(self, kv_caches: list[KVCache], block_size: int
+                           ) -> LayerStack | None:
+        """The decoder layers as the fused kernel reads them; None unless every projection
+        is fused and in a kernel format."""
+        cfg = self.config
+        layers = []
+        body: LlamaBody = self.model
+        for layer, (k_cache, v_cache) in zip(body.layers, kv_caches):
+            assert isinstance(layer, LlamaDecoderLayer)
+            attn, mlp = layer.self_attn, layer.mlp
+            if not (attn.fused and mlp.fused):
+                return None
+            qkv, o = attn.qkv_proj.kernel_linear(), attn.o_proj.kernel_linear()
+            gate_up, down = mlp.gate_up_proj.kernel_linear(), mlp.down_proj.kernel_linear()
+            if qkv is None or o is None or gate_up is None or down is None:
+                return None
+            norms = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            layers.append(KernelLayer(*norms, qkv, o, gate_up, down, k_cache, v_cache))
+        return LayerStack(tuple(layers), cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                          cfg.num_kv_heads, cfg.head_dim, block_size, cfg.rms_norm_eps,
+                          cfg.head_dim ** -0.5)
+
+    def forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      meta: AttentionMetadata, decoder: FusedDecoder) -> torch.Tensor:
+        """`forward` with every decoder layer in one kernel call (`kernel_layer_stack`)."""
+        assert meta.row_block_tables is not None and meta.row_lens is not None
+        body = self.model
+        x = body.embed_tokens(input_ids).float().contiguous()  # (T, hidden)
+        cos, sin = body.rotary_emb.cos_sin(positions)  # (T, 1, D/2) each
+        decoder(x, cos, sin, meta.slot_mapping, meta.row_block_tables, meta.row_lens)
+        return body.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

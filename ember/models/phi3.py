@@ -1,40 +1,35 @@
 """Phi-3 / Phi-3.5 / Phi-4-mini: a Llama-family decoder whose checkpoints store q/k/v as one
 `qkv_proj` and gate/up as one `gate_up_proj` matrix.
 
-The model keeps them fused (the runtime would fuse separate ones anyway), so HF and llama.cpp
-tensors load as they are. Sliding windows (Phi-3-mini: 2047) and partial rotary (Phi-4-mini:
-0.75) come from ArchConfig; LongRoPE runs with its short factors (see ArchConfig.from_hf_config).
+The model builds them fused whatever the plan (the runtime fuses separate ones anyway), so HF
+and llama.cpp tensors load as they are. Sliding windows (Phi-3-mini: 2047) and partial rotary
+(Phi-4-mini: 0.75) come from ArchConfig; LongRoPE runs with its short factors (see
+ArchConfig.from_hf_config).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
-from typing import ClassVar
 
-import torch
-
-from ember.layers.linear import Linear
-from ember.loading.errors import ModelLoadError
+from ember.errors import ModelLoadError
+from ember.layers.factory import LayerFactory
 from ember.models.arch import ArchConfig
 from ember.models.llama import LLAMA_GGUF_LAYER, LlamaAttention, LlamaForCausalLM, LlamaMLP
 
 
 class Phi3Attention(LlamaAttention):
-    FUSIONS: ClassVar[dict[str, tuple[str, ...]]] = {}
-
-    def build_projections(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
-        """One (Hq + 2 Hkv) * D-row projection, rows q, k, v (HF `qkv_proj`)."""
-        self.qkv_proj = Linear(cfg.hidden_size, sum(self.split_sizes), bias=cfg.attention_bias,
-                               dtype=dtype)
+    def build_projections(self, cfg: ArchConfig, ops: LayerFactory) -> bool:
+        """One (Hq + 2 Hkv) * D-row projection, rows q, k, v (HF `qkv_proj`), always."""
+        self.qkv_proj = ops.linear(cfg.hidden_size, sum(self.split_sizes), cfg.attention_bias)
+        return True
 
 
 class Phi3MLP(LlamaMLP):
-    FUSIONS: ClassVar[dict[str, tuple[str, ...]]] = {}
-
-    def build_projections(self, cfg: ArchConfig, dtype: torch.dtype) -> None:
-        """One 2I-row projection, gate rows then up rows (HF `gate_up_proj`)."""
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, dtype=dtype)
+    def build_projections(self, cfg: ArchConfig, ops: LayerFactory) -> bool:
+        """One 2I-row projection, gate rows then up rows (HF `gate_up_proj`), always."""
+        self.gate_up_proj = ops.linear(cfg.hidden_size, 2 * cfg.intermediate_size)
+        return True
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
@@ -42,6 +37,8 @@ class Phi3ForCausalLM(LlamaForCausalLM):
 
     attention_cls = Phi3Attention
     mlp_cls = Phi3MLP
+    packed_modules = MappingProxyType({})  # the checkpoint stores them fused already
+    kernel_decoder = False  # NOTE: not checked against the fused decoder kernel
     gguf_layer_names = MappingProxyType({
         **{k: v for k, v in LLAMA_GGUF_LAYER.items() if k not in ("attn_q", "attn_k", "attn_v")},
         "attn_qkv": "self_attn.qkv_proj",

@@ -19,6 +19,7 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     """Qwen2 / Qwen2.5 (HF model_type and llama.cpp architecture 'qwen2')."""
 
     gguf_permuted_qk = False
+    kernel_decoder = False  # NOTE: not checked against the fused decoder kernel
 
 
 class Qwen3ForCausalLM(Qwen2ForCausalLM):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ember.loading.errors import ModelLoadError
+from ember.errors import ModelLoadError
 from ember.models.base import CausalLM
 from ember.models.gemma3 import Gemma3ForCausalLM
 from ember.models.llama import LlamaForCausalLM

@@ -10,9 +10,9 @@ import torch
 
 from ember.attention.metadata import AttentionMetadata, PrefillChunk
 from ember.kernels.decoder import FusedDecoder
-from ember.kernels.ops import CpuKernels
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM
+from ember.plan import KERNELS_PAGED, ExecutionPlan
 from ember.sampling.logprobs import compute_token_logprobs
 from ember.sampling.sampler import Sampler
 from ember.types import (ModelRunnerOutput, SamplingBatchRow, ScheduledRequest, SchedulerOutput,
@@ -33,13 +33,6 @@ class _LogitsPlan:
     """(request, number of rows, starts with the first prompt token) per prompt-logprob request."""
 
 
-def kv_cache_dtype(dtype: torch.dtype, kernels: bool, quantized: bool) -> torch.dtype:
-    """bfloat16 for a quantized model on Ember's kernels (float32 activations; half the bytes
-    long-context attention reads), else the activation dtype: the dense float32 path stays the
-    exact reference."""
-    return torch.bfloat16 if kernels and quantized and dtype == torch.float32 else dtype
-
-
 def kv_cache_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty(0, dtype=dtype).element_size()
     return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
@@ -48,18 +41,14 @@ def kv_cache_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dty
 class ModelRunner:
     """Owns the KV cache tensors (one K and one V tensor per layer) and runs steps."""
 
-    def __init__(self, model: CausalLM, arch: ArchConfig, dtype: torch.dtype,
+    def __init__(self, model: CausalLM, arch: ArchConfig, plan: ExecutionPlan,
                  block_size: int, num_blocks: int, max_num_batched_tokens: int,
-                 sampler: Sampler, kernels: CpuKernels | None = None,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 sampler: Sampler) -> None:
+        """plan: the model's ExecutionPlan (KV cache dtype, attention backend, fused decoder)."""
         self.model = model
-        kv_dtype = kv_dtype or dtype
-        # NOTE: the attention kernels (and the fused decoder) take float32 activations and
-        # bfloat16 caches, and implement plain Llama attention only (no bias, q/k norm,
-        # sliding window or partial rotary); anything else uses the PyTorch attention.
-        self.kernels = (kernels if dtype == torch.float32 and kv_dtype == torch.bfloat16
-                        and arch.kernel_compatible else None)
-        """Ember's CPU kernels for attention (in the metadata) and fused steps, or None."""
+        self.plan = plan
+        self.kernel_attention = plan.attention == KERNELS_PAGED
+        """Ember's attention kernels run: every token is a query row over its own context."""
         self.arch = arch
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -69,6 +58,7 @@ class ModelRunner:
         # graphs are much faster with distinct per-layer tensors.
         # NOTE: empty, not zeros: pages are touched only as blocks fill up (RSS grows with use).
         # Block 0 is the null block padded reads point at; it must hold finite values.
+        kv_dtype = plan.kv_dtype
         self.kv_caches = [(torch.empty(shape, dtype=kv_dtype), torch.empty(shape, dtype=kv_dtype))
                           for _ in range(arch.num_layers)]
         for k_cache, v_cache in self.kv_caches:
@@ -78,11 +68,18 @@ class ModelRunner:
         self._input_ids = torch.zeros(max_num_batched_tokens, dtype=torch.int64)
         self._positions = torch.zeros(max_num_batched_tokens, dtype=torch.int64)
         self._slots = torch.zeros(max_num_batched_tokens, dtype=torch.int64)
-        self.decoder = (FusedDecoder.build(model, self.kv_caches, block_size, self.kernels)
-                        if self.kernels is not None else None)
-        """Whole-step decode kernel for steps made only of decodes (None: module path)."""
+        self.decoder = self._fused_decoder() if plan.fused_decoder else None
+        """Every step's decoder layers in one kernel call (None: the model's module path)."""
         self._generators: dict[str, torch.Generator] = {}
         self._prompt_lp_next: dict[str, int] = {}
+
+    def _fused_decoder(self) -> FusedDecoder:
+        """The fused decoder over the model's layer stack (the plan promised one)."""
+        stack = self.model.kernel_layer_stack(self.kv_caches, self.block_size)
+        if stack is None or self.plan.kernels is None:
+            raise RuntimeError(f"{type(self.model).__name__} provides no kernel layer stack, "
+                               f"but the plan runs the fused decoder")
+        return FusedDecoder(stack, self.plan.kernels)
 
     # ---- per-request state --------------------------------------------------------------
 
@@ -112,7 +109,8 @@ class ModelRunner:
         order = sorted(so.scheduled, key=lambda sr: sr.num_new_tokens > 1)  # decodes first
         input_ids, positions, meta, plan = self._prepare(order)
         if self.decoder is not None:
-            hidden = self.decoder(input_ids, positions, meta)  # (T, hidden)
+            hidden = self.model.forward_fused(input_ids, positions, meta,
+                                              self.decoder)  # (T, hidden)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (T, hidden)
         rows = plan.sample_rows + plan.prompt_rows
@@ -167,7 +165,7 @@ class ModelRunner:
         prefills: list[PrefillChunk] = []
         tables: list[list[int]] = []  # kernel path: every request's; else the decodes'
         decode_lens: list[int] = []
-        rows = self.kernels is not None  # kernel attention: every token is a query row
+        rows = self.kernel_attention  # every token is a query row
         for sr in order:
             q0 = len(ids)
             ids.extend(sr.token_ids)
@@ -188,13 +186,28 @@ class ModelRunner:
         meta = AttentionMetadata(num_tokens=t, slot_mapping=self._slots[:t],
                                  num_decodes=sum(sr.num_new_tokens == 1 for sr in order),
                                  decode_kv_slots=None,
-                                 decode_kv_mask=None, prefills=prefills, kernels=self.kernels)
+                                 decode_kv_mask=None, prefills=prefills)
         if rows:
             meta.row_block_tables, meta.row_lens = self._row_tables(order, tables)
-        elif tables:
+        else:
+            self._zero_fresh_blocks(self._slots[:t])
+        if not rows and tables:
             meta.decode_kv_slots, meta.decode_kv_mask = self._decode_tables(tables, decode_lens)
             meta.decode_lens = torch.tensor(decode_lens, dtype=torch.int64)
         return self._input_ids[:t], self._positions[:t], meta, plan
+
+    def _zero_fresh_blocks(self, slots: torch.Tensor) -> None:
+        """Zero the blocks whose first slot this step writes, in every layer.
+
+        NOTE: the PyTorch decode path reads whole blocks and masks the slots past each
+        context; an unwritten slot of torch.empty memory may hold NaN, which a mask cannot
+        remove (NaN * 0). Blocks fill from slot 0, so zeroing at that write covers every slot
+        ever read. The kernels read only each context's own slots and skip this."""
+        fresh = slots[slots % self.block_size == 0] // self.block_size  # (new blocks,)
+        if fresh.numel():
+            for k_cache, v_cache in self.kv_caches:
+                k_cache.index_fill_(0, fresh, 0)
+                v_cache.index_fill_(0, fresh, 0)
 
     def _prefill_chunk(self, sr: ScheduledRequest, q0: int, table: np.ndarray) -> PrefillChunk:
         if sr.start == 0:

@@ -8,7 +8,8 @@ import torch
 from agreement import teacher_forced_agreement
 from ember import SamplingParams
 from ember.kernels.build import missing_cpu_features
-from ember.layers.quant import Int4Linear, Int4Weights, Int8Linear
+from ember.formats.stored import BlockWeight
+from ember.layers.quant import Int4Linear, Int8Linear
 from ember.loading.gguf import read_gguf
 from ember.models.llama import unpermute_rope_rows
 
@@ -22,7 +23,8 @@ def gguf_file(gguf_path):
                                          ("blk.29.ffn_down.weight", None)])
 def test_q4_1_converts_exactly(gguf_file, name, heads):
     tensor = gguf_file.tensors[name]
-    w4 = Int4Weights.from_gguf(tensor)
+    w4 = BlockWeight(tensor.qtype, tensor.raw, tensor.shape).q4()
+    assert w4 is not None
     ref = tensor.dequantize()
     if heads is not None:
         w4 = w4.permute_rows(lambda w: unpermute_rope_rows(w, heads))
@@ -31,12 +33,14 @@ def test_q4_1_converts_exactly(gguf_file, name, heads):
 
 
 def test_int4_kernel_matches_dequantized_weights(gguf_file):
-    w4 = Int4Weights.from_gguf(gguf_file.tensors["blk.3.ffn_gate.weight"])
+    tensor = gguf_file.tensors["blk.3.ffn_gate.weight"]
+    w4 = BlockWeight(tensor.qtype, tensor.raw, tensor.shape).q4()
+    assert w4 is not None
     dense = w4.dequantize()
     x = torch.randn(3, dense.shape[1])
     ref = x @ dense.t()
     for keep_dense, threshold in ((False, 4), (True, 0)):  # int4 kernel, then the dense copy
-        layer = Int4Linear(w4, keep_dense=keep_dense, dense_threshold=threshold)
+        layer = Int4Linear.from_blocks(w4, keep_dense=keep_dense, dense_threshold=threshold)
         got = layer(x)
         assert got.dtype == x.dtype
         # bf16 activations and bf16 scale/zero: relative error at bf16 precision
@@ -45,7 +49,7 @@ def test_int4_kernel_matches_dequantized_weights(gguf_file):
 
 def test_int8_roundtrip_error_is_small():
     w = torch.randn(64, 128)
-    layer = Int8Linear(w)
+    layer = Int8Linear.from_dense(w)
     amax = w.abs().amax(1, keepdim=True)
     # half a quantization step, plus the bf16 rounding of the per-channel scale (2^-8)
     bound = amax / 127 / 2 * 1.01 + amax * 2**-8

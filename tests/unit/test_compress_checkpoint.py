@@ -166,20 +166,27 @@ def test_int4_runtime_format_uses_the_checkpoint_codes_exactly(tmp_path, bits, g
     codes (regrouped to 32 columns), so the runtime weights equal the stored ones."""
     from ember.engine.core import EngineCore
     from ember.config import CacheConfig, EngineConfig
-    from ember.layers.quant import Int4Weights
+    from ember.formats.blocks import Q4Blocks
+    from ember.layers.quant import Int4Linear
+    from ember.loading.ember_checkpoint import GroupedWeight, open_checkpoint
 
     loaded = tiny_loaded()
     settings = QuantSettings(method="rtn", bits=bits, group_size=group_size)
     quantized = quantize_model(loaded.model, settings, None)
     out = save_checkpoint(tmp_path / "q", loaded, Compression("rtn", settings.metadata()),
                           quantized=quantized)
-    reloaded = load_model(ModelConfig(model=str(out), quantization="auto"), EnvSettings())
-    assert reloaded.quantization == "int4"
+    reloaded = load_model(ModelConfig(model=str(out), quantization="auto"), EnvSettings(),
+                          runtime=True)
+    assert reloaded.plan.weights == "int4"
     name = "model.layers.1.mlp.down_proj.weight"
-    exact = reloaded.int4_weights[name]
-    assert isinstance(exact, Int4Weights) and exact.group_size == 32
+    exact = GroupedWeight(open_checkpoint(out).tensors[name], torch.float32).q4()  # type: ignore[arg-type]
+    assert isinstance(exact, Q4Blocks) and exact.group_size == 32
     torch.testing.assert_close(exact.dequantize(), quantized[name].dequantize(torch.float32),
                                atol=1e-6, rtol=1e-6)
+    layer = reloaded.model.model.layers[1].mlp.down_proj
+    if isinstance(layer, Int4Linear):  # PyTorch's int4: its dense copy shows the codes it got
+        assert layer.dense is not None
+        assert torch.equal(layer.dense, exact.dequantize().to(layer.dense.dtype))
     config = EngineConfig(model=ModelConfig(model=str(out), quantization="auto"),
                           cache=CacheConfig(block_size=4, num_blocks=16))
     EngineCore(config, reloaded)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gguf
@@ -19,11 +20,14 @@ import transformers
 
 from ember import LLM, SamplingParams
 from ember.config import EnvSettings, ModelConfig
-from ember.loading.errors import ModelLoadError
-from ember.loading.formats import apply_weight_format
-from ember.loading.loader import load_model
+from ember.layers.factory import FUSIONS
 from ember.layers.linear import AddBias, Linear
+from ember.loading.errors import ModelLoadError
+from ember.loading.loader import load_model, runtime_from
 from ember.models.arch import ArchConfig
+from ember.models.llama import LlamaForCausalLM
+from ember.models.qwen import Qwen2ForCausalLM
+from ember.plan import ExecutionPlan, resolve_plan
 from ember.runner.model_runner import ModelRunner
 from ember.sampling.sampler import Sampler
 from tiny_llama import TEXT, forward_logits, one_thread, tiny_tokenizer  # noqa: F401
@@ -170,9 +174,10 @@ def test_dense_fusion_keeps_biases(tmp_path):
     before = forward_logits(loaded.model, PROMPT)
     attn = loaded.model.model.layers[0].self_attn
     biases = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-    apply_weight_format(loaded.model, None, None)
-    assert isinstance(attn.qkv_proj, Linear) and torch.equal(attn.qkv_proj.bias, biases)
-    assert torch.allclose(forward_logits(loaded.model, PROMPT), before, atol=1e-5)
+    fused = runtime_from(loaded, ExecutionPlan(fusions=FUSIONS)).model
+    qkv = fused.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, Linear) and torch.equal(qkv.bias, biases)
+    assert torch.allclose(forward_logits(fused, PROMPT), before, atol=1e-5)
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
@@ -184,9 +189,8 @@ def test_quantized_formats_keep_biases(quantization, tmp_path):
     dense = forward_logits(dense_model, PROMPT)
     attn = dense_model.model.layers[0].self_attn
     biases = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-    loaded = load_model(ModelConfig(model=str(folder), quantization=quantization),
-                        EnvSettings())
-    apply_weight_format(loaded.model, quantization, None)
+    loaded = load_model(ModelConfig(model=str(folder), quantization=quantization,
+                                    cpu_kernels=False), EnvSettings(), runtime=True)
     qkv = loaded.model.model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, AddBias) and qkv.format.startswith(quantization)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
@@ -202,24 +206,30 @@ def test_quantized_formats_keep_biases(quantization, tmp_path):
         assert (forward_logits(loaded.model, PROMPT) - dense).abs().max().item() > 4 * err
 
 
-def test_runner_keeps_non_llama_attention_off_the_kernels():
-    """The runner hands its kernels (attention, fused decoder) only to plain Llama attention;
-    a stand-in object is enough: the kernels are never called here."""
+def test_plan_keeps_non_llama_attention_off_the_kernels():
+    """The plan hands the attention kernels and the fused decoder only to plain Llama
+    attention; a stand-in object is enough: the kernels are never called here."""
     plain = ArchConfig(architecture="llama", vocab_size=257, hidden_size=64,
                        intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                        head_dim=16, max_position=256)
-    fake_kernels: Any = object()
+    fake_kernels: Any = SimpleNamespace(isa="avx512-vnni")
     no_model: Any = torch.nn.Identity()
+    config = ModelConfig(quantization="int4")
     variants = [dataclasses.replace(plain, attention_bias=True),
                 dataclasses.replace(plain, qk_norm=True),
                 dataclasses.replace(plain, sliding_window=8),
                 dataclasses.replace(plain, partial_rotary_factor=0.5)]
     for arch in variants:
         assert not arch.kernel_compatible
-        runner = ModelRunner(no_model, arch, torch.float32, 4, 8, 16, Sampler(), fake_kernels,
-                             torch.bfloat16)
-        assert runner.kernels is None and runner.decoder is None
+        plan = resolve_plan(config, arch, LlamaForCausalLM, None, fake_kernels)
+        assert plan.backend == "kernels" and plan.kv_dtype == torch.bfloat16
+        assert plan.attention == "torch" and not plan.fused_decoder
+        runner = ModelRunner(no_model, arch, plan, 4, 8, 16, Sampler())
+        assert not runner.kernel_attention and runner.decoder is None
     assert plain.kernel_compatible
+    plan = resolve_plan(config, plain, LlamaForCausalLM, None, fake_kernels)
+    assert plan.attention == "kernels-paged" and plan.fused_decoder
+    assert not resolve_plan(config, plain, Qwen2ForCausalLM, None, fake_kernels).fused_decoder
     assert dataclasses.replace(plain, sliding_window=4096).kernel_compatible  # never cuts
 
 

@@ -7,21 +7,31 @@ import copy
 import pytest
 import torch
 
+from ember.formats.blocks import Q4Blocks
+from ember.layers.factory import FUSIONS
 from ember.layers.linear import Linear
-from ember.layers.quant import Int4Weights, Int8Linear
-from ember.loading.formats import apply_weight_format
+from ember.layers.quant import Int8Linear
+from ember.loading.loader import runtime_from
 from ember.models.base import CausalLM
-from tiny_llama import forward_logits, tiny_model
+from ember.plan import ExecutionPlan
+from tiny_llama import forward_logits, tiny_loaded, tiny_model
 
 
 IDS = [3, 17, 42, 99, 200, 5, 77, 8, 150, 9, 11, 64]
 
 
+def _runtime(quantization: str | None) -> tuple[CausalLM, dict[str, int]]:
+    """The tiny model built again, fused, in a float32 plan with the weight format
+    `quantization` on PyTorch's ops, from the reference weights."""
+    plan = ExecutionPlan(weights=quantization, fusions=FUSIONS)
+    loaded = runtime_from(tiny_loaded(), plan)
+    return loaded.model, loaded.runtime_formats
+
+
 def test_fusion_is_exact():
     model = tiny_model()
     ref = forward_logits(model, IDS)
-    fused = copy.deepcopy(model)
-    counts = apply_weight_format(fused, None, None)
+    fused, counts = _runtime(None)
     layer = fused.model.layers[0]
     assert layer.self_attn.qkv_proj is not None and not hasattr(layer.self_attn, "q_proj")
     assert layer.mlp.gate_up_proj is not None and not hasattr(layer.mlp, "up_proj")
@@ -37,9 +47,9 @@ def _rounded_reference(model: CausalLM, quantization: str) -> CausalLM:
             if isinstance(module, Linear):
                 w = module.weight.detach().clone()
                 if quantization == "int4" and name != "lm_head":
-                    rounded = Int4Weights.quantize(w).dequantize()
+                    rounded = Q4Blocks.quantize(w).dequantize()
                 else:
-                    rounded = Int8Linear(w).dequantize()
+                    rounded = Int8Linear.from_dense(w).dequantize()
                 if name == "lm_head":  # tied to the embedding: untie, round only the head
                     module.weight = torch.nn.Parameter(rounded, requires_grad=False)
                 else:
@@ -52,8 +62,7 @@ def test_quantized_kernels_compute_their_rounded_weights(quantization):
     """The int8/int4 kernels (bf16 activations) match fp32 math on the rounded weights."""
     model = tiny_model()
     ref = forward_logits(_rounded_reference(model, quantization), IDS)
-    q = copy.deepcopy(model)
-    apply_weight_format(q, quantization, None)
+    q, _ = _runtime(quantization)
     got = forward_logits(q, IDS)
     assert got.dtype == torch.float32
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 0.03
@@ -61,8 +70,8 @@ def test_quantized_kernels_compute_their_rounded_weights(quantization):
 
 def test_int4_rtn_error_within_half_step_and_cat():
     w = torch.randn(48, 64)
-    q = Int4Weights.quantize(w, group_size=32)
+    q = Q4Blocks.quantize(w, group_size=32)
     step = q.scale.repeat_interleave(32, dim=1)  # (out, in)
     assert bool(((q.dequantize() - w).abs() <= step / 2 + 1e-6).all())
-    a, b = Int4Weights.quantize(w[:16]), Int4Weights.quantize(w[16:])
-    torch.testing.assert_close(Int4Weights.cat([a, b]).dequantize(), q.dequantize())
+    a, b = Q4Blocks.quantize(w[:16]), Q4Blocks.quantize(w[16:])
+    torch.testing.assert_close(Q4Blocks.cat([a, b]).dequantize(), q.dequantize())

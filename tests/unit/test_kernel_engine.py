@@ -12,6 +12,8 @@ from ember.engine.engine import LLMEngine
 from ember.kernels.build import missing_cpu_features
 from ember.kernels.decoder import FusedDecoder
 from ember.kernels.ops import CpuKernels
+from ember.loading.loader import runtime_from
+from ember.plan import resolve_plan
 from tiny_llama import tiny_loaded
 
 pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
@@ -33,7 +35,9 @@ def run(quantization: str | None, kernels: CpuKernels | None, fused: bool = True
     config = EngineConfig(model=ModelConfig(model="tiny", quantization=quantization),
                           cache=CacheConfig(block_size=4, num_blocks=64),
                           scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16))
-    engine = LLMEngine(config, tiny_loaded(), kernels)
+    loaded = tiny_loaded()
+    plan = resolve_plan(config.model, loaded.arch, type(loaded.model), None, kernels)
+    engine = LLMEngine(config, runtime_from(loaded, plan))
     decoder = engine.core.runner.decoder
     if kernels is not None and quantization is not None:
         assert isinstance(decoder, FusedDecoder)

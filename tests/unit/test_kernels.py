@@ -8,8 +8,8 @@ import torch
 from ember.attention.backend import decode_attention, write_kv
 from ember.attention.metadata import AttentionMetadata
 from ember.kernels.build import missing_cpu_features
-from ember.kernels.ops import CpuKernels, pack_q4, quantize_q8
-from ember.layers.quant import Int4Weights
+from ember.formats.blocks import Q4Blocks, Q8Blocks
+from ember.kernels.ops import CpuKernels, pack_q4, pack_q8
 from ember.layers.rope import RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
@@ -35,9 +35,9 @@ def act_quantized(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("m", [1, 3, 5, 33])
 def test_q4_gemm_equals_dequantized_math(kernels, n, k, m):
     gen = torch.Generator().manual_seed(n * k + m)
-    w4 = Int4Weights.quantize(torch.randn(n, k, generator=gen))
+    w4 = Q4Blocks.quantize(torch.randn(n, k, generator=gen))
     x = torch.randn(m, k, generator=gen)
-    packed, d, mins = pack_q4(w4.q, w4.scale, w4.zero)
+    packed, d, mins = pack_q4(w4.q, w4.scale, w4.offset)
     got = kernels.q4_gemm(x, packed, d, mins)
     assert got.shape == (m, (n + 15) // 16 * 16)
     ref = act_quantized(x) @ w4.dequantize().t()
@@ -48,7 +48,8 @@ def test_q4_gemm_equals_dequantized_math(kernels, n, k, m):
 def test_q8_gemm_and_rows_equal_dequantized_math(kernels, n, k, m):
     gen = torch.Generator().manual_seed(n + k + m)
     w = torch.randn(n, k, generator=gen)
-    q, d = quantize_q8(w)
+    blocks = Q8Blocks.quantize(w)
+    q, d = pack_q8(blocks.q, blocks.d)
     wg = w.view(n, -1, 32)
     scale = wg.abs().amax(-1, keepdim=True) / 127
     deq = (torch.round(wg / scale).clamp(-127, 127) * scale).view(n, k)

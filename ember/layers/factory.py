@@ -1,0 +1,118 @@
+"""Builds a model's layers in the runtime form the ExecutionPlan chose (`ember.plan`).
+
+A model constructor asks this factory for its projections, norms, activation, embedding and
+head; it never asks which backend runs them. The factory's fields are the plan's decisions:
+the dense dtype, the weight format (None: dense; 'int8'; 'int4' with an 8-bit head), Ember's
+CPU kernels for the layers that use them (None: PyTorch), the attention kernels, and which
+projections are fused (`fuses('qkv')`, `fuses('gate_up')`). `LayerFactory()` builds the
+reference model: dense float32, unfused, PyTorch (what the offline tools use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import torch
+from torch import nn
+
+from ember.layers.activation import SiluAndMul
+from ember.layers.cpu_quant import Q4Linear, Q8Embedding, Q8Linear
+from ember.layers.embedding import Embedding
+from ember.layers.linear import AddBias, Linear, LinearBase
+from ember.layers.norm import RMSNorm
+from ember.layers.quant import Int4Linear, Int8Linear
+
+if TYPE_CHECKING:
+    from ember.kernels.ops import CpuKernels
+
+WEIGHT_FORMATS = (None, "int8", "int4")
+FUSIONS = ("qkv", "gate_up")
+"""Projections a model may build as one matmul: q/k/v, and gate/up."""
+
+
+@dataclass(frozen=True)
+class LayerFactory:
+    """Layer constructors for one ExecutionPlan (see the module docstring)."""
+
+    dtype: torch.dtype = torch.float32
+    weights: str | None = None
+    kernels: CpuKernels | None = None
+    """Ember's CPU kernels for norms, the gated activation and quantized projections."""
+    attention_kernels: CpuKernels | None = None
+    """Ember's CPU kernels for paged attention (plain Llama attention only), else None."""
+    fusions: frozenset[str] = frozenset()
+    keep_dense: bool = True
+    """PyTorch int4 layers also keep a dequantized copy for many-row steps (prefill)."""
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weight format must be one of {WEIGHT_FORMATS}, "
+                             f"got {self.weights!r}")
+        if not self.fusions <= set(FUSIONS):
+            raise ValueError(f"unknown fusions {sorted(self.fusions - set(FUSIONS))}")
+
+    @classmethod
+    def of(cls, layers: "LayerFactory | torch.dtype | None") -> "LayerFactory":
+        """A model constructor's `layers` argument as a factory: None is the float32
+        reference, a dtype the reference in that dtype."""
+        if layers is None:
+            return cls()
+        return cls(dtype=layers) if isinstance(layers, torch.dtype) else layers
+
+    def fuses(self, fusion: str) -> bool:
+        """Whether the model builds these projections as one matmul ('qkv', 'gate_up')."""
+        return fusion in self.fusions
+
+    def linear(self, in_features: int, out_features: int | Sequence[int],
+               bias: bool = False) -> LinearBase:
+        """A projection in the plan's weight format; a sequence of sizes makes one fused
+        layer of those row blocks (e.g. q, k, v)."""
+        if self.weights is None:
+            return Linear(in_features, out_features, bias, self.dtype)
+        inner = self._quantized(in_features, out_features, four_bit=self.weights == "int4")
+        return AddBias(inner, self.dtype) if bias else inner
+
+    def _quantized(self, in_features: int, out_features: int | Sequence[int],
+                   four_bit: bool) -> LinearBase:
+        if self.kernels is not None:
+            cls = Q4Linear if four_bit else Q8Linear
+            return cls(in_features, out_features, self.kernels, self.dtype)
+        if four_bit:
+            return Int4Linear(in_features, out_features, self.keep_dense, dtype=self.dtype)
+        return Int8Linear(in_features, out_features, dtype=self.dtype)
+
+    def rms_norm(self, size: int, eps: float) -> RMSNorm:
+        return RMSNorm(size, eps, self.kernels)
+
+    def silu_and_mul(self) -> SiluAndMul:
+        return SiluAndMul(self.kernels)
+
+    def embedding_and_head(self, vocab: int, hidden: int, tied: bool
+                           ) -> tuple[nn.Module, LinearBase]:
+        """The token embedding and the LM head. Quantized formats run an 8-bit head (read
+        every step); on the kernels the embedding is looked up from a Q8 table, the head's
+        own when tied, so no dense copy of either stays in memory. A dense tied head shares
+        the embedding's parameter."""
+        if self.weights is not None and self.kernels is not None:
+            head = Q8Linear(hidden, vocab, self.kernels, self.dtype)
+            table = head if tied else Q8Linear(hidden, vocab, self.kernels, self.dtype)
+            return Q8Embedding(table, self.dtype, tied), head
+        embed = Embedding(vocab, hidden, self.dtype)
+        if self.weights is not None:
+            return embed, Int8Linear(hidden, vocab, dtype=self.dtype)
+        shared = cast(nn.Parameter, embed.weight) if tied else None
+        return embed, Linear(hidden, vocab, dtype=self.dtype, shared_weight=shared)
+
+
+def format_counts(module: nn.Module) -> dict[str, int]:
+    """Projections (and the head) per weight format, e.g. {'q4-g32': 120, 'q8-g32': 1}."""
+    counts: dict[str, int] = {}
+    for child in module.children():
+        if isinstance(child, LinearBase):
+            counts[child.format] = counts.get(child.format, 0) + 1
+        elif not isinstance(child, (Embedding, Q8Embedding)):
+            for fmt, n in format_counts(child).items():
+                counts[fmt] = counts.get(fmt, 0) + n
+    return counts

@@ -1,0 +1,124 @@
+"""The ExecutionPlan: how a model runs on this machine, resolved once at load.
+
+`resolve_plan` is the one place that decides between Ember's CPU kernels and PyTorch, from the
+config (quantization, dtype, cpu_kernels), the model file (its own weight format, for 'auto'),
+the architecture (what the kernels implement) and the CPU (whether the kernels loaded). Every
+other part reads the plan: the model is built from `plan.layers()` (formats, fusions, kernels
+handed to the layers that use them), the runner takes the KV dtype, attention backend and fused
+decoder from it. Nothing else decides these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ember.config import EnvSettings, ModelConfig
+from ember.kernels.ops import CpuKernels
+from ember.layers.factory import FUSIONS, LayerFactory
+from ember.models.arch import ArchConfig
+from ember.models.base import CausalLM
+
+logger = logging.getLogger(__name__)
+
+KERNELS, TORCH = "kernels", "torch"
+KERNELS_PAGED = "kernels-paged"
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """Backend, formats and fusions of one loaded model (see the module docstring)."""
+
+    backend: str = TORCH
+    """'kernels' (Ember's compiled CPU kernels run norms, activations and quantized matmuls)
+    or 'torch'."""
+    isa: str | None = None
+    """The kernels' instruction set (e.g. 'avx512-vnni'); None with the torch backend."""
+    dtype: torch.dtype = torch.float32
+    """Activations and dense weights."""
+    weights: str | None = None
+    """Runtime weight format of the projections: None (dense), 'int8' or 'int4' (both with an
+    8-bit head)."""
+    kv_dtype: torch.dtype = torch.float32
+    attention: str = TORCH
+    """'kernels-paged' (Ember's paged attention kernels) or 'torch'."""
+    fused_decoder: bool = False
+    """Every step runs the decoder layers in one kernel call (the model's layer stack)."""
+    fusions: tuple[str, ...] = ()
+    """Projections built as one matmul: 'qkv', 'gate_up'."""
+    kernels: CpuKernels | None = dataclasses.field(default=None, compare=False, repr=False)
+    """The loaded kernel library when backend == 'kernels'."""
+
+    def layers(self) -> LayerFactory:
+        """The layer constructors a model is built with under this plan."""
+        return LayerFactory(
+            dtype=self.dtype, weights=self.weights, kernels=self.kernels,
+            attention_kernels=self.kernels if self.attention == KERNELS_PAGED else None,
+            fusions=frozenset(self.fusions))
+
+    def describe(self) -> str:
+        """One line, e.g. 'plan: backend=kernels isa=avx512-vnni dtype=float32 weights=int4
+        kv=bfloat16 attention=kernels-paged fused_decoder=yes fusions=qkv,gate_up'."""
+        return (f"plan: backend={self.backend} isa={self.isa or '-'} "
+                f"dtype={_name(self.dtype)} weights={self.weights or 'dense'} "
+                f"kv={_name(self.kv_dtype)} attention={self.attention} "
+                f"fused_decoder={'yes' if self.fused_decoder else 'no'} "
+                f"fusions={','.join(self.fusions) or '-'}")
+
+
+REFERENCE = ExecutionPlan()
+"""Dense float32, unfused, PyTorch: the reference model the offline tools use."""
+
+
+def reference_plan(config: ModelConfig) -> ExecutionPlan:
+    """The reference plan in the config's dtype."""
+    dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    return dataclasses.replace(REFERENCE, dtype=dtype, kv_dtype=dtype)
+
+
+def load_kernels(config: ModelConfig, env: EnvSettings) -> CpuKernels | None:
+    """Ember's CPU kernels when the config allows them and this machine runs them (compiled
+    on first use, C ABI checked), else None."""
+    if not config.cpu_kernels:
+        return None
+    return CpuKernels.load(env.cache_dir, torch.get_num_threads())
+
+
+def resolve_plan(config: ModelConfig, arch: ArchConfig, model_cls: type[CausalLM],
+                 source_format: str | None, kernels: CpuKernels | None) -> ExecutionPlan:
+    """The plan for this config, model and machine.
+
+    source_format: the file's own runtime format ('int4' / 'int8' / None), what 'auto' picks.
+    kernels: the loaded kernel library (`load_kernels`), None where it is off or unavailable.
+
+    Decisions: weights = the config's quantization ('auto' resolved); the kernels run whenever
+    they loaded; quantized formats keep float32 activations on the kernels and bfloat16 on
+    PyTorch's int4/int8 ops; a quantized model on the kernels keeps a bfloat16 KV cache (half
+    the bytes long-context attention reads) and, where the architecture is plain Llama
+    attention, runs the attention kernels and (where the model describes its layer stack) the
+    fused decoder; dense float32 keeps the exact PyTorch attention and float32 cache.
+    """
+    weights = source_format if config.quantization == "auto" else config.quantization
+    use_kernels = kernels is not None and config.cpu_kernels
+    quantized = weights is not None
+    dtype = (torch.bfloat16 if config.dtype == "bfloat16" or (quantized and not use_kernels)
+             else torch.float32)
+    kv_dtype = torch.bfloat16 if use_kernels and quantized and dtype == torch.float32 else dtype
+    paged = (use_kernels and dtype == torch.float32 and kv_dtype == torch.bfloat16
+             and model_cls.supports_kernel_attention(arch))
+    plan = ExecutionPlan(
+        backend=KERNELS if use_kernels else TORCH,
+        isa=kernels.isa if use_kernels and kernels is not None else None,
+        dtype=dtype, weights=weights, kv_dtype=kv_dtype,
+        attention=KERNELS_PAGED if paged else TORCH,
+        fused_decoder=paged and model_cls.supports_kernel_decoder(arch),
+        fusions=FUSIONS, kernels=kernels if use_kernels else None)
+    logger.info("%s", plan.describe())
+    return plan
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,36 @@
+"""ModelRunner on a tiny random Llama (PyTorch path)."""
+
+from __future__ import annotations
+
+from ember import SamplingParams
+from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from ember.engine.engine import LLMEngine
+from tiny_llama import one_thread, tiny_loaded  # noqa: F401 (fixture)
+
+PROMPTS = [[5, 17, 99, 3], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42] * 23]
+
+
+def _greedy(poison: bool) -> list[list[int]]:
+    config = EngineConfig(model=ModelConfig(model="tiny"),
+                          cache=CacheConfig(block_size=4, num_blocks=64),
+                          scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16))
+    engine = LLMEngine(config, tiny_loaded())
+    if poison:  # what never-written torch.empty memory may hold
+        for k_cache, v_cache in engine.core.runner.kv_caches:
+            k_cache[1:].fill_(float("nan"))
+            v_cache[1:].fill_(float("nan"))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(str(i), prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+    return [done[str(i)] for i in range(len(PROMPTS))]
+
+
+def test_decode_never_reads_unwritten_cache_memory():
+    """Decode attention reads whole blocks and masks the slots past each context: those slots
+    must hold finite values even when the cache memory started as NaN."""
+    assert _greedy(poison=True) == _greedy(poison=False)
