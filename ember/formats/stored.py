@@ -8,8 +8,9 @@ never asks for `dense()`, so no dense copy is ever made of such tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 import numpy as np
@@ -61,8 +62,9 @@ class DenseWeight:
         return None
 
 
-_Q4_FORMS: dict[T, Callable[[np.ndarray, tuple[int, ...]], Q4Blocks]] = {
-    T.Q4_0: Q4Blocks.from_q4_0, T.Q4_1: Q4Blocks.from_q4_1}
+_Q4_FORMS: Mapping[T, Callable[[np.ndarray, tuple[int, ...]], Q4Blocks]] = MappingProxyType({
+    T.Q4_0: Q4Blocks.from_q4_0, T.Q4_1: Q4Blocks.from_q4_1})
+"""GGUF types whose blocks are an exact Q4Blocks form."""
 
 
 @dataclass(frozen=True)

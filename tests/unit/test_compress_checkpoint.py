@@ -179,7 +179,9 @@ def test_int4_runtime_format_uses_the_checkpoint_codes_exactly(tmp_path, bits, g
                           runtime=True)
     assert reloaded.plan.weights == "int4"
     name = "model.layers.1.mlp.down_proj.weight"
-    exact = GroupedWeight(open_checkpoint(out).tensors[name], torch.float32).q4()  # type: ignore[arg-type]
+    stored = open_checkpoint(out).tensors[name]
+    assert isinstance(stored, QuantizedTensor)
+    exact = GroupedWeight(stored, torch.float32).q4()  # the form the int4 layers load
     assert isinstance(exact, Q4Blocks) and exact.group_size == 32
     torch.testing.assert_close(exact.dequantize(), quantized[name].dequantize(torch.float32),
                                atol=1e-6, rtol=1e-6)
