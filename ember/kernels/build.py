@@ -15,19 +15,35 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_kernels.cpp", HERE / "decoder.cpp")
-HEADERS = (HERE / "kernels.h",)
-ISA = "avx512-vnni"
-"""The instruction set the kernels are written for (as the ExecutionPlan reports it)."""
-REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16")
-CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma",
-            "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
-            "-mavx512bf16", "-fno-math-errno")
+HEADERS = (HERE / "kernels.h", HERE / "isa_avx2.h")
+BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
+
+
+@dataclass(frozen=True)
+class Isa:
+    """One instruction set the kernels are built for: the CPU flags it needs and its compiler
+    flags (kernels.h picks the matching building blocks from EMBER_ISA_* macros)."""
+
+    name: str
+    required_flags: tuple[str, ...]
+    cxxflags: tuple[str, ...]
+
+
+ISAS = (
+    Isa("avx512-vnni", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+                        "avx512_bf16"),
+        ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+         "-mavx512vnni", "-mavx512bf16")),
+    Isa("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c", "-DEMBER_ISA_AVX2")),
+)
+"""Best first: the kernels use the first one this CPU has."""
 
 
 def cpu_flags() -> set[str]:
@@ -41,25 +57,37 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def select_isa(flags: set[str] | None = None) -> Isa | None:
+    """The best instruction set of ISAS that this CPU (or `flags`) supports, else None."""
+    flags = cpu_flags() if flags is None else flags
+    return next((isa for isa in ISAS if set(isa.required_flags) <= flags), None)
+
+
 def missing_cpu_features() -> list[str]:
+    """[] when some ISA of the kernels runs here, else what the least demanding one lacks."""
+    if select_isa() is not None:
+        return []
     flags = cpu_flags()
-    return [f for f in REQUIRED_FLAGS if f not in flags]
+    return [f for f in ISAS[-1].required_flags if f not in flags]
 
 
 def default_cache_dir(cache_dir: str | None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "ember"
 
 
-def library_path(cache_dir: str | None) -> Path:
-    h = hashlib.sha256(" ".join(CXXFLAGS).encode())
+def library_path(cache_dir: str | None, isa: Isa) -> Path:
+    h = hashlib.sha256(" ".join((*BASE_FLAGS, *isa.cxxflags)).encode())
     for f in (*SOURCES, *HEADERS):
         h.update(f.read_bytes())
     digest = h.hexdigest()[:16]
-    return default_cache_dir(cache_dir) / "kernels" / digest / "libember_cpu.so"
+    return default_cache_dir(cache_dir) / "kernels" / digest / f"libember_cpu_{isa.name}.so"
 
 
-def compile_library(target: Path) -> None:
-    """Build into a temporary file, then rename: concurrent builders never see half a file."""
+def compile_library(target: Path, isa: Isa | None = None) -> None:
+    """Build for `isa` (default: this CPU's best, else the first of ISAS: compiling needs no
+    support from the CPU) into a temporary file, then rename: concurrent builders never see
+    half a file."""
+    isa = isa or select_isa() or ISAS[0]
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
@@ -67,7 +95,7 @@ def compile_library(target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *CXXFLAGS, *map(str, SOURCES), "-o", tmp],
+        proc = subprocess.run([cxx, *BASE_FLAGS, *isa.cxxflags, *map(str, SOURCES), "-o", tmp],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed on the kernels: {proc.stderr.strip()[-2000:]}")
@@ -77,17 +105,18 @@ def compile_library(target: Path) -> None:
             os.unlink(tmp)
 
 
-def load_library(cache_dir: str | None) -> ctypes.CDLL | None:
-    """The compiled kernels, building them on first use; None if this machine cannot."""
-    missing = missing_cpu_features()
-    if missing:
-        logger.info("CPU kernels off: CPU lacks %s", ", ".join(missing))
+def load_library(cache_dir: str | None, isa: Isa | None = None) -> ctypes.CDLL | None:
+    """The compiled kernels for `isa` (default: this CPU's best), building them on first use;
+    None if this machine cannot run them."""
+    isa = isa or select_isa()
+    if isa is None:
+        logger.info("CPU kernels off: CPU lacks %s", ", ".join(missing_cpu_features()))
         return None
-    path = library_path(cache_dir)
+    path = library_path(cache_dir, isa)
     try:
         if not path.exists():
-            logger.info("compiling CPU kernels into %s", path)
-            compile_library(path)
+            logger.info("compiling CPU kernels (%s) into %s", isa.name, path)
+            compile_library(path, isa)
         return ctypes.CDLL(str(path))
     except (OSError, RuntimeError) as e:
         logger.warning("CPU kernels off: %s", e)

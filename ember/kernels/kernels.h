@@ -1,6 +1,11 @@
 // Building blocks of Ember's CPU kernels, shared by cpu_kernels.cpp (one op per call) and
 // decoder.cpp (whole decode steps). Formats and layouts: see cpu_kernels.cpp.
+// This file holds the AVX-512 VNNI + BF16 versions; built with EMBER_ISA_AVX2 (build.py's
+// "avx2" ISA), isa_avx2.h supplies the same names for AVX2 + FMA CPUs instead.
 #pragma once
+#if defined(EMBER_ISA_AVX2)
+#include "isa_avx2.h"
+#else
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -433,3 +438,4 @@ inline void attend_kv_group(const DecodeCtx& c, int64_t b, int64_t kvh, const fl
 }
 
 }  // namespace
+#endif  // EMBER_ISA_AVX2

@@ -15,7 +15,7 @@ from ctypes import c_float, c_int, c_int64, c_void_p
 import torch
 
 from ember.kernels.abi import check_abi
-from ember.kernels.build import ISA, load_library
+from ember.kernels.build import load_library, select_isa
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +85,11 @@ def pack_q8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 class CpuKernels:
     """The compiled kernel library plus the thread count every call uses."""
 
-    def __init__(self, lib: ctypes.CDLL, num_threads: int) -> None:
+    def __init__(self, lib: ctypes.CDLL, num_threads: int, isa: str) -> None:
         self.lib = lib
         self.num_threads = num_threads
-        self.isa = ISA
-        """The instruction set the library was built for."""
+        self.isa = isa
+        """The instruction set the library was built for (e.g. 'avx512-vnni', 'avx2')."""
         i64, f32, ptr, i32 = c_int64, c_float, c_void_p, c_int
         sigs = {
             "q4_gemm": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32],
@@ -109,14 +109,15 @@ class CpuKernels:
     def load(cls, cache_dir: str | None, num_threads: int) -> "CpuKernels | None":
         """The compiled kernels (built on first use), or None when this machine cannot run
         them or the library's C ABI differs from abi.py's mirror (reason logged)."""
-        lib = load_library(cache_dir)
-        if lib is None:
+        isa = select_isa()
+        lib = load_library(cache_dir, isa) if isa is not None else None
+        if isa is None or lib is None:
             return None
         reason = check_abi(lib)
         if reason is not None:
             logger.warning("CPU kernels off: %s", reason)
             return None
-        return cls(lib, num_threads)
+        return cls(lib, num_threads, isa.name)
 
     # ---- linear -------------------------------------------------------------------------
 

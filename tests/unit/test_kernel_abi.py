@@ -52,6 +52,24 @@ def test_a_mismatch_is_reported_by_name():
 
 def test_a_mismatched_library_is_refused(monkeypatch, caplog):
     values = [value + 1 if i == 0 else value for i, (_, value) in enumerate(abi.MIRRORED)]
-    monkeypatch.setattr(ops, "load_library", lambda cache_dir: _fake_library(values))
+    monkeypatch.setattr(ops, "select_isa", lambda: build.ISAS[-1])  # any CPU
+    monkeypatch.setattr(ops, "load_library", lambda cache_dir, isa: _fake_library(values))
     assert ops.CpuKernels.load(None, num_threads=1) is None
     assert "ABI version" in caplog.text
+
+
+def test_isa_selection_prefers_avx512_and_falls_back_to_avx2():
+    avx512 = set(build.ISAS[0].required_flags) | set(build.ISAS[1].required_flags)
+    assert build.select_isa(avx512).name == "avx512-vnni"
+    assert build.select_isa({"avx2", "fma", "f16c", "sse4_2"}).name == "avx2"
+    assert build.select_isa({"sse4_2"}) is None
+
+
+def test_each_isa_compiles_to_its_own_library(tmp_path):
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    paths = {build.library_path(str(tmp_path), isa) for isa in build.ISAS}
+    assert len(paths) == len(build.ISAS)
+    avx2 = tmp_path / "avx2.so"
+    build.compile_library(avx2, build.ISAS[-1])
+    assert abi.check_abi(ctypes.CDLL(str(avx2))) is None

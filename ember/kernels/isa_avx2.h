@@ -1,0 +1,369 @@
+// AVX2 + FMA versions of kernels.h's building blocks (same names, signatures and weight
+// layouts), for CPUs without AVX-512 VNNI: Zen 2/3, Haswell..Alder Lake laptops.
+//
+// The one real difference is the int8 dot product. VNNI's dpbusd (u8 x s8, four products into
+// an int32 lane) becomes maddubs (u8 x s8, pairs into int16) + madd (pairs into int32):
+//   Q4: weights are nibbles (<= 15) and activations |x| <= 127; a 16-bit lane of maddubs
+//       holds 2 products, so the 8 maddubs of a block add 16 products per lane
+//       (<= 16 * 15 * 127 = 30480 < 32767) before one madd per block widens them.
+//   Q8: weights are q + 128 in [1, 255]; u8 x s8 pairs could overflow int16, so the sign trick
+//       of llama.cpp is used instead: |x| (u8) x (q * sign(x)) (s8), pairs <= 2 * 127 * 127.
+// A tile of 16 rows is two 8-lane halves (rows 0..7 and 8..15 of the 64-byte vectors). The
+// float math (activation scales, FMAs per block) is the AVX-512 kernel's, lane for lane, so
+// both ISAs produce the same outputs up to float summation order.
+#pragma once
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int kBlock = 32;
+constexpr int kTile = 16;
+constexpr int kChunk = 8;  // activation rows sharing one unpacked weight block
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0x55));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum8i(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Activations (M, K) quantized once per call: qx (M, K) int8, dx (M, K/32) scales,
+// sx (M, K/32) = dx * sum(qx) (the Q4 min term), si (M, K/32) = 128 * sum(qx) (unused here:
+// the Q8 kernel below works on signed weights).
+struct QuantizedActs {
+  int64_t nb = 0;
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+  std::vector<int32_t> si;
+  QuantizedActs(int64_t mrows, int64_t k)
+      : nb(k / kBlock), q(static_cast<size_t>(mrows * k)), d(static_cast<size_t>(mrows * nb)),
+        s(static_cast<size_t>(mrows * nb)), si(static_cast<size_t>(mrows * nb)) {}
+  QuantizedActs(const float* x, int64_t mrows, int64_t k) : QuantizedActs(mrows, k) {
+    for (int64_t i = 0; i < mrows; ++i) quantize_row(x + i * k, i);
+  }
+  void quantize_row(const float* x, int64_t i) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = i * nb; b < (i + 1) * nb; ++b) {
+      const float* xb = x + (b - i * nb) * kBlock;
+      __m256 a[4], m = _mm256_setzero_ps();
+      for (int v = 0; v < 4; ++v) {
+        a[v] = _mm256_loadu_ps(xb + 8 * v);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, a[v]));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 0x55));
+      const float amax = _mm_cvtss_f32(m4);
+      const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+      __m256i qi[4], sum = _mm256_setzero_si256();
+      for (int v = 0; v < 4; ++v) {
+        qi[v] = _mm256_cvtps_epi32(_mm256_mul_ps(a[v], _mm256_set1_ps(id)));
+        sum = _mm256_add_epi32(sum, qi[v]);
+      }
+      // int32 -> int8 with saturation; packs work per 128-bit lane, so restore the order
+      const __m256i p16a = _mm256_packs_epi32(qi[0], qi[1]), p16b = _mm256_packs_epi32(qi[2], qi[3]);
+      const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+      const __m256i ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&q[static_cast<size_t>(b * kBlock)]), ordered);
+      const int32_t total = hsum8i(sum);
+      d[static_cast<size_t>(b)] = amax / 127.0f;
+      s[static_cast<size_t>(b)] = amax / 127.0f * static_cast<float>(total);
+      si[static_cast<size_t>(b)] = 128 * total;
+    }
+  }
+  const int8_t* qrow(int64_t i) const { return q.data() + i * nb * kBlock; }
+};
+
+inline __m256i bcast4(const int8_t* p) {
+  int32_t v;
+  memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// One 16-row tile of Q4 weights against C (<= kChunk) activation rows starting at m0.
+template <int C>
+inline void q4_tile(const uint8_t* w, const float* d, const float* mn, const QuantizedActs& a,
+                    int64_t m0, float* y, int64_t n) {
+  __m256 acc[C][2];
+  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wb = w + b * 256;
+    for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(wb + 2048 + 64 * c),
+                                             _MM_HINT_T0);
+    __m256i wv[2][8];  // [half][j]: half 0 = rows 0..7, 1 = rows 8..15
+    for (int c = 0; c < 4; ++c)
+      for (int h = 0; h < 2; ++h) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
+        wv[h][c] = _mm256_and_si256(raw, mask);
+        wv[h][c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+      }
+    const __m256 dw[2] = {_mm256_loadu_ps(d + b * kTile), _mm256_loadu_ps(d + b * kTile + 8)};
+    const __m256 mw[2] = {_mm256_loadu_ps(mn + b * kTile), _mm256_loadu_ps(mn + b * kTile + 8)};
+    for (int c = 0; c < C; ++c) {
+      const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
+      __m256i xb[8];
+      for (int j = 0; j < 8; ++j) xb[j] = bcast4(xq + 4 * j);
+      const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
+      const __m256 ad = _mm256_set1_ps(a.d[ab]), as = _mm256_set1_ps(a.s[ab]);
+      for (int h = 0; h < 2; ++h) {
+        __m256i s16 = _mm256_maddubs_epi16(wv[h][0], xb[0]);
+        for (int j = 1; j < 8; ++j) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wv[h][j], xb[j]));
+        const __m256i dot = _mm256_madd_epi16(s16, ones);
+        acc[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[h], ad), acc[c][h]);
+        acc[c][h] = _mm256_fmadd_ps(mw[h], as, acc[c][h]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    _mm256_storeu_ps(y + (m0 + c) * n, acc[c][0]);
+    _mm256_storeu_ps(y + (m0 + c) * n + 8, acc[c][1]);
+  }
+}
+
+template <int C>
+inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, int64_t m0,
+                    float* y, int64_t n) {
+  __m256 acc[C][2];
+  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wb = w + b * 512;
+    for (int j = 0; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(wb + 4096 + 64 * j),
+                                             _MM_HINT_T0);
+    __m256i wv[2][8];  // signed weights q = u - 128
+    for (int j = 0; j < 8; ++j)
+      for (int h = 0; h < 2; ++h)
+        wv[h][j] = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * 64 + h * 32)), flip);
+    const __m256 dw[2] = {_mm256_loadu_ps(d + b * kTile), _mm256_loadu_ps(d + b * kTile + 8)};
+    for (int c = 0; c < C; ++c) {
+      const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
+      const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
+      const __m256 ad = _mm256_set1_ps(a.d[ab]);
+      __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+      for (int j = 0; j < 8; ++j) {
+        const __m256i x = bcast4(xq + 4 * j), xa = _mm256_abs_epi8(x);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i p = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(wv[h][j], x));
+          dot[h] = _mm256_add_epi32(dot[h], _mm256_madd_epi16(p, ones));
+        }
+      }
+      for (int h = 0; h < 2; ++h)
+        acc[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h]), _mm256_mul_ps(dw[h], ad), acc[c][h]);
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    _mm256_storeu_ps(y + (m0 + c) * n, acc[c][0]);
+    _mm256_storeu_ps(y + (m0 + c) * n + 8, acc[c][1]);
+  }
+}
+
+// A weight matrix in one of the kernel formats.
+struct LinearW {
+  int64_t fmt;  // 4 = Q4, 8 = Q8
+  int64_t n, k;  // logical shape (out, in); outputs are padded to np = n rounded up to 16
+  const uint8_t* w;
+  const float* d;
+  const float* m;  // Q4 mins (unused for Q8)
+};
+
+inline int64_t padded(int64_t n) { return (n + kTile - 1) / kTile * kTile; }
+
+template <int C>
+inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int64_t m0, float* yt,
+                      int64_t np) {
+  const int64_t nb = a.nb;
+  if (lw.fmt == 4)
+    q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
+  else
+    q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
+}
+
+// y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region.
+inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y) {
+  const int64_t np = padded(lw.n), tiles = np / kTile;
+#pragma omp for schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) {
+    float* yt = y + t * kTile;
+    int64_t m0 = 0;
+    for (; m0 + kChunk <= mrows; m0 += kChunk) tile_rows<kChunk>(lw, a, t, m0, yt, np);
+    switch (mrows - m0) {
+      case 7: tile_rows<7>(lw, a, t, m0, yt, np); break;
+      case 6: tile_rows<6>(lw, a, t, m0, yt, np); break;
+      case 5: tile_rows<5>(lw, a, t, m0, yt, np); break;
+      case 4: tile_rows<4>(lw, a, t, m0, yt, np); break;
+      case 3: tile_rows<3>(lw, a, t, m0, yt, np); break;
+      case 2: tile_rows<2>(lw, a, t, m0, yt, np); break;
+      case 1: tile_rows<1>(lw, a, t, m0, yt, np); break;
+      default: break;
+    }
+  }
+}
+
+inline void rms_norm_row(float* x, const float* residual, const float* w, int64_t h, float eps,
+                         float* out) {
+  __m256 ss = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= h; j += 8) {
+    __m256 v = _mm256_loadu_ps(x + j);
+    if (residual) {
+      v = _mm256_add_ps(v, _mm256_loadu_ps(residual + j));
+      _mm256_storeu_ps(x + j, v);
+    }
+    ss = _mm256_fmadd_ps(v, v, ss);
+  }
+  float s = hsum8(ss);
+  for (; j < h; ++j) {
+    if (residual) x[j] += residual[j];
+    s += x[j] * x[j];
+  }
+  const float inv = 1.0f / sqrtf(s / static_cast<float>(h) + eps);
+  for (j = 0; j < h; ++j) out[j] = x[j] * inv * w[j];
+}
+
+// exp(x) for 8 floats: the AVX-512 kernel's polynomial; 2^n built in the exponent bits.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  // n in [-126, 127] after the clamp: 2^n is a normal float with exponent bits n + 127
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline void silu_mul_row(const float* g, const float* u, int64_t inter, float* out) {
+  int64_t j = 0;
+  for (; j + 8 <= inter; j += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + j);
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+    _mm256_storeu_ps(out + j, _mm256_mul_ps(s, _mm256_loadu_ps(u + j)));
+  }
+  for (; j < inter; ++j) out[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+}
+
+typedef uint16_t kv_t;
+
+inline __m256 load_bf16(const kv_t* p) {  // 8 bf16 -> 8 floats
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+inline float bf16_to_float(kv_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline void store_bf16(kv_t* dst, const float* src, int64_t n) {  // round to nearest even
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t bits;
+    memcpy(&bits, src + j, 4);
+    dst[j] = static_cast<kv_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  }
+}
+
+inline void rope_store_row(float* r, const float* c, const float* s, int64_t hq, int64_t hk,
+                           int64_t dim, kv_t* k_cache, kv_t* v_cache, int64_t slot) {
+  const int64_t half = dim / 2, kv_row = hk * dim;
+  for (int64_t h = 0; h < hq + hk; ++h) {
+    float* x = r + h * dim;
+    for (int64_t j = 0; j < half; ++j) {
+      const float a = x[j], b = x[j + half];
+      x[j] = a * c[j] - b * s[j];
+      x[j + half] = b * c[j] + a * s[j];
+    }
+  }
+  store_bf16(k_cache + slot * kv_row, r + hq * dim, kv_row);
+  store_bf16(v_cache + slot * kv_row, r + (hq + hk) * dim, kv_row);
+}
+
+inline float exp_shifted(float* scores, int64_t len, float mx) {
+  int64_t i = 0;
+  __m256 dsum = _mm256_setzero_ps();
+  for (; i + 8 <= len; i += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + i), _mm256_set1_ps(mx)));
+    _mm256_storeu_ps(scores + i, e);
+    dsum = _mm256_add_ps(dsum, e);
+  }
+  float denom = hsum8(dsum);
+  for (; i < len; ++i) {
+    scores[i] = expf(scores[i] - mx);
+    denom += scores[i];
+  }
+  return denom;
+}
+
+struct DecodeCtx {
+  const int64_t* block_tables;  // (B, max_blocks)
+  int64_t max_blocks;
+  const int64_t* lens;  // (B,)
+  int64_t hq, hk, dim, block_size;
+  float scale;
+};
+
+inline float dot_bf16(const float* q, const kv_t* kv, int64_t dim) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= dim; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), load_bf16(kv + j), acc);
+  float s = hsum8(acc);
+  for (; j < dim; ++j) s += q[j] * bf16_to_float(kv[j]);
+  return s;
+}
+
+// Attention of every query head of kv group `kvh` of request b over its context, one query
+// head after another: the K/V rows of the group stay in L1/L2 between heads for short
+// contexts. q: the request's query heads (D floats each); scores: scratch of hq/hk * lens[b].
+inline void attend_kv_group(const DecodeCtx& c, int64_t b, int64_t kvh, const float* q,
+                            const kv_t* k_cache, const kv_t* v_cache, float* scores,
+                            float* out) {
+  const int64_t group = c.hq / c.hk, dim = c.dim, len = c.lens[b], bs = c.block_size;
+  const int64_t* table = c.block_tables + b * c.max_blocks;
+  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+    const float* qh = q + h * dim;
+    float* oh = out + h * dim;
+    float mx = -INFINITY;
+    for (int64_t p = 0; p < len; ++p) {
+      const kv_t* kr = k_cache + ((table[p / bs] * bs + p % bs) * c.hk + kvh) * dim;
+      scores[p] = dot_bf16(qh, kr, dim) * c.scale;
+      mx = std::max(mx, scores[p]);
+    }
+    const float inv = 1.0f / exp_shifted(scores, len, mx);
+    for (int64_t j = 0; j < dim; ++j) oh[j] = 0.0f;
+    for (int64_t p = 0; p < len; ++p) {
+      const kv_t* vr = v_cache + ((table[p / bs] * bs + p % bs) * c.hk + kvh) * dim;
+      const __m256 wv = _mm256_set1_ps(scores[p]);
+      int64_t j = 0;
+      for (; j + 8 <= dim; j += 8)
+        _mm256_storeu_ps(oh + j, _mm256_fmadd_ps(wv, load_bf16(vr + j), _mm256_loadu_ps(oh + j)));
+      for (; j < dim; ++j) oh[j] += scores[p] * bf16_to_float(vr[j]);
+    }
+    for (int64_t j = 0; j < dim; ++j) oh[j] *= inv;
+  }
+}
+
+}  // namespace
