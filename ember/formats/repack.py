@@ -25,7 +25,7 @@ from ember.formats import dequant
 from ember.formats.blocks import GROUP, Q4Blocks, Q8Blocks
 from ember.formats.table import format_for
 
-__all__ = ["GROUP", "KERNEL_ROUTE", "KernelBlocks", "Q4Blocks", "Q8Blocks", "is_exact",
+__all__ = ["GROUP", "KernelBlocks", "Q4Blocks", "Q8Blocks", "exact_q4", "exact_q8", "is_exact",
            "requant_error", "rtn_q8", "to_kernel_blocks"]
 
 KernelBlocks = Q4Blocks | Q8Blocks
@@ -73,6 +73,20 @@ _EXACT: Mapping[T, Repacker] = MappingProxyType({
     T.Q8_0: _q8_0,
     T.Q5_0: _q5_0,
 })
+
+
+
+def exact_q4(qtype: T, raw: np.ndarray, shape: tuple[int, ...]) -> Q4Blocks | None:
+    """The exact Q4 form of a GGUF matrix (Q4_0, Q4_1, Q4_K), else None."""
+    blocks = _EXACT[qtype](raw, shape) if qtype in _EXACT and len(shape) == 2 else None
+    return blocks if isinstance(blocks, Q4Blocks) else None
+
+
+def exact_q8(qtype: T, raw: np.ndarray, shape: tuple[int, ...]) -> Q8Blocks | None:
+    """The exact Q8 form of a GGUF matrix (Q8_0, Q5_0), else None."""
+    blocks = _EXACT[qtype](raw, shape) if qtype in _EXACT and len(shape) == 2 else None
+    return blocks if isinstance(blocks, Q8Blocks) else None
+
 
 def is_exact(qtype: T) -> bool:
     """Whether tensors of this type reach a kernel format without rounding."""

@@ -1,16 +1,15 @@
 """One checkpoint tensor as the loader hands it to a layer.
 
 A layer asks for the form its runtime format needs: `dense()` (exact values), or the exact
-quantized forms `q4()` / `q8()` where the storage has one (GGUF Q4_0/Q4_1 -> Q4Blocks, Q8_0 ->
-Q8Blocks, an Ember int4/int3 checkpoint -> Q4Blocks). A layer that can take a quantized form
+quantized forms `q4()` / `q8()` where the storage has one (GGUF Q4_0/Q4_1/Q4_K -> Q4Blocks,
+Q8_0/Q5_0 -> Q8Blocks, an Ember int4/int3 checkpoint -> Q4Blocks; see ember.formats.repack). A layer that can take a quantized form
 never asks for `dense()`, so no dense copy is ever made of such tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Protocol
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from ember.formats.blocks import Q4Blocks, Q8Blocks
+from ember.formats.repack import exact_q4, exact_q8
 from ember.formats.table import format_for
 
 TensorTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -62,11 +62,6 @@ class DenseWeight:
         return None
 
 
-_Q4_FORMS: Mapping[T, Callable[[np.ndarray, tuple[int, ...]], Q4Blocks]] = MappingProxyType({
-    T.Q4_0: Q4Blocks.from_q4_0, T.Q4_1: Q4Blocks.from_q4_1})
-"""GGUF types whose blocks are an exact Q4Blocks form."""
-
-
 @dataclass(frozen=True)
 class BlockWeight:
     """A tensor stored in a format of the table (GGUF), with the model's row transform (e.g.
@@ -82,15 +77,14 @@ class BlockWeight:
         return value if self.transform is None else self.transform(value)
 
     def q4(self) -> Q4Blocks | None:
-        form = _Q4_FORMS.get(self.qtype)
-        if form is None or len(self.shape) != 2:
-            return None
-        blocks = form(self.raw, self.shape)
-        return blocks if self.transform is None else blocks.permute_rows(self.transform)
+        blocks = exact_q4(self.qtype, self.raw, self.shape)  # Q4_0, Q4_1, Q4_K
+        if blocks is None or self.transform is None:
+            return blocks
+        return blocks.permute_rows(self.transform)
 
     def q8(self) -> Q8Blocks | None:
         # NOTE: only untransformed tensors: a transformed one (q/k rows) re-quantizes from its
         # exact values, as it always has.
-        if self.qtype != T.Q8_0 or self.transform is not None or len(self.shape) != 2:
+        if self.transform is not None:
             return None
-        return Q8Blocks.from_q8_0(self.raw, self.shape)
+        return exact_q8(self.qtype, self.raw, self.shape)  # Q8_0, Q5_0

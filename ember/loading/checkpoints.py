@@ -64,8 +64,11 @@ def _majority_format(formats: Iterable[str | None]) -> str | None:
 
 
 def _gguf_format(gf: GGUFFile) -> str | None:
-    """'int4' / 'int8' when most layer matrices of the GGUF are Q4_0/Q4_1 / Q8_0, else None."""
-    stored = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
+    """The runtime format of most layer matrices: 'int4' for 4-bit types (Q4_0/Q4_1/Q4_K:
+    exact), 'int8' for 5..8-bit ones (Q8_0/Q5_0 exact, Q5_1/Q5_K/Q6_K requantized to Q8 g32),
+    None for dense files. Gemma 3's Q4_K_M is mostly Q5_0, so it runs int8."""
+    stored = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8", "Q5_0": "int8",
+              "Q5_1": "int8", "Q5_K": "int8", "Q6_K": "int8"}
     return _majority_format(stored.get(t.type_name) for name, t in gf.tensors.items()
                             if name.startswith("blk.") and len(t.shape) == 2)
 
