@@ -41,9 +41,9 @@ class GemmaRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+        # NOTE: one fused op (a third of the decode step's time was these norms' small ops)
+        out = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (out * (1.0 + self.weight.float())).to(x.dtype)
 
 
 class Gemma3Attention(nn.Module):
