@@ -21,11 +21,10 @@
 #include <algorithm>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
-constexpr int kBlock = 32;
-constexpr int kTile = 16;
-constexpr int kChunk = 8;  // activation rows sharing one unpacked weight block
 
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -173,16 +172,6 @@ inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, in
   }
 }
 
-// A weight matrix in one of the kernel formats.
-struct LinearW {
-  int64_t fmt;  // 4 = Q4, 8 = Q8
-  int64_t n, k;  // logical shape (out, in); outputs are padded to np = n rounded up to 16
-  const uint8_t* w;
-  const float* d;
-  const float* m;  // Q4 mins (unused for Q8)
-};
-
-inline int64_t padded(int64_t n) { return (n + kTile - 1) / kTile * kTile; }
 
 template <int C>
 inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int64_t m0, float* yt,
@@ -265,19 +254,12 @@ inline void silu_mul_row(const float* g, const float* u, int64_t inter, float* o
   for (; j < inter; ++j) out[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
 }
 
-typedef uint16_t kv_t;
 
 inline __m256 load_bf16(const kv_t* p) {  // 8 bf16 -> 8 floats
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 
-inline float bf16_to_float(kv_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
 
 inline void store_bf16(kv_t* dst, const float* src, int64_t n) {  // round to nearest even
   for (int64_t j = 0; j < n; ++j) {
@@ -318,13 +300,6 @@ inline float exp_shifted(float* scores, int64_t len, float mx) {
   return denom;
 }
 
-struct DecodeCtx {
-  const int64_t* block_tables;  // (B, max_blocks)
-  int64_t max_blocks;
-  const int64_t* lens;  // (B,)
-  int64_t hq, hk, dim, block_size;
-  float scale;
-};
 
 inline float dot_bf16(const float* q, const kv_t* kv, int64_t dim) {
   __m256 acc = _mm256_setzero_ps();

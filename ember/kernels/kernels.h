@@ -15,11 +15,9 @@
 #include <algorithm>
 #include <vector>
 
-namespace {
+#include "common.h"
 
-constexpr int kBlock = 32;
-constexpr int kTile = 16;
-constexpr int kChunk = 8;  // activation rows sharing one unpacked weight block
+namespace {
 
 // Activations (M, K) quantized once per call: qx (M, K) int8, dx (M, K/32) scales,
 // sx (M, K/32) = dx * sum(qx) (the Q4 min term), si (M, K/32) = 128 * sum(qx) (the Q8 offset).
@@ -128,16 +126,6 @@ inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, in
 }
 
 
-// A weight matrix in one of the kernel formats.
-struct LinearW {
-  int64_t fmt;  // 4 = Q4, 8 = Q8
-  int64_t n, k;  // logical shape (out, in); outputs are padded to np = n rounded up to 16
-  const uint8_t* w;
-  const float* d;
-  const float* m;  // Q4 mins (unused for Q8)
-};
-
-inline int64_t padded(int64_t n) { return (n + kTile - 1) / kTile * kTile; }
 
 // y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region
 // (every thread of the team must call it) or wrap with `omp parallel`.
@@ -230,20 +218,12 @@ inline void silu_mul_row(const float* g, const float* u, int64_t inter, float* o
   for (; j < inter; ++j) out[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
 }
 
-// KV caches hold bfloat16 (as uint16 bits): half the bytes long-context attention reads.
-typedef uint16_t kv_t;
 
 inline __m512 load_bf16(const kv_t* p) {  // 16 bf16 -> 16 floats
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
 }
 
-inline float bf16_to_float(kv_t v) {
-  const uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
 
 inline void store_bf16(kv_t* dst, const float* src, int64_t n) {  // round to nearest even
   int64_t j = 0;
@@ -291,14 +271,6 @@ inline float exp_shifted(float* scores, int64_t len, float mx) {
   return denom;
 }
 
-// Paged-cache geometry of one decode step.
-struct DecodeCtx {
-  const int64_t* block_tables;  // (B, max_blocks)
-  int64_t max_blocks;
-  const int64_t* lens;  // (B,)
-  int64_t hq, hk, dim, block_size;
-  float scale;
-};
 
 // Attention of query head h of request b (q: D floats) over its context; `scores` is scratch
 // of at least lens[b] floats. out: D floats. Softmax in float32.

@@ -1,0 +1,44 @@
+// ISA-independent pieces of Ember's CPU kernels: block geometry, the weight and decode-step
+// descriptors, the bfloat16 KV element. kernels.h (AVX-512 VNNI) and isa_avx2.h (AVX2) build
+// their vector code on these.
+#pragma once
+#include <stdint.h>
+#include <string.h>
+
+namespace {
+
+constexpr int kBlock = 32;
+constexpr int kTile = 16;
+constexpr int kChunk = 8;  // activation rows sharing one unpacked weight block
+
+// A weight matrix in one of the kernel formats.
+struct LinearW {
+  int64_t fmt;  // 4 = Q4, 8 = Q8
+  int64_t n, k;  // logical shape (out, in); outputs are padded to np = n rounded up to 16
+  const uint8_t* w;
+  const float* d;
+  const float* m;  // Q4 mins (unused for Q8)
+};
+
+inline int64_t padded(int64_t n) { return (n + kTile - 1) / kTile * kTile; }
+
+// KV caches hold bfloat16 (as uint16 bits): half the bytes long-context attention reads.
+typedef uint16_t kv_t;
+
+inline float bf16_to_float(kv_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Paged-cache geometry of one decode step.
+struct DecodeCtx {
+  const int64_t* block_tables;  // (B, max_blocks)
+  int64_t max_blocks;
+  const int64_t* lens;  // (B,)
+  int64_t hq, hk, dim, block_size;
+  float scale;
+};
+
+}  // namespace
