@@ -29,6 +29,9 @@ class EnvSettings:
     model_dirs: tuple[str, ...] = ()
     """EMBER_MODEL_PATH: extra folders (os.pathsep separated) searched for local models."""
     api_key: str | None = None
+    cpu_isa: str | None = None
+    """EMBER_CPU_ISA: force the kernels' instruction set ('avx512-vnni' or 'avx2'; e.g. to test
+    the AVX2 kernels on an AVX-512 machine); unset: the best this CPU has."""
     """EMBER_API_KEY: an API key `ember serve` accepts (added to --api-key)."""
 
     @property
@@ -47,6 +50,7 @@ class EnvSettings:
             log_level=os.environ.get("EMBER_LOG_LEVEL", "WARNING").upper(),
             model_dirs=tuple(d for d in dirs.split(os.pathsep) if d),
             api_key=os.environ.get("EMBER_API_KEY") or None,
+            cpu_isa=os.environ.get("EMBER_CPU_ISA") or None,
         )
 
 

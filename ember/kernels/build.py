@@ -63,6 +63,19 @@ def select_isa(flags: set[str] | None = None) -> Isa | None:
     return next((isa for isa in ISAS if set(isa.required_flags) <= flags), None)
 
 
+def forced_isa(name: str) -> Isa | None:
+    """The ISA called `name`, if this CPU supports it (else None, with the reason logged)."""
+    isa = next((i for i in ISAS if i.name == name), None)
+    if isa is None:
+        logger.warning("CPU kernels off: unknown ISA %r (known: %s)", name,
+                       ", ".join(i.name for i in ISAS))
+        return None
+    if not set(isa.required_flags) <= cpu_flags():
+        logger.warning("CPU kernels off: this CPU cannot run the forced ISA %s", name)
+        return None
+    return isa
+
+
 def missing_cpu_features() -> list[str]:
     """[] when some ISA of the kernels runs here, else what the least demanding one lacks."""
     if select_isa() is not None:

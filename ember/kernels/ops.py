@@ -15,7 +15,7 @@ from ctypes import c_float, c_int, c_int64, c_void_p
 import torch
 
 from ember.kernels.abi import check_abi
-from ember.kernels.build import load_library, select_isa
+from ember.kernels.build import forced_isa, load_library, select_isa
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +106,12 @@ class CpuKernels:
             fn.argtypes, fn.restype = args, None
 
     @classmethod
-    def load(cls, cache_dir: str | None, num_threads: int) -> "CpuKernels | None":
+    def load(cls, cache_dir: str | None, num_threads: int,
+             force_isa: str | None = None) -> "CpuKernels | None":
         """The compiled kernels (built on first use), or None when this machine cannot run
-        them or the library's C ABI differs from abi.py's mirror (reason logged)."""
-        isa = select_isa()
+        them or the library's C ABI differs from abi.py's mirror (reason logged).
+        force_isa: an ISA name of build.ISAS to use instead of the best this CPU has."""
+        isa = select_isa() if force_isa is None else forced_isa(force_isa)
         lib = load_library(cache_dir, isa) if isa is not None else None
         if isa is None or lib is None:
             return None

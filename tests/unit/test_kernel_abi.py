@@ -74,3 +74,10 @@ def test_each_isa_compiles_to_its_own_library(tmp_path):
         path = tmp_path / f"{isa.name}.so"
         build.compile_library(path, isa)
         assert abi.check_abi(ctypes.CDLL(str(path))) is None
+
+
+def test_a_forced_isa_must_exist_and_run_here(monkeypatch):
+    monkeypatch.setattr(build, "cpu_flags", lambda: set(build.ISAS[-1].required_flags))
+    assert build.forced_isa("avx2").name == "avx2"
+    assert build.forced_isa("avx512-vnni") is None  # this (pretend) CPU lacks it
+    assert build.forced_isa("neon") is None
