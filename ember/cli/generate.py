@@ -146,7 +146,7 @@ def _model_info(args: argparse.Namespace) -> int:
     """`ember models --info NAME`: load the model as `ember generate` would and print its
     execution plan on this CPU (generates nothing)."""
     from ember.config import ModelConfig
-    from ember.loading.loader import load_model
+    from ember.loading.loader import load_model, requantization_report
     from ember.plan import load_kernels
 
     env = EnvSettings.from_env()
@@ -163,6 +163,8 @@ def _model_info(args: argparse.Namespace) -> int:
     console.print(f"stored tensors: {loaded.weight_types}")
     console.print(loaded.plan.describe())
     console.print(f"runtime formats: {loaded.runtime_formats}")
+    report = requantization_report(config, env, loaded.plan)
+    console.print(report or "every layer matrix reaches its runtime format exactly")
     return 0
 
 

@@ -14,7 +14,7 @@ No dense copy of an exactly repacked tensor is ever made.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
 import numpy as np
@@ -86,6 +86,32 @@ def exact_q8(qtype: T, raw: np.ndarray, shape: tuple[int, ...]) -> Q8Blocks | No
     """The exact Q8 form of a GGUF matrix (Q8_0, Q5_0), else None."""
     blocks = _EXACT[qtype](raw, shape) if qtype in _EXACT and len(shape) == 2 else None
     return blocks if isinstance(blocks, Q8Blocks) else None
+
+
+def requantized(tensors: Iterable[tuple[str, T, np.ndarray, tuple[int, ...]]], weights: str,
+                measure: bool = False) -> str | None:
+    """One line naming the layer matrices of a GGUF that the kernel format `weights` ('int4'
+    -> Q4 g32, 'int8' -> Q8 g32) cannot hold exactly, per type with their count and, with
+    `measure`, the largest relative RMS error of the round-to-nearest; None when all are
+    exact. Matrices outside the layers (embedding, head) are Q8 in both formats."""
+    exact = exact_q4 if weights == "int4" else exact_q8
+    counts: dict[str, int] = {}
+    worst: dict[str, float] = {}
+    for name, qtype, raw, shape in tensors:
+        if not name.startswith("blk.") or len(shape) != 2 or exact(qtype, raw, shape) is not None:
+            continue
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        if measure:
+            values = format_for(qtype).dequantize(raw, shape)
+            blocks = Q4Blocks.quantize(values) if weights == "int4" else rtn_q8(values)
+            err = float((blocks.dequantize() - values).norm() / values.norm().clamp_min(1e-30))
+            worst[qtype.name] = max(worst.get(qtype.name, 0.0), err)
+    if not counts:
+        return None
+    kind = "q4-g32" if weights == "int4" else "q8-g32"
+    parts = [f"{n} x{c}" + (f" (max rel. error {worst[n]:.2%})" if n in worst else "")
+             for n, c in sorted(counts.items())]
+    return f"requantized to {kind} by round-to-nearest: {', '.join(parts)}"
 
 
 def is_exact(qtype: T) -> bool:

@@ -22,6 +22,7 @@ import torch
 
 from ember.config import EnvSettings, ModelConfig
 from ember.errors import ModelLoadError
+from ember.formats.repack import requantized
 from ember.formats.stored import DenseWeight
 from ember.kernels.ops import CpuKernels
 from ember.layers.factory import format_counts
@@ -80,7 +81,25 @@ def load_model(config: ModelConfig, env: EnvSettings, progress: ProgressFn | Non
                          None if runtime else ckpt.gguf, format_counts(model), plan, metadata)
     if runtime:
         logger.info("runtime weight formats: %s", loaded.runtime_formats)
+        note = _requantized(ckpt, plan, measure=False)
+        if note is not None:
+            logger.info("%s", note)
     return loaded
+
+
+def _requantized(ckpt: Checkpoint, plan: ExecutionPlan, measure: bool) -> str | None:
+    """What the plan's kernel weight format rounds again (see `requantized`), or None."""
+    if ckpt.gguf is None or plan.weights is None or plan.kernels is None:
+        return None
+    items = ((n, t.qtype, t.raw, t.shape) for n, t in ckpt.gguf.tensors.items())
+    return requantized(items, plan.weights, measure)
+
+
+def requantization_report(config: ModelConfig, env: EnvSettings, plan: ExecutionPlan
+                          ) -> str | None:
+    """`requantized` with the measured errors, for `ember models --info`."""
+    source = resolve_model(config.model, env.model_dirs, env.cache_path)
+    return _requantized(open_source(source, env.cache_path), plan, measure=True)
 
 
 def runtime_from(loaded: LoadedModel, plan: ExecutionPlan) -> LoadedModel:

@@ -52,3 +52,17 @@ def test_rtn_q8_round_trip_and_shape_check():
     assert (blocks.dequantize() - w).abs().max() <= blocks.d.max() / 2 + 1e-6
     with pytest.raises(ValueError, match="K % 32"):
         rtn_q8(torch.randn(4, 40))
+
+
+def test_requantized_names_what_the_kernel_format_rounds():
+    from ember.formats.repack import requantized
+
+    items = [(f"blk.0.{name}.weight", qtype, random_raw(qtype, SHAPE), SHAPE)
+             for name, qtype in [("a", T.Q5_0), ("b", T.Q6_K), ("c", T.Q6_K), ("d", T.Q4_K)]]
+    items.append(("token_embd.weight", T.Q6_K, random_raw(T.Q6_K, SHAPE), SHAPE))  # not a layer
+    line = requantized(items, "int8", measure=True)
+    assert line is not None and line.startswith("requantized to q8-g32")
+    assert "Q6_K x2 (max rel. error" in line and "Q4_K x1" in line and "Q5_0" not in line
+    four = requantized(items, "int4")
+    assert four is not None and "Q4_K" not in four and "Q5_0 x1" in four
+    assert requantized(items[:1], "int8") is None  # Q5_0 -> Q8 is exact
