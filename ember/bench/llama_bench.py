@@ -67,6 +67,21 @@ def parse_results(text: str) -> dict[str, float]:
     return figures
 
 
+def run_engine_process(label: str, cmd: list[str], timeout_s: float) -> str | None:
+    """The stdout of one benchmark process, or None (reason logged) when it timed out or
+    failed: a failed run is left out of the medians, never an error of the whole bench."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        logger.warning("%s timed out after %.0f s", label, timeout_s)
+        return None
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        logger.warning("%s failed: %s", label, tail[0])
+        return None
+    return proc.stdout
+
+
 @dataclass(frozen=True)
 class LlamaBenchSpec:
     """The llama-bench engine of `ember bench offline` (same interface as `EngineSpec`)."""
@@ -85,17 +100,11 @@ class LlamaBenchSpec:
             timeout_s: float) -> dict[str, float] | None:
         figures: dict[str, Any] = {}
         for cmd in self.commands(model_path, threads, decode_tokens):
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s timed out after %.0f s", self.label, timeout_s)
-                return None
-            if proc.returncode != 0:
-                tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-                logger.warning("%s failed: %s", self.label, tail[0])
+            stdout = run_engine_process(self.label, cmd, timeout_s)
+            if stdout is None:
                 return None
             try:
-                figures.update(parse_results(proc.stdout))
+                figures.update(parse_results(stdout))
             except (ValueError, KeyError, TypeError) as exc:
                 logger.warning("%s: unreadable llama-bench output: %s", self.label, exc)
                 return None

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import logging
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ember.bench.llama_bench import LlamaBenchSpec
+from ember.bench.llama_bench import LlamaBenchSpec, run_engine_process
 from ember.bench.workers import FIGURES
 
 logger = logging.getLogger(__name__)
@@ -61,17 +60,11 @@ class EngineSpec:
 
     def run(self, model_path: str, threads: int, decode_tokens: int,
             timeout_s: float) -> dict[str, float] | None:
-        try:
-            proc = subprocess.run(self.argv(model_path, threads, decode_tokens),
-                                  capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            logger.warning("%s timed out after %.0f s", self.label, timeout_s)
+        stdout = run_engine_process(self.label, self.argv(model_path, threads, decode_tokens),
+                                    timeout_s)
+        if stdout is None:
             return None
-        if proc.returncode != 0:
-            tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-            logger.warning("%s failed: %s", self.label, tail[0])
-            return None
-        result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+        result: dict[str, float] = json.loads(stdout.strip().splitlines()[-1])
         return result
 
 
