@@ -14,12 +14,12 @@ from ember.kernels.decoder import FusedDecoder
 from ember.kernels.ops import CpuKernels
 from ember.loading.loader import runtime_from
 from ember.plan import resolve_plan
-from tiny_llama import tiny_loaded
+from tiny_llama import ENGINE_PROMPTS, run_to_completion, tiny_loaded
 
 pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
                                 reason=f"CPU lacks {missing_cpu_features()}")
 
-PROMPTS = [[5, 17, 99, 3], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42] * 23]
+PROMPTS = ENGINE_PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +44,7 @@ def run(quantization: str | None, kernels: CpuKernels | None, fused: bool = True
     if not fused:
         engine.core.runner.decoder = None
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(str(i), p, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0]
-    outs = [done[str(i)] for i in range(len(PROMPTS))]
+    outs = run_to_completion(engine, PROMPTS, params)
     return ([list(o.token_ids) for o in outs],
             [[lp.logprob for lp in o.logprobs] for o in outs])  # type: ignore[union-attr]
 

@@ -21,9 +21,10 @@ from ember.layers.linear import Linear
 from ember.loading.loader import LoadedModel, runtime_from
 from ember.plan import resolve_plan
 from fake_kernels import FakeKernels, unpack_q4, unpack_q8
-from tiny_llama import one_thread, tiny_loaded  # noqa: F401 (fixture)
+from tiny_llama import (ENGINE_PROMPTS, one_thread, run_to_completion,  # noqa: F401
+                        tiny_loaded)
 
-PROMPTS = [[5, 17, 99, 3], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42] * 23]
+PROMPTS = ENGINE_PROMPTS
 CONFIG = dict(cache=CacheConfig(block_size=4, num_blocks=64),
               scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16))
 
@@ -39,14 +40,7 @@ def test_fake_layouts_invert_the_packing():
 
 def _greedy(engine: LLMEngine) -> list[list[int]]:
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    for i, prompt in enumerate(PROMPTS):
-        engine.add_request(str(i), prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = list(out.outputs[0].token_ids)
-    return [done[str(i)] for i in range(len(PROMPTS))]
+    return [list(o.token_ids) for o in run_to_completion(engine, PROMPTS, params)]
 
 
 def _rounded(quantization: str) -> LoadedModel:

@@ -5,9 +5,7 @@ from __future__ import annotations
 from ember import SamplingParams
 from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from ember.engine.engine import LLMEngine
-from tiny_llama import one_thread, tiny_loaded  # noqa: F401 (fixture)
-
-PROMPTS = [[5, 17, 99, 3], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42] * 23]
+from tiny_llama import ENGINE_PROMPTS, one_thread, run_to_completion, tiny_loaded  # noqa: F401
 
 
 def _greedy(poison: bool) -> list[list[int]]:
@@ -20,14 +18,7 @@ def _greedy(poison: bool) -> list[list[int]]:
             k_cache[1:].fill_(float("nan"))
             v_cache[1:].fill_(float("nan"))
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    for i, prompt in enumerate(PROMPTS):
-        engine.add_request(str(i), prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = list(out.outputs[0].token_ids)
-    return [done[str(i)] for i in range(len(PROMPTS))]
+    return [list(o.token_ids) for o in run_to_completion(engine, ENGINE_PROMPTS, params)]
 
 
 def test_decode_never_reads_unwritten_cache_memory():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tokenizers
@@ -104,6 +105,23 @@ def save_tiny(folder: Path, arch: ArchConfig | None = None, seed: int = 0) -> Pa
 
     loaded = tiny_loaded(arch, seed)
     return save_checkpoint(folder, loaded, Compression("none", {}))
+
+
+ENGINE_PROMPTS = [[5, 17, 99, 3], [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [42] * 23]
+"""Token-id prompts of different lengths (one batch: prefill chunks and decodes mixed)."""
+
+
+def run_to_completion(engine: Any, prompts: list[list[int]], params: Any) -> list[Any]:
+    """Every prompt through `engine` (an LLMEngine) in one batch; the final completion
+    outputs, in prompt order."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    return [done[str(i)] for i in range(len(prompts))]
 
 
 @pytest.fixture(autouse=True)
