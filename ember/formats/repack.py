@@ -26,15 +26,10 @@ from ember.formats.blocks import GROUP, Q4Blocks, Q8Blocks
 from ember.formats.table import format_for
 
 __all__ = ["GROUP", "KernelBlocks", "Q4Blocks", "Q8Blocks", "exact_q4", "exact_q8", "is_exact",
-           "requant_error", "rtn_q8", "to_kernel_blocks"]
+           "requant_error", "to_kernel_blocks"]
 
 KernelBlocks = Q4Blocks | Q8Blocks
 
-
-def rtn_q8(w: torch.Tensor) -> Q8Blocks:
-    """Round-to-nearest symmetric 8-bit, group 32, of a dense (N, K) weight (Ember's one RTN:
-    `Q8Blocks.quantize`)."""
-    return Q8Blocks.quantize(w)
 
 
 def _matrix(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -103,8 +98,8 @@ def requantized(tensors: Iterable[tuple[str, T, np.ndarray, tuple[int, ...]]], w
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
         if measure:
             values = format_for(qtype).dequantize(raw, shape)
-            blocks = Q4Blocks.quantize(values) if weights == "int4" else rtn_q8(values)
-            err = float((blocks.dequantize() - values).norm() / values.norm().clamp_min(1e-30))
+            quantize = Q4Blocks.quantize if weights == "int4" else Q8Blocks.quantize
+            err = _relative_error(quantize(values), values)
             worst[qtype.name] = max(worst.get(qtype.name, 0.0), err)
     if not counts:
         return None
@@ -125,11 +120,14 @@ def to_kernel_blocks(qtype: T, raw: np.ndarray, shape: tuple[int, ...]) -> Kerne
     repack = _EXACT.get(qtype)
     if repack is not None:
         return repack(raw, shape)
-    return rtn_q8(format_for(qtype).dequantize(raw, shape))
+    return Q8Blocks.quantize(format_for(qtype).dequantize(raw, shape))
 
 
 def requant_error(qtype: T, raw: np.ndarray, shape: tuple[int, ...],
                   blocks: KernelBlocks) -> float:
     """Relative RMS error ||W' - W|| / ||W|| of `blocks` against the file's exact values."""
-    exact = format_for(qtype).dequantize(raw, shape)
+    return _relative_error(blocks, format_for(qtype).dequantize(raw, shape))
+
+
+def _relative_error(blocks: KernelBlocks, exact: torch.Tensor) -> float:
     return float((blocks.dequantize() - exact).norm() / exact.norm().clamp_min(1e-30))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from ember.formats.repack import (Q4Blocks, Q8Blocks, is_exact, requant_error, rtn_q8,
+from ember.formats.repack import (Q4Blocks, Q8Blocks, is_exact, requant_error,
                                   to_kernel_blocks)
 from test_formats_table import GGUF_SPECS, SHAPE, random_raw, reference
 
@@ -48,10 +48,10 @@ def test_the_table_says_which_types_repack_exactly():
 
 def test_rtn_q8_round_trip_and_shape_check():
     w = torch.randn(4, 64)
-    blocks = rtn_q8(w)
+    blocks = Q8Blocks.quantize(w)
     assert (blocks.dequantize() - w).abs().max() <= blocks.d.max() / 2 + 1e-6
     with pytest.raises(ValueError, match="K % 32"):
-        rtn_q8(torch.randn(4, 40))
+        Q8Blocks.quantize(torch.randn(4, 40))
 
 
 def test_requantized_names_what_the_kernel_format_rounds():
