@@ -18,6 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ember.config import EnvSettings
+
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
@@ -84,16 +86,13 @@ def missing_cpu_features() -> list[str]:
     return [f for f in ISAS[-1].required_flags if f not in flags]
 
 
-def default_cache_dir(cache_dir: str | None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "ember"
-
-
 def library_path(cache_dir: str | None, isa: Isa) -> Path:
     h = hashlib.sha256(" ".join((*BASE_FLAGS, *isa.cxxflags)).encode())
     for f in (*SOURCES, *HEADERS):
         h.update(f.read_bytes())
     digest = h.hexdigest()[:16]
-    return default_cache_dir(cache_dir) / "kernels" / digest / f"libember_cpu_{isa.name}.so"
+    root = EnvSettings(cache_dir=cache_dir).cache_path  # the one default cache location
+    return root / "kernels" / digest / f"libember_cpu_{isa.name}.so"
 
 
 def compile_library(target: Path, isa: Isa | None = None) -> None:
