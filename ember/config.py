@@ -6,6 +6,7 @@ This is the only module that reads environment variables (see `EnvSettings`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from dataclasses import dataclass, field
 
@@ -155,6 +156,47 @@ class SpecConfig:
 
 
 @dataclass
+class ServingGuards:
+    """Robustness limits and front-end tuning of `ember serve` (see README "Robust serving")."""
+
+    frontend_threads: int = 1
+    """Kernel threads left to the HTTP front end (event loop, SSE) on small steps: with at
+    most `small_step_tokens` tokens to compute, the kernels use num_threads - this (>= 1), so
+    the event loop never preempts a kernel thread that the others wait for at a barrier."""
+    small_step_tokens: int = 4
+    """A step computing at most this many tokens counts as small (one to a few clients)."""
+    step_deadline_s: float = 60.0
+    """An engine step running longer than this counts as hung: the engine is restarted."""
+    stream_read_timeout_s: float = 30.0
+    """A stream whose client reads nothing for this long is aborted (its KV freed)."""
+    max_response_items: int = 2**20
+    """Most n x max_tokens x (1 + top_logprobs) one request may ask for (400 above)."""
+    max_prompt_logprob_items: int = 2**18
+    """Most prompt tokens x (1 + prompt logprobs) x prompts one request may ask for."""
+    max_stop_token_ids: int = 1024
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 1024
+    trusted_proxies: tuple[str, ...] = ()
+    """Peer addresses/networks whose X-Forwarded-For is believed; empty = never."""
+    allowed_hosts: tuple[str, ...] | None = None
+    """Accepted Host header names; None = loopback names when bound to loopback, else any;
+    ('*',) = any."""
+    fault_hook: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
+    """Test-only: called with the step number before each engine step (inject faults)."""
+
+    def validate(self) -> None:
+        if self.frontend_threads < 0 or self.small_step_tokens < 0:
+            raise ConfigError("frontend_threads and small_step_tokens must be >= 0")
+        for name in ("step_deadline_s", "stream_read_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_response_items", "max_prompt_logprob_items", "max_stop_token_ids",
+                     "max_stop_strings", "max_stop_string_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
 class ServerConfig:
     """HTTP server settings (the OpenAI-compatible API of `ember serve`)."""
 
@@ -177,6 +219,8 @@ class ServerConfig:
     """Largest accepted request body; larger ones get 413."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM, how long in-flight requests may take to finish before they are aborted."""
+    guards: ServingGuards = field(default_factory=ServingGuards)
+    """Robustness limits (bounded work, timeouts, trusted proxies, allowed hosts)."""
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
@@ -193,6 +237,7 @@ class ServerConfig:
             raise ConfigError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        self.guards.validate()
 
 
 @dataclass

@@ -3,21 +3,28 @@
 The engine step is CPU-bound torch code, so it runs in ONE dedicated thread that owns the
 `LLMEngine` (torch releases the GIL inside kernels, so the event loop stays responsive). The
 event loop talks to that thread only through a thread-safe command queue (add, abort, stop);
-the thread hands each request's outputs to the request's own `asyncio.Queue` with one
-`loop.call_soon_threadsafe` per step. Requests that arrive while others decode are added before
-the next step, so they join the running batch (continuous batching). An abort is applied before
-the next step, so the request's KV blocks are free within one engine step.
+the thread hands each request's outputs to the request's own `Mailbox` (one pending output,
+later ones merged into it) with one `loop.call_soon_threadsafe` per step. Requests that arrive
+while others decode are added before the next step, so they join the running batch (continuous
+batching). An abort is applied before the next step, so the request's KV blocks are free within
+one engine step.
+
+Supervision: a watchdog thread checks that no step runs past `step_deadline_s`. When a step
+raises or hangs, every in-flight request ends with `EngineStepError` (a 500 `engine_error`),
+and a fresh engine (same loaded weights, new KV cache and scheduler) takes over on a new thread
+(a hung thread is abandoned: when its step returns it sees it is stale and exits).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
@@ -25,6 +32,8 @@ from typing import Protocol
 from ember.config import EngineConfig
 from ember.engine.engine import LLMEngine, Prompt, ProcessedPrompt
 from ember.engine.generation_defaults import GenerationDefaults
+from ember.engine.mailbox import Item, Mailbox
+from ember.engine.thread_policy import KernelThreadPolicy
 from ember.loading.loader import ProgressFn
 from ember.tokenizer import Tokenizer
 from ember.types import RequestOutput, SamplingParams
@@ -38,6 +47,14 @@ class EngineUnavailableError(RuntimeError):
 
 class EngineDeadError(EngineUnavailableError):
     """The engine thread failed; no request can complete."""
+
+
+class EngineStepError(RuntimeError):
+    """The engine failed (or hung) while this request ran; the engine restarts by itself."""
+
+
+_MAX_RESTARTS_PER_MINUTE = 5
+"""More engine failures than this within a minute: the engine is declared dead."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,8 @@ class EngineStats:
     finished_by_reason: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     """Finished completions by finish reason ('stop', 'length', 'abort') (total)."""
     num_steps: int = 0
+    num_restarts: int = 0
+    """Engine restarts after a failed or hung step (total)."""
 
 
 class RequestObserver(Protocol):
@@ -79,10 +98,10 @@ class RequestObserver(Protocol):
 
 @dataclass
 class _Stream:
-    """Where the outputs of one request go: a queue owned by an event loop."""
+    """Where the outputs of one request go: a mailbox owned by an event loop."""
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
+    mailbox: Mailbox
 
 
 @dataclass
@@ -118,11 +137,10 @@ class _Tracked:
     last_token_time: float | None = None
 
 
-def _deliver(batch: list[tuple[asyncio.Queue[RequestOutput | BaseException],
-                               RequestOutput | BaseException]]) -> None:
-    """Runs on the event loop: put each item on its request's queue."""
-    for q, item in batch:
-        q.put_nowait(item)
+def _deliver(batch: list[tuple[Mailbox, Item]]) -> None:
+    """Runs on the event loop: put each item in its request's mailbox."""
+    for box, item in batch:
+        box.put(item)
 
 
 class RequestStream:
@@ -133,14 +151,13 @@ class RequestStream:
     call it (e.g. in `finally`), so a client that goes away frees its KV blocks.
     """
 
-    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream,
-                 num_seqs: int) -> None:
+    def __init__(self, engine: AsyncEngine, request_id: str, num_seqs: int) -> None:
         self.request_id = request_id
         self._engine = engine
-        self._stream = stream
         self._num_seqs = num_seqs
         self._done = False
         self._released = False
+        self.mailbox = Mailbox(on_final=self._release)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -148,7 +165,7 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._done:
             raise StopAsyncIteration
-        item = await self._stream.queue.get()
+        item = await self.mailbox.get()
         if isinstance(item, BaseException):
             self._done = True
             self._release()
@@ -170,6 +187,7 @@ class RequestStream:
         self._release()
 
     def _release(self) -> None:
+        """Stop counting the sequences as in flight (the engine is done with them)."""
         if not self._released:
             self._released = True
             self._engine._in_flight_seqs -= self._num_seqs
@@ -198,10 +216,25 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._accepting = True
+        self._stopping = False
         self._error: BaseException | None = None
         self._stats = EngineStats()
         self._in_flight_seqs = 0
         """Sequences of requests handed in and not yet finished (event-loop side)."""
+        guards = engine.config.server.guards
+        self._deadline_s = guards.step_deadline_s
+        self._fault_hook = guards.fault_hook
+        self._threads = KernelThreadPolicy(engine.core.kernels, guards.frontend_threads,
+                                           guards.small_step_tokens)
+        # Supervision: `_lock` guards the generation switch and everything a stale thread
+        # must not touch (tracked requests, dispatch); the step itself runs without it.
+        self._lock = threading.Lock()
+        self._gen = 0
+        self._restarting = False
+        self._restart_times: list[float] = []
+        self._restart_times_all: list[float] = []
+        self._step_started: float | None = None
+        self._watchdog: threading.Thread | None = None
         # Engine-thread state (never touched from the event loop).
         self._tracked: dict[str, _Tracked] = {}
         self._counters: Counter[str] = Counter()
@@ -237,27 +270,44 @@ class AsyncEngine:
         return self._engine.loaded.arch.vocab_size
 
     @property
+    def num_kv_tokens(self) -> int:
+        """Tokens the whole KV cache holds (what one request can never exceed)."""
+        layout = self._engine.core.layout
+        return layout.num_blocks * layout.block_size
+
+    @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._error is None
+        """True while the engine serves (or restarts after a failed step)."""
+        if self._error is not None:
+            return False
+        if self._restarting:
+            return True
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def restarting(self) -> bool:
+        """True while a fresh engine replaces one whose step failed or hung."""
+        return self._restarting and self._error is None
 
     @property
     def accepting(self) -> bool:
-        """True while new requests are taken (started, not draining, not failed)."""
+        """True while new requests are taken (started, not draining, not failed); requests
+        that arrive during a restart wait for the new engine."""
         return self._accepting and self.is_running
 
     @property
     def error(self) -> BaseException | None:
-        """The exception that stopped the engine thread, if any."""
+        """The exception that stopped the engine for good, if any."""
         return self._error
 
     @property
     def num_in_flight_seqs(self) -> int:
-        """Sequences (n per request) handed in and not yet finished."""
+        """Sequences (n per request) handed in and not yet finished by the engine."""
         return self._in_flight_seqs
 
     def stats(self) -> EngineStats:
         """The latest snapshot (at most one step old)."""
-        return self._stats
+        return dataclasses.replace(self._stats, num_restarts=len(self._restart_times_all))
 
     def set_observer(self, observer: RequestObserver | None) -> None:
         self._observer = observer
@@ -265,11 +315,13 @@ class AsyncEngine:
     # ---- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the engine thread (once)."""
+        """Start the engine thread and its watchdog (once)."""
         if self._thread is not None:
             raise RuntimeError("AsyncEngine already started")
-        self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
-        self._thread.start()
+        self._thread = self._spawn(self._run, self._gen)
+        self._watchdog = threading.Thread(target=self._watch, name="ember-watchdog",
+                                          daemon=True)
+        self._watchdog.start()
 
     def stop_accepting(self) -> None:
         """Refuse new requests from now on; running ones continue."""
@@ -285,10 +337,14 @@ class AsyncEngine:
             await asyncio.sleep(0.05)
         if self._in_flight_seqs > 0:
             logger.warning("shutdown: aborting %d unfinished sequences", self._in_flight_seqs)
+        self._stopping = True
         thread = self._thread
         if thread is not None and thread.is_alive():
             self._commands.put(_Stop())
-            await asyncio.to_thread(thread.join)
+            await asyncio.to_thread(thread.join, self._deadline_s)
+        if self._tracked:  # a hung or failed engine never answered the stop
+            with self._lock:
+                self._fail_tracked(EngineUnavailableError("the server is shutting down"))
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -310,10 +366,11 @@ class AsyncEngine:
             raise EngineUnavailableError("the server is shutting down")
         if isinstance(prompt, ProcessedPrompt):
             prompt = prompt.token_ids
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._in_flight_seqs += params.n
-        self._commands.put(_Add(request_id, prompt, params, priority, time.monotonic(), stream))
-        return RequestStream(self, request_id, stream, params.n)
+        stream = RequestStream(self, request_id, params.n)
+        self._commands.put(_Add(request_id, prompt, params, priority, time.monotonic(),
+                                _Stream(asyncio.get_running_loop(), stream.mailbox)))
+        return stream
 
     async def generate(self, request_id: str, prompt: Prompt | ProcessedPrompt,
                        params: SamplingParams, priority: int = 0
@@ -332,46 +389,58 @@ class AsyncEngine:
 
     # ---- engine thread --------------------------------------------------------------------
 
-    def _run(self) -> None:
+    @staticmethod
+    def _spawn(target: Callable[[int], None], gen: int) -> threading.Thread:
+        thread = threading.Thread(target=target, args=(gen,), name=f"ember-engine-{gen}",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    def _run(self, gen: int) -> None:
         logger.info("engine thread started")
         try:
-            while self._handle_commands(block=not self._engine.has_unfinished_requests()):
+            while self._handle_commands(gen, block=not self._engine.has_unfinished_requests()):
                 if self._engine.has_unfinished_requests():
-                    self._step()
+                    if not self._step(gen):
+                        return  # stale: a new engine took over while this step hung
                 self._publish_stats()
         except BaseException as exc:  # noqa: BLE001 - report any failure to every waiter
-            logger.exception("engine thread failed")
-            self._error = exc
-            self._fail_all(EngineDeadError(f"the engine failed: {type(exc).__name__}: {exc}"))
+            self._step_started = None
+            self._on_failure(gen, exc, hung=False)
+            return
+        self._threads.restore()
         logger.info("engine thread stopped")
 
-    def _handle_commands(self, block: bool) -> bool:
+    def _handle_commands(self, gen: int, block: bool) -> bool:
         """Apply queued commands (waiting for one when `block`); False after a stop."""
         try:
             command = self._commands.get() if block else self._commands.get_nowait()
         except queue.Empty:
             return True
-        pending: list[tuple[_Stream, RequestOutput | BaseException]] = []
+        pending: list[tuple[_Stream, Item]] = []
         keep_running = True
-        while True:
-            if isinstance(command, _Add):
-                self._apply_add(command, pending)
-            elif isinstance(command, _Abort):
-                self._apply_abort([command.request_id], pending)
-            else:
-                self._apply_abort(list(self._tracked), pending)
-                keep_running = False
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                break
-        self._dispatch(pending)
+        with self._lock:
+            if gen != self._gen:
+                self._commands.put(command)  # for the engine that replaced this one
+                return False
+            while True:
+                if isinstance(command, _Add):
+                    self._apply_add(command, pending)
+                elif isinstance(command, _Abort):
+                    self._apply_abort([command.request_id], pending)
+                else:
+                    self._apply_abort(list(self._tracked), pending)
+                    keep_running = False
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+            self._dispatch(pending)
         if not keep_running:
             self._publish_stats()
         return keep_running
 
-    def _apply_add(self, cmd: _Add,
-                   pending: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    def _apply_add(self, cmd: _Add, pending: list[tuple[_Stream, Item]]) -> None:
         try:
             self._engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.priority,
                                      arrival_time=cmd.arrival)
@@ -380,8 +449,7 @@ class AsyncEngine:
             return
         self._tracked[cmd.request_id] = _Tracked(cmd.stream, cmd.arrival)
 
-    def _apply_abort(self, request_ids: list[str],
-                     pending: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    def _apply_abort(self, request_ids: list[str], pending: list[tuple[_Stream, Item]]) -> None:
         live = [rid for rid in request_ids if rid in self._tracked]
         if not live:
             return
@@ -396,27 +464,37 @@ class AsyncEngine:
             if (tracked := self._tracked.pop(rid, None)) is not None:
                 pending.append((tracked.stream, EngineUnavailableError("request aborted")))
 
-    def _step(self) -> None:
+    def _step(self, gen: int) -> bool:
+        """One engine step and its outputs; False when this thread turned out stale."""
         step_start = time.monotonic()
+        self._threads.before_step(self._engine.core.scheduler.requests)
+        self._step_started = step_start
+        if self._fault_hook is not None:
+            self._fault_hook(self._counters["steps"])
         outputs = self._engine.step()
         now = time.monotonic()
-        self._counters["steps"] += 1
-        pending: list[tuple[_Stream, RequestOutput | BaseException]] = []
-        for out in outputs:
-            tracked = self._tracked.get(out.request_id)
-            if tracked is None:
-                continue
-            self._account(tracked, out, step_start, now)
-            if out.finished:
-                del self._tracked[out.request_id]
-                self._finish(tracked, out, now)
-            pending.append((tracked.stream, out))
-        for rid, tracked in self._tracked.items():
-            if tracked.queue_time is None:
-                scheduled = self._engine.first_scheduled_time(rid)
-                if scheduled is not None:
-                    tracked.queue_time = max(0.0, scheduled - tracked.arrival)
-        self._dispatch(pending)
+        with self._lock:
+            if gen != self._gen:
+                return False
+            self._step_started = None
+            self._counters["steps"] += 1
+            pending: list[tuple[_Stream, Item]] = []
+            for out in outputs:
+                tracked = self._tracked.get(out.request_id)
+                if tracked is None:
+                    continue
+                self._account(tracked, out, step_start, now)
+                if out.finished:
+                    del self._tracked[out.request_id]
+                    self._finish(tracked, out, now)
+                pending.append((tracked.stream, out))
+            for rid, tracked in self._tracked.items():
+                if tracked.queue_time is None:
+                    scheduled = self._engine.first_scheduled_time(rid)
+                    if scheduled is not None:
+                        tracked.queue_time = max(0.0, scheduled - tracked.arrival)
+            self._dispatch(pending)
+        return True
 
     def _account(self, tracked: _Tracked, out: RequestOutput, step_start: float,
                  now: float) -> None:
@@ -441,23 +519,87 @@ class AsyncEngine:
         if self._observer is not None:
             self._observer.on_finished(now - tracked.arrival, reasons)
 
-    def _dispatch(self, items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    def _dispatch(self, items: list[tuple[_Stream, Item]]) -> None:
         """Hand outputs to their event loops: one thread-safe call per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Mailbox, Item]]] = {}
         for stream, item in items:
-            by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+            by_loop.setdefault(stream.loop, []).append((stream.mailbox, item))
         for loop, batch in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, batch)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 logger.debug("dropping %d outputs for a closed event loop", len(batch))
 
-    def _fail_all(self, exc: BaseException) -> None:
-        pending = [(t.stream, exc) for t in self._tracked.values()]
-        self._tracked.clear()
+    def _fail_tracked(self, exc: BaseException) -> None:
+        """End every tracked request with `exc` (call with the lock held)."""
+        pending: list[tuple[_Stream, Item]] = [(t.stream, exc) for t in self._tracked.values()]
+        self._tracked = {}
+        self._dispatch(pending)
+
+    # ---- supervision ----------------------------------------------------------------------
+
+    def _watch(self, _gen: int = 0) -> None:
+        """Watchdog thread: restart the engine when a step runs past the deadline."""
+        period = min(0.25, self._deadline_s / 4)
+        while not self._stopping and self._error is None:
+            time.sleep(period)
+            started, gen = self._step_started, self._gen
+            if started is not None and time.monotonic() - started > self._deadline_s:
+                self._on_failure(gen, TimeoutError(
+                    f"an engine step ran past the {self._deadline_s:g} s step deadline"),
+                    hung=True)
+
+    def _on_failure(self, gen: int, exc: BaseException, hung: bool) -> None:
+        """A step of generation `gen` raised or hung: fail its requests, start a new engine."""
+        with self._lock:
+            if gen != self._gen or self._stopping:
+                return
+            self._gen += 1
+            self._step_started = None
+            now = time.monotonic()
+            self._restart_times_all.append(now)
+            self._restart_times = [t for t in self._restart_times if now - t < 60] + [now]
+            reason = f"{type(exc).__name__}: {exc}"
+            fatal = len(self._restart_times) > _MAX_RESTARTS_PER_MINUTE
+            if hung:
+                logger.error("engine step hung (%s); restarting the engine", exc)
+            else:
+                logger.error("engine step failed; %s", "giving up (too many failures)" if fatal
+                             else "restarting the engine", exc_info=exc)
+            self._fail_tracked(EngineStepError(
+                f"the engine failed while running this request ({reason}); "
+                + ("it is down" if fatal else "it restarted, retry the request")))
+            if fatal:
+                self._error = exc
+                self._fail_queued(EngineDeadError(f"the engine failed: {reason}"))
+                return
+            self._restarting = True
+            new_gen = self._gen
+        self._spawn(self._reboot, new_gen)
+
+    def _reboot(self, gen: int) -> None:
+        """New-engine thread: build a fresh engine on the loaded weights, then serve."""
         try:
-            self._dispatch(pending)  # type: ignore[arg-type]
-            while True:  # requests submitted after the failure
+            engine = LLMEngine(self._engine.config, self._engine.loaded)
+        except BaseException as exc:  # noqa: BLE001 - cannot recover from this
+            logger.exception("engine restart failed")
+            self._error = exc
+            self._restarting = False
+            self._fail_queued(EngineDeadError(f"the engine failed to restart: {exc}"))
+            return
+        with self._lock:
+            if gen != self._gen:
+                return
+            self._engine = engine
+            self._thread = threading.current_thread()
+            self._restarting = False
+        logger.warning("engine restarted (%d restarts so far)", len(self._restart_times_all))
+        self._run(gen)
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        """End requests still waiting in the command queue (the engine is gone)."""
+        try:
+            while True:
                 command = self._commands.get_nowait()
                 if isinstance(command, _Add):
                     self._dispatch([(command.stream, exc)])

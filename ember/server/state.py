@@ -35,17 +35,36 @@ class AppState:
     @property
     def ready(self) -> bool:
         return (self.servings is not None and self.engine is not None
-                and self.engine.is_running and not self.draining)
+                and self.engine.is_running and not self.engine.restarting and not self.draining)
+
+    @property
+    def phase(self) -> str:
+        """What /health reports: loading, ready, restarting, draining or failed."""
+        if self.load_error is not None or (self.engine is not None
+                                           and self.engine.error is not None):
+            return "failed"
+        if self.draining:
+            return "draining"
+        if self.servings is None or self.engine is None:
+            return "loading"
+        return "restarting" if self.engine.restarting else "ready"
 
     def not_ready_error(self) -> APIError:
-        """Why requests cannot be served now (503)."""
+        """Why requests cannot be served now (503; the error code names the phase)."""
+        phase = self.phase
         if self.load_error is not None:
-            return unavailable(f"the model failed to load: {self.load_error}")
-        if self.draining:
-            return unavailable("the server is shutting down")
-        if self.engine is not None and self.engine.error is not None:
-            return unavailable("the engine failed; restart the server")
-        return unavailable("the model is loading; retry shortly", retry_after_s=5)
+            err = unavailable(f"the model failed to load: {self.load_error}")
+        elif phase == "draining":
+            err = unavailable("the server is shutting down")
+        elif phase == "failed":
+            err = unavailable("the engine failed; restart the server")
+        elif phase == "restarting":
+            err = unavailable("the engine is restarting after a failed step; retry shortly",
+                              retry_after_s=1)
+        else:
+            err = unavailable("the model is loading; retry shortly", retry_after_s=5)
+        err.code = phase
+        return err
 
     def require(self) -> Servings:
         """The servings, or a 503 while loading / draining / failed."""

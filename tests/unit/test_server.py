@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from tokenizers import decoders, models, pre_tokenizers
 
 from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
-from ember.engine.async_engine import AsyncEngine, EngineDeadError
+from ember.engine.async_engine import AsyncEngine, EngineStepError
 from ember.engine.engine import LLMEngine
 from ember.loading.loader import LoadedModel
 from ember.loading.sources import ModelSource
@@ -166,7 +166,7 @@ def test_async_engine_streams_aborts_and_shuts_down():
     asyncio.run(run())
 
 
-def test_async_engine_failure_reaches_waiters():
+def test_async_engine_failure_reaches_waiters_and_the_engine_restarts():
     async def run() -> None:
         llm_engine = _engine()
         engine = AsyncEngine(llm_engine)
@@ -176,10 +176,16 @@ def test_async_engine_failure_reaches_waiters():
 
         llm_engine.step = boom  # type: ignore[method-assign]
         engine.start()
-        with pytest.raises(EngineDeadError, match="kernel exploded"):
+        with pytest.raises(EngineStepError, match="kernel exploded"):
             async for _ in engine.generate("x", "hi", SamplingParams(max_tokens=2)):
                 pass
-        assert engine.error is not None and not engine.accepting
+        # A fresh engine (same weights) took over: the next request completes.
+        outs = [o async for o in engine.generate("y", "hi", SamplingParams(
+            max_tokens=2, ignore_eos=True))]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 2
+        assert engine.stats().num_restarts == 1 and engine.error is None and engine.accepting
+        assert engine.num_in_flight_seqs == 0
+        await engine.shutdown()
 
     asyncio.run(run())
 

@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from ember.engine.async_engine import (AsyncEngine, EngineDeadError, EngineUnavailableError,
-                                       RequestStream)
+from ember.engine.async_engine import (AsyncEngine, EngineDeadError, EngineStepError,
+                                       EngineUnavailableError, RequestStream)
 from ember.engine.generation_defaults import GenerationDefaults
 from ember.server.errors import APIError, bad_request, from_invalid_request, unavailable
 from ember.server.limits import PRINCIPAL_KEY, AdmissionControl, RateLimiter, Reservation
@@ -51,6 +51,8 @@ def engine_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, InvalidRequestError):
         return from_invalid_request(exc)
+    if isinstance(exc, EngineStepError):
+        return APIError(500, str(exc), type="server_error", code="engine_error")
     if isinstance(exc, EngineDeadError):
         return APIError(500, str(exc), type="server_error", code="engine_dead")
     if isinstance(exc, EngineUnavailableError):
