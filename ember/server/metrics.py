@@ -76,6 +76,8 @@ class _EngineCollector(Collector):
                       stats.num_preemptions)
         yield counter("ember:num_aborted_requests", "Requests aborted (client disconnected or "
                       "server shutdown).", stats.num_aborted)
+        yield counter("ember:engine_restarts", "Engine restarts after a failed or hung step.",
+                      stats.num_restarts)
         success = CounterMetricFamily("ember:request_success", "Finished completions by reason.",
                                       labels=["model_name", "finished_reason"])
         for reason in ("stop", "length", "abort"):
