@@ -16,8 +16,8 @@ from types import FrameType
 from rich.console import Console
 
 from ember.cli.generate import add_generation_config_arg, add_quantization_arg, quantization_of
-from ember.config import (DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig,
-                          SchedulerConfig, ServerConfig)
+from ember.config import (DEFAULT_MODEL, CacheConfig, ConfigError, EngineConfig,
+                          ModelConfig, SchedulerConfig, ServerConfig, ServingGuards)
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,28 @@ def _config(args: argparse.Namespace) -> EngineConfig:
             api_keys=tuple(keys), auth_all_endpoints=args.auth_all_endpoints,
             max_queued_requests=args.max_queued_requests, rate_limit_rpm=args.rate_limit_rpm,
             rate_limit_tpm=args.rate_limit_tpm, max_body_bytes=args.max_body_bytes,
-            shutdown_grace_s=args.shutdown_grace),
+            shutdown_grace_s=args.shutdown_grace, guards=_guards(args)),
         seed=args.seed)
+
+
+def _guards(args: argparse.Namespace) -> ServingGuards:
+    """--trusted-proxies, --allowed-hosts (default: loopback names when bound to loopback)
+    and the engine supervision / stream timeouts."""
+    from ember.server.hosts import check_proxies, default_allowed_hosts
+
+    def names(value: str | None) -> tuple[str, ...]:
+        return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+    proxies = names(args.trusted_proxies)
+    try:
+        check_proxies(proxies)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    hosts = names(args.allowed_hosts) if args.allowed_hosts else default_allowed_hosts(args.host)
+    return ServingGuards(trusted_proxies=proxies, allowed_hosts=hosts,
+                         step_deadline_s=args.step_deadline,
+                         stream_read_timeout_s=args.stream_read_timeout,
+                         frontend_threads=args.frontend_threads)
 
 
 async def _serve(config: EngineConfig, log_level: str, access_log: bool) -> int:
@@ -80,7 +100,11 @@ async def _serve(config: EngineConfig, log_level: str, access_log: bool) -> int:
     uv_config = uvicorn.Config(
         app, host=server_cfg.host, port=server_cfg.port, log_level=log_level,
         access_log=access_log, timeout_graceful_shutdown=int(server_cfg.shutdown_grace_s) or 1,
-        lifespan="on")
+        lifespan="on",
+        # NOTE: X-Forwarded-For rewrites the client address (the rate-limit key) only when
+        # the peer is a trusted proxy; uvicorn's default trusts 127.0.0.1, so say it.
+        proxy_headers=bool(server_cfg.guards.trusted_proxies),
+        forwarded_allow_ips=",".join(server_cfg.guards.trusted_proxies) or None)
     server = _server_class()(uv_config, on_signal=state.begin_drain)
     console = Console(stderr=True)
     url = f"http://{server_cfg.host}:{server_cfg.port}"
@@ -153,4 +177,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     g.add_argument("--no-access-log", action="store_true")
+    g.add_argument("--trusted-proxies", default=None, metavar="ADDRS",
+                   help="comma-separated proxy addresses/networks whose X-Forwarded-For sets "
+                        "the client address (rate limits); default: none")
+    g.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma-separated Host header names to answer ('*': any); default: "
+                        "localhost,127.0.0.1,::1 when bound to loopback, else any")
+    g.add_argument("--step-deadline", type=float, default=ServingGuards.step_deadline_s,
+                   help="seconds an engine step may run before the engine is restarted")
+    g.add_argument("--stream-read-timeout", type=float,
+                   default=ServingGuards.stream_read_timeout_s,
+                   help="abort a stream whose client reads nothing for this long (s)")
+    g.add_argument("--frontend-threads", type=int, default=ServingGuards.frontend_threads,
+                   help="kernel threads left to the HTTP front end on small steps (1-4 "
+                        "tokens); 0 uses every thread")
     p.set_defaults(func=cmd_serve)

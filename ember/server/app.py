@@ -17,6 +17,7 @@ from ember import __version__
 from ember.config import EngineConfig
 from ember.engine.async_engine import AsyncEngine
 from ember.server.errors import install_exception_handlers
+from ember.server.hosts import AllowedHostsMiddleware
 from ember.server.limits import ApiKeyAuth, AuthMiddleware, BodySizeLimitMiddleware
 from ember.server.metrics import HttpMetricsMiddleware, ServerMetrics
 from ember.server.protocol import STREAM_MODELS
@@ -80,6 +81,8 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=server.max_body_bytes)
     app.add_middleware(AuthMiddleware, auth=ApiKeyAuth(keys),
                        protected_prefixes=None if server.auth_all_endpoints else API_PREFIXES)
+    if server.guards.allowed_hosts is not None:
+        app.add_middleware(AllowedHostsMiddleware, allowed=server.guards.allowed_hosts)
     app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

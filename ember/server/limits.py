@@ -139,8 +139,9 @@ class RateLimiter:
                     if b.level + (now - b.updated) * b.rate >= b.capacity]:
             del table[key]
 
-    def acquire(self, principal: str, tokens: int) -> Reservation:
-        """Take one request and `tokens` tokens, or raise a 429 APIError with Retry-After."""
+    def acquire(self, principal: str, tokens: int, units: int = 1) -> Reservation:
+        """Take `units` requests (sequences: n x prompts) and `tokens` tokens, or raise a 429
+        APIError with Retry-After."""
         if not self.enabled:
             return Reservation(None, principal, 0)
         with self._lock:
@@ -149,7 +150,12 @@ class RateLimiter:
             wait = 0.0
             if self.rpm is not None:
                 req_bucket = self._bucket(self._requests, principal, self.rpm, now)
-                wait = req_bucket.wait_time(1)
+                if units > req_bucket.capacity:
+                    raise too_many_requests(
+                        f"this request runs {units} sequences (n x prompts) but the limit is "
+                        f"{self.rpm} per minute; lower n", 60, type="requests",
+                        code="rate_limit_exceeded")
+                wait = req_bucket.wait_time(units)
             if self.tpm is not None:
                 tok_bucket = self._bucket(self._tokens, principal, self.tpm, now)
                 if tokens > tok_bucket.capacity:
@@ -161,13 +167,14 @@ class RateLimiter:
                 if tok_wait > wait:
                     wait = tok_wait
             if wait > 0:
-                kind = "requests" if req_bucket is not None and req_bucket.level < 1 else "tokens"
+                kind = ("requests" if req_bucket is not None and req_bucket.level < units
+                        else "tokens")
                 limit = f"{self.rpm} requests" if kind == "requests" else f"{self.tpm} tokens"
                 raise too_many_requests(
                     f"rate limit reached: {limit} per minute; retry in {math.ceil(wait)} s",
                     wait, type=kind)
             if req_bucket is not None:
-                req_bucket.level -= 1
+                req_bucket.level -= units
             if tok_bucket is not None:
                 tok_bucket.level -= tokens
         return Reservation(self if self.tpm is not None else None, principal, tokens)

@@ -136,6 +136,9 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class HttpMetricsMiddleware:
     """Counts HTTP requests by method, route template and status."""
 
@@ -160,4 +163,6 @@ class HttpMetricsMiddleware:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_requests.labels(scope.get("method", ""), path, str(status)).inc()
+            method = scope.get("method", "")
+            method = method if method in _METHODS else "other"  # bounded label values
+            self.metrics.http_requests.labels(method, path, str(status)).inc()

@@ -130,3 +130,137 @@ def test_mailbox_coalesces_unread_outputs_and_releases_at_the_final_one():
         assert len(item.outputs[0].delta_token_ids) == 2001
 
     asyncio.run(run())
+
+
+# ---- bounded work and limits -----------------------------------------------------------------
+
+
+def test_requests_that_can_never_run_or_would_flood_get_400_saying_why():
+    # The tiny engine: vocab 257, max_num_seqs 4, 64 KV blocks x 16 tokens, context 256.
+    with _client(max_queued_requests=4, guards=ServingGuards(max_response_items=5000)) as client:
+        def post(**body: object) -> dict:
+            resp = client.post("/v1/completions", json={"prompt": "hi", **body})
+            assert resp.status_code == 400, resp.text[:300]
+            return resp.json()["error"]
+
+        err = post(n=9, max_tokens=1)  # 9 > 4 running + 4 queued: never admitted (was 429)
+        assert err["param"] == "n" and "could never be admitted" in err["message"]
+        err = post(stop_token_ids=[5, 257], max_tokens=1)  # beyond the vocabulary
+        assert err["param"] == "stop_token_ids" and "257" in err["message"]
+        err = post(stop_token_ids=list(range(200)) * 6, max_tokens=1)
+        assert err["param"] == "stop_token_ids" and "1024" in err["message"]
+        err = post(stop=["x" * 1025], max_tokens=1)
+        assert err["param"] == "stop"
+        err = post(n=8, max_tokens=200, logprobs=5, ignore_eos=True)  # 9600 > 5000 items
+        assert err["param"] == "logprobs"
+        # Chat: the same limits.
+        chat = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "stop_token_ids": [999]})
+        assert chat.status_code == 400 and chat.json()["error"]["param"] == "stop_token_ids"
+        ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 2,
+                                                  "stop_token_ids": [5]})
+        assert ok.status_code == 200
+
+
+def test_prompt_logprob_work_is_bounded():
+    guards = ServingGuards(max_prompt_logprob_items=100)
+    with _client(guards=guards) as client:
+        resp = client.post("/v1/completions", json={
+            "prompt": "hello world, a longer prompt", "echo": True, "logprobs": 1,
+            "max_tokens": 0, "n": 4})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "echo"
+
+
+def test_lone_surrogate_is_400_everywhere_and_logs_no_traceback(caplog):
+    with _client() as client:
+        for path, body in (("/v1/completions", {"prompt": "a\ud800b", "max_tokens": 1}),
+                           ("/v1/completions", {"prompt": ["ok", "\ud800"], "max_tokens": 1}),
+                           ("/tokenize", {"prompt": "\ud800"}),
+                           ("/v1/completions", {"prompt": "hi", "stop": ["\ud800"]}),
+                           ("/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "\ud800"}]})):
+            resp = client.post(path, content=json.dumps(body),  # ensure_ascii keeps \\ud800
+                               headers={"Content-Type": "application/json"})
+            assert resp.status_code == 400, (path, resp.text)
+            assert resp.json()["error"]["type"] == "invalid_request_error"
+    assert "Traceback" not in caplog.text
+
+
+def test_rate_limits_count_sequences_and_cover_tokenize():
+    with _client(rate_limit_rpm=4) as client:
+        assert client.post("/tokenize", json={"prompt": "hi"}).status_code == 200
+        assert client.post("/detokenize", json={"tokens": [1]}).status_code == 200
+        # Two of four units used: n=3 does not fit any more (it counts 3, not 1 request).
+        resp = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "n": 3})
+        assert resp.status_code == 429
+        assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1,
+                                                    "n": 2}).status_code == 200
+        assert client.post("/tokenize", json={"prompt": "hi"}).status_code == 429
+
+
+def test_metric_labels_stay_bounded():
+    with _client() as client:
+        for i in range(20):
+            client.request(f"M{i}X", "/v1/models")
+            client.get(f"/no/such/path/{i}")
+        text = client.get("/metrics").text
+        lines = [ln for ln in text.splitlines() if ln.startswith("ember:http_requests_total")]
+        assert not any('method="M' in ln for ln in lines)
+        assert any('method="other"' in ln for ln in lines)
+        assert len(lines) < 10
+
+
+def test_host_header_allow_list():
+    guards = ServingGuards(allowed_hosts=("localhost", "127.0.0.1", "::1"))
+    with _client(guards=guards) as client:
+        evil = client.get("/v1/models", headers={"Host": "evil.example:8000"})
+        assert evil.status_code == 400 and evil.json()["error"]["code"] == "host_not_allowed"
+        for host in ("localhost:8000", "127.0.0.1", "[::1]:8000"):
+            assert client.get("/health", headers={"Host": host}).status_code == 200
+
+
+def test_trusted_proxies_default_off_in_the_cli():
+    from ember.cli import build_parser  # noqa: PLC0415 - CLI import only here
+    from ember.cli.serve import _config
+
+    args = build_parser().parse_args(["serve"])
+    config = _config(args)
+    assert config.server.guards.trusted_proxies == ()
+    assert config.server.guards.allowed_hosts == ("localhost", "127.0.0.1", "::1")
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0",
+                                      "--trusted-proxies", "10.0.0.0/8"])
+    config = _config(args)
+    assert config.server.guards.allowed_hosts is None
+    assert config.server.guards.trusted_proxies == ("10.0.0.0/8",)
+
+
+def test_stalled_reader_stream_is_aborted_after_the_read_timeout():
+    from ember.server.serving.base import EventStreamResponse
+
+    closed = asyncio.Event()
+
+    async def body():
+        try:
+            for i in range(10**6):
+                yield f"data: {i}\n\n"
+        finally:
+            closed.set()  # in the server this aborts the engine request (KV freed)
+
+    async def run() -> None:
+        started = asyncio.Event()
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                started.set()
+                await asyncio.Event().wait()  # the client never reads: send blocks
+
+        async def receive() -> dict:
+            await asyncio.Event().wait()
+            return {}
+
+        response = EventStreamResponse(body(), read_timeout_s=0.3)
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "GET"}
+        await asyncio.wait_for(response(scope, receive, send), 5)
+        assert started.is_set() and closed.is_set()
+
+    asyncio.run(run())

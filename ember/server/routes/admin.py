@@ -40,13 +40,15 @@ async def metrics(request: Request) -> Response:
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES,
              tags=["Tokenizer"])
-async def tokenize(body: TokenizeRequest, servings: ServingsDep) -> JSONResponse:
+async def tokenize(body: TokenizeRequest, request: Request,
+                   servings: ServingsDep) -> JSONResponse:
     """Token ids of a prompt or of chat messages rendered with the chat template."""
-    return json_response(servings.tokenize.tokenize(body))
+    return json_response(await servings.tokenize.tokenize_async(body, request))
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES,
              tags=["Tokenizer"])
-async def detokenize(body: DetokenizeRequest, servings: ServingsDep) -> JSONResponse:
+async def detokenize(body: DetokenizeRequest, request: Request,
+                     servings: ServingsDep) -> JSONResponse:
     """Text of token ids."""
-    return json_response(servings.tokenize.detokenize(body))
+    return json_response(await servings.tokenize.detokenize_async(body, request))

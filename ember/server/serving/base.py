@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
@@ -14,7 +15,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from ember.engine.async_engine import (AsyncEngine, EngineDeadError, EngineStepError,
                                        EngineUnavailableError, RequestStream)
@@ -23,8 +24,11 @@ from ember.server.errors import APIError, bad_request, from_invalid_request, una
 from ember.server.limits import PRINCIPAL_KEY, AdmissionControl, RateLimiter, Reservation
 from ember.server.metrics import ServerMetrics
 from ember.server.protocol import ModelCard, ModelList, _SamplingRequest
+from ember.server.serving.guards import RequestGuards
 from ember.server.serving.logprobs import TokenTexts
 from ember.types import InvalidRequestError, RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 SSE_DONE = "data: [DONE]\n\n"
 CLIENT_CLOSED = 499
@@ -75,6 +79,21 @@ class ServingContext:
 
     def __post_init__(self) -> None:
         self.token_texts = TokenTexts(self.engine.tokenizer)
+        self.guards = RequestGuards.create(self.engine.config, self.engine.vocab_size,
+                                           self.engine.num_kv_tokens)
+
+    def precheck(self, num_seqs: int) -> None:
+        """Cheap admission check before any tokenizing (503 / 429 when refused now)."""
+        if not self.engine.accepting:
+            raise unavailable("the server is shutting down" if self.engine.error is None
+                              else "the engine failed")
+        if num_seqs > self.guards.max_seqs_ever:
+            return  # never admissible: the request's own checks answer 400 saying why
+        try:
+            self.admission.check(self.engine.num_in_flight_seqs, num_seqs)
+        except APIError:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise
 
     def resolve_model(self, name: str | None) -> str:
         """The served name for a request's `model` (None or "" = the default); 404 otherwise."""
@@ -103,7 +122,7 @@ class ServingContext:
             raise
         principal = request.scope.get("state", {}).get(PRINCIPAL_KEY, "anonymous")
         try:
-            return self.rate_limiter.acquire(principal, num_tokens)
+            return self.rate_limiter.acquire(principal, num_tokens, units=num_seqs)
         except APIError:
             self.metrics.rejected.labels("rate_limit").inc()
             raise
@@ -227,20 +246,49 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[Response]) -> R
             task.cancel()
 
 
+class _StalledClient(Exception):
+    """The client did not take a chunk within the stream read timeout."""
+
+
 class EventStreamResponse(StreamingResponse):
     """SSE response that always closes its generator, so an abandoned stream aborts at once
-    (rather than whenever the garbage collector finalizes the generator)."""
+    (rather than whenever the garbage collector finalizes the generator).
+
+    read_timeout_s: a chunk the client does not take within this long (its socket buffers
+    are full: it stopped reading) ends the response; closing the generator aborts the
+    engine request, so its KV blocks are freed.
+    """
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str]) -> None:
+    def __init__(self, content: AsyncIterator[str], read_timeout_s: float | None = None
+                 ) -> None:
         super().__init__(content, headers={"Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timeout = self.read_timeout_s
+
+        async def timed_send(message: Message) -> None:
+            try:
+                await asyncio.wait_for(send(message), timeout)
+            except TimeoutError:
+                raise _StalledClient from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send if timeout is None else timed_send)
+        except BaseException as exc:  # noqa: BLE001 - a stall may come in an exception group
+            if not _is_stall(exc):
+                raise
+            logger.warning("aborted a stream whose client read nothing for %g s", timeout)
         finally:
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+def _is_stall(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_stall(e) for e in exc.exceptions)
+    return isinstance(exc, _StalledClient)

@@ -68,6 +68,7 @@ class ChatServing:
         self.ctx = ctx
 
     async def create(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self.ctx.precheck(body.n or 1)  # before rendering: a full server refuses cheaply
         # NOTE: rendering the template and tokenizing take milliseconds: off the event loop.
         plan = await asyncio.to_thread(self._plan, body)
         n = plan.params.n
@@ -81,7 +82,8 @@ class ChatServing:
             reservation.settle(0)
             raise
         if body.stream:
-            return EventStreamResponse(self._stream(request_id, plan, stream, reservation))
+            return EventStreamResponse(self._stream(request_id, plan, stream, reservation),
+                                       self.ctx.guards.limits.stream_read_timeout_s)
         return await cancel_on_disconnect(
             request, self._full(request_id, plan, stream, reservation))
 
@@ -99,6 +101,7 @@ class ChatServing:
                       else body.max_tokens)
         params = build_sampling_params(body, max_tokens=max_tokens, logprobs=num_top,
                                        defaults=self.ctx.engine.generation_defaults)
+        self.ctx.guards.check_params(params, 1)
         ids = render_chat(self.ctx.engine.tokenizer, body.messages,
                           body.add_generation_prompt is not False, body.chat_template_kwargs)
         try:
@@ -110,6 +113,7 @@ class ChatServing:
             elif err.param == "max_tokens" and body.max_completion_tokens is not None:
                 err.param = "max_completion_tokens"
             raise err from exc
+        self.ctx.guards.check_prompts(params, [prompt])
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _Plan(model, prompt, params, num_top, include_usage)
 

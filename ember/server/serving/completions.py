@@ -24,6 +24,7 @@ from ember.server.serving.base import (SSE_DONE, EventStreamResponse, ServingCon
                                        build_sampling_params, cancel_on_disconnect,
                                        engine_error, json_response, merge_streams,
                                        new_id, sse)
+from ember.server.serving.guards import check_text
 from ember.server.serving.logprobs import completion_logprobs, text_length
 from ember.types import CompletionOutput, InvalidRequestError, RequestOutput, SamplingParams
 
@@ -61,6 +62,7 @@ class CompletionServing:
         self.ctx = ctx
 
     async def create(self, body: CompletionRequest, request: Request) -> Response:
+        self.ctx.precheck(body.n or 1)  # before tokenizing: a full server refuses cheaply
         # NOTE: tokenizing a long prompt takes milliseconds: keep it off the event loop.
         plan = await asyncio.to_thread(self._plan, body)
         reservation = self.ctx.admit(request, plan.params.n * len(plan.prompts),
@@ -73,7 +75,8 @@ class CompletionServing:
             reservation.settle(0)
             raise
         if body.stream:
-            return EventStreamResponse(self._stream(request_id, plan, streams, reservation))
+            return EventStreamResponse(self._stream(request_id, plan, streams, reservation),
+                                       self.ctx.guards.limits.stream_read_timeout_s)
         return await cancel_on_disconnect(
             request, self._full(request_id, plan, streams, reservation))
 
@@ -99,6 +102,10 @@ class CompletionServing:
         raw_prompts = self._prompt_list(body.prompt)
         if len(raw_prompts) * params.n > _MAX_SEQS_PER_REQUEST:
             raise bad_request(f"len(prompt) x n must be <= {_MAX_SEQS_PER_REQUEST}", "prompt")
+        self.ctx.guards.check_params(params, len(raw_prompts))
+        for i, raw in enumerate(raw_prompts):
+            if isinstance(raw, str):
+                check_text(raw, "prompt" if len(raw_prompts) == 1 else f"prompt[{i}]")
         tokenizer = self.ctx.engine.tokenizer
         processed, texts = [], []
         for i, raw in enumerate(raw_prompts):
@@ -111,6 +118,7 @@ class CompletionServing:
                 raise err from exc
             texts.append(raw if isinstance(raw, str)
                          else tokenizer.decode(raw, skip_special_tokens=False))
+        self.ctx.guards.check_prompts(params, processed)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _Plan(model, processed, texts, params, echo, echo_only,
                      body.logprobs is not None, include_usage)
