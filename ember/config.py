@@ -221,6 +221,11 @@ class ServerConfig:
     """On SIGTERM, how long in-flight requests may take to finish before they are aborted."""
     guards: ServingGuards = field(default_factory=ServingGuards)
     """Robustness limits (bounded work, timeouts, trusted proxies, allowed hosts)."""
+    embedding_models: tuple[str, ...] = ()
+    """Embedding models served on /v1/embeddings beside (or instead of) the generator, each
+    answering to its own name (`ember serve --model` given an embedding model)."""
+    serve_generator: bool = True
+    """Serve the generation model `ModelConfig.model`; False: only the embedding models."""
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
@@ -235,6 +240,8 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be >= 1 (or unset), got {value}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if not self.serve_generator and not self.embedding_models:
+            raise ConfigError("a server without a generation model needs embedding_models")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         self.guards.validate()

@@ -122,3 +122,22 @@ def resolve_plan(config: ModelConfig, arch: ArchConfig, model_cls: type[CausalLM
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def resolve_encoder_plan(config: ModelConfig, kernels: CpuKernels | None) -> ExecutionPlan:
+    """The plan of an encoder (embedding) model: no KV cache, no paged attention, no fused
+    decoder. weights: the config's quantization ('auto': the file's own, dense safetensors);
+    quantized formats run on the kernels with float32 activations (int8 weights, int32 dot
+    products, float32 accumulation across blocks), or on PyTorch's ops in bfloat16 without
+    them; dense keeps `config.dtype` (float32: the exact reference path)."""
+    weights = None if config.quantization == "auto" else config.quantization
+    use_kernels = kernels is not None and config.cpu_kernels and weights is not None
+    dtype = (torch.bfloat16 if config.dtype == "bfloat16" or (weights and not use_kernels)
+             else torch.float32)
+    plan = ExecutionPlan(
+        backend=KERNELS if use_kernels else TORCH,
+        isa=kernels.isa if use_kernels and kernels is not None else None,
+        dtype=dtype, weights=weights, kv_dtype=dtype, attention=TORCH,
+        fusions=("qkv",), kernels=kernels if use_kernels else None)
+    logger.info("encoder %s", plan.describe())
+    return plan

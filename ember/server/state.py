@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from ember.server.errors import APIError, unavailable
 from ember.server.limits import AdmissionControl, RateLimiter
 from ember.server.metrics import ServerMetrics
 from ember.server.serving import ServingContext, Servings
+from ember.server.serving.embeddings import EmbeddingServing
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +31,19 @@ class AppState:
     servings: Servings | None = None
     load_error: str | None = None
     draining: bool = False
+    embeddings: EmbeddingServing | None = None
+    """The embedding models (config.server.embedding_models), once loaded."""
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when loading ended, successfully or not."""
 
     @property
+    def generator_names(self) -> tuple[str, ...]:
+        """Names of the generation model ((): this server only embeds)."""
+        return self.model_names if self.config.server.serve_generator else ()
+
+    @property
     def ready(self) -> bool:
-        return (self.servings is not None and self.engine is not None
-                and self.engine.is_running and not self.engine.restarting and not self.draining)
+        return self.phase == "ready"
 
     @property
     def phase(self) -> str:
@@ -45,9 +53,15 @@ class AppState:
             return "failed"
         if self.draining:
             return "draining"
+        if self.config.server.embedding_models and self.embeddings is None:
+            return "loading"
+        if not self.config.server.serve_generator:
+            return "ready"
         if self.servings is None or self.engine is None:
             return "loading"
-        return "restarting" if self.engine.restarting else "ready"
+        if self.engine.restarting:
+            return "restarting"
+        return "ready" if self.engine.is_running else "loading"
 
     def not_ready_error(self) -> APIError:
         """Why requests cannot be served now (503; the error code names the phase)."""
@@ -68,13 +82,51 @@ class AppState:
 
     def require(self) -> Servings:
         """The servings, or a 503 while loading / draining / failed."""
+        if not self.config.server.serve_generator:
+            raise APIError(400, "this server serves only embedding models ("
+                                f"{', '.join(self.config.server.embedding_models)}): use "
+                                "/v1/embeddings", param="model", code="model_not_supported")
         if not self.ready:
             raise self.not_ready_error()
         assert self.servings is not None
         return self.servings
 
+    def require_embeddings(self) -> EmbeddingServing:
+        """The embedding models, 404 when this server has none, 503 while not ready."""
+        if not self.config.server.embedding_models:
+            raise APIError(404, f"this server serves no embedding model (only "
+                                f"{', '.join(self.model_names)})", param="model",
+                           code="model_not_found")
+        if not self.ready:
+            raise self.not_ready_error()
+        assert self.embeddings is not None
+        return self.embeddings
+
+    async def load_embedders(self) -> bool:
+        """Load config.server.embedding_models in a worker thread; False (load_error set)
+        when one fails."""
+        from ember.engine.embedder import Embedder
+
+        cfg = self.config
+        try:
+            embedders = await asyncio.to_thread(lambda: {
+                name: Embedder.from_config(dataclasses.replace(cfg.model, model=name), cfg.env)
+                for name in cfg.server.embedding_models})
+        except Exception as exc:  # noqa: BLE001 - reported by /health and the CLI
+            logger.error("failed to load an embedding model: %s", exc)
+            self.load_error = str(exc)
+            self.loaded.set()
+            return False
+        self.embeddings = EmbeddingServing(embedders)
+        return True
+
     async def load(self) -> None:
         """Load the model in a worker thread (the event loop keeps answering /health)."""
+        if self.config.server.embedding_models and not await self.load_embedders():
+            return
+        if not self.config.server.serve_generator:
+            self.loaded.set()
+            return
         try:
             engine = await asyncio.to_thread(AsyncEngine.from_config, self.config)
         except Exception as exc:  # noqa: BLE001 - reported by /health and the CLI

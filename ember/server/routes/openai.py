@@ -14,23 +14,38 @@ from ember.server.protocol import (ChatCompletionRequest, ChatCompletionResponse
 from ember.server.routes import ERROR_RESPONSES, stream_response
 from ember.server.serving import Servings
 from ember.server.serving.base import json_response
-from ember.server.state import get_servings
+from ember.server.errors import APIError
+from ember.server.state import AppState, get_servings, get_state
 
 router = APIRouter(tags=["OpenAI"])
 ServingsDep = Annotated[Servings, Depends(get_servings)]
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
-async def list_models(servings: ServingsDep) -> JSONResponse:
-    """The served model (and its aliases)."""
-    return json_response(servings.ctx.model_list())
+async def list_models(request: Request) -> JSONResponse:
+    """The served models (the generator and its aliases, then the embedding models)."""
+    return json_response(ModelList(data=served_cards(get_state(request))))
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
-async def retrieve_model(model_id: str, servings: ServingsDep) -> JSONResponse:
+async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
     """One model by name (404 if it is not served)."""
-    name = servings.ctx.resolve_model(model_id or "\0")
-    return json_response(next(c for c in servings.ctx.model_list().data if c.id == name))
+    state = get_state(request)
+    cards = {c.id: c for c in served_cards(state)}
+    if model_id in cards:
+        return json_response(cards[model_id])
+    if state.generator_names:
+        state.require().ctx.resolve_model(model_id or "\0")  # the generator's 404
+    raise APIError(404, f"the model {model_id!r} does not exist", param="model",
+                   code="model_not_found")
+
+
+def served_cards(state: AppState) -> list[ModelCard]:
+    """Cards of every served model (503 while loading)."""
+    cards = state.require().ctx.model_list().data if state.generator_names else []
+    if state.config.server.embedding_models:
+        cards += state.require_embeddings().model_cards()
+    return cards
 
 
 @router.post("/v1/completions", response_model=CompletionResponse,
