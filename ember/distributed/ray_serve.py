@@ -198,7 +198,7 @@ class EmberIngress:
     async def __call__(self, request: Request) -> Response:
         body = await request.body()
         path = request.url.path
-        stream = self.replicas.options(stream=True).handle_request.remote(
+        stream: Any = self.replicas.options(stream=True).handle_request.remote(
             request.method, path, request.url.query, list(request.headers.items()), body,
             affinity_key=affinity_key(path, body, self.prefix_chars))
         head = await stream.__anext__()
@@ -236,17 +236,18 @@ def build_app(config: EngineConfig, options: RayServeOptions | None = None) -> A
     else:
         scaling = {"num_replicas": options.num_replicas}
     sched = config.scheduler
-    replica = serve.deployment(
+    deployment: Any = serve.deployment  # NOTE: its overloads hide .bind from mypy
+    replica = deployment(
         EmberReplica, name="EmberReplica",
         ray_actor_options={"num_cpus": options.threads_per_replica},
         # NOTE: an engine batches up to max_num_seqs; beyond that Serve queues in the router
         # (backpressure) instead of in one replica.
         max_ongoing_requests=sched.max_num_seqs + config.server.max_queued_requests,
         request_router_config=RequestRouterConfig(
-            request_router_class=PrefixAffinityRouter,
+            request_router_class=PrefixAffinityRouter,  # type: ignore[arg-type]
             request_router_kwargs={"load_bound": options.load_bound}),
         health_check_period_s=10, **scaling)
-    ingress = serve.deployment(EmberIngress, name="EmberIngress", num_replicas=1,
+    ingress = deployment(EmberIngress, name="EmberIngress", num_replicas=1,
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     return ingress.bind(replica.bind(replica_config), options.prefix_chars)
 
