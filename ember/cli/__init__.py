@@ -7,6 +7,7 @@ import logging
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from ember.cli import bench, compress, generate, serve
 from ember.config import EnvSettings
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ModelLoadError, InvalidRequestError, ValueError) as exc:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {exc}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}",
+                                                   highlight=False)
         return 2
 
 

@@ -15,6 +15,7 @@ from types import FrameType
 
 from rich.console import Console
 
+from ember.cli.serve_ray import add_ray_args
 from ember.cli.generate import add_generation_config_arg, add_quantization_arg, quantization_of
 from ember.config import (DEFAULT_MODEL, CacheConfig, ConfigError, EngineConfig,
                           ModelConfig, SchedulerConfig, ServerConfig, ServingGuards)
@@ -155,6 +156,9 @@ async def _serve(config: EngineConfig, log_level: str, access_log: bool) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     config.validate()
+    if args.ray:
+        from ember.cli.serve_ray import run_ray_serve
+        return run_ray_serve(config, args)
     logging.getLogger("ember").setLevel(args.log_level.upper())
     return asyncio.run(_serve(config, args.log_level, not args.no_access_log))
 
@@ -215,4 +219,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--frontend-threads", type=int, default=ServingGuards.frontend_threads,
                    help="kernel threads left to the HTTP front end on small steps (1-4 "
                         "tokens); 0 uses every thread")
+    add_ray_args(p)
     p.set_defaults(func=cmd_serve)
