@@ -108,9 +108,12 @@ class AppState:
         from ember.engine.embedder import Embedder
 
         cfg = self.config
+        # NOTE: beside a generator, --max-model-len is the generator's; embedders keep theirs.
+        model = (cfg.model if not cfg.server.serve_generator
+                 else dataclasses.replace(cfg.model, max_model_len=None))
         try:
             embedders = await asyncio.to_thread(lambda: {
-                name: Embedder.from_config(dataclasses.replace(cfg.model, model=name), cfg.env)
+                name: Embedder.from_config(dataclasses.replace(model, model=name), cfg.env)
                 for name in cfg.server.embedding_models})
         except Exception as exc:  # noqa: BLE001 - reported by /health and the CLI
             logger.error("failed to load an embedding model: %s", exc)

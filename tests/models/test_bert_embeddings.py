@@ -131,28 +131,42 @@ def test_length_limit_and_truncation(fp32) -> None:
 
 
 def test_strict_loading_names_the_problem(tmp_path: Path) -> None:
+    """A tiny random BERT saved by transformers: loads, matches HF's mean-pooled states,
+    and a missing / unexpected / mis-shaped tensor fails naming it."""
     from safetensors.torch import load_file, save_file
+    from transformers import BertConfig as HFBertConfig
+    from transformers import BertModel as HFBertModel
 
     from ember.engine.embedder import Embedder
 
-    src = _model_dir()
-    for name in ("config.json", "tokenizer.json", "modules.json"):
-        shutil.copy(src / name, tmp_path / name)
-    tensors = load_file(str(src / "model.safetensors"))
+    torch.manual_seed(0)
+    cfg = HFBertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    hf = HFBertModel(cfg).eval()
+    hf.save_pretrained(tmp_path)
+    shutil.copy(_model_dir() / "tokenizer.json", tmp_path / "tokenizer.json")
     env = EnvSettings.from_env()
+    emb = Embedder.from_config(ModelConfig(model=str(tmp_path)), env)
+    assert emb.pooling.mode == "mean" and not emb.pooling.normalize  # no sentence-transformers files
+    ids = [[101, 7592, 2088, 102], [101, 2003, 102]]
+    with torch.no_grad():
+        ref = [hf(torch.tensor([s])).last_hidden_state[0].mean(0) for s in ids]
+    torch.testing.assert_close(emb.embed_ids(ids), torch.stack(ref), atol=1e-5, rtol=1e-5)
+
+    tensors = load_file(str(tmp_path / "model.safetensors"))
 
     def load(t: dict[str, torch.Tensor]) -> None:
         save_file(t, str(tmp_path / "model.safetensors"))
         Embedder.from_config(ModelConfig(model=str(tmp_path)), env)
 
     broken = dict(tensors)
-    del broken["encoder.layer.3.output.dense.weight"]
-    with pytest.raises(ModelLoadError, match="missing tensors: encoder.layer.3.output.dense"):
+    del broken["encoder.layer.1.output.dense.weight"]
+    with pytest.raises(ModelLoadError, match="missing tensors: encoder.layer.1.output.dense"):
         load(broken)
     with pytest.raises(ModelLoadError, match="unexpected tensors: extra.weight"):
         load({**tensors, "extra.weight": torch.zeros(2)})
-    wrong = {**tensors, "encoder.layer.0.attention.self.key.weight": torch.zeros(384, 383)}
-    with pytest.raises(ModelLoadError, match=r"key.weight has shape \(384, 383\)"):
+    wrong = {**tensors, "encoder.layer.0.attention.self.key.weight": torch.zeros(32, 31)}
+    with pytest.raises(ModelLoadError, match=r"key.weight has shape \(32, 31\)"):
         load(wrong)
 
 
