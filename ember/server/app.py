@@ -20,12 +20,12 @@ from ember.server.errors import install_exception_handlers
 from ember.server.limits import ApiKeyAuth, AuthMiddleware, BodySizeLimitMiddleware
 from ember.server.metrics import HttpMetricsMiddleware, ServerMetrics
 from ember.server.protocol import STREAM_MODELS
-from ember.server.routes import admin, openai
+from ember.server.routes import admin, openai, web
 from ember.server.state import AppState
 
 logger = logging.getLogger(__name__)
 
-API_PREFIXES = ("/v1/", "/v1", "/tokenize", "/detokenize")
+API_PREFIXES = ("/v1/", "/v1", "/tokenize", "/detokenize", *web.STATS_PREFIXES)
 """Paths that need an API key when keys are configured (all paths with auth_all_endpoints)."""
 
 
@@ -71,6 +71,7 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
     app.state.ember = state
     app.include_router(openai.router)
     app.include_router(admin.router)
+    web.install(app)  # the playground, the dashboard and /stats
     install_exception_handlers(app)
     server = config.server
     keys = list(server.api_keys)
@@ -80,6 +81,7 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=server.max_body_bytes)
     app.add_middleware(AuthMiddleware, auth=ApiKeyAuth(keys),
                        protected_prefixes=None if server.auth_all_endpoints else API_PREFIXES)
+    app.add_middleware(web.BrowserAuthBridge)  # HTTP Basic login for the pages (runs before auth)
     app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
