@@ -23,6 +23,10 @@ ENGINE_RESTART_METRICS = ("ember:engine_restarts_total", "ember:num_engine_resta
 the server-hardening work adds it)."""
 
 
+_NOT_ERRORS = frozenset({"/health"})
+"""Routes whose 5xx are states, not failures (/health answers 503 while loading)."""
+
+
 class HistogramStats(BaseModel):
     """A cumulative histogram: `buckets[i]` observations were <= `bounds[i]`."""
 
@@ -59,7 +63,8 @@ class StatsResponse(BaseModel):
     prefix_cache_hits: float
     preemptions: float
     aborted: float
-    errors: float = Field(description="HTTP responses with a 5xx status.")
+    errors: float = Field(description="HTTP responses with a 5xx status (/health's 503 while "
+                                      "loading or draining excluded).")
     rejected: float = Field(description="Requests refused by a limit (429).")
     engine_restarts: float
     finished: dict[str, float] = Field(description="Finished completions by finish reason.")
@@ -113,7 +118,8 @@ def snapshot(registry: CollectorRegistry, model: str, ready: bool,
         return totals.get(name, 0.0)
 
     errors = sum(v for labels, v in samples.get("ember:http_requests_total", [])
-                 if labels.get("status", "").startswith("5"))
+                 if labels.get("status", "").startswith("5")
+                 and labels.get("route") not in _NOT_ERRORS)
     restarts = next((totals[n] for n in ENGINE_RESTART_METRICS if n in totals), 0.0)
     finished = {labels.get("finished_reason", ""): v
                 for labels, v in samples.get("ember:request_success_total", [])}

@@ -94,6 +94,8 @@ def test_pages_stats_and_static_served():
     assert stats["features"] == {"json_schema": False, "speculative": False,
                                  "speculative_method": None, "num_speculative_tokens": 0}
     assert stats["metrics"]["ember:generation_tokens_total"] == 5
+    # the auth bridge passes the router's scope updates out to the metrics middleware
+    assert 'route="/v1/completions",status="200"' in metrics
 
 
 def test_api_key_protects_stats_not_pages():

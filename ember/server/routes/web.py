@@ -90,14 +90,14 @@ class BrowserAuthBridge:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = []
-        for name, value in scope.get("headers", ()):
+        headers = list(scope.get("headers", ()))
+        for i, (name, value) in enumerate(headers):
             if name.lower() == b"authorization":
                 bearer = basic_to_bearer(value.decode("latin-1"))
                 if bearer is not None:
-                    value = bearer.encode("latin-1")
-            headers.append((name, value))
-        scope = dict(scope, headers=headers)
+                    headers[i] = (name, bearer.encode("latin-1"))
+                    # NOTE: in place: outer middlewares read what the router adds to `scope`
+                    scope["headers"] = headers
         if not _is_page(scope["path"]):
             await self.app(scope, receive, send)
             return

@@ -72,9 +72,10 @@ function derive() {
     queries: now.prefix_cache_queries - (windowStart ? windowStart.prefix_cache_queries : 0),
     hits: now.prefix_cache_hits - (windowStart ? windowStart.prefix_cache_hits : 0),
   };
-  const ttftWindowed = win.ttft.count > 0;
-  const itlWindowed = win.itl.count > 0;
-  const hitWindowed = win.queries > 0;
+  // NOTE: with one snapshot there is no window yet: the values are all-time ones.
+  const ttftWindowed = windowStart !== null && win.ttft.count > 0;
+  const itlWindowed = windowStart !== null && win.itl.count > 0;
+  const hitWindowed = windowStart !== null && win.queries > 0;
   const events = prev ? ["preemptions", "aborted", "errors", "engine_restarts"]
     .reduce((o, k) => ({ ...o, [k]: Math.max(0, now[k] - prev[k]) / dt }), {}) : {};
   return {
@@ -152,7 +153,8 @@ function drawChart(canvas, byLabel, fixedMax) {
   const fg = style.color;
   const labels = Object.keys(byLabel || {});
   const all = labels.flatMap((l) => byLabel[l]).filter((v) => v !== null && Number.isFinite(v));
-  const max = fixedMax || Math.max(1e-9, ...all) * 1.1 || 1;
+  const dataMax = Math.max(0, ...all);
+  const max = fixedMax || (dataMax > 0 ? dataMax * 1.1 : 1);
   const left = 44;
   const top = 18;
   const plotW = width - left - 8;
