@@ -7,11 +7,13 @@ installs chromium with apt-get when it can.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import openai
@@ -22,9 +24,11 @@ WEB_KEY = "sk-web-e2e"
 PHONE = {"width": 390, "height": 844}
 
 
-def _skip(reason: str) -> None:
-    # NOTE: written past pytest's capture too, so a skipped browser test is never silent.
-    sys.__stderr__.write(f"\nSKIP browser tests: {reason}\n")
+def _skip(request: pytest.FixtureRequest, reason: str) -> NoReturn:
+    # NOTE: also written to the terminal (past -q and capture): never a silent skip.
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print(f"\nSKIP browser tests: {reason}", file=sys.stderr, flush=True)
     pytest.skip(reason)
 
 
@@ -42,18 +46,19 @@ def key_server(server_process, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @pytest.fixture(scope="module")
-def browser(key_server):
+def browser(request: pytest.FixtureRequest):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _skip("playwright is not installed (pip install playwright)")
+        _skip(request, "playwright is not installed (pip install playwright)")
     if not CHROMIUM.exists():
-        _skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+        _skip(request, f"{CHROMIUM} is missing (apt-get install chromium)")
     with sync_playwright() as pw:
         try:
             chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         except Exception as exc:  # noqa: BLE001 - reported as the skip reason
-            _skip(f"chromium does not start: {exc}")
+            _skip(request, f"chromium does not start: {exc}")
+        request.getfixturevalue("key_server")  # starts loading now, used by the last test
         yield chromium
         chromium.close()
 
