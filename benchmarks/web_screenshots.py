@@ -5,7 +5,8 @@
 
 Writes benchmarks/results/web/{playground,playground_phone,dashboard,dashboard_phone}.png: the
 playground after one streamed chat answer (tokens coloured by probability, the alternatives of
-one token shown), and the dashboard after ~20 s of background load (8 concurrent streams).
+one token shown), and the dashboard after ~20 s of background load (--streams concurrent
+streams, default 8).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server (default: start one)")
     parser.add_argument("--load-seconds", type=float, default=20.0)
+    parser.add_argument("--streams", type=int, default=8, help="concurrent background streams")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     proc, url = (None, args.url.rstrip("/")) if args.url else start_server()
@@ -95,7 +97,8 @@ def main() -> None:
             page.set_viewport_size(DESKTOP)
 
             stop = threading.Event()
-            workers = [threading.Thread(target=load, args=(url, stop)) for _ in range(8)]
+            workers = [threading.Thread(target=load, args=(url, stop))
+                       for _ in range(args.streams)]
             page.goto(url + "/dashboard")
             for worker in workers:
                 worker.start()
