@@ -21,12 +21,12 @@ from ember.server.hosts import AllowedHostsMiddleware
 from ember.server.limits import ApiKeyAuth, AuthMiddleware, BodySizeLimitMiddleware
 from ember.server.metrics import HttpMetricsMiddleware, ServerMetrics
 from ember.server.protocol import STREAM_MODELS
-from ember.server.routes import admin, embeddings, openai
+from ember.server.routes import admin, embeddings, openai, web
 from ember.server.state import AppState
 
 logger = logging.getLogger(__name__)
 
-API_PREFIXES = ("/v1/", "/v1", "/tokenize", "/detokenize")
+API_PREFIXES = ("/v1/", "/v1", "/tokenize", "/detokenize", *web.STATS_PREFIXES)
 """Paths that need an API key when keys are configured (all paths with auth_all_endpoints)."""
 
 
@@ -75,6 +75,7 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
     app.include_router(openai.router)
     app.include_router(embeddings.router)
     app.include_router(admin.router)
+    web.install(app)  # the playground, the dashboard and /stats
     install_exception_handlers(app)
     server = config.server
     keys = list(server.api_keys)
@@ -84,6 +85,7 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=server.max_body_bytes)
     app.add_middleware(AuthMiddleware, auth=ApiKeyAuth(keys),
                        protected_prefixes=None if server.auth_all_endpoints else API_PREFIXES)
+    app.add_middleware(web.BrowserAuthBridge)  # HTTP Basic login for the pages (runs before auth)
     if server.guards.allowed_hosts is not None:
         app.add_middleware(AllowedHostsMiddleware, allowed=server.guards.allowed_hosts)
     app.add_middleware(HttpMetricsMiddleware, metrics=state.metrics)

@@ -116,6 +116,12 @@ def _servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Ser
 
 
 @pytest.fixture(scope="session")
+def server_process() -> type[ServerProcess]:
+    """`ServerProcess`, for tests that start a server of their own."""
+    return ServerProcess
+
+
+@pytest.fixture(scope="session")
 def limits() -> dict[str, object]:
     """The keys and limits `limited_server` runs with."""
     return {"main_key": MAIN_KEY, "rpm": RATE_LIMIT_RPM, "tpm": RATE_LIMIT_TPM}
