@@ -177,6 +177,13 @@ class ServerConfig:
     """Largest accepted request body; larger ones get 413."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM, how long in-flight requests may take to finish before they are aborted."""
+    batch_dir: str | None = None
+    """Where /v1/files and /v1/batches persist (a restart resumes unfinished batches);
+    None = <cache dir>/batches."""
+    batch_max_in_flight: int | None = None
+    """Batch requests in the engine at once; None = max_num_seqs // 2 (room for interactive)."""
+    max_upload_bytes: int = 2**30
+    """Largest file accepted by POST /v1/files (other bodies: max_body_bytes)."""
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
@@ -193,6 +200,10 @@ class ServerConfig:
             raise ConfigError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if self.batch_max_in_flight is not None and self.batch_max_in_flight < 1:
+            raise ConfigError(f"batch_max_in_flight must be >= 1, got {self.batch_max_in_flight}")
+        if self.max_upload_bytes < 1024:
+            raise ConfigError(f"max_upload_bytes must be >= 1024, got {self.max_upload_bytes}")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ember.batch.format import DUPLICATE_CODE
+from ember.batch.format import DUPLICATE_CODE, is_failure
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,9 @@ class ResultJournal:
         self.duplicate_counts: Counter[str] = Counter()
         self.num_without_id = 0
         self.num_lines = 0
+        self.num_ok = 0
+        """Lines with a 200 response."""
+        self.num_failed = 0
         self.num_truncated_bytes = 0
 
     @classmethod
@@ -89,6 +92,10 @@ class ResultJournal:
 
     def _record(self, line: dict[str, Any]) -> None:
         self.num_lines += 1
+        if is_failure(line):
+            self.num_failed += 1
+        else:
+            self.num_ok += 1
         custom_id = line.get("custom_id")
         error = line.get("error") or {}
         if custom_id is None:
