@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from ember.batch.executor import BatchExecutor, batch_context
+from ember.batch.executor import ENDPOINTS, BatchExecutor, batch_context
 from ember.batch.journal import ResultJournal
-from ember.batch.runner import ProgressFn, RunStats, run_batch
+from ember.batch.runner import ProgressFn, RunStats, has_pending_lines, run_batch
 from ember.config import EngineConfig
 from ember.engine.async_engine import AsyncEngine
 from ember.server.serving import Servings
@@ -34,6 +34,9 @@ async def run_batch_file(config: EngineConfig, input_path: str | Path, output_pa
     journal = ResultJournal.open(output_path)  # before loading: a busy file fails fast
     owned = engine is None
     try:
+        if not await asyncio.to_thread(has_pending_lines, input_path, journal,
+                                       frozenset(ENDPOINTS)):
+            return RunStats(lines=journal.num_lines, skipped=journal.num_lines)
         if engine is None:
             engine = await asyncio.to_thread(AsyncEngine.from_config, config)
             engine.start()

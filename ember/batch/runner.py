@@ -80,6 +80,19 @@ class _Skipper:
         return custom_id in self.journal.done_ids, item
 
 
+def has_pending_lines(input_path: str | Path, journal: ResultJournal,
+                      served_urls: frozenset[str], endpoint: str | None = None) -> bool:
+    """Whether any line of the input is not in the journal yet (a finished job needs no
+    model: a rerun returns at once)."""
+    skipper = _Skipper(journal)
+    with open(input_path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if raw.strip() and not skipper.classify(
+                    parse_line(line_no, raw, served_urls, endpoint))[0]:
+                return True
+    return False
+
+
 async def run_batch(input_path: str | Path, journal: ResultJournal, executor: BatchExecutor,
                     *, max_in_flight: int = 128, endpoint: str | None = None,
                     progress: ProgressFn | None = None,
