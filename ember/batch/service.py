@@ -89,7 +89,11 @@ class BatchService:
         window = COMPLETION_WINDOWS.get(req.completion_window)
         if window is None:
             raise bad_request("completion_window must be '24h'", "completion_window")
-        file = self.files.get(req.input_file_id)
+        try:
+            file = self.files.get(req.input_file_id)
+        except APIError as exc:
+            exc.param = "input_file_id"
+            raise
         if file.purpose != "batch":
             raise bad_request(f"file {file.id} has purpose {file.purpose!r}, not 'batch'",
                               "input_file_id")

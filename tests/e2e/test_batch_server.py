@@ -87,6 +87,20 @@ def test_openai_batch_flow(server, client, model_name) -> None:
                               completion_window="24h")
 
 
+def test_cancel_keeps_what_finished(client) -> None:
+    lines: list[dict | str] = [_chat_line(f"c{i}", f"Count to {i}.", 16) for i in range(40)]
+    batch = client.batches.create(input_file_id=_upload(client, lines),
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    done = _wait(client, batch.id, ("cancelled", "completed", "failed"))
+    assert done.status == "cancelled" and done.cancelled_at is not None
+    assert done.request_counts is not None and done.request_counts.completed < 40
+    kept = _lines(client, done.output_file_id) + _lines(client, done.error_file_id)
+    assert len(kept) == done.request_counts.completed + done.request_counts.failed
+    assert len({x["custom_id"] for x in kept}) == len(kept)
+
+
 def test_server_restart_resumes_a_batch(server_process, tmp_path: Path) -> None:
     args = ["--batch-dir", str(tmp_path / "batches"), "--max-num-seqs", "2"]
     first = server_process(args, tmp_path / "first.log")
