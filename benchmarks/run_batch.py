@@ -8,7 +8,7 @@ Both sides run on ONE loaded engine (same weights, same scheduler limits, prefix
 the second side gets no cache hits from the first): `LLM.chat` (all requests added up front)
 and then the run-batch path (`run_batch_file`: JSONL in, the server's serving classes, bounded
 in-flight, fsync'd JSONL out). Greedy decoding with ignore_eos, so both generate exactly
-num x max_tokens tokens. The sides alternate over --repeats rounds (A B A B ...) to spread out
+num x max_tokens tokens. The sides alternate over --repeats rounds (A B, B A, ...) to spread out
 load drift on a shared machine; the ratio is of the summed times.
 """
 
@@ -104,24 +104,30 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=1, help="A/B rounds (default 1)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="rounds, alternating A B / B A (default 2)")
     ap.add_argument("--out", default="benchmarks/results/batch")
     args = ap.parse_args()
     load_before = os.getloadavg()
     llm = LLM(args.model, show_progress=False, enable_prefix_caching=False,
               max_num_seqs=args.max_num_seqs)
     questions = requests(args.num)
-    time_generate(llm, questions[:4], 4)  # warm-up (kernels, graphs)
+    # NOTE: warm up at full batch width, so neither side pays first-use costs (kernel JIT,
+    # per-shape graphs) that the other does not.
+    time_generate(llm, requests(args.max_num_seqs), 4)
     gen_t = batch_t = 0.0
     gen_tokens = batch_tokens = 0
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = Path(tmp) / "requests.jsonl", Path(tmp) / "results.jsonl"
         write_input(inp, questions, args.max_tokens)
-        for _ in range(args.repeats):
-            t, n = time_generate(llm, questions, args.max_tokens)
-            gen_t, gen_tokens = gen_t + t, gen_tokens + n
-            t, n = time_run_batch(llm, inp, out)
-            batch_t, batch_tokens = batch_t + t, batch_tokens + n
+        for round_no in range(args.repeats):
+            for side in ("generate", "batch") if round_no % 2 == 0 else ("batch", "generate"):
+                if side == "generate":  # rounds alternate A B / B A against load drift
+                    t, n = time_generate(llm, questions, args.max_tokens)
+                    gen_t, gen_tokens = gen_t + t, gen_tokens + n
+                else:
+                    t, n = time_run_batch(llm, inp, out)
+                    batch_t, batch_tokens = batch_t + t, batch_tokens + n
     load_after = os.getloadavg()
     cpus = os.cpu_count() or 1
     result = {
