@@ -71,6 +71,10 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     except JournalBusyError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 2
+    except OSError as exc:  # e.g. the output folder is not writable
+        console.print(f"[red]error:[/] {exc.filename or args.output}: {exc.strerror or exc}",
+                      highlight=False)
+        return 2
     tok_s = stats.completion_tokens / max(stats.elapsed_s, 1e-6)
     console.print(f"run-batch: {stats.completed} ok, {stats.failed} failed, {stats.skipped} "
                   f"already done; {stats.completion_tokens} tokens in {stats.elapsed_s:.1f} s "
