@@ -226,6 +226,13 @@ class ServerConfig:
     answering to its own name (`ember serve --model` given an embedding model)."""
     serve_generator: bool = True
     """Serve the generation model `ModelConfig.model`; False: only the embedding models."""
+    batch_dir: str | None = None
+    """Where /v1/files and /v1/batches persist (a restart resumes unfinished batches);
+    None = <cache dir>/batches."""
+    batch_max_in_flight: int | None = None
+    """Batch requests in the engine at once; None = max_num_seqs // 2 (room for interactive)."""
+    max_upload_bytes: int = 2**30
+    """Largest file accepted by POST /v1/files (other bodies: max_body_bytes)."""
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
@@ -245,6 +252,10 @@ class ServerConfig:
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         self.guards.validate()
+        if self.batch_max_in_flight is not None and self.batch_max_in_flight < 1:
+            raise ConfigError(f"batch_max_in_flight must be >= 1, got {self.batch_max_in_flight}")
+        if self.max_upload_bytes < 1024:
+            raise ConfigError(f"max_upload_bytes must be >= 1024, got {self.max_upload_bytes}")
 
 
 @dataclass

@@ -86,7 +86,8 @@ def _config(args: argparse.Namespace) -> EngineConfig:
             max_queued_requests=args.max_queued_requests, rate_limit_rpm=args.rate_limit_rpm,
             rate_limit_tpm=args.rate_limit_tpm, max_body_bytes=args.max_body_bytes,
             shutdown_grace_s=args.shutdown_grace, guards=_guards(args),
-            embedding_models=embedders, serve_generator=generator),
+            embedding_models=embedders, serve_generator=generator, batch_dir=args.batch_dir,
+            batch_max_in_flight=args.batch_max_in_flight),
         seed=args.seed)
 
 
@@ -202,6 +203,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes)
     g.add_argument("--shutdown-grace", type=float, default=ServerConfig.shutdown_grace_s,
                    help="seconds in-flight requests get to finish on SIGTERM")
+    g.add_argument("--batch-dir", default=None,
+                   help="where /v1/files and /v1/batches persist (default <cache>/batches)")
+    g.add_argument("--batch-max-in-flight", type=int, default=None,
+                   help="batch requests in the engine at once (default max-num-seqs / 2)")
     g.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     g.add_argument("--no-access-log", action="store_true")

@@ -8,12 +8,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from ember import __version__
+from ember.batch.service import BatchService
 from ember.config import EngineConfig
 from ember.engine.async_engine import AsyncEngine
 from ember.server.errors import install_exception_handlers
@@ -21,7 +23,7 @@ from ember.server.hosts import AllowedHostsMiddleware
 from ember.server.limits import ApiKeyAuth, AuthMiddleware, BodySizeLimitMiddleware
 from ember.server.metrics import HttpMetricsMiddleware, ServerMetrics
 from ember.server.protocol import STREAM_MODELS
-from ember.server.routes import admin, embeddings, openai, web
+from ember.server.routes import admin, batches, embeddings, openai, web
 from ember.server.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
     names = served_model_names(config)
     state = AppState(config=config, metrics=ServerMetrics(names[0]), model_names=names,
                      engine=engine)
+    batch_root = config.server.batch_dir or str(config.env.cache_path / "batches")
+    batch_service = BatchService(Path(batch_root).expanduser(), state)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -62,9 +66,11 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
             state.attach(engine)
             if config.server.embedding_models:
                 task = asyncio.create_task(state.load_embedders())
+        batch_service.start()
         try:
             yield
         finally:
+            await batch_service.stop()  # NOTE: before draining; running batches resume later
             if task is not None and not task.done():
                 task.cancel()  # the loading thread finishes on its own; nothing uses it
             await state.shutdown()
@@ -72,8 +78,10 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
     app = FastAPI(title="Ember", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible inference server of the Ember engine.")
     app.state.ember = state
+    app.state.ember_batches = batch_service
     app.include_router(openai.router)
     app.include_router(embeddings.router)
+    app.include_router(batches.router)
     app.include_router(admin.router)
     web.install(app)  # the playground, the dashboard and /stats
     install_exception_handlers(app)
@@ -82,7 +90,8 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
     if config.env.api_key:
         keys.append(config.env.api_key)
     # NOTE: Starlette runs the last added middleware first: metrics -> auth -> body size -> app.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=server.max_body_bytes)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=server.max_body_bytes,
+                       path_limits={"/v1/files": server.max_upload_bytes})
     app.add_middleware(AuthMiddleware, auth=ApiKeyAuth(keys),
                        protected_prefixes=None if server.auth_all_endpoints else API_PREFIXES)
     app.add_middleware(web.BrowserAuthBridge)  # HTTP Basic login for the pages (runs before auth)

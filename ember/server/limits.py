@@ -18,7 +18,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -238,22 +238,26 @@ class AuthMiddleware:
 class BodySizeLimitMiddleware:
     """413 for bodies over `max_bytes` (by Content-Length, or counted while reading)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int,
+                 path_limits: Mapping[str, int] | None = None) -> None:
+        """`path_limits`: exact paths with their own limit (file uploads)."""
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.path_limits.get(scope.get("path", ""), self.max_bytes)
         length = _header(scope, b"content-length")
         if length is not None:
             if not length.isdigit():
                 await APIError(400, "invalid Content-Length header").response()(
                     scope, receive, send)
                 return
-            if int(length) > self.max_bytes:
-                await self._too_large(scope, receive, send)
+            if int(length) > max_bytes:
+                await self._too_large(scope, receive, send, max_bytes)
                 return
             await self.app(scope, receive, send)
             return
@@ -266,8 +270,8 @@ class BodySizeLimitMiddleware:
             if message["type"] != "http.request":
                 break
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await self._too_large(scope, receive, send)
+            if size > max_bytes:
+                await self._too_large(scope, receive, send, max_bytes)
                 return
             if not message.get("more_body", False):
                 break
@@ -277,8 +281,9 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await APIError(413, f"request body larger than {self.max_bytes} bytes").response()(
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send,
+                         max_bytes: int) -> None:
+        await APIError(413, f"request body larger than {max_bytes} bytes").response()(
             scope, receive, send)
 
 

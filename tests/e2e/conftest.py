@@ -99,7 +99,8 @@ def _servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Ser
     key_file = tmp / "keys.txt"
     key_file.write_text("# test keys\n" + "\n".join(EXTRA_KEYS) + "\n")
     servers = {
-        "main": ServerProcess(["--seed", "0"], tmp / "main.log"),
+        "main": ServerProcess(["--seed", "0", "--batch-dir", str(tmp / "batches")],
+                              tmp / "main.log"),
         "limited": ServerProcess(
             ["--api-key", MAIN_KEY, "--api-key-file", str(key_file),
              "--rate-limit-rpm", str(RATE_LIMIT_RPM), "--rate-limit-tpm", str(RATE_LIMIT_TPM),

@@ -1,0 +1,96 @@
+"""`run-batch` in process on the real model: greedy answers equal `LLM.generate` / `LLM.chat`;
+bad lines become error lines with the server's own 400 reasons, and the job goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from ember.batch.offline import run_batch_file
+from ember.engine.async_engine import AsyncEngine
+
+CHATS = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
+         "Count from one to five.", "What is 2 + 2?"]
+PROMPTS = ["The quick brown fox", "Once upon a time", "def fibonacci(n):"]
+MAX_TOKENS = 12
+
+
+def _write_input(path: Path) -> None:
+    lines: list[str] = []
+    for i, text in enumerate(CHATS):
+        lines.append(json.dumps({"custom_id": f"chat-{i}", "method": "POST",
+                                 "url": "/v1/chat/completions",
+                                 "body": {"messages": [{"role": "user", "content": text}],
+                                          "max_tokens": MAX_TOKENS, "temperature": 0}}))
+    lines.append("{not json")
+    for i, prompt in enumerate(PROMPTS):
+        lines.append(json.dumps({"custom_id": f"cmpl-{i}", "method": "POST",
+                                 "url": "/v1/completions",
+                                 "body": {"prompt": prompt, "max_tokens": MAX_TOKENS,
+                                          "temperature": 0}}))
+    lines += [
+        json.dumps({"custom_id": "chat-0", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"messages": [{"role": "user", "content": "dup"}]}}),
+        json.dumps({"custom_id": "hot", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"messages": [{"role": "user", "content": "x"}],
+                             "temperature": 5}}),
+        json.dumps({"custom_id": "no-messages", "method": "POST",
+                    "url": "/v1/chat/completions", "body": {"max_tokens": 4}}),
+        json.dumps({"custom_id": "embed", "method": "POST", "url": "/v1/embeddings",
+                    "body": {"input": "hello"}}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_run_batch_equals_llm_generate_and_reports_bad_lines(llm, tmp_path: Path) -> None:
+    # NOTE: like the server, fields a request leaves out take the model's generation defaults
+    # (repetition penalty included); temperature 0 makes both greedy.
+    params = llm.engine.generation_defaults.sampling_params(temperature=0.0,
+                                                            max_tokens=MAX_TOKENS)
+    ref_chat = llm.chat([[{"role": "user", "content": t}] for t in CHATS], params,
+                        use_tqdm=False)
+    ref_cmpl = llm.generate(PROMPTS, params, use_tqdm=False)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_input(inp)
+
+    async def run() -> object:
+        engine = AsyncEngine(llm.engine)  # the same engine the reference ran on
+        engine.start()
+        try:
+            return await run_batch_file(llm.engine.config, inp, out, engine=engine)
+        finally:
+            await engine.shutdown()
+
+    stats = asyncio.run(run())
+    lines = [json.loads(raw) for raw in out.read_text().splitlines()]
+    by_id: dict[str | None, list[dict]] = {}
+    for line in lines:
+        by_id.setdefault(line["custom_id"], []).append(line)
+    assert len(lines) == len(CHATS) + len(PROMPTS) + 5
+    for i, ref in enumerate(ref_chat):
+        [first, dup] = sorted(by_id[f"chat-{i}"], key=lambda x: x["error"] is not None) \
+            if i == 0 else [by_id[f"chat-{i}"][0], None]
+        assert first["response"]["status_code"] == 200
+        body = first["response"]["body"]
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"]["content"] == ref.outputs[0].text
+        assert body["usage"]["completion_tokens"] == len(ref.outputs[0].token_ids)
+        assert first["response"]["request_id"] == body["id"]
+        if dup is not None:
+            assert dup["response"] is None and dup["error"]["code"] == "duplicate_custom_id"
+    for i, ref in enumerate(ref_cmpl):
+        [line] = by_id[f"cmpl-{i}"]
+        assert line["response"]["body"]["choices"][0]["text"] == ref.outputs[0].text
+    [bad_json] = by_id[None]
+    assert bad_json["error"]["code"] == "invalid_json" and "line 6" in bad_json["error"]["message"]
+    [hot] = by_id["hot"]
+    assert hot["response"]["status_code"] == 400
+    assert hot["response"]["body"]["error"]["param"] == "temperature"
+    [missing] = by_id["no-messages"]
+    assert missing["response"]["status_code"] == 400
+    assert missing["response"]["body"]["error"]["param"] == "messages"
+    [embed] = by_id["embed"]
+    assert embed["error"]["code"] == "unsupported_url"
+    assert stats.completed == len(CHATS) + len(PROMPTS)  # type: ignore[attr-defined]
+    assert stats.failed == 5  # type: ignore[attr-defined]
