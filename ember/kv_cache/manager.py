@@ -142,6 +142,23 @@ class KVCacheManager:
         if request.status.finished:
             self._req_hashes.pop(req_id, None)
 
+    def rollback(self, request: Request) -> None:
+        """Drop the tail blocks beyond `request.num_computed_tokens` (rejected draft tokens).
+
+        Slots of rejected tokens inside a kept block are simply overwritten later. Dropped
+        blocks never hold a prefix hash (hashes cover only known tokens, which all stay
+        computed), so they return to the head of the free list and the pool is left as if
+        the drafts had never been allocated.
+        """
+        table = self._req_blocks.get(request.request_id)
+        if not table:
+            return
+        keep = -(-request.num_computed_tokens // self.block_size)
+        if keep < len(table):
+            dropped = table[keep:]
+            del table[keep:]
+            self.block_pool.return_new_blocks(dropped)
+
     def get_block_ids(self, request_id: str) -> list[int]:
         """A copy of the request's block table (block ids in position order)."""
         return [b.block_id for b in self._req_blocks.get(request_id, ())]
