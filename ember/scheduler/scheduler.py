@@ -274,17 +274,17 @@ class Scheduler:
             new_tokens: list[int] = []
             status: RequestStatus | None = None
             sampled = runner_output.sampled_token_ids.get(req_id, [])
-            if item.spec_token_ids and sampled:
-                # Rejected drafts: their KV is invalid; computed tokens end at the last
-                # accepted one and their tail blocks go back to the pool.
-                request.num_computed_tokens -= len(item.spec_token_ids) + 1 - len(sampled)
-                self.kv_manager.rollback(request)
             for token_id in sampled:
                 request.append_output_token(token_id)
                 new_tokens.append(token_id)
                 status = self._check_stop(request, token_id)
                 if status is not None:
                     break
+            if item.spec_token_ids and sampled:
+                # Rejected drafts: their KV is invalid; computed tokens end at the last
+                # accepted one and their tail blocks go back to the pool.
+                request.num_computed_tokens -= len(item.spec_token_ids) + 1 - len(sampled)
+                self.kv_manager.commit_speculation(request)
             if status is not None:
                 self._finish(request, status)
                 finished_any = True
