@@ -188,6 +188,19 @@ class SpecConfig:
         config.validate()
         return config
 
+    @classmethod
+    def from_json(cls, text: str | None) -> "SpecConfig":
+        """Parse `--speculative-config '<JSON>'` (None or empty: off)."""
+        if not text:
+            return cls()
+        import json
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--speculative-config is not valid JSON ({exc.msg} at column "
+                              f"{exc.colno}): {text!r}") from None
+        return cls.from_dict(values)
+
     def validate(self) -> None:
         def is_int(value: object) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)

@@ -322,3 +322,25 @@ def test_sampling_with_speculation_matches_target_on_a_tiny_model():
                 expected[(a, b, c)] = float(p0[a] * p1[b] * p2[c])
     stat, crit = chi_square_ok(Counter(tuple(o.token_ids[:3]) for o in outs), expected, num)
     assert stat < crit, (stat, crit)
+
+
+def test_spec_metrics_reach_prometheus():
+    from prometheus_client import generate_latest
+
+    from ember.engine.async_engine import EngineStats, _spec_stats
+    from ember.server.metrics import ServerMetrics
+
+    engine = _engine(True)
+    run_to_completion(engine, PROMPTS[:1], GREEDY)
+    fields = _spec_stats(engine.core.spec)
+    assert fields["spec_num_accepted_tokens"] > 0
+    metrics = ServerMetrics("m")
+    metrics.bind_engine(lambda: EngineStats(**fields))
+    text = generate_latest(metrics.registry).decode()
+    drafted, accepted = fields["spec_num_draft_tokens"], fields["spec_num_accepted_tokens"]
+    assert f'ember:spec_decode_num_draft_tokens_total{{model_name="m"}} {drafted:.1f}' in text
+    assert f'ember:spec_decode_num_accepted_tokens_total{{model_name="m"}} {accepted:.1f}' in text
+    first = fields["spec_accepted_per_position"][0]
+    assert (f'ember:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="0"}}'
+            f' {first:.1f}') in text
+    assert "spec_decode" not in generate_latest(ServerMetrics("x").registry).decode()
