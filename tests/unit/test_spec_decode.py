@@ -344,3 +344,32 @@ def test_spec_metrics_reach_prometheus():
     assert (f'ember:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="0"}}'
             f' {first:.1f}') in text
     assert "spec_decode" not in generate_latest(ServerMetrics("x").registry).decode()
+
+
+def test_stop_strings_logprobs_and_n_match_without_speculation():
+    """Several tokens arrive per step with speculation: stop strings still cut at the same
+    place, logprobs cover every token, and each of n greedy completions is the same."""
+    tok = tiny_loaded().tokenizer
+    texts = []
+    for spec in (False, True):
+        engine = _engine(spec)
+        stop_at = tok.decode([77, 77])  # the greedy run repeats token 77 (see PROMPTS[0])
+        params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, logprobs=2,
+                                stop=[stop_at * 3], n=2)
+        engine.add_request("s", PROMPTS[0], params)
+        engine.add_request("l", PROMPTS[2], SamplingParams(max_tokens=30, temperature=0,
+                                                           ignore_eos=True, logprobs=1))
+        finals = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finals[out.request_id] = out
+        texts.append([(o.text, o.token_ids, o.finish_reason, o.stop_reason,
+                       [lp.token_id for lp in o.logprobs or []],
+                       [lp.logprob for lp in o.logprobs or []])
+                      for rid in ("s", "l") for o in finals[rid].outputs])
+    assert [t[:5] for t in texts[0]] == [t[:5] for t in texts[1]]
+    for off, on in zip(texts[0], texts[1]):  # same values up to float rounding of the batch
+        assert on[5] == pytest.approx(off[5], abs=1e-3)
+    assert texts[0][0][2] == "stop" and texts[0][2][2] == "length"
+    assert len(texts[0][2][4]) == 30
