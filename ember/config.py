@@ -142,7 +142,7 @@ class SchedulerConfig:
             raise ConfigError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
 
 
-SPEC_METHODS = ("ngram",)
+SPEC_METHODS = ("ngram", "suffix")
 """Speculative decoding methods this build implements (vLLM's names)."""
 
 
@@ -151,13 +151,16 @@ class SpecConfig:
     """Speculative decoding (vLLM's `speculative_config` names); off while `method` is None."""
 
     method: str | None = None
-    """'ngram' (prompt lookup over the request's prompt + output) or None (off)."""
+    """'ngram' (prompt lookup over the request's prompt + output), 'suffix' (also over the
+    outputs of recent requests) or None (off)."""
     num_speculative_tokens: int = 0
     """Most draft tokens verified per request and step (the adaptive length's ceiling)."""
     prompt_lookup_max: int = 4
-    """ngram: longest suffix n-gram looked up in the context."""
+    """ngram / suffix: longest suffix n-gram looked up."""
     prompt_lookup_min: int = 2
-    """ngram: shortest suffix n-gram looked up in the context."""
+    """ngram / suffix: shortest suffix n-gram looked up."""
+    suffix_decoding_max_cached_requests: int = 256
+    """suffix: outputs of finished requests kept in the shared lookup store."""
     disable_by_batch_size: int | None = None
     """Skip speculation for a step when this many requests (or more) are running (the batch
     is compute-bound); None uses the crossover measured for Ember on CPU (see README)."""
@@ -220,6 +223,10 @@ class SpecConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ConfigError(f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) "
                               f"must be <= prompt_lookup_max ({self.prompt_lookup_max})")
+        if (not is_int(self.suffix_decoding_max_cached_requests)
+                or self.suffix_decoding_max_cached_requests < 0):
+            raise ConfigError("speculative_config.suffix_decoding_max_cached_requests must be an "
+                              f"integer >= 0, got {self.suffix_decoding_max_cached_requests!r}")
         if self.disable_by_batch_size is not None and (
                 not is_int(self.disable_by_batch_size) or self.disable_by_batch_size < 1):
             raise ConfigError("speculative_config.disable_by_batch_size must be an integer >= 1, "

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from ember.config import SpecConfig
 from ember.spec_decode.ngram import NgramProposer
 from ember.spec_decode.proposer import Proposer
+from ember.spec_decode.suffix import SuffixProposer
 from ember.types import ModelRunnerOutput, Request, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ def best_draft_length(alpha: float, max_len: int, cost: float = DRAFT_TOKEN_COST
 def create_proposer(config: SpecConfig) -> Proposer:
     if config.method == "ngram":
         return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+    if config.method == "suffix":
+        return SuffixProposer(config.prompt_lookup_min, config.prompt_lookup_max,
+                              config.suffix_decoding_max_cached_requests)
     raise ValueError(f"unknown speculative method {config.method!r}")
 
 

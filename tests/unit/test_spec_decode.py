@@ -174,6 +174,26 @@ def test_seeded_request_is_reproducible():
     assert runs[0] == runs[1]
 
 
+def test_suffix_proposer_uses_outputs_of_finished_requests():
+    from ember.spec_decode.suffix import SuffixProposer
+
+    prop = SuffixProposer(min_n=2, max_n=4, max_cached_requests=1)
+    done = Request("a", [1, 2], SamplingParams())
+    for t in [30, 31, 32, 33, 34, 35]:
+        done.append_output_token(t)
+    fresh = Request("b", [9, 31, 32], SamplingParams())
+    assert prop.propose([done, fresh], [3, 3])[1] == []  # nothing stored yet
+    prop.release({"a"})
+    assert prop.propose([fresh], [3]) == [[33, 34, 35]]
+    own = Request("c", [40, 41, 50, 40, 41], SamplingParams())
+    assert prop.propose([own], [1]) == [[50]]  # its own context first
+    other = Request("d", [5], SamplingParams())
+    other.append_output_token(7)
+    prop.propose([other], [1])
+    prop.release({"d"})  # the store holds one output: "a" is dropped
+    assert prop.propose([fresh], [3]) == [[]] and prop.num_cached_tokens == 2
+
+
 # ---- config ---------------------------------------------------------------------------------
 
 def test_spec_config_from_vllm_dict_and_errors():
@@ -203,7 +223,7 @@ PROMPTS = [[5, 17, 99, 3] * 6, [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 3, [42] * 
 
 def _engine(spec: bool, num_blocks: int = 64, prefix: bool = True, **spec_kw) -> LLMEngine:
     spec_cfg = SpecConfig.from_dict({"method": "ngram", "num_speculative_tokens": 4,
-                                     **spec_kw} if spec else None)
+                                     **spec_kw} if spec else None)  # type: ignore[dict-item]
     config = EngineConfig(model=ModelConfig(model="tiny"),
                           cache=CacheConfig(block_size=4, num_blocks=num_blocks,
                                             enable_prefix_caching=prefix),
@@ -215,11 +235,12 @@ def _engine(spec: bool, num_blocks: int = 64, prefix: bool = True, **spec_kw) ->
 GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("num_blocks", [64, 22], ids=["roomy", "preempting"])
-def test_greedy_identical_and_pool_left_as_without_speculation(num_blocks):
+@pytest.mark.parametrize("num_blocks,method", [(64, "ngram"), (22, "ngram"), (22, "suffix")],
+                         ids=["roomy", "preempting", "suffix-preempting"])
+def test_greedy_identical_and_pool_left_as_without_speculation(num_blocks, method):
     outs, pools = [], []
     for spec in (False, True):
-        engine = _engine(spec, num_blocks)
+        engine = _engine(spec, num_blocks, method=method)
         outs.append([o.token_ids for o in run_to_completion(engine, PROMPTS, GREEDY)])
         core = engine.core
         pool = core.kv_manager.block_pool
