@@ -115,6 +115,8 @@ class SpecDecoder:
     def propose(self, running: list[Request]) -> None:
         """Set `spec_token_ids` of every running request that has caught up with its tokens."""
         if len(running) >= self.max_batch:
+            for request in running:  # no stale drafts once the batch shrinks again
+                request.spec_token_ids = []
             return
         ready = [r for r in running if r.num_computed_tokens == r.num_tokens - 1
                  and not r.status.finished]
