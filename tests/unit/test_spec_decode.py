@@ -394,3 +394,16 @@ def test_stop_strings_logprobs_and_n_match_without_speculation():
         assert on[5] == pytest.approx(off[5], abs=1e-3)
     assert texts[0][0][2] == "stop" and texts[0][2][2] == "length"
     assert len(texts[0][2][4]) == 30
+
+
+def test_cli_speculative_config_flag():
+    from ember.cli import build_parser, main
+    from ember.cli.serve import _config
+
+    args = build_parser().parse_args(["serve", "--speculative-config",
+                                      '{"method": "ngram", "num_speculative_tokens": 3}'])
+    spec = _config(args).spec
+    assert spec.enabled and spec.method == "ngram" and spec.num_speculative_tokens == 3
+    assert not _config(build_parser().parse_args(["serve"])).spec.enabled
+    assert main(["serve", "--speculative-config", '{"method": "medusa"}']) == 2
+    assert main(["generate", "x", "--speculative-config", "{bad json"]) == 2
