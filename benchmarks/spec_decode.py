@@ -206,7 +206,15 @@ def main() -> None:
               "loadavg_after": os.getloadavg(), "cpu": platform.processor(),
               "summary": summary, "workloads": results}
     if args.crossover:
-        report["crossover"] = crossover(base)
+        rows = report["crossover"] = crossover(base)
+        # Speculation pays while the expected tokens per step beat the step's slowdown; with
+        # per-token acceptance 0.5 and 4 drafts that is 1.94 tokens (Leviathan et al.).
+        expected = (1 - 0.5 ** 5) / 0.5
+        slow = [r["batch"] for r in rows if 5 / r["best_case_gain"] > expected]
+        report["recommended_disable_by_batch_size"] = slow[0] if slow else None
+        report["draft_token_cost_batch1"] = (5 / rows[0]["best_case_gain"] - 1) / 4
+        print(f"recommended disable_by_batch_size: {slow[0] if slow else 'none up to 32'}; "
+              f"draft token cost at batch 1: {report['draft_token_cost_batch1']:.3f} of a step")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "spec_decode.json").write_text(json.dumps(report, indent=2))
     title = (f"Ember n-gram speculation, SmolLM2-135M, threads={report['threads']}, "
