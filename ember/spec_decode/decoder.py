@@ -14,13 +14,15 @@ from ember.types import ModelRunnerOutput, Request, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
-DRAFT_TOKEN_COST = 0.06
+DRAFT_TOKEN_COST = 0.12
 """Cost of verifying one more draft token in a single-stream step, relative to a plain decode
-step (SmolLM2-135M on Ember's CPU kernels, 2 threads: benchmarks/spec_decode_crossover.py)."""
-DEFAULT_MAX_BATCH = 16
-"""Speculation stops for a step once this many requests run: the measured crossover where a
-batched step is no longer memory-bound enough for verification to pay off on this CPU
-(benchmarks/spec_decode_crossover.py); SpecConfig.disable_by_batch_size overrides it."""
+step: measured 0.122 (SmolLM2-135M, Ember's kernels, `benchmarks/spec_decode.py --crossover`,
+contended machine, 1 thread; rerun on a quiet machine and update)."""
+DEFAULT_MAX_BATCH = 4
+"""Speculation stops for a step once this many requests run. Measured (same run): a step of
+5 rows per sequence vs 1 row gains at most 3.4x at batch 1, 2.1x at batch 2 and ~1.5x from
+batch 4 to 32; from batch 4 on, verification of 4 drafts loses unless acceptance exceeds ~0.85
+(the batch is compute-bound). SpecConfig.disable_by_batch_size overrides it."""
 _DECAY = 0.7
 """Weight of the past in each request's acceptance estimate (per verification step)."""
 
