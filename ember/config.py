@@ -143,16 +143,95 @@ class SchedulerConfig:
             raise ConfigError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
 
 
+SPEC_METHODS = ("ngram", "suffix")
+"""Speculative decoding methods this build implements (vLLM's names)."""
+
+
 @dataclass
 class SpecConfig:
-    """Speculative decoding (not enabled yet)."""
+    """Speculative decoding (vLLM's `speculative_config` names); off while `method` is None."""
 
     method: str | None = None
+    """'ngram' (prompt lookup over the request's prompt + output), 'suffix' (also over the
+    outputs of recent requests) or None (off)."""
     num_speculative_tokens: int = 0
+    """Most draft tokens verified per request and step (the adaptive length's ceiling)."""
+    prompt_lookup_max: int = 4
+    """ngram / suffix: longest suffix n-gram looked up."""
+    prompt_lookup_min: int = 2
+    """ngram / suffix: shortest suffix n-gram looked up."""
+    suffix_decoding_max_cached_requests: int = 256
+    """suffix: outputs of finished requests kept in the shared lookup store."""
+    disable_by_batch_size: int | None = None
+    """Skip speculation for a step when this many requests (or more) are running (the batch
+    is compute-bound); None uses the crossover measured for Ember on CPU (see README)."""
+    adaptive: bool = True
+    """Pick each request's draft length from its acceptance rate (at most
+    num_speculative_tokens); False always drafts num_speculative_tokens."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None and self.num_speculative_tokens > 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object] | None) -> "SpecConfig":
+        """Build from a vLLM-style `speculative_config` dict; unknown keys are a ConfigError."""
+        if values is None:
+            return cls()
+        if not isinstance(values, dict):
+            raise ConfigError(f"speculative_config must be a JSON object, got {values!r}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"speculative_config: unknown key(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
+        values = dict(values)
+        if values.get("method") is not None and "num_speculative_tokens" not in values:
+            values["num_speculative_tokens"] = 5
+        config = cls(**values)  # type: ignore[arg-type]
+        config.validate()
+        return config
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "SpecConfig":
+        """Parse `--speculative-config '<JSON>'` (None or empty: off)."""
+        if not text:
+            return cls()
+        import json
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--speculative-config is not valid JSON ({exc.msg} at column "
+                              f"{exc.colno}): {text!r}") from None
+        return cls.from_dict(values)
 
     def validate(self) -> None:
-        if self.method is not None:
-            raise ConfigError("speculative decoding is not implemented yet")
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if self.method is None:
+            return
+        if self.method not in SPEC_METHODS:
+            raise ConfigError(f"speculative_config.method must be one of "
+                              f"{', '.join(SPEC_METHODS)}, got {self.method!r}")
+        if not is_int(self.num_speculative_tokens) or not 1 <= self.num_speculative_tokens <= 32:
+            raise ConfigError("speculative_config.num_speculative_tokens must be an integer in "
+                              f"[1, 32], got {self.num_speculative_tokens!r}")
+        for name in ("prompt_lookup_min", "prompt_lookup_max"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ConfigError(f"speculative_config.{name} must be an integer >= 1, "
+                                  f"got {getattr(self, name)!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ConfigError(f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) "
+                              f"must be <= prompt_lookup_max ({self.prompt_lookup_max})")
+        if (not is_int(self.suffix_decoding_max_cached_requests)
+                or self.suffix_decoding_max_cached_requests < 0):
+            raise ConfigError("speculative_config.suffix_decoding_max_cached_requests must be an "
+                              f"integer >= 0, got {self.suffix_decoding_max_cached_requests!r}")
+        if self.disable_by_batch_size is not None and (
+                not is_int(self.disable_by_batch_size) or self.disable_by_batch_size < 1):
+            raise ConfigError("speculative_config.disable_by_batch_size must be an integer >= 1, "
+                              f"got {self.disable_by_batch_size!r}")
 
 
 @dataclass

@@ -167,6 +167,9 @@ class Request:
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended the request."""
     first_scheduled_time: float | None = None
+    spec_token_ids: list[int] = field(default_factory=list)
+    """Draft tokens proposed for the next step (not part of `all_token_ids`; the scheduler
+    may schedule them after the last known token for the target to verify)."""
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -200,10 +203,13 @@ class ScheduledRequest:
     num_new_tokens: int
     block_ids: list[int]
     """The request's whole block table (KV slots for positions 0 .. start+num_new_tokens-1)."""
+    spec_token_ids: list[int] = field(default_factory=list)
+    """Draft tokens scheduled after the last known token (counted in `num_new_tokens`)."""
 
     @property
     def token_ids(self) -> list[int]:
-        return self.request.all_token_ids[self.start:self.start + self.num_new_tokens]
+        ids = self.request.all_token_ids[self.start:self.start + self.num_new_tokens]
+        return ids + self.spec_token_ids if self.spec_token_ids else ids
 
     @property
     def end(self) -> int:
@@ -212,7 +218,7 @@ class ScheduledRequest:
     @property
     def samples(self) -> bool:
         """True when this step reaches the end of the known tokens, so a new token is sampled."""
-        return self.end == self.request.num_tokens
+        return self.end == self.request.num_tokens + len(self.spec_token_ids)
 
 
 @dataclass
@@ -247,7 +253,8 @@ class ModelRunnerOutput:
     """Per-step result of the model runner + sampler, keyed by request id."""
 
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
-    """New tokens for each request that sampled this step (one each without speculation)."""
+    """New tokens for each request that sampled this step (one each without speculation;
+    with drafts: the accepted drafts plus one sampled token)."""
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     """Logprobs of prompt tokens computed this step, in order (None for the first token)."""

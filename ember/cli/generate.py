@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from ember.config import DEFAULT_MODEL, EnvSettings
+from ember.config import DEFAULT_MODEL, EnvSettings, SpecConfig
 from ember.engine.generation_defaults import GenerationDefaults
 from ember.types import SamplingParams
 
@@ -21,6 +22,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     add_quantization_arg(p)
     p.add_argument("--max-model-len", type=int, default=None)
     add_generation_config_arg(p)
+    add_speculative_config_arg(p)
+
+
+def add_speculative_config_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help="speculative decoding, vLLM's JSON: e.g. '{\"method\": \"ngram\", "
+                        "\"num_speculative_tokens\": 5, \"prompt_lookup_max\": 4, "
+                        "\"prompt_lookup_min\": 2}' (default off)")
 
 
 def add_generation_config_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -73,7 +82,14 @@ def _llm(args: argparse.Namespace) -> Any:
     from ember.engine.llm import LLM
     return LLM(args.model, dtype=args.dtype, quantization=quantization_of(args),
                max_model_len=args.max_model_len, cpu_kernels=not args.no_cpu_kernels,
-               generation_config=args.generation_config, chat_template=args.chat_template)
+               generation_config=args.generation_config, chat_template=args.chat_template,
+               speculative_config=spec_dict(args.speculative_config))
+
+
+def spec_dict(text: str | None) -> dict[str, Any] | None:
+    """The validated `--speculative-config` JSON as a dict (None when off)."""
+    spec = SpecConfig.from_json(text)
+    return dataclasses.asdict(spec) if spec.enabled else None
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, SamplingParams]:

@@ -15,10 +15,11 @@ from types import FrameType
 
 from rich.console import Console
 
+from ember.cli.generate import (add_generation_config_arg, add_quantization_arg,
+                                add_speculative_config_arg, quantization_of)
 from ember.cli.serve_ray import add_ray_args
-from ember.cli.generate import add_generation_config_arg, add_quantization_arg, quantization_of
 from ember.config import (DEFAULT_MODEL, CacheConfig, ConfigError, EngineConfig,
-                          ModelConfig, SchedulerConfig, ServerConfig, ServingGuards)
+                          ModelConfig, SchedulerConfig, ServerConfig, ServingGuards, SpecConfig)
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def _config(args: argparse.Namespace) -> EngineConfig:
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs, policy=args.policy),
+        spec=SpecConfig.from_json(args.speculative_config),
         server=ServerConfig(
             host=args.host, port=args.port, served_model_names=tuple(args.served_model_name),
             api_keys=tuple(keys), auth_all_endpoints=args.auth_all_endpoints,
@@ -188,6 +190,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--block-size", type=int, default=CacheConfig.block_size)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--policy", default="fcfs", choices=["fcfs", "priority"])
+    add_speculative_config_arg(g)
     g = p.add_argument_group("server")
     g.add_argument("--host", default=ServerConfig.host, help="bind address (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=ServerConfig.port)

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import Any, Protocol
 
 from ember.config import EngineConfig
 from ember.engine.engine import LLMEngine, Prompt, ProcessedPrompt
@@ -35,6 +35,7 @@ from ember.engine.generation_defaults import GenerationDefaults
 from ember.engine.mailbox import Item, Mailbox
 from ember.engine.thread_policy import KernelThreadPolicy
 from ember.loading.loader import ProgressFn
+from ember.spec_decode.decoder import SpecDecoder
 from ember.tokenizer import Tokenizer
 from ember.types import RequestOutput, SamplingParams
 
@@ -81,6 +82,12 @@ class EngineStats:
     num_steps: int = 0
     num_restarts: int = 0
     """Engine restarts after a failed or hung step (total)."""
+    spec_num_draft_tokens: int = 0
+    """Draft tokens verified by speculative decoding (total)."""
+    spec_num_accepted_tokens: int = 0
+    """Draft tokens accepted (total)."""
+    spec_accepted_per_position: tuple[int, ...] = ()
+    """Accepted drafts by position in their step (totals)."""
 
 
 class RequestObserver(Protocol):
@@ -617,4 +624,14 @@ class AsyncEngine:
             generation_tokens=self._counters["generation_tokens"],
             num_aborted=self._counters["aborted"],
             finished_by_reason=MappingProxyType(dict(self._finish_reasons)),
-            num_steps=self._counters["steps"])
+            num_steps=self._counters["steps"], **_spec_stats(self._engine.core.spec))
+
+
+def _spec_stats(spec: SpecDecoder | None) -> dict[str, Any]:
+    """EngineStats fields of speculative decoding (empty when it is off)."""
+    if spec is None:
+        return {}
+    stats = spec.stats
+    return {"spec_num_draft_tokens": stats.num_draft_tokens,
+            "spec_num_accepted_tokens": stats.num_accepted_tokens,
+            "spec_accepted_per_position": tuple(stats.accepted_per_position)}

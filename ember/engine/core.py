@@ -16,6 +16,7 @@ from ember.loading.loader import LoadedModel
 from ember.runner.model_runner import ModelRunner, kv_cache_bytes_per_block
 from ember.sampling.sampler import Sampler
 from ember.scheduler.scheduler import Scheduler
+from ember.spec_decode.decoder import SpecDecoder
 from ember.types import EngineCoreOutput, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,10 @@ class EngineCore:
         self.layout = plan_cache(config, loaded, self.plan.kv_dtype)
         self.kv_manager = KVCacheManager(self.layout.num_blocks, self.layout.block_size,
                                          config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.layout.max_model_len)
+        self.spec = SpecDecoder(config.spec) if config.spec.enabled else None
+        """Speculative decoding (proposes drafts after each step), or None when off."""
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.layout.max_model_len,
+                                   spec_max_batch=self.spec.max_batch if self.spec else None)
         default_gen = torch.Generator().manual_seed(config.seed)
         # NOTE: the step buffer must hold the budget; a decode step never exceeds max_num_seqs.
         max_tokens = max(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
@@ -88,5 +92,11 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         runner_output = self.runner.execute(scheduler_output)
         if scheduler_output.is_empty:
+            if self.spec is not None:
+                self.spec.release(scheduler_output.finished_request_ids)
             return []
-        return self.scheduler.update(scheduler_output, runner_output)
+        outputs = self.scheduler.update(scheduler_output, runner_output)
+        if self.spec is not None:
+            self.spec.observe(scheduler_output, runner_output)
+            self.spec.propose(self.scheduler.running)
+        return outputs

@@ -10,7 +10,7 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ember.config import (DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig,
-                          SchedulerConfig)
+                          SchedulerConfig, SpecConfig)
 from ember.engine.embedder import Embedder, is_embedding_model
 from ember.engine.engine import LLMEngine
 from ember.engine.inputs import Prompt, parse_prompts
@@ -38,6 +38,7 @@ class LLM:
                  max_num_seqs: int = 64, seed: int = 0, show_progress: bool = True,
                  cpu_kernels: bool = True, generation_config: str = "auto",
                  chat_template: str | None = None,
+                 speculative_config: dict[str, Any] | None = None,
                  config: EngineConfig | None = None) -> None:
         """quantization: the runtime weight format, as the CLI's --quantization: 'auto' (the
         file's own format, on Ember's kernels where the CPU has them), None (dense `dtype`:
@@ -45,7 +46,9 @@ class LLM:
         generation_config: where `get_default_sampling_params()` comes from ('auto': the
         model's generation_config.json / GGUF sampling metadata, else Ember's fallback;
         'none': SamplingParams' own defaults; or a folder with a generation_config.json).
-        chat_template: a jinja2 chat-template file replacing (or supplying) the model's."""
+        chat_template: a jinja2 chat-template file replacing (or supplying) the model's.
+        speculative_config: vLLM-style speculative decoding, e.g. {"method": "ngram",
+        "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}."""
         if config is None:
             config = EngineConfig(
                 model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len,
@@ -57,6 +60,7 @@ class LLM:
                                   enable_prefix_caching=enable_prefix_caching),
                 scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
                                           max_num_seqs=max_num_seqs),
+                spec=SpecConfig.from_dict(speculative_config),
                 seed=seed)
         self.show_progress = show_progress
         self._ids = itertools.count()

@@ -115,6 +115,15 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
 
+    def return_new_blocks(self, blocks: Sequence[KVCacheBlock]) -> None:
+        """Undo `get_new_blocks` for unhashed blocks held once (speculative rollback): they go
+        back to the head of the free list in their original order, as if never taken."""
+        for block in reversed(blocks):
+            assert block.ref_cnt == 1 and block.block_hash is None, block
+            block.ref_cnt = 0
+            self._free[block.block_id] = block
+            self._free.move_to_end(block.block_id, last=False)
+
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Add a reference to each block (prefix hits), pulling free ones out of the free list."""
         for block in blocks:

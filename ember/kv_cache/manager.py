@@ -142,6 +142,28 @@ class KVCacheManager:
         if request.status.finished:
             self._req_hashes.pop(req_id, None)
 
+    def commit_speculation(self, request: Request) -> None:
+        """After drafts were verified (accepted ones appended to the request): drop the tail
+        blocks beyond `request.num_computed_tokens` (rejected drafts) and offer the blocks the
+        accepted drafts filled to the prefix cache.
+
+        Slots of rejected tokens inside a kept block are simply overwritten later. Dropped
+        blocks never hold a prefix hash (hashes cover only known tokens, which all stay
+        computed), so they return to the head of the free list. Hashes then cover the computed
+        tokens (at most num_tokens - 1), as a step without drafts leaves them.
+        """
+        table = self._req_blocks.get(request.request_id)
+        if not table:
+            return
+        keep = -(-request.num_computed_tokens // self.block_size)
+        if keep < len(table):
+            dropped = table[keep:]
+            del table[keep:]
+            self.block_pool.return_new_blocks(dropped)
+        if self.enable_caching:
+            self._cache_full_blocks(request, min(request.num_computed_tokens,
+                                                 request.num_tokens - 1))
+
     def get_block_ids(self, request_id: str) -> list[int]:
         """A copy of the request's block table (block ids in position order)."""
         return [b.block_id for b in self._req_blocks.get(request_id, ())]

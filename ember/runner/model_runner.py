@@ -15,6 +15,7 @@ from ember.models.base import CausalLM
 from ember.plan import KERNELS_PAGED, ExecutionPlan
 from ember.sampling.logprobs import compute_token_logprobs
 from ember.sampling.sampler import Sampler
+from ember.spec_decode.rejection import RejectionSampler, SpecRow
 from ember.types import (ModelRunnerOutput, SamplingBatchRow, ScheduledRequest, SchedulerOutput,
                          TokenLogprobs)
 
@@ -53,6 +54,8 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.sampler = sampler
+        self.rejection_sampler = RejectionSampler(sampler)
+        """Verifies draft tokens (speculative decoding) with the sampler's random numbers."""
         shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
         # NOTE: one tensor per layer (not one big buffer sliced per layer): compiled decode
         # graphs are much faster with distinct per-layer tensors.
@@ -126,19 +129,32 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest],
                 out: ModelRunnerOutput) -> None:
-        batch = [SamplingBatchRow(request_id=sr.request.request_id,
-                                  params=sr.request.sampling_params,
-                                  prompt_token_ids=sr.request.prompt_token_ids,
-                                  output_token_ids=sr.request.output_token_ids,
-                                  eos_token_id=sr.request.eos_token_id,
-                                  generator=self._generator_for(sr))
-                 for sr in reqs]
+        """One token per request, or with drafts: the verified tokens (logits has one row per
+        request, plus one per draft token)."""
+        batch = self._sampling_rows(reqs)
+        if any(sr.spec_token_ids for sr in reqs):
+            verified = self.rejection_sampler(
+                logits, [SpecRow(row, sr.spec_token_ids) for row, sr in zip(batch, reqs)])
+            for sr, tokens, lps in zip(reqs, verified.token_ids, verified.logprobs):
+                out.sampled_token_ids[sr.request.request_id] = tokens
+                if lps is not None:
+                    out.logprobs[sr.request.request_id] = lps
+            return
         result = self.sampler(logits, batch)
         for sr, token, lp in zip(reqs, result.token_ids, result.logprobs):
             rid = sr.request.request_id
             out.sampled_token_ids[rid] = [token]
             if lp is not None:
                 out.logprobs[rid] = [lp]
+
+    def _sampling_rows(self, reqs: list[ScheduledRequest]) -> list[SamplingBatchRow]:
+        return [SamplingBatchRow(request_id=sr.request.request_id,
+                                  params=sr.request.sampling_params,
+                                  prompt_token_ids=sr.request.prompt_token_ids,
+                                  output_token_ids=sr.request.output_token_ids,
+                                  eos_token_id=sr.request.eos_token_id,
+                                  generator=self._generator_for(sr))
+                for sr in reqs]
 
     def _prompt_logprobs(self, logits: torch.Tensor, plan: _LogitsPlan,
                          out: ModelRunnerOutput) -> None:
@@ -272,6 +288,7 @@ class ModelRunner:
             nxt = first + count
             self._prompt_lp_next[req.request_id] = (
                 req.num_prompt_tokens if nxt >= req.num_prompt_tokens - 1 else max(nxt, 1))
-        if sr.samples:
-            plan.sample_rows.append(q0 + sr.num_new_tokens - 1)
+        if sr.samples:  # the last row, preceded by one row per draft token
+            last = q0 + sr.num_new_tokens - 1
+            plan.sample_rows.extend(range(last - len(sr.spec_token_ids), last + 1))
             plan.sample_reqs.append(sr)

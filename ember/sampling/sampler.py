@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.sampling.logprobs import compute_token_logprobs
-from ember.types import SamplingBatchRow, TokenLogprobs
+from ember.types import SamplingBatchRow, SamplingParams, TokenLogprobs
 
 _GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this are treated as greedy (dividing by them would overflow)."""
@@ -84,13 +84,14 @@ class Sampler:
 
     def _sample_random(self, logits: torch.Tensor, rows: list[SamplingBatchRow]) -> list[int]:
         """Temperature, top-k, top-p, min-p, then inverse-CDF sampling (logits is (R, V))."""
-        temps = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32,
-                             device=logits.device)
-        scaled = logits.float() / temps.unsqueeze(1)  # (R, V), a new tensor
-        scaled = _apply_masks(scaled, rows)
-        probs = torch.softmax(scaled, dim=-1)  # (R, V)
-        uniform = self._uniform(probs, [r.generator for r in rows])  # (R, 1) in [0, 1)
+        probs = random_row_probs(logits, rows)  # (R, V)
+        uniform = self.uniform(probs, [r.generator for r in rows])  # (R, 1) in [0, 1)
         return inverse_cdf_sample(probs, uniform).tolist()
+
+    def uniform(self, probs: torch.Tensor,
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+        """(R, 1) uniform draws in [0, 1), row j from `generators[j]` or the default one."""
+        return self._uniform(probs, generators)
 
     def _uniform(self, probs: torch.Tensor,
                  generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -113,6 +114,29 @@ class Sampler:
             if gen is not None:
                 uniform[j] = torch.rand(1, generator=gen, device=gen.device).cpu()
         return uniform.to(probs.device).unsqueeze(1)
+
+
+def random_row_probs(logits: torch.Tensor, rows: list[SamplingBatchRow]) -> torch.Tensor:
+    """The distribution a random (non-greedy) row samples from: penalised `logits` (R, V)
+    divided by the temperature, masked by top-k, top-p and min-p, softmaxed. Returns (R, V).
+
+    The one definition of the target distribution, shared by the sampler and speculative
+    decoding's rejection sampler."""
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=torch.float32,
+                         device=logits.device)
+    scaled = logits.float() / temps.unsqueeze(1)  # (R, V), a new tensor
+    scaled = _apply_masks(scaled, rows)
+    return torch.softmax(scaled, dim=-1)  # (R, V)
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    """Whether a row takes the argmax (temperatures this small would overflow)."""
+    return params.temperature < _GREEDY_TEMPERATURE
+
+
+def argmax_tokens(logits: torch.Tensor) -> list[int]:
+    """Index of each row's largest logit (first on ties), as the greedy sampler picks."""
+    return _argmax(logits)
 
 
 def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,8 @@ class _StepState:
     budget: int
     scheduled: dict[str, ScheduledRequest]
     preempted: set[str]
+    speculate: bool = False
+    """Draft tokens may be scheduled this step (the batch is small enough)."""
 
 
 class Scheduler:
@@ -60,7 +62,10 @@ class Scheduler:
     """
 
     def __init__(self, scheduler_config: SchedulerConfig, kv_manager: KVCacheManager,
-                 max_model_len: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_model_len: int, *, clock: Callable[[], float] = time.monotonic,
+                 spec_max_batch: int | None = None) -> None:
+        """spec_max_batch: draft tokens are scheduled only while fewer requests than this run
+        (None: always); see SpecConfig.disable_by_batch_size."""
         scheduler_config.validate()
         if (not scheduler_config.enable_chunked_prefill
                 and scheduler_config.max_num_batched_tokens < max_model_len):
@@ -76,6 +81,7 @@ class Scheduler:
         self.waiting = create_request_queue(scheduler_config.policy)
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.spec_max_batch = spec_max_batch
         self._finished_ids: set[str] = set()
         """Finished since the last `schedule()`; reported in the next SchedulerOutput."""
 
@@ -141,7 +147,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Hand out this step's token budget; advances `num_computed_tokens` of the scheduled."""
         state = _StepState(budget=self.config.max_num_batched_tokens, scheduled={},
-                           preempted=set())
+                           preempted=set(),
+                           speculate=self.spec_max_batch is None
+                           or len(self.running) < self.spec_max_batch)
         self._schedule_running(state)
         if not state.preempted:
             self._schedule_waiting(state)
@@ -171,15 +179,32 @@ class Scheduler:
             if num_new <= 0:
                 idx += 1
                 continue
-            while self.kv_manager.allocate_slots(request, num_new) is None:
+            drafts = self._drafts(request, num_new, state)
+            request.spec_token_ids = []
+            # NOTE: without room for its drafts a request first drops them, then preempts.
+            if drafts and self.kv_manager.allocate_slots(request, num_new + len(drafts)) is None:
+                drafts = []
+            while (not drafts
+                   and self.kv_manager.allocate_slots(request, num_new) is None):
                 victim = select_victim(self.running, self.config.policy)
                 if self.running.index(victim) < idx:
                     idx -= 1
                 self._preempt(victim, state)
                 if victim is request:
                     return
-            self._record(request, request.num_computed_tokens, num_new, state)
+            self._record(request, request.num_computed_tokens, num_new, state, drafts)
             idx += 1
+
+    def _drafts(self, request: Request, num_new: int, state: _StepState) -> list[int]:
+        """The request's draft tokens that fit this step: only once it has caught up with its
+        known tokens, within the budget, max_tokens and the context length."""
+        if (not request.spec_token_ids or not state.speculate
+                or request.num_computed_tokens + num_new != request.num_tokens):
+            return []
+        room = min(state.budget - num_new,
+                   request.max_tokens - request.num_output_tokens - 1,
+                   self.max_model_len - request.num_tokens - 1)
+        return request.spec_token_ids[:max(room, 0)]
 
     def _schedule_waiting(self, state: _StepState) -> None:
         """Admit waiting requests in policy order; stop at the first that does not fit."""
@@ -207,11 +232,13 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self._record(request, num_computed, num_new, state)
 
-    def _record(self, request: Request, start: int, num_new: int, state: _StepState) -> None:
+    def _record(self, request: Request, start: int, num_new: int, state: _StepState,
+                drafts: list[int] | None = None) -> None:
+        drafts = drafts or []
         state.scheduled[request.request_id] = ScheduledRequest(
-            request=request, start=start, num_new_tokens=num_new,
-            block_ids=self.kv_manager.get_block_ids(request.request_id))
-        state.budget -= num_new
+            request=request, start=start, num_new_tokens=num_new + len(drafts),
+            block_ids=self.kv_manager.get_block_ids(request.request_id), spec_token_ids=drafts)
+        state.budget -= num_new + len(drafts)
 
     def _preempt(self, request: Request, state: _StepState) -> None:
         """Free a running request's blocks and send it to the front of the waiting queue."""
@@ -246,12 +273,18 @@ class Scheduler:
                 continue
             new_tokens: list[int] = []
             status: RequestStatus | None = None
-            for token_id in runner_output.sampled_token_ids.get(req_id, ()):
+            sampled = runner_output.sampled_token_ids.get(req_id, [])
+            for token_id in sampled:
                 request.append_output_token(token_id)
                 new_tokens.append(token_id)
                 status = self._check_stop(request, token_id)
                 if status is not None:
                     break
+            if item.spec_token_ids and sampled:
+                # Rejected drafts: their KV is invalid; computed tokens end at the last
+                # accepted one and their tail blocks go back to the pool.
+                request.num_computed_tokens -= len(item.spec_token_ids) + 1 - len(sampled)
+                self.kv_manager.commit_speculation(request)
             if status is not None:
                 self._finish(request, status)
                 finished_any = True

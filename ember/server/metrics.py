@@ -16,6 +16,9 @@ collector), so the engine loop does no metrics bookkeeping beyond counting.
     ember:prefix_cache_queries_total      counter (tokens)
     ember:prefix_cache_hits_total         counter (tokens)
     ember:num_preemptions_total           counter
+    ember:spec_decode_num_draft_tokens_total     counter (speculative decoding on)
+    ember:spec_decode_num_accepted_tokens_total  counter
+    ember:spec_decode_num_accepted_tokens_per_pos_total  counter {position}
     ember:num_aborted_requests_total      counter
     ember:request_success_total           counter {finished_reason}
     ember:requests_rejected_total         counter {reason}
@@ -78,12 +81,32 @@ class _EngineCollector(Collector):
                       "server shutdown).", stats.num_aborted)
         yield counter("ember:engine_restarts", "Engine restarts after a failed or hung step.",
                       stats.num_restarts)
+        if stats.spec_accepted_per_position:
+            yield from _spec_metrics(self.model_name, stats)
         success = CounterMetricFamily("ember:request_success", "Finished completions by reason.",
                                       labels=["model_name", "finished_reason"])
         for reason in ("stop", "length", "abort"):
             success.add_metric([self.model_name, reason],
                                stats.finished_by_reason.get(reason, 0))
         yield success
+
+
+def _spec_metrics(model_name: str, stats: EngineStats) -> Iterator[Metric]:
+    """Speculative decoding counters (vLLM's names with the `ember:` prefix)."""
+    for name, doc, value in (
+            ("ember:spec_decode_num_draft_tokens", "Draft tokens verified.",
+             stats.spec_num_draft_tokens),
+            ("ember:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+             stats.spec_num_accepted_tokens)):
+        metric = CounterMetricFamily(name, doc, labels=["model_name"])
+        metric.add_metric([model_name], value)
+        yield metric
+    per_pos = CounterMetricFamily("ember:spec_decode_num_accepted_tokens_per_pos",
+                                  "Draft tokens accepted, by position in their step.",
+                                  labels=["model_name", "position"])
+    for pos, value in enumerate(stats.spec_accepted_per_position):
+        per_pos.add_metric([model_name, str(pos)], value)
+    yield per_pos
 
 
 class ServerMetrics:

@@ -1,0 +1,227 @@
+"""Speculative decoding benchmark: Ember with vs without n-gram speculation, single stream,
+interleaved, on copy-heavy prompts (quote / edit a ~400-token passage given in the prompt,
+rewrite a code block) and open-ended prompts (no copying).
+
+    EMBER_NUM_THREADS=2 python benchmarks/spec_decode.py            # ~3 min on a quiet machine
+    python benchmarks/spec_decode.py --crossover                    # + batch-size crossover
+
+Greedy decoding, so both runs emit the same tokens (checked) and tok/s compare the same work.
+Decode tok/s = (tokens - 1) / (time of the last token - time of the first token).
+Writes benchmarks/results/spec_decode/spec_decode.json and .png; records os.getloadavg().
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from ember import LLM, SamplingParams
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+OUT = Path(__file__).resolve().parent / "results" / "spec_decode"
+NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4,
+         "prompt_lookup_min": 2}
+CODE = '''def load_rows(path, sep, skip_header):
+    rows = []
+    with open(path) as handle:
+        for index, line in enumerate(handle):
+            if index == 0 and skip_header:
+                continue
+            parts = line.rstrip("\\n").split(sep)
+            if len(parts) == 0:
+                continue
+            rows.append([part.strip() for part in parts])
+    return rows
+
+
+def column_means(rows, columns):
+    means = {}
+    for column in columns:
+        values = [float(row[column]) for row in rows if row[column] != ""]
+        means[column] = sum(values) / len(values) if values else 0.0
+    return means
+'''
+
+
+def passage(num_words: int = 300) -> str:
+    """About 400 tokens of Pride and Prejudice (chapter 1 onwards, whole paragraphs)."""
+    path = DATA / "pride_and_prejudice.txt"
+    if not path.is_file():
+        raise SystemExit(f"{path}: missing (the shared data folder holds the novels)")
+    text = path.read_text(encoding="utf-8")
+    start = text.find("It is a truth universally acknowledged")
+    words = text[start:].split()
+    return " ".join(words[:num_words])
+
+
+def workloads() -> dict[str, tuple[str, str]]:
+    """name -> (kind, user message)."""
+    text = passage()
+    return {
+        "quote_passage": ("copy", f"Repeat the following text exactly, word for word.\n\n{text}"),
+        "edit_passage": ("copy", "Rewrite the following text, replacing every name 'Bennet' "
+                                 f"with 'Smith'. Keep everything else the same.\n\n{text}"),
+        "rewrite_code": ("copy", "Add type hints to this Python code. Return the full code.\n\n"
+                                 f"```python\n{CODE}```"),
+        "story": ("open", "Write a short story about a lighthouse keeper who finds a map."),
+        "explain": ("open", "Explain how a refrigerator works, step by step."),
+    }
+
+
+def timed(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
+    """Greedy tokens and decode tok/s (first token to last token)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    t_first = t_last = 0.0
+    tokens: list[int] = []
+    for out in llm.stream(prompt, params):
+        now = time.perf_counter()
+        if not tokens and out.outputs[0].token_ids:
+            t_first = now
+        tokens = list(out.outputs[0].token_ids)
+        t_last = now
+    rate = (len(tokens) - 1) / (t_last - t_first) if t_last > t_first else 0.0
+    return tokens, rate
+
+
+def spec_counts(llm: LLM) -> tuple[int, int]:
+    spec = llm.engine.core.spec
+    return (spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens) if spec else (0, 0)
+
+
+def run_workloads(base: LLM, spec: LLM, max_tokens: int, rounds: int) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    for name, (kind, message) in workloads().items():
+        prompt = base.encode_chat([{"role": "user", "content": message}])
+        off_rates, on_rates = [], []
+        drafted0, accepted0 = spec_counts(spec)
+        identical = True
+        for r in range(rounds):  # interleaved; the order alternates between rounds
+            order = [(base, off_rates), (spec, on_rates)]
+            outs = []
+            for llm, rates in (order if r % 2 == 0 else order[::-1]):
+                tokens, rate = timed(llm, prompt, max_tokens)
+                rates.append(rate)
+                outs.append(tokens)
+            identical &= outs[0] == outs[1]
+        drafted, accepted = (a - b for a, b in zip(spec_counts(spec), (drafted0, accepted0)))
+        off, on = statistics.median(off_rates), statistics.median(on_rates)
+        results[name] = {
+            "kind": kind, "prompt_tokens": len(prompt), "output_tokens": len(outs[0]),
+            "off_tok_s": off, "on_tok_s": on, "speedup": on / off if off else 0.0,
+            "draft_tokens": drafted, "accepted_tokens": accepted,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "greedy_identical": identical, "off_runs": off_rates, "on_runs": on_rates}
+        print(f"{name:14s} {kind:4s} {len(outs[0]):4d} tok  off {off:7.1f}  on {on:7.1f} tok/s"
+              f"  x{on / off if off else 0:4.2f}  acceptance {results[name]['acceptance_rate']:.2f}"
+              f"  identical={identical}", flush=True)
+    return results
+
+
+def crossover(base: LLM, max_batch: int = 32, k: int = 4) -> list[dict]:
+    """Step time of B decode rows vs B * (1 + k) rows (all drafts accepted is the best case):
+    speculation pays while (1 + k) * t(B) > t(B * (1 + k)) i.e. the ratio below is > 1."""
+    tok = base.get_tokenizer()
+    # NOTE: 80 tokens = 5 full blocks: after a warm-up run caches them, a run of prompt + w
+    # tokens computes exactly w query rows per sequence over an 80-token context.
+    head = tok.encode(passage())[:70]
+    rows = []
+    for batch in (1, 2, 4, 8, 16, 32):
+        if batch > max_batch:
+            break
+        times = {}
+        for width in (1, 1 + k):
+            # NOTE: a width-w step is emulated by prefill chunks of w tokens over a context
+            # (what verification computes); ignore_eos keeps every request running.
+            params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+            prompts = [[(i * 7 + j) % 1000 + 100 for j in range(10)] + head
+                       for i in range(batch)]  # distinct first blocks: no sharing
+            base.generate(prompts, params, use_tqdm=False)  # warm the prefix cache
+            t0 = time.perf_counter()
+            for _ in range(3):
+                base.generate([p + [5] * width for p in prompts], params, use_tqdm=False)
+            times[width] = (time.perf_counter() - t0) / 3
+        gain = (1 + k) * times[1] / times[1 + k]
+        rows.append({"batch": batch, "t_1_s": times[1], f"t_{1 + k}_s": times[1 + k],
+                     "best_case_gain": gain})
+        print(f"batch {batch:3d}: step {times[1] * 1e3:7.1f} ms (1 row/seq), "
+              f"{times[1 + k] * 1e3:7.1f} ms ({1 + k} rows/seq), best-case gain x{gain:.2f}",
+              flush=True)
+    return rows
+
+
+def plot(results: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [results[n]["off_tok_s"] for n in names], 0.4,
+           label="speculation off")
+    ax.bar([x + 0.2 for x in xs], [results[n]["on_tok_s"] for n in names], 0.4,
+           label="n-gram speculation")
+    for x, n in zip(xs, names):
+        ax.text(x + 0.2, results[n]["on_tok_s"], f"x{results[n]['speedup']:.2f}",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), names, fontsize=8)
+    ax.set_ylabel("decode tok/s (single stream)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--crossover", action="store_true",
+                    help="also time verification-width steps by batch size")
+    ap.add_argument("--label", default="", help="free text stored in the JSON (e.g. contended)")
+    args = ap.parse_args()
+    load_before = os.getloadavg()
+    base = LLM(args.model, show_progress=False)
+    spec = LLM(args.model, show_progress=False, speculative_config=NGRAM)
+    warm = base.encode_chat([{"role": "user", "content": "Hello"}])
+    for llm in (base, spec):
+        timed(llm, warm, 8)
+    results = run_workloads(base, spec, args.max_tokens, args.rounds)
+    copy = [r["speedup"] for r in results.values() if r["kind"] == "copy"]
+    open_ = [r["speedup"] for r in results.values() if r["kind"] == "open"]
+    summary = {"copy_heavy_speedup_geomean": statistics.geometric_mean(copy),
+               "open_ended_speedup_geomean": statistics.geometric_mean(open_)}
+    print(f"copy-heavy speedup x{summary['copy_heavy_speedup_geomean']:.2f} (target 2.5), "
+          f"open-ended x{summary['open_ended_speedup_geomean']:.2f} (target 1.3)")
+    report = {"model": args.model, "speculative_config": NGRAM, "max_tokens": args.max_tokens,
+              "rounds": args.rounds, "threads": os.environ.get("EMBER_NUM_THREADS"),
+              "label": args.label, "loadavg_before": load_before,
+              "loadavg_after": os.getloadavg(), "cpu": platform.processor(),
+              "summary": summary, "workloads": results}
+    if args.crossover:
+        rows = report["crossover"] = crossover(base)
+        # Speculation pays while the expected tokens per step beat the step's slowdown; with
+        # per-token acceptance 0.5 and 4 drafts that is 1.94 tokens (Leviathan et al.).
+        expected = (1 - 0.5 ** 5) / 0.5
+        slow = [r["batch"] for r in rows if 5 / r["best_case_gain"] > expected]
+        report["recommended_disable_by_batch_size"] = slow[0] if slow else None
+        report["draft_token_cost_batch1"] = (5 / rows[0]["best_case_gain"] - 1) / 4
+        print(f"recommended disable_by_batch_size: {slow[0] if slow else 'none up to 32'}; "
+              f"draft token cost at batch 1: {report['draft_token_cost_batch1']:.3f} of a step")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "spec_decode.json").write_text(json.dumps(report, indent=2))
+    title = (f"Ember n-gram speculation, SmolLM2-135M, threads={report['threads']}, "
+             f"load {load_before[0]:.1f} {args.label}")
+    plot(results, OUT / "spec_decode.png", title)
+    print(f"wrote {OUT / 'spec_decode.json'} and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""SpecDecoder: runs the proposer for the running requests after each step, picks each
+request's draft length from its acceptance rate, and keeps the acceptance counters."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ember.config import SpecConfig
+from ember.spec_decode.ngram import NgramProposer
+from ember.spec_decode.proposer import Proposer
+from ember.spec_decode.suffix import SuffixProposer
+from ember.types import ModelRunnerOutput, Request, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+DRAFT_TOKEN_COST = 0.12
+"""Cost of verifying one more draft token in a single-stream step, relative to a plain decode
+step: measured 0.122 (SmolLM2-135M, Ember's kernels, `benchmarks/spec_decode.py --crossover`,
+contended machine, 1 thread; rerun on a quiet machine and update)."""
+DEFAULT_MAX_BATCH = 4
+"""Speculation stops for a step once this many requests run. Measured (same run): a step of
+5 rows per sequence vs 1 row gains at most 3.4x at batch 1, 2.1x at batch 2 and ~1.5x from
+batch 4 to 32; from batch 4 on, verification of 4 drafts loses unless acceptance exceeds ~0.85
+(the batch is compute-bound). SpecConfig.disable_by_batch_size overrides it."""
+_DECAY = 0.7
+"""Weight of the past in each request's acceptance estimate (per verification step)."""
+
+
+@dataclass
+class SpecStats:
+    """Acceptance counters since start (Prometheus counters)."""
+
+    num_drafts: int = 0
+    """Verification steps that had drafts (request-steps)."""
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    """accepted_per_position[j]: drafts accepted at position j (0-based) of their step."""
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+
+@dataclass
+class _Acceptance:
+    """Decayed counts of one request's drafted and accepted tokens."""
+
+    drafted: float = 0.0
+    accepted: float = 0.0
+
+    def rate(self) -> float:
+        # NOTE: an optimistic prior (as if 2 of 2 were accepted) lets new requests draft long.
+        return (self.accepted + 2.0) / (self.drafted + 2.0)
+
+
+def best_draft_length(alpha: float, max_len: int, cost: float = DRAFT_TOKEN_COST) -> int:
+    """Draft length maximising expected tokens per unit of step cost.
+
+    With per-token acceptance alpha, k drafts yield (1 - alpha^(k+1)) / (1 - alpha) tokens
+    (Leviathan et al.) for a step costing 1 + cost * k. Never below 1: an n-gram draft is free
+    to propose and the verification of one token costs little.
+    """
+    def value(k: int) -> float:
+        expected = k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+        return expected / (1.0 + cost * k)
+
+    return max(range(1, max_len + 1), key=value)
+
+
+def create_proposer(config: SpecConfig) -> Proposer:
+    if config.method == "ngram":
+        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+    if config.method == "suffix":
+        return SuffixProposer(config.prompt_lookup_min, config.prompt_lookup_max,
+                              config.suffix_decoding_max_cached_requests)
+    raise ValueError(f"unknown speculative method {config.method!r}")
+
+
+class SpecDecoder:
+    """The engine-side half of speculative decoding (the scheduler and runner do the rest)."""
+
+    def __init__(self, config: SpecConfig, proposer: Proposer | None = None) -> None:
+        config.validate()
+        self.config = config
+        self.proposer = proposer or create_proposer(config)
+        self.stats = SpecStats(accepted_per_position=[0] * config.num_speculative_tokens)
+        self._acceptance: dict[str, _Acceptance] = {}
+
+    @property
+    def max_batch(self) -> int:
+        """Requests running from which a step skips speculation."""
+        return self.config.disable_by_batch_size or DEFAULT_MAX_BATCH
+
+    def observe(self, so: SchedulerOutput, ro: ModelRunnerOutput) -> None:
+        """Count each verified request's accepted drafts (update its acceptance estimate)."""
+        for rid in so.finished_request_ids:
+            self._acceptance.pop(rid, None)
+        self.proposer.release(so.finished_request_ids)
+        for item in so.scheduled:
+            k = len(item.spec_token_ids)
+            sampled = ro.sampled_token_ids.get(item.request.request_id)
+            if not k or not sampled:
+                continue
+            accepted = len(sampled) - 1
+            stats = self.stats
+            stats.num_drafts += 1
+            stats.num_draft_tokens += k
+            stats.num_accepted_tokens += accepted
+            for j in range(accepted):
+                stats.accepted_per_position[j] += 1
+            acc = self._acceptance.setdefault(item.request.request_id, _Acceptance())
+            acc.drafted = _DECAY * acc.drafted + k
+            acc.accepted = _DECAY * acc.accepted + accepted
+
+    def propose(self, running: list[Request]) -> None:
+        """Set `spec_token_ids` of every running request that has caught up with its tokens."""
+        if len(running) >= self.max_batch:
+            for request in running:  # no stale drafts once the batch shrinks again
+                request.spec_token_ids = []
+            return
+        ready = [r for r in running if r.num_computed_tokens == r.num_tokens - 1
+                 and not r.status.finished]
+        if not ready:
+            return
+        cap = self.config.num_speculative_tokens
+        lengths = [self._draft_length(r, cap) for r in ready]
+        for request, drafts in zip(ready, self.proposer.propose(ready, lengths)):
+            request.spec_token_ids = drafts
+
+    def _draft_length(self, request: Request, cap: int) -> int:
+        cap = min(cap, request.max_tokens - request.num_output_tokens - 1)
+        if cap <= 0 or not self.config.adaptive:
+            return max(cap, 0)
+        acc = self._acceptance.get(request.request_id)
+        return cap if acc is None else best_draft_length(acc.rate(), cap)
+
+    def release(self, request_ids: set[str]) -> None:
+        for rid in request_ids:
+            self._acceptance.pop(rid, None)
+        self.proposer.release(request_ids)

@@ -1,0 +1,409 @@
+"""Speculative decoding without a real model: n-gram proposer, rejection sampler (exact rule,
+greedy and sampled, chi-square against the target distribution), config parsing, and the
+scheduler / KV rollback on a tiny random Llama."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from ember import SamplingParams
+from ember.config import (CacheConfig, ConfigError, EngineConfig, ModelConfig, SchedulerConfig,
+                          SpecConfig)
+from ember.engine.engine import LLMEngine
+from ember.sampling.sampler import Sampler, apply_penalties, random_row_probs
+from ember.spec_decode.decoder import best_draft_length
+from ember.spec_decode.ngram import ngram_lookup
+from ember.spec_decode.rejection import RejectionSampler, SpecRow
+from ember.types import Request, SamplingBatchRow
+from tiny_llama import forward_logits, one_thread, run_to_completion, tiny_loaded  # noqa: F401
+
+
+def chi_square_ok(observed: Counter, expected: dict[int, float] | dict[tuple, float],
+                  num: int) -> tuple[float, float]:
+    """Pearson chi-square of `observed` counts against probabilities `expected` (cells with
+    expected count < 5 pooled); returns (statistic, critical value at p = 0.001)."""
+    cells = sorted(expected, key=lambda c: expected[c])
+    stat, df, pool_e, pool_o = 0.0, -1, 0.0, 0
+    for cell in cells:
+        e, o = expected[cell] * num, observed.get(cell, 0)
+        if e < 5:
+            pool_e, pool_o = pool_e + e, pool_o + o
+            continue
+        stat += (o - e) ** 2 / e
+        df += 1
+    if pool_e > 0:
+        stat += (pool_o - pool_e) ** 2 / max(pool_e, 1e-9)
+        df += 1
+    assert sum(observed.values()) == num
+    assert not set(observed) - set(expected), "a token the target cannot produce was emitted"
+    z = 3.09  # one-sided 0.999 normal quantile; Wilson-Hilferty approximation of chi2(df)
+    crit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    return stat, crit
+
+
+# ---- n-gram proposer ------------------------------------------------------------------------
+
+def test_ngram_lookup_continues_after_longest_match():
+    ctx = np.array([1, 2, 3, 4, 5, 9, 9, 2, 3, 4, 7, 8, 1, 2, 3])
+    # suffix [1, 2, 3] matched at 0 -> continue with 4, 5, 9
+    assert ngram_lookup(ctx, 2, 4, 3) == [4, 5, 9]
+    # only 2-grams allowed: [2, 3] latest match with 3 tokens after it is at 7 -> 4, 7, 8
+    assert ngram_lookup(ctx, 2, 2, 3) == [4, 7, 8]
+    assert ngram_lookup(ctx, 4, 4, 3) == []  # [12, 1, 2, 3] never occurred before
+    assert ngram_lookup(np.array([5, 6, 7]), 1, 3, 2) == []
+
+
+def test_ngram_lookup_in_a_repeating_run_proposes_full_length():
+    ctx = np.array([3, 7, 7, 7, 7, 7, 7])
+    assert ngram_lookup(ctx, 2, 3, 3) == [7, 7, 7]
+
+
+# ---- rejection sampler ----------------------------------------------------------------------
+
+def _row(params: SamplingParams, output: list[int] | None = None,
+         seed: int | None = None) -> SamplingBatchRow:
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return SamplingBatchRow("r", params, [1, 2], list(output or []), eos_token_id=None,
+                            generator=gen)
+
+
+def test_greedy_accepts_argmax_prefix_and_emits_the_first_mismatch():
+    logits = torch.full((4, 6), -1.0)
+    for row, best in enumerate([2, 4, 1, 5]):
+        logits[row, best] = 3.0
+    greedy = SamplingParams(temperature=0, max_tokens=10)
+    rs = RejectionSampler(Sampler(torch.Generator().manual_seed(0)))
+    out = rs(logits, [SpecRow(_row(greedy), [2, 4, 3])])
+    assert out.token_ids == [[2, 4, 1]]
+    out = rs(logits, [SpecRow(_row(greedy), [2, 4, 1])])  # all accepted: bonus token 5
+    assert out.token_ids == [[2, 4, 1, 5]]
+    out = rs(logits, [SpecRow(_row(greedy), [0, 4, 1])])
+    assert out.token_ids == [[2]]
+    # two requests in one batch: rows split per request
+    out = rs(torch.cat([logits[:2], logits]), [SpecRow(_row(greedy), [2]),
+                                                 SpecRow(_row(greedy), [2, 4, 1])])
+    assert out.token_ids == [[2, 4], [2, 4, 1, 5]]
+
+
+def test_greedy_counts_accepted_drafts_in_penalties():
+    # token 3 leads by a little at every row; a repetition penalty makes it lose once it was
+    # generated, so after accepting draft 3 the next row's argmax must be token 0.
+    logits = torch.tensor([[0.9, 0.0, 0.0, 1.2], [0.9, 0.0, 0.0, 1.2]])
+    params = SamplingParams(temperature=0, repetition_penalty=2.0, max_tokens=10)
+    out = RejectionSampler(Sampler())(logits, [SpecRow(_row(params), [3])])
+    assert out.token_ids == [[3, 0]]
+
+
+def test_logprobs_cover_every_emitted_token():
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(1))
+    best = logits.argmax(dim=-1).tolist()
+    params = SamplingParams(temperature=0, logprobs=2, max_tokens=10)
+    out = RejectionSampler(Sampler())(logits, [SpecRow(_row(params), [best[0], best[1]])])
+    assert out.token_ids == [best]
+    lps = out.logprobs[0]
+    assert lps is not None and [lp.token_id for lp in lps] == best
+    ref = torch.log_softmax(logits, dim=-1)
+    for j, lp in enumerate(lps):
+        assert lp.rank == 1 and len(lp.top) == 2
+        assert math.isclose(lp.logprob, float(ref[j, best[j]]), rel_tol=1e-5, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=4, top_p=0.9, min_p=0.05, repetition_penalty=1.5,
+                   frequency_penalty=0.5, presence_penalty=0.3),
+], ids=["plain", "all-parameters"])
+def test_sampled_tokens_follow_the_target_distribution(params):
+    """One-hot drafts, some likely and some unlikely: the first two emitted tokens must be
+    distributed as sampling twice from the target (chi-square against exact probabilities)."""
+    vocab, num = 8, 6000
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, vocab, generator=gen) * 1.5  # (k + 1 = 3, V)
+    history = [1, 5]
+    requests, expected_first = [], None
+    rng = np.random.default_rng(0)
+    likely = logits.argmax(dim=-1).tolist()
+    for i in range(num):  # half the drafts are the raw favourites, half random tokens
+        drafts = likely[:2] if i % 2 else rng.integers(0, vocab, size=2).tolist()
+        requests.append(SpecRow(_row(params, history), drafts))
+    out = RejectionSampler(Sampler(torch.Generator().manual_seed(1)))(
+        logits.repeat(num, 1), requests)
+    # exact target: p0 over token a, then p1 (history + a) over token b
+    def target(row_logits: torch.Tensor, output: list[int]) -> torch.Tensor:
+        row = _row(params, history + output)
+        return random_row_probs(apply_penalties(row_logits.unsqueeze(0), [row]), [row])[0]
+    p0 = target(logits[0], [])
+    expected: dict[tuple, float] = {}
+    for a in range(vocab):
+        if p0[a] > 0:
+            p1 = target(logits[1], [a])
+            for b in range(vocab):
+                if p1[b] > 0:
+                    expected[(a, b)] = float(p0[a] * p1[b])
+    # the second token exists only when the first draft was accepted or ... always: if the
+    # first was rejected the emitted list has one token; count pairs from requests whose first
+    # emitted token is their accepted draft, and first tokens from all.
+    first = Counter(t[0] for t in out.token_ids)
+    expected_first = {a: float(p0[a]) for a in range(vocab) if p0[a] > 0}
+    stat, crit = chi_square_ok(first, expected_first, num)
+    assert stat < crit, (stat, crit)
+    pairs = Counter((t[0], t[1]) for t, r in zip(out.token_ids, requests) if len(t) >= 2)
+    # P(pair (a, b) emitted | first draft == a accepted) must be p1(b | a); test via the
+    # conditional counts over requests whose first draft was accepted.
+    for a in range(vocab):
+        sub = Counter(b for (x, b), c in pairs.items() if x == a for _ in range(c))
+        n_a = sum(sub.values())
+        if n_a < 200:
+            continue
+        p1 = target(logits[1], [a])
+        stat, crit = chi_square_ok(sub, {b: float(p1[b]) for b in range(vocab) if p1[b] > 0},
+                                   n_a)
+        assert stat < crit, (a, stat, crit)
+
+
+def test_seeded_request_is_reproducible():
+    logits = torch.randn(3, 16, generator=torch.Generator().manual_seed(3))
+    params = SamplingParams(temperature=1.0, seed=7)
+    runs = [RejectionSampler(Sampler())(logits, [SpecRow(_row(params, seed=7), [1, 2])])
+            .token_ids for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_suffix_proposer_uses_outputs_of_finished_requests():
+    from ember.spec_decode.suffix import SuffixProposer
+
+    prop = SuffixProposer(min_n=2, max_n=4, max_cached_requests=1)
+    done = Request("a", [1, 2], SamplingParams())
+    for t in [30, 31, 32, 33, 34, 35]:
+        done.append_output_token(t)
+    fresh = Request("b", [9, 31, 32], SamplingParams())
+    assert prop.propose([done, fresh], [3, 3])[1] == []  # nothing stored yet
+    prop.release({"a"})
+    assert prop.propose([fresh], [3]) == [[33, 34, 35]]
+    own = Request("c", [40, 41, 50, 40, 41], SamplingParams())
+    assert prop.propose([own], [1]) == [[50]]  # its own context first
+    other = Request("d", [5], SamplingParams())
+    other.append_output_token(7)
+    prop.propose([other], [1])
+    prop.release({"d"})  # the store holds one output: "a" is dropped
+    assert prop.propose([fresh], [3]) == [[]] and prop.num_cached_tokens == 2
+
+
+# ---- config ---------------------------------------------------------------------------------
+
+def test_spec_config_from_vllm_dict_and_errors():
+    cfg = SpecConfig.from_dict({"method": "ngram", "num_speculative_tokens": 5,
+                                "prompt_lookup_max": 4, "prompt_lookup_min": 2})
+    assert cfg.enabled and cfg.num_speculative_tokens == 5
+    assert SpecConfig.from_dict({"method": "ngram"}).num_speculative_tokens == 5
+    assert not SpecConfig.from_dict(None).enabled
+    for bad, needle in [({"method": "eagle"}, "method"), ({"methd": "ngram"}, "unknown key"),
+                        ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative"),
+                        ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2},
+                         "prompt_lookup_min"), ("ngram", "JSON object")]:
+        with pytest.raises(ConfigError, match=needle) as err:
+            SpecConfig.from_dict(bad)  # type: ignore[arg-type]
+        assert "\n" not in str(err.value)
+
+
+def test_best_draft_length_grows_with_acceptance():
+    lengths = [best_draft_length(a, 8) for a in (0.1, 0.5, 0.8, 0.95, 1.0)]
+    assert lengths == sorted(lengths) and lengths[0] == 1 and lengths[-1] == 8
+
+
+# ---- engine on a tiny random model ----------------------------------------------------------
+
+PROMPTS = [[5, 17, 99, 3] * 6, [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 3, [42] * 23]
+
+
+def _engine(spec: bool, num_blocks: int = 64, prefix: bool = True, **spec_kw) -> LLMEngine:
+    spec_cfg = SpecConfig.from_dict({"method": "ngram", "num_speculative_tokens": 4,
+                                     **spec_kw} if spec else None)  # type: ignore[dict-item]
+    config = EngineConfig(model=ModelConfig(model="tiny"),
+                          cache=CacheConfig(block_size=4, num_blocks=num_blocks,
+                                            enable_prefix_caching=prefix),
+                          scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32),
+                          spec=spec_cfg)
+    return LLMEngine(config, tiny_loaded())
+
+
+GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("num_blocks,method", [(64, "ngram"), (22, "ngram"), (22, "suffix")],
+                         ids=["roomy", "preempting", "suffix-preempting"])
+def test_greedy_identical_and_pool_left_as_without_speculation(num_blocks, method):
+    outs, pools = [], []
+    for spec in (False, True):
+        engine = _engine(spec, num_blocks, method=method)
+        outs.append([o.token_ids for o in run_to_completion(engine, PROMPTS, GREEDY)])
+        core = engine.core
+        pool = core.kv_manager.block_pool
+        pools.append((pool.num_free_blocks, set(pool._cached), core.scheduler.num_preemptions))
+        if spec:
+            assert core.spec is not None and core.spec.stats.num_accepted_tokens > 10
+    assert outs[0] == outs[1]
+    assert pools[0][:2] == pools[1][:2]
+    if num_blocks == 22:
+        assert pools[0][2] > 0 and pools[1][2] > 0
+
+
+def test_rollback_returns_rejected_blocks_and_caches_only_known_tokens():
+    engine = _engine(True, adaptive=False)
+    core, kv = engine.core, engine.core.kv_manager
+    engine.add_request("a", [7, 8, 9, 10, 11, 12, 13], GREEDY)
+    engine.step()  # prefill + first token
+    request = core.scheduler.requests["a"]
+    request.spec_token_ids = [250, 251, 252, 253]  # drafts the random model will not agree with
+    free_before = kv.num_free_blocks
+    head_before = list(kv.block_pool._free)[:2]
+    so = core.scheduler.schedule()
+    assert so.scheduled[0].spec_token_ids == [250, 251, 252, 253]
+    assert so.scheduled[0].num_new_tokens == 5 and kv.num_free_blocks == free_before - 1
+    ro = core.runner.execute(so)
+    core.scheduler.update(so, ro)
+    accepted = len(ro.sampled_token_ids["a"]) - 1
+    assert accepted == 0
+    assert request.num_computed_tokens == request.num_tokens - 1 == 8
+    assert len(kv.get_block_ids("a")) == 2  # ceil(8 / 4): the draft block went back
+    assert kv.num_free_blocks == free_before and list(kv.block_pool._free)[:2] == head_before
+    # hashes cover the full blocks of known tokens only (9 tokens: 2 blocks)
+    assert kv.block_pool.num_cached_blocks == 2
+
+
+def test_drafts_respect_max_tokens_and_batch_size_switch():
+    engine = _engine(True, adaptive=False)
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    out = run_to_completion(engine, [[42] * 12], params)[0]
+    assert len(out.token_ids) == 3
+    assert engine.core.spec is not None
+    stats = engine.core.spec.stats
+    assert stats.num_draft_tokens <= 1  # only 3 - 1 - 1 = 1 draft fits after the first token
+    off = _engine(True, disable_by_batch_size=1)
+    run_to_completion(off, PROMPTS, GREEDY)
+    assert off.core.spec is not None and off.core.spec.stats.num_draft_tokens == 0
+
+
+def test_sampling_with_speculation_matches_target_on_a_tiny_model():
+    """Engine-level: tokens 2 and 3 (verified drafts) of many sampled requests follow the exact
+    target distribution computed from the model's own logits (chi-square, fixed seeds)."""
+    loaded = tiny_loaded()
+    prompt = [42, 43, 44] * 4
+    params = SamplingParams(max_tokens=4, temperature=0.9, top_k=3, repetition_penalty=1.3,
+                            presence_penalty=0.4, ignore_eos=True)
+    config = EngineConfig(model=ModelConfig(model="tiny"),
+                          cache=CacheConfig(block_size=4, num_blocks=1200),
+                          scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=512),
+                          spec=SpecConfig.from_dict({"method": "ngram",
+                                                     "num_speculative_tokens": 2,
+                                                     "prompt_lookup_min": 1,
+                                                     "disable_by_batch_size": 1000,
+                                                     "adaptive": False}))
+    engine = LLMEngine(config, loaded)
+
+    class Guess:  # half the drafts are the target's favourite, half an unlikely token
+        def propose(self, requests: list[Request], max_len: list[int]) -> list[list[int]]:
+            out = []
+            for r, k in zip(requests, max_len):
+                chain: list[int] = []
+                while len(chain) < k:  # the target's own most likely continuation
+                    chain.append(int(target(r.output_token_ids + chain).argmax()))
+                out.append(chain if int(r.request_id) % 2 else [7] * k)
+            return out
+
+        def release(self, request_ids: set[str]) -> None: ...
+
+    memo: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def target(output: list[int]) -> torch.Tensor:
+        if tuple(output) not in memo:
+            row = SamplingBatchRow("x", params, prompt, output)
+            logits = forward_logits(loaded.model, prompt + output)[-1:]
+            memo[tuple(output)] = random_row_probs(apply_penalties(logits, [row]), [row])[0]
+        return memo[tuple(output)]
+    assert engine.core.spec is not None
+    engine.core.spec.proposer = Guess()
+    num = 1500
+    outs = run_to_completion(engine, [prompt] * num, params)
+    stats = engine.core.spec.stats
+    assert stats.num_draft_tokens >= 2 * num and 0 < stats.accepted_per_position[1] < num
+    # tokens 2 and 3 come from verifying two drafts: the triple must follow the target
+    expected: dict[tuple, float] = {}
+    p0 = target([])
+    for a in p0.nonzero().flatten().tolist():
+        p1 = target([a])
+        for b in p1.nonzero().flatten().tolist():
+            p2 = target([a, b])
+            for c in p2.nonzero().flatten().tolist():
+                expected[(a, b, c)] = float(p0[a] * p1[b] * p2[c])
+    stat, crit = chi_square_ok(Counter(tuple(o.token_ids[:3]) for o in outs), expected, num)
+    assert stat < crit, (stat, crit)
+
+
+def test_spec_metrics_reach_prometheus():
+    from prometheus_client import generate_latest
+
+    from ember.engine.async_engine import EngineStats, _spec_stats
+    from ember.server.metrics import ServerMetrics
+
+    engine = _engine(True)
+    run_to_completion(engine, PROMPTS[:1], GREEDY)
+    fields = _spec_stats(engine.core.spec)
+    assert fields["spec_num_accepted_tokens"] > 0
+    metrics = ServerMetrics("m")
+    metrics.bind_engine(lambda: EngineStats(**fields))
+    text = generate_latest(metrics.registry).decode()
+    drafted, accepted = fields["spec_num_draft_tokens"], fields["spec_num_accepted_tokens"]
+    assert f'ember:spec_decode_num_draft_tokens_total{{model_name="m"}} {drafted:.1f}' in text
+    assert f'ember:spec_decode_num_accepted_tokens_total{{model_name="m"}} {accepted:.1f}' in text
+    first = fields["spec_accepted_per_position"][0]
+    assert (f'ember:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="0"}}'
+            f' {first:.1f}') in text
+    assert "spec_decode" not in generate_latest(ServerMetrics("x").registry).decode()
+
+
+def test_stop_strings_logprobs_and_n_match_without_speculation():
+    """Several tokens arrive per step with speculation: stop strings still cut at the same
+    place, logprobs cover every token, and each of n greedy completions is the same."""
+    tok = tiny_loaded().tokenizer
+    texts = []
+    for spec in (False, True):
+        engine = _engine(spec)
+        stop_at = tok.decode([77, 77])  # the greedy run repeats token 77 (see PROMPTS[0])
+        params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, logprobs=2,
+                                stop=[stop_at * 3], n=2)
+        engine.add_request("s", PROMPTS[0], params)
+        engine.add_request("l", PROMPTS[2], SamplingParams(max_tokens=30, temperature=0,
+                                                           ignore_eos=True, logprobs=1))
+        finals = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finals[out.request_id] = out
+        texts.append([(o.text, o.token_ids, o.finish_reason, o.stop_reason,
+                       [lp.token_id for lp in o.logprobs or []],
+                       [lp.logprob for lp in o.logprobs or []])
+                      for rid in ("s", "l") for o in finals[rid].outputs])
+    assert [t[:5] for t in texts[0]] == [t[:5] for t in texts[1]]
+    for off, on in zip(texts[0], texts[1]):  # same values up to float rounding of the batch
+        assert on[5] == pytest.approx(off[5], abs=1e-3)
+    assert texts[0][0][2] == "stop" and texts[0][2][2] == "length"
+    assert len(texts[0][2][4]) == 30
+
+
+def test_cli_speculative_config_flag():
+    from ember.cli import build_parser, main
+    from ember.cli.serve import _config
+
+    args = build_parser().parse_args(["serve", "--speculative-config",
+                                      '{"method": "ngram", "num_speculative_tokens": 3}'])
+    spec = _config(args).spec
+    assert spec.enabled and spec.method == "ngram" and spec.num_speculative_tokens == 3
+    assert not _config(build_parser().parse_args(["serve"])).spec.enabled
+    assert main(["serve", "--speculative-config", '{"method": "medusa"}']) == 2
+    assert main(["generate", "x", "--speculative-config", "{bad json"]) == 2
