@@ -11,7 +11,8 @@ Each actor of the pool loads one engine and hands every batch it receives, whole
     out = generate_dataset(ds, model="smollm2-135m-instruct", concurrency=2,
                            threads_per_actor=1, sampling_params={"max_tokens": 64})
     # or, spelled out:
-    out = ds.map_batches(EmberGenerator, concurrency=2, num_cpus=1, batch_size=64,
+    out = ds.map_batches(EmberGenerator, compute=ray.data.ActorPoolStrategy(size=2),
+                         num_cpus=1, batch_size=64,
                          fn_constructor_kwargs={"model": "smollm2-135m-instruct", "threads": 1})
 
 Input columns (one of `messages` / `prompt` per row):
@@ -208,8 +209,12 @@ def generate_dataset(ds: Any, *, model: str = DEFAULT_MODEL, concurrency: int | 
     so continuous batching stays full).
     """
     require_ray("Ember on Ray Data")
+    from ray.data import ActorPoolStrategy
+
+    pool = (ActorPoolStrategy(size=concurrency) if isinstance(concurrency, int)
+            else ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1]))
     return ds.map_batches(
-        EmberGenerator, concurrency=concurrency, num_cpus=threads_per_actor,
+        EmberGenerator, compute=pool, num_cpus=threads_per_actor,
         batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model": model, "threads": threads_per_actor,
                                "sampling_params": dict(sampling_params or {}),
