@@ -31,6 +31,8 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                    help="autoscaling lower bound (turns autoscaling on)")
     g.add_argument("--max-replicas", type=int, default=None,
                    help="autoscaling upper bound (turns autoscaling on)")
+    g.add_argument("--ingress-replicas", type=int, default=1,
+                   help="HTTP ingress replicas forwarding to the engine replicas")
     g.add_argument("--prefix-affinity-chars", type=int, default=256,
                    help="prompt-prefix characters hashed to pick a request's replica")
     g.add_argument("--affinity-load-bound", type=int, default=4,
@@ -49,7 +51,7 @@ def run_ray_serve(config: EngineConfig, args: argparse.Namespace) -> int:
     options = RayServeOptions(
         num_replicas=args.num_replicas, threads_per_replica=args.threads_per_replica,
         min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-        prefix_chars=args.prefix_affinity_chars, load_bound=args.affinity_load_bound)
+        ingress_replicas=args.ingress_replicas, prefix_chars=args.prefix_affinity_chars, load_bound=args.affinity_load_bound)
     options.validate()
     console = Console(stderr=True)
     stop = threading.Event()
