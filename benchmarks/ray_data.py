@@ -97,7 +97,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     label = "CONTENDED" if result["contended"] else "quiet"
     ax.set_xlabel("generated tokens / s (wall, incl. model load)")
     ax.set_title(f"Ember on Ray Data: {result['num_requests']} chat requests x "
-                 f"{result['max_tokens']} tokens, {result['threads']} threads "
+                 f"{result['max_tokens']} tokens, {result['threads']} threads\n"
                  f"(load avg {result['loadavg_before'][0]:.1f}: {label})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -55,10 +55,11 @@ def run_ray_serve(config: EngineConfig, args: argparse.Namespace) -> int:
     options.validate()
     console = Console(stderr=True)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     server = config.server
     ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    # NOTE: after ray.init, which installs its own SIGTERM handler (it aborts the driver)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": server.host, "port": server.port})
         console.print(f"ember serve --ray: deploying {options.num_replicas} replica(s) of "
