@@ -17,17 +17,17 @@ run_one() {  # label, then `ember serve` arguments
   local label=$1; shift
   EMBER_NUM_THREADS=$THREADS "${EMBER[@]}" serve --port "$PORT" --log-level warning \
       --no-access-log "$@" > "/tmp/ember-ray-serve-$label.log" 2>&1 &
-  local pid=$!
-  trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null' EXIT
+  SERVER_PID=$!
+  trap 'kill -TERM $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null' EXIT
   for _ in $(seq 1 600); do
     curl -sf "http://127.0.0.1:$PORT/health" > /dev/null 2>&1 && break
-    kill -0 $pid 2>/dev/null || { cat "/tmp/ember-ray-serve-$label.log"; exit 1; }
+    kill -0 $SERVER_PID 2>/dev/null || { cat "/tmp/ember-ray-serve-$label.log"; exit 1; }
     sleep 0.5
   done
   "${EMBER[@]}" bench serve --url "http://127.0.0.1:$PORT" --concurrency "$CONC" \
       --num-prompts "$NUM" --output-len "$OUT_LEN" --input-len 64 --label "$label" \
       --out "$RESULTS/serve_$label"
-  kill -TERM $pid; wait $pid || true
+  kill -TERM $SERVER_PID; wait $SERVER_PID || true
   trap - EXIT
 }
 
