@@ -31,6 +31,8 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                    help="autoscaling lower bound (turns autoscaling on)")
     g.add_argument("--max-replicas", type=int, default=None,
                    help="autoscaling upper bound (turns autoscaling on)")
+    g.add_argument("--ingress-replicas", type=int, default=1,
+                   help="HTTP ingress replicas forwarding to the engine replicas")
     g.add_argument("--prefix-affinity-chars", type=int, default=256,
                    help="prompt-prefix characters hashed to pick a request's replica")
     g.add_argument("--affinity-load-bound", type=int, default=4,
@@ -49,14 +51,15 @@ def run_ray_serve(config: EngineConfig, args: argparse.Namespace) -> int:
     options = RayServeOptions(
         num_replicas=args.num_replicas, threads_per_replica=args.threads_per_replica,
         min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-        prefix_chars=args.prefix_affinity_chars, load_bound=args.affinity_load_bound)
+        ingress_replicas=args.ingress_replicas, prefix_chars=args.prefix_affinity_chars, load_bound=args.affinity_load_bound)
     options.validate()
     console = Console(stderr=True)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     server = config.server
     ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    # NOTE: after ray.init, which installs its own SIGTERM handler (it aborts the driver)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": server.host, "port": server.port})
         console.print(f"ember serve --ray: deploying {options.num_replicas} replica(s) of "

@@ -11,7 +11,8 @@ Each actor of the pool loads one engine and hands every batch it receives, whole
     out = generate_dataset(ds, model="smollm2-135m-instruct", concurrency=2,
                            threads_per_actor=1, sampling_params={"max_tokens": 64})
     # or, spelled out:
-    out = ds.map_batches(EmberGenerator, concurrency=2, num_cpus=1, batch_size=64,
+    out = ds.map_batches(EmberGenerator, compute=ray.data.ActorPoolStrategy(size=2),
+                         num_cpus=1, batch_size=64,
                          fn_constructor_kwargs={"model": "smollm2-135m-instruct", "threads": 1})
 
 Input columns (one of `messages` / `prompt` per row):
@@ -22,7 +23,9 @@ Input columns (one of `messages` / `prompt` per row):
   the job's `sampling_params` (which override the model's generation defaults).
 
 Output: the input columns plus `generated_text`, `finish_reason`, `num_prompt_tokens`,
-`num_generated_tokens` (and `generated_token_ids`).
+`num_generated_tokens` (and `generated_token_ids`), and `error`: "" for a generated row, else
+why the row was refused (bad sampling params, no prompt, prompt too long); one bad row never
+fails the job.
 
 Ray itself is only imported by the caller (`ray.data`); this module needs it only for typing.
 """
@@ -132,15 +135,29 @@ class EmberGenerator:
                               for f in dataclasses.fields(defaults)}, **self.job_params}
 
     def __call__(self, batch: Batch) -> Batch:
-        """Generate for every row of `batch` in one `LLM.generate` call."""
+        """Generate for every valid row of `batch` in one `LLM.generate` call; a row that
+        fails validation (no prompt, bad sampling params, prompt too long) gets its reason in
+        the `error` column and empty outputs; the other rows go on."""
         n = _num_rows(batch)
-        prompts = [self._prompt(batch, i) for i in range(n)]
         row_params = batch.get("sampling_params")
-        params = [sampling_params_of(self.job_params,
-                                     to_python(row_params[i]) if row_params is not None else None)
-                  for i in range(n)]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False) if n else []
-        return {**batch, **self._columns(outputs)}
+        valid: list[tuple[int, str | list[int], SamplingParams]] = []
+        errors = [""] * n
+        for i in range(n):
+            try:
+                prompt = self._prompt(batch, i)
+                params = sampling_params_of(
+                    self.job_params, to_python(row_params[i]) if row_params is not None else None)
+                self.llm.engine.process_prompt(prompt, params)  # validates; raises with a reason
+            except (InvalidRequestError, ValueError, TypeError) as exc:
+                errors[i] = f"{type(exc).__name__}: {exc}"
+                continue
+            valid.append((i, prompt, params))
+        outputs = self.llm.generate([p for _, p, _ in valid], [sp for _, _, sp in valid],
+                                    use_tqdm=False) if valid else []
+        by_row: list[RequestOutput | None] = [None] * n
+        for (i, _, _), out in zip(valid, outputs):
+            by_row[i] = out
+        return {**batch, **self._columns(by_row), "error": np.array(errors, dtype=object)}
 
     def _prompt(self, batch: Batch, i: int) -> str | list[int]:
         messages = batch.get("messages")
@@ -153,19 +170,21 @@ class EmberGenerator:
         raise InvalidRequestError("each row needs a 'messages' or a 'prompt' column value",
                                   "messages")
 
-    def _columns(self, outputs: Sequence[RequestOutput]) -> Batch:
+    def _columns(self, outputs: Sequence[RequestOutput | None]) -> Batch:
         # NOTE: n > 1 returns the first completion (Ray Data rows are one output each).
-        first = [out.outputs[0] for out in outputs]
+        first = [out.outputs[0] if out is not None else None for out in outputs]
         cols: Batch = {
-            "generated_text": np.array([c.text for c in first], dtype=object),
-            "finish_reason": np.array([c.finish_reason or "" for c in first], dtype=object),
-            "num_prompt_tokens": np.array([len(o.prompt_token_ids) for o in outputs],
+            "generated_text": np.array([c.text if c else "" for c in first], dtype=object),
+            "finish_reason": np.array([(c.finish_reason or "") if c else "" for c in first],
+                                      dtype=object),
+            "num_prompt_tokens": np.array([len(o.prompt_token_ids) if o else 0 for o in outputs],
                                           dtype=np.int64),
-            "num_generated_tokens": np.array([len(c.token_ids) for c in first], dtype=np.int64),
+            "num_generated_tokens": np.array([len(c.token_ids) if c else 0 for c in first],
+                                             dtype=np.int64),
         }
         if self.include_token_ids:
-            cols["generated_token_ids"] = np.array([list(c.token_ids) for c in first] + [None],
-                                                   dtype=object)[:-1]
+            cols["generated_token_ids"] = np.array(
+                [list(c.token_ids) if c else [] for c in first] + [None], dtype=object)[:-1]
         return cols
 
 
@@ -208,8 +227,12 @@ def generate_dataset(ds: Any, *, model: str = DEFAULT_MODEL, concurrency: int | 
     so continuous batching stays full).
     """
     require_ray("Ember on Ray Data")
+    from ray.data import ActorPoolStrategy
+
+    pool = (ActorPoolStrategy(size=concurrency) if isinstance(concurrency, int)
+            else ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1]))
     return ds.map_batches(
-        EmberGenerator, concurrency=concurrency, num_cpus=threads_per_actor,
+        EmberGenerator, compute=pool, num_cpus=threads_per_actor,
         batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model": model, "threads": threads_per_actor,
                                "sampling_params": dict(sampling_params or {}),

@@ -59,13 +59,16 @@ class RayServeOptions:
     """Autoscaling target: ongoing requests per replica."""
     prefix_chars: int = 256
     """Characters of the prompt prefix hashed into the affinity key."""
+    ingress_replicas: int = 1
+    """Replicas of the HTTP ingress (each is one Python process forwarding requests)."""
     load_bound: int = 4
     """How many more ongoing requests than the least-loaded replica the preferred replica
     may have before a request leaves it."""
 
     def validate(self) -> None:
-        if self.num_replicas < 1 or self.threads_per_replica < 1:
-            raise ValueError("num_replicas and threads_per_replica must be >= 1")
+        if min(self.num_replicas, self.threads_per_replica, self.ingress_replicas) < 1:
+            raise ValueError("num_replicas, threads_per_replica and ingress_replicas must be "
+                             ">= 1")
         low, high = self.min_replicas, self.max_replicas
         if (low is not None and low < 0) or (high is not None and high < 1):
             raise ValueError("min_replicas must be >= 0 and max_replicas >= 1")
@@ -247,7 +250,8 @@ def build_app(config: EngineConfig, options: RayServeOptions | None = None) -> A
             request_router_class=PrefixAffinityRouter,  # type: ignore[arg-type]
             request_router_kwargs={"load_bound": options.load_bound}),
         health_check_period_s=10, **scaling)
-    ingress = deployment(EmberIngress, name="EmberIngress", num_replicas=1,
+    ingress = deployment(EmberIngress, name="EmberIngress",
+                         num_replicas=options.ingress_replicas,
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     return ingress.bind(replica.bind(replica_config), options.prefix_chars)
 
@@ -258,7 +262,7 @@ def app_builder(args: Mapping[str, str]) -> Any:
     from ember.config import ModelConfig
 
     known = {"model", "num_replicas", "threads_per_replica", "min_replicas", "max_replicas",
-             "prefix_chars", "load_bound", "target_ongoing_requests"}
+             "prefix_chars", "load_bound", "target_ongoing_requests", "ingress_replicas"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown arguments {unknown}; accepted: {sorted(known)}")

@@ -84,16 +84,18 @@ def test_ray_data_matches_single_process(ray_session: Any, reference: dict) -> N
     rows: list[dict[str, Any]] = [{"id": i, "messages": chat} for i, chat in enumerate(CHATS)]
     rows.append({"id": 99, "messages": CHATS[0],
                  "sampling_params": {"max_tokens": 3}})  # a per-row override of the job's
+    rows.append({"id": 98, "messages": CHATS[1], "sampling_params": {"max_tokens": -1}})
     ds = ray_session.data.from_items(rows, override_num_blocks=3)
     out = generate_dataset(ds, concurrency=2, threads_per_actor=1, batch_size=2,
                            sampling_params={"temperature": 0.0, "max_tokens": MAX_TOKENS},
                            engine_kwargs={"quantization": "auto"})
     results = {int(r["id"]): r for r in out.take_all()}
-    assert sorted(results) == [0, 1, 2, 3, 99]
+    assert sorted(results) == [0, 1, 2, 3, 98, 99]
+    assert "max_tokens" in results[98]["error"] and results[98]["generated_text"] == ""
     for i, (ids, text) in enumerate(zip(reference["chat_ids"], reference["chat_text"])):
         assert list(results[i]["generated_token_ids"]) == ids
         assert results[i]["generated_text"] == text
-        assert results[i]["num_generated_tokens"] == len(ids)
+        assert results[i]["num_generated_tokens"] == len(ids) and results[i]["error"] == ""
     assert list(results[99]["generated_token_ids"]) == reference["chat_ids"][0][:3]
     assert results[99]["finish_reason"] == "length"
 
