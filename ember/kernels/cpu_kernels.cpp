@@ -79,15 +79,27 @@ void rope_store_qkv(float* qkv, const float* cos_t, const float* sin_t, int64_t 
                    v_cache, slots[i]);
 }
 
-// One query token per request against its paged context. q (B, Hq, D) with q_stride floats
-// between requests; caches (num_blocks * block_size, Hk, D) bfloat16; block_tables
-// (B, max_blocks); lens (B,). out (B, Hq, D).
+// Attention of `batch` query rows against their paged contexts. q (B, Hq, D) with q_stride
+// floats between rows; caches (num_blocks * block_size, Hk, D) bfloat16; block_tables
+// (B, max_blocks); lens (B,): row i attends to keys [0, lens[i]) (a sliding window > 0 keeps
+// the last `window` of them). out (B, Hq, D). Rows of one sequence (prefill chunks) are tiled,
+// long contexts split across threads (attention.h).
 void paged_decode_attention(const float* q, int64_t q_stride, const kv_t* k_cache,
                             const kv_t* v_cache, const int64_t* block_tables, int64_t max_blocks,
                             const int64_t* lens, int64_t batch, int64_t hq, int64_t hk,
-                            int64_t dim, int64_t block_size, float scale, float* out,
-                            int nthreads) {
+                            int64_t dim, int64_t block_size, float scale, int64_t window,
+                            float* out, int nthreads) {
   const DecodeCtx c{block_tables, max_blocks, lens, hq, hk, dim, block_size, scale};
+  if (tiled_attention_supports(dim)) {
+    AttnPlan plan = make_attn_plan(c, batch, window, nthreads);
+    const KvCache kv{k_cache, v_cache, nullptr, nullptr, 0};
+#pragma omp parallel num_threads(nthreads)
+    {
+      AttnScratch sc(hq / hk, dim);
+      attend_planned(c, plan, window, q, q_stride, kv, sc, out, hq * dim);
+    }
+    return;
+  }
   const int64_t max_len = *std::max_element(lens, lens + batch);
 #pragma omp parallel num_threads(nthreads)
   {

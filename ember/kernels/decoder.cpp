@@ -60,11 +60,15 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
   QuantizedActs qa_h(batch, h), qa_attn(batch, hq * dim), qa_act(batch, s.inter);
   const DecodeCtx ctx{block_tables, max_blocks, lens, hq, s.hk, dim, s.block_size, s.scale};
   const int64_t max_len = *std::max_element(lens, lens + batch);
+  const bool tiled = tiled_attention_supports(dim);
+  // NOTE: one attention plan for every layer (lens and block tables are the step's).
+  AttnPlan plan = tiled ? make_attn_plan(ctx, batch, 0, nthreads) : AttnPlan{};
   // NOTE: every stage is a worksharing loop (rows, tiles or heads) ending in the implicit
   // barrier the next stage needs; one parallel region for the whole step.
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> scores(static_cast<size_t>(max_len * (hq / s.hk)));
+    std::vector<float> scores(static_cast<size_t>(tiled ? 0 : max_len * (hq / s.hk)));
+    AttnScratch sc(tiled ? hq / s.hk : 0, dim);
     for (int64_t l = 0; l < num_layers; ++l) {
       const LayerW& L = layers[l];
 #pragma omp for schedule(static)
@@ -79,11 +83,16 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
       for (int64_t b = 0; b < batch; ++b)
         rope_store_row(qkv.data() + b * qkv_np, cos_t + b * dim / 2, sin_t + b * dim / 2, hq,
                        s.hk, dim, L.k_cache, L.v_cache, slots[b]);
+      if (tiled) {
+        const KvCache kv{L.k_cache, L.v_cache, nullptr, nullptr, 0};
+        attend_planned(ctx, plan, 0, qkv.data(), qkv_np, kv, sc, attn.data(), hq * dim);
+      } else {
 #pragma omp for schedule(dynamic) collapse(2)
-      for (int64_t b = 0; b < batch; ++b)
-        for (int64_t g = 0; g < s.hk; ++g)
-          attend_kv_group(ctx, b, g, qkv.data() + b * qkv_np, L.k_cache, L.v_cache,
-                          scores.data(), attn.data() + b * hq * dim);
+        for (int64_t b = 0; b < batch; ++b)
+          for (int64_t g = 0; g < s.hk; ++g)
+            attend_kv_group(ctx, b, g, qkv.data() + b * qkv_np, L.k_cache, L.v_cache,
+                            scores.data(), attn.data() + b * hq * dim);
+      }
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < batch; ++b) qa_attn.quantize_row(attn.data() + b * hq * dim, b);
       gemm_tiles(L.o, qa_attn, batch, proj.data());

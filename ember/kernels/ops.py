@@ -99,7 +99,7 @@ class CpuKernels:
             "silu_mul": [ptr, i64, i64, ptr],
             "rope_store_qkv": [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr],
             "paged_decode_attention": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64,
-                                       i64, f32, ptr, i32],
+                                       i64, f32, i64, ptr, i32],
         }
         for name, args in sigs.items():
             fn = getattr(lib, name)
@@ -179,15 +179,17 @@ class CpuKernels:
     def paged_decode_attention(self, qkv: torch.Tensor, num_heads: int, head_dim: int,
                                k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, lens: torch.Tensor,
-                               scale: float) -> torch.Tensor:
+                               scale: float, window: int | None = None) -> torch.Tensor:
         """Queries = the q heads of the first B rows of qkv (rows of (Hq + 2 Hk) * D floats);
-        caches (blocks, block_size, Hk, D) bfloat16; block_tables (B, max_blocks). Returns
-        (B, Hq * D)."""
+        caches (blocks, block_size, Hk, D) bfloat16; block_tables (B, max_blocks); lens (B,):
+        row i attends to keys [0, lens[i]), or only the last `window` of them. Consecutive
+        rows of one sequence are tiled (flash-style), long contexts split across threads.
+        Returns (B, Hq * D)."""
         _check_kv(k_cache, v_cache)
         b = block_tables.shape[0]
         out = torch.empty(b, num_heads * head_dim, dtype=torch.float32)
         self.lib.paged_decode_attention(
             _ptr(qkv), qkv.stride(0), _ptr(k_cache), _ptr(v_cache), _ptr(block_tables),
             block_tables.shape[1], _ptr(lens), b, num_heads, k_cache.shape[2], head_dim,
-            k_cache.shape[1], scale, _ptr(out), self.num_threads)
+            k_cache.shape[1], scale, window or 0, _ptr(out), self.num_threads)
         return out
