@@ -289,6 +289,25 @@ inline void merge_parts(const DecodeCtx& c, const AttnPlan& plan, const AttnMerg
   }
 }
 
+// The k and v heads of one rotated qkv row (after the Hq query heads) into int8 caches at
+// `slot`: per head q = round(x * 127 / amax), scale = amax / 127 (symmetric, per token and head).
+inline void store_kv_i8(const float* r, int64_t hq, int64_t hk, int64_t dim, int8_t* k_cache,
+                        int8_t* v_cache, float* k_scale, float* v_scale, int64_t slot) {
+  for (int64_t which = 0; which < 2; ++which) {
+    int8_t* cache = which == 0 ? k_cache : v_cache;
+    float* scales = which == 0 ? k_scale : v_scale;
+    for (int64_t h = 0; h < hk; ++h) {
+      const float* x = r + (hq + which * hk + h) * dim;
+      float amax = 0.0f;
+      for (int64_t j = 0; j < dim; ++j) amax = std::max(amax, fabsf(x[j]));
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int8_t* dst = cache + (slot * hk + h) * dim;
+      for (int64_t j = 0; j < dim; ++j) dst[j] = static_cast<int8_t>(lrintf(x[j] * inv));
+      scales[slot * hk + h] = amax / 127.0f;
+    }
+  }
+}
+
 // Head dims the tiled kernel is compiled for (others take the per-row kernels).
 inline bool tiled_attention_supports(int64_t dim) {
   return dim == 64 || dim == 128 || dim == 256;

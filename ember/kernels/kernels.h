@@ -250,6 +250,7 @@ inline void rope_store_row(float* r, const float* c, const float* s, int64_t hq,
       x[j + half] = b * c[j] + a * s[j];
     }
   }
+  if (k_cache == nullptr) return;  // an int8 cache: the caller quantizes (attention.h)
   store_bf16(k_cache + slot * kv_row, r + hq * dim, kv_row);
   store_bf16(v_cache + slot * kv_row, r + (hq + hk) * dim, kv_row);
 }

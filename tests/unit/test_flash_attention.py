@@ -114,3 +114,52 @@ def test_rows_of_different_sequences_are_not_tiled_together(kernels):
                                          dim ** -0.5)
     ref = _reference(q, k_cache, v_cache, row_tables, lens, dim ** -0.5, None)
     torch.testing.assert_close(got.view(2, hq, dim).double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def _quantize_int8(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per slot and head: q = round(x * 127 / amax), scale = amax / 127 (the kernels' rule)."""
+    x = cache.float()
+    amax = x.abs().amax(-1)  # (blocks, block_size, Hk)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(x * inv.unsqueeze(-1)).to(torch.int8)
+    return q, (amax / 127.0).contiguous()
+
+
+@pytest.mark.parametrize("hq, hk, dim, bs, seqs, window", [
+    (9, 3, 64, 16, [(0, 1), (40, 1), (0, 37)], None),
+    (4, 2, 128, 16, [(1700, 1)], None),  # split-K over int8 blocks
+    (6, 2, 64, 8, [(200, 30)], 64),
+])
+def test_int8_cache_attention_matches_dequantized_reference(kernels, hq, hk, dim, bs, seqs,
+                                                            window):
+    gen = torch.Generator().manual_seed(dim + hq + bs)
+    k16, v16, tables = _cache(gen, [a + b for a, b in seqs], hk, dim, bs)
+    (kq, ks), (vq, vs) = _quantize_int8(k16), _quantize_int8(v16)
+    row_tables, lens = _rows(seqs, tables)
+    t = lens.shape[0]
+    q = torch.randn(t, hq, dim, generator=gen) * 2
+    qkv = torch.cat([q.reshape(t, -1), torch.zeros(t, 2 * hk * dim)], dim=1)
+    got = kernels.paged_decode_attention(qkv, hq, dim, kq, vq, row_tables, lens, dim ** -0.5,
+                                         window, k_scale=ks, v_scale=vs)
+    k_deq = kq.float() * ks.unsqueeze(-1)
+    v_deq = vq.float() * vs.unsqueeze(-1)
+    ref = _reference(q, k_deq, v_deq, row_tables, lens, dim ** -0.5, window)
+    torch.testing.assert_close(got.view(t, hq, dim).double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_int8_cache_write_quantizes_per_token_and_head(kernels):
+    gen = torch.Generator().manual_seed(3)
+    t, hq, hk, dim = 3, 4, 2, 64
+    cos = torch.ones(t, dim // 2)  # identity rotation: the stored rows are the inputs
+    sin = torch.zeros(t, dim // 2)
+    qkv = torch.randn(t, (hq + 2 * hk) * dim, generator=gen)
+    kq, vq = (torch.zeros(4, 4, hk, dim, dtype=torch.int8) for _ in range(2))
+    ks, vs = torch.zeros(4, 4, hk), torch.zeros(4, 4, hk)
+    slots = torch.tensor([1, 6, 13])
+    kernels.rope_store_qkv(qkv.clone(), cos, sin, hq, hk, dim, kq, vq, slots, ks, vs)
+    k = qkv[:, hq * dim:(hq + hk) * dim].reshape(t, hk, dim)
+    v = qkv[:, (hq + hk) * dim:].reshape(t, hk, dim)
+    for cache, scales, x in ((kq, ks, k), (vq, vs, v)):
+        q_ref, s_ref = _quantize_int8(x)
+        torch.testing.assert_close(scales.view(-1, hk)[slots], s_ref)
+        assert torch.equal(cache.view(-1, hk, dim)[slots], q_ref)
