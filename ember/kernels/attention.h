@@ -88,7 +88,11 @@ inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window,
   for (const auto& [r0, nr] : runs) {
     const int64_t k0 = first_key(c, r0, window), k1 = c.lens[r0 + nr - 1];
     int64_t ns = 1;
-    if (items < want) ns = std::min((want + items - 1) / items, (k1 - k0) / kMinSplit);
+    if (items < want) {
+      ns = (want + items - 1) / items;
+      while ((ns * items) % nthreads) ++ns;  // whole rounds: every thread gets as many items
+      ns = std::min(ns, (k1 - k0) / kMinSplit);
+    }
     if (ns <= 1) {
       plan.tiles.push_back({r0, nr, k0, k1, -1});
       continue;
