@@ -55,6 +55,10 @@ class EnvSettings:
         )
 
 
+KV_CACHE_DTYPES = ("auto", "bf16", "int8", "fp32")
+"""Values of `ModelConfig.kv_cache_dtype` (the CLI's --kv-cache-dtype)."""
+
+
 @dataclass
 class ModelConfig:
     """Which model to run and in what precision."""
@@ -74,6 +78,11 @@ class ModelConfig:
     """Use Ember's compiled AVX-512/VNNI kernels when this CPU has them (else PyTorch ops)."""
     chat_template: str | None = None
     """A jinja2 chat-template file replacing (or, for base models, supplying) the model's."""
+    kv_cache_dtype: str = "auto"
+    """KV cache element type, resolved by the ExecutionPlan: 'auto' (bfloat16 for quantized
+    models on Ember's kernels, else `dtype`), 'bf16', 'int8' (8 bits with a float32 scale per
+    token and KV head, about half the bytes of bf16; on Ember's attention kernels only) or
+    'fp32' (float32 with PyTorch's attention: the reference path)."""
     generation_config: str = "auto"
     """Default sampling values (vLLM's --generation-config): 'auto' takes the model's own
     (generation_config.json, GGUF general.sampling.*; Ember's fallback when it has none),
@@ -86,6 +95,9 @@ class ModelConfig:
         if self.quantization not in (None, "int8", "int4", "auto"):
             raise ConfigError(f"quantization must be 'int8', 'int4', 'auto' or unset, "
                               f"got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.chat_template is not None and not os.path.isfile(self.chat_template):

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ember.config import EnvSettings, ModelConfig
-from ember.kernels.ops import CpuKernels
+from ember.config import ConfigError, EnvSettings, ModelConfig
+from ember.kernels.ops import INT8_HEAD_DIMS, CpuKernels
 from ember.layers.factory import FUSIONS, LayerFactory
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM
@@ -100,24 +100,43 @@ def resolve_plan(config: ModelConfig, arch: ArchConfig, model_cls: type[CausalLM
     the bytes long-context attention reads) and, where the architecture is plain Llama
     attention, runs the attention kernels and (where the model describes its layer stack) the
     fused decoder; dense float32 keeps the exact PyTorch attention and float32 cache.
+    `config.kv_cache_dtype` overrides the KV dtype: 'fp32' puts attention on PyTorch (the
+    reference), 'int8' needs the attention kernels (ConfigError otherwise).
     """
     weights = source_format if config.quantization == "auto" else config.quantization
     use_kernels = kernels is not None and config.cpu_kernels
     quantized = weights is not None
     dtype = (torch.bfloat16 if config.dtype == "bfloat16" or (quantized and not use_kernels)
              else torch.float32)
-    kv_dtype = torch.bfloat16 if use_kernels and quantized and dtype == torch.float32 else dtype
-    paged = (use_kernels and dtype == torch.float32 and kv_dtype == torch.bfloat16
+    kv_dtype = _kv_dtype(config.kv_cache_dtype, use_kernels and quantized and
+                         dtype == torch.float32, dtype)
+    paged = (use_kernels and dtype == torch.float32
+             and kv_dtype in (torch.bfloat16, torch.int8)
              and model_cls.supports_kernel_attention(arch))
+    if kv_dtype == torch.int8 and arch.head_dim not in INT8_HEAD_DIMS:
+        raise ConfigError(f"--kv-cache-dtype int8 needs head_dim in {INT8_HEAD_DIMS}, this "
+                          f"model has {arch.head_dim}")
+    if kv_dtype == torch.int8 and not paged:
+        raise ConfigError("--kv-cache-dtype int8 runs on Ember's attention kernels only: it "
+                          "needs float32 activations, a plain Llama-style architecture and a "
+                          "CPU the kernels run on")
     plan = ExecutionPlan(
         backend=KERNELS if use_kernels else TORCH,
         isa=kernels.isa if use_kernels and kernels is not None else None,
         dtype=dtype, weights=weights, kv_dtype=kv_dtype,
         attention=KERNELS_PAGED if paged else TORCH,
-        fused_decoder=paged and model_cls.supports_kernel_decoder(arch),
+        fused_decoder=paged and quantized and model_cls.supports_kernel_decoder(arch),
         fusions=FUSIONS, kernels=kernels if use_kernels else None)
     logger.info("%s", plan.describe())
     return plan
+
+
+def _kv_dtype(choice: str, kernel_default: bool, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache dtype of --kv-cache-dtype; 'auto': bfloat16 where the kernels run a
+    quantized model (`kernel_default`), else the activation dtype."""
+    if choice == "auto":
+        return torch.bfloat16 if kernel_default else dtype
+    return {"bf16": torch.bfloat16, "int8": torch.int8, "fp32": torch.float32}[choice]
 
 
 def _name(dtype: torch.dtype) -> str:

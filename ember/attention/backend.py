@@ -35,18 +35,20 @@ def kernel_qkv_attention(kernels: CpuKernels, qkv: torch.Tensor, num_heads: int,
                          num_kv_heads: int, head_dim: int,
                          rope: tuple[torch.Tensor, torch.Tensor],
                          kv_cache: tuple[torch.Tensor, ...], meta: AttentionMetadata,
-                         scale: float) -> torch.Tensor:
+                         scale: float, window: int | None = None) -> torch.Tensor:
     """Plain Llama attention of fused projections qkv (T, (Hq + 2 Hk) * D) float32 on the
     kernels -> (T, Hq * D): RoPE and the cache write fused, then paged attention."""
     qkv = qkv.contiguous()
-    k_cache, v_cache = kv_cache
+    k_cache, v_cache = kv_cache[:2]
+    k_scale, v_scale = kv_cache[2:] if len(kv_cache) == 4 else (None, None)  # int8 cache
     kernels.rope_store_qkv(qkv, rope[0], rope[1], num_heads, num_kv_heads, head_dim, k_cache,
-                           v_cache, meta.slot_mapping)
+                           v_cache, meta.slot_mapping, k_scale, v_scale)
     # NOTE: every row (decode or prefill) is one query over its cached context, itself
     # included: the same kernel and order as the fused decoder, so both paths agree exactly.
     assert meta.row_block_tables is not None and meta.row_lens is not None
     return kernels.paged_decode_attention(qkv, num_heads, head_dim, k_cache, v_cache,
-                                          meta.row_block_tables, meta.row_lens, scale)
+                                          meta.row_block_tables, meta.row_lens, scale,
+                                          window, k_scale=k_scale, v_scale=v_scale)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

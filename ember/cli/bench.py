@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 
 def _int_list(text: str) -> list[int]:
@@ -90,11 +91,44 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
     if note:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    if args.long_context:
+        return _long_context(args, str(source.path), llama_bench, console)
     run_offline_bench(OfflineBenchArgs(
         model_path=str(source.path), out_dir=Path(args.out), repeats=args.repeats,
         threads=args.threads, decode_tokens=args.decode_tokens,
         include_hf=not args.no_transformers, ember_variants=variants,
         llama_bench=llama_bench), console)
+    return 0
+
+
+def _long_context(args: argparse.Namespace, model_path: str, llama_bench: Path | None,
+                  console: Console) -> int:
+    """`ember bench offline --long-context`: the rows of ember.bench.longctx."""
+    from ember.bench.longctx import LongCtxArgs, run_longctx_bench
+
+    data = Path(args.data_dir)
+    variants = tuple(args.ember or ["int4"])
+    report = run_longctx_bench(LongCtxArgs(
+        model_path=model_path, out_dir=Path(args.out), text=data / "emma.txt",
+        ppl_text=data / "pride_and_prejudice.txt", threads=args.threads,
+        quantization=variants[0], llama_bench=llama_bench,
+        kv_variants=tuple(args.kv_cache_dtype or ["bf16", "int8"])))
+    table = Table(title=f"long context (depth {report['depth']}, load average "
+                        f"{report['loadavg_before'][0]:.1f})")
+    table.add_column("engine")
+    keys = sorted({k for figs in report["engines"].values() for k in figs})
+    for k in keys:
+        table.add_column(k, justify="right")
+    for label, figs in report["engines"].items():
+        table.add_row(label, *[f"{figs[k]:.2f}" if k in figs else "-" for k in keys])
+    console.print(table)
+    ref = report["reference_fp32_kv"] or {}
+    console.print(f"reference (PyTorch attention, fp32 KV) ppl_4096: {ref.get('ppl_4096')}",
+                  highlight=False)
+    for label, d in report["derived"].items():
+        console.print(f"{label}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items()),
+                      highlight=False)
+    console.print(f"wrote {args.out}/longctx.json and longctx.png", highlight=False)
     return 0
 
 
@@ -114,6 +148,14 @@ def _register_offline(bench_sub: argparse._SubParsersAction) -> None:
                    help="native llama.cpp's llama-bench binary (or its bin folder) as the "
                         "'llama.cpp-native' peer (default: ~/.cache/ember-peers/"
                         "llama.cpp-native/build/bin/llama-bench if it exists, else skipped)")
+    p.add_argument("--long-context", action="store_true",
+                   help="run the long-context rows instead (prefill 512/4096, decode at depth "
+                        "4096, perplexity over 4096-token windows per KV cache dtype)")
+    p.add_argument("--kv-cache-dtype", action="append", default=None, choices=["bf16", "int8"],
+                   help="KV cache dtype(s) of the --long-context rows (default bf16 and int8)")
+    p.add_argument("--data-dir", default="../shared/data",
+                   help="folder with emma.txt (prompts) and pride_and_prejudice.txt "
+                        "(perplexity) for --long-context")
     p.add_argument("--out", default="bench_out", help="folder for the JSON and PNG")
     p.set_defaults(func=cmd_bench_offline)
 

@@ -47,7 +47,8 @@ def _eval_one(args: argparse.Namespace, model: str, text: str, reference: Any,
     # NOTE: agreement / KL run the offline (unfused, float32) model; perplexity, bytes and
     # speed run the engine with its runtime weight layout.
     candidate = _load_reference(model, progress) if reference is not None else None
-    llm = LLM(model, dtype=args.dtype, quantization=args.quantization, show_progress=False)
+    llm = LLM(model, dtype=args.dtype, quantization=args.quantization, show_progress=False,
+              kv_cache_dtype=args.kv_cache_dtype)
     result = evaluate(llm, text, str(Path(args.text).expanduser().resolve()),
                       reference=reference, candidate=candidate, reference_name=args.reference,
                       window=args.window, max_tokens=args.max_tokens,
@@ -57,6 +58,9 @@ def _eval_one(args: argparse.Namespace, model: str, text: str, reference: Any,
     if args.quantization:
         result.label += f" [runtime {args.quantization}]"
         result.settings["runtime_quantization"] = args.quantization
+    if args.kv_cache_dtype != "auto":
+        result.label += f" [kv {args.kv_cache_dtype}]"
+        result.settings["kv_cache_dtype"] = args.kv_cache_dtype
     return result
 
 
@@ -145,6 +149,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--quantization", default=None, choices=["int8", "int4"],
                    help="engine runtime weight format (default: dense in --dtype)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "int8", "fp32"],
+                   help="engine KV cache dtype (int8: its perplexity cost vs bf16; fp32: "
+                        "PyTorch attention, the reference)")
     p.add_argument("--label", default=None, help="name of the variant in results")
     p.add_argument("--json", default=None,
                    help="write results: a .json file (one model) or a directory")

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ember.config import DEFAULT_MODEL, EnvSettings, SpecConfig
+from ember.config import DEFAULT_MODEL, KV_CACHE_DTYPES, EnvSettings, SpecConfig
 from ember.engine.generation_defaults import GenerationDefaults
 from ember.types import SamplingParams
 
@@ -50,6 +50,10 @@ def add_quantization_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -
                         "(Q4 GGUF -> int4, Q8_0 -> int8, else dense); none: dense --dtype")
     p.add_argument("--no-cpu-kernels", action="store_true",
                    help="use PyTorch ops instead of Ember's AVX-512 kernels")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="KV cache element type. auto (default): bf16 for quantized models on "
+                        "the kernels, else --dtype; int8: half the KV bytes (a scale per token "
+                        "and head; attention kernels only); fp32: PyTorch attention (reference)")
 
 
 def quantization_of(args: argparse.Namespace) -> str | None:
@@ -82,6 +86,7 @@ def _llm(args: argparse.Namespace) -> Any:
     from ember.engine.llm import LLM
     return LLM(args.model, dtype=args.dtype, quantization=quantization_of(args),
                max_model_len=args.max_model_len, cpu_kernels=not args.no_cpu_kernels,
+               kv_cache_dtype=args.kv_cache_dtype,
                generation_config=args.generation_config, chat_template=args.chat_template,
                speculative_config=spec_dict(args.speculative_config))
 
@@ -167,7 +172,8 @@ def _model_info(args: argparse.Namespace) -> int:
 
     env = EnvSettings.from_env()
     config = ModelConfig(model=args.info, quantization=quantization_of(args),
-                         cpu_kernels=not args.no_cpu_kernels)
+                         cpu_kernels=not args.no_cpu_kernels,
+                         kv_cache_dtype=args.kv_cache_dtype)
     config.validate()
     loaded = load_model(config, env, runtime=True, kernels=load_kernels(config, env))
     arch = loaded.arch

@@ -75,6 +75,7 @@ def _config(args: argparse.Namespace) -> EngineConfig:
         model=ModelConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
                           quantization=quantization_of(args),
                           cpu_kernels=not args.no_cpu_kernels,
+                          kv_cache_dtype=args.kv_cache_dtype,
                           generation_config=args.generation_config,
                           chat_template=args.chat_template),
         cache=CacheConfig(block_size=args.block_size, kv_cache_mb=args.kv_cache_mb,

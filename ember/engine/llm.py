@@ -37,7 +37,7 @@ class LLM:
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int = 512,
                  max_num_seqs: int = 64, seed: int = 0, show_progress: bool = True,
                  cpu_kernels: bool = True, generation_config: str = "auto",
-                 chat_template: str | None = None,
+                 chat_template: str | None = None, kv_cache_dtype: str = "auto",
                  speculative_config: dict[str, Any] | None = None,
                  config: EngineConfig | None = None) -> None:
         """quantization: the runtime weight format, as the CLI's --quantization: 'auto' (the
@@ -53,6 +53,7 @@ class LLM:
             config = EngineConfig(
                 model=ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len,
                                   quantization=quantization, cpu_kernels=cpu_kernels,
+                                  kv_cache_dtype=kv_cache_dtype,
                                   generation_config=generation_config,
                                   chat_template=chat_template),
                 cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,

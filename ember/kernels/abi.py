@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 from ctypes import Structure, c_float, c_int, c_int64, c_void_p
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 
 class LinearW(Structure):
@@ -27,7 +27,8 @@ class LayerW(Structure):
 
     _fields_ = [("in_norm", c_void_p), ("post_norm", c_void_p), ("qkv", LinearW),
                 ("o", LinearW), ("gate_up", LinearW), ("down", LinearW),
-                ("k_cache", c_void_p), ("v_cache", c_void_p)]
+                ("k_cache", c_void_p), ("v_cache", c_void_p), ("k_scale", c_void_p),
+                ("v_scale", c_void_p), ("kv_dtype", c_int64), ("window", c_int64)]
 
 
 class Shape(Structure):

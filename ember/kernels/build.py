@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_kernels.cpp", HERE / "decoder.cpp")
-HEADERS = (HERE / "common.h", HERE / "kernels.h", HERE / "isa_avx2.h")
+HEADERS = (HERE / "common.h", HERE / "kernels.h", HERE / "isa_avx2.h", HERE / "attention.h")
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 
 

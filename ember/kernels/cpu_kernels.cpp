@@ -79,15 +79,43 @@ void rope_store_qkv(float* qkv, const float* cos_t, const float* sin_t, int64_t 
                    v_cache, slots[i]);
 }
 
-// One query token per request against its paged context. q (B, Hq, D) with q_stride floats
-// between requests; caches (num_blocks * block_size, Hk, D) bfloat16; block_tables
-// (B, max_blocks); lens (B,). out (B, Hq, D).
-void paged_decode_attention(const float* q, int64_t q_stride, const kv_t* k_cache,
-                            const kv_t* v_cache, const int64_t* block_tables, int64_t max_blocks,
+// rope_store_qkv for int8 caches (S, Hk, D) with float32 scales (S, Hk) per token and head.
+void rope_store_qkv_i8(float* qkv, const float* cos_t, const float* sin_t, int64_t t,
+                       int64_t hq, int64_t hk, int64_t dim, int8_t* k_cache, int8_t* v_cache,
+                       float* k_scale, float* v_scale, const int64_t* slots) {
+  const int64_t row = (hq + 2 * hk) * dim;
+  for (int64_t i = 0; i < t; ++i) {
+    float* r = qkv + i * row;
+    rope_store_row(r, cos_t + i * dim / 2, sin_t + i * dim / 2, hq, hk, dim, nullptr, nullptr,
+                   0);
+    store_kv_i8(r, hq, hk, dim, k_cache, v_cache, k_scale, v_scale, slots[i]);
+  }
+}
+
+// Attention of `batch` query rows against their paged contexts. q (B, Hq, D) with q_stride
+// floats between rows; caches (num_blocks * block_size, Hk, D) bfloat16; block_tables
+// (B, max_blocks); lens (B,): row i attends to keys [0, lens[i]) (a sliding window > 0 keeps
+// the last `window` of them). out (B, Hq, D). Rows of one sequence (prefill chunks) are tiled,
+// long contexts split across threads (attention.h).
+// kv_dtype 1: int8 caches with float32 scales k_scale / v_scale (S, Hk) (head dims 64, 128,
+// 256 only); 0: bfloat16 (scales unused).
+void paged_decode_attention(const float* q, int64_t q_stride, const void* k_cache,
+                            const void* v_cache, const float* k_scale, const float* v_scale,
+                            int64_t kv_dtype, const int64_t* block_tables, int64_t max_blocks,
                             const int64_t* lens, int64_t batch, int64_t hq, int64_t hk,
-                            int64_t dim, int64_t block_size, float scale, float* out,
-                            int nthreads) {
+                            int64_t dim, int64_t block_size, float scale, int64_t window,
+                            float* out, int nthreads) {
   const DecodeCtx c{block_tables, max_blocks, lens, hq, hk, dim, block_size, scale};
+  if (tiled_attention_supports(dim)) {
+    AttnPlan plan = make_attn_plan(c, batch, window, nthreads);
+    const KvCache kv{k_cache, v_cache, k_scale, v_scale, kv_dtype};
+#pragma omp parallel num_threads(nthreads)
+    {
+      AttnScratch sc(hq / hk, dim);
+      attend_planned(c, plan, window, q, q_stride, kv, sc, out, hq * dim);
+    }
+    return;
+  }
   const int64_t max_len = *std::max_element(lens, lens + batch);
 #pragma omp parallel num_threads(nthreads)
   {
@@ -95,8 +123,8 @@ void paged_decode_attention(const float* q, int64_t q_stride, const kv_t* k_cach
 #pragma omp for schedule(dynamic) collapse(2)
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t g = 0; g < hk; ++g)
-        attend_kv_group(c, b, g, q + b * q_stride, k_cache, v_cache, scores.data(),
-                        out + b * hq * dim);
+        attend_kv_group(c, b, g, q + b * q_stride, static_cast<const kv_t*>(k_cache),
+                        static_cast<const kv_t*>(v_cache), scores.data(), out + b * hq * dim);
   }
 }
 

@@ -12,8 +12,12 @@ struct LayerW {
   const float* in_norm;    // (H,)
   const float* post_norm;  // (H,)
   LinearW qkv, o, gate_up, down;
-  kv_t* k_cache;  // (S, Hk, D) bfloat16
-  kv_t* v_cache;
+  void* k_cache;  // (S, Hk, D) bfloat16, or int8 with kv_dtype 1
+  void* v_cache;
+  float* k_scale;  // (S, Hk) float32 scales of int8 caches (else null)
+  float* v_scale;
+  int64_t kv_dtype;  // 0 bfloat16, 1 int8
+  int64_t window;    // sliding window (keys a query sees, itself included); 0 = full
 };
 
 struct Shape {
@@ -22,7 +26,7 @@ struct Shape {
 };
 
 // Bump together with ABI_VERSION in ember/kernels/abi.py on any change of these structs.
-constexpr int64_t kAbiVersion = 1;
+constexpr int64_t kAbiVersion = 2;
 
 }  // namespace
 
@@ -60,11 +64,24 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
   QuantizedActs qa_h(batch, h), qa_attn(batch, hq * dim), qa_act(batch, s.inter);
   const DecodeCtx ctx{block_tables, max_blocks, lens, hq, s.hk, dim, s.block_size, s.scale};
   const int64_t max_len = *std::max_element(lens, lens + batch);
+  const bool tiled = tiled_attention_supports(dim);
+  // NOTE: one attention plan per distinct window, shared by the layers with that window
+  // (lens and block tables are the step's).
+  std::vector<std::pair<int64_t, AttnPlan>> plans;
+  std::vector<size_t> plan_of(static_cast<size_t>(num_layers));
+  for (int64_t l = 0; tiled && l < num_layers; ++l) {
+    size_t i = 0;
+    while (i < plans.size() && plans[i].first != layers[l].window) ++i;
+    if (i == plans.size()) plans.push_back({layers[l].window,
+                                            make_attn_plan(ctx, batch, layers[l].window, nthreads)});
+    plan_of[static_cast<size_t>(l)] = i;
+  }
   // NOTE: every stage is a worksharing loop (rows, tiles or heads) ending in the implicit
   // barrier the next stage needs; one parallel region for the whole step.
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> scores(static_cast<size_t>(max_len * (hq / s.hk)));
+    std::vector<float> scores(static_cast<size_t>(tiled ? 0 : max_len * (hq / s.hk)));
+    AttnScratch sc(tiled ? hq / s.hk : 0, dim);
     for (int64_t l = 0; l < num_layers; ++l) {
       const LayerW& L = layers[l];
 #pragma omp for schedule(static)
@@ -77,13 +94,29 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
       gemm_tiles(L.qkv, qa_h, batch, qkv.data());
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < batch; ++b)
-        rope_store_row(qkv.data() + b * qkv_np, cos_t + b * dim / 2, sin_t + b * dim / 2, hq,
-                       s.hk, dim, L.k_cache, L.v_cache, slots[b]);
+        if (L.kv_dtype == 1) {
+          rope_store_row(qkv.data() + b * qkv_np, cos_t + b * dim / 2, sin_t + b * dim / 2, hq,
+                         s.hk, dim, nullptr, nullptr, 0);
+          store_kv_i8(qkv.data() + b * qkv_np, hq, s.hk, dim, static_cast<int8_t*>(L.k_cache),
+                      static_cast<int8_t*>(L.v_cache), L.k_scale, L.v_scale, slots[b]);
+        } else {
+          rope_store_row(qkv.data() + b * qkv_np, cos_t + b * dim / 2, sin_t + b * dim / 2, hq,
+                         s.hk, dim, static_cast<kv_t*>(L.k_cache),
+                         static_cast<kv_t*>(L.v_cache), slots[b]);
+        }
+      if (tiled) {
+        const KvCache kv{L.k_cache, L.v_cache, L.k_scale, L.v_scale, L.kv_dtype};
+        auto& [window, plan] = plans[plan_of[static_cast<size_t>(l)]];
+        attend_planned(ctx, plan, window, qkv.data(), qkv_np, kv, sc, attn.data(), hq * dim);
+      } else {
 #pragma omp for schedule(dynamic) collapse(2)
-      for (int64_t b = 0; b < batch; ++b)
-        for (int64_t g = 0; g < s.hk; ++g)
-          attend_kv_group(ctx, b, g, qkv.data() + b * qkv_np, L.k_cache, L.v_cache,
-                          scores.data(), attn.data() + b * hq * dim);
+        for (int64_t b = 0; b < batch; ++b)
+          for (int64_t g = 0; g < s.hk; ++g)
+            attend_kv_group(ctx, b, g, qkv.data() + b * qkv_np,
+                            static_cast<const kv_t*>(L.k_cache),
+                            static_cast<const kv_t*>(L.v_cache), scores.data(),
+                            attn.data() + b * hq * dim);
+      }
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < batch; ++b) qa_attn.quantize_row(attn.data() + b * hq * dim, b);
       gemm_tiles(L.o, qa_attn, batch, proj.data());

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.kernels.abi import LayerW, LinearW, Shape
-from ember.kernels.ops import CpuKernels
+from ember.kernels.ops import CpuKernels, check_kv_caches, optional_ptr
 
 Q4, Q8 = 4, 8
 """`KernelLinear.fmt` values (kernels.h `LinearW::fmt`)."""
@@ -55,8 +55,13 @@ class KernelLayer:
     """Rows gate (I), up (I)."""
     down: KernelLinear
     k_cache: torch.Tensor
-    """(blocks, block_size, Hk, D) bfloat16."""
+    """(blocks, block_size, Hk, D) bfloat16 or int8."""
     v_cache: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    """(blocks, block_size, Hk) float32 scales of an int8 cache (None for bfloat16)."""
+    v_scale: torch.Tensor | None = None
+    window: int | None = None
+    """Sliding window of this layer (keys a query sees, itself included); None = full."""
 
 
 @dataclass(frozen=True)
@@ -79,18 +84,17 @@ class FusedDecoder:
     """Runs a `LayerStack` through `decode_layers` (decoder.cpp)."""
 
     def __init__(self, stack: LayerStack, kernels: CpuKernels) -> None:
-        for layer in stack.layers:
-            for cache in (layer.k_cache, layer.v_cache):
-                if cache.dtype != torch.bfloat16 or not cache.is_contiguous():
-                    raise ValueError(f"the fused decoder needs contiguous bfloat16 KV caches, "
-                                     f"got {cache.dtype}")
+        kv_dtypes = [check_kv_caches(layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale)
+                     for layer in stack.layers]
         self.stack = stack
         """Keeps every tensor the C structs point to alive."""
         self.layers = (LayerW * len(stack.layers))(*[
             LayerW(layer.in_norm.data_ptr(), layer.post_norm.data_ptr(), layer.qkv.c_struct(),
                    layer.o.c_struct(), layer.gate_up.c_struct(), layer.down.c_struct(),
-                   layer.k_cache.data_ptr(), layer.v_cache.data_ptr())
-            for layer in stack.layers])
+                   layer.k_cache.data_ptr(), layer.v_cache.data_ptr(),
+                   optional_ptr(layer.k_scale), optional_ptr(layer.v_scale), kv_dtype,
+                   layer.window or 0)
+            for layer, kv_dtype in zip(stack.layers, kv_dtypes)])
         self.shape = Shape(stack.hidden, stack.intermediate, stack.num_heads,
                            stack.num_kv_heads, stack.head_dim, stack.block_size, stack.eps,
                            stack.scale)

@@ -280,6 +280,7 @@ inline void rope_store_row(float* r, const float* c, const float* s, int64_t hq,
       x[j + half] = b * c[j] + a * s[j];
     }
   }
+  if (k_cache == nullptr) return;  // an int8 cache: the caller quantizes (attention.h)
   store_bf16(k_cache + slot * kv_row, r + hq * dim, kv_row);
   store_bf16(v_cache + slot * kv_row, r + (hq + hk) * dim, kv_row);
 }
@@ -339,6 +340,26 @@ inline void attend_kv_group(const DecodeCtx& c, int64_t b, int64_t kvh, const fl
     }
     for (int64_t j = 0; j < dim; ++j) oh[j] *= inv;
   }
+}
+
+// ---- vector primitives of the ISA-independent attention (attention.h) ----------------------
+typedef __m256 vfloat;
+constexpr int kVecW = 8;
+inline vfloat v_load(const float* p) { return _mm256_loadu_ps(p); }
+inline void v_store(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
+inline vfloat v_set1(float x) { return _mm256_set1_ps(x); }
+inline vfloat v_zero() { return _mm256_setzero_ps(); }
+inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline vfloat v_mul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+inline vfloat v_load_i8(const int8_t* p) {  // 8 int8 -> 8 floats
+  int64_t raw;
+  memcpy(&raw, p, 8);
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(raw)));
+}
+// out[0..3] = the horizontal sums of a, b, c, d.
+inline void v_hsum4(vfloat a, vfloat b, vfloat c, vfloat d, float* out) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
 }
 
 }  // namespace

@@ -250,6 +250,7 @@ inline void rope_store_row(float* r, const float* c, const float* s, int64_t hq,
       x[j + half] = b * c[j] + a * s[j];
     }
   }
+  if (k_cache == nullptr) return;  // an int8 cache: the caller quantizes (attention.h)
   store_bf16(k_cache + slot * kv_row, r + hq * dim, kv_row);
   store_bf16(v_cache + slot * kv_row, r + (hq + hk) * dim, kv_row);
 }
@@ -409,5 +410,23 @@ inline void attend_kv_group(const DecodeCtx& c, int64_t b, int64_t kvh, const fl
     attend_head(c, b, h, q + h * d, k_cache, v_cache, scores, out + h * d);
 }
 
+// ---- vector primitives of the ISA-independent attention (attention.h) ----------------------
+typedef __m512 vfloat;
+constexpr int kVecW = 16;
+inline vfloat v_load(const float* p) { return _mm512_loadu_ps(p); }
+inline void v_store(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
+inline vfloat v_set1(float x) { return _mm512_set1_ps(x); }
+inline vfloat v_zero() { return _mm512_setzero_ps(); }
+inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline vfloat v_mul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+inline vfloat v_load_i8(const int8_t* p) {  // 16 int8 -> 16 floats
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline void v_hsum4(vfloat a, vfloat b, vfloat c, vfloat d, float* out) {
+  _mm_storeu_ps(out, reduce4(a, b, c, d));
+}
+
 }  // namespace
 #endif  // EMBER_ISA_AVX2
+
+#include "attention.h"

@@ -26,12 +26,32 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def _check_kv(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """The kernels read raw pointers: refuse caches of another dtype or layout."""
+INT8_HEAD_DIMS = (64, 128, 256)
+"""Head dims the int8 KV cache runs with (the tiled attention kernel's)."""
+
+
+def check_kv_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None = None,
+              v_scale: torch.Tensor | None = None) -> int:
+    """The kernels read raw pointers: refuse caches of another dtype or layout. Returns the
+    kernels' kv_dtype code: 0 bfloat16, 1 int8 (with float32 scales (blocks, block_size, Hk))."""
     for cache in (k_cache, v_cache):
-        if cache.dtype != torch.bfloat16 or not cache.is_contiguous():
-            raise ValueError(f"attention kernels need contiguous bfloat16 KV caches, got "
-                             f"{cache.dtype}")
+        if cache.dtype not in (torch.bfloat16, torch.int8) or not cache.is_contiguous():
+            raise ValueError(f"attention kernels need contiguous bfloat16 or int8 KV caches, "
+                             f"got {cache.dtype}")
+    if k_cache.dtype != torch.int8:
+        return 0
+    for scale in (k_scale, v_scale):
+        if scale is None or scale.dtype != torch.float32 or not scale.is_contiguous() \
+                or scale.shape != k_cache.shape[:-1]:
+            raise ValueError("int8 KV caches need contiguous float32 scales of shape "
+                             f"{tuple(k_cache.shape[:-1])}")
+    if k_cache.shape[-1] not in INT8_HEAD_DIMS:
+        raise ValueError(f"int8 KV caches need head_dim in {INT8_HEAD_DIMS}")
+    return 1
+
+
+def optional_ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 TILE = 16
@@ -98,8 +118,9 @@ class CpuKernels:
             "rms_norm": [ptr, ptr, ptr, i64, i64, f32, ptr],
             "silu_mul": [ptr, i64, i64, ptr],
             "rope_store_qkv": [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr],
-            "paged_decode_attention": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64,
-                                       i64, f32, ptr, i32],
+            "rope_store_qkv_i8": [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr],
+            "paged_decode_attention": [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, i64,
+                                       i64, i64, i64, i64, f32, i64, ptr, i32],
         }
         for name, args in sigs.items():
             fn = getattr(lib, name)
@@ -168,10 +189,18 @@ class CpuKernels:
 
     def rope_store_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        num_heads: int, num_kv_heads: int, head_dim: int, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+                       v_cache: torch.Tensor, slots: torch.Tensor,
+                       k_scale: torch.Tensor | None = None,
+                       v_scale: torch.Tensor | None = None) -> None:
         """Rotate the q and k heads of qkv (T, (Hq + 2 Hk) * D) in place (cos/sin (T, D/2));
-        write its k and v heads at `slots` of the caches (bfloat16)."""
-        _check_kv(k_cache, v_cache)
+        write its k and v heads at `slots` of the caches (bfloat16, or int8 with a scale per
+        slot and head in k_scale / v_scale)."""
+        if check_kv_caches(k_cache, v_cache, k_scale, v_scale) == 1:
+            self.lib.rope_store_qkv_i8(
+                _ptr(qkv), _ptr(cos), _ptr(sin), qkv.shape[0], num_heads, num_kv_heads,
+                head_dim, _ptr(k_cache), _ptr(v_cache), optional_ptr(k_scale), optional_ptr(v_scale),
+                _ptr(slots))
+            return
         self.lib.rope_store_qkv(_ptr(qkv), _ptr(cos), _ptr(sin), qkv.shape[0], num_heads,
                                 num_kv_heads, head_dim, _ptr(k_cache), _ptr(v_cache),
                                 _ptr(slots))
@@ -179,15 +208,20 @@ class CpuKernels:
     def paged_decode_attention(self, qkv: torch.Tensor, num_heads: int, head_dim: int,
                                k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, lens: torch.Tensor,
-                               scale: float) -> torch.Tensor:
+                               scale: float, window: int | None = None,
+                               k_scale: torch.Tensor | None = None,
+                               v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Queries = the q heads of the first B rows of qkv (rows of (Hq + 2 Hk) * D floats);
-        caches (blocks, block_size, Hk, D) bfloat16; block_tables (B, max_blocks). Returns
-        (B, Hq * D)."""
-        _check_kv(k_cache, v_cache)
+        caches (blocks, block_size, Hk, D) bfloat16; block_tables (B, max_blocks); lens (B,):
+        row i attends to keys [0, lens[i]), or only the last `window` of them. Consecutive
+        rows of one sequence are tiled (flash-style), long contexts split across threads.
+        int8 caches come with their scales (k_scale / v_scale). Returns (B, Hq * D)."""
+        kv_dtype = check_kv_caches(k_cache, v_cache, k_scale, v_scale)
         b = block_tables.shape[0]
         out = torch.empty(b, num_heads * head_dim, dtype=torch.float32)
         self.lib.paged_decode_attention(
-            _ptr(qkv), qkv.stride(0), _ptr(k_cache), _ptr(v_cache), _ptr(block_tables),
+            _ptr(qkv), qkv.stride(0), _ptr(k_cache), _ptr(v_cache), optional_ptr(k_scale),
+            optional_ptr(v_scale), kv_dtype, _ptr(block_tables),
             block_tables.shape[1], _ptr(lens), b, num_heads, k_cache.shape[2], head_dim,
-            k_cache.shape[1], scale, _ptr(out), self.num_threads)
+            k_cache.shape[1], scale, window or 0, _ptr(out), self.num_threads)
         return out

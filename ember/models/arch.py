@@ -76,11 +76,15 @@ class ArchConfig:
 
     @property
     def kernel_compatible(self) -> bool:
-        """Plain Llama attention: no bias, no q/k norm, no sliding window, full rotary, the
-        default scale, one RoPE base. Only then may Ember's attention kernels and fused decoder
-        run the model (they implement exactly that); anything else takes the PyTorch path."""
+        """Plain Llama attention: no bias, no q/k norm, full rotary, the default scale, one
+        RoPE base; sliding windows (Mistral) only with head dims of the tiled attention kernel
+        (64, 128, 256), which reads just each window. Only then may Ember's attention kernels
+        and fused decoder run the model (they implement exactly that); anything else takes the
+        PyTorch path."""
         windowed = any(self.layer_window(i) is not None for i in range(self.num_layers))
-        return not (self.attention_bias or self.qk_norm or windowed
+        if windowed and self.head_dim not in (64, 128, 256):
+            return False
+        return not (self.attention_bias or self.qk_norm
                     or self.rotary_dim != self.head_dim or self.query_pre_attn_scalar
                     or self.rope_local_theta is not None)
 

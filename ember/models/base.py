@@ -15,7 +15,8 @@ from ember.models.arch import ArchConfig
 if TYPE_CHECKING:
     from ember.kernels.decoder import FusedDecoder, LayerStack
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+KVCache = tuple[torch.Tensor, ...]
+"""One layer's cache: (k, v), or (k, v, k_scale, v_scale) for an int8 cache."""
 """(key cache, value cache) of one layer, each (num_blocks, block_size, H_kv, D)."""
 
 __all__ = ["CausalLM", "KVCache", "TensorTransform"]

@@ -96,7 +96,7 @@ class LlamaAttention(nn.Module):
             if self.attention_kernels is not None:
                 out = kernel_qkv_attention(self.attention_kernels, qkv, self.num_heads,
                                            self.num_kv_heads, self.head_dim, rope, kv_cache,
-                                           meta, self.scale)
+                                           meta, self.scale, self.window)
                 return self.o_proj(out)  # (T, hidden)
             q, k, v = qkv.split(self.split_sizes, dim=-1)
         else:
@@ -240,7 +240,7 @@ class LlamaForCausalLM(CausalLM):
         cfg = self.config
         layers = []
         body: LlamaBody = self.model
-        for layer, (k_cache, v_cache) in zip(body.layers, kv_caches):
+        for i, (layer, kv) in enumerate(zip(body.layers, kv_caches)):
             assert isinstance(layer, LlamaDecoderLayer)
             attn, mlp = layer.self_attn, layer.mlp
             if not (attn.fused and mlp.fused):
@@ -250,7 +250,9 @@ class LlamaForCausalLM(CausalLM):
             if qkv is None or o is None or gate_up is None or down is None:
                 return None
             norms = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-            layers.append(KernelLayer(*norms, qkv, o, gate_up, down, k_cache, v_cache))
+            k_scale, v_scale = kv[2:] if len(kv) == 4 else (None, None)  # an int8 cache's
+            layers.append(KernelLayer(*norms, qkv, o, gate_up, down, kv[0], kv[1], k_scale,
+                                      v_scale, cfg.layer_window(i)))
         return LayerStack(tuple(layers), cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                           cfg.num_kv_heads, cfg.head_dim, block_size, cfg.rms_norm_eps,
                           cfg.head_dim ** -0.5)

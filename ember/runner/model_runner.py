@@ -11,7 +11,7 @@ import torch
 from ember.attention.metadata import AttentionMetadata, PrefillChunk
 from ember.kernels.decoder import FusedDecoder
 from ember.models.arch import ArchConfig
-from ember.models.base import CausalLM
+from ember.models.base import CausalLM, KVCache
 from ember.plan import KERNELS_PAGED, ExecutionPlan
 from ember.sampling.logprobs import compute_token_logprobs
 from ember.sampling.sampler import Sampler
@@ -36,7 +36,8 @@ class _LogitsPlan:
 
 def kv_cache_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty(0, dtype=dtype).element_size()
-    return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * elem
+    per_head = arch.head_dim * elem + (4 if dtype == torch.int8 else 0)  # + an int8 scale
+    return 2 * arch.num_layers * block_size * arch.num_kv_heads * per_head
 
 
 class ModelRunner:
@@ -62,11 +63,15 @@ class ModelRunner:
         # NOTE: empty, not zeros: pages are touched only as blocks fill up (RSS grows with use).
         # Block 0 is the null block padded reads point at; it must hold finite values.
         kv_dtype = plan.kv_dtype
-        self.kv_caches = [(torch.empty(shape, dtype=kv_dtype), torch.empty(shape, dtype=kv_dtype))
-                          for _ in range(arch.num_layers)]
-        for k_cache, v_cache in self.kv_caches:
-            k_cache[0].zero_()
-            v_cache[0].zero_()
+        self.kv_caches: list[KVCache] = [
+            (torch.empty(shape, dtype=kv_dtype), torch.empty(shape, dtype=kv_dtype))
+            for _ in range(arch.num_layers)]
+        if kv_dtype == torch.int8:  # + a float32 scale per slot and KV head (K, then V)
+            self.kv_caches = [kv + (torch.zeros(shape[:-1]), torch.zeros(shape[:-1]))
+                              for kv in self.kv_caches]
+        for kv in self.kv_caches:
+            kv[0][0].zero_()
+            kv[1][0].zero_()
         # Persistent input buffers, sliced per step.
         self._input_ids = torch.zeros(max_num_batched_tokens, dtype=torch.int64)
         self._positions = torch.zeros(max_num_batched_tokens, dtype=torch.int64)
@@ -221,9 +226,9 @@ class ModelRunner:
         ever read. The kernels read only each context's own slots and skip this."""
         fresh = slots[slots % self.block_size == 0] // self.block_size  # (new blocks,)
         if fresh.numel():
-            for k_cache, v_cache in self.kv_caches:
-                k_cache.index_fill_(0, fresh, 0)
-                v_cache.index_fill_(0, fresh, 0)
+            for kv in self.kv_caches:
+                kv[0].index_fill_(0, fresh, 0)
+                kv[1].index_fill_(0, fresh, 0)
 
     def _prefill_chunk(self, sr: ScheduledRequest, q0: int, table: np.ndarray) -> PrefillChunk:
         if sr.start == 0:

@@ -81,7 +81,9 @@ class FakeKernels:
         inter = gu.shape[1] // 2
         return F.silu(gu[:, :inter]) * gu[:, inter:]
 
-    def rope_store_qkv(self, qkv, cos, sin, hq, hk, dim, k_cache, v_cache, slots):
+    def rope_store_qkv(self, qkv, cos, sin, hq, hk, dim, k_cache, v_cache, slots,
+                       k_scale=None, v_scale=None):
+        assert k_scale is None and v_scale is None, "the fake kernels keep bf16 caches only"
         self._count("rope_store_qkv")
         t = qkv.shape[0]
         q = qkv[:, :hq * dim].view(t, hq, dim)
@@ -93,12 +95,15 @@ class FakeKernels:
         k_cache.view(-1, hk, dim)[slots] = k.to(k_cache.dtype)
         v_cache.view(-1, hk, dim)[slots] = v.to(v_cache.dtype)
 
-    def paged_decode_attention(self, qkv, hq, dim, k_cache, v_cache, tables, lens, scale):
+    def paged_decode_attention(self, qkv, hq, dim, k_cache, v_cache, tables, lens, scale,
+                               window=None, k_scale=None, v_scale=None):
+        assert k_scale is None and v_scale is None, "the fake kernels keep bf16 caches only"
         self._count("paged_decode_attention")
         bs, hk = k_cache.shape[1], k_cache.shape[2]
         out = []
         for b in range(tables.shape[0]):
-            pos = torch.arange(int(lens[b]))
+            first = 0 if window is None else max(0, int(lens[b]) - window)
+            pos = torch.arange(first, int(lens[b]))
             slots = tables[b, pos // bs] * bs + pos % bs
             keys = k_cache.view(-1, hk, dim)[slots].float()  # (L, Hk, D)
             values = v_cache.view(-1, hk, dim)[slots].float()

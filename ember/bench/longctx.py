@@ -1,0 +1,227 @@
+"""Long-context rows of `ember bench offline --long-context`: Ember vs native llama.cpp.
+
+Figures (2 threads, one fresh process per engine run):
+  prefill_512_tok_s / prefill_4096_tok_s  a 512- / 4096-token prompt into an empty cache
+  decode_4096_tok_s                       tokens decoded one at a time after 4096 of context
+  ppl_4096                                perplexity over 4096-token windows (first 8192
+                                          tokens of pride_and_prejudice.txt) through the engine
+Ember runs once per KV cache dtype (bf16, int8) plus the PyTorch-attention reference (fp32 KV,
+the same kernel weights) for perplexity; llama.cpp-native runs `llama-bench -p 4096` and
+`-p 0 -n N -d 4096`. The report adds the decode bandwidth bound (weights + KV bytes read per
+token at depth 4096), the machine's load average (contention) and ratios; JSON + PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ember.bench.llama_bench import run_engine_process
+
+logger = logging.getLogger(__name__)
+
+DEPTH = 4096
+KV_VARIANTS = ("bf16", "int8")
+
+
+def _text_ids(tokenize: Any, path: Path, n: int) -> list[int]:
+    ids: list[int] = tokenize(path.read_text(encoding="utf-8"))
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def worker(model_path: str, quantization: str, kv: str, text: Path, ppl_text: Path | None,
+           decode_tokens: int, speed: bool) -> dict[str, float]:
+    """One Ember process: speed figures (speed=True) and/or perplexity over 4096 windows."""
+    from ember import LLM, SamplingParams
+    from ember.eval.perplexity import perplexity
+
+    llm = LLM(model_path, quantization=quantization, dtype="float32", show_progress=False,
+              enable_prefix_caching=False, kv_cache_dtype=kv, max_model_len=2 * DEPTH,
+              kv_cache_mb=1024)
+    out: dict[str, float] = {}
+    tok = llm.get_tokenizer()
+    if speed:
+        ids = _text_ids(lambda t: tok.encode(t, add_special_tokens=False), text, DEPTH + 512)
+        one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+        llm.generate([ids[:64]], one, use_tqdm=False)  # warm-up
+        t_first = 0.0
+        for n in (512, DEPTH):
+            t = time.perf_counter()
+            llm.generate([ids[:n]], one, use_tqdm=False)
+            t_first = time.perf_counter() - t
+            out[f"prefill_{n}_tok_s"] = n / t_first
+        # NOTE: no prefix caching: the decode run prefills the same 4096 tokens again (t_first)
+        prompt = ids[:DEPTH]
+        t = time.perf_counter()
+        res = llm.generate([prompt], SamplingParams(max_tokens=decode_tokens, temperature=0,
+                                                    ignore_eos=True), use_tqdm=False)
+        n = len(res[0].outputs[0].token_ids)
+        out[f"decode_{DEPTH}_tok_s"] = (n - 1) / max(time.perf_counter() - t - t_first, 1e-9)
+    if ppl_text is not None:
+        r = perplexity(llm, ppl_text.read_text(encoding="utf-8"), window=DEPTH,
+                       max_tokens=2 * DEPTH)
+        out[f"ppl_{DEPTH}"] = r.perplexity
+    return out
+
+
+def llama_native(binary: Path, model_path: str, threads: int, decode_tokens: int,
+                 timeout_s: float) -> dict[str, float] | None:
+    base = [str(binary), "-m", model_path, "-t", str(threads), "-fa", "1", "-r", "1",
+            "-o", "json"]
+    figures: dict[str, float] = {}
+    for args in (["-p", str(DEPTH), "-n", "0"],
+                 ["-p", "0", "-n", str(decode_tokens), "-d", str(DEPTH)]):
+        stdout = run_engine_process("llama.cpp-native", base + args, timeout_s)
+        if stdout is None:
+            return None
+        for test in json.loads(stdout):
+            if int(test.get("n_gen", 0)) == 0:
+                figures[f"prefill_{int(test['n_prompt'])}_tok_s"] = float(test["avg_ts"])
+            else:
+                figures[f"decode_{int(test.get('n_depth', 0))}_tok_s"] = float(test["avg_ts"])
+    return figures
+
+
+@dataclass
+class LongCtxArgs:
+    model_path: str
+    out_dir: Path
+    text: Path
+    """Prompt text for the speed figures (held-out from the perplexity text)."""
+    ppl_text: Path
+    threads: int = 2
+    quantization: str = "int4"
+    decode_tokens: int = 64
+    llama_bench: Path | None = None
+    timeout_s: float = 1800.0
+    kv_variants: tuple[str, ...] = field(default=KV_VARIANTS)
+
+
+def _ember(args: LongCtxArgs, kv: str, speed: bool, ppl: bool) -> dict[str, float] | None:
+    cmd = [sys.executable, "-m", "ember.bench.longctx", "--model-path", args.model_path,
+           "--quantization", args.quantization, "--kv", kv, "--text", str(args.text),
+           "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads)]
+    if ppl:
+        cmd += ["--ppl-text", str(args.ppl_text)]
+    if not speed:
+        cmd += ["--no-speed"]
+    stdout = run_engine_process(f"ember-{args.quantization}-kv-{kv}", cmd, args.timeout_s)
+    return None if stdout is None else dict(json.loads(stdout.strip().splitlines()[-1]))
+
+
+def kv_bytes_per_token(model_path: str, depth: int, kv: str) -> float:
+    """KV bytes one decoded token reads at `depth` (every layer's K and V of the context)."""
+    from ember.config import EnvSettings
+    from ember.loading.sources import resolve_model
+    from ember.loading.checkpoints import open_source
+
+    env = EnvSettings.from_env()
+    arch = open_source(resolve_model(model_path, env.model_dirs, env.cache_path),
+                       env.cache_path).arch
+    per_elem = {"bf16": 2.0, "int8": 1.0 + 4.0 / arch.head_dim, "fp32": 4.0}[kv]
+    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * per_elem * depth
+
+
+def run_longctx_bench(args: LongCtxArgs) -> dict[str, Any]:
+    from ember.bench.offline import _weight_bytes, measure_bandwidth_gbs
+
+    load = os.getloadavg()
+    bandwidth = measure_bandwidth_gbs(args.threads)
+    engines: dict[str, dict[str, float]] = {}
+    for kv in args.kv_variants:
+        logger.info("ember kv=%s ...", kv)
+        r = _ember(args, kv, speed=True, ppl=True)
+        if r is not None:
+            engines[f"ember-{args.quantization}-kv-{kv}"] = r
+    ref = _ember(args, "fp32", speed=False, ppl=True)  # PyTorch attention, same weights
+    if args.llama_bench is not None:
+        r = llama_native(args.llama_bench, args.model_path, args.threads, args.decode_tokens,
+                         args.timeout_s)
+        if r is not None:
+            engines["llama.cpp-native"] = r
+    weights = _weight_bytes(args.model_path)
+    derived: dict[str, dict[str, float]] = {}
+    native = engines.get("llama.cpp-native", {})
+    for label, figs in engines.items():
+        if not label.startswith("ember"):
+            continue
+        kv = label.rsplit("-", 1)[-1]
+        bound = bandwidth * 1e9 / (weights + kv_bytes_per_token(args.model_path, DEPTH, kv))
+        d: dict[str, float] = {"decode_bandwidth_bound_tok_s": bound}
+        dec, p512, p4k = (figs.get(f"decode_{DEPTH}_tok_s"), figs.get("prefill_512_tok_s"),
+                          figs.get(f"prefill_{DEPTH}_tok_s"))
+        if dec:
+            d["decode_bandwidth_fraction"] = dec / bound
+            if native.get(f"decode_{DEPTH}_tok_s"):
+                d["decode_vs_llama_cpp"] = dec / native[f"decode_{DEPTH}_tok_s"]
+        if p512 and p4k:
+            d["prefill_4096_over_512"] = p4k / p512
+        if p4k and native.get(f"prefill_{DEPTH}_tok_s"):
+            d["prefill_4096_vs_llama_cpp"] = p4k / native[f"prefill_{DEPTH}_tok_s"]
+        if ref and ref.get(f"ppl_{DEPTH}") and figs.get(f"ppl_{DEPTH}"):
+            d["ppl_rel_diff_vs_reference"] = figs[f"ppl_{DEPTH}"] / ref[f"ppl_{DEPTH}"] - 1
+        derived[label] = d
+    report: dict[str, Any] = {
+        "model": args.model_path, "threads": args.threads, "depth": DEPTH,
+        "loadavg_before": load, "loadavg_after": os.getloadavg(),
+        "contended": load[0] > 0.5, "bandwidth_gbs": bandwidth, "weight_bytes": weights,
+        "engines": engines, "reference_fp32_kv": ref, "derived": derived}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "longctx.json").write_text(json.dumps(report, indent=2))
+    _plot(engines, args.out_dir / "longctx.png", load[0])
+    return report
+
+
+def _plot(engines: dict[str, dict[str, float]], path: Path, load: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = ["prefill_512_tok_s", f"prefill_{DEPTH}_tok_s", f"decode_{DEPTH}_tok_s"]
+    fig, axes = plt.subplots(1, len(figs), figsize=(12, 4))
+    for ax, f in zip(axes, figs):
+        labels = [k for k in engines if f in engines[k]]
+        ax.bar(range(len(labels)), [engines[k][f] for k in labels],
+               color=["C0" if k.startswith("ember") else "C1" for k in labels])
+        ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
+        ax.set_title(f)
+        ax.set_ylabel("tokens / s")
+    fig.suptitle(f"long context, 2 threads (load average {load:.1f} at start)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The worker: one Ember process, one JSON line on stdout."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--quantization", default="int4")
+    ap.add_argument("--kv", default="bf16")
+    ap.add_argument("--text", required=True, type=Path)
+    ap.add_argument("--ppl-text", default=None, type=Path)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-speed", action="store_true")
+    a = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    result = worker(a.model_path, a.quantization, a.kv, a.text, a.ppl_text, a.decode_tokens,
+                    not a.no_speed)
+    json.dump(result, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+// Flash-style paged attention, one implementation for every ISA: it is written on the vector
+// primitives each ISA header supplies (vfloat, kVecW, v_load / v_fma / v_hsum4 / load_bf16 /
+// v_load_i8, exp_shifted), so the AVX2 and AVX-512 builds share this code.
+//
+// Query rows: the T rows of a step, row i attending to keys [0, lens[i]) of the paged cache
+// through its block table (itself included: its key is written first). Consecutive rows that
+// extend one sequence (lens[i] == lens[i-1] + 1 over the same blocks: a prefill chunk, or the
+// verification rows of speculative tokens) form query tiles of up to kQRows rows, so every
+// K/V row read serves kQRows x G query vectors (G = query heads per KV head). Work items are
+// (tile, kv head, key range): a tile whose context is long while the step has few tiles (one
+// long decode) is split over several key ranges (split-K) so every thread streams part of
+// the context; each range keeps an online softmax (running max m, sum l, unnormalised
+// accumulator) and a final log-sum-exp reduction merges the ranges. No score matrix larger
+// than one tile (kQRows x G x kKeys) exists.
+//
+// KV caches: bfloat16 (S, Hk, D), or int8 (S, Hk, D) with a float32 scale per slot and head
+// (S, Hk): value = q * scale. A sliding window w > 0 limits row i to keys (lens[i]-1-w, ...]:
+// the kernel then never reads older blocks.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+constexpr int64_t kQRows = 16;    // query rows (tokens) per tile
+constexpr int64_t kKeys = 64;     // keys per inner tile (converted to float once)
+constexpr int64_t kMinSplit = 256;  // fewest keys a split-K range gets
+
+// A paged KV cache of one layer, bf16 (dtype 0) or int8 with per-slot-and-head scales (1).
+struct KvCache {
+  const void* k;
+  const void* v;
+  const float* k_scale;  // (S, Hk) for int8, else null
+  const float* v_scale;
+  int64_t dtype;
+};
+
+struct AttnTile {
+  int64_t r0, nr;  // query rows [r0, r0 + nr)
+  int64_t k0, k1;  // keys [k0, k1) this item covers
+  int64_t part;    // -1: writes the output; else its slot in the partial buffer
+};
+
+struct AttnMerge {  // the split ranges of one tile, merged after the items ran
+  int64_t r0, nr, part0, nsplit;
+};
+
+// The work of one step's attention, built once (it only depends on lens / block tables /
+// window) and shared by every layer with that window.
+struct AttnPlan {
+  std::vector<AttnTile> tiles;
+  std::vector<AttnMerge> merges;
+  std::vector<float> partial;  // (parts, Hk, kQRows * G, D + 2): acc, m, l
+  int64_t group = 1, part_stride = 0;
+};
+
+inline bool same_sequence(const DecodeCtx& c, int64_t i) {
+  if (c.lens[i] != c.lens[i - 1] + 1) return false;
+  const int64_t used = (c.lens[i - 1] + c.block_size - 1) / c.block_size;
+  return memcmp(c.block_tables + i * c.max_blocks, c.block_tables + (i - 1) * c.max_blocks,
+                static_cast<size_t>(used) * sizeof(int64_t)) == 0;
+}
+
+// The lowest key row `i` may read: 0, or the first key of its window.
+inline int64_t first_key(const DecodeCtx& c, int64_t i, int64_t window) {
+  return window > 0 ? std::max<int64_t>(0, c.lens[i] - window) : 0;
+}
+
+inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window, int nthreads) {
+  AttnPlan plan;
+  plan.group = c.hq / c.hk;
+  std::vector<std::pair<int64_t, int64_t>> runs;  // (r0, nr) query tiles
+  for (int64_t i = 0; i < rows; ++i) {
+    if (i > 0 && runs.back().second < kQRows && runs.back().first + runs.back().second == i &&
+        same_sequence(c, i))
+      ++runs.back().second;
+    else
+      runs.push_back({i, 1});
+  }
+  const int64_t items = static_cast<int64_t>(runs.size()) * c.hk;
+  const int64_t want = 4 * static_cast<int64_t>(nthreads);
+  int64_t parts = 0;
+  for (const auto& [r0, nr] : runs) {
+    const int64_t k0 = first_key(c, r0, window), k1 = c.lens[r0 + nr - 1];
+    int64_t ns = 1;
+    if (items < want) {
+      ns = (want + items - 1) / items;
+      while ((ns * items) % nthreads) ++ns;  // whole rounds: every thread gets as many items
+      ns = std::min(ns, (k1 - k0) / kMinSplit);
+    }
+    if (ns <= 1) {
+      plan.tiles.push_back({r0, nr, k0, k1, -1});
+      continue;
+    }
+    // NOTE: ranges rounded to whole key tiles so no range starts mid-tile.
+    const int64_t step = ((k1 - k0 + ns - 1) / ns + kKeys - 1) / kKeys * kKeys;
+    int64_t n = 0;
+    for (int64_t a = k0; a < k1; a += step, ++n)
+      plan.tiles.push_back({r0, nr, a, std::min(k1, a + step), parts + n});
+    plan.merges.push_back({r0, nr, parts, n});
+    parts += n;
+  }
+  plan.part_stride = kQRows * plan.group * (c.dim + 2);
+  plan.partial.resize(static_cast<size_t>(parts * c.hk * plan.part_stride));
+  return plan;
+}
+
+// Per-thread scratch of the tile kernel.
+struct AttnScratch {
+  std::vector<float> q, s, kf, vf, acc, m, l;
+  std::vector<int64_t> lo, hi;
+  AttnScratch(int64_t group, int64_t dim) {
+    const size_t rows = static_cast<size_t>(kQRows * group);
+    q.resize(rows * dim);
+    s.resize(rows * kKeys);
+    kf.resize(static_cast<size_t>(kKeys * dim));
+    vf.resize(static_cast<size_t>(kKeys * dim));
+    acc.resize(rows * dim);
+    m.resize(rows);
+    l.resize(rows);
+    lo.resize(rows);
+    hi.resize(rows);
+  }
+};
+
+// Keys [kb, kb + n) of kv head kvh as float rows (kKeys, D), rows >= n zero; the next tile's
+// rows are prefetched.
+template <int D>
+inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache& kv,
+                         int64_t kvh, int64_t kb, int64_t n, int64_t kend, float* kf,
+                         float* vf) {
+  const int64_t bs = c.block_size, hk = c.hk;
+  for (int64_t j = 0; j < kKeys; ++j) {
+    float* kr = kf + j * D;
+    float* vr = vf + j * D;
+    if (j >= n) {
+      for (int v = 0; v < D; v += kVecW) v_store(kr + v, v_zero()), v_store(vr + v, v_zero());
+      continue;
+    }
+    const int64_t p = kb + j;
+    const int64_t row = (table[p / bs] * bs + p % bs) * hk + kvh;
+    const int64_t pn = p + kKeys;  // the same key of the next tile
+    if (pn < kend) {
+      const int64_t rn = (table[pn / bs] * bs + pn % bs) * hk + kvh;
+      const size_t elem = kv.dtype == 0 ? 2 : 1;
+      for (size_t off = 0; off < D * elem; off += 64) {
+        _mm_prefetch(static_cast<const char*>(kv.k) + rn * D * elem + off, _MM_HINT_T0);
+        _mm_prefetch(static_cast<const char*>(kv.v) + rn * D * elem + off, _MM_HINT_T0);
+      }
+    }
+    if (kv.dtype == 0) {
+      const kv_t* ks = static_cast<const kv_t*>(kv.k) + row * D;
+      const kv_t* vs = static_cast<const kv_t*>(kv.v) + row * D;
+      for (int v = 0; v < D; v += kVecW) {
+        v_store(kr + v, load_bf16(ks + v));
+        v_store(vr + v, load_bf16(vs + v));
+      }
+    } else {
+      const int8_t* ks = static_cast<const int8_t*>(kv.k) + row * D;
+      const int8_t* vs = static_cast<const int8_t*>(kv.v) + row * D;
+      const vfloat sk = v_set1(kv.k_scale[row]), sv = v_set1(kv.v_scale[row]);
+      for (int v = 0; v < D; v += kVecW) {
+        v_store(kr + v, v_mul(v_load_i8(ks + v), sk));
+        v_store(vr + v, v_mul(v_load_i8(vs + v), sv));
+      }
+    }
+  }
+}
+
+// s (R, kKeys) = q (R, D) . kf (kKeys, D)^T for R = 1 or 2 query rows, four keys at a time.
+template <int D, int R>
+inline void qk_rows(const float* q, const float* kf, float* s) {
+  constexpr int NV = D / kVecW;
+  for (int64_t j = 0; j < kKeys; j += 4) {
+    vfloat a[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) a[r][i] = v_zero();
+    for (int v = 0; v < NV; ++v) {
+      vfloat qv[R];
+      for (int r = 0; r < R; ++r) qv[r] = v_load(q + r * D + v * kVecW);
+      for (int i = 0; i < 4; ++i) {
+        const vfloat kv = v_load(kf + (j + i) * D + v * kVecW);
+        for (int r = 0; r < R; ++r) a[r][i] = v_fma(qv[r], kv, a[r][i]);
+      }
+    }
+    for (int r = 0; r < R; ++r) v_hsum4(a[r][0], a[r][1], a[r][2], a[r][3], s + r * kKeys + j);
+  }
+}
+
+// acc (D) += sum_{j in [j0, j1)} p[j] vf[j], eight vectors of accumulators in registers.
+template <int D>
+inline void pv_row(const float* p, const float* vf, int64_t j0, int64_t j1, float* acc) {
+  constexpr int NV = D / kVecW, C = NV < 8 ? NV : 8;
+  for (int c0 = 0; c0 < NV; c0 += C) {
+    vfloat a[C];
+    for (int v = 0; v < C; ++v) a[v] = v_load(acc + (c0 + v) * kVecW);
+    for (int64_t j = j0; j < j1; ++j) {
+      const vfloat w = v_set1(p[j]);
+      for (int v = 0; v < C; ++v) a[v] = v_fma(w, v_load(vf + j * D + (c0 + v) * kVecW), a[v]);
+    }
+    for (int v = 0; v < C; ++v) v_store(acc + (c0 + v) * kVecW, a[v]);
+  }
+}
+
+// One work item: the rows of tile t, the G query heads of kv head kvh, keys [t.k0, t.k1).
+// q: row i's query heads at q + i * q_stride; out: row i's heads at out + i * out_stride.
+template <int D>
+void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, int64_t kvh,
+                 int64_t window, const float* q, int64_t q_stride, const KvCache& kv,
+                 AttnScratch& sc, float* out, int64_t out_stride) {
+  const int64_t G = plan.group, M = t.nr * G;
+  const int64_t* table = c.block_tables + (t.r0 + t.nr - 1) * c.max_blocks;  // covers all rows
+  float *qf = sc.q.data(), *s = sc.s.data(), *acc = sc.acc.data();
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t r = t.r0 + m / G, h = kvh * G + m % G;
+    const float* src = q + r * q_stride + h * D;
+    for (int v = 0; v < D; v += kVecW)
+      v_store(qf + m * D + v, v_mul(v_load(src + v), v_set1(c.scale)));
+    for (int v = 0; v < D; v += kVecW) v_store(acc + m * D + v, v_zero());
+    sc.m[m] = -INFINITY;
+    sc.l[m] = 0.0f;
+    sc.hi[m] = c.lens[r];  // exclusive
+    sc.lo[m] = first_key(c, r, window);
+  }
+  for (int64_t kb = t.k0; kb < t.k1; kb += kKeys) {
+    const int64_t n = std::min(kKeys, t.k1 - kb);
+    load_kv_tile<D>(c, table, kv, kvh, kb, n, t.k1, sc.kf.data(), sc.vf.data());
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) qk_rows<D, 2>(qf + m * D, sc.kf.data(), s + m * kKeys);
+    if (m < M) qk_rows<D, 1>(qf + m * D, sc.kf.data(), s + m * kKeys);
+    for (m = 0; m < M; ++m) {
+      const int64_t j0 = std::max<int64_t>(0, sc.lo[m] - kb);
+      const int64_t j1 = std::min<int64_t>(n, sc.hi[m] - kb);
+      if (j0 >= j1) continue;
+      float* sm = s + m * kKeys;
+      float mx = sc.m[m];
+      for (int64_t j = j0; j < j1; ++j) mx = std::max(mx, sm[j]);
+      const float alpha = expf(sc.m[m] - mx);  // 0 on the first keys (m = -inf)
+      const float sum = exp_shifted(sm + j0, j1 - j0, mx);
+      float* am = acc + m * D;
+      if (alpha != 1.0f)
+        for (int v = 0; v < D; v += kVecW) v_store(am + v, v_mul(v_load(am + v), v_set1(alpha)));
+      sc.l[m] = sc.l[m] * alpha + sum;
+      sc.m[m] = mx;
+      pv_row<D>(sm, sc.vf.data(), j0, j1, am);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t r = t.r0 + m / G, h = kvh * G + m % G;
+    if (t.part < 0) {
+      const vfloat inv = v_set1(1.0f / sc.l[m]);
+      float* dst = out + r * out_stride + h * D;
+      for (int v = 0; v < D; v += kVecW) v_store(dst + v, v_mul(v_load(acc + m * D + v), inv));
+    } else {
+      float* dst = const_cast<float*>(plan.partial.data()) +
+                   (t.part * c.hk + kvh) * plan.part_stride + m * (D + 2);
+      memcpy(dst, acc + m * D, D * sizeof(float));
+      dst[D] = sc.m[m];
+      dst[D + 1] = sc.l[m];
+    }
+  }
+}
+
+// The split ranges of one (tile, kv head) merged: out = sum_s e^(m_s - M) acc_s / sum_s
+// e^(m_s - M) l_s with M = max_s m_s.
+inline void merge_parts(const DecodeCtx& c, const AttnPlan& plan, const AttnMerge& g,
+                        int64_t kvh, float* out, int64_t out_stride) {
+  const int64_t G = plan.group, D = c.dim;
+  for (int64_t m = 0; m < g.nr * G; ++m) {
+    const int64_t r = g.r0 + m / G, h = kvh * G + m % G;
+    auto part = [&](int64_t s) {
+      return plan.partial.data() + ((g.part0 + s) * c.hk + kvh) * plan.part_stride + m * (D + 2);
+    };
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < g.nsplit; ++s) mx = std::max(mx, part(s)[D]);
+    float* dst = out + r * out_stride + h * D;
+    for (int64_t j = 0; j < D; ++j) dst[j] = 0.0f;
+    float l = 0.0f;
+    for (int64_t s = 0; s < g.nsplit; ++s) {
+      const float* p = part(s);
+      if (p[D + 1] == 0.0f) continue;  // no key of this range is visible to the row
+      const float w = expf(p[D] - mx);
+      l += w * p[D + 1];
+      for (int64_t j = 0; j < D; ++j) dst[j] += w * p[j];
+    }
+    const float inv = 1.0f / l;
+    for (int64_t j = 0; j < D; ++j) dst[j] *= inv;
+  }
+}
+
+// The k and v heads of one rotated qkv row (after the Hq query heads) into int8 caches at
+// `slot`: per head q = round(x * 127 / amax), scale = amax / 127 (symmetric, per token and head).
+inline void store_kv_i8(const float* r, int64_t hq, int64_t hk, int64_t dim, int8_t* k_cache,
+                        int8_t* v_cache, float* k_scale, float* v_scale, int64_t slot) {
+  for (int64_t which = 0; which < 2; ++which) {
+    int8_t* cache = which == 0 ? k_cache : v_cache;
+    float* scales = which == 0 ? k_scale : v_scale;
+    for (int64_t h = 0; h < hk; ++h) {
+      const float* x = r + (hq + which * hk + h) * dim;
+      float amax = 0.0f;
+      for (int64_t j = 0; j < dim; ++j) amax = std::max(amax, fabsf(x[j]));
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int8_t* dst = cache + (slot * hk + h) * dim;
+      for (int64_t j = 0; j < dim; ++j) dst[j] = static_cast<int8_t>(lrintf(x[j] * inv));
+      scales[slot * hk + h] = amax / 127.0f;
+    }
+  }
+}
+
+// Head dims the tiled kernel is compiled for (others take the per-row kernels).
+inline bool tiled_attention_supports(int64_t dim) {
+  return dim == 64 || dim == 128 || dim == 256;
+}
+
+// Attention of every row of `plan` (built by make_attn_plan on the same c / window).
+// Worksharing only: every thread of the team calls it with its own scratch.
+inline void attend_planned(const DecodeCtx& c, AttnPlan& plan, int64_t window, const float* q,
+                           int64_t q_stride, const KvCache& kv, AttnScratch& sc, float* out,
+                           int64_t out_stride) {
+  const int64_t items = static_cast<int64_t>(plan.tiles.size()) * c.hk;
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t i = 0; i < items; ++i) {
+    // NOTE: largest items first (the tiles are in row order; later prefill rows see more keys)
+    const AttnTile& t = plan.tiles[static_cast<size_t>(plan.tiles.size() - 1 - i / c.hk)];
+    const int64_t kvh = i % c.hk;
+    switch (c.dim) {
+      case 64: attend_tile<64>(c, plan, t, kvh, window, q, q_stride, kv, sc, out, out_stride); break;
+      case 128: attend_tile<128>(c, plan, t, kvh, window, q, q_stride, kv, sc, out, out_stride); break;
+      default: attend_tile<256>(c, plan, t, kvh, window, q, q_stride, kv, sc, out, out_stride); break;
+    }
+  }
+  if (plan.merges.empty()) return;
+  const int64_t merges = static_cast<int64_t>(plan.merges.size()) * c.hk;
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < merges; ++i)
+    merge_parts(c, plan, plan.merges[static_cast<size_t>(i / c.hk)], i % c.hk, out, out_stride);
+}
+
+}  // namespace

@@ -1,0 +1,75 @@
+"""Long prompts through the engine on Ember's attention kernels (SmolLM2, int4 weights, head
+dim 64: the tiled / split-K kernel) against PyTorch's attention over the same weights
+(--kv-cache-dtype fp32), with the bf16 and the int8 KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ember import SamplingParams
+from ember.kernels.build import missing_cpu_features
+from ember.plan import KERNELS_PAGED
+
+pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
+                                reason=f"CPU lacks {missing_cpu_features()}")
+
+PROMPTS = [
+    "The capital of France is",
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune,",
+    "Once upon a time, in a small village by the sea, there lived",
+]
+
+
+def _nll(llm, ids: list[int]) -> float:
+    """Mean negative log-likelihood of ids[1:] (prompt logprobs over chunked prefill)."""
+    out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    lps = [lp.logprob for lp in out.prompt_logprobs[1:]]
+    return -sum(lps) / len(lps)
+
+
+@pytest.fixture(scope="module")
+def engines(make_llm):
+    kernel = make_llm(quantization="int4")  # bf16 KV, attention kernels, fused decoder
+    torch_attn = make_llm(quantization="int4", kv_cache_dtype="fp32")
+    int8 = make_llm(quantization="int4", kv_cache_dtype="int8")
+    assert kernel.engine.core.plan.attention == KERNELS_PAGED
+    assert int8.engine.core.plan.attention == KERNELS_PAGED
+    assert torch_attn.engine.core.plan.attention != KERNELS_PAGED
+    return kernel, torch_attn, int8
+
+
+@pytest.fixture(scope="module")
+def long_ids(engines, pride_text) -> list[int]:
+    # NOTE: 1400 tokens = three 512-token prefill chunks: tiles over a cached context
+    return engines[0].get_tokenizer().encode(pride_text[20000:40000])[:1400]
+
+
+def test_greedy_tokens_equal_torch_attention(engines):
+    """bf16 cache: the reference tokens exactly. int8 (lossy): the same first 8 tokens (the
+    perplexity test below bounds its cost)."""
+    kernel, torch_attn, int8 = engines
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    for prompt in PROMPTS:
+        want = torch_attn.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert kernel.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids == want
+        got8 = int8.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert got8[:8] == want[:8]
+
+
+def test_long_prompt_perplexity_matches_torch_attention(engines, long_ids):
+    kernel, torch_attn, int8 = engines
+    ref = _nll(torch_attn, long_ids)
+    bf16, q8 = _nll(kernel, long_ids), _nll(int8, long_ids)
+    assert math.exp(bf16) / math.exp(ref) - 1 == pytest.approx(0, abs=0.002), (bf16, ref)
+    assert math.exp(q8) / math.exp(ref) - 1 == pytest.approx(0, abs=0.01), (q8, ref)
+
+
+def test_int8_cache_halves_the_kv_bytes(engines):
+    kernel, _, int8 = engines
+    k16, k8 = kernel.engine.core.runner.kv_caches[0], int8.engine.core.runner.kv_caches[0]
+    per_slot_16 = k16[0][0].nbytes * 2 // k16[0].shape[1]
+    per_slot_8 = (k8[0][0].nbytes + k8[2][0].nbytes) * 2 // k8[0].shape[1]
+    assert per_slot_8 / per_slot_16 == pytest.approx((64 + 4) / 128)

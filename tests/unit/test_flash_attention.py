@@ -1,0 +1,165 @@
+"""The tiled / split-K paged attention kernel (ember/kernels/attention.h) against a dense
+float64 reference: ragged lengths, block boundaries, GQA ratios, prefill tiles (consecutive
+rows of one sequence), long single decodes (split across threads), sliding windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.kernels.build import missing_cpu_features
+from ember.kernels.ops import CpuKernels
+
+pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
+                                reason=f"CPU lacks {missing_cpu_features()}")
+
+
+@pytest.fixture(scope="module")
+def kernels() -> CpuKernels:
+    # NOTE: the shared kernel cache (keyed by source hash): no extra compile per run
+    k = CpuKernels.load(None, num_threads=2)
+    assert k is not None, "the kernels failed to compile"
+    return k
+
+
+def _cache(gen: torch.Generator, seq_lens: list[int], hk: int, dim: int, bs: int
+           ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """Random bf16 caches; each sequence gets a shuffled (non-contiguous) set of blocks."""
+    nblocks = sum((n + bs - 1) // bs for n in seq_lens) + 1
+    k_cache = torch.randn(nblocks, bs, hk, dim, generator=gen).to(torch.bfloat16)
+    v_cache = torch.randn(nblocks, bs, hk, dim, generator=gen).to(torch.bfloat16)
+    perm = (torch.randperm(nblocks - 1, generator=gen) + 1).tolist()
+    tables, at = [], 0
+    for n in seq_lens:
+        used = (n + bs - 1) // bs
+        tables.append(perm[at:at + used])
+        at += used
+    return k_cache, v_cache, tables
+
+
+def _rows(seqs: list[tuple[int, int]], tables: list[list[int]]
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query rows for (context before, new tokens) per sequence: each new token is one row
+    over its own context, itself included (as the runner lays out a step)."""
+    width = max(len(t) for t in tables)
+    row_tables, lens = [], []
+    for (start, new), table in zip(seqs, tables):
+        for i in range(new):
+            row_tables.append(table + [0] * (width - len(table)))
+            lens.append(start + i + 1)
+    return torch.tensor(row_tables), torch.tensor(lens)
+
+
+def _reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               tables: torch.Tensor, lens: torch.Tensor, scale: float,
+               window: int | None) -> torch.Tensor:
+    """Dense float64 attention, row by row. q (T, Hq, D) -> (T, Hq, D)."""
+    bs, hk, dim = k_cache.shape[1:]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i in range(q.shape[0]):
+        n = int(lens[i])
+        pos = torch.arange(n)
+        slots = tables[i][pos // bs] * bs + pos % bs
+        keys = k_cache.view(-1, hk, dim)[slots].double()  # (n, Hk, D)
+        vals = v_cache.view(-1, hk, dim)[slots].double()
+        if window is not None:
+            keys, vals = keys[max(0, n - window):], vals[max(0, n - window):]
+        group = q.shape[1] // hk
+        kq = keys.repeat_interleave(group, dim=1)  # (n, Hq, D)
+        vq = vals.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[i].double(), kq) * scale
+        out[i] = torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), vq)
+    return out
+
+
+CASES = [
+    # (hq, hk, dim, block_size, [(context before, new tokens)], window)
+    (9, 3, 64, 16, [(0, 1), (40, 1), (15, 2), (0, 37)], None),  # decodes + a fresh prefill
+    (6, 2, 64, 4, [(5, 1), (0, 50), (33, 21)], None),  # chunked prefill over a cached context
+    (4, 4, 128, 16, [(0, 19), (70, 1)], None),  # MHA, head_dim 128
+    (8, 1, 64, 8, [(3, 40)], None),  # G = 8 (MQA)
+    (4, 2, 256, 16, [(0, 3), (12, 5)], None),  # head_dim 256
+    (9, 3, 64, 16, [(1500, 1)], None),  # one long decode: split-K over both threads
+    (4, 2, 128, 16, [(2100, 1), (900, 1)], None),  # two long decodes, split
+    (9, 3, 64, 16, [(300, 40), (1200, 1)], 128),  # sliding window (prefill rows and decode)
+    (6, 2, 64, 16, [(2000, 1)], 100),  # a split decode reading only its window
+    (4, 2, 64, 16, [(0, 70)], 16),  # window shorter than the prefill tile
+]
+
+
+@pytest.mark.parametrize("hq, hk, dim, bs, seqs, window", CASES)
+def test_tiled_attention_matches_dense_reference(kernels, hq, hk, dim, bs, seqs, window):
+    gen = torch.Generator().manual_seed(hq * 1000 + dim + bs + len(seqs))
+    k_cache, v_cache, tables = _cache(gen, [a + b for a, b in seqs], hk, dim, bs)
+    row_tables, lens = _rows(seqs, tables)
+    t = lens.shape[0]
+    q = torch.randn(t, hq, dim, generator=gen) * 2  # sharper softmax than unit scores
+    qkv = torch.cat([q.reshape(t, -1), torch.zeros(t, 2 * hk * dim)], dim=1)
+    scale = dim ** -0.5
+    got = kernels.paged_decode_attention(qkv, hq, dim, k_cache, v_cache, row_tables, lens,
+                                         scale, window)
+    ref = _reference(q, k_cache, v_cache, row_tables, lens, scale, window)
+    torch.testing.assert_close(got.view(t, hq, dim).double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_rows_of_different_sequences_are_not_tiled_together(kernels):
+    """Two sequences whose lengths happen to be consecutive but whose blocks differ."""
+    gen = torch.Generator().manual_seed(7)
+    hq, hk, dim, bs = 4, 2, 64, 4
+    k_cache, v_cache, tables = _cache(gen, [10, 11], hk, dim, bs)
+    row_tables, lens = _rows([(9, 1), (10, 1)], tables)
+    q = torch.randn(2, hq, dim, generator=gen)
+    qkv = torch.cat([q.reshape(2, -1), torch.zeros(2, 2 * hk * dim)], dim=1)
+    got = kernels.paged_decode_attention(qkv, hq, dim, k_cache, v_cache, row_tables, lens,
+                                         dim ** -0.5)
+    ref = _reference(q, k_cache, v_cache, row_tables, lens, dim ** -0.5, None)
+    torch.testing.assert_close(got.view(2, hq, dim).double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def _quantize_int8(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per slot and head: q = round(x * 127 / amax), scale = amax / 127 (the kernels' rule)."""
+    x = cache.float()
+    amax = x.abs().amax(-1)  # (blocks, block_size, Hk)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(x * inv.unsqueeze(-1)).to(torch.int8)
+    return q, (amax / 127.0).contiguous()
+
+
+@pytest.mark.parametrize("hq, hk, dim, bs, seqs, window", [
+    (9, 3, 64, 16, [(0, 1), (40, 1), (0, 37)], None),
+    (4, 2, 128, 16, [(1700, 1)], None),  # split-K over int8 blocks
+    (6, 2, 64, 8, [(200, 30)], 64),
+])
+def test_int8_cache_attention_matches_dequantized_reference(kernels, hq, hk, dim, bs, seqs,
+                                                            window):
+    gen = torch.Generator().manual_seed(dim + hq + bs)
+    k16, v16, tables = _cache(gen, [a + b for a, b in seqs], hk, dim, bs)
+    (kq, ks), (vq, vs) = _quantize_int8(k16), _quantize_int8(v16)
+    row_tables, lens = _rows(seqs, tables)
+    t = lens.shape[0]
+    q = torch.randn(t, hq, dim, generator=gen) * 2
+    qkv = torch.cat([q.reshape(t, -1), torch.zeros(t, 2 * hk * dim)], dim=1)
+    got = kernels.paged_decode_attention(qkv, hq, dim, kq, vq, row_tables, lens, dim ** -0.5,
+                                         window, k_scale=ks, v_scale=vs)
+    k_deq = kq.float() * ks.unsqueeze(-1)
+    v_deq = vq.float() * vs.unsqueeze(-1)
+    ref = _reference(q, k_deq, v_deq, row_tables, lens, dim ** -0.5, window)
+    torch.testing.assert_close(got.view(t, hq, dim).double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_int8_cache_write_quantizes_per_token_and_head(kernels):
+    gen = torch.Generator().manual_seed(3)
+    t, hq, hk, dim = 3, 4, 2, 64
+    cos = torch.ones(t, dim // 2)  # identity rotation: the stored rows are the inputs
+    sin = torch.zeros(t, dim // 2)
+    qkv = torch.randn(t, (hq + 2 * hk) * dim, generator=gen)
+    kq, vq = (torch.zeros(4, 4, hk, dim, dtype=torch.int8) for _ in range(2))
+    ks, vs = torch.zeros(4, 4, hk), torch.zeros(4, 4, hk)
+    slots = torch.tensor([1, 6, 13])
+    kernels.rope_store_qkv(qkv.clone(), cos, sin, hq, hk, dim, kq, vq, slots, ks, vs)
+    k = qkv[:, hq * dim:(hq + hk) * dim].reshape(t, hk, dim)
+    v = qkv[:, (hq + hk) * dim:].reshape(t, hk, dim)
+    for cache, scales, x in ((kq, ks, k), (vq, vs, v)):
+        q_ref, s_ref = _quantize_int8(x)
+        torch.testing.assert_close(scales.view(-1, hk)[slots], s_ref)
+        assert torch.equal(cache.view(-1, hk, dim)[slots], q_ref)
