@@ -13,6 +13,7 @@ from ember.kernels.decoder import FusedDecoder
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM
 from ember.plan import KERNELS_PAGED, ExecutionPlan
+from ember.sampling.constrained import StructuredOutputManager
 from ember.sampling.logprobs import compute_token_logprobs
 from ember.sampling.sampler import Sampler
 from ember.types import (ModelRunnerOutput, SamplingBatchRow, ScheduledRequest, SchedulerOutput,
@@ -72,6 +73,8 @@ class ModelRunner:
         """Every step's decoder layers in one kernel call (None: the model's module path)."""
         self._generators: dict[str, torch.Generator] = {}
         self._prompt_lp_next: dict[str, int] = {}
+        self.structured: StructuredOutputManager | None = None
+        """Grammar masks and logit_bias, applied before sampling (set by the engine core)."""
 
     def _fused_decoder(self) -> FusedDecoder:
         """The fused decoder over the model's layer stack (the plan promised one)."""
@@ -97,6 +100,8 @@ class ModelRunner:
         for rid in request_ids:
             self._generators.pop(rid, None)
             self._prompt_lp_next.pop(rid, None)
+        if self.structured is not None:
+            self.structured.release(request_ids)
 
     # ---- one step -----------------------------------------------------------------------
 
@@ -133,6 +138,9 @@ class ModelRunner:
                                   eos_token_id=sr.request.eos_token_id,
                                   generator=self._generator_for(sr))
                  for sr in reqs]
+        if self.structured is not None:
+            # NOTE: masked before sampling, so logprobs are those of the masked distribution.
+            logits = self.structured.apply(logits, batch)
         result = self.sampler(logits, batch)
         for sr, token, lp in zip(reqs, result.token_ids, result.logprobs):
             rid = sr.request.request_id
