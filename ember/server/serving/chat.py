@@ -30,7 +30,7 @@ from ember.server.serving.structured import (from_extension, from_response_forma
                                              with_constraints)
 from ember.server.serving.tools import (ToolPlan, ToolStreamParser, parse_tool_calls,
                                         plan_tools, prepare_messages, template_supports_tools)
-from ember.server.structured_protocol import ToolDefinition
+from ember.server.structured_protocol import DeltaToolCall, ToolDefinition
 from ember.tokenizer import Tokenizer
 from ember.types import InvalidRequestError, RequestOutput, SamplingParams
 
@@ -193,7 +193,7 @@ class ChatServing:
                 for c in out.outputs:
                     if c.index in finished:
                         continue  # NOTE: a finished choice repeats its finish_reason later
-                    text, calls = c.delta_text, []
+                    text, calls = c.delta_text, list[DeltaToolCall]()
                     if parsers is not None:
                         text, calls = parsers[c.index].feed(c.delta_text)
                     if text or c.delta_logprobs:
@@ -203,6 +203,11 @@ class ChatServing:
                     for call in calls:
                         yield chunk(ChatStreamChoice(index=c.index,
                                                      delta=DeltaMessage(tool_calls=[call])))
+                    if c.finished and parsers is not None:
+                        rest = parsers[c.index].leftover()
+                        if rest:  # e.g. a call cut off by max_tokens: sent as content
+                            yield chunk(ChatStreamChoice(index=c.index,
+                                                         delta=DeltaMessage(content=rest)))
                     if c.finished:
                         finished.add(c.index)
                         reason = c.finish_reason

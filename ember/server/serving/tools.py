@@ -228,3 +228,11 @@ class ToolStreamParser:
                 arguments=call.function.arguments)))
             self.num_calls += 1
         return "", deltas
+
+    def leftover(self) -> str:
+        """Buffered text that never became a call (only when no call was parsed, matching
+        the non-streamed answer, whose content is the whole text then)."""
+        if self.calls or self.decided != "tools":
+            return ""
+        rest, self.buffer = self.buffer, ""
+        return rest
