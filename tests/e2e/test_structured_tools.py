@@ -123,8 +123,8 @@ def test_parallel_auto_and_tool_results(client, model_name) -> None:
     for c in single.choices:
         assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
     multi = client.chat.completions.create(model=model_name, messages=both, tools=[WEATHER, TIME],
-                                           tool_choice="required", temperature=1.0, seed=3, n=6,
-                                           max_tokens=160)
+                                           tool_choice="required", temperature=1.0, seed=3, n=3,
+                                           max_tokens=120)
     counts = [len(c.message.tool_calls or []) for c in multi.choices if c.finish_reason ==
               "tool_calls"]
     for c in multi.choices:
@@ -132,7 +132,7 @@ def test_parallel_auto_and_tool_results(client, model_name) -> None:
             _check_calls(c.message.tool_calls, {"get_weather", "get_time"})
     assert counts and max(counts) <= 4
     auto = client.chat.completions.create(model=model_name, messages=ASK, tools=[WEATHER],
-                                          temperature=1.0, seed=1, n=4, max_tokens=60)
+                                          temperature=1.0, seed=1, n=3, max_tokens=40)
     for c in auto.choices:
         if c.message.tool_calls:
             assert c.finish_reason == "tool_calls"

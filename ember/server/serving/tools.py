@@ -72,7 +72,8 @@ def plan_tools(tools: list[ToolDefinition] | None, choice: str | NamedToolChoice
         if choice.function.name not in names:
             raise bad_request(f"tool_choice names {choice.function.name!r}, which is not in "
                               f"tools", "tool_choice")
-        return ToolPlan(tools, "named", bool(parallel is not False), choice.function.name)
+        # NOTE: a named choice forces exactly one call of that function (as OpenAI answers).
+        return ToolPlan(tools, "named", False, choice.function.name)
     if choice == "required" and not tools:
         raise bad_request("tool_choice 'required' needs tools", "tool_choice")
     return ToolPlan(tools, choice, parallel is not False)
