@@ -258,12 +258,20 @@ class StructuredOutputManager:
         else:
             for matcher, j in active:
                 llguidance_torch.fill_next_token_bitmask(matcher, masks, j)
-        allowed = unpack_bitmask(masks, logits.shape[1])  # (C, V) bool
-        for j, (_, state) in enumerate(constrained):
-            if not allowed[j].any() and self.eos_token_id is not None:
-                allowed[j, self.eos_token_id] = True  # a finished or failed grammar: EOS only
-        idx = torch.tensor([i for i, _ in constrained], dtype=torch.long)
-        logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
+        bits = _unpack_bits(masks, logits.shape[1])  # (C, V) bool
+        # NOTE: numpy on the logits' memory: one single-threaded pass per row, no (C, V)
+        # temporaries through torch's thread pool (which costs ms on a busy CPU).
+        target = logits.numpy() if logits.device.type == "cpu" and logits.is_contiguous() \
+            else None
+        for j, (i, _) in enumerate(constrained):
+            allowed = bits[j]  # (V,)
+            if not allowed.any() and self.eos_token_id is not None:
+                allowed[self.eos_token_id] = True  # a finished or failed grammar: EOS only
+            if target is not None:
+                np.copyto(target[i], -np.inf, where=~allowed)
+            else:
+                logits[i].masked_fill_(torch.from_numpy(~allowed).to(logits.device),
+                                       float("-inf"))
         return logits
 
     def _state(self, row: SamplingBatchRow) -> _SeqState:
@@ -293,7 +301,12 @@ class StructuredOutputManager:
         return state
 
 
-def unpack_bitmask(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(B, ceil(V/32)) int32 llguidance bitmasks -> (B, V) bool, True where allowed."""
+def _unpack_bits(masks: torch.Tensor, vocab_size: int) -> np.ndarray:
+    """(B, ceil(V/32)) int32 llguidance bitmasks -> (B, V) numpy bool, True where allowed."""
     bits = np.unpackbits(masks.numpy().view(np.uint8), axis=1, bitorder="little")
-    return torch.from_numpy(bits[:, :vocab_size].astype(bool))  # (B, V)
+    return bits[:, :vocab_size].astype(bool)  # (B, V)
+
+
+def unpack_bitmask(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, ceil(V/32)) int32 llguidance bitmasks -> (B, V) bool tensor, True where allowed."""
+    return torch.from_numpy(_unpack_bits(masks, vocab_size))
