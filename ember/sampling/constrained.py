@@ -135,9 +135,12 @@ class GrammarCompiler:
             if cached is not None:
                 self._sources.move_to_end(key)
                 return cached
-        text = grammar_text(spec)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
-            text, self.ll_tokenizer)
+        try:
+            text = grammar_text(spec)
+            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+                text, self.ll_tokenizer)
+        except (ValueError, TypeError, RuntimeError) as exc:  # llguidance rejects the input
+            is_error, messages, text = True, [str(exc)], ""
         if is_error:
             kind = {"json": "JSON schema", "json_object": "JSON schema", "regex": "regex",
                     "choice": "choice", "grammar": "grammar"}[_field_name(spec)]
