@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +23,40 @@ class InvalidRequestError(ValueError):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain a completion to a grammar: set exactly one field (vLLM's names).
+
+    Compiled and enforced by `ember.sampling.constrained`.
+    """
+
+    json: dict[str, Any] | str | None = None
+    """A JSON Schema (a dict, or its JSON text); the output is one JSON value valid against it."""
+    json_object: bool = False
+    """Any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
+    regex: str | None = None
+    """The output matches this regular expression (Rust `regex` syntax, anchored)."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """A Lark grammar (llguidance's dialect: `start` is the top rule)."""
+    whitespace_flexible: bool = False
+    """JSON: allow any whitespace between tokens (False: compact `, ` / `: ` separators,
+    which keeps small models from looping on whitespace)."""
+
+    def __post_init__(self) -> None:
+        chosen = [name for name in ("json", "regex", "choice", "grammar")
+                  if getattr(self, name) is not None] + (["json_object"] if self.json_object else [])
+        if len(chosen) != 1:
+            raise InvalidRequestError(
+                "structured_outputs must set exactly one of json, json_object, regex, choice, "
+                f"grammar (got {', '.join(chosen) or 'none'})", "structured_outputs")
+        if self.choice is not None and (not self.choice or any(
+                not isinstance(c, str) or not c for c in self.choice)):
+            raise InvalidRequestError("structured_outputs.choice must be a non-empty list of "
+                                      "non-empty strings", "structured_outputs.choice")
 
 
 @dataclass
@@ -65,6 +99,10 @@ class SamplingParams:
     """Drop special tokens from the returned text."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string in the output text."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output to a JSON Schema / regex / choice / grammar (see constrained.py)."""
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of these token ids before sampling; values in [-100, 100]."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -116,6 +154,10 @@ class SamplingParams:
             raise bad("stop", "a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative integers")
+        if self.logit_bias is not None and any(
+                not isinstance(t, int) or t < 0 or not isinstance(b, (int, float))
+                or not -100 <= b <= 100 for t, b in self.logit_bias.items()):
+            raise bad("logit_bias", "a map of token ids to numbers in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -35,6 +35,7 @@ from ember.engine.generation_defaults import GenerationDefaults
 from ember.engine.mailbox import Item, Mailbox
 from ember.engine.thread_policy import KernelThreadPolicy
 from ember.loading.loader import ProgressFn
+from ember.sampling.constrained import GrammarCompiler
 from ember.spec_decode.decoder import SpecDecoder
 from ember.tokenizer import Tokenizer
 from ember.types import RequestOutput, SamplingParams
@@ -271,6 +272,11 @@ class AsyncEngine:
     def generation_defaults(self) -> GenerationDefaults:
         """The model's default sampling values (for requests that leave them out)."""
         return self._engine.generation_defaults
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Validates structured-output constraints (thread-safe)."""
+        return self._engine.core.structured.compiler
 
     @property
     def vocab_size(self) -> int:

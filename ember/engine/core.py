@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import gc
 import logging
@@ -14,6 +15,7 @@ from ember.config import EngineConfig
 from ember.kv_cache.manager import KVCacheManager
 from ember.loading.loader import LoadedModel
 from ember.runner.model_runner import ModelRunner, kv_cache_bytes_per_block
+from ember.sampling.constrained import StructuredOutputManager
 from ember.sampling.sampler import Sampler
 from ember.scheduler.scheduler import Scheduler
 from ember.spec_decode.decoder import SpecDecoder
@@ -78,17 +80,45 @@ class EngineCore:
                                   self.layout.num_blocks, max_tokens, Sampler(default_gen))
         logger.info("KV cache: %d blocks x %d tokens, context %d", self.layout.num_blocks,
                     self.layout.block_size, self.layout.max_model_len)
+        self.structured = StructuredOutputManager(loaded.tokenizer)
+        self.runner.structured = self.structured
+        self._compiling: list[Request] = []
+        """Requests whose grammar is still compiling: not scheduled until it is done."""
 
     def add_request(self, request: Request) -> None:
+        spec = request.sampling_params.structured_outputs
+        if spec is not None and not self.structured.submit(request.request_id, spec):
+            self._compiling.append(request)
+            return
         self.scheduler.add_request(request)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> None:
-        self.scheduler.finish_requests(list(request_ids), status)
+        ids = set(request_ids)
+        if self._compiling:
+            self._compiling = [r for r in self._compiling if r.request_id not in ids]
+            self.structured.release(ids)
+        self.scheduler.finish_requests(list(ids), status)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._compiling)
+
+    def _admit_compiled(self) -> None:
+        """Hand requests whose grammar finished compiling to the scheduler; when nothing else
+        can run, wait briefly for a compile instead of spinning."""
+        if not self.scheduler.has_unfinished_requests():
+            concurrent.futures.wait(self.structured.pending_futures(), timeout=0.05,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        still: list[Request] = []
+        for request in self._compiling:
+            if self.structured.ready(request.request_id):
+                self.scheduler.add_request(request)
+            else:
+                still.append(request)
+        self._compiling = still
 
     def step(self) -> list[EngineCoreOutput]:
+        if self._compiling:
+            self._admit_compiled()
         scheduler_output = self.scheduler.schedule()
         runner_output = self.runner.execute(scheduler_output)
         if scheduler_output.is_empty:

@@ -99,6 +99,7 @@ class LLMEngine:
         if request_id in self._children:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         processed = self.process_prompt(prompt, params)
+        self.core.structured.validate(params.structured_outputs)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         self.output_processor.add_request(request_id, processed.text, processed.token_ids,
                                           params, child_ids)

@@ -13,6 +13,7 @@ from ember.kernels.decoder import FusedDecoder
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM, KVCache
 from ember.plan import KERNELS_PAGED, ExecutionPlan
+from ember.sampling.constrained import StructuredOutputManager
 from ember.sampling.logprobs import compute_token_logprobs
 from ember.sampling.sampler import Sampler
 from ember.spec_decode.rejection import RejectionSampler, SpecRow
@@ -80,6 +81,8 @@ class ModelRunner:
         """Every step's decoder layers in one kernel call (None: the model's module path)."""
         self._generators: dict[str, torch.Generator] = {}
         self._prompt_lp_next: dict[str, int] = {}
+        self.structured: StructuredOutputManager | None = None
+        """Grammar masks and logit_bias, applied before sampling (set by the engine core)."""
 
     def _fused_decoder(self) -> FusedDecoder:
         """The fused decoder over the model's layer stack (the plan promised one)."""
@@ -105,6 +108,8 @@ class ModelRunner:
         for rid in request_ids:
             self._generators.pop(rid, None)
             self._prompt_lp_next.pop(rid, None)
+        if self.structured is not None:
+            self.structured.release(request_ids)
 
     # ---- one step -----------------------------------------------------------------------
 
@@ -138,6 +143,8 @@ class ModelRunner:
         request, plus one per draft token)."""
         batch = self._sampling_rows(reqs)
         if any(sr.spec_token_ids for sr in reqs):
+            if self.structured is not None:
+                self._mask_undrafted(logits, reqs, batch)
             verified = self.rejection_sampler(
                 logits, [SpecRow(row, sr.spec_token_ids) for row, sr in zip(batch, reqs)])
             for sr, tokens, lps in zip(reqs, verified.token_ids, verified.logprobs):
@@ -145,12 +152,32 @@ class ModelRunner:
                 if lps is not None:
                     out.logprobs[sr.request.request_id] = lps
             return
+        if self.structured is not None:
+            # NOTE: masked before sampling, so logprobs are those of the masked distribution.
+            logits = self.structured.apply(logits, batch)
         result = self.sampler(logits, batch)
         for sr, token, lp in zip(reqs, result.token_ids, result.logprobs):
             rid = sr.request.request_id
             out.sampled_token_ids[rid] = [token]
             if lp is not None:
                 out.logprobs[rid] = [lp]
+
+    def _mask_undrafted(self, logits: torch.Tensor, reqs: list[ScheduledRequest],
+                        batch: list[SamplingBatchRow]) -> None:
+        """Grammar masks and logit_bias in a step with drafts: constrained requests are never
+        drafted (SpecDecoder), so each owns exactly one row of `logits` (N, V)."""
+        assert self.structured is not None
+        starts, row = [], 0
+        for sr in reqs:
+            starts.append(row)
+            row += 1 + len(sr.spec_token_ids)
+        picked = [(start, b) for start, b, sr in zip(starts, batch, reqs)
+                  if b.params.structured_outputs is not None or b.params.logit_bias]
+        if not picked:
+            return
+        index = torch.tensor([start for start, _ in picked])
+        sub = logits[index]  # (C, V) copy
+        logits[index] = self.structured.apply(sub, [b for _, b in picked])
 
     def _sampling_rows(self, reqs: list[ScheduledRequest]) -> list[SamplingBatchRow]:
         return [SamplingBatchRow(request_id=sr.request.request_id,

@@ -12,11 +12,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from ember.server.structured_protocol import (DeltaToolCall, JsonSchemaFormat, NamedToolChoice,
+                                              StructuredOutputsRequest, ToolCall,
+                                              ToolDefinition)
+
 StopStr = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 """int64, as OpenAI; completion i of n uses seed + i, which torch still accepts."""
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class _Request(BaseModel):
@@ -63,7 +67,9 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool | None = Field(True, description="Ember extension.")
     include_stop_str_in_output: bool | None = Field(False, description="Ember extension.")
     logit_bias: dict[str, float] | None = Field(
-        None, description="Not supported: must be omitted, null or empty.")
+        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit.")
+    structured_outputs: StructuredOutputsRequest | None = Field(
+        None, description="vLLM extension: constrain the output (json, regex, choice, grammar).")
     priority: int | None = Field(
         0, description="Ember extension: lower runs first when the server uses --policy priority.")
 
@@ -82,6 +88,12 @@ class CompletionRequest(_SamplingRequest):
                                        "with echo, also of the prompt tokens.")
     best_of: int | None = Field(None, ge=1, le=128, description="Only best_of == n is supported.")
     suffix: str | None = Field(None, description="Not supported: must be omitted or null.")
+    response_format: ResponseFormat | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="With type 'json_schema'.")
 
 
 class TextContentPart(_Request):
@@ -96,11 +108,7 @@ class ChatMessage(_Request):
     content: str | list[TextContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-
-
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"] = Field(
-        description="Only 'text' is supported.")
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -115,9 +123,10 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20,
                                      description="Alternatives per token (needs logprobs).")
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: omit or [].")
-    tool_choice: Literal["none", "auto"] | None = Field(
-        None, description="Accepted only as 'none' or 'auto' without tools.")
+    tools: list[ToolDefinition] | None = Field(None, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="Default 'auto' with tools, else 'none'.")
+    parallel_tool_calls: bool | None = Field(True, description="Allow several calls.")
     add_generation_prompt: bool | None = Field(
         True, description="Ember extension: end the prompt with the assistant turn header.")
     chat_template_kwargs: dict[str, Any] | None = Field(
@@ -210,6 +219,7 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -235,6 +245,7 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):  # type: ignore[no-untyped-def]

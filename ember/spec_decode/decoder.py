@@ -120,8 +120,10 @@ class SpecDecoder:
             for request in running:  # no stale drafts once the batch shrinks again
                 request.spec_token_ids = []
             return
+        # NOTE: constrained requests (grammar or logit_bias) are not drafted: their masks
+        # depend on every earlier token, so a draft row could not be masked before verifying.
         ready = [r for r in running if r.num_computed_tokens == r.num_tokens - 1
-                 and not r.status.finished]
+                 and not r.status.finished and not _constrained(r)]
         if not ready:
             return
         cap = self.config.num_speculative_tokens
@@ -140,3 +142,9 @@ class SpecDecoder:
         for rid in request_ids:
             self._acceptance.pop(rid, None)
         self.proposer.release(request_ids)
+
+
+def _constrained(request: Request) -> bool:
+    """True when the request's logits are masked or biased before sampling."""
+    params = request.sampling_params
+    return params.structured_outputs is not None or bool(params.logit_bias)

@@ -150,8 +150,6 @@ def build_sampling_params(req: _SamplingRequest, *, max_tokens: int | None,
     temperature, top_p, top_k, min_p and repetition_penalty the request leaves out (or sets
     to null) take the model's `defaults`; explicit values (temperature 0 included) win.
     """
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias")
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
 

@@ -25,6 +25,12 @@ from ember.server.serving.base import (SSE_DONE, EventStreamResponse, ServingCon
                                        build_sampling_params, cancel_on_disconnect,
                                        engine_error, json_response, last_output, new_id, sse)
 from ember.server.serving.logprobs import chat_logprobs
+from ember.server.serving.structured import (from_extension, from_response_format,
+                                             parse_logit_bias, pick_constraint,
+                                             with_constraints)
+from ember.server.serving.tools import (ToolPlan, ToolStreamParser, parse_tool_calls,
+                                        plan_tools, prepare_messages, template_supports_tools)
+from ember.server.structured_protocol import DeltaToolCall, ToolDefinition
 from ember.tokenizer import Tokenizer
 from ember.types import InvalidRequestError, RequestOutput, SamplingParams
 
@@ -34,8 +40,10 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "add_generation_prompt"})
 
 def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage],
                 add_generation_prompt: bool = True,
-                template_kwargs: dict[str, Any] | None = None) -> list[int]:
-    """Token ids of a conversation in the model's chat template (400 if it cannot render)."""
+                template_kwargs: dict[str, Any] | None = None,
+                tools: list[ToolDefinition] | None = None) -> list[int]:
+    """Token ids of a conversation in the model's chat template (400 if it cannot render);
+    `tools` are shown to the model (natively or in the fallback format, see tools.py)."""
     dicts = []
     for message in messages:
         item = message.model_dump(exclude_none=True)
@@ -45,6 +53,10 @@ def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage],
         dicts.append(item)
     kwargs = {k: v for k, v in (template_kwargs or {}).items()
               if k not in _RESERVED_TEMPLATE_KWARGS}
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in dicts):
+        dicts, extra = prepare_messages(dicts, tools or [],
+                                        template_supports_tools(tokenizer.chat_template))
+        kwargs.update(extra)
     try:
         return tokenizer.encode_chat(dicts, add_generation_prompt, **kwargs)
     except (ValueError, TypeError) as exc:
@@ -59,6 +71,8 @@ class _Plan:
     num_top: int | None
     """top_logprobs when logprobs were asked for, else None."""
     include_usage: bool
+    tools: ToolPlan | None = None
+    """Set when the model may (or must) answer with tool calls."""
 
 
 class ChatServing:
@@ -89,11 +103,7 @@ class ChatServing:
 
     def _plan(self, body: ChatCompletionRequest) -> _Plan:
         model = self.ctx.resolve_model(body.model)
-        if body.tools:
-            raise bad_request("tools are not supported", "tools")
-        if body.response_format is not None and body.response_format.type != "text":
-            raise bad_request(f"response_format {body.response_format.type!r} is not supported "
-                              "(only 'text')", "response_format")
+        tool_plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
         num_top = (body.top_logprobs or 0) if body.logprobs else None
@@ -101,9 +111,17 @@ class ChatServing:
                       else body.max_tokens)
         params = build_sampling_params(body, max_tokens=max_tokens, logprobs=num_top,
                                        defaults=self.ctx.engine.generation_defaults)
+        field, spec = pick_constraint(
+            ("response_format", from_response_format(body.response_format)),
+            ("structured_outputs", from_extension(body.structured_outputs)),
+            ("tool_choice", tool_plan.constraint()))
+        params = with_constraints(params, self.ctx.engine.grammar_compiler, spec,
+                                  parse_logit_bias(body.logit_bias, self.ctx.engine.vocab_size),
+                                  field)
         self.ctx.guards.check_params(params, 1)
         ids = render_chat(self.ctx.engine.tokenizer, body.messages,
-                          body.add_generation_prompt is not False, body.chat_template_kwargs)
+                          body.add_generation_prompt is not False, body.chat_template_kwargs,
+                          tool_plan.tools if tool_plan.active else None)
         try:
             prompt = self.ctx.engine.process_prompt(ids, params)
         except InvalidRequestError as exc:
@@ -115,7 +133,8 @@ class ChatServing:
             raise err from exc
         self.ctx.guards.check_prompts(params, [prompt])
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _Plan(model, prompt, params, num_top, include_usage)
+        return _Plan(model, prompt, params, num_top, include_usage,
+                     tool_plan if tool_plan.active else None)
 
     def _usage(self, plan: _Plan, out: RequestOutput | None) -> Usage:
         prompt = len(plan.prompt.token_ids)
@@ -141,12 +160,16 @@ class ChatServing:
         finally:
             stream.close()
             reservation.settle(self._usage(plan, final).total_tokens)
-        choices = [
-            ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                       logprobs=self._logprobs(plan, c.logprobs),
-                       finish_reason=c.finish_reason,  # type: ignore[arg-type]
-                       stop_reason=c.stop_reason)
-            for c in final.outputs]
+        choices = []
+        for c in final.outputs:
+            calls = parse_tool_calls(c.text) if plan.tools is not None else None
+            message = (ChatResponseMessage(content=None, tool_calls=calls) if calls
+                       else ChatResponseMessage(content=c.text))
+            reason = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+            choices.append(ChatChoice(index=c.index, message=message,
+                                      logprobs=self._logprobs(plan, c.logprobs),
+                                      finish_reason=reason,  # type: ignore[arg-type]
+                                      stop_reason=c.stop_reason))
         return json_response(ChatCompletionResponse(
             id=request_id, created=int(time.time()), model=plan.model,
             system_fingerprint=_FINGERPRINT, choices=choices, usage=self._usage(plan, final)))
@@ -163,6 +186,7 @@ class ChatServing:
 
         latest: RequestOutput | None = None
         finished: set[int] = set()
+        parsers = [ToolStreamParser() for _ in range(plan.params.n)] if plan.tools else None
         try:
             for i in range(plan.params.n):  # the role comes first, before any token
                 yield chunk(ChatStreamChoice(
@@ -173,15 +197,29 @@ class ChatServing:
                 for c in out.outputs:
                     if c.index in finished:
                         continue  # NOTE: a finished choice repeats its finish_reason later
-                    if c.delta_text or c.delta_logprobs:
+                    text, calls = c.delta_text, list[DeltaToolCall]()
+                    if parsers is not None:
+                        text, calls = parsers[c.index].feed(c.delta_text)
+                    if text or c.delta_logprobs:
                         yield chunk(ChatStreamChoice(
-                            index=c.index, delta=DeltaMessage(content=c.delta_text),
+                            index=c.index, delta=DeltaMessage(content=text),
                             logprobs=self._logprobs(plan, c.delta_logprobs)))
+                    for call in calls:
+                        yield chunk(ChatStreamChoice(index=c.index,
+                                                     delta=DeltaMessage(tool_calls=[call])))
+                    if c.finished and parsers is not None:
+                        rest = parsers[c.index].leftover()
+                        if rest:  # e.g. a call cut off by max_tokens: sent as content
+                            yield chunk(ChatStreamChoice(index=c.index,
+                                                         delta=DeltaMessage(content=rest)))
                     if c.finished:
                         finished.add(c.index)
+                        reason = c.finish_reason
+                        if parsers is not None and parsers[c.index].calls and reason == "stop":
+                            reason = "tool_calls"
                         yield chunk(ChatStreamChoice(
                             index=c.index, delta=DeltaMessage(),
-                            finish_reason=c.finish_reason,  # type: ignore[arg-type]
+                            finish_reason=reason,  # type: ignore[arg-type]
                             stop_reason=c.stop_reason))
             if plan.include_usage:
                 yield chunk(None, self._usage(plan, latest))

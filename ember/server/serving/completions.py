@@ -25,6 +25,9 @@ from ember.server.serving.base import (SSE_DONE, EventStreamResponse, ServingCon
                                        engine_error, json_response, merge_streams,
                                        new_id, sse)
 from ember.server.serving.guards import check_text
+from ember.server.serving.structured import (from_extension, from_response_format,
+                                             parse_logit_bias, pick_constraint,
+                                             with_constraints)
 from ember.server.serving.logprobs import completion_logprobs, text_length
 from ember.types import CompletionOutput, InvalidRequestError, RequestOutput, SamplingParams
 
@@ -99,6 +102,12 @@ class CompletionServing:
             body, max_tokens=1 if echo_only else body.max_tokens, logprobs=body.logprobs,
             prompt_logprobs=body.logprobs if echo else None,
             defaults=self.ctx.engine.generation_defaults)
+        field, spec = pick_constraint(
+            ("response_format", from_response_format(body.response_format)),
+            ("structured_outputs", from_extension(body.structured_outputs)))
+        params = with_constraints(params, self.ctx.engine.grammar_compiler, spec,
+                                  parse_logit_bias(body.logit_bias, self.ctx.engine.vocab_size),
+                                  field)
         raw_prompts = self._prompt_list(body.prompt)
         if len(raw_prompts) * params.n > _MAX_SEQS_PER_REQUEST:
             raise bad_request(f"len(prompt) x n must be <= {_MAX_SEQS_PER_REQUEST}", "prompt")

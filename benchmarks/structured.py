@@ -1,0 +1,168 @@
+"""Structured outputs: cost of grammar masks on decode, compile times, TTFT with a new schema.
+
+One command (writes JSON + PNG under benchmarks/results/structured/):
+
+    PYTHONPATH=$PWD flock /tmp/ember-bench.lock python benchmarks/structured.py
+
+- decode tok/s, constrained vs unconstrained, same prompts and the same number of tokens
+  (`--tokens`), at batch 1 and 32: the constrained run uses a JSON schema that cannot finish
+  within that many tokens (an array with many required items), so every step computes a mask;
+  the unconstrained run uses ignore_eos. Best of `--repeats` runs each, interleaved.
+- compile p50 for typical schemas (cold: grammar text + validation + compile + first mask) and
+  the cached repeat (a new sequence's matcher for a schema already compiled).
+- TTFT of one request: without a schema, with a new schema, with a cached schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from ember import LLM
+from ember.types import SamplingParams, StructuredOutputsParams
+
+OUT = Path(__file__).parent / "results" / "structured"
+TYPICAL = {
+    "person": {"type": "object", "properties": {
+        "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "email": {"type": "string", "pattern": "^[a-z.]+@[a-z]+\\.com$"}},
+        "required": ["name", "age"]},
+    "order": {"type": "object", "properties": {
+        "id": {"type": "integer"}, "status": {"enum": ["new", "paid", "shipped"]},
+        "items": {"type": "array", "minItems": 1, "maxItems": 8, "items": {
+            "type": "object", "properties": {"sku": {"type": "string"},
+                                             "qty": {"type": "integer", "minimum": 1}},
+            "required": ["sku", "qty"]}}},
+        "required": ["id", "items", "status"]},
+    "event_defs": {"$defs": {"when": {"type": "object", "properties": {
+        "date": {"type": "string", "format": "date"}, "hour": {"type": "integer"}},
+        "required": ["date"]}}, "type": "object", "properties": {
+        "title": {"type": "string", "maxLength": 80}, "start": {"$ref": "#/$defs/when"},
+        "end": {"$ref": "#/$defs/when"}, "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["title", "start"]},
+}
+ENDLESS = {"type": "array", "minItems": 1000, "items": {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "minimum": 0,
+                                                         "maximum": 120}},
+    "required": ["name", "age"], "additionalProperties": False}}
+"""Never complete within the measured tokens: every step is masked."""
+
+
+def decode_rate(llm: LLM, batch: int, tokens: int, constrained: bool) -> float:
+    prompts = [f"People list number {i} as JSON:" for i in range(batch)]
+    spec = StructuredOutputsParams(json=ENDLESS) if constrained else None
+    params = SamplingParams(temperature=0.8, seed=1, max_tokens=tokens, min_tokens=tokens,
+                            ignore_eos=not constrained, structured_outputs=spec)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert produced == batch * tokens, (produced, batch * tokens)
+    return produced / elapsed
+
+
+def compile_times(llm: LLM, repeats: int) -> dict[str, dict[str, float]]:
+    compiler = llm.engine.core.structured.compiler
+    result = {}
+    for name, schema in TYPICAL.items():
+        cold = []
+        for i in range(repeats):
+            # NOTE: a unique title makes every compile a cache miss (the text differs).
+            spec = StructuredOutputsParams(json={**schema, "title": f"{name}-{i}-{time.time()}"})
+            start = time.perf_counter()
+            compiler.compile(spec)
+            cold.append(time.perf_counter() - start)
+        cached = []
+        for _ in range(repeats * 10):
+            start = time.perf_counter()
+            compiler.compile(spec)
+            cached.append(time.perf_counter() - start)
+        result[name] = {"cold_p50_ms": statistics.median(cold) * 1e3,
+                        "cold_max_ms": max(cold) * 1e3,
+                        "cached_p50_ms": statistics.median(cached) * 1e3}
+    return result
+
+
+def ttft(llm: LLM, spec: StructuredOutputsParams | None) -> float:
+    start = time.perf_counter()
+    for out in llm.stream("Describe a person as JSON:", SamplingParams(
+            temperature=0, max_tokens=1, structured_outputs=spec)):
+        if out.outputs[0].token_ids:
+            return time.perf_counter() - start
+    raise RuntimeError("no token")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"batch {b}" for b in result["decode"]]
+    u = [r["unconstrained_tok_s"] for r in result["decode"].values()]
+    c = [r["constrained_tok_s"] for r in result["decode"].values()]
+    x = range(len(labels))
+    ax1.bar([i - 0.2 for i in x], u, 0.4, label="unconstrained")
+    ax1.bar([i + 0.2 for i in x], c, 0.4, label="JSON schema")
+    ax1.set_xticks(list(x), labels)
+    ax1.set_ylabel("decode tok/s")
+    ax1.set_title("Grammar mask overhead" + (" (contended)" if result["contended"] else ""))
+    ax1.legend()
+    names = list(result["compile"])
+    ax2.bar(names, [result["compile"][n]["cold_p50_ms"] for n in names], label="cold p50")
+    ax2.bar(names, [result["compile"][n]["cached_p50_ms"] for n in names], label="cached p50")
+    ax2.axhline(10, color="red", linestyle="--", linewidth=1, label="10 ms target")
+    ax2.set_ylabel("ms")
+    ax2.set_title("Grammar compile (llguidance)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quantization", default="auto")
+    args = ap.parse_args()
+    load_before = os.getloadavg()
+    llm = LLM(show_progress=False, quantization=args.quantization)
+    llm.generate(["warm up"], SamplingParams(max_tokens=4))
+    result: dict = {"model": "SmolLM2-135M-Instruct", "quantization": args.quantization,
+                    "tokens": args.tokens, "loadavg_before": load_before,
+                    "cpu_count": os.cpu_count(), "decode": {}}
+    for batch in [int(b) for b in args.batches.split(",")]:
+        rates: dict[str, list[float]] = {"u": [], "c": []}
+        for _ in range(args.repeats):
+            rates["u"].append(decode_rate(llm, batch, args.tokens, False))
+            rates["c"].append(decode_rate(llm, batch, args.tokens, True))
+        u, c = max(rates["u"]), max(rates["c"])
+        result["decode"][batch] = {"unconstrained_tok_s": u, "constrained_tok_s": c,
+                                   "overhead_pct": 100 * (1 - c / u),
+                                   "runs": rates}
+        print(f"batch {batch:3d}: unconstrained {u:7.1f} tok/s  constrained {c:7.1f} tok/s  "
+              f"overhead {100 * (1 - c / u):5.1f}%", flush=True)
+    result["compile"] = compile_times(llm, 9)
+    for name, r in result["compile"].items():
+        print(f"compile {name:10s}: cold p50 {r['cold_p50_ms']:6.2f} ms  cached p50 "
+              f"{r['cached_p50_ms'] * 1e3:6.1f} us", flush=True)
+    new_spec = StructuredOutputsParams(json={**TYPICAL["person"], "title": f"new-{time.time()}"})
+    result["ttft_s"] = {"no_schema": ttft(llm, None), "new_schema": ttft(llm, new_spec),
+                        "cached_schema": ttft(llm, new_spec)}
+    print("TTFT (s):", {k: round(v, 4) for k, v in result["ttft_s"].items()})
+    result["loadavg_after"] = os.getloadavg()
+    result["contended"] = max(load_before[0], result["loadavg_after"][0]) > 1.5
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "structured.json").write_text(json.dumps(result, indent=2))
+    plot(result, OUT / "structured.png")
+    print(f"wrote {OUT / 'structured.json'} and structured.png"
+          + (" (CONTENDED machine: numbers are noisy)" if result["contended"] else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Tool-call grammar, parsing and stream splitting; grammar masks on SmolLM2's vocabulary
+(tokenizer only, no model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ember.sampling.constrained import StructuredOutputManager, unpack_bitmask
+from ember.server.errors import APIError
+from ember.server.serving.tools import (ToolStreamParser, parse_tool_calls, plan_tools,
+                                        prepare_messages)
+from ember.server.structured_protocol import NamedToolChoice, ToolDefinition
+from ember.types import SamplingBatchRow, SamplingParams, StructuredOutputsParams
+
+TOOL = ToolDefinition.model_validate({"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}}, "required": ["city"]}}})
+OTHER = ToolDefinition.model_validate({"type": "function", "function": {"name": "noop"}})
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from ember.loading.gguf import read_gguf
+    from ember.tokenizer import Tokenizer
+    from tests.conftest import smollm2_gguf
+
+    return Tokenizer.from_gguf_metadata(read_gguf(smollm2_gguf()).metadata)
+
+
+def _row(rid: str, spec: StructuredOutputsParams | None, out: list[int],
+         bias: dict[int, float] | None = None) -> SamplingBatchRow:
+    return SamplingBatchRow(rid, SamplingParams(structured_outputs=spec, logit_bias=bias),
+                            [1], out, eos_token_id=2)
+
+
+def _allowed(manager, rows, vocab) -> list[set[int]]:
+    logits = manager.apply(torch.zeros(len(rows), vocab), rows)
+    return [set(torch.nonzero(row > float("-inf")).flatten().tolist()) for row in logits]
+
+
+def test_choice_mask_eos_only_when_complete_and_bias(tokenizer) -> None:
+    manager = StructuredOutputManager(tokenizer)
+    spec = StructuredOutputsParams(choice=["yes", "no"])
+    v = tokenizer.vocab_size
+    yes = tokenizer.encode("yes", add_special_tokens=False)
+    assert len(yes) == 1
+    first = _allowed(manager, [_row("a", spec, []), _row("b", None, [], {5: 3.0})], v)
+    assert yes[0] in first[0] and tokenizer.eos_token_id not in first[0]
+    assert all(tokenizer.decode([t]) and ("yes".startswith(tokenizer.decode([t])) or
+                                          "no".startswith(tokenizer.decode([t])))
+               for t in first[0])
+    assert len(first[1]) == v  # unconstrained row untouched
+    logits = manager.apply(torch.zeros(1, v), [_row("b", None, [], {5: 3.0})])
+    assert logits[0, 5] == 3.0 and logits[0, 6] == 0.0
+    # after "yes" only EOS remains; a sibling sequence ("c", n > 1) keeps its own state
+    done = _allowed(manager, [_row("a", spec, yes), _row("c", spec, [])], v)
+    assert done[0] == {tokenizer.eos_token_id} and yes[0] in done[1]
+    manager.release(["a", "c"])
+
+
+def test_unpack_bitmask_matches_bits() -> None:
+    masks = torch.tensor([[0b1011, -2**31]], dtype=torch.int32)
+    allowed = unpack_bitmask(masks, 64)
+    assert allowed[0].nonzero().flatten().tolist() == [0, 1, 3, 63]
+
+
+def test_plan_tools_modes_and_errors() -> None:
+    assert plan_tools(None, None, None).mode == "none"
+    assert plan_tools([TOOL], None, None).mode == "auto"
+    named = plan_tools([TOOL, OTHER], NamedToolChoice.model_validate(
+        {"type": "function", "function": {"name": "noop"}}), False)
+    assert named.mode == "named" and not named.parallel
+    grammar = named.constraint().grammar
+    assert 'noop' in grammar and "get_weather" not in grammar and "TEXT" not in grammar
+    assert "TEXT" in plan_tools([TOOL], "auto", True).constraint().grammar
+    with pytest.raises(APIError, match="needs tools"):
+        plan_tools(None, "required", None)
+    with pytest.raises(APIError, match="not in tools"):
+        plan_tools([TOOL], NamedToolChoice.model_validate(
+            {"type": "function", "function": {"name": "x"}}), None)
+
+
+def test_parse_and_stream_reassemble() -> None:
+    text = ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n'
+            '<tool_call>{"name": "noop", "arguments": {}}</tool_call>')
+    calls = parse_tool_calls(text)
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"}), ("noop", {})]
+    assert parse_tool_calls("Hello there") is None
+    parser = ToolStreamParser()
+    got: dict[int, dict[str, str]] = {}
+    for i in range(0, len(text), 3):
+        content, deltas = parser.feed(text[i:i + 3])
+        assert content == ""
+        for d in deltas:
+            entry = got.setdefault(d.index, {"name": "", "arguments": ""})
+            entry["name"] += d.function.name or ""
+            entry["arguments"] += d.function.arguments or ""
+    assert [(e["name"], json.loads(e["arguments"])) for e in got.values()] == [
+        ("get_weather", {"city": "Paris"}), ("noop", {})]
+    text_parser = ToolStreamParser()
+    assert text_parser.feed("Hi") == ("Hi", []) and text_parser.feed(" <b>") == (" <b>", [])
+
+
+def test_fallback_rendering_of_tools_and_results() -> None:
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {
+                        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    out, extra = prepare_messages(messages, [TOOL], native=False)
+    assert extra == {} and out[0]["role"] == "system" and "get_weather" in out[0]["content"]
+    assert out[2]["content"] == ('<tool_call>{"name": "get_weather", "arguments": '
+                                 '{"city": "Paris"}}</tool_call>')
+    assert out[3] == {"role": "tool", "content": "<tool_response>\nsunny\n</tool_response>"}
+    _, extra = prepare_messages(messages, [TOOL], native=True)
+    assert extra["tools"][0]["function"]["name"] == "get_weather"
