@@ -65,6 +65,9 @@ class SamplingParams:
     """Drop special tokens from the returned text."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string in the output text."""
+    cache_salt: str | None = None
+    """Prefix-cache namespace: KV blocks are shared only between requests with the same salt
+    (the server sets one per API key, so one key cannot probe another's prompts)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
