@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+from ember.server.schema_compat import integral_floats
 
 StopStr = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]
@@ -20,8 +22,14 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 class _Request(BaseModel):
-    # NOTE: strict types (no "1" -> 1 coercion) and unknown fields ignored.
+    # NOTE: strict types (no "1" -> 1 coercion) and unknown fields ignored; integral floats
+    # (0.0) are integers, as in JSON Schema.
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        return integral_floats(cls, data)
 
 
 class StreamOptions(_Request):
