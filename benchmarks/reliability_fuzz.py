@@ -40,13 +40,16 @@ def main() -> int:
         stdout=subprocess.DEVNULL, stderr=open(args.out / f"fuzz_{stamp}_server.log", "w"))
     try:
         url = f"http://127.0.0.1:{args.port}"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 600  # a first start may compile the kernels
+        while True:
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                print("error: ember serve did not become ready (see the server log)")
+                return 1
             time.sleep(0.5)
         start, load_before = time.monotonic(), os.getloadavg()
         junit = args.out / f"fuzz_{stamp}_junit.xml"
@@ -61,7 +64,10 @@ def main() -> int:
         metrics = httpx.get(f"{url}/metrics", timeout=5).text
     finally:
         server.terminate()
-        server.wait(60)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
     text = proc.stdout + proc.stderr
     cases = sum(int(n) for n in re.findall(r"(\d+) generated", text)) or None
     five_xx = sum(float(v) for v in re.findall(
