@@ -57,7 +57,8 @@ def main() -> int:
             [str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/openapi.json",
              "--checks", "all", "--exclude-checks", "positive_data_acceptance",
              "--max-examples", str(args.max_examples), "--seed", str(args.seed),
-             "--report", "junit", "--report-junit-path", str(junit), "--no-color"],
+             "--request-timeout", "120", "--report", "junit",
+             "--report-junit-path", str(junit), "--no-color"],
             capture_output=True, text=True)
         elapsed = time.monotonic() - start
         health = httpx.get(f"{url}/health", timeout=5).status_code
@@ -70,9 +71,11 @@ def main() -> int:
             server.kill()
     text = proc.stdout + proc.stderr
     cases = sum(int(n) for n in re.findall(r"(\d+) generated", text)) or None
-    five_xx = sum(float(v) for v in re.findall(
-        r'ember:http_requests_total\{[^}]*status="5\d\d"[^}]*\} ([0-9.e+]+)', metrics))
+    five_xx_lines = [ln for ln in metrics.splitlines() if ln.startswith(
+        "ember:http_requests_total") and re.search(r'status="5\d\d"', ln)]
+    five_xx = sum(float(ln.rsplit(" ", 1)[1]) for ln in five_xx_lines)
     summary = {"exit_code": proc.returncode, "cases_generated": cases, "server_5xx": five_xx,
+               "server_5xx_by_label": five_xx_lines,
                "health_after": health, "seconds": elapsed, "max_examples": args.max_examples,
                "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                "contended": os.getloadavg()[0] > (os.cpu_count() or 1),
