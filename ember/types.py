@@ -103,6 +103,9 @@ class SamplingParams:
     """Constrain the output to a JSON Schema / regex / choice / grammar (see constrained.py)."""
     logit_bias: dict[int, float] | None = None
     """Added to the logits of these token ids before sampling; values in [-100, 100]."""
+    cache_salt: str | None = None
+    """Prefix-cache namespace: KV blocks are shared only between requests with the same salt
+    (the server sets one per API key, so one key cannot probe another's prompts)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

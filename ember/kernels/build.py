@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.config import EnvSettings
+from ember.kernels.cache_check import record_hash, untrusted_reason
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ def compile_library(target: Path, isa: Isa | None = None) -> None:
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
     target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.chmod(0o755)  # NOTE: loaded only from a folder no one else can write
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
@@ -126,9 +128,14 @@ def load_library(cache_dir: str | None, isa: Isa | None = None) -> ctypes.CDLL |
         return None
     path = library_path(cache_dir, isa)
     try:
+        reason = untrusted_reason(path) if path.exists() else None
+        if reason is not None:
+            logger.warning("kernel cache: %s; rebuilding", reason)
+            path.unlink()
         if not path.exists():
             logger.info("compiling CPU kernels (%s) into %s", isa.name, path)
             compile_library(path, isa)
+            record_hash(path)
         return ctypes.CDLL(str(path))
     except (OSError, RuntimeError) as e:
         logger.warning("CPU kernels off: %s", e)

@@ -40,6 +40,14 @@ def hash_block_tokens(parent: bytes | None, tokens: Sequence[int]) -> bytes:
     return digest.digest()
 
 
+def salt_root(salt: str | None) -> bytes | None:
+    """The parent hash of a request's first block: None without a salt, else a digest of the
+    salt, so blocks of different salts never share a hash (prefix-cache isolation)."""
+    if salt is None:
+        return None
+    return hashlib.sha256(b"ember-cache-salt\0" + salt.encode("utf-8", "replace")).digest()
+
+
 @dataclass(eq=False, slots=True)
 class KVCacheBlock:
     """One physical block of KV slots (`block_size` tokens)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from ember.kv_cache.block_pool import BlockPool, KVCacheBlock, hash_block_tokens
+from ember.kv_cache.block_pool import BlockPool, KVCacheBlock, hash_block_tokens, salt_root
 from ember.types import Request
 
 logger = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class KVCacheManager:
         tokens = request.all_token_ids
         num_full = len(tokens) // bs
         for i in range(len(hashes), num_full):
-            parent = hashes[i - 1] if i else None
+            parent = hashes[i - 1] if i else salt_root(request.sampling_params.cache_salt)
             hashes.append(hash_block_tokens(parent, tokens[i * bs:(i + 1) * bs]))
         return hashes
 

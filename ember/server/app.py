@@ -22,6 +22,7 @@ from ember.server.errors import install_exception_handlers
 from ember.server.hosts import AllowedHostsMiddleware
 from ember.server.limits import ApiKeyAuth, AuthMiddleware, BodySizeLimitMiddleware
 from ember.server.metrics import HttpMetricsMiddleware, ServerMetrics
+from ember.server.openapi_fixups import refine
 from ember.server.protocol import STREAM_MODELS
 from ember.server.routes import admin, batches, embeddings, openai, web
 from ember.server.state import AppState
@@ -121,5 +122,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             operation.get("responses", {}).pop("422", None)
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
-    app.openapi_schema = schema
+    state: AppState = app.state.ember
+    engine = state.engine
+    refine(schema, state.model_names, engine.vocab_size if engine is not None else None,
+           state.config.server.guards.max_stop_token_ids,
+           engine.max_model_len if engine is not None else None)
+    if engine is not None:  # NOTE: token-id bounds are known once the model is loaded
+        app.openapi_schema = schema
     return schema

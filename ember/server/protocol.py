@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+from ember.server.schema_compat import integral_floats
 
 from ember.server.structured_protocol import (DeltaToolCall, JsonSchemaFormat, NamedToolChoice,
                                               StructuredOutputsRequest, ToolCall,
@@ -24,8 +26,14 @@ FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class _Request(BaseModel):
-    # NOTE: strict types (no "1" -> 1 coercion) and unknown fields ignored.
+    # NOTE: strict types (no "1" -> 1 coercion) and unknown fields ignored; integral floats
+    # (0.0) are integers, as in JSON Schema.
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        return integral_floats(cls, data)
 
 
 class StreamOptions(_Request):

@@ -264,3 +264,18 @@ def test_stalled_reader_stream_is_aborted_after_the_read_timeout():
         assert started.is_set() and closed.is_set()
 
     asyncio.run(run())
+
+
+def test_prefix_cache_is_isolated_per_api_key():
+    prompt = "the same long prompt, shared by two callers: " * 2  # > 2 blocks of 16 tokens
+    with _client(api_keys=("key-a", "key-b")) as client:
+        def cached(key: str) -> int:
+            resp = client.post("/v1/completions", headers={"Authorization": f"Bearer {key}"},
+                               json={"prompt": prompt, "max_tokens": 1})
+            assert resp.status_code == 200
+            return int(resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+        assert cached("key-a") == 0
+        assert cached("key-a") >= 32  # a hit within the key
+        assert cached("key-b") == 0  # another key never sees key-a's cached prefix
+        assert cached("key-b") >= 32

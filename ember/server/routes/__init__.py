@@ -26,5 +26,12 @@ def stream_response(model: type[BaseModel], description: str) -> dict[int | str,
     return {200: {
         "description": description,
         "content": {"text/event-stream": {
-            "schema": {"$ref": f"#/components/schemas/{model.__name__}"},
+            # NOTE: each SSE event's `data` is a chunk as JSON, an in-stream error (the
+            # stream had started), or the final literal [DONE].
+            "schema": {"type": "object", "required": ["data"], "properties": {"data": {
+                "anyOf": [{"type": "string", "const": "[DONE]"},
+                          {"type": "string", "contentMediaType": "application/json",
+                           "contentSchema": {"anyOf": [
+                               {"$ref": f"#/components/schemas/{model.__name__}"},
+                               {"$ref": "#/components/schemas/ErrorResponse"}]}}]}}},
             "example": "data: {...chunk...}\n\ndata: [DONE]\n\n"}}}}

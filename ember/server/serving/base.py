@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
@@ -126,6 +127,15 @@ class ServingContext:
         except APIError:
             self.metrics.rejected.labels("rate_limit").inc()
             raise
+
+    @staticmethod
+    def cache_salt(request: Request) -> str | None:
+        """Prefix-cache namespace of the caller: one per API key (None without keys), so
+        cached prefixes (and cached_tokens) are only shared within a key."""
+        principal = request.scope.get("state", {}).get(PRINCIPAL_KEY, "")
+        if not principal.startswith("key:"):
+            return None
+        return hashlib.sha256(principal.encode()).hexdigest()
 
     def start_streams(self, request_id: str, prompts: Sequence[Any], params: SamplingParams,
                       priority: int) -> list[RequestStream]:

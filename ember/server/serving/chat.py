@@ -88,6 +88,7 @@ class ChatServing:
         n = plan.params.n
         reservation = self.ctx.admit(request, n,
                                      len(plan.prompt.token_ids) + plan.prompt.max_tokens * n)
+        plan.params.cache_salt = self.ctx.cache_salt(request)
         request_id = new_id("chatcmpl")
         try:
             [stream] = self.ctx.start_streams(request_id, [plan.prompt], plan.params,

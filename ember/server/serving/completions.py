@@ -70,6 +70,7 @@ class CompletionServing:
         plan = await asyncio.to_thread(self._plan, body)
         reservation = self.ctx.admit(request, plan.params.n * len(plan.prompts),
                                      plan.reserve_tokens())
+        plan.params.cache_salt = self.ctx.cache_salt(request)
         request_id = new_id("cmpl")
         try:
             streams = self.ctx.start_streams(request_id, plan.prompts, plan.params,
