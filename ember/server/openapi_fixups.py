@@ -12,8 +12,8 @@ _REQUESTS = ("CompletionRequest", "ChatCompletionRequest", "TokenizeRequest",
              "DetokenizeRequest")
 _NULL_ONLY = {"CompletionRequest": ("suffix",)}
 """Accepted for compatibility but unsupported: anything but null is a 400."""
-RESPONSE_FORMATS = ("text",)
-"""response_format types the chat route serves (NOTE: extend with structured outputs)."""
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+"""response_format types the chat and completion routes serve."""
 
 
 def _token_ids(schema: dict[str, Any], maximum: int) -> None:
@@ -77,16 +77,9 @@ def refine(schema: dict[str, Any], model_names: tuple[str, ...], vocab_size: int
         for field in _NULL_ONLY.get(name, ()):
             if field in props:
                 props[field] = {"type": "null", "description": "Not supported: omit or null."}
-        if "tools" in props:
-            props["tools"] = {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}],
-                              "description": "Not supported: omit, null or []."}
         if "best_of" in props:  # must equal n: JSON Schema cannot say it, so n x 1 only
             props["best_of"] = {"anyOf": [{"type": "integer", "const": 1}, {"type": "null"}],
                                 "description": "Only best_of == n is supported."}
-        if "logit_bias" in props:
-            props["logit_bias"] = {"anyOf": [{"type": "object", "maxProperties": 0},
-                                             {"type": "null"}],
-                                   "description": "Not supported: must be omitted, null or {}."}
         for field in ("stop_token_ids", "tokens", "prompt"):
             if field in props and vocab_size is not None:
                 _token_ids(props[field], vocab_size - 1)

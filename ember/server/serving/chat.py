@@ -53,11 +53,11 @@ def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage],
         dicts.append(item)
     kwargs = {k: v for k, v in (template_kwargs or {}).items()
               if k not in _RESERVED_TEMPLATE_KWARGS}
-    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in dicts):
-        dicts, extra = prepare_messages(dicts, tools or [],
-                                        template_supports_tools(tokenizer.chat_template))
-        kwargs.update(extra)
     try:
+        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in dicts):
+            dicts, extra = prepare_messages(dicts, tools or [],
+                                            template_supports_tools(tokenizer.chat_template))
+            kwargs.update(extra)
         return tokenizer.encode_chat(dicts, add_generation_prompt, **kwargs)
     except (ValueError, TypeError) as exc:
         raise bad_request(f"cannot apply the chat template: {exc}", "messages") from exc

@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ember.chat_template import normalize_message
 from ember.server.errors import bad_request
 from ember.server.structured_protocol import (DeltaFunctionCall, DeltaToolCall, FunctionCall,
                                               NamedToolChoice, ToolCall, ToolDefinition)
@@ -127,7 +128,7 @@ def prepare_messages(messages: list[dict[str, Any]], tools: list[ToolDefinition]
         return messages, extra
     out: list[dict[str, Any]] = []
     for m in messages:
-        m = dict(m)
+        m = normalize_message(m)  # content parts joined into one string
         calls = m.pop("tool_calls", None)
         if calls:
             blocks = "\n".join(
