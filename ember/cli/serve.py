@@ -117,9 +117,10 @@ def _guards(args: argparse.Namespace) -> ServingGuards:
 async def _serve(config: EngineConfig, log_level: str, access_log: bool) -> int:
     import uvicorn
 
+    from ember.batch.routes import install_batch_api
     from ember.server.app import create_app
 
-    app = create_app(config)
+    app = create_app(config, addons=(install_batch_api,))
     state = app.state.ember
     server_cfg = config.server
     uv_config = uvicorn.Config(

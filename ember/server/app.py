@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from ember import __version__
-from ember.batch.service import BatchService
 from ember.config import EngineConfig
 from ember.engine.async_engine import AsyncEngine
 from ember.server.errors import install_exception_handlers
@@ -24,7 +22,7 @@ from ember.server.limits import ApiKeyAuth, AuthMiddleware, BodySizeLimitMiddlew
 from ember.server.metrics import HttpMetricsMiddleware, ServerMetrics
 from ember.server.openapi_fixups import refine
 from ember.server.protocol import STREAM_MODELS
-from ember.server.routes import admin, batches, embeddings, openai, web
+from ember.server.routes import admin, embeddings, openai, web
 from ember.server.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -40,13 +38,28 @@ def served_model_names(config: EngineConfig) -> tuple[str, ...]:
     return (config.model.model,)
 
 
-def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastAPI:
+class AppAddon(Protocol):
+    """A feature installed into the app from a layer above the server (e.g. the Batch API of
+    `ember.batch`, which itself runs requests through the server's serving classes)."""
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+AddonFactory = Callable[[FastAPI, AppState], AppAddon]
+"""Installs its routes on the app and returns the addon (started and stopped with the app)."""
+
+
+def create_app(config: EngineConfig, engine: AsyncEngine | None = None,
+               addons: Sequence[AddonFactory] = ()) -> FastAPI:
     """Build the server app.
 
     Args:
         config: engine + server configuration (validated here).
         engine: an already loaded engine (tests, embedding); without one the lifespan loads
             `config.model` in a worker thread while /health answers 503.
+        addons: features from higher layers (`ember serve` adds the Batch API).
 
     Returns:
         The app; its `state.ember` is the `AppState` (readiness, metrics, engine).
@@ -55,8 +68,7 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
     names = served_model_names(config)
     state = AppState(config=config, metrics=ServerMetrics(names[0]), model_names=names,
                      engine=engine)
-    batch_root = config.server.batch_dir or str(config.env.cache_path / "batches")
-    batch_service = BatchService(Path(batch_root).expanduser(), state)
+    installed: list[AppAddon] = []
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -67,11 +79,13 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
             state.attach(engine)
             if config.server.embedding_models:
                 task = asyncio.create_task(state.load_embedders())
-        batch_service.start()
+        for addon in installed:
+            addon.start()
         try:
             yield
         finally:
-            await batch_service.stop()  # NOTE: before draining; running batches resume later
+            for addon in installed:
+                await addon.stop()  # NOTE: before draining (running batches resume later)
             if task is not None and not task.done():
                 task.cancel()  # the loading thread finishes on its own; nothing uses it
             await state.shutdown()
@@ -79,12 +93,11 @@ def create_app(config: EngineConfig, engine: AsyncEngine | None = None) -> FastA
     app = FastAPI(title="Ember", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible inference server of the Ember engine.")
     app.state.ember = state
-    app.state.ember_batches = batch_service
     app.include_router(openai.router)
     app.include_router(embeddings.router)
-    app.include_router(batches.router)
     app.include_router(admin.router)
     web.install(app)  # the playground, the dashboard and /stats
+    installed.extend(factory(app, state) for factory in addons)
     install_exception_handlers(app)
     server = config.server
     keys = list(server.api_keys)

@@ -8,7 +8,6 @@ buckets), as Prometheus' `rate()` and `histogram_quantile()` would.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
 from collections import defaultdict
@@ -90,17 +89,12 @@ def _histogram(samples: dict[str, list[tuple[dict[str, str], float]]],
 
 
 def features(config: EngineConfig) -> Features:
-    """What the playground may offer.
-
-    NOTE: `json_schema` is on once the constrained-decoding module exists
-    (`ember/sampling/constrained.py`, see DESIGN.md); speculative decoding once `SpecConfig`
-    names a method. The branches building them can set these more directly at merge.
-    """
+    """What the playground may offer: JSON-schema output (always: constrained decoding is part
+    of every engine) and speculative decoding when `SpecConfig` enables it."""
     spec = config.spec
-    return Features(json_schema=importlib.util.find_spec("ember.sampling.constrained") is not None,
-                    speculative=spec.method is not None and spec.num_speculative_tokens > 0,
-                    speculative_method=spec.method,
-                    num_speculative_tokens=spec.num_speculative_tokens)
+    return Features(json_schema=True, speculative=spec.enabled,
+                    speculative_method=spec.method if spec.enabled else None,
+                    num_speculative_tokens=spec.num_speculative_tokens if spec.enabled else 0)
 
 
 def snapshot(registry: CollectorRegistry, model: str, ready: bool,

@@ -91,7 +91,7 @@ def test_pages_stats_and_static_served():
     assert stats["itl"]["bounds"] == sorted(stats["itl"]["bounds"])
     assert stats["finished"]["length"] == 1
     assert stats["errors"] == 0 and stats["engine_restarts"] == 0
-    assert stats["features"] == {"json_schema": False, "speculative": False,
+    assert stats["features"] == {"json_schema": True, "speculative": False,
                                  "speculative_method": None, "num_speculative_tokens": 0}
     assert stats["metrics"]["ember:generation_tokens_total"] == 5
     # the auth bridge passes the router's scope updates out to the metrics middleware

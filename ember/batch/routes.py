@@ -1,11 +1,13 @@
-"""/v1/files and /v1/batches (the OpenAI Batch API); the logic is in `ember.batch.service`."""
+"""/v1/files and /v1/batches (the OpenAI Batch API) on `ember serve`, installed as an app addon
+(`install_batch_api`); the logic is in `ember.batch.service`."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, FastAPI, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
 from ember.batch.protocol import (FILE_PURPOSES, BatchList, BatchObject, CreateBatchRequest,
@@ -14,8 +16,20 @@ from ember.batch.service import BatchService
 from ember.server.errors import bad_request
 from ember.server.routes import ERROR_RESPONSES
 from ember.server.serving.base import json_response
+from ember.server.state import AppState
 
 router = APIRouter(tags=["Batch"])
+
+
+def install_batch_api(app: FastAPI, state: AppState) -> BatchService:
+    """Add the Batch API to `app` (an `AddonFactory` for `create_app`): its routes, and the
+    service that runs batches on the app's engine from `ServerConfig.batch_dir`."""
+    config = state.config
+    root = config.server.batch_dir or str(config.env.cache_path / "batches")
+    service = BatchService(Path(root).expanduser(), state)
+    app.state.ember_batches = service
+    app.include_router(router)
+    return service
 
 
 def get_batches(request: Request) -> BatchService:
