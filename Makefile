@@ -35,7 +35,7 @@ chat: setup
 
 test: setup
 	$(PY) -m mypy ember
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 bench: setup
 	$(PY) benchmarks/engine_throughput.py
