@@ -20,8 +20,13 @@ from ember.config import (DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig,
 
 
 def _config(args: argparse.Namespace) -> EngineConfig:
+    from ember.config import EnvSettings
+    from ember.engine.embedder import split_models
+
+    model, embedders, generator = split_models(args.model, EnvSettings.from_env(),
+                                               DEFAULT_MODEL)
     return EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+        model=ModelConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
                           quantization=quantization_of(args),
                           cpu_kernels=not args.no_cpu_kernels,
                           generation_config=args.generation_config,
@@ -29,7 +34,8 @@ def _config(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(kv_cache_mb=args.kv_cache_mb),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs),
-        server=ServerConfig(served_model_names=tuple(args.served_model_name)),
+        server=ServerConfig(served_model_names=tuple(args.served_model_name),
+                            embedding_models=embedders, serve_generator=generator),
         seed=args.seed)
 
 
@@ -52,7 +58,8 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
                         TextColumn("{task.fields[tok_s]:.0f} tok/s"), TimeElapsedColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), console=console,
                         disable=args.no_progress)
-    task = progress.add_task(f"loading {args.model}", total=total, tok_s=0.0)
+    task = progress.add_task(f"loading {', '.join(args.model or [DEFAULT_MODEL])}",
+                             total=total, tok_s=0.0)
     first_report: list[float] = []
 
     def report(stats: RunStats) -> None:
@@ -88,8 +95,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-i", "--input", required=True, help="requests, one JSON object a line")
     p.add_argument("-o", "--output", required=True,
                    help="results (appended; rerun the same command to resume)")
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    p.add_argument("--model", "-m", action="append", default=None,
+                   help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL}); "
+                        "repeatable: one generation model plus embedding models (e.g. "
+                        "all-minilm-l6-v2 for /v1/embeddings lines)")
     p.add_argument("--served-model-name", action="append", default=[],
                    help="name the lines' body.model may use (repeatable; default: --model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

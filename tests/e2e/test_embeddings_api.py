@@ -148,3 +148,19 @@ def test_truncation_on_request(url: str) -> None:
         "model": EMBEDDER, "input": "word " * 300, "truncate_prompt_tokens": 256})
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["prompt_tokens"] == 256
+
+
+def test_concurrent_requests_equal_single_requests(client: openai.OpenAI,
+                                                   reference: np.ndarray) -> None:
+    """Requests in flight together are packed into shared forward steps by the server's
+    micro-batcher; each still gets exactly its own vectors, in its own order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = [[TEXTS[(i + j) % len(TEXTS)] for j in range(1 + i % 3)] for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        outs = list(pool.map(lambda texts: client.embeddings.create(
+            model=EMBEDDER, input=texts, encoding_format="float"), inputs))
+    for i, (texts, out) in enumerate(zip(inputs, outs, strict=True)):
+        got = np.array([d.embedding for d in out.data], dtype=np.float32)
+        want = reference[[(i + j) % len(TEXTS) for j in range(len(texts))]]
+        np.testing.assert_allclose(got, want, atol=2e-6)
