@@ -67,8 +67,9 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
             first_report.append(time.monotonic())
             progress.update(task, description="run-batch")
         done = stats.skipped + stats.completed + stats.failed
-        tok_s = stats.completion_tokens / max(stats.elapsed_s, 1e-6)
-        progress.update(task, completed=done, tok_s=tok_s)
+        # NOTE: an embeddings-only job generates nothing: its rate is of input tokens.
+        tokens = stats.completion_tokens or stats.prompt_tokens
+        progress.update(task, completed=done, tok_s=tokens / max(stats.elapsed_s, 1e-6))
 
     try:
         with progress:
@@ -82,9 +83,11 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] {exc.filename or args.output}: {exc.strerror or exc}",
                       highlight=False)
         return 2
-    tok_s = stats.completion_tokens / max(stats.elapsed_s, 1e-6)
+    kind, tokens = (("input tokens", stats.prompt_tokens) if not stats.completion_tokens
+                    and stats.prompt_tokens else ("tokens", stats.completion_tokens))
+    tok_s = tokens / max(stats.elapsed_s, 1e-6)
     console.print(f"run-batch: {stats.completed} ok, {stats.failed} failed, {stats.skipped} "
-                  f"already done; {stats.completion_tokens} tokens in {stats.elapsed_s:.1f} s "
+                  f"already done; {tokens} {kind} in {stats.elapsed_s:.1f} s "
                   f"({tok_s:.1f} tok/s) -> {args.output}", highlight=False)
     return 0
 
