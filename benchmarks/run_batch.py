@@ -10,6 +10,13 @@ and then the run-batch path (`run_batch_file`: JSONL in, the server's serving cl
 in-flight, fsync'd JSONL out). Greedy decoding with ignore_eos, so both generate exactly
 num x max_tokens tokens. The sides alternate over --repeats rounds (A B, B A, ...) to spread out
 load drift on a shared machine; the ratio is of the summed times.
+
+Where a gap comes from: the engine's `step()` is timed on both sides (`engine_busy_s`, `steps`,
+`tokens_per_step`). Engine work that is the same on both sides with run-batch's wall time
+longer means the engine waited (in-flight bound, front-end latency); more busy time for the
+same tokens means slower steps (other threads preempting the kernels' OpenMP team, smaller
+batches). A py-spy profile of run-batch (128 requests, contended machine) put the event loop
+at ~1% busy and the engine thread at ~97% in model compute (fused decoder + q8 GEMMs).
 """
 
 from __future__ import annotations
@@ -46,6 +53,31 @@ def write_input(path: Path, questions: list[str], max_tokens: int) -> None:
                                 "body": {"messages": [{"role": "user", "content": q}],
                                          "max_tokens": max_tokens, "temperature": 0,
                                          "ignore_eos": True}}) + "\n")
+
+
+class StepTimer:
+    """Wraps `llm.engine.step` to sum its time and count steps (both sides use it)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.busy = 0.0
+        self.steps = 0
+        engine = llm.engine
+        inner = engine.step
+
+        def step() -> list:
+            t0 = time.perf_counter()
+            try:
+                return inner()
+            finally:
+                self.busy += time.perf_counter() - t0
+                self.steps += 1
+
+        engine.step = step  # type: ignore[method-assign]
+
+    def take(self) -> tuple[float, int]:
+        busy, steps = self.busy, self.steps
+        self.busy, self.steps = 0.0, 0
+        return busy, steps
 
 
 def time_generate(llm: LLM, questions: list[str], max_tokens: int) -> tuple[float, int]:
@@ -115,8 +147,10 @@ def main() -> None:
     # NOTE: warm up at full batch width, so neither side pays first-use costs (kernel JIT,
     # per-shape graphs) that the other does not.
     time_generate(llm, requests(args.max_num_seqs), 4)
+    timer = StepTimer(llm)
     gen_t = batch_t = 0.0
     gen_tokens = batch_tokens = 0
+    busy = {"generate": [0.0, 0], "batch": [0.0, 0]}
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = Path(tmp) / "requests.jsonl", Path(tmp) / "results.jsonl"
         write_input(inp, questions, args.max_tokens)
@@ -128,6 +162,9 @@ def main() -> None:
                 else:
                     t, n = time_run_batch(llm, inp, out)
                     batch_t, batch_tokens = batch_t + t, batch_tokens + n
+                b, k = timer.take()
+                busy[side][0] += b
+                busy[side][1] += k
     load_after = os.getloadavg()
     cpus = os.cpu_count() or 1
     result = {
@@ -135,9 +172,13 @@ def main() -> None:
         "num_requests": args.num, "max_tokens": args.max_tokens, "repeats": args.repeats,
         "max_num_seqs": args.max_num_seqs,
         "max_in_flight": default_max_in_flight(llm.engine.config),
-        "generate": {"seconds": gen_t, "tokens": gen_tokens, "tok_s": gen_tokens / gen_t},
+        "generate": {"seconds": gen_t, "tokens": gen_tokens, "tok_s": gen_tokens / gen_t,
+                     "engine_busy_s": busy["generate"][0], "steps": busy["generate"][1],
+                     "tokens_per_step": gen_tokens / max(1, busy["generate"][1])},
         "run_batch": {"seconds": batch_t, "tokens": batch_tokens,
-                      "tok_s": batch_tokens / batch_t},
+                      "tok_s": batch_tokens / batch_t,
+                      "engine_busy_s": busy["batch"][0], "steps": busy["batch"][1],
+                      "tokens_per_step": batch_tokens / max(1, busy["batch"][1])},
         "ratio": (batch_tokens / batch_t) / (gen_tokens / gen_t),
         "target_ratio": 0.95,
         "loadavg_before": load_before, "loadavg_after": load_after, "cpus": cpus,
@@ -154,6 +195,10 @@ def main() -> None:
           f"{result['run_batch']['tok_s']:.1f} tok/s: ratio {result['ratio']:.3f}x "
           f"(target >= 0.95; load {load_before[0]:.1f} on {cpus} CPUs"
           f"{', CONTENDED' if result['contended'] else ''}) -> {out_dir / stem}.json/.png")
+    for side in ("generate", "run_batch"):
+        r = result[side]
+        print(f"  {side}: {r['seconds']:.1f} s wall, engine busy {r['engine_busy_s']:.1f} s "
+              f"over {r['steps']} steps ({r['tokens_per_step']:.1f} generated tokens/step)")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ def parse_line(line_no: int, raw: bytes | str, served_urls: frozenset[str] | set
                                       f"{endpoint!r}")
     if url not in served_urls:
         if url in KNOWN_URLS:
-            return fail("unsupported_url", f"{url} is not available on this server build "
-                                           f"(served: {', '.join(sorted(served_urls))})")
+            return fail("unsupported_url", f"{url} is not served by the models loaded here "
+                                           f"(served: {', '.join(sorted(served_urls))}; "
+                                           "/v1/embeddings needs an embedding model)")
         return fail("invalid_url", f"url {url!r} is not a batch endpoint; use one of "
                                    f"{', '.join(KNOWN_URLS)}")
     body = obj.get("body")

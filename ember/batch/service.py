@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ember.batch.executor import ENDPOINTS, BatchExecutor, batch_context
+from ember.batch.executor import BATCH_URLS, BatchExecutor, batch_context
 from ember.batch.format import is_failure
 from ember.batch.journal import ResultJournal
 from ember.batch.protocol import (ACTIVE_STATUSES, BatchError, BatchErrors, BatchObject,
@@ -83,8 +83,8 @@ class BatchService:
     # ---- API ------------------------------------------------------------------------------
 
     def create(self, req: CreateBatchRequest) -> BatchObject:
-        if req.endpoint not in ENDPOINTS:
-            raise bad_request(f"endpoint must be one of {', '.join(sorted(ENDPOINTS))}, got "
+        if req.endpoint not in BATCH_URLS:
+            raise bad_request(f"endpoint must be one of {', '.join(sorted(BATCH_URLS))}, got "
                               f"{req.endpoint!r}", "endpoint")
         window = COMPLETION_WINDOWS.get(req.completion_window)
         if window is None:
@@ -123,13 +123,16 @@ class BatchService:
 
     async def _work(self) -> None:
         await self.state.loaded.wait()
-        engine = self.state.engine
-        if engine is None:
+        engine, embeddings = self.state.engine, self.state.embeddings
+        if engine is None and embeddings is None:
             logger.error("batches are not run: the model did not load")
             return
-        ctx = batch_context(engine, self.state.model_names, self.state.metrics,
-                            self.state.config.model.model)
-        executor = BatchExecutor(Servings.create(ctx), priority=BATCH_PRIORITY)
+        servings = None
+        if engine is not None:
+            servings = Servings.create(batch_context(engine, self.state.model_names,
+                                                     self.state.metrics,
+                                                     self.state.config.model.model))
+        executor = BatchExecutor(servings, priority=BATCH_PRIORITY, embeddings=embeddings)
         server = self.state.config.server
         in_flight = server.batch_max_in_flight or max(
             1, self.state.config.scheduler.max_num_seqs // 2)

@@ -20,8 +20,13 @@ from ember.config import (DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig,
 
 
 def _config(args: argparse.Namespace) -> EngineConfig:
+    from ember.config import EnvSettings
+    from ember.engine.embedder import split_models
+
+    model, embedders, generator = split_models(args.model, EnvSettings.from_env(),
+                                               DEFAULT_MODEL)
     return EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+        model=ModelConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
                           quantization=quantization_of(args),
                           cpu_kernels=not args.no_cpu_kernels,
                           generation_config=args.generation_config,
@@ -29,7 +34,8 @@ def _config(args: argparse.Namespace) -> EngineConfig:
         cache=CacheConfig(kv_cache_mb=args.kv_cache_mb),
         scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_num_seqs=args.max_num_seqs),
-        server=ServerConfig(served_model_names=tuple(args.served_model_name)),
+        server=ServerConfig(served_model_names=tuple(args.served_model_name),
+                            embedding_models=embedders, serve_generator=generator),
         seed=args.seed)
 
 
@@ -52,7 +58,8 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
                         TextColumn("{task.fields[tok_s]:.0f} tok/s"), TimeElapsedColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), console=console,
                         disable=args.no_progress)
-    task = progress.add_task(f"loading {args.model}", total=total, tok_s=0.0)
+    task = progress.add_task(f"loading {', '.join(args.model or [DEFAULT_MODEL])}",
+                             total=total, tok_s=0.0)
     first_report: list[float] = []
 
     def report(stats: RunStats) -> None:
@@ -60,8 +67,9 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
             first_report.append(time.monotonic())
             progress.update(task, description="run-batch")
         done = stats.skipped + stats.completed + stats.failed
-        tok_s = stats.completion_tokens / max(stats.elapsed_s, 1e-6)
-        progress.update(task, completed=done, tok_s=tok_s)
+        # NOTE: an embeddings-only job generates nothing: its rate is of input tokens.
+        tokens = stats.completion_tokens or stats.prompt_tokens
+        progress.update(task, completed=done, tok_s=tokens / max(stats.elapsed_s, 1e-6))
 
     try:
         with progress:
@@ -75,9 +83,11 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] {exc.filename or args.output}: {exc.strerror or exc}",
                       highlight=False)
         return 2
-    tok_s = stats.completion_tokens / max(stats.elapsed_s, 1e-6)
+    kind, tokens = (("input tokens", stats.prompt_tokens) if not stats.completion_tokens
+                    and stats.prompt_tokens else ("tokens", stats.completion_tokens))
+    tok_s = tokens / max(stats.elapsed_s, 1e-6)
     console.print(f"run-batch: {stats.completed} ok, {stats.failed} failed, {stats.skipped} "
-                  f"already done; {stats.completion_tokens} tokens in {stats.elapsed_s:.1f} s "
+                  f"already done; {tokens} {kind} in {stats.elapsed_s:.1f} s "
                   f"({tok_s:.1f} tok/s) -> {args.output}", highlight=False)
     return 0
 
@@ -88,8 +98,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-i", "--input", required=True, help="requests, one JSON object a line")
     p.add_argument("-o", "--output", required=True,
                    help="results (appended; rerun the same command to resume)")
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    p.add_argument("--model", "-m", action="append", default=None,
+                   help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL}); "
+                        "repeatable: one generation model plus embedding models (e.g. "
+                        "all-minilm-l6-v2 for /v1/embeddings lines)")
     p.add_argument("--served-model-name", action="append", default=[],
                    help="name the lines' body.model may use (repeatable; default: --model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -216,15 +216,16 @@ def _num_rows(batch: Batch) -> int:
 
 
 def generate_dataset(ds: Any, *, model: str = DEFAULT_MODEL, concurrency: int | tuple[int, int] = 1,
-                     threads_per_actor: int = 1, batch_size: int = 64,
+                     threads_per_actor: int = 1, batch_size: int = 256,
                      sampling_params: Mapping[str, Any] | None = None,
                      engine_kwargs: Mapping[str, Any] | None = None) -> Any:
     """`ds.map_batches(EmberGenerator, ...)` with the actor pool sized from the arguments.
 
     concurrency: actors in the pool (an int, or (min, max) for an autoscaling pool); each
     reserves `threads_per_actor` CPUs and runs its engine on that many threads. batch_size:
-    rows handed to one actor's `LLM.generate` at once (keep it >= the engine's max_num_seqs
-    so continuous batching stays full).
+    rows handed to one actor's `LLM.generate` at once; the engine drains at the end of each
+    call, so keep it a multiple of the engine's max_num_seqs and >= 4x it (default 256 = 4 x
+    64) so the drain is a small part of a call.
     """
     require_ray("Ember on Ray Data")
     from ray.data import ActorPoolStrategy

@@ -91,6 +91,22 @@ def is_embedding_model(model: str, env: EnvSettings) -> bool:
         return False
 
 
+def split_models(models: list[str], env: EnvSettings,
+                 default: str) -> tuple[str, tuple[str, ...], bool]:
+    """Repeatable `--model` values -> (ModelConfig.model, embedding models, serve a
+    generator): at most one generation model plus any embedding models."""
+    models = models or [default]
+    embedders = tuple(m for m in models if is_embedding_model(m, env))
+    generators = [m for m in models if m not in embedders]
+    if len(generators) > 1:
+        raise ConfigError(f"--model: one generation model at a time, got {generators}")
+    if len(set(embedders)) != len(embedders):
+        raise ConfigError(f"--model: an embedding model is named twice in {list(embedders)}")
+    if generators:
+        return generators[0], embedders, True
+    return embedders[0], embedders, False
+
+
 class Embedder:
     """An encoder model ready to embed (see the module docstring). Not thread-safe: callers
     run one `embed_ids` at a time."""

@@ -41,12 +41,13 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         if packaged_path(model, EnvSettings.from_env().cache_path, assemble=False) is None:
             pytest.skip(f"{name} not installed ({model.install_hint})")
     port = _port()
-    log = tmp_path_factory.mktemp("embed-serve") / "serve.log"
+    folder = tmp_path_factory.mktemp("embed-serve")
+    log = folder / "serve.log"
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", EMBER_NUM_THREADS="2")
     env.pop("EMBER_API_KEY", None)
     cmd = [sys.executable, "-c", "import sys; from ember.cli import main; sys.exit(main())",
            "serve", "--port", str(port), "--model", GENERATOR, "--model", EMBEDDER,
-           "--log-level", "warning", "--no-access-log"]
+           "--log-level", "warning", "--no-access-log", "--batch-dir", str(folder / "batches")]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -148,3 +149,54 @@ def test_truncation_on_request(url: str) -> None:
         "model": EMBEDDER, "input": "word " * 300, "truncate_prompt_tokens": 256})
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["prompt_tokens"] == 256
+
+
+def test_concurrent_requests_equal_single_requests(client: openai.OpenAI,
+                                                   reference: np.ndarray) -> None:
+    """Requests in flight together are packed into shared forward steps by the server's
+    micro-batcher; each still gets exactly its own vectors, in its own order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = [[TEXTS[(i + j) % len(TEXTS)] for j in range(1 + i % 3)] for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        outs = list(pool.map(lambda texts: client.embeddings.create(
+            model=EMBEDDER, input=texts, encoding_format="float"), inputs))
+    for i, (texts, out) in enumerate(zip(inputs, outs, strict=True)):
+        got = np.array([d.embedding for d in out.data], dtype=np.float32)
+        want = reference[[(i + j) % len(TEXTS) for j in range(len(texts))]]
+        np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_embeddings_batch_through_the_server(client: openai.OpenAI,
+                                             reference: np.ndarray) -> None:
+    """/v1/batches with endpoint /v1/embeddings (the official client's flow): each line is
+    answered by the same embeddings serving as the HTTP route; a bad line goes to the error
+    file with the route's 400."""
+    import io
+    import json
+
+    lines = [{"custom_id": f"t{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": EMBEDDER, "input": text}} for i, text in enumerate(TEXTS)]
+    lines.append({"custom_id": "bad", "method": "POST", "url": "/v1/embeddings",
+                  "body": {"model": EMBEDDER, "input": "hi", "dimensions": 3}})
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    file = client.files.create(file=("emb.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = client.batches.create(input_file_id=file.id, endpoint="/v1/embeddings",
+                                  completion_window="24h")
+    deadline = time.monotonic() + 120
+    while (batch := client.batches.retrieve(batch.id)).status not in (
+            "completed", "failed", "cancelled"):
+        assert time.monotonic() < deadline, batch.status
+        time.sleep(0.3)
+    assert batch.status == "completed", batch
+    assert batch.request_counts.completed == len(TEXTS) and batch.request_counts.failed == 1
+    assert batch.output_file_id is not None and batch.error_file_id is not None
+    out = {x["custom_id"]: x for x in map(json.loads,
+                                          client.files.content(batch.output_file_id).text.splitlines())}
+    for i in range(len(TEXTS)):
+        body = out[f"t{i}"]["response"]["body"]
+        np.testing.assert_allclose(np.array(body["data"][0]["embedding"], dtype=np.float32),
+                                   reference[i], atol=2e-6)
+    [err] = map(json.loads, client.files.content(batch.error_file_id).text.splitlines())
+    assert err["custom_id"] == "bad" and err["response"]["status_code"] == 400
+    assert err["response"]["body"]["error"]["param"] == "dimensions"

@@ -94,3 +94,54 @@ def test_run_batch_equals_llm_generate_and_reports_bad_lines(llm, tmp_path: Path
     assert embed["error"]["code"] == "unsupported_url"
     assert stats.completed == len(CHATS) + len(PROMPTS)  # type: ignore[attr-defined]
     assert stats.failed == 5  # type: ignore[attr-defined]
+
+
+def test_run_batch_embeddings_lines(tmp_path: Path) -> None:
+    """/v1/embeddings lines run through the server's embeddings serving (micro-batched):
+    vectors equal `LLM.embed`, a bad line is that line's 400, usage is counted."""
+    import pytest
+
+    from ember import LLM
+    from ember.config import EngineConfig, ModelConfig, ServerConfig
+    from ember.config import EnvSettings
+    from ember.loading.sources import PACKAGED_MODELS, packaged_path
+
+    name = "all-minilm-l6-v2"
+    model = next(m for m in PACKAGED_MODELS if m.name == name)
+    if packaged_path(model, EnvSettings.from_env().cache_path, assemble=False) is None:
+        pytest.skip(f"{name} not installed ({model.install_hint})")
+    texts = ["A man is eating food.", "Ünïcödé テキスト 😀", "", "word " * 40,
+             "The quick brown fox jumps over the lazy dog."]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [json.dumps({"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+                         "body": {"model": name, "input": t}}) for i, t in enumerate(texts)]
+    lines.append(json.dumps({"custom_id": "ids", "method": "POST", "url": "/v1/embeddings",
+                             "body": {"input": [[101, 7592, 102], [101, 102]],
+                                      "encoding_format": "base64"}}))
+    lines.append(json.dumps({"custom_id": "bad", "method": "POST", "url": "/v1/embeddings",
+                             "body": {"input": "hi", "dimensions": 7}}))
+    lines.append(json.dumps({"custom_id": "chat", "method": "POST",
+                             "url": "/v1/chat/completions",
+                             "body": {"messages": [{"role": "user", "content": "hi"}]}}))
+    inp.write_text("\n".join(lines) + "\n")
+    config = EngineConfig(model=ModelConfig(model=name),
+                          server=ServerConfig(embedding_models=(name,), serve_generator=False))
+    stats = asyncio.run(run_batch_file(config, inp, out))
+    by_id = {x["custom_id"]: x for x in map(json.loads, out.read_text().splitlines())}
+    assert len(by_id) == len(lines)
+    ref = LLM(model=name, show_progress=False).embed(texts)
+    for i, vec in enumerate(ref):
+        resp = by_id[f"e{i}"]["response"]
+        assert resp["status_code"] == 200 and resp["body"]["model"] == name
+        assert resp["request_id"] == resp["body"]["id"]
+        assert resp["body"]["data"][0]["embedding"] == pytest.approx(vec, abs=2e-6)
+    ids = by_id["ids"]["response"]["body"]
+    assert len(ids["data"]) == 2 and isinstance(ids["data"][0]["embedding"], str)
+    assert ids["usage"]["prompt_tokens"] == 5
+    assert by_id["bad"]["response"]["status_code"] == 400
+    assert by_id["bad"]["response"]["body"]["error"]["param"] == "dimensions"
+    assert by_id["chat"]["error"]["code"] == "unsupported_url"  # no generator loaded
+    assert stats.completed == len(texts) + 1 and stats.failed == 2
+    # a rerun of the finished job loads nothing and answers nothing twice
+    again = asyncio.run(run_batch_file(config, inp, out))
+    assert again.skipped == len(lines) and len(out.read_text().splitlines()) == len(lines)

@@ -181,3 +181,32 @@ def test_llm_embed_and_no_engine() -> None:
     assert llm._engine is None  # no scheduler / KV cache built for an encoder
     with pytest.raises(InvalidRequestError, match="embedding model"):
         llm.generate("hi")
+
+
+def test_micro_batcher_packs_concurrent_requests(fp32) -> None:
+    """Concurrent /v1/embeddings requests share forward steps; each gets exactly what it
+    gets alone, and a bad request fails alone (400) without failing the ones packed with it."""
+    import asyncio
+
+    from ember.server.errors import APIError
+    from ember.server.serving.embeddings import EmbeddingRequest, EmbeddingServing
+
+    serving = EmbeddingServing({MODEL: fp32})
+    bodies = [EmbeddingRequest(model=MODEL, input=SENTENCES[i:i + 3])
+              for i in range(0, len(SENTENCES), 3)]
+    bad = EmbeddingRequest(model=MODEL, input=[[101, 30522, 102]])
+
+    async def run() -> list[object]:
+        return await asyncio.gather(*(serving.create(b) for b in [*bodies[:2], bad, *bodies[2:]]),
+                                    return_exceptions=True)
+
+    results = asyncio.run(run())
+    failure = results.pop(2)
+    assert isinstance(failure, APIError) and failure.status == 400, failure
+    stats = serving.batchers[MODEL].stats
+    assert stats.requests == len(bodies) and stats.steps < len(bodies), stats
+    assert stats.max_requests_per_step > 1
+    for body, result in zip(bodies, results, strict=True):
+        got = torch.tensor([d.embedding for d in result.data])  # type: ignore[attr-defined]
+        alone = fp32.embed(body.input)
+        torch.testing.assert_close(got, alone, atol=2e-6, rtol=0)

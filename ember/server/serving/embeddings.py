@@ -10,7 +10,6 @@ routed by `model` among the embedders this server loaded (404 for any other name
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from ember.engine.embedder import Embedder
 from ember.server.errors import APIError, bad_request, from_invalid_request
 from ember.server.protocol import ModelCard
 from ember.server.serving.base import new_id
+from ember.server.serving.embed_batcher import EmbedBatcher
 from ember.types import InvalidRequestError
 
 MAX_INPUTS = 2048
@@ -64,14 +64,15 @@ class EmbeddingResponse(BaseModel):
 
 @dataclass
 class EmbeddingServing:
-    """The server's embedding models by served name; one forward pass at a time each (run in
+    """The server's embedding models by served name. Concurrent requests to one model are
+    packed into shared forward passes by its `EmbedBatcher` (one pass at a time per model, in
     a worker thread, so the event loop keeps serving)."""
 
     embedders: dict[str, Embedder]
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
-        self._locks = {name: asyncio.Lock() for name in self.embedders}
+        self.batchers = {name: EmbedBatcher(emb) for name, emb in self.embedders.items()}
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -107,12 +108,10 @@ class EmbeddingServing:
                               f"its native {embedder.dim} (it is not trained for shortened "
                               "embeddings)", param="dimensions")
         seqs = _token_lists(body.input, embedder)
-        async with self._locks[name]:
-            try:
-                vectors = await asyncio.to_thread(embedder.embed_ids, seqs,
-                                                  body.truncate_prompt_tokens)
-            except InvalidRequestError as exc:
-                raise from_invalid_request(exc) from exc
+        try:
+            vectors = await self.batchers[name].embed(seqs, body.truncate_prompt_tokens)
+        except InvalidRequestError as exc:
+            raise from_invalid_request(exc) from exc
         used = sum(min(len(s), body.truncate_prompt_tokens or len(s)) for s in seqs)
         return EmbeddingResponse(
             data=[EmbeddingData(index=i, embedding=_encode(v, body.encoding_format))
