@@ -49,20 +49,10 @@ def _server_class() -> type:
 
 def _split_models(models: list[str] | None) -> tuple[str, tuple[str, ...], bool]:
     """--model values -> (generation model, embedding models, serve the generator)."""
-    from ember.config import ConfigError, EnvSettings
-    from ember.engine.embedder import is_embedding_model
+    from ember.config import EnvSettings
+    from ember.engine.embedder import split_models
 
-    env = EnvSettings.from_env()
-    models = models or [DEFAULT_MODEL]
-    embedders = tuple(m for m in models if is_embedding_model(m, env))
-    generators = [m for m in models if m not in embedders]
-    if len(generators) > 1:
-        raise ConfigError(f"--model: one generation model per server, got {generators}")
-    if len(set(embedders)) != len(embedders):
-        raise ConfigError(f"--model: an embedding model is named twice in {list(embedders)}")
-    if generators:
-        return generators[0], embedders, True
-    return embedders[0], embedders, False
+    return split_models(models or [], EnvSettings.from_env(), DEFAULT_MODEL)
 
 
 def _config(args: argparse.Namespace) -> EngineConfig:
