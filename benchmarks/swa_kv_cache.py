@@ -84,6 +84,27 @@ def _layout_row(llm: LLM, seq_tokens: int, budget: int) -> dict[str, Any]:
     }
 
 
+def _budget_table(llm: LLM, budgets: list[int], budget: int) -> list[dict[str, Any]]:
+    """Max context per --kv-cache-mb for both layouts (pure block arithmetic on the engine's
+    own geometry: the same functions plan_cache uses)."""
+    from ember.kv_cache.groups import build_kv_groups
+    arch, core = llm.engine.loaded.arch, llm.engine.core
+    windows = [arch.layer_window(i) for i in range(arch.num_layers)]
+    bs = core.layout.block_size
+    rows = []
+    for mb in budgets:
+        row: dict[str, Any] = {"kv_cache_mb": mb}
+        for name, trim in (("untrimmed", False), ("trimmed", True)):
+            groups = build_kv_groups(windows, trim)
+            per_block = kv_cache_bytes_per_block(arch, bs, core.plan.kv_dtype,
+                                                 groups.page_layers)
+            blocks = max(2, mb * 2**20 // per_block)
+            row[f"max_context_{name}"] = groups.max_context(blocks - 1, bs, budget,
+                                                            arch.max_position)
+        rows.append(row)
+    return rows
+
+
 def _run_long(llm: LLM, ids: list[int]) -> dict[str, Any]:
     """One greedy request; the peak blocks it held (polled each step)."""
     if len(ids) + 16 > llm.engine.core.layout.max_model_len:
@@ -115,6 +136,8 @@ def main() -> None:
     parser.add_argument("--seq-tokens", type=int, default=2048,
                         help="length of each sequence in the max-concurrency count")
     parser.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens")
+    parser.add_argument("--budgets", default="16,24,64,128,256",
+                        help="--kv-cache-mb values of the max-context table")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/swa")
     args = parser.parse_args()
     result: dict[str, Any] = {"model": args.model, "kv_cache_mb": args.kv_cache_mb,
@@ -128,6 +151,9 @@ def main() -> None:
         ids = ids[:args.prompt_tokens]
         rows[name] = _layout_row(llm, args.seq_tokens, args.budget)
         rows[name]["long_request"] = _run_long(llm, ids)
+        if trim:
+            result["max_context_by_kv_cache_mb"] = _budget_table(
+                llm, [int(b) for b in args.budgets.split(",")], args.budget)
         print(name, json.dumps({k: v for k, v in rows[name].items() if k != "long_request"}),
               {k: v for k, v in rows[name]["long_request"].items() if k != "tokens"}, flush=True)
         del llm

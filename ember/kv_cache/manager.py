@@ -71,6 +71,7 @@ class KVCacheManager:
         self.groups = groups or single_group(1)
         self.windows = [g.window for g in self.groups.groups]
         """Per group: its sliding window, or None (full attention)."""
+        self._has_windows = any(w is not None for w in self.windows)
         self.block_pool = BlockPool(num_blocks, enable_caching)
         self._req_blocks: dict[str, list[list[KVCacheBlock]]] = {}
         """Per request: one block table per group (window groups: null block where freed)."""
@@ -174,23 +175,24 @@ class KVCacheManager:
         in which case nothing else changed.
         """
         num_groups = len(self.windows)
-        hits = (new_computed_blocks.groups if new_computed_blocks is not None
-                and new_computed_blocks.groups else [[] for _ in range(num_groups)])
+        hits = new_computed_blocks.groups if new_computed_blocks is not None else []
+        num_hit_blocks = len(hits[0]) if hits else 0
         req_id = request.request_id
         tables = self._req_blocks.get(req_id)
-        assert not hits[0] or not tables, "prefix hits are only valid for a request without blocks"
-        if tables is not None:
+        assert not num_hit_blocks or not tables, \
+            "prefix hits are only valid for a request without blocks"
+        if tables is not None and self._has_windows:
             self._free_out_of_window(tables, request.num_computed_tokens)
-        num_hit_blocks = len(hits[0])
         num_total = (request.num_computed_tokens + num_hit_blocks * self.block_size
                      + num_new_tokens)
-        num_required = -(-num_total // self.block_size)
-        num_new = [max(0, num_required - (len(tables[g]) if tables else 0) - len(hits[g]))
-                   for g in range(num_groups)]
+        num_required = -(-num_total // self.block_size) - num_hit_blocks
+        num_new = ([max(0, num_required - len(t)) for t in tables] if tables is not None
+                   else [max(0, num_required)] * num_groups)
         # NOTE: hits sitting in the free list (ref 0) leave it when touched, so they count
         # against the free budget just like new blocks.
         null = self.block_pool.null_block
-        num_free_hits = sum(1 for group in hits for b in group if b.ref_cnt == 0 and b is not null)
+        num_free_hits = (sum(1 for group in hits for b in group if b.ref_cnt == 0 and b is not null)
+                         if num_hit_blocks else 0)
         if sum(num_new) + num_free_hits > self.block_pool.num_free_blocks:
             return None
 
@@ -201,7 +203,7 @@ class KVCacheManager:
                 self.block_pool.touch(b for b in group if b is not null)
                 table.extend(group)
             self._num_cached_blocks[req_id] = [num_hit_blocks] * num_groups
-        new_blocks = [self.block_pool.get_new_blocks(n) for n in num_new]
+        new_blocks = [self.block_pool.get_new_blocks(n) if n else [] for n in num_new]
         for table, blocks in zip(tables, new_blocks):
             table.extend(blocks)
         if self.enable_caching:
@@ -268,6 +270,8 @@ class KVCacheManager:
 
     def get_group_block_ids(self, request_id: str) -> list[list[int]]:
         """The request's block tables of groups 1.. (empty for a one-group model)."""
+        if len(self.windows) == 1:
+            return []
         return [self.get_block_ids(request_id, g) for g in range(1, len(self.windows))]
 
     def get_blocks(self, request_id: str) -> KVCacheBlocks:
@@ -303,10 +307,13 @@ class KVCacheManager:
         """Offer each table's newly full blocks (all tokens known) to the prefix cache."""
         req_id = request.request_id
         tables = self._req_blocks[req_id]
-        cached = self._num_cached_blocks.setdefault(req_id, [0] * len(tables))
+        cached = self._num_cached_blocks.get(req_id)
+        if cached is None:
+            cached = self._num_cached_blocks[req_id] = [0] * len(tables)
+        num_known_blocks = num_known_tokens // self.block_size
         hashes: list[bytes] | None = None
         for g, table in enumerate(tables):
-            num_full = min(num_known_tokens // self.block_size, len(table))
+            num_full = min(num_known_blocks, len(table))
             if num_full <= cached[g]:
                 continue
             if hashes is None:
