@@ -1,16 +1,17 @@
 """Sliding-window KV cache trimming (ember/kv_cache/groups.py) on Gemma 3 270M: KV bytes per
 token, max context and max concurrent sequences at a fixed --kv-cache-mb, trimmed vs not.
 
-    python benchmarks/swa_kv_cache.py [--kv-cache-mb 24] [--prompt-tokens 2048] [--out DIR]
+    python benchmarks/swa_kv_cache.py [--kv-cache-mb 24] [--prompt-tokens 1400] [--out DIR]
 
-1. Layout (exact, from the engine each way): blocks, layers per block, KV bytes per token of a
-   long context, the longest context one request fits, and the most sequences of
-   --seq-tokens that run together without a preemption (the real scheduler and KV manager
-   driven with fake sampled tokens, so no model time).
-2. Measured: one real request of --prompt-tokens (Pride and Prejudice) + 16 greedy tokens in
-   each engine: the untrimmed one must refuse it when it exceeds its max context, the trimmed
-   one runs it; the peak blocks it held and its greedy tokens are recorded.
-Writes benchmarks/results/swa/gemma_kv_window.json (+ .png when matplotlib is installed).
+1. Layouts (exact: the block arithmetic plan_cache uses, on the loaded model's geometry), per
+   --budgets value and layout: blocks, layers per block, KV bytes per token of a long context,
+   the longest context one request fits, and the most --seq-tokens sequences that run
+   together without a preemption (the real scheduler and KV manager driven with fake sampled
+   tokens: no model time).
+2. Measured: one real request of --prompt-tokens (Pride and Prejudice) + 8 greedy tokens in an
+   engine of --kv-cache-mb each way: the untrimmed one refuses it when it exceeds its max
+   context, the trimmed one runs it (peak blocks held and tokens recorded).
+Writes benchmarks/results/swa/gemma_kv_window.json and .png.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from ember import LLM, SamplingParams
 from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from ember.kv_cache.groups import KVCacheGroups, build_kv_groups
 from ember.kv_cache.manager import KVCacheManager
 from ember.runner.model_runner import kv_cache_bytes_per_block
 from ember.scheduler.scheduler import Scheduler
@@ -41,17 +43,19 @@ def _engine(model: str, mb: int, trim: bool, budget: int) -> LLM:
     return LLM(config=config, show_progress=False)
 
 
-def _max_seqs(llm: LLM, seq_tokens: int, budget: int) -> int:
+def _max_seqs(groups: KVCacheGroups, num_blocks: int, bs: int, max_len: int,
+              seq_tokens: int, budget: int) -> int:
     """Most requests of seq_tokens (prompt seq_tokens - 16, 16 generated) that run together
-    with no preemption, on a fresh manager of the engine's geometry."""
-    layout = llm.engine.core.layout
+    with no preemption (the real scheduler and KV manager, fake sampled tokens)."""
+    if seq_tokens > max_len:
+        return 0
     best = 0
     lo, hi = 1, 512
     while lo <= hi:
         k = (lo + hi) // 2
-        mgr = KVCacheManager(layout.num_blocks, layout.block_size, False, layout.groups)
+        mgr = KVCacheManager(num_blocks, bs, False, groups)
         sched = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=k), mgr,
-                          max_model_len=layout.max_model_len)
+                          max_model_len=max_len)
         for i in range(k):
             sched.add_request(Request(f"r{i}", [i + 1] * (seq_tokens - 16), SP(max_tokens=16),
                                       eos_token_id=None, arrival_time=0.0, max_tokens=16))
@@ -66,49 +70,40 @@ def _max_seqs(llm: LLM, seq_tokens: int, budget: int) -> int:
     return best
 
 
-def _layout_row(llm: LLM, seq_tokens: int, budget: int) -> dict[str, Any]:
-    core = llm.engine.core
-    layout, arch = core.layout, llm.engine.loaded.arch
-    groups = layout.groups
-    per_block = kv_cache_bytes_per_block(arch, layout.block_size, core.plan.kv_dtype,
-                                         groups.page_layers)
-    full_layers = sum(len(g.layers) for g in groups.groups if g.window is None)
-    per_token_layer = per_block // (groups.page_layers * layout.block_size)
-    return {
-        "num_groups": groups.num_groups, "layers_per_block": groups.page_layers,
-        "num_blocks": layout.num_blocks, "bytes_per_block": per_block,
-        "kv_bytes_per_token_long_context": per_token_layer * full_layers,
-        "kv_bytes_per_token_all_layers": per_token_layer * arch.num_layers,
-        "max_context": layout.max_model_len,
-        f"max_concurrent_seqs_{seq_tokens}_tokens": _max_seqs(llm, seq_tokens, budget),
-    }
-
-
-def _budget_table(llm: LLM, budgets: list[int], budget: int) -> list[dict[str, Any]]:
-    """Max context per --kv-cache-mb for both layouts (pure block arithmetic on the engine's
-    own geometry: the same functions plan_cache uses)."""
-    from ember.kv_cache.groups import build_kv_groups
+def _layout_rows(llm: LLM, budgets: list[int], seq_tokens: int, budget: int
+                 ) -> list[dict[str, Any]]:
+    """Per --kv-cache-mb and layout: blocks, layers per block, KV bytes per token, the longest
+    context and the most concurrent sequences (the block arithmetic plan_cache uses, on the
+    engine's own model geometry)."""
     arch, core = llm.engine.loaded.arch, llm.engine.core
     windows = [arch.layer_window(i) for i in range(arch.num_layers)]
     bs = core.layout.block_size
     rows = []
     for mb in budgets:
-        row: dict[str, Any] = {"kv_cache_mb": mb}
         for name, trim in (("untrimmed", False), ("trimmed", True)):
             groups = build_kv_groups(windows, trim)
             per_block = kv_cache_bytes_per_block(arch, bs, core.plan.kv_dtype,
                                                  groups.page_layers)
             blocks = max(2, mb * 2**20 // per_block)
-            row[f"max_context_{name}"] = groups.max_context(blocks - 1, bs, budget,
-                                                            arch.max_position)
-        rows.append(row)
+            max_len = groups.max_context(blocks - 1, bs, budget, arch.max_position)
+            per_token_layer = per_block // (groups.page_layers * bs)
+            full_layers = sum(len(g.layers) for g in groups.groups if g.window is None)
+            rows.append({
+                "kv_cache_mb": mb, "layout": name, "num_groups": groups.num_groups,
+                "layers_per_block": groups.page_layers, "num_blocks": blocks,
+                "kv_bytes_per_token_long_context": per_token_layer * full_layers,
+                "kv_bytes_per_token_all_layers": per_token_layer * arch.num_layers,
+                "max_context": max_len,
+                "max_concurrent_seqs": _max_seqs(groups, blocks, bs, max_len, seq_tokens,
+                                                 budget)})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def _run_long(llm: LLM, ids: list[int]) -> dict[str, Any]:
     """One greedy request; the peak blocks it held (polled each step)."""
-    if len(ids) + 16 > llm.engine.core.layout.max_model_len:
-        return {"ran": False, "reason": f"{len(ids)} + 16 tokens exceed max context "
+    if len(ids) + 8 > llm.engine.core.layout.max_model_len:
+        return {"ran": False, "reason": f"{len(ids)} + 8 tokens exceed max context "
                 f"{llm.engine.core.layout.max_model_len}"}
     mgr = llm.engine.core.kv_manager
     peak = 0
@@ -122,7 +117,7 @@ def _run_long(llm: LLM, ids: list[int]) -> dict[str, Any]:
 
     llm.engine.core.step = counting_step  # type: ignore[method-assign]
     t0 = time.perf_counter()
-    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                        use_tqdm=False)[0]
     return {"ran": True, "seconds": round(time.perf_counter() - t0, 2),
             "peak_blocks_held": peak, "tokens": list(out.outputs[0].token_ids)}
@@ -132,11 +127,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--kv-cache-mb", type=int, default=24)
-    parser.add_argument("--prompt-tokens", type=int, default=2048)
+    parser.add_argument("--prompt-tokens", type=int, default=1400,
+                        help="the real request (default: past the untrimmed 24 MB context)")
     parser.add_argument("--seq-tokens", type=int, default=2048,
                         help="length of each sequence in the max-concurrency count")
     parser.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens")
-    parser.add_argument("--budgets", default="16,24,64,128,256",
+    parser.add_argument("--budgets", default="16,24,32,64,128,256",
                         help="--kv-cache-mb values of the max-context table")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/swa")
     args = parser.parse_args()
@@ -144,48 +140,43 @@ def main() -> None:
                               "prompt_tokens": args.prompt_tokens,
                               "loadavg_before": os.getloadavg(),
                               "contended": os.getloadavg()[0] > 1.5}
-    rows: dict[str, Any] = {}
+    runs: dict[str, Any] = {}
     for name, trim in (("untrimmed", False), ("trimmed", True)):
         llm = _engine(args.model, args.kv_cache_mb, trim, args.budget)
-        ids = llm.get_tokenizer().encode(TEXT.read_text(encoding="utf-8")[:60000])
-        ids = ids[:args.prompt_tokens]
-        rows[name] = _layout_row(llm, args.seq_tokens, args.budget)
-        rows[name]["long_request"] = _run_long(llm, ids)
         if trim:
-            result["max_context_by_kv_cache_mb"] = _budget_table(
-                llm, [int(b) for b in args.budgets.split(",")], args.budget)
-        print(name, json.dumps({k: v for k, v in rows[name].items() if k != "long_request"}),
-              {k: v for k, v in rows[name]["long_request"].items() if k != "tokens"}, flush=True)
+            result["layouts"] = _layout_rows(llm, [int(b) for b in args.budgets.split(",")],
+                                             args.seq_tokens, args.budget)
+        ids = llm.get_tokenizer().encode(TEXT.read_text(encoding="utf-8")[:60000])
+        runs[name] = {"max_context": llm.engine.core.layout.max_model_len,
+                      **_run_long(llm, ids[:args.prompt_tokens])}
+        print(name, {k: v for k, v in runs[name].items() if k != "tokens"}, flush=True)
         del llm
-    result.update(rows)
-    key = f"max_concurrent_seqs_{args.seq_tokens}_tokens"
-    result["ratios"] = {
-        "max_context": rows["trimmed"]["max_context"] / rows["untrimmed"]["max_context"],
-        "max_concurrent_seqs": rows["trimmed"][key] / max(rows["untrimmed"][key], 1),
-        "kv_bytes_per_token_long_context": rows["untrimmed"]["kv_bytes_per_token_long_context"]
-        / rows["trimmed"]["kv_bytes_per_token_long_context"]}
+    result["long_request"] = runs
     result["loadavg_after"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "gemma_kv_window.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print("ratios", json.dumps(result["ratios"]), "->", path)
-    _plot(result, key, args.out / "gemma_kv_window.png")
+    print("->", path)
+    _plot(result["layouts"], args.out / "gemma_kv_window.png")
 
 
-def _plot(result: dict[str, Any], key: str, path: Path) -> None:
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    names = ["untrimmed", "trimmed"]
-    for ax, metric, title in ((axes[0], "max_context", "max context (tokens)"),
-                              (axes[1], key, key.replace("_", " "))):
-        ax.bar(names, [result[n][metric] for n in names], color=["#999", "#d62"])
-        ax.set_title(title, fontsize=9)
-    fig.suptitle(f"Gemma 3 270M, --kv-cache-mb {result['kv_cache_mb']}", fontsize=10)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, metric in ((axes[0], "max_context"), (axes[1], "max_concurrent_seqs")):
+        for name, color in (("untrimmed", "#999"), ("trimmed", "#d62")):
+            pts = [(r["kv_cache_mb"], r[metric]) for r in rows if r["layout"] == name]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("--kv-cache-mb")
+        ax.set_title(metric.replace("_", " "), fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle("Gemma 3 270M: sliding-window KV trimming", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
