@@ -1,7 +1,7 @@
 """Sliding-window KV cache trimming (ember/kv_cache/groups.py) on Gemma 3 270M: KV bytes per
 token, max context and max concurrent sequences at a fixed --kv-cache-mb, trimmed vs not.
 
-    python benchmarks/swa_kv_cache.py [--kv-cache-mb 24] [--prompt-tokens 1400] [--out DIR]
+    python benchmarks/swa_kv_cache.py [--kv-cache-mb 64] [--prompt-tokens 2048] [--out DIR]
 
 1. Layouts (exact: the block arithmetic plan_cache uses, on the loaded model's geometry), per
    --budgets value and layout: blocks, layers per block, KV bytes per token of a long context,
@@ -45,8 +45,8 @@ def _engine(model: str, mb: int, trim: bool, budget: int) -> LLM:
 
 def _max_seqs(groups: KVCacheGroups, num_blocks: int, bs: int, max_len: int,
               seq_tokens: int, budget: int) -> int:
-    """Most requests of seq_tokens (prompt seq_tokens - 16, 16 generated) that run together
-    with no preemption (the real scheduler and KV manager, fake sampled tokens)."""
+    """Most requests of seq_tokens (prompt seq_tokens - 16, 16 generated) that all run at once
+    and finish with no preemption (the real scheduler and KV manager, fake sampled tokens)."""
     if seq_tokens > max_len:
         return 0
     best = 0
@@ -59,11 +59,13 @@ def _max_seqs(groups: KVCacheGroups, num_blocks: int, bs: int, max_len: int,
         for i in range(k):
             sched.add_request(Request(f"r{i}", [i + 1] * (seq_tokens - 16), SP(max_tokens=16),
                                       eos_token_id=None, arrival_time=0.0, max_tokens=16))
+        peak = 0
         while sched.has_unfinished_requests() and not sched.num_preemptions:
             out = sched.schedule()
+            peak = max(peak, sched.num_running)
             sampled = {s.request.request_id: [7] for s in out.scheduled if s.samples}
             sched.update(out, ModelRunnerOutput(sampled_token_ids=sampled))
-        if sched.num_preemptions:
+        if sched.num_preemptions or peak < k:  # all k must run at once, none preempted
             hi = k - 1
         else:
             best, lo = k, k + 1
@@ -126,14 +128,17 @@ def _run_long(llm: LLM, ids: list[int]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gemma-3-270m")
-    parser.add_argument("--kv-cache-mb", type=int, default=24)
-    parser.add_argument("--prompt-tokens", type=int, default=1400,
-                        help="the real request (default: past the untrimmed 24 MB context)")
+    parser.add_argument("--kv-cache-mb", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=2048,
+                        help="the real request (default: past the untrimmed 64 MB context)")
     parser.add_argument("--seq-tokens", type=int, default=2048,
                         help="length of each sequence in the max-concurrency count")
     parser.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens")
     parser.add_argument("--budgets", default="16,24,32,64,128,256",
                         help="--kv-cache-mb values of the max-context table")
+    parser.add_argument("--no-run", action="store_true",
+                        help="layouts only (exact block arithmetic, no timing): skip the real "
+                        "request; writes gemma_kv_layouts.json")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/swa")
     args = parser.parse_args()
     result: dict[str, Any] = {"model": args.model, "kv_cache_mb": args.kv_cache_mb,
@@ -141,11 +146,13 @@ def main() -> None:
                               "loadavg_before": os.getloadavg(),
                               "contended": os.getloadavg()[0] > 1.5}
     runs: dict[str, Any] = {}
-    for name, trim in (("untrimmed", False), ("trimmed", True)):
+    for name, trim in ((("untrimmed", False),) if not args.no_run else ()) + (("trimmed", True),):
         llm = _engine(args.model, args.kv_cache_mb, trim, args.budget)
         if trim:
             result["layouts"] = _layout_rows(llm, [int(b) for b in args.budgets.split(",")],
                                              args.seq_tokens, args.budget)
+        if args.no_run:
+            break
         ids = llm.get_tokenizer().encode(TEXT.read_text(encoding="utf-8")[:60000])
         runs[name] = {"max_context": llm.engine.core.layout.max_model_len,
                       **_run_long(llm, ids[:args.prompt_tokens])}
@@ -154,10 +161,11 @@ def main() -> None:
     result["long_request"] = runs
     result["loadavg_after"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "gemma_kv_window.json"
+    stem = "gemma_kv_layouts" if args.no_run else "gemma_kv_window"
+    path = args.out / f"{stem}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print("->", path)
-    _plot(result["layouts"], args.out / "gemma_kv_window.png")
+    _plot(result["layouts"], args.out / f"{stem}.png")
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:

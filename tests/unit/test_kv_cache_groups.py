@@ -188,8 +188,8 @@ def test_preemption_frees_every_group():
 
 
 def _max_seqs(windows: list[int | None], trim: bool, layer_blocks: int) -> int:
-    """The most requests (96-token prompts + 32 generated) that run together without any
-    preemption in a cache of `layer_blocks` one-layer blocks."""
+    """The most requests (96-token prompts + 32 generated) that all run at once and finish
+    without any preemption in a cache of `layer_blocks` one-layer blocks."""
     from ember.types import ModelRunnerOutput
     groups = build_kv_groups(windows, trim)
     for k in range(1, 33):
@@ -198,11 +198,13 @@ def _max_seqs(windows: list[int | None], trim: bool, layer_blocks: int) -> int:
                           max_model_len=256)
         for i in range(k):
             sched.add_request(_request(f"r{i}", [i] * 96, max_tokens=32))
+        peak = 0
         while sched.has_unfinished_requests():
             out = sched.schedule()
+            peak = max(peak, sched.num_running)
             sampled = {s.request.request_id: [7] for s in out.scheduled if s.samples}
             sched.update(out, ModelRunnerOutput(sampled_token_ids=sampled))
-        if sched.num_preemptions:
+        if sched.num_preemptions or peak < k:  # all k at once, none preempted
             return k - 1
     return 32
 
