@@ -50,7 +50,11 @@ def _max_seqs(groups: KVCacheGroups, num_blocks: int, bs: int, max_len: int,
     if seq_tokens > max_len:
         return 0
     best = 0
-    lo, hi = 1, 512
+    # upper bound: every sequence ends holding all its full-group blocks and a window's worth
+    # of blocks in each window group
+    per_seq = sum(-(-(seq_tokens if g.window is None else min(seq_tokens, g.window - 1)) // bs)
+                  for g in groups.groups)
+    lo, hi = 1, min(512, (num_blocks - 1) // per_seq)
     while lo <= hi:
         k = (lo + hi) // 2
         mgr = KVCacheManager(num_blocks, bs, False, groups)
