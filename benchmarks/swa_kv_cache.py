@@ -158,7 +158,9 @@ def main() -> None:
         if args.no_run:
             break
         ids = llm.get_tokenizer().encode(TEXT.read_text(encoding="utf-8")[:60000])
-        runs[name] = {"max_context": llm.engine.core.layout.max_model_len,
+        # NOTE: a plan running the fused decoder keeps one group (then "trimmed" is not)
+        runs[name] = {"engine_kv_groups": llm.engine.core.layout.groups.num_groups,
+                      "max_context": llm.engine.core.layout.max_model_len,
                       **_run_long(llm, ids[:args.prompt_tokens])}
         print(name, {k: v for k, v in runs[name].items() if k != "tokens"}, flush=True)
         del llm
