@@ -121,6 +121,9 @@ class CacheConfig:
     """Memory budget for the KV cache when num_blocks is None."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of identical prefixes (chained block hashes)."""
+    trim_sliding_window: bool = True
+    """Sliding-window layers (Gemma 3, Mistral) keep only their window's blocks in the KV cache
+    (ember/kv_cache/groups.py); False keeps every position of every layer."""
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -247,9 +247,13 @@ class ScheduledRequest:
     """num_computed_tokens before this step (position of the first scheduled token)."""
     num_new_tokens: int
     block_ids: list[int]
-    """The request's whole block table (KV slots for positions 0 .. start+num_new_tokens-1)."""
+    """The request's whole block table (KV slots for positions 0 .. start+num_new_tokens-1);
+    with several KV cache groups, group 0's (ember/kv_cache/groups.py)."""
     spec_token_ids: list[int] = field(default_factory=list)
     """Draft tokens scheduled after the last known token (counted in `num_new_tokens`)."""
+    group_block_ids: list[list[int]] = field(default_factory=list)
+    """The block tables of KV cache groups 1.. (empty with one group); a sliding-window
+    group holds block 0 where its blocks fell out of the window."""
 
     @property
     def token_ids(self) -> list[int]:

@@ -53,6 +53,15 @@ class AttentionMetadata:
     sliding-window masks are derived from it)."""
     _window_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     """Per-step cache of sliding-window decode masks, one per window size."""
+    groups: list[AttentionMetadata] = field(default_factory=list, repr=False)
+    """With several KV cache groups (ember/kv_cache/groups.py): the metadata of each group
+    (slots and block tables differ per group; group 0 is this object); empty with one."""
+    layer_group: tuple[int, ...] = ()
+    """Per model layer: its KV cache group (with `groups`)."""
+
+    def for_layer(self, layer: int) -> AttentionMetadata:
+        """The metadata layer `layer` attends with: its KV cache group's."""
+        return self.groups[self.layer_group[layer]] if self.groups else self
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         """(B, 1, 1, L) additive mask of the decodes; with `window`, keys older than the last

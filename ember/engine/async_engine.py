@@ -134,8 +134,7 @@ class AsyncEngine:
     @property
     def num_kv_tokens(self) -> int:
         """Tokens the whole KV cache holds (what one request can never exceed)."""
-        layout = self._engine.core.layout
-        return layout.num_blocks * layout.block_size
+        return self._engine.core.layout.kv_tokens
 
     @property
     def is_running(self) -> bool:

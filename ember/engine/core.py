@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.config import EngineConfig
+from ember.kv_cache.groups import KVCacheGroups, kv_groups_for
 from ember.kv_cache.manager import KVCacheManager
 from ember.loading.loader import LoadedModel
 from ember.runner.model_runner import ModelRunner, kv_cache_bytes_per_block
@@ -40,18 +41,28 @@ class CacheLayout:
     num_blocks: int
     block_size: int
     max_model_len: int
+    groups: KVCacheGroups
+    """The layers' KV cache groups (one unless sliding-window layers are trimmed)."""
+    kv_tokens: int
+    """The longest context the whole cache could hold for one request."""
 
 
 def plan_cache(config: EngineConfig, loaded: LoadedModel, kv_dtype: torch.dtype) -> CacheLayout:
-    """Number of KV blocks and the usable context length for this model and config."""
+    """Number of KV blocks, KV cache groups and the usable context length."""
     bs = config.cache.block_size
+    arch = loaded.arch
+    groups = kv_groups_for([arch.layer_window(i) for i in range(arch.num_layers)],
+                           config.cache.trim_sliding_window, loaded.plan.fused_decoder)
     num_blocks = config.cache.num_blocks
     if num_blocks is None:
-        per_block = kv_cache_bytes_per_block(loaded.arch, bs, kv_dtype)
+        per_block = kv_cache_bytes_per_block(loaded.arch, bs, kv_dtype, groups.page_layers)
         num_blocks = max(2, config.cache.kv_cache_mb * 2**20 // per_block)
+    chunk = config.scheduler.max_num_batched_tokens
     max_len = config.model.max_model_len or loaded.arch.max_position
-    max_len = min(max_len, loaded.arch.max_position, (num_blocks - 1) * bs)
-    return CacheLayout(num_blocks, bs, max_len)
+    max_len = min(max_len, loaded.arch.max_position,
+                  groups.max_context(num_blocks - 1, bs, chunk, max_len))
+    return CacheLayout(num_blocks, bs, max_len, groups,
+                       groups.max_context(num_blocks, bs, chunk, 1 << 40))
 
 
 class EngineCore:
@@ -68,7 +79,7 @@ class EngineCore:
         release_free_memory()
         self.layout = plan_cache(config, loaded, self.plan.kv_dtype)
         self.kv_manager = KVCacheManager(self.layout.num_blocks, self.layout.block_size,
-                                         config.cache.enable_prefix_caching)
+                                         config.cache.enable_prefix_caching, self.layout.groups)
         self.spec = SpecDecoder(config.spec) if config.spec.enabled else None
         """Speculative decoding (proposes drafts after each step), or None when off."""
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.layout.max_model_len,
@@ -77,9 +88,12 @@ class EngineCore:
         # NOTE: the step buffer must hold the budget; a decode step never exceeds max_num_seqs.
         max_tokens = max(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
         self.runner = ModelRunner(loaded.model, loaded.arch, self.plan, self.layout.block_size,
-                                  self.layout.num_blocks, max_tokens, Sampler(default_gen))
-        logger.info("KV cache: %d blocks x %d tokens, context %d", self.layout.num_blocks,
-                    self.layout.block_size, self.layout.max_model_len)
+                                  self.layout.num_blocks, max_tokens, Sampler(default_gen),
+                                  self.layout.groups)
+        logger.info("KV cache: %d blocks x %d tokens x %d layers, %d groups, context %d",
+                    self.layout.num_blocks, self.layout.block_size,
+                    self.layout.groups.page_layers, self.layout.groups.num_groups,
+                    self.layout.max_model_len)
         self.structured = StructuredOutputManager(loaded.tokenizer)
         self.runner.structured = self.structured
         self._compiling: list[Request] = []

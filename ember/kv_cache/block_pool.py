@@ -156,7 +156,7 @@ class BlockPool:
         assert num_full_blocks <= min(len(block_hashes), len(blocks))
         for i in range(num_cached_blocks, num_full_blocks):
             block = blocks[i]
-            if block.block_hash is not None:
+            if block.block_hash is not None or block is self.null_block:
                 continue
             block_hash = block_hashes[i]
             if block_hash in self._cached:

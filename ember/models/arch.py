@@ -128,6 +128,10 @@ class ArchConfig:
         # NOTE: transformers >= 5 writes rope settings under "rope_parameters"; older
         # configs have top-level rope_theta / rope_scaling.
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        # NOTE: Gemma 3 configs of transformers >= 5 nest them per layer type.
+        local_rope = rope.pop("sliding_attention", None)
+        rope = dict(rope.pop("full_attention", None) or rope)
+        local_theta = (local_rope or {}).get("rope_theta", cfg.get("rope_local_base_freq"))
         nested_theta = rope.pop("rope_theta", None)
         theta = float(cfg.get("rope_theta") or nested_theta or 10000.0)
         nested_partial = rope.pop("partial_rotary_factor", None)
@@ -154,7 +158,7 @@ class ArchConfig:
                 attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
                 sliding_window=_hf_sliding_window(cfg),
                 layer_types=_hf_layer_types(cfg),
-                rope_local_theta=_optional_float(cfg.get("rope_local_base_freq")),
+                rope_local_theta=_optional_float(local_theta),
                 query_pre_attn_scalar=_optional_float(cfg.get("query_pre_attn_scalar")),
                 partial_rotary_factor=float(cfg.get("partial_rotary_factor") or nested_partial
                                             or 1.0),

@@ -171,8 +171,9 @@ class Gemma3ForCausalLM(CausalLM):
         h = h * torch.tensor(body.embed_scale, dtype=h.dtype)
         rope_global = body.rotary_emb.cos_sin(positions)
         rope_local = body.rotary_emb_local.cos_sin(positions)
-        for layer, kv_cache in zip(body.layers, kv_caches):
-            h = layer(h, rope_local if layer.is_sliding else rope_global, kv_cache, meta)
+        for i, (layer, kv_cache) in enumerate(zip(body.layers, kv_caches)):
+            h = layer(h, rope_local if layer.is_sliding else rope_global, kv_cache,
+                      meta.for_layer(i))
         return body.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

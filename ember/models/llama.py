@@ -219,8 +219,8 @@ class LlamaForCausalLM(CausalLM):
         h = self.model.embed_tokens(input_ids)  # (T, hidden)
         rope = self.model.rotary_emb.cos_sin(positions)
         residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            h, residual = layer(h, residual, rope, kv_cache, meta)
+        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches)):
+            h, residual = layer(h, residual, rope, kv_cache, meta.for_layer(i))
         return self.model.norm(h, residual)[0]
 
     # ---- the fused decoder kernel -------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 
 from ember.attention.metadata import AttentionMetadata, PrefillChunk
 from ember.kernels.decoder import FusedDecoder
+from ember.kv_cache.groups import KVCacheGroups, single_group
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM, KVCache
 from ember.plan import KERNELS_PAGED, ExecutionPlan
@@ -35,10 +36,14 @@ class _LogitsPlan:
     """(request, number of rows, starts with the first prompt token) per prompt-logprob request."""
 
 
-def kv_cache_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes_per_block(arch: ArchConfig, block_size: int, dtype: torch.dtype,
+                             layers: int | None = None) -> int:
+    """Bytes of one KV block holding `layers` layers (default: all; KVCacheGroups.page_layers
+    with several KV cache groups)."""
     elem = torch.empty(0, dtype=dtype).element_size()
     per_head = arch.head_dim * elem + (4 if dtype == torch.int8 else 0)  # + an int8 scale
-    return 2 * arch.num_layers * block_size * arch.num_kv_heads * per_head
+    layers = arch.num_layers if layers is None else layers
+    return 2 * layers * block_size * arch.num_kv_heads * per_head
 
 
 class ModelRunner:
@@ -46,8 +51,9 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, arch: ArchConfig, plan: ExecutionPlan,
                  block_size: int, num_blocks: int, max_num_batched_tokens: int,
-                 sampler: Sampler) -> None:
-        """plan: the model's ExecutionPlan (KV cache dtype, attention backend, fused decoder)."""
+                 sampler: Sampler, kv_groups: KVCacheGroups | None = None) -> None:
+        """plan: the model's ExecutionPlan (KV cache dtype, attention backend, fused decoder).
+        kv_groups: the KV cache groups the KVCacheManager uses (None: one group)."""
         self.model = model
         self.plan = plan
         self.kernel_attention = plan.attention == KERNELS_PAGED
@@ -64,15 +70,21 @@ class ModelRunner:
         # NOTE: empty, not zeros: pages are touched only as blocks fill up (RSS grows with use).
         # Block 0 is the null block padded reads point at; it must hold finite values.
         kv_dtype = plan.kv_dtype
-        self.kv_caches: list[KVCache] = [
+        self.kv_groups = kv_groups or single_group(arch.num_layers)
+        # NOTE: with several KV cache groups a block id names one page of `page_layers`
+        # layers' KV: layer l uses page tensor `layer_slot[l]` (shared with one layer of each
+        # other group); with one group that is one tensor per layer, as always.
+        pages: list[KVCache] = [
             (torch.empty(shape, dtype=kv_dtype), torch.empty(shape, dtype=kv_dtype))
-            for _ in range(arch.num_layers)]
+            for _ in range(self.kv_groups.page_layers)]
         if kv_dtype == torch.int8:  # + a float32 scale per slot and KV head (K, then V)
-            self.kv_caches = [kv + (torch.zeros(shape[:-1]), torch.zeros(shape[:-1]))
-                              for kv in self.kv_caches]
-        for kv in self.kv_caches:
+            pages = [kv + (torch.zeros(shape[:-1]), torch.zeros(shape[:-1])) for kv in pages]
+        for kv in pages:
             kv[0][0].zero_()
             kv[1][0].zero_()
+        self.kv_pages = pages
+        """The distinct K/V tensors (one per layer with one group)."""
+        self.kv_caches: list[KVCache] = [pages[slot] for slot in self.kv_groups.layer_slot]
         # Persistent input buffers, sliced per step.
         self._input_ids = torch.zeros(max_num_batched_tokens, dtype=torch.int64)
         self._positions = torch.zeros(max_num_batched_tokens, dtype=torch.int64)
@@ -86,6 +98,9 @@ class ModelRunner:
 
     def _fused_decoder(self) -> FusedDecoder:
         """The fused decoder over the model's layer stack (the plan promised one)."""
+        if self.kv_groups.num_groups > 1:  # NOTE: decode_layers takes one block table
+            raise RuntimeError("the fused decoder runs one KV cache group; build the engine "
+                               "without sliding-window trimming (CacheConfig)")
         stack = self.model.kernel_layer_stack(self.kv_caches, self.block_size)
         if stack is None or self.plan.kernels is None:
             raise RuntimeError(f"{type(self.model).__name__} provides no kernel layer stack, "
@@ -242,7 +257,44 @@ class ModelRunner:
         if not rows and tables:
             meta.decode_kv_slots, meta.decode_kv_mask = self._decode_tables(tables, decode_lens)
             meta.decode_lens = torch.tensor(decode_lens, dtype=torch.int64)
+        if self.kv_groups.num_groups > 1:
+            meta.groups = [meta] + [self._group_metadata(order, meta, g)
+                                    for g in range(1, self.kv_groups.num_groups)]
+            meta.layer_group = self.kv_groups.layer_group
         return self._input_ids[:t], self._positions[:t], meta, plan
+
+    def _group_metadata(self, order: list[ScheduledRequest], meta: AttentionMetadata,
+                        group: int) -> AttentionMetadata:
+        """`meta` (group 0's) redone with the block tables of KV cache group `group`: the
+        slots, prefill context slots and block tables differ, lengths and masks do not."""
+        bs, rows = self.block_size, self.kernel_attention
+        slot_parts: list[np.ndarray] = []
+        prefills: list[PrefillChunk] = []
+        tables: list[list[int]] = []
+        q0 = 0
+        for sr in order:
+            block_ids = sr.group_block_ids[group - 1]
+            table = np.asarray(block_ids, dtype=np.int64)
+            pos = np.arange(sr.start, sr.end, dtype=np.int64)
+            slot_parts.append(table[pos // bs] * bs + pos % bs)
+            if rows or sr.num_new_tokens == 1:
+                tables.append(block_ids)
+            else:
+                prefills.append(self._prefill_chunk(sr, q0, table))
+            q0 += sr.num_new_tokens
+        slots = torch.from_numpy(np.concatenate(slot_parts))
+        out = AttentionMetadata(num_tokens=meta.num_tokens, slot_mapping=slots,
+                                num_decodes=meta.num_decodes, decode_kv_slots=None,
+                                decode_kv_mask=None, prefills=prefills,
+                                row_lens=meta.row_lens, decode_lens=meta.decode_lens)
+        if rows:
+            out.row_block_tables = self._row_tables(order, tables)[0]
+        else:
+            self._zero_fresh_blocks(slots)
+        if not rows and tables:
+            out.decode_kv_slots, out.decode_kv_mask = self._decode_tables(
+                tables, meta.decode_lens.tolist() if meta.decode_lens is not None else [])
+        return out
 
     def _zero_fresh_blocks(self, slots: torch.Tensor) -> None:
         """Zero the blocks whose first slot this step writes, in every layer.
@@ -253,7 +305,7 @@ class ModelRunner:
         ever read. The kernels read only each context's own slots and skip this."""
         fresh = slots[slots % self.block_size == 0] // self.block_size  # (new blocks,)
         if fresh.numel():
-            for kv in self.kv_caches:
+            for kv in self.kv_pages:
                 kv[0].index_fill_(0, fresh, 0)
                 kv[1].index_fill_(0, fresh, 0)
 

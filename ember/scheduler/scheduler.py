@@ -237,7 +237,8 @@ class Scheduler:
         drafts = drafts or []
         state.scheduled[request.request_id] = ScheduledRequest(
             request=request, start=start, num_new_tokens=num_new + len(drafts),
-            block_ids=self.kv_manager.get_block_ids(request.request_id), spec_token_ids=drafts)
+            block_ids=self.kv_manager.get_block_ids(request.request_id), spec_token_ids=drafts,
+            group_block_ids=self.kv_manager.get_group_block_ids(request.request_id))
         state.budget -= num_new + len(drafts)
 
     def _preempt(self, request: Request, state: _StepState) -> None:

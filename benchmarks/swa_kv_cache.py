@@ -1,0 +1,199 @@
+"""Sliding-window KV cache trimming (ember/kv_cache/groups.py) on Gemma 3 270M: KV bytes per
+token, max context and max concurrent sequences at a fixed --kv-cache-mb, trimmed vs not.
+
+    python benchmarks/swa_kv_cache.py [--kv-cache-mb 64] [--prompt-tokens 2048] [--out DIR]
+
+1. Layouts (exact: the block arithmetic plan_cache uses, on the loaded model's geometry), per
+   --budgets value and layout: blocks, layers per block, KV bytes per token of a long context,
+   the longest context one request fits, and the most --seq-tokens sequences that run
+   together without a preemption (the real scheduler and KV manager driven with fake sampled
+   tokens: no model time).
+2. Measured: one real request of --prompt-tokens (Pride and Prejudice) + 8 greedy tokens in an
+   engine of --kv-cache-mb each way: the untrimmed one refuses it when it exceeds its max
+   context, the trimmed one runs it (peak blocks held and tokens recorded).
+Writes benchmarks/results/swa/gemma_kv_window.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ember import LLM, SamplingParams
+from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from ember.kv_cache.groups import KVCacheGroups, build_kv_groups
+from ember.kv_cache.manager import KVCacheManager
+from ember.runner.model_runner import kv_cache_bytes_per_block
+from ember.scheduler.scheduler import Scheduler
+from ember.types import ModelRunnerOutput, Request, SamplingParams as SP
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT.parent / "shared" / "data" / "pride_and_prejudice.txt"
+
+
+def _engine(model: str, mb: int, trim: bool, budget: int) -> LLM:
+    config = EngineConfig(
+        model=ModelConfig(model=model, generation_config="none"),
+        cache=CacheConfig(kv_cache_mb=mb, trim_sliding_window=trim),
+        scheduler=SchedulerConfig(max_num_batched_tokens=budget))
+    return LLM(config=config, show_progress=False)
+
+
+def _max_seqs(groups: KVCacheGroups, num_blocks: int, bs: int, max_len: int,
+              seq_tokens: int, budget: int) -> int:
+    """Most requests of seq_tokens (prompt seq_tokens - 16, 16 generated) that all run at once
+    and finish with no preemption (the real scheduler and KV manager, fake sampled tokens)."""
+    if seq_tokens > max_len:
+        return 0
+    best = 0
+    # upper bound: every sequence ends holding all its full-group blocks and a window's worth
+    # of blocks in each window group
+    per_seq = sum(-(-(seq_tokens if g.window is None else min(seq_tokens, g.window - 1)) // bs)
+                  for g in groups.groups)
+    lo, hi = 1, min(512, (num_blocks - 1) // per_seq)
+    while lo <= hi:
+        k = (lo + hi) // 2
+        mgr = KVCacheManager(num_blocks, bs, False, groups)
+        sched = Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=k), mgr,
+                          max_model_len=max_len)
+        for i in range(k):
+            sched.add_request(Request(f"r{i}", [i + 1] * (seq_tokens - 16), SP(max_tokens=16),
+                                      eos_token_id=None, arrival_time=0.0, max_tokens=16))
+        peak = 0
+        while sched.has_unfinished_requests() and not sched.num_preemptions:
+            out = sched.schedule()
+            peak = max(peak, sched.num_running)
+            sampled = {s.request.request_id: [7] for s in out.scheduled if s.samples}
+            sched.update(out, ModelRunnerOutput(sampled_token_ids=sampled))
+        if sched.num_preemptions or peak < k:  # all k must run at once, none preempted
+            hi = k - 1
+        else:
+            best, lo = k, k + 1
+    return best
+
+
+def _layout_rows(llm: LLM, budgets: list[int], seq_tokens: int, budget: int
+                 ) -> list[dict[str, Any]]:
+    """Per --kv-cache-mb and layout: blocks, layers per block, KV bytes per token, the longest
+    context and the most concurrent sequences (the block arithmetic plan_cache uses, on the
+    engine's own model geometry)."""
+    arch, core = llm.engine.loaded.arch, llm.engine.core
+    windows = [arch.layer_window(i) for i in range(arch.num_layers)]
+    bs = core.layout.block_size
+    rows = []
+    for mb in budgets:
+        for name, trim in (("untrimmed", False), ("trimmed", True)):
+            groups = build_kv_groups(windows, trim)
+            per_block = kv_cache_bytes_per_block(arch, bs, core.plan.kv_dtype,
+                                                 groups.page_layers)
+            blocks = max(2, mb * 2**20 // per_block)
+            max_len = groups.max_context(blocks - 1, bs, budget, arch.max_position)
+            per_token_layer = per_block // (groups.page_layers * bs)
+            full_layers = sum(len(g.layers) for g in groups.groups if g.window is None)
+            rows.append({
+                "kv_cache_mb": mb, "layout": name, "num_groups": groups.num_groups,
+                "layers_per_block": groups.page_layers, "num_blocks": blocks,
+                "kv_bytes_per_token_long_context": per_token_layer * full_layers,
+                "kv_bytes_per_token_all_layers": per_token_layer * arch.num_layers,
+                "max_context": max_len,
+                "max_concurrent_seqs": _max_seqs(groups, blocks, bs, max_len, seq_tokens,
+                                                 budget)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _run_long(llm: LLM, ids: list[int]) -> dict[str, Any]:
+    """One greedy request; the peak blocks it held (polled each step)."""
+    if len(ids) + 8 > llm.engine.core.layout.max_model_len:
+        return {"ran": False, "reason": f"{len(ids)} + 8 tokens exceed max context "
+                f"{llm.engine.core.layout.max_model_len}"}
+    mgr = llm.engine.core.kv_manager
+    peak = 0
+    step = llm.engine.core.step
+
+    def counting_step() -> Any:
+        nonlocal peak
+        out = step()
+        peak = max(peak, mgr.num_blocks - 1 - mgr.num_free_blocks)
+        return out
+
+    llm.engine.core.step = counting_step  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)[0]
+    return {"ran": True, "seconds": round(time.perf_counter() - t0, 2),
+            "peak_blocks_held": peak, "tokens": list(out.outputs[0].token_ids)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--kv-cache-mb", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=2048,
+                        help="the real request (default: past the untrimmed 64 MB context)")
+    parser.add_argument("--seq-tokens", type=int, default=2048,
+                        help="length of each sequence in the max-concurrency count")
+    parser.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens")
+    parser.add_argument("--budgets", default="16,24,32,64,128,256",
+                        help="--kv-cache-mb values of the max-context table")
+    parser.add_argument("--no-run", action="store_true",
+                        help="layouts only (exact block arithmetic, no timing): skip the real "
+                        "request; writes gemma_kv_layouts.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/swa")
+    args = parser.parse_args()
+    result: dict[str, Any] = {"model": args.model, "kv_cache_mb": args.kv_cache_mb,
+                              "prompt_tokens": args.prompt_tokens,
+                              "loadavg_before": os.getloadavg(),
+                              "contended": os.getloadavg()[0] > 1.5}
+    runs: dict[str, Any] = {}
+    for name, trim in ((("untrimmed", False),) if not args.no_run else ()) + (("trimmed", True),):
+        llm = _engine(args.model, args.kv_cache_mb, trim, args.budget)
+        if trim:
+            result["layouts"] = _layout_rows(llm, [int(b) for b in args.budgets.split(",")],
+                                             args.seq_tokens, args.budget)
+        if args.no_run:
+            break
+        ids = llm.get_tokenizer().encode(TEXT.read_text(encoding="utf-8")[:60000])
+        # NOTE: a plan running the fused decoder keeps one group (then "trimmed" is not)
+        runs[name] = {"engine_kv_groups": llm.engine.core.layout.groups.num_groups,
+                      "max_context": llm.engine.core.layout.max_model_len,
+                      **_run_long(llm, ids[:args.prompt_tokens])}
+        print(name, {k: v for k, v in runs[name].items() if k != "tokens"}, flush=True)
+        del llm
+    result["long_request"] = runs
+    result["loadavg_after"] = os.getloadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "gemma_kv_layouts" if args.no_run else "gemma_kv_window"
+    path = args.out / f"{stem}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print("->", path)
+    _plot(result["layouts"], args.out / f"{stem}.png")
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, metric in ((axes[0], "max_context"), (axes[1], "max_concurrent_seqs")):
+        for name, color in (("untrimmed", "#999"), ("trimmed", "#d62")):
+            pts = [(r["kv_cache_mb"], r[metric]) for r in rows if r["layout"] == name]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("--kv-cache-mb")
+        ax.set_title(metric.replace("_", " "), fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle("Gemma 3 270M: sliding-window KV trimming", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
