@@ -4,6 +4,12 @@ rewrite a code block) and open-ended prompts (no copying).
 
     EMBER_NUM_THREADS=2 python benchmarks/spec_decode.py            # ~3 min on a quiet machine
     python benchmarks/spec_decode.py --crossover                    # + batch-size crossover
+    python benchmarks/spec_decode.py --llama-cpp                    # + llama.cpp's n-gram spec
+    python benchmarks/spec_decode.py --clients 32                   # ember serve, 32 clients
+
+--llama-cpp runs the native llama-server (~/.cache/ember-peers/llama.cpp-native) on the same
+GGUF and the same prompt token ids, without speculation and with `--spec-type ngram-simple`
+(its prompt-lookup decoding), and reads its own decode tok/s (timings.predicted_per_second).
 
 Greedy decoding, so both runs emit the same tokens (checked) and tok/s compare the same work.
 Decode tok/s = (tokens - 1) / (time of the last token - time of the first token).
@@ -17,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -122,6 +129,124 @@ def run_workloads(base: LLM, spec: LLM, max_tokens: int, rounds: int) -> dict[st
     return results
 
 
+LLAMA_BIN = Path.home() / ".cache" / "ember-peers" / "llama.cpp-native" / "build" / "bin"
+
+
+def llama_server(gguf: str, threads: int, port: int, spec: list[str]) -> subprocess.Popen:
+    """Start llama-server on `gguf` (spec: extra speculative-decoding flags) and wait for it."""
+    import httpx
+
+    cmd = [str(LLAMA_BIN / "llama-server"), "-m", gguf, "-t", str(threads), "-tb", str(threads),
+           "--port", str(port), "-c", "2048", "-np", "1", "--no-webui", *spec]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {proc.returncode}: {' '.join(cmd)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("llama-server did not become healthy in 120 s")
+
+
+def llama_cpp_peer(base: LLM, max_tokens: int, threads: int, ngram_n: int,
+                   ngram_m: int) -> dict[str, dict]:
+    """llama.cpp decode tok/s per workload, speculation off and `ngram-simple` on, on the same
+    prompt token ids (greedy)."""
+    import httpx
+
+    from ember.loading.sources import resolve_model
+
+    gguf = str(resolve_model("smollm2-135m-instruct").path)
+    prompts = {name: base.encode_chat([{"role": "user", "content": msg}])
+               for name, (_, msg) in workloads().items()}
+    spec_flags = ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(ngram_n),
+                  "--spec-ngram-simple-size-m", str(ngram_m)]
+    out: dict[str, dict] = {name: {} for name in prompts}
+    for label, flags in (("off", []), ("ngram", spec_flags)):
+        proc = llama_server(gguf, threads, 18431, flags)
+        try:
+            for name, ids in prompts.items():
+                body = {"prompt": ids, "n_predict": max_tokens, "temperature": 0.0,
+                        "top_k": 1, "cache_prompt": False, "seed": 0}
+                httpx.post("http://127.0.0.1:18431/completion", json=body, timeout=600)  # warm
+                timings = httpx.post("http://127.0.0.1:18431/completion", json=body,
+                                     timeout=600).json()["timings"]
+                out[name][f"{label}_tok_s"] = timings["predicted_per_second"]
+                if label == "ngram":
+                    out[name]["draft_tokens"] = timings.get("draft_n")
+                    out[name]["accepted_tokens"] = timings.get("draft_n_accepted")
+                print(f"llama.cpp {label:5s} {name:14s} {timings['predicted_n']:4d} tok "
+                      f"{timings['predicted_per_second']:7.1f} tok/s", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    return out
+
+
+def ember_server(model: str, port: int, spec: dict | None) -> subprocess.Popen:
+    """Start `ember serve` (spec: its --speculative-config, None = off) and wait for it."""
+    import sys
+
+    import httpx
+
+    cmd = [sys.executable, "-c", "import sys; from ember.cli import main; sys.exit(main())",
+           "serve", "--model", model, "--port", str(port),
+           "--no-access-log", "--log-level", "warning"]
+    if spec is not None:
+        cmd += ["--speculative-config", json.dumps(spec)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ember serve exited with {proc.returncode}: {' '.join(cmd)}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("ember serve did not become ready in 180 s")
+
+
+def serve_clients(model: str, clients: int, rounds: int, output_len: int) -> dict:
+    """Output tok/s of `clients` concurrent streamed clients through `ember serve`, speculation
+    off vs on (interleaved rounds; the order alternates). Speculation is meant to switch itself
+    off for steps with many running requests, so the ratio should stay near 1."""
+    import asyncio
+    from dataclasses import asdict
+
+    from ember.bench.serve import BenchConfig, ServeBenchmark
+
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    levels: dict[str, list[dict]] = {"off": [], "on": []}
+    for r in range(rounds):
+        order = [("off", None), ("on", NGRAM)]
+        for label, spec in (order if r % 2 == 0 else order[::-1]):
+            proc = ember_server(model, 18432, spec)
+            try:
+                config = BenchConfig(url="http://127.0.0.1:18432", concurrency=[clients],
+                                     num_prompts=2 * clients, input_len=128,
+                                     output_len=output_len, label=f"spec {label}")
+                result = asyncio.run(ServeBenchmark(config).run())[0]
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            rates[label].append(result.output_tokens_per_s)
+            levels[label].append(asdict(result))
+            print(f"ember serve, {clients} clients, speculation {label}: "
+                  f"{result.output_tokens_per_s:.1f} tok/s", flush=True)
+    off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    print(f"{clients} clients: speculation on / off = x{on / off:.3f} (target >= 0.97)")
+    return {"clients": clients, "off_tok_s": off, "on_tok_s": on, "ratio": on / off,
+            "off_runs": rates["off"], "on_runs": rates["on"], "levels": levels}
+
+
 def crossover(base: LLM, max_batch: int = 32, k: int = 4) -> list[dict]:
     """Step time of B decode rows vs B * (1 + k) rows (all drafts accepted is the best case):
     speculation pays while (1 + k) * t(B) > t(B * (1 + k)) i.e. the ratio below is > 1."""
@@ -186,8 +311,24 @@ def main() -> None:
     ap.add_argument("--crossover", action="store_true",
                     help="also time verification-width steps by batch size")
     ap.add_argument("--label", default="", help="free text stored in the JSON (e.g. contended)")
+    ap.add_argument("--llama-cpp", action="store_true",
+                    help="also run llama.cpp's llama-server, off and --spec-type ngram-simple")
+    ap.add_argument("--ngram-n", type=int, default=3, help="llama.cpp ngram-simple size n")
+    ap.add_argument("--ngram-m", type=int, default=8, help="llama.cpp ngram-simple size m")
+    ap.add_argument("--clients", type=int, default=0,
+                    help="only the serving test: N concurrent clients through ember serve, "
+                         "speculation off vs on")
     args = ap.parse_args()
     load_before = os.getloadavg()
+    if args.clients:
+        report = serve_clients(args.model, args.clients, args.rounds, output_len=64)
+        report.update(label=args.label, loadavg_before=load_before,
+                      loadavg_after=os.getloadavg(), speculative_config=NGRAM)
+        OUT.mkdir(parents=True, exist_ok=True)
+        path = OUT / f"serve_{args.clients}_clients.json"
+        path.write_text(json.dumps(report, indent=2))
+        print(f"wrote {path}")
+        return
     base = LLM(args.model, show_progress=False)
     spec = LLM(args.model, show_progress=False, speculative_config=NGRAM)
     warm = base.encode_chat([{"role": "user", "content": "Hello"}])
@@ -205,6 +346,18 @@ def main() -> None:
               "label": args.label, "loadavg_before": load_before,
               "loadavg_after": os.getloadavg(), "cpu": platform.processor(),
               "summary": summary, "workloads": results}
+    if args.llama_cpp:
+        threads = int(os.environ.get("EMBER_NUM_THREADS") or 2)
+        peer = report["llama_cpp"] = llama_cpp_peer(base, args.max_tokens, threads,
+                                                    args.ngram_n, args.ngram_m)
+        for name, row in peer.items():
+            on = results[name]["on_tok_s"]
+            row["ember_spec_vs_llama_cpp_ngram"] = on / row["ngram_tok_s"]
+            row["llama_cpp_ngram_speedup"] = row["ngram_tok_s"] / row["off_tok_s"]
+            print(f"{name:14s} Ember spec {on:7.1f} vs llama.cpp ngram {row['ngram_tok_s']:7.1f}"
+                  f" tok/s: x{row['ember_spec_vs_llama_cpp_ngram']:.2f} (target 2)")
+        report["summary"]["vs_llama_cpp_ngram_geomean"] = statistics.geometric_mean(
+            [row["ember_spec_vs_llama_cpp_ngram"] for row in peer.values()])
     if args.crossover:
         rows = report["crossover"] = crossover(base)
         # Speculation pays while the expected tokens per step beat the step's slowdown; with

@@ -6,6 +6,7 @@ import concurrent.futures
 import ctypes
 import gc
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -134,13 +135,15 @@ class EngineCore:
         if self._compiling:
             self._admit_compiled()
         scheduler_output = self.scheduler.schedule()
+        t0 = time.perf_counter()
         runner_output = self.runner.execute(scheduler_output)
+        step_seconds = time.perf_counter() - t0
         if scheduler_output.is_empty:
             if self.spec is not None:
                 self.spec.release(scheduler_output.finished_request_ids)
             return []
         outputs = self.scheduler.update(scheduler_output, runner_output)
         if self.spec is not None:
-            self.spec.observe(scheduler_output, runner_output)
+            self.spec.observe(scheduler_output, runner_output, step_seconds)
             self.spec.propose(self.scheduler.running)
         return outputs

@@ -9,15 +9,18 @@ from dataclasses import dataclass, field
 from ember.config import SpecConfig
 from ember.spec_decode.ngram import NgramProposer
 from ember.spec_decode.proposer import Proposer
+from ember.spec_decode.step_cost import StepCostModel
 from ember.spec_decode.suffix import SuffixProposer
 from ember.types import ModelRunnerOutput, Request, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
-DRAFT_TOKEN_COST = 0.12
-"""Cost of verifying one more draft token in a single-stream step, relative to a plain decode
-step: measured 0.122 (SmolLM2-135M, Ember's kernels, `benchmarks/spec_decode.py --crossover`,
-contended machine, 1 thread; rerun on a quiet machine and update)."""
+DRAFT_TOKEN_COST = 0.3
+"""Prior cost of verifying one more draft token in a single-stream step, relative to a plain
+decode step, until `StepCostModel` has measured it on this machine. Profiled (SmolLM2-135M
+int4, AVX2 without VNNI, 1 thread, ~500-token context): +3.1 ms of decoder (int4 GEMM rows
+are compute-bound on AVX2; attention is per-row FLOPs) and +0.4 ms of LM head per row on a
+~11 ms step, i.e. ~0.3. The earlier 0.12 came from prefill-chunk timings that hid this."""
 DEFAULT_MAX_BATCH = 4
 """Speculation stops for a step once this many requests run. Measured (same run): a step of
 5 rows per sequence vs 1 row gains at most 3.4x at batch 1, 2.1x at batch 2 and ~1.5x from
@@ -87,14 +90,22 @@ class SpecDecoder:
         self.proposer = proposer or create_proposer(config)
         self.stats = SpecStats(accepted_per_position=[0] * config.num_speculative_tokens)
         self._acceptance: dict[str, _Acceptance] = {}
+        self.step_cost = StepCostModel(DRAFT_TOKEN_COST)
+        """Measured cost of one draft token (single-stream steps), for the draft length."""
 
     @property
     def max_batch(self) -> int:
         """Requests running from which a step skips speculation."""
         return self.config.disable_by_batch_size or DEFAULT_MAX_BATCH
 
-    def observe(self, so: SchedulerOutput, ro: ModelRunnerOutput) -> None:
-        """Count each verified request's accepted drafts (update its acceptance estimate)."""
+    def observe(self, so: SchedulerOutput, ro: ModelRunnerOutput,
+                step_seconds: float | None = None) -> None:
+        """Count each verified request's accepted drafts (update its acceptance estimate);
+        `step_seconds` (the runner's time for this step) feeds the draft-cost model."""
+        if step_seconds is not None and len(so.scheduled) == 1:
+            item = so.scheduled[0]
+            if item.num_new_tokens == 1 + len(item.spec_token_ids):  # decode/verify, no prefill
+                self.step_cost.observe(item.num_new_tokens, step_seconds)
         for rid in so.finished_request_ids:
             self._acceptance.pop(rid, None)
         self.proposer.release(so.finished_request_ids)
@@ -136,7 +147,7 @@ class SpecDecoder:
         if cap <= 0 or not self.config.adaptive:
             return max(cap, 0)
         acc = self._acceptance.get(request.request_id)
-        return cap if acc is None else best_draft_length(acc.rate(), cap)
+        return cap if acc is None else best_draft_length(acc.rate(), cap, self.step_cost.cost)
 
     def release(self, request_ids: set[str]) -> None:
         for rid in request_ids:

@@ -407,3 +407,18 @@ def test_cli_speculative_config_flag():
     assert not _config(build_parser().parse_args(["serve"])).spec.enabled
     assert main(["serve", "--speculative-config", '{"method": "medusa"}']) == 2
     assert main(["generate", "x", "--speculative-config", "{bad json"]) == 2
+
+
+def test_step_cost_model_fits_the_marginal_row_cost():
+    from ember.spec_decode.step_cost import StepCostModel
+
+    model = StepCostModel(prior=0.3)
+    for _ in range(20):  # only one-row steps: no slope yet, the prior stays
+        model.observe(1, 0.013)
+    assert model.cost == 0.3
+    for i in range(60):  # t(T) = 10 ms + 3 ms * T
+        rows = 1 + i % 6
+        model.observe(rows, 0.010 + 0.003 * rows)
+    assert abs(model.cost - 0.003 / 0.013) < 1e-6
+    # the chosen draft length follows the measured cost: dearer rows, shorter drafts
+    assert best_draft_length(0.6, 8, cost=0.05) > best_draft_length(0.6, 8, cost=model.cost)
