@@ -147,6 +147,8 @@ class ModelRunner:
                 self._mask_undrafted(logits, reqs, batch)
             verified = self.rejection_sampler(
                 logits, [SpecRow(row, sr.spec_token_ids) for row, sr in zip(batch, reqs)])
+            if self.structured is not None:
+                self.structured.prefetch(batch, verified.token_ids)
             for sr, tokens, lps in zip(reqs, verified.token_ids, verified.logprobs):
                 out.sampled_token_ids[sr.request.request_id] = tokens
                 if lps is not None:
@@ -156,6 +158,9 @@ class ModelRunner:
             # NOTE: masked before sampling, so logprobs are those of the masked distribution.
             logits = self.structured.apply(logits, batch)
         result = self.sampler(logits, batch)
+        if self.structured is not None:
+            # NOTE: the next masks are computed while the next step runs (see constrained.py).
+            self.structured.prefetch(batch, [[t] for t in result.token_ids])
         for sr, token, lp in zip(reqs, result.token_ids, result.logprobs):
             rid = sr.request.request_id
             out.sampled_token_ids[rid] = [token]

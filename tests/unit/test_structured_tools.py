@@ -118,3 +118,31 @@ def test_fallback_rendering_of_tools_and_results() -> None:
     assert out[3] == {"role": "tool", "content": "<tool_response>\nsunny\n</tool_response>"}
     _, extra = prepare_messages(messages, [TOOL], native=True)
     assert extra["tools"][0]["function"]["name"] == "get_weather"
+
+
+def test_prefetched_masks_match_in_step_masks_and_roll_back(tokenizer) -> None:
+    """Masks computed ahead on the worker thread (overlap) equal the masks computed in the
+    step; a prefetched token the scheduler did not keep is rolled back."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    spec = StructuredOutputsParams(json=schema)
+    ahead, inline = StructuredOutputManager(tokenizer), StructuredOutputManager(tokenizer)
+    inline.overlap = False
+    v = tokenizer.vocab_size
+    text = tokenizer.encode('{"name": "Ann Lee", "age": 41}', add_special_tokens=False)
+    out: list[int] = []
+    for step, token in enumerate(text + [tokenizer.eos_token_id]):
+        rows = [_row("s", spec, out)]
+        got, want = _allowed(ahead, rows, v), _allowed(inline, rows, v)
+        assert got == want and token in got[0], step
+        if step == 3:  # the worker consumes a token the output then does not keep
+            other = next(t for t in sorted(got[0]) if t != token)
+            ahead.prefetch(rows, [[other]])
+        else:
+            ahead.prefetch(rows, [[token]])
+        out = out + [token]
+    assert _allowed(ahead, [_row("s", spec, out)], v) == [{tokenizer.eos_token_id}]
+    assert ahead.timings.steps == len(text) + 2 and ahead.timings.prefetch > 0
+    ahead.shutdown()
+    inline.shutdown()
