@@ -82,6 +82,8 @@ class EngineCore:
                     self.layout.block_size, self.layout.max_model_len)
         self.structured = StructuredOutputManager(loaded.tokenizer)
         self.runner.structured = self.structured
+        if self.spec is not None:  # constrained drafts: cut to their grammar-valid prefix
+            self.spec.draft_filter = self.structured.truncate_draft
         self._compiling: list[Request] = []
         """Requests whose grammar is still compiling: not scheduled until it is done."""
 

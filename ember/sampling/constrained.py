@@ -41,7 +41,8 @@ import torch
 from ember.sampling.grammar_masks import (MaskFiller, apply_bitmask, bitmask_words, eos_only,
                                           new_bitmask, unpack_bits)
 from ember.tokenizer import Tokenizer
-from ember.types import InvalidRequestError, SamplingBatchRow, StructuredOutputsParams
+from ember.types import (InvalidRequestError, Request, SamplingBatchRow,
+                         StructuredOutputsParams)
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +335,59 @@ class StructuredOutputManager:
                 1, thread_name_prefix="ember-grammar-masks")
         self._inflight = self._worker.submit(self._advance_and_fill, jobs)
 
+    # ---- speculative decoding -----------------------------------------------------------
+
+    def truncate_draft(self, request: Request, draft: list[int]) -> list[int]:
+        """The longest prefix of `draft` that the request's grammar accepts after its output
+        tokens (the matcher is not advanced). Unconstrained requests keep their draft."""
+        spec = request.sampling_params.structured_outputs
+        if spec is None or not draft:
+            return draft
+        self._join()
+        state = self._state_of(request.request_id, spec, request.output_token_ids)
+        if self._dead(state):
+            return []
+        return draft[:state.matcher.validate_tokens(draft)]
+
+    def apply_verify(self, logits: torch.Tensor, rows: list[SamplingBatchRow],
+                     drafts: list[list[int]]) -> None:
+        """A verify step: row r owns 1 + len(drafts[r]) consecutive rows of `logits` (N, V);
+        each gets the row's logit_bias and the grammar mask at its position (the mask after
+        the output and the draft tokens before it). Drafts must be grammar-valid
+        (`truncate_draft`). Modifies `logits` in place."""
+        starts, total = [], 0
+        for draft in drafts:
+            starts.append(total)
+            total += 1 + len(draft)
+        for row, start, draft in zip(rows, starts, drafts):
+            bias = row.params.logit_bias
+            if bias:
+                ids = torch.tensor(list(bias.keys()), dtype=torch.long)
+                keep = ids < logits.shape[1]
+                values = torch.tensor(list(bias.values()), dtype=logits.dtype)[keep]
+                for k in range(start, start + 1 + len(draft)):
+                    logits[k, ids[keep]] += values
+        picked = [(row, start, draft) for row, start, draft in zip(rows, starts, drafts)
+                  if row.params.structured_outputs is not None]
+        if not picked:
+            return
+        self._join()
+        masks = new_bitmask(sum(1 + len(d) for _, _, d in picked), logits.shape[1])
+        jobs: list[tuple[llguidance.LLMatcher, int, list[int]]] = []
+        index: list[int] = []
+        for row, start, draft in picked:
+            state = self._state(row)
+            state.mask_row = None
+            if self._dead(state):
+                for k in range(1 + len(draft)):
+                    eos_only(masks, len(index) + k, self.eos_token_id)
+            else:
+                jobs.append((state.matcher, len(index), list(draft)))
+            index.extend(range(start, start + 1 + len(draft)))
+        if jobs:
+            self._filler.fill_with_drafts(jobs, masks)
+        apply_bitmask(logits, masks, index, self.eos_token_id)
+
     def _advance_and_fill(self, jobs: list[tuple[_SeqState, list[int]]]) -> None:
         """Worker thread: consume the sampled tokens, then fill the next masks."""
         start = time.perf_counter()
@@ -372,20 +426,23 @@ class StructuredOutputManager:
                 state.failed = True
 
     def _state(self, row: SamplingBatchRow) -> _SeqState:
-        """The row's matcher, created on first use and brought level with its output tokens
-        (a prefetch the scheduler did not keep is rolled back)."""
-        state = self._states.get(row.request_id)
+        spec = row.params.structured_outputs
+        assert spec is not None
+        return self._state_of(row.request_id, spec, row.output_token_ids)
+
+    def _state_of(self, request_id: str, spec: StructuredOutputsParams,
+                  out: list[int]) -> _SeqState:
+        """The sequence's matcher, created on first use and brought level with its output
+        tokens `out` (a prefetch the scheduler did not keep is rolled back)."""
+        state = self._states.get(request_id)
         if state is None:
-            future = self._pending.pop(row.request_id, None)
-            spec = row.params.structured_outputs
-            assert spec is not None
+            future = self._pending.pop(request_id, None)
             # NOTE: the engine core schedules a sequence only once its grammar compiled, so
             # this does not wait (a direct runner user may get a synchronous compile).
             template = future.result() if future is not None else \
                 self.compiler.submit(self.compiler.source(spec)).result()
             state = _SeqState(template.deep_copy())
-            self._states[row.request_id] = state
-        out = row.output_token_ids
+            self._states[request_id] = state
         if state.ahead:
             n = len(state.ahead)
             if state.consumed > len(out) or out[state.consumed - n:state.consumed] != state.ahead:

@@ -146,3 +146,37 @@ def test_prefetched_masks_match_in_step_masks_and_roll_back(tokenizer) -> None:
     assert ahead.timings.steps == len(text) + 2 and ahead.timings.prefetch > 0
     ahead.shutdown()
     inline.shutdown()
+
+
+def test_drafts_cut_to_grammar_prefix_and_verify_rows_masked_per_position(tokenizer) -> None:
+    """Speculative decoding with a grammar: a draft is cut before its first token the grammar
+    rejects (the matcher is not advanced), and each verify row gets the mask of its own
+    position (the same mask as after accepting the draft tokens before it)."""
+    from ember.types import Request
+
+    spec = StructuredOutputsParams(regex=r'\{"id": [0-9]+, "ok": (true|false)\}')
+    manager, inline = StructuredOutputManager(tokenizer), StructuredOutputManager(tokenizer)
+    v = tokenizer.vocab_size
+    text = tokenizer.encode('{"id": 42, "ok": true}', add_special_tokens=False)
+    out, draft = text[:2], text[2:6]
+    bad = tokenizer.encode("zz", add_special_tokens=False)
+    request = Request("r", [1], SamplingParams(structured_outputs=spec), eos_token_id=2,
+                      output_token_ids=list(out))
+    assert manager.truncate_draft(request, draft + bad + draft) == draft
+    assert manager.truncate_draft(request, bad + draft) == []
+    unconstrained = Request("u", [1], SamplingParams(), output_token_ids=[5])
+    assert manager.truncate_draft(unconstrained, bad) == bad
+    # verify rows: the constrained request (1 + 4 rows) then an unconstrained one (1 + 1)
+    rows = [_row("r", spec, list(out)), _row("u", None, [5], {7: 2.0})]
+    logits = torch.zeros(len(draft) + 3, v)
+    manager.apply_verify(logits, rows, [draft, [9]])
+    for k in range(len(draft) + 1):
+        allowed = set(torch.nonzero(logits[k] > float("-inf")).flatten().tolist())
+        assert allowed == _allowed(inline, [_row(f"i{k}", spec, out + draft[:k])], v)[0], k
+        assert (draft + text[6:7])[k] in allowed
+    assert torch.all(logits[-2:, 7] == 2.0) and torch.all(logits[-2:, 8] == 0.0)
+    # the matcher was not advanced by either call
+    assert _allowed(manager, [_row("r", spec, list(out))], v) == \
+        _allowed(inline, [_row("fresh", spec, list(out))], v)
+    manager.shutdown()
+    inline.shutdown()
