@@ -131,4 +131,5 @@ class EngineCore:
         if self.spec is not None:
             self.spec.observe(scheduler_output, runner_output)
             self.spec.propose(self.scheduler.running)
+        self.structured.jump_forward(self.scheduler.running)  # grammar-forced tokens as drafts
         return outputs

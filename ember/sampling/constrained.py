@@ -187,6 +187,10 @@ class GrammarCompiler:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+_MAX_FORCED = 16
+"""Most grammar-forced tokens drafted at once (jump-forward)."""
+
+
 @dataclass
 class _SeqState:
     """One sequence's matcher and how many of its output tokens it consumed."""
@@ -229,6 +233,8 @@ class StructuredOutputManager:
         """Width of the logits (the last step's), which the bitmasks cover."""
         self._prefetched = new_bitmask(0, self.vocab_size)
         """(P, W) masks written by the last prefetch (rows named by `_SeqState.mask_row`)."""
+        self.jump_forward_enabled = True
+        """Draft grammar-forced tokens (`jump_forward`); False: one model step per token."""
         self.timings = StepTimings()
         """Seconds spent per phase (for benchmarks; a few perf_counter calls per step)."""
 
@@ -335,7 +341,34 @@ class StructuredOutputManager:
                 1, thread_name_prefix="ember-grammar-masks")
         self._inflight = self._worker.submit(self._advance_and_fill, jobs)
 
-    # ---- speculative decoding -----------------------------------------------------------
+    # ---- jump-forward and speculative decoding ------------------------------------------
+
+    def jump_forward(self, running: Iterable[Request]) -> int:
+        """Jump-forward: give each constrained request that is caught up and has no drafts
+        the tokens its grammar forces next (llguidance `compute_ff_tokens`) as draft tokens.
+        The scheduler feeds them to the next step like speculative drafts and the runner
+        verifies them with per-position masks, so a forced run costs one model step instead
+        of one per token and the output is what token-by-token decoding would give. Returns
+        the number of tokens drafted."""
+        if not self.jump_forward_enabled:
+            return 0
+        drafted = 0
+        for request in running:
+            spec = request.sampling_params.structured_outputs
+            if spec is None or request.spec_token_ids or request.status.finished \
+                    or request.num_computed_tokens != request.num_tokens - 1:
+                continue
+            self._join()
+            state = self._state_of(request.request_id, spec, request.output_token_ids)
+            if self._dead(state):
+                continue
+            forced = state.matcher.compute_ff_tokens()[:_MAX_FORCED]
+            if forced:
+                request.spec_token_ids = forced
+                drafted += len(forced)
+        self.timings.forced_tokens += drafted
+        return drafted
+
 
     def truncate_draft(self, request: Request, draft: list[int]) -> list[int]:
         """The longest prefix of `draft` that the request's grammar accepts after its output
@@ -474,6 +507,8 @@ class StepTimings:
     prefetch: float = 0.0
     """Worker thread: consuming sampled tokens and filling next masks (overlapped)."""
     steps: int = 0
+    forced_tokens: int = 0
+    """Tokens drafted by jump-forward."""
 
     def add(self, **seconds: float) -> None:
         for name, value in seconds.items():
@@ -483,7 +518,7 @@ class StepTimings:
 
     def reset(self) -> None:
         self.join = self.mask = self.apply = self.prefetch = 0.0
-        self.steps = 0
+        self.steps = self.forced_tokens = 0
 
 
 def unpack_bitmask(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:

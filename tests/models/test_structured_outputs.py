@@ -170,3 +170,31 @@ def test_compiling_grammar_does_not_block_the_batch(llm, monkeypatch) -> None:
             if out.finished:
                 finished[out.request_id] = out
     assert re.fullmatch(r"slow-[0-9]{2}", finished["slow"].outputs[0].text)
+
+
+def test_speculative_greedy_identical_with_grammar(make_llm) -> None:
+    """n-gram drafts of constrained requests are cut to their grammar-valid prefix and
+    verified with per-position masks: greedy tokens equal those without speculation."""
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 40}, "city": {"type": "string", "maxLength": 40},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
+        "required": ["name", "city", "tags"], "additionalProperties": False}
+    record = '{"name": "Elizabeth Bennet", "city": "Longbourn", "tags": ["sister", "reader"]}'
+    prompts = [f"Copy this JSON exactly: {record}\nCopy: ",
+               f"Here is a record: {record}. Write it again as JSON: "]
+    spec_cfg = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4,
+                "prompt_lookup_min": 2, "disable_by_batch_size": 16}
+    params = SamplingParams(temperature=0, max_tokens=40,
+                            structured_outputs=StructuredOutputsParams(json=schema))
+    ref = make_llm(quantization="auto")
+    from ember import LLM
+
+    spec = LLM(quantization="auto", show_progress=False, speculative_config=spec_cfg)
+    stats = spec.engine.core.spec.stats
+    before = stats.num_accepted_tokens
+    want = [o.outputs[0] for o in ref.generate(prompts, params)]
+    got = [o.outputs[0] for o in spec.generate(prompts, params)]
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert stats.num_accepted_tokens > before  # constrained requests were drafted
+    for out in got:
+        jsonschema.validate(json.loads(out.text), schema)

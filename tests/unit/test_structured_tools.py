@@ -180,3 +180,22 @@ def test_drafts_cut_to_grammar_prefix_and_verify_rows_masked_per_position(tokeni
         _allowed(inline, [_row("fresh", spec, list(out))], v)
     manager.shutdown()
     inline.shutdown()
+
+
+def test_jump_forward_drafts_the_forced_tokens(tokenizer) -> None:
+    """Where the grammar allows one continuation, its tokens become the request's drafts
+    (not for requests that are not caught up, already drafted, or unconstrained)."""
+    from ember.types import Request
+
+    spec = StructuredOutputsParams(regex=r'\{"identifier_of_the_record": [0-9]+\}')
+    manager = StructuredOutputManager(tokenizer)
+    fresh = Request("a", [1], SamplingParams(structured_outputs=spec), num_computed_tokens=0)
+    behind = Request("b", [1, 1], SamplingParams(structured_outputs=spec), num_computed_tokens=0)
+    plain = Request("c", [1], SamplingParams(), num_computed_tokens=0)
+    assert manager.jump_forward([fresh, behind, plain]) == len(fresh.spec_token_ids) > 3
+    assert tokenizer.decode(fresh.spec_token_ids) == '{"identifier_of_the_record": '
+    assert behind.spec_token_ids == [] and plain.spec_token_ids == []
+    manager.jump_forward_enabled = False
+    fresh.spec_token_ids = []
+    assert manager.jump_forward([fresh]) == 0 and fresh.spec_token_ids == []
+    manager.shutdown()
