@@ -420,6 +420,7 @@ class StructuredOutputManager:
         if jobs:
             self._filler.fill_with_drafts(jobs, masks)
         apply_bitmask(logits, masks, index, self.eos_token_id)
+        self.timings.steps += 1
 
     def _advance_and_fill(self, jobs: list[tuple[_SeqState, list[int]]]) -> None:
         """Worker thread: consume the sampled tokens, then fill the next masks."""
@@ -507,6 +508,7 @@ class StepTimings:
     prefetch: float = 0.0
     """Worker thread: consuming sampled tokens and filling next masks (overlapped)."""
     steps: int = 0
+    """Steps that masked constrained rows (verify steps included)."""
     forced_tokens: int = 0
     """Tokens drafted by jump-forward."""
 

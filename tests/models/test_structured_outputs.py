@@ -198,3 +198,36 @@ def test_speculative_greedy_identical_with_grammar(make_llm) -> None:
     assert stats.num_accepted_tokens > before  # constrained requests were drafted
     for out in got:
         jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_jump_forward_greedy_identical_and_fewer_steps(make_llm) -> None:
+    """Grammar-forced runs (long fixed keys) are drafted and verified in one step: greedy
+    tokens equal token-by-token decoding, with fewer engine steps."""
+    schema = {"type": "object", "properties": {
+        "customer_full_legal_name": {"type": "string", "maxLength": 20},
+        "customer_primary_shipping_address": {"type": "string", "maxLength": 20},
+        "customer_is_subscribed_to_newsletter": {"type": "boolean"}},
+        "required": ["customer_full_legal_name", "customer_primary_shipping_address",
+                     "customer_is_subscribed_to_newsletter"], "additionalProperties": False}
+    llm = make_llm(quantization="auto")
+    manager = llm.engine.core.structured
+    params = SamplingParams(temperature=0, max_tokens=60,
+                            structured_outputs=StructuredOutputsParams(json=schema))
+    prompts = ["A customer record as JSON: ", "Describe a shop customer in JSON: "]
+
+    def run(jump: bool) -> tuple[list[list[int]], int, int]:
+        manager.jump_forward_enabled = jump
+        manager.timings.reset()
+        try:
+            outs = llm.generate(prompts, params)
+        finally:
+            manager.jump_forward_enabled = True
+        for out in outs:
+            jsonschema.validate(json.loads(out.outputs[0].text), schema)
+        return ([o.outputs[0].token_ids for o in outs], manager.timings.steps,
+                manager.timings.forced_tokens)
+
+    plain, plain_steps, _ = run(False)
+    jumped, jumped_steps, forced = run(True)
+    assert jumped == plain
+    assert forced > 20 and jumped_steps < plain_steps
