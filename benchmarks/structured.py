@@ -79,6 +79,41 @@ def decode_rate(llm: LLM, batch: int, tokens: int, constrained: bool,
     return produced / elapsed, per_step
 
 
+LONG_KEYS = {"type": "array", "minItems": 3, "maxItems": 3, "items": {
+    "type": "object", "properties": {
+        "customer_full_legal_name": {"type": "string", "maxLength": 16},
+        "customer_primary_shipping_address_line": {"type": "string", "maxLength": 16},
+        "customer_is_subscribed_to_the_newsletter": {"type": "boolean"}},
+    "required": ["customer_full_legal_name", "customer_primary_shipping_address_line",
+                 "customer_is_subscribed_to_the_newsletter"], "additionalProperties": False}}
+"""Long fixed keys: runs of tokens the grammar forces (jump-forward's case)."""
+
+
+def jump_forward(llm: LLM, repeats: int) -> dict[str, object]:
+    """Greedy generation of LONG_KEYS at batch 1, jump-forward on vs off (interleaved)."""
+    manager = llm.engine.core.structured
+    params = SamplingParams(temperature=0, max_tokens=200,
+                            structured_outputs=StructuredOutputsParams(json=LONG_KEYS))
+    result: dict[str, list[float]] = {"on_s": [], "off_s": []}
+    tokens: dict[str, tuple[int, int, int, list[int]]] = {}
+    for _ in range(repeats):
+        for key, on in (("off_s", False), ("on_s", True)):
+            manager.jump_forward_enabled = on
+            manager.timings.reset()
+            start = time.perf_counter()
+            out = llm.generate(["Three customers as JSON:"], params)[0].outputs[0]
+            result[key].append(time.perf_counter() - start)
+            tokens[key] = (len(out.token_ids), manager.timings.steps,
+                           manager.timings.forced_tokens, out.token_ids)
+    manager.jump_forward_enabled = True
+    t_off, t_on = statistics.median(result["off_s"]), statistics.median(result["on_s"])
+    return {"tokens": tokens["on_s"][0], "steps_off": tokens["off_s"][1],
+            "steps_on": tokens["on_s"][1], "forced_tokens": tokens["on_s"][2],
+            "identical_output": tokens["on_s"][3] == tokens["off_s"][3],
+            "off_tok_s": tokens["off_s"][0] / t_off, "on_tok_s": tokens["on_s"][0] / t_on,
+            "speedup": t_off / t_on, "runs": result}
+
+
 def compile_times(llm: LLM, repeats: int) -> dict[str, dict[str, float]]:
     compiler = llm.engine.core.structured.compiler
     result = {}
@@ -173,6 +208,11 @@ def main() -> None:
         print("   per step (us):", {k: {f: round(x) for f, x in v.items()}
                                     for k, v in result["decode"][batch]["per_step_us"].items()},
               flush=True)
+    result["jump_forward"] = jf = jump_forward(llm, args.repeats)
+    print(f"jump-forward (long keys, batch 1, greedy): {jf['off_tok_s']:.1f} -> "
+          f"{jf['on_tok_s']:.1f} tok/s (x{jf['speedup']:.2f}), steps {jf['steps_off']} -> "
+          f"{jf['steps_on']}, {jf['forced_tokens']} forced tokens, identical output: "
+          f"{jf['identical_output']}", flush=True)
     result["compile"] = compile_times(llm, 9)
     for name, r in result["compile"].items():
         print(f"compile {name:10s}: cold p50 {r['cold_p50_ms']:6.2f} ms  cached p50 "
