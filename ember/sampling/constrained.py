@@ -417,8 +417,13 @@ class StructuredOutputManager:
             else:
                 jobs.append((state.matcher, len(index), list(draft)))
             index.extend(range(start, start + 1 + len(draft)))
-        if jobs:
-            self._filler.fill_with_drafts(jobs, masks)
+        # NOTE: llguidance's draft fill refuses empty drafts: those rows take the plain fill.
+        drafted = [job for job in jobs if job[2]]
+        if drafted:
+            self._filler.fill_with_drafts(drafted, masks)
+        plain = [(matcher, row) for matcher, row, draft in jobs if not draft]
+        if plain:
+            self._filler.fill(plain, masks)
         apply_bitmask(logits, masks, index, self.eos_token_id)
         self.timings.steps += 1
 

@@ -167,14 +167,17 @@ def test_drafts_cut_to_grammar_prefix_and_verify_rows_masked_per_position(tokeni
     unconstrained = Request("u", [1], SamplingParams(), output_token_ids=[5])
     assert manager.truncate_draft(unconstrained, bad) == bad
     # verify rows: the constrained request (1 + 4 rows) then an unconstrained one (1 + 1)
-    rows = [_row("r", spec, list(out)), _row("u", None, [5], {7: 2.0})]
-    logits = torch.zeros(len(draft) + 3, v)
-    manager.apply_verify(logits, rows, [draft, [9]])
+    # and a constrained request without drafts (one row)
+    rows = [_row("r", spec, list(out)), _row("u", None, [5], {7: 2.0}), _row("n", spec, [])]
+    logits = torch.zeros(len(draft) + 4, v)
+    manager.apply_verify(logits, rows, [draft, [9], []])
+    assert set(torch.nonzero(logits[-1] > float("-inf")).flatten().tolist()) == \
+        _allowed(inline, [_row("n2", spec, [])], v)[0]
     for k in range(len(draft) + 1):
         allowed = set(torch.nonzero(logits[k] > float("-inf")).flatten().tolist())
         assert allowed == _allowed(inline, [_row(f"i{k}", spec, out + draft[:k])], v)[0], k
         assert (draft + text[6:7])[k] in allowed
-    assert torch.all(logits[-2:, 7] == 2.0) and torch.all(logits[-2:, 8] == 0.0)
+    assert torch.all(logits[-3:-1, 7] == 2.0) and torch.all(logits[-3:-1, 8] == 0.0)
     # the matcher was not advanced by either call
     assert _allowed(manager, [_row("r", spec, list(out))], v) == \
         _allowed(inline, [_row("fresh", spec, list(out))], v)
