@@ -52,17 +52,67 @@ ENDLESS = {"type": "array", "minItems": 1000, "items": {"type": "object", "prope
 """Never complete within the measured tokens: every step is masked."""
 
 
-def decode_rate(llm: LLM, batch: int, tokens: int, constrained: bool) -> float:
+def decode_rate(llm: LLM, batch: int, tokens: int, constrained: bool,
+                overlap: bool = True) -> tuple[float, dict[str, float]]:
+    """Decode tok/s and the grammar work per step in microseconds.
+
+    NOTE: both sides use the same sampling parameters (min_tokens blocks EOS on both), so
+    the difference is the grammar alone."""
     prompts = [f"People list number {i} as JSON:" for i in range(batch)]
     spec = StructuredOutputsParams(json=ENDLESS) if constrained else None
     params = SamplingParams(temperature=0.8, seed=1, max_tokens=tokens, min_tokens=tokens,
-                            ignore_eos=not constrained, structured_outputs=spec)
+                            structured_outputs=spec)
+    manager = llm.engine.core.structured
+    manager.overlap = overlap
+    manager.jump_forward_enabled = False  # the mask's cost alone (jump-forward: see below)
+    manager.timings.reset()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
+    manager.overlap = manager.jump_forward_enabled = True
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == batch * tokens, (produced, batch * tokens)
-    return produced / elapsed
+    t = manager.timings
+    steps = max(1, t.steps)
+    per_step = {"step_us": 1e6 * elapsed / max(1, tokens), "join_us": 1e6 * t.join / steps,
+                "mask_fill_us": 1e6 * t.mask / steps, "apply_us": 1e6 * t.apply / steps,
+                "worker_prefetch_us": 1e6 * t.prefetch / steps}
+    return produced / elapsed, per_step
+
+
+LONG_KEYS = {"type": "array", "minItems": 3, "maxItems": 3, "items": {
+    "type": "object", "properties": {
+        "customer_full_legal_name": {"type": "string", "maxLength": 16},
+        "customer_primary_shipping_address_line": {"type": "string", "maxLength": 16},
+        "customer_is_subscribed_to_the_newsletter": {"type": "boolean"}},
+    "required": ["customer_full_legal_name", "customer_primary_shipping_address_line",
+                 "customer_is_subscribed_to_the_newsletter"], "additionalProperties": False}}
+"""Long fixed keys: runs of tokens the grammar forces (jump-forward's case)."""
+
+
+def jump_forward(llm: LLM, repeats: int) -> dict[str, object]:
+    """Greedy generation of LONG_KEYS at batch 1, jump-forward on vs off (interleaved)."""
+    manager = llm.engine.core.structured
+    params = SamplingParams(temperature=0, max_tokens=200,
+                            structured_outputs=StructuredOutputsParams(json=LONG_KEYS))
+    result: dict[str, list[float]] = {"on_s": [], "off_s": []}
+    tokens: dict[str, tuple[int, int, int, list[int]]] = {}
+    for _ in range(repeats):
+        for key, on in (("off_s", False), ("on_s", True)):
+            manager.jump_forward_enabled = on
+            manager.timings.reset()
+            start = time.perf_counter()
+            out = llm.generate(["Three customers as JSON:"], params)[0].outputs[0]
+            result[key].append(time.perf_counter() - start)
+            tokens[key] = (len(out.token_ids), manager.timings.steps,
+                           manager.timings.forced_tokens, out.token_ids)
+    manager.jump_forward_enabled = True
+    t_off, t_on = statistics.median(result["off_s"]), statistics.median(result["on_s"])
+    return {"tokens": tokens["on_s"][0], "steps_off": tokens["off_s"][1],
+            "steps_on": tokens["on_s"][1], "forced_tokens": tokens["on_s"][2],
+            "identical_output": tokens["on_s"][3] == tokens["off_s"][3],
+            "off_tok_s": tokens["off_s"][0] / t_off, "on_tok_s": tokens["on_s"][0] / t_on,
+            "speedup": t_off / t_on, "runs": result}
 
 
 def compile_times(llm: LLM, repeats: int) -> dict[str, dict[str, float]]:
@@ -127,7 +177,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quantization", default="auto")
     args = ap.parse_args()
     load_before = os.getloadavg()
@@ -137,16 +187,33 @@ def main() -> None:
                     "tokens": args.tokens, "loadavg_before": load_before,
                     "cpu_count": os.cpu_count(), "decode": {}}
     for batch in [int(b) for b in args.batches.split(",")]:
-        rates: dict[str, list[float]] = {"u": [], "c": []}
+        rates: dict[str, list[float]] = {"u": [], "c": [], "c_sync": []}
+        steps: dict[str, list[dict[str, float]]] = {"c": [], "c_sync": []}
+        # NOTE: interleaved A/B/C, so a load change on a shared machine hits all three.
         for _ in range(args.repeats):
-            rates["u"].append(decode_rate(llm, batch, args.tokens, False))
-            rates["c"].append(decode_rate(llm, batch, args.tokens, True))
-        u, c = max(rates["u"]), max(rates["c"])
-        result["decode"][batch] = {"unconstrained_tok_s": u, "constrained_tok_s": c,
-                                   "overhead_pct": 100 * (1 - c / u),
-                                   "runs": rates}
-        print(f"batch {batch:3d}: unconstrained {u:7.1f} tok/s  constrained {c:7.1f} tok/s  "
-              f"overhead {100 * (1 - c / u):5.1f}%", flush=True)
+            rates["u"].append(decode_rate(llm, batch, args.tokens, False)[0])
+            for key, overlap in (("c", True), ("c_sync", False)):
+                rate, breakdown = decode_rate(llm, batch, args.tokens, True, overlap)
+                rates[key].append(rate)
+                steps[key].append(breakdown)
+        u, c, cs = (statistics.median(rates[k]) for k in ("u", "c", "c_sync"))
+        result["decode"][batch] = {
+            "unconstrained_tok_s": u, "constrained_tok_s": c, "constrained_sync_tok_s": cs,
+            "overhead_pct": 100 * (1 - c / u), "overhead_sync_pct": 100 * (1 - cs / u),
+            "statistic": "median of interleaved runs", "runs": rates,
+            "per_step_us": {k: {f: statistics.median(b[f] for b in v) for f in v[0]}
+                            for k, v in steps.items()}}
+        print(f"batch {batch:3d}: unconstrained {u:7.1f} tok/s  constrained {c:7.1f} tok/s "
+              f"(overhead {100 * (1 - c / u):5.1f}%; masks computed in-step: {cs:7.1f}, "
+              f"{100 * (1 - cs / u):5.1f}%)", flush=True)
+        print("   per step (us):", {k: {f: round(x) for f, x in v.items()}
+                                    for k, v in result["decode"][batch]["per_step_us"].items()},
+              flush=True)
+    result["jump_forward"] = jf = jump_forward(llm, args.repeats)
+    print(f"jump-forward (long keys, batch 1, greedy): {jf['off_tok_s']:.1f} -> "
+          f"{jf['on_tok_s']:.1f} tok/s (x{jf['speedup']:.2f}), steps {jf['steps_off']} -> "
+          f"{jf['steps_on']}, {jf['forced_tokens']} forced tokens, identical output: "
+          f"{jf['identical_output']}", flush=True)
     result["compile"] = compile_times(llm, 9)
     for name, r in result["compile"].items():
         print(f"compile {name:10s}: cold p50 {r['cold_p50_ms']:6.2f} ms  cached p50 "

@@ -97,6 +97,8 @@ class EngineCore:
                     self.layout.max_model_len)
         self.structured = StructuredOutputManager(loaded.tokenizer)
         self.runner.structured = self.structured
+        if self.spec is not None:  # constrained drafts: cut to their grammar-valid prefix
+            self.spec.draft_filter = self.structured.truncate_draft
         self._compiling: list[Request] = []
         """Requests whose grammar is still compiling: not scheduled until it is done."""
 
@@ -146,4 +148,5 @@ class EngineCore:
         if self.spec is not None:
             self.spec.observe(scheduler_output, runner_output, step_seconds)
             self.spec.propose(self.scheduler.running)
+        self.structured.jump_forward(self.scheduler.running)  # grammar-forced tokens as drafts
         return outputs

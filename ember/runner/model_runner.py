@@ -162,6 +162,8 @@ class ModelRunner:
                 self._mask_undrafted(logits, reqs, batch)
             verified = self.rejection_sampler(
                 logits, [SpecRow(row, sr.spec_token_ids) for row, sr in zip(batch, reqs)])
+            if self.structured is not None:
+                self.structured.prefetch(batch, verified.token_ids)
             for sr, tokens, lps in zip(reqs, verified.token_ids, verified.logprobs):
                 out.sampled_token_ids[sr.request.request_id] = tokens
                 if lps is not None:
@@ -171,6 +173,9 @@ class ModelRunner:
             # NOTE: masked before sampling, so logprobs are those of the masked distribution.
             logits = self.structured.apply(logits, batch)
         result = self.sampler(logits, batch)
+        if self.structured is not None:
+            # NOTE: the next masks are computed while the next step runs (see constrained.py).
+            self.structured.prefetch(batch, [[t] for t in result.token_ids])
         for sr, token, lp in zip(reqs, result.token_ids, result.logprobs):
             rid = sr.request.request_id
             out.sampled_token_ids[rid] = [token]
@@ -179,20 +184,11 @@ class ModelRunner:
 
     def _mask_undrafted(self, logits: torch.Tensor, reqs: list[ScheduledRequest],
                         batch: list[SamplingBatchRow]) -> None:
-        """Grammar masks and logit_bias in a step with drafts: constrained requests are never
-        drafted (SpecDecoder), so each owns exactly one row of `logits` (N, V)."""
+        """Grammar masks and logit_bias in a step with drafts: each request owns 1 + its
+        drafts rows of `logits` (N, V), each masked at its own position (constrained drafts
+        were truncated to their grammar-valid prefix when proposed)."""
         assert self.structured is not None
-        starts, row = [], 0
-        for sr in reqs:
-            starts.append(row)
-            row += 1 + len(sr.spec_token_ids)
-        picked = [(start, b) for start, b, sr in zip(starts, batch, reqs)
-                  if b.params.structured_outputs is not None or b.params.logit_bias]
-        if not picked:
-            return
-        index = torch.tensor([start for start, _ in picked])
-        sub = logits[index]  # (C, V) copy
-        logits[index] = self.structured.apply(sub, [b for _, b in picked])
+        self.structured.apply_verify(logits, batch, [list(sr.spec_token_ids) for sr in reqs])
 
     def _sampling_rows(self, reqs: list[ScheduledRequest]) -> list[SamplingBatchRow]:
         return [SamplingBatchRow(request_id=sr.request.request_id,

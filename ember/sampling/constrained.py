@@ -14,11 +14,14 @@ Flow:
   template matcher; the result is kept in an LRU cache keyed by the grammar text.
 - `StructuredOutputManager.ready(request)` says whether a request's grammar finished compiling
   (the engine core keeps it out of the scheduler until then, without blocking the batch).
-- `StructuredOutputManager.apply(logits, rows)` adds `logit_bias` and masks each constrained row.
-  Each sequence (each of `n`) has its own matcher (a deep copy of the template). It is advanced
-  lazily: before masking, it consumes the output tokens it has not seen yet, so preemption and
-  recompute (which keep the output tokens) need nothing special. When the grammar is complete
-  the mask allows only EOS.
+- `StructuredOutputManager.apply(logits, rows)` adds `logit_bias` and masks each constrained row
+  (one packed (C, V/32) int32 bitmask for the step, applied in place: `grammar_masks.py`).
+  Each sequence (each of `n`) has its own matcher (a deep copy of the template). Right after a
+  step is sampled, `prefetch` consumes the sampled tokens and fills the next masks on a worker
+  thread, overlapped with the next forward pass. Before masking, a matcher is brought level with
+  the sequence's output tokens (a prefetched token the scheduler did not keep is rolled back,
+  tokens it has not seen are consumed), so preemption and recompute (which keep the output
+  tokens) need nothing special. When the grammar is complete the mask allows only EOS.
 """
 
 from __future__ import annotations
@@ -28,14 +31,18 @@ import json
 import logging
 import threading
 from collections import OrderedDict
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ember.sampling.grammar_masks import (MaskFiller, apply_bitmask, bitmask_words, eos_only,
+                                          new_bitmask, unpack_bits)
 from ember.tokenizer import Tokenizer
-from ember.types import InvalidRequestError, SamplingBatchRow, StructuredOutputsParams
+from ember.types import (InvalidRequestError, Request, SamplingBatchRow,
+                         StructuredOutputsParams)
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +52,6 @@ try:
 except ImportError:  # pragma: no cover - llguidance is a core dependency
     llguidance = None  # type: ignore[assignment]
 
-_PARALLEL_MASK_ROWS = 8
-"""From this many constrained rows on, masks are computed on llguidance's thread pool."""
 
 
 def _json_options(spec: StructuredOutputsParams) -> dict[str, object]:
@@ -182,29 +187,56 @@ class GrammarCompiler:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+_MAX_FORCED = 16
+"""Most grammar-forced tokens drafted at once (jump-forward)."""
+
+
 @dataclass
 class _SeqState:
     """One sequence's matcher and how many of its output tokens it consumed."""
 
     matcher: llguidance.LLMatcher
     consumed: int = 0
+    """Output tokens consumed, including `ahead` (consumed by a prefetch, not yet confirmed)."""
     failed: bool = False
+    ahead: list[int] = field(default_factory=list)
+    """Tokens the last prefetch consumed (the step's sampled tokens), checked at the next
+    step against the output tokens the scheduler kept."""
+    mask_row: int | None = None
+    """Row of the prefetched bitmask that holds this sequence's next mask, or None."""
 
 
 class StructuredOutputManager:
     """Per-sequence grammar state of the engine; masks the logits of each step.
 
     Owned by the EngineCore (compile gating) and called by the ModelRunner (masking); both run
-    on the engine thread.
+    on the engine thread. The only other thread is the prefetch worker: after step t is
+    sampled, `prefetch` hands the matchers' consume + next-mask fill to it, so that work
+    overlaps step t+1's scheduling and forward pass (llguidance and the kernels both release
+    the GIL); `apply` joins it before reading any matcher.
     """
 
-    def __init__(self, tokenizer: Tokenizer, cache_size: int = 256) -> None:
+    def __init__(self, tokenizer: Tokenizer, cache_size: int = 256,
+                 overlap: bool = True) -> None:
         self.compiler = GrammarCompiler(tokenizer, cache_size)
         self.eos_token_id = tokenizer.eos_token_id
+        self.vocab_size = tokenizer.vocab_size
+        self.overlap = overlap
+        """Compute next-step masks on the worker thread (False: lazily, inside `apply`)."""
         self._pending: dict[str, concurrent.futures.Future[llguidance.LLMatcher]] = {}
         """Sequence id -> its grammar's compile, until the sequence gets its matcher."""
         self._states: dict[str, _SeqState] = {}
-        self._executor: llguidance.LLExecutor | None = None
+        self._filler = MaskFiller()
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._inflight: concurrent.futures.Future[None] | None = None
+        self._vocab = self.vocab_size
+        """Width of the logits (the last step's), which the bitmasks cover."""
+        self._prefetched = new_bitmask(0, self.vocab_size)
+        """(P, W) masks written by the last prefetch (rows named by `_SeqState.mask_row`)."""
+        self.jump_forward_enabled = True
+        """Draft grammar-forced tokens (`jump_forward`); False: one model step per token."""
+        self.timings = StepTimings()
+        """Seconds spent per phase (for benchmarks; a few perf_counter calls per step)."""
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -227,9 +259,16 @@ class StructuredOutputManager:
         return [f for f in self._pending.values() if not f.done()]
 
     def release(self, request_ids: Iterable[str]) -> None:
+        # NOTE: no join: a running prefetch keeps its own references to the states.
         for rid in request_ids:
             self._states.pop(rid, None)
             self._pending.pop(rid, None)
+
+    def shutdown(self) -> None:
+        self._join()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+        self.compiler.shutdown()
 
     # ---- masking ------------------------------------------------------------------------
 
@@ -243,73 +282,252 @@ class StructuredOutputManager:
                 keep = ids < logits.shape[1]
                 logits[i, ids[keep]] += torch.tensor(list(bias.values()),
                                                      dtype=logits.dtype)[keep]
-        constrained = [(i, self._state(row)) for i, row in enumerate(rows)
-                       if row.params.structured_outputs is not None]
-        if not constrained:
+        index = [i for i, row in enumerate(rows) if row.params.structured_outputs is not None]
+        if not index:
             return logits
-        masks = llguidance_torch.allocate_token_bitmask(len(constrained), logits.shape[1])
-        active: list[tuple[llguidance.LLMatcher, int]] = []
-        for j, (_, state) in enumerate(constrained):
-            if state.failed or state.matcher.is_error() or state.matcher.is_stopped():
-                masks[j].zero_()  # only EOS below
-            else:
-                active.append((state.matcher, j))
-        if len(active) >= _PARALLEL_MASK_ROWS:
-            if self._executor is None:
-                self._executor = llguidance.LLExecutor()
-            llguidance_torch.fill_next_token_bitmask_par(self._executor, active, masks)
-        else:
-            for matcher, j in active:
-                llguidance_torch.fill_next_token_bitmask(matcher, masks, j)
-        bits = _unpack_bits(masks, logits.shape[1])  # (C, V) bool
-        # NOTE: numpy on the logits' memory: one single-threaded pass per row, no (C, V)
-        # temporaries through torch's thread pool (which costs ms on a busy CPU).
-        target = logits.numpy() if logits.device.type == "cpu" and logits.is_contiguous() \
-            else None
-        for j, (i, _) in enumerate(constrained):
-            allowed = bits[j]  # (V,)
-            if not allowed.any() and self.eos_token_id is not None:
-                allowed[self.eos_token_id] = True  # a finished or failed grammar: EOS only
-            if target is not None:
-                np.copyto(target[i], -np.inf, where=~allowed)
-            else:
-                logits[i].masked_fill_(torch.from_numpy(~allowed).to(logits.device),
-                                       float("-inf"))
+        t0 = time.perf_counter()
+        self._join()
+        t1 = time.perf_counter()
+        masks = self.masks([rows[i] for i in index], logits.shape[1])
+        t2 = time.perf_counter()
+        apply_bitmask(logits, masks, index, self.eos_token_id)
+        t3 = time.perf_counter()
+        self.timings.add(join=t1 - t0, mask=t2 - t1, apply=t3 - t2)
         return logits
 
+    def masks(self, rows: list[SamplingBatchRow], vocab: int) -> np.ndarray:
+        """(C, W) next-token bitmasks of constrained `rows`: the prefetched ones where still
+        valid, the others filled now."""
+        self._join()
+        self._vocab = vocab
+        masks = new_bitmask(len(rows), vocab)
+        todo: list[tuple[llguidance.LLMatcher, int]] = []
+        for j, row in enumerate(rows):
+            state = self._state(row)
+            if state.mask_row is not None and masks.shape[1] == self._prefetched.shape[1]:
+                masks[j] = self._prefetched[state.mask_row]
+                state.mask_row = None
+            elif self._dead(state):
+                eos_only(masks, j, self.eos_token_id)
+            else:
+                todo.append((state.matcher, j))
+        if todo:
+            self._filler.fill(todo, masks)
+        return masks
+
+    def prefetch(self, rows: list[SamplingBatchRow], tokens: list[list[int]]) -> None:
+        """After sampling: consume each constrained row's new `tokens` and compute its next
+        mask on the worker thread (joined by the next `apply`)."""
+        if not self.overlap:
+            return
+        self._join()
+        jobs: list[tuple[_SeqState, list[int]]] = []
+        for row, new in zip(rows, tokens):
+            state = self._states.get(row.request_id)
+            if state is None or row.params.structured_outputs is None or not new:
+                continue
+            if state.consumed != len(row.output_token_ids) or state.ahead:
+                continue  # not in sync: the next apply catches up lazily
+            state.mask_row = None
+            jobs.append((state, list(new)))
+        if not jobs:
+            return
+        if self._prefetched.shape[0] < len(jobs) or \
+                self._prefetched.shape[1] != bitmask_words(self._vocab):
+            self._prefetched = new_bitmask(max(len(jobs), 2 * self._prefetched.shape[0]),
+                                           self._vocab)
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="ember-grammar-masks")
+        self._inflight = self._worker.submit(self._advance_and_fill, jobs)
+
+    # ---- jump-forward and speculative decoding ------------------------------------------
+
+    def jump_forward(self, running: Iterable[Request]) -> int:
+        """Jump-forward: give each constrained request that is caught up and has no drafts
+        the tokens its grammar forces next (llguidance `compute_ff_tokens`) as draft tokens.
+        The scheduler feeds them to the next step like speculative drafts and the runner
+        verifies them with per-position masks, so a forced run costs one model step instead
+        of one per token and the output is what token-by-token decoding would give. Returns
+        the number of tokens drafted."""
+        if not self.jump_forward_enabled:
+            return 0
+        drafted = 0
+        for request in running:
+            spec = request.sampling_params.structured_outputs
+            if spec is None or request.spec_token_ids or request.status.finished \
+                    or request.num_computed_tokens != request.num_tokens - 1:
+                continue
+            self._join()
+            state = self._state_of(request.request_id, spec, request.output_token_ids)
+            if self._dead(state):
+                continue
+            forced = state.matcher.compute_ff_tokens()[:_MAX_FORCED]
+            if forced:
+                request.spec_token_ids = forced
+                drafted += len(forced)
+        self.timings.forced_tokens += drafted
+        return drafted
+
+
+    def truncate_draft(self, request: Request, draft: list[int]) -> list[int]:
+        """The longest prefix of `draft` that the request's grammar accepts after its output
+        tokens (the matcher is not advanced). Unconstrained requests keep their draft."""
+        spec = request.sampling_params.structured_outputs
+        if spec is None or not draft:
+            return draft
+        self._join()
+        state = self._state_of(request.request_id, spec, request.output_token_ids)
+        if self._dead(state):
+            return []
+        return draft[:state.matcher.validate_tokens(draft)]
+
+    def apply_verify(self, logits: torch.Tensor, rows: list[SamplingBatchRow],
+                     drafts: list[list[int]]) -> None:
+        """A verify step: row r owns 1 + len(drafts[r]) consecutive rows of `logits` (N, V);
+        each gets the row's logit_bias and the grammar mask at its position (the mask after
+        the output and the draft tokens before it). Drafts must be grammar-valid
+        (`truncate_draft`). Modifies `logits` in place."""
+        starts, total = [], 0
+        for draft in drafts:
+            starts.append(total)
+            total += 1 + len(draft)
+        for row, start, draft in zip(rows, starts, drafts):
+            bias = row.params.logit_bias
+            if bias:
+                ids = torch.tensor(list(bias.keys()), dtype=torch.long)
+                keep = ids < logits.shape[1]
+                values = torch.tensor(list(bias.values()), dtype=logits.dtype)[keep]
+                for k in range(start, start + 1 + len(draft)):
+                    logits[k, ids[keep]] += values
+        picked = [(row, start, draft) for row, start, draft in zip(rows, starts, drafts)
+                  if row.params.structured_outputs is not None]
+        if not picked:
+            return
+        self._join()
+        masks = new_bitmask(sum(1 + len(d) for _, _, d in picked), logits.shape[1])
+        jobs: list[tuple[llguidance.LLMatcher, int, list[int]]] = []
+        index: list[int] = []
+        for row, start, draft in picked:
+            state = self._state(row)
+            state.mask_row = None
+            if self._dead(state):
+                for k in range(1 + len(draft)):
+                    eos_only(masks, len(index) + k, self.eos_token_id)
+            else:
+                jobs.append((state.matcher, len(index), list(draft)))
+            index.extend(range(start, start + 1 + len(draft)))
+        # NOTE: llguidance's draft fill refuses empty drafts: those rows take the plain fill.
+        drafted = [job for job in jobs if job[2]]
+        if drafted:
+            self._filler.fill_with_drafts(drafted, masks)
+        plain = [(matcher, row) for matcher, row, draft in jobs if not draft]
+        if plain:
+            self._filler.fill(plain, masks)
+        apply_bitmask(logits, masks, index, self.eos_token_id)
+        self.timings.steps += 1
+
+    def _advance_and_fill(self, jobs: list[tuple[_SeqState, list[int]]]) -> None:
+        """Worker thread: consume the sampled tokens, then fill the next masks."""
+        start = time.perf_counter()
+        fill: list[tuple[llguidance.LLMatcher, int]] = []
+        finished: list[tuple[_SeqState, int]] = []
+        for k, (state, new) in enumerate(jobs):
+            self._consume(state, new)
+            state.ahead = new
+            if self._dead(state):
+                eos_only(self._prefetched, k, self.eos_token_id)
+                finished.append((state, k))
+            else:
+                fill.append((state.matcher, k))
+        if fill:
+            self._filler.fill(fill, self._prefetched)
+        for state, k in [(jobs[k][0], k) for _, k in fill] + finished:
+            state.mask_row = k
+        self.timings.add(prefetch=time.perf_counter() - start)
+
+    def _join(self) -> None:
+        if self._inflight is not None:
+            self._inflight.result()
+            self._inflight = None
+
+    def _dead(self, state: _SeqState) -> bool:
+        return state.failed or state.matcher.is_error() or state.matcher.is_stopped()
+
+    def _consume(self, state: _SeqState, tokens: list[int]) -> None:
+        for token in tokens:
+            state.consumed += 1
+            if state.failed or state.matcher.is_stopped():
+                continue
+            if not state.matcher.consume_token(token):
+                logger.warning("token %d rejected by its grammar: %s", token,
+                               state.matcher.get_error())
+                state.failed = True
+
     def _state(self, row: SamplingBatchRow) -> _SeqState:
-        """The row's matcher, created on first use and advanced over its new output tokens."""
-        state = self._states.get(row.request_id)
+        spec = row.params.structured_outputs
+        assert spec is not None
+        return self._state_of(row.request_id, spec, row.output_token_ids)
+
+    def _state_of(self, request_id: str, spec: StructuredOutputsParams,
+                  out: list[int]) -> _SeqState:
+        """The sequence's matcher, created on first use and brought level with its output
+        tokens `out` (a prefetch the scheduler did not keep is rolled back)."""
+        state = self._states.get(request_id)
         if state is None:
-            future = self._pending.pop(row.request_id, None)
-            spec = row.params.structured_outputs
-            assert spec is not None
+            future = self._pending.pop(request_id, None)
             # NOTE: the engine core schedules a sequence only once its grammar compiled, so
             # this does not wait (a direct runner user may get a synchronous compile).
             template = future.result() if future is not None else \
                 self.compiler.submit(self.compiler.source(spec)).result()
             state = _SeqState(template.deep_copy())
-            self._states[row.request_id] = state
-        new = row.output_token_ids[state.consumed:]
-        if new and not state.failed:
-            for token in new:
-                if state.matcher.is_stopped():
-                    break
-                if not state.matcher.consume_token(token):
-                    logger.warning("sequence %s: token %d rejected by its grammar: %s",
-                                   row.request_id, token, state.matcher.get_error())
-                    state.failed = True
-                    break
-        state.consumed = len(row.output_token_ids)
+            self._states[request_id] = state
+        if state.ahead:
+            n = len(state.ahead)
+            if state.consumed > len(out) or out[state.consumed - n:state.consumed] != state.ahead:
+                self._rollback(state, n)
+            state.ahead = []
+        if state.consumed < len(out):
+            state.mask_row = None
+            self._consume(state, out[state.consumed:])
         return state
 
+    def _rollback(self, state: _SeqState, n: int) -> None:
+        state.mask_row = None
+        state.consumed -= n
+        if not state.failed and not state.matcher.rollback(n):
+            state.failed = True
+            logger.warning("grammar rollback failed: %s", state.matcher.get_error())
 
-def _unpack_bits(masks: torch.Tensor, vocab_size: int) -> np.ndarray:
-    """(B, ceil(V/32)) int32 llguidance bitmasks -> (B, V) numpy bool, True where allowed."""
-    bits = np.unpackbits(masks.numpy().view(np.uint8), axis=1, bitorder="little")
-    return bits[:, :vocab_size].astype(bool)  # (B, V)
+
+@dataclass
+class StepTimings:
+    """Cumulative seconds per phase of the grammar work (engine thread unless noted)."""
+
+    join: float = 0.0
+    """Waiting for the prefetch worker before sampling."""
+    mask: float = 0.0
+    """Filling the masks the prefetch did not provide."""
+    apply: float = 0.0
+    """Unpacking the bitmask onto the logits."""
+    prefetch: float = 0.0
+    """Worker thread: consuming sampled tokens and filling next masks (overlapped)."""
+    steps: int = 0
+    """Steps that masked constrained rows (verify steps included)."""
+    forced_tokens: int = 0
+    """Tokens drafted by jump-forward."""
+
+    def add(self, **seconds: float) -> None:
+        for name, value in seconds.items():
+            setattr(self, name, getattr(self, name) + value)
+        if "apply" in seconds:
+            self.steps += 1
+
+    def reset(self) -> None:
+        self.join = self.mask = self.apply = self.prefetch = 0.0
+        self.steps = self.forced_tokens = 0
 
 
 def unpack_bitmask(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(B, ceil(V/32)) int32 llguidance bitmasks -> (B, V) bool tensor, True where allowed."""
-    return torch.from_numpy(_unpack_bits(masks, vocab_size))
+    return torch.from_numpy(unpack_bits(masks.numpy(), vocab_size).copy())

@@ -4,6 +4,7 @@ request's draft length from its acceptance rate, and keeps the acceptance counte
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ember.config import SpecConfig
@@ -92,6 +93,9 @@ class SpecDecoder:
         self._acceptance: dict[str, _Acceptance] = {}
         self.step_cost = StepCostModel(DRAFT_TOKEN_COST)
         """Measured cost of one draft token (single-stream steps), for the draft length."""
+        self.draft_filter: Callable[[Request, list[int]], list[int]] | None = None
+        """Cuts a constrained request's draft to what its grammar accepts (set by the engine
+        core to `StructuredOutputManager.truncate_draft`); None: such requests not drafted."""
 
     @property
     def max_batch(self) -> int:
@@ -131,15 +135,19 @@ class SpecDecoder:
             for request in running:  # no stale drafts once the batch shrinks again
                 request.spec_token_ids = []
             return
-        # NOTE: constrained requests (grammar or logit_bias) are not drafted: their masks
-        # depend on every earlier token, so a draft row could not be masked before verifying.
+        # NOTE: constrained requests (grammar or logit_bias) are drafted only through
+        # `draft_filter` (which cuts a draft to its grammar-valid prefix; the runner masks
+        # each verify row at its position); without one they are not drafted.
         ready = [r for r in running if r.num_computed_tokens == r.num_tokens - 1
-                 and not r.status.finished and not _constrained(r)]
+                 and not r.status.finished
+                 and (self.draft_filter is not None or not _constrained(r))]
         if not ready:
             return
         cap = self.config.num_speculative_tokens
         lengths = [self._draft_length(r, cap) for r in ready]
         for request, drafts in zip(ready, self.proposer.propose(ready, lengths)):
+            if self.draft_filter is not None and drafts and _constrained(request):
+                drafts = self.draft_filter(request, drafts)
             request.spec_token_ids = drafts
 
     def _draft_length(self, request: Request, cap: int) -> int:

@@ -170,3 +170,64 @@ def test_compiling_grammar_does_not_block_the_batch(llm, monkeypatch) -> None:
             if out.finished:
                 finished[out.request_id] = out
     assert re.fullmatch(r"slow-[0-9]{2}", finished["slow"].outputs[0].text)
+
+
+def test_speculative_greedy_identical_with_grammar(make_llm) -> None:
+    """n-gram drafts of constrained requests are cut to their grammar-valid prefix and
+    verified with per-position masks: greedy tokens equal those without speculation."""
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 40}, "city": {"type": "string", "maxLength": 40},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
+        "required": ["name", "city", "tags"], "additionalProperties": False}
+    record = '{"name": "Elizabeth Bennet", "city": "Longbourn", "tags": ["sister", "reader"]}'
+    prompts = [f"Copy this JSON exactly: {record}\nCopy: ",
+               f"Here is a record: {record}. Write it again as JSON: "]
+    spec_cfg = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4,
+                "prompt_lookup_min": 2, "disable_by_batch_size": 16}
+    params = SamplingParams(temperature=0, max_tokens=40,
+                            structured_outputs=StructuredOutputsParams(json=schema))
+    ref = make_llm(quantization="auto")
+    from ember import LLM
+
+    spec = LLM(quantization="auto", show_progress=False, speculative_config=spec_cfg)
+    stats = spec.engine.core.spec.stats
+    before = stats.num_accepted_tokens
+    want = [o.outputs[0] for o in ref.generate(prompts, params)]
+    got = [o.outputs[0] for o in spec.generate(prompts, params)]
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert stats.num_accepted_tokens > before  # constrained requests were drafted
+    for out in got:
+        jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_jump_forward_greedy_identical_and_fewer_steps(make_llm) -> None:
+    """Grammar-forced runs (long fixed keys) are drafted and verified in one step: greedy
+    tokens equal token-by-token decoding, with fewer engine steps."""
+    schema = {"type": "object", "properties": {
+        "customer_full_legal_name": {"type": "string", "maxLength": 20},
+        "customer_primary_shipping_address": {"type": "string", "maxLength": 20},
+        "customer_is_subscribed_to_newsletter": {"type": "boolean"}},
+        "required": ["customer_full_legal_name", "customer_primary_shipping_address",
+                     "customer_is_subscribed_to_newsletter"], "additionalProperties": False}
+    llm = make_llm(quantization="auto")
+    manager = llm.engine.core.structured
+    params = SamplingParams(temperature=0, max_tokens=60,
+                            structured_outputs=StructuredOutputsParams(json=schema))
+    prompts = ["A customer record as JSON: ", "Describe a shop customer in JSON: "]
+
+    def run(jump: bool) -> tuple[list[list[int]], int, int]:
+        manager.jump_forward_enabled = jump
+        manager.timings.reset()
+        try:
+            outs = llm.generate(prompts, params)
+        finally:
+            manager.jump_forward_enabled = True
+        for out in outs:
+            jsonschema.validate(json.loads(out.outputs[0].text), schema)
+        return ([o.outputs[0].token_ids for o in outs], manager.timings.steps,
+                manager.timings.forced_tokens)
+
+    plain, plain_steps, _ = run(False)
+    jumped, jumped_steps, forced = run(True)
+    assert jumped == plain
+    assert forced > 20 and jumped_steps < plain_steps

@@ -118,3 +118,87 @@ def test_fallback_rendering_of_tools_and_results() -> None:
     assert out[3] == {"role": "tool", "content": "<tool_response>\nsunny\n</tool_response>"}
     _, extra = prepare_messages(messages, [TOOL], native=True)
     assert extra["tools"][0]["function"]["name"] == "get_weather"
+
+
+def test_prefetched_masks_match_in_step_masks_and_roll_back(tokenizer) -> None:
+    """Masks computed ahead on the worker thread (overlap) equal the masks computed in the
+    step; a prefetched token the scheduler did not keep is rolled back."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    spec = StructuredOutputsParams(json=schema)
+    ahead, inline = StructuredOutputManager(tokenizer), StructuredOutputManager(tokenizer)
+    inline.overlap = False
+    v = tokenizer.vocab_size
+    text = tokenizer.encode('{"name": "Ann Lee", "age": 41}', add_special_tokens=False)
+    out: list[int] = []
+    for step, token in enumerate(text + [tokenizer.eos_token_id]):
+        rows = [_row("s", spec, out)]
+        got, want = _allowed(ahead, rows, v), _allowed(inline, rows, v)
+        assert got == want and token in got[0], step
+        if step == 3:  # the worker consumes a token the output then does not keep
+            other = next(t for t in sorted(got[0]) if t != token)
+            ahead.prefetch(rows, [[other]])
+        else:
+            ahead.prefetch(rows, [[token]])
+        out = out + [token]
+    assert _allowed(ahead, [_row("s", spec, out)], v) == [{tokenizer.eos_token_id}]
+    assert ahead.timings.steps == len(text) + 2 and ahead.timings.prefetch > 0
+    ahead.shutdown()
+    inline.shutdown()
+
+
+def test_drafts_cut_to_grammar_prefix_and_verify_rows_masked_per_position(tokenizer) -> None:
+    """Speculative decoding with a grammar: a draft is cut before its first token the grammar
+    rejects (the matcher is not advanced), and each verify row gets the mask of its own
+    position (the same mask as after accepting the draft tokens before it)."""
+    from ember.types import Request
+
+    spec = StructuredOutputsParams(regex=r'\{"id": [0-9]+, "ok": (true|false)\}')
+    manager, inline = StructuredOutputManager(tokenizer), StructuredOutputManager(tokenizer)
+    v = tokenizer.vocab_size
+    text = tokenizer.encode('{"id": 42, "ok": true}', add_special_tokens=False)
+    out, draft = text[:2], text[2:6]
+    bad = tokenizer.encode("zz", add_special_tokens=False)
+    request = Request("r", [1], SamplingParams(structured_outputs=spec), eos_token_id=2,
+                      output_token_ids=list(out))
+    assert manager.truncate_draft(request, draft + bad + draft) == draft
+    assert manager.truncate_draft(request, bad + draft) == []
+    unconstrained = Request("u", [1], SamplingParams(), output_token_ids=[5])
+    assert manager.truncate_draft(unconstrained, bad) == bad
+    # verify rows: the constrained request (1 + 4 rows) then an unconstrained one (1 + 1)
+    # and a constrained request without drafts (one row)
+    rows = [_row("r", spec, list(out)), _row("u", None, [5], {7: 2.0}), _row("n", spec, [])]
+    logits = torch.zeros(len(draft) + 4, v)
+    manager.apply_verify(logits, rows, [draft, [9], []])
+    assert set(torch.nonzero(logits[-1] > float("-inf")).flatten().tolist()) == \
+        _allowed(inline, [_row("n2", spec, [])], v)[0]
+    for k in range(len(draft) + 1):
+        allowed = set(torch.nonzero(logits[k] > float("-inf")).flatten().tolist())
+        assert allowed == _allowed(inline, [_row(f"i{k}", spec, out + draft[:k])], v)[0], k
+        assert (draft + text[6:7])[k] in allowed
+    assert torch.all(logits[-3:-1, 7] == 2.0) and torch.all(logits[-3:-1, 8] == 0.0)
+    # the matcher was not advanced by either call
+    assert _allowed(manager, [_row("r", spec, list(out))], v) == \
+        _allowed(inline, [_row("fresh", spec, list(out))], v)
+    manager.shutdown()
+    inline.shutdown()
+
+
+def test_jump_forward_drafts_the_forced_tokens(tokenizer) -> None:
+    """Where the grammar allows one continuation, its tokens become the request's drafts
+    (not for requests that are not caught up, already drafted, or unconstrained)."""
+    from ember.types import Request
+
+    spec = StructuredOutputsParams(regex=r'\{"identifier_of_the_record": [0-9]+\}')
+    manager = StructuredOutputManager(tokenizer)
+    fresh = Request("a", [1], SamplingParams(structured_outputs=spec), num_computed_tokens=0)
+    behind = Request("b", [1, 1], SamplingParams(structured_outputs=spec), num_computed_tokens=0)
+    plain = Request("c", [1], SamplingParams(), num_computed_tokens=0)
+    assert manager.jump_forward([fresh, behind, plain]) == len(fresh.spec_token_ids) > 3
+    assert tokenizer.decode(fresh.spec_token_ids) == '{"identifier_of_the_record": '
+    assert behind.spec_token_ids == [] and plain.spec_token_ids == []
+    manager.jump_forward_enabled = False
+    fresh.spec_token_ids = []
+    assert manager.jump_forward([fresh]) == 0 and fresh.spec_token_ids == []
+    manager.shutdown()
