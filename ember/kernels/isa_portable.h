@@ -13,8 +13,10 @@
 //   Q8: signed weights q = u - 128 as int16 columns wq[k][row]; int32 accumulators (two
 //       products of 127 * 127 would already overflow int16).
 // The float math after the integer dot (activation scales, two FMAs per block and lane) is
-// the AVX2 / AVX-512 kernels', lane for lane; other ops reduce in a different order (the
-// tokens are the same, tests/unit/test_kernels.py and the SmolLM2 greedy test check).
+// the AVX2 / AVX-512 kernels', lane for lane; the sums of norms, softmax and attention keep
+// the AVX2 kernels' order (8 partial sums), so with the compiler's FMA contraction the
+// portable build on an x86 host gives the AVX2 build's logits (tests/unit/test_kernels.py,
+// the SmolLM2 greedy test of tests/models/test_portable_kernels.py).
 // `vfloat` of attention.h's shared flash attention is a GCC/Clang generic vector of 8 floats
 // (vector_size: the compiler lowers it to whatever the target has; no intrinsics).
 #pragma once
@@ -208,23 +210,34 @@ inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows,
   }
 }
 
+// The sum of 8 partial sums in the AVX2 kernels' order (hsum8 of isa_avx2.h), so both
+// builds round alike: ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)).
+inline float sum8(const float* v) {
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
 inline void rms_norm_row(float* __restrict x, const float* __restrict residual,
                          const float* __restrict w, int64_t h, float eps,
                          float* __restrict out) {
-  float s = 0.0f;
-  if (residual) {
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < h; ++j) {
-      x[j] += residual[j];
-      s += x[j] * x[j];
+  float ss[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // 8 partial sums, as AVX2
+  int64_t j = 0;
+  for (; j + 8 <= h; j += 8)
+    for (int i = 0; i < 8; ++i) {
+      float v = x[j + i];
+      if (residual) {
+        v += residual[j + i];
+        x[j + i] = v;
+      }
+      ss[i] = v * v + ss[i];
     }
-  } else {
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < h; ++j) s += x[j] * x[j];
+  float s = sum8(ss);
+  for (; j < h; ++j) {
+    if (residual) x[j] += residual[j];
+    s += x[j] * x[j];
   }
   const float inv = 1.0f / sqrtf(s / static_cast<float>(h) + eps);
 #pragma omp simd
-  for (int64_t j = 0; j < h; ++j) out[j] = x[j] * inv * w[j];
+  for (j = 0; j < h; ++j) out[j] = x[j] * inv * w[j];
 }
 
 // exp(x): the vector kernels' polynomial (2^n * 2^f, |f| <= 1/2, degree 6, relative error
@@ -249,8 +262,10 @@ inline float exp_approx(float x) {
 
 inline void silu_mul_row(const float* __restrict g, const float* __restrict u, int64_t inter,
                          float* __restrict out) {
+  const int64_t body = inter / 8 * 8;  // NOTE: the AVX2 kernel's split: polynomial, libm tail
 #pragma omp simd
-  for (int64_t j = 0; j < inter; ++j) out[j] = g[j] / (1.0f + exp_approx(-g[j])) * u[j];
+  for (int64_t j = 0; j < body; ++j) out[j] = g[j] / (1.0f + exp_approx(0.0f - g[j])) * u[j];
+  for (int64_t j = body; j < inter; ++j) out[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
 }
 
 inline void store_bf16(kv_t* __restrict dst, const float* __restrict src, int64_t n) {
@@ -280,11 +295,19 @@ inline void rope_store_row(float* r, const float* c, const float* s, int64_t hq,
 }
 
 // scores[i] = exp(scores[i] - mx) in place; returns their sum (the softmax denominator).
+// NOTE: 8 partial sums and a libm tail, in the AVX2 kernel's order.
 inline float exp_shifted(float* __restrict scores, int64_t len, float mx) {
-  float denom = 0.0f;
-#pragma omp simd reduction(+ : denom)
-  for (int64_t i = 0; i < len; ++i) {
-    scores[i] = exp_approx(scores[i] - mx);
+  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    for (int l = 0; l < 8; ++l) {
+      const float e = exp_approx(scores[i + l] - mx);
+      scores[i + l] = e;
+      part[l] += e;
+    }
+  float denom = sum8(part);
+  for (; i < len; ++i) {
+    scores[i] = expf(scores[i] - mx);
     denom += scores[i];
   }
   return denom;
@@ -342,7 +365,17 @@ inline vfloat v_load(const float* p) {
 inline void v_store(float* p, vfloat v) { memcpy(p, &v, sizeof(v)); }
 inline vfloat v_set1(float x) { return vfloat{} + x; }
 inline vfloat v_zero() { return vfloat{}; }
+// NOTE: fused explicitly where the target has FMA (the AVX2 kernels' fmadd rounds once);
+// `a * b + c` on generic vectors is not always contracted.
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA) || defined(__aarch64__)
+inline vfloat v_fma(vfloat a, vfloat b, vfloat c) {
+  vfloat r;
+  for (int i = 0; i < kVecW; ++i) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
+  return r;
+}
+#else
 inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
+#endif
 inline vfloat v_mul(vfloat a, vfloat b) { return a * b; }
 inline vfloat load_bf16(const kv_t* p) {  // kVecW bf16 -> floats: the bits, shifted up
   vuint16 h;
@@ -355,16 +388,14 @@ inline vfloat v_load_i8(const int8_t* p) {  // kVecW int8 -> floats
   memcpy(&b, p, sizeof(b));
   return __builtin_convertvector(__builtin_convertvector(b, vint32), vfloat);
 }
-// out[0..3] = the horizontal sums of a, b, c, d.
+// out[0..3] = the horizontal sums of a, b, c, d, in the AVX2 kernel's (hadd) order:
+// ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)).
+inline float hadd_order(vfloat v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 inline void v_hsum4(vfloat a, vfloat b, vfloat c, vfloat d, float* out) {
-  float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int i = 0; i < kVecW; ++i) {
-    s[0] += a[i];
-    s[1] += b[i];
-    s[2] += c[i];
-    s[3] += d[i];
-  }
-  memcpy(out, s, sizeof(s));
+  out[0] = hadd_order(a);
+  out[1] = hadd_order(b);
+  out[2] = hadd_order(c);
+  out[3] = hadd_order(d);
 }
 
 }  // namespace
