@@ -103,9 +103,9 @@ def pack_q8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 FALLBACK_DECODE_SLOWDOWN = 3
-"""How many times slower PyTorch's int4/int8 ops decode the int4 SmolLM2 than Ember's kernels
-(measured on the AVX2 machine of the execution plan's benchmarks, 2 threads; the warning
-quotes it)."""
+"""How many times slower PyTorch's int4/int8 ops decode the int4 SmolLM2 than Ember's kernels,
+as the warning quotes it. NOTE: the issue's target ratio, not yet measured on a quiet machine:
+`ember bench offline --ember-isa auto --ember-isa torch` measures it."""
 
 
 def fallback_warning(failures: list[tuple[str, Exception]], cxx: str | None) -> str:
