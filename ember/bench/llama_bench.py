@@ -21,27 +21,43 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 LABEL = "llama.cpp-native"
-BUILD_HINT = ("build it with shared/tools/build-llama-cpp.sh native (about 5-10 min on 2 "
-              "cores) or pass --llama-bench PATH")
+FLAVOURS = ("native", "avx2")
+"""Builds of shared/tools/build-llama-cpp.sh: `native` (tuned for this CPU) and `avx2` (AVX2 +
+FMA only, AVX-512 off: what a laptop or an older server runs). Peer labels: llama.cpp-<flavour>."""
 DECODE_DEPTHS = (16, 512)
+
+
+def label_of(flavour: str) -> str:
+    return f"llama.cpp-{flavour}"
+
+
+def build_hint(flavour: str) -> str:
+    return (f"build it with shared/tools/build-llama-cpp.sh {flavour} (about 5-10 min on 2 "
+            "cores) or pass --llama-bench PATH")
+
+
+def flavour_binary(flavour: str) -> Path:
+    """Where `build-llama-cpp.sh <flavour>` puts llama-bench by default."""
+    return (Path.home() / ".cache" / "ember-peers" / f"llama.cpp-{flavour}" / "build" / "bin"
+            / "llama-bench")
 
 
 def default_binary() -> Path:
     """Where `build-llama-cpp.sh native` puts llama-bench by default."""
-    return (Path.home() / ".cache" / "ember-peers" / "llama.cpp-native" / "build" / "bin"
-            / "llama-bench")
+    return flavour_binary("native")
 
 
-def resolve_binary(path: str | None) -> tuple[Path | None, str | None]:
+def resolve_binary(path: str | None, flavour: str = "native") -> tuple[Path | None, str | None]:
     """(the llama-bench binary, None) or (None, a note saying why the peer is skipped).
 
-    `path` is the binary or its bin folder; None auto-detects the default build. An explicit
-    path that holds no llama-bench is an error, not a skip."""
+    `path` is the binary or its bin folder; None auto-detects the default build of `flavour`.
+    An explicit path that holds no llama-bench is an error, not a skip."""
     if path is None:
-        found = default_binary()
+        found = default_binary() if flavour == "native" else flavour_binary(flavour)
         if found.is_file() and os.access(found, os.X_OK):
             return found, None
-        return None, f"{LABEL} skipped: no llama-bench at {found} ({BUILD_HINT})"
+        return None, (f"{label_of(flavour)} skipped: no llama-bench at {found} "
+                      f"({build_hint(flavour)})")
     binary = Path(path).expanduser()
     if binary.is_dir():
         binary = binary / "llama-bench"
@@ -67,11 +83,13 @@ def parse_results(text: str) -> dict[str, float]:
     return figures
 
 
-def run_engine_process(label: str, cmd: list[str], timeout_s: float) -> str | None:
+def run_engine_process(label: str, cmd: list[str], timeout_s: float,
+                       env: dict[str, str] | None = None) -> str | None:
     """The stdout of one benchmark process, or None (reason logged) when it timed out or
-    failed: a failed run is left out of the medians, never an error of the whole bench."""
+    failed: a failed run is left out of the medians, never an error of the whole bench.
+    env: the process environment (None: this one's)."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         logger.warning("%s timed out after %.0f s", label, timeout_s)
         return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -30,7 +31,10 @@ from ember.bench.workers import FIGURES
 logger = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = {"load_s", "rss_mb", "ttft_16_ms"}
-PEERS = ("llama.cpp", "llama.cpp-native", "transformers")
+PEERS = ("llama.cpp", "llama.cpp-native", "llama.cpp-avx2", "transformers")
+EMBER_ISAS = ("auto", "avx512-vnni", "avx2", "portable", "torch")
+"""Values of --ember-isa: the kernels' instruction set forced in the Ember worker
+(EMBER_CPU_ISA); 'torch' runs PyTorch's int4/int8 ops (cpu_kernels=False); 'auto' the best."""
 
 
 class Engine(Protocol):
@@ -49,6 +53,8 @@ class EngineSpec:
     engine: str
     quantization: str | None = None
     dtype: str = "bfloat16"
+    isa: str | None = None
+    """Ember only: an EMBER_ISAS value other than 'auto' (None: the best this CPU has)."""
 
     def argv(self, model_path: str, threads: int, decode_tokens: int) -> list[str]:
         cmd = [sys.executable, "-m", "ember.bench.workers", self.engine,
@@ -56,12 +62,19 @@ class EngineSpec:
                "--decode-tokens", str(decode_tokens), "--dtype", self.dtype]
         if self.quantization:
             cmd += ["--quantization", self.quantization]
+        if self.isa == "torch":
+            cmd += ["--no-cpu-kernels"]
         return cmd
+
+    def env(self) -> dict[str, str] | None:
+        if self.isa is None or self.isa == "torch":
+            return None
+        return {**os.environ, "EMBER_CPU_ISA": self.isa}
 
     def run(self, model_path: str, threads: int, decode_tokens: int,
             timeout_s: float) -> dict[str, float] | None:
         stdout = run_engine_process(self.label, self.argv(model_path, threads, decode_tokens),
-                                    timeout_s)
+                                    timeout_s, self.env())
         if stdout is None:
             return None
         result: dict[str, float] = json.loads(stdout.strip().splitlines()[-1])
@@ -69,15 +82,23 @@ class EngineSpec:
 
 
 def available_engines(include_hf: bool, ember_variants: list[str],
-                      llama_bench: Path | None = None) -> tuple[list[Engine], list[str]]:
-    """Engines to run plus notes on peers that are absent."""
+                      llama_bench: Path | None = None,
+                      more_llama_benches: tuple[LlamaBenchSpec, ...] = (),
+                      ember_isas: tuple[str, ...] = ()) -> tuple[list[Engine], list[str]]:
+    """Engines to run plus notes on peers that are absent. `llama_bench`: the native
+    llama.cpp peer; `more_llama_benches`: other flavours (e.g. llama.cpp-avx2); `ember_isas`:
+    one Ember engine per variant and ISA (labels ember-<variant>-<isa>; 'auto' keeps
+    ember-<variant>)."""
     specs: list[Engine] = []
     for variant in ember_variants:
         quant = None if variant in ("bf16", "fp32") else variant
         # NOTE: quantized formats run float32 activations on Ember's kernels (the workers
         # fall back to PyTorch's bf16 ops by themselves where the kernels are unavailable).
         dtype = "bfloat16" if variant == "bf16" else "float32"
-        specs.append(EngineSpec(f"ember-{variant}", "ember", quant, dtype))
+        for isa in ember_isas or ("auto",):
+            label = f"ember-{variant}" if isa == "auto" else f"ember-{variant}-{isa}"
+            specs.append(EngineSpec(label, "ember", quant, dtype,
+                                    None if isa == "auto" else isa))
     notes = []
     if importlib.util.find_spec("llama_cpp") is not None:
         specs.append(EngineSpec("llama.cpp", "llama.cpp"))
@@ -86,6 +107,7 @@ def available_engines(include_hf: bool, ember_variants: list[str],
                      "(pip install 'ember[peers]' builds it from source)")
     if llama_bench is not None:
         specs.append(LlamaBenchSpec(llama_bench))
+    specs.extend(more_llama_benches)
     if include_hf:
         specs.append(EngineSpec("transformers", "transformers", None, "float32"))
     return specs, notes
@@ -184,6 +206,10 @@ class OfflineBenchArgs:
     timeout_s: float = 900.0
     llama_bench: Path | None = None
     """The llama-bench binary of the native llama.cpp peer (None: that peer is skipped)."""
+    more_llama_benches: tuple[LlamaBenchSpec, ...] = ()
+    """Other llama.cpp flavours as peers (e.g. the AVX2-only build, label llama.cpp-avx2)."""
+    ember_isas: tuple[str, ...] = ()
+    """Ember engines per instruction set (EMBER_ISAS values); empty: the best one only."""
 
 
 def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) -> dict[str, Any]:
@@ -192,9 +218,11 @@ def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) ->
 
     console = console or Console()
     specs, notes = available_engines(args.include_hf, list(args.ember_variants),
-                                     args.llama_bench)
+                                     args.llama_bench, args.more_llama_benches,
+                                     args.ember_isas)
     for note in notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    loadavg_before = os.getloadavg()
     bandwidth = measure_bandwidth_gbs(args.threads)
     runs: dict[str, list[dict[str, float]]] = {s.label: [] for s in specs}
     with Progress(console=console, transient=True) as bar:
@@ -213,6 +241,7 @@ def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) ->
         peer: ratios(medians, peer) for peer in PEERS if peer in medians}
     weight_bytes = _weight_bytes(args.model_path)
     report: dict[str, Any] = {"model": args.model_path, "threads": args.threads, "repeats": args.repeats,
+              "loadavg_before": loadavg_before, "loadavg_after": os.getloadavg(),
               "bandwidth_gbs": bandwidth, "notes": notes, "runs": runs, "medians": medians,
               "ratios": rel, "weight_bytes": weight_bytes}
     for label, m in medians.items():

@@ -35,12 +35,13 @@ def _prompt(tokenize: Callable[[str], list[int]], n: int) -> list[int]:
 
 
 class EmberRunner:
-    def __init__(self, model: str, quantization: str | None, dtype: str) -> None:
+    def __init__(self, model: str, quantization: str | None, dtype: str,
+                 cpu_kernels: bool = True) -> None:
         from ember import LLM, SamplingParams
 
         self.params = SamplingParams
         self.llm = LLM(model, quantization=quantization, dtype=dtype, show_progress=False,
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False, cpu_kernels=cpu_kernels)
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.get_tokenizer().encode(text)
@@ -138,13 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--no-cpu-kernels", action="store_true",
+                    help="ember: PyTorch's int4/int8 ops instead of Ember's kernels")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     runner: Any
     if args.engine == "ember":
-        runner = EmberRunner(args.model_path, args.quantization, args.dtype)
+        runner = EmberRunner(args.model_path, args.quantization, args.dtype,
+                             not args.no_cpu_kernels)
     elif args.engine == "llama.cpp":
         runner = LlamaCppRunner(args.model_path, args.threads)
     elif args.engine == "transformers":

@@ -9,12 +9,12 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-from ember.cli import bench, compress, generate, run_batch, serve
+from ember.cli import bench, build_kernels, compress, generate, run_batch, serve
 from ember.config import EnvSettings
 from ember.loading.errors import ModelLoadError
 from ember.types import InvalidRequestError
 
-COMMAND_MODULES = (generate, serve, bench, compress, run_batch)
+COMMAND_MODULES = (generate, serve, bench, compress, run_batch, build_kernels)
 
 
 def build_parser() -> argparse.ArgumentParser:

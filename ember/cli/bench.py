@@ -11,6 +11,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ember.bench.llama_bench import FLAVOURS
+from ember.bench.offline import EMBER_ISAS
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -76,7 +79,7 @@ def _register_serve(bench_sub: argparse._SubParsersAction) -> None:
 def cmd_bench_offline(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from ember.bench.llama_bench import resolve_binary
+    from ember.bench.llama_bench import LlamaBenchSpec, label_of, resolve_binary
     from ember.bench.offline import OfflineBenchArgs, run_offline_bench
     from ember.config import EnvSettings
     from ember.loading.sources import resolve_model
@@ -86,18 +89,27 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     if source.kind != "gguf":
         raise ValueError(f"{source.path}: peers run GGUF files; got a {source.kind} model")
     variants = tuple(args.ember or ["int4"])
-    llama_bench, note = resolve_binary(args.llama_bench)
+    flavours = list(dict.fromkeys(args.llama_cpp_flavour or ["native"]))
+    # NOTE: --llama-bench PATH is the binary of the first flavour; the others use their
+    # default build folders (~/.cache/ember-peers/llama.cpp-<flavour>/build/bin).
+    found = [resolve_binary(args.llama_bench if i == 0 else None, f)
+             for i, f in enumerate(flavours)]
     # NOTE: a wide console when piped, as for `bench serve` (the table has many columns).
     console = Console(width=None if sys.stdout.isatty() else 160)
-    if note:
-        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    for _, note in found:
+        if note:
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    llama_bench = found[0][0] if flavours[0] == "native" else None
+    more = tuple(LlamaBenchSpec(b, label_of(f)) for f, (b, _) in zip(flavours, found)
+                 if b is not None and (f != "native" or llama_bench is None))
     if args.long_context:
         return _long_context(args, str(source.path), llama_bench, console)
     run_offline_bench(OfflineBenchArgs(
         model_path=str(source.path), out_dir=Path(args.out), repeats=args.repeats,
         threads=args.threads, decode_tokens=args.decode_tokens,
         include_hf=not args.no_transformers, ember_variants=variants,
-        llama_bench=llama_bench), console)
+        llama_bench=llama_bench, more_llama_benches=more,
+        ember_isas=tuple(dict.fromkeys(args.ember_isa or []))), console)
     return 0
 
 
@@ -148,6 +160,14 @@ def _register_offline(bench_sub: argparse._SubParsersAction) -> None:
                    help="native llama.cpp's llama-bench binary (or its bin folder) as the "
                         "'llama.cpp-native' peer (default: ~/.cache/ember-peers/"
                         "llama.cpp-native/build/bin/llama-bench if it exists, else skipped)")
+    p.add_argument("--llama-cpp-flavour", action="append", default=None, choices=FLAVOURS,
+                   help="native llama.cpp build(s) to run as peers (repeatable; default "
+                        "native): 'avx2' is shared/tools/build-llama-cpp.sh avx2 (AVX2 + FMA "
+                        "only, AVX-512 off), label llama.cpp-avx2")
+    p.add_argument("--ember-isa", action="append", default=None, choices=EMBER_ISAS,
+                   help="Ember's kernels forced to this instruction set (repeatable, one "
+                        "engine each: ember-<variant>-<isa>); 'torch' = PyTorch's ops "
+                        "(--no-cpu-kernels); default: the best this CPU has")
     p.add_argument("--long-context", action="store_true",
                    help="run the long-context rows instead (prefill 512/4096, decode at depth "
                         "4096, perplexity over 4096-token windows per KV cache dtype)")

@@ -12,6 +12,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_kernels.cpp", HERE / "decoder.cpp")
-HEADERS = (HERE / "common.h", HERE / "kernels.h", HERE / "isa_avx2.h", HERE / "attention.h")
+HEADERS = (HERE / "common.h", HERE / "kernels.h", HERE / "isa_avx2.h", HERE / "isa_portable.h",
+           HERE / "attention.h")
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 
 
@@ -37,7 +39,25 @@ class Isa:
     name: str
     required_flags: tuple[str, ...]
     cxxflags: tuple[str, ...]
+    host_tuned: bool = False
+    """Built for the host CPU (-march/-mcpu=native): its cache key includes the host's CPU
+    identity, so a cache shared between machines never loads another CPU's build."""
 
+
+def host_arch_flags(machine: str | None = None) -> tuple[str, ...]:
+    """The compiler flags that target this host CPU: -march=native on x86-64, -mcpu=native on
+    ARM (GCC and Clang spell the ARM one so), none elsewhere (a generic build)."""
+    machine = (machine or platform.machine()).lower()
+    if machine in ("x86_64", "amd64", "i686", "i386"):
+        return ("-march=native",)
+    if machine.startswith(("aarch64", "arm64", "arm")):
+        return ("-mcpu=native",)
+    return ()
+
+
+PORTABLE = Isa("portable", (), (*host_arch_flags(), "-ffp-contract=fast", "-DEMBER_ISA_PORTABLE"),
+               host_tuned=True)
+"""Plain C++ (isa_portable.h) vectorised by the compiler for this host: runs on any CPU."""
 
 ISAS = (
     Isa("avx512-vnni", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
@@ -45,19 +65,36 @@ ISAS = (
         ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
          "-mavx512vnni", "-mavx512bf16")),
     Isa("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c", "-DEMBER_ISA_AVX2")),
+    PORTABLE,
 )
-"""Best first: the kernels use the first one this CPU has."""
+"""Best first: the kernels use the first one this CPU has (portable runs everywhere)."""
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.readlines()
+    except OSError:
+        return []
 
 
 def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    """The CPU's feature flags (x86 'flags', ARM 'Features' of /proc/cpuinfo)."""
+    for line in _cpuinfo_lines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
     return set()
+
+
+def host_identity() -> str:
+    """This CPU for cache keys of host-tuned builds: architecture, model and feature flags."""
+    keep = ("model name", "CPU implementer", "CPU part", "flags", "Features")
+    seen: dict[str, str] = {}
+    for line in _cpuinfo_lines():
+        key = line.split(":", 1)[0].strip()
+        if key in keep and key not in seen:
+            seen[key] = line.strip()
+    return "\n".join([platform.machine(), *seen.values()])
 
 
 def select_isa(flags: set[str] | None = None) -> Isa | None:
@@ -89,6 +126,8 @@ def missing_cpu_features() -> list[str]:
 
 def library_path(cache_dir: str | None, isa: Isa) -> Path:
     h = hashlib.sha256(" ".join((*BASE_FLAGS, *isa.cxxflags)).encode())
+    if isa.host_tuned:
+        h.update(host_identity().encode())
     for f in (*SOURCES, *HEADERS):
         h.update(f.read_bytes())
     digest = h.hexdigest()[:16]
@@ -96,47 +135,82 @@ def library_path(cache_dir: str | None, isa: Isa) -> Path:
     return root / "kernels" / digest / f"libember_cpu_{isa.name}.so"
 
 
-def compile_library(target: Path, isa: Isa | None = None) -> None:
+class NoCompiler(RuntimeError):
+    """No C++ compiler to build the kernels with."""
+
+
+def find_compiler(cxx: str | None = None) -> str | None:
+    """The C++ compiler: `cxx` (EnvSettings.cxx: EMBER_CXX or CXX) when given, else the first
+    of g++, c++, clang++ on PATH; None when it is not found (an explicit `cxx` that is missing
+    is not replaced by another compiler)."""
+    if cxx:
+        return shutil.which(cxx)
+    return shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def compile_library(target: Path, isa: Isa | None = None, cxx: str | None = None) -> None:
     """Build for `isa` (default: this CPU's best, else the first of ISAS: compiling needs no
     support from the CPU) into a temporary file, then rename: concurrent builders never see
-    half a file."""
+    half a file. Raises NoCompiler, or RuntimeError with the compiler's message."""
     isa = isa or select_isa() or ISAS[0]
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (g++) found")
+    compiler = find_compiler(cxx)
+    if compiler is None:
+        raise NoCompiler(f"no C++ compiler ({cxx!r} not found)" if cxx else
+                         "no C++ compiler (g++, c++, clang++) found")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.parent.chmod(0o755)  # NOTE: loaded only from a folder no one else can write
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *BASE_FLAGS, *isa.cxxflags, *map(str, SOURCES), "-o", tmp],
-                              capture_output=True, text=True)
+        proc = subprocess.run([compiler, *BASE_FLAGS, *isa.cxxflags, *map(str, SOURCES), "-o",
+                               tmp], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed on the kernels: {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{compiler} failed on the kernels ({isa.name}): "
+                               f"{proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def load_library(cache_dir: str | None, isa: Isa | None = None) -> ctypes.CDLL | None:
+def ensure_built(cache_dir: str | None, isa: Isa, cxx: str | None = None) -> tuple[Path, bool]:
+    """The cached library of `isa` (verified, see cache_check) and whether it was built now.
+    Raises NoCompiler / RuntimeError / OSError when it is not cached and cannot be built."""
+    path = library_path(cache_dir, isa)
+    reason = untrusted_reason(path) if path.exists() else None
+    if reason is not None:
+        logger.warning("kernel cache: %s; rebuilding", reason)
+        path.unlink()
+    if path.exists():
+        return path, False
+    logger.info("compiling CPU kernels (%s) into %s", isa.name, path)
+    compile_library(path, isa, cxx)
+    record_hash(path)
+    return path, True
+
+
+def open_library(cache_dir: str | None, isa: Isa, cxx: str | None = None) -> ctypes.CDLL:
+    """The compiled kernels for `isa`, built on first use; raises when that is impossible."""
+    path, _ = ensure_built(cache_dir, isa, cxx)
+    return ctypes.CDLL(str(path))
+
+
+def load_library(cache_dir: str | None, isa: Isa | None = None,
+                 cxx: str | None = None) -> ctypes.CDLL | None:
     """The compiled kernels for `isa` (default: this CPU's best), building them on first use;
-    None if this machine cannot run them."""
+    None (reason logged) if this machine cannot run them."""
     isa = isa or select_isa()
     if isa is None:
         logger.info("CPU kernels off: CPU lacks %s", ", ".join(missing_cpu_features()))
         return None
-    path = library_path(cache_dir, isa)
     try:
-        reason = untrusted_reason(path) if path.exists() else None
-        if reason is not None:
-            logger.warning("kernel cache: %s; rebuilding", reason)
-            path.unlink()
-        if not path.exists():
-            logger.info("compiling CPU kernels (%s) into %s", isa.name, path)
-            compile_library(path, isa)
-            record_hash(path)
-        return ctypes.CDLL(str(path))
+        return open_library(cache_dir, isa, cxx)
     except (OSError, RuntimeError) as e:
         logger.warning("CPU kernels off: %s", e)
         return None
+
+
+def supported_isas(flags: set[str] | None = None) -> list[Isa]:
+    """The ISAs of ISAS this CPU (or `flags`) runs, best first (portable always last)."""
+    flags = cpu_flags() if flags is None else flags
+    return [isa for isa in ISAS if set(isa.required_flags) <= flags]

@@ -1,10 +1,13 @@
 // Building blocks of Ember's CPU kernels, shared by cpu_kernels.cpp (one op per call) and
 // decoder.cpp (whole decode steps). Formats and layouts: see cpu_kernels.cpp.
 // This file holds the AVX-512 VNNI + BF16 versions; built with EMBER_ISA_AVX2 (build.py's
-// "avx2" ISA), isa_avx2.h supplies the same names for AVX2 + FMA CPUs instead.
+// "avx2" ISA), isa_avx2.h supplies the same names for AVX2 + FMA CPUs instead; built with
+// EMBER_ISA_PORTABLE, isa_portable.h (plain C++ the compiler vectorises: ARM, older x86).
 #pragma once
 #if defined(EMBER_ISA_AVX2)
 #include "isa_avx2.h"
+#elif defined(EMBER_ISA_PORTABLE)
+#include "isa_portable.h"
 #else
 #include <immintrin.h>
 #include <math.h>
@@ -427,6 +430,6 @@ inline void v_hsum4(vfloat a, vfloat b, vfloat c, vfloat d, float* out) {
 }
 
 }  // namespace
-#endif  // EMBER_ISA_AVX2
+#endif  // EMBER_ISA_AVX2 / EMBER_ISA_PORTABLE
 
 #include "attention.h"

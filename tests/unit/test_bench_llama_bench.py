@@ -102,6 +102,30 @@ def test_available_engines_adds_native_peer(tmp_path: Path) -> None:
     assert LABEL not in [s.label for s in specs]
 
 
+def test_avx2_flavour_and_ember_isas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--llama-cpp-flavour avx2 finds build-llama-cpp.sh avx2's default folder; --ember-isa
+    gives one Ember engine per ISA, with EMBER_CPU_ISA (or --no-cpu-kernels) in its process."""
+    monkeypatch.setattr(llama_bench.Path, "home", lambda: tmp_path)
+    found, note = resolve_binary(None, "avx2")
+    assert found is None and note is not None and "llama.cpp-avx2 skipped" in note
+    assert "build-llama-cpp.sh avx2" in note
+    bin_dir = tmp_path / ".cache/ember-peers/llama.cpp-avx2/build/bin"
+    bin_dir.mkdir(parents=True)
+    _fake_binary(bin_dir)
+    binary, note = resolve_binary(None, "avx2")
+    assert note is None and binary == llama_bench.flavour_binary("avx2") and binary.is_file()
+    avx2_peer = LlamaBenchSpec(binary, llama_bench.label_of("avx2"))
+    specs, _ = available_engines(False, ["int4"], None, (avx2_peer,),
+                                 ("auto", "portable", "torch"))
+    labels = [s.label for s in specs]
+    assert labels == ["ember-int4", "ember-int4-portable", "ember-int4-torch", "llama.cpp-avx2"]
+    auto, portable, torch_ops = specs[:3]
+    assert auto.env() is None  # type: ignore[attr-defined]
+    assert portable.env()["EMBER_CPU_ISA"] == "portable"  # type: ignore[attr-defined]
+    assert "--no-cpu-kernels" in torch_ops.argv("/m.gguf", 2, 8)  # type: ignore[attr-defined]
+    assert "--no-cpu-kernels" not in portable.argv("/m.gguf", 2, 8)  # type: ignore[attr-defined]
+
+
 EMBER_RUN = {"load_s": 1.0, "rss_mb": 300.0, "ttft_16_ms": 20.0, "prefill_512_tok_s": 1000.0,
              "decode_16_tok_s": 100.0, "decode_512_tok_s": 80.0, "batch8_tok_s": 400.0,
              "batch32_tok_s": 800.0}

@@ -52,17 +52,31 @@ def test_a_mismatch_is_reported_by_name():
 
 def test_a_mismatched_library_is_refused(monkeypatch, caplog):
     values = [value + 1 if i == 0 else value for i, (_, value) in enumerate(abi.MIRRORED)]
-    monkeypatch.setattr(ops, "select_isa", lambda: build.ISAS[-1])  # any CPU
-    monkeypatch.setattr(ops, "load_library", lambda cache_dir, isa: _fake_library(values))
+    monkeypatch.setattr(ops, "supported_isas", lambda: [build.ISAS[-1]])  # any CPU
+    monkeypatch.setattr(ops, "open_library", lambda cache_dir, isa, cxx: _fake_library(values))
     assert ops.CpuKernels.load(None, num_threads=1) is None
     assert "ABI version" in caplog.text
 
 
-def test_isa_selection_prefers_avx512_and_falls_back_to_avx2():
+def test_isa_selection_prefers_avx512_and_falls_back_to_avx2_then_portable():
     avx512 = set(build.ISAS[0].required_flags) | set(build.ISAS[1].required_flags)
     assert build.select_isa(avx512).name == "avx512-vnni"
     assert build.select_isa({"avx2", "fma", "f16c", "sse4_2"}).name == "avx2"
-    assert build.select_isa({"sse4_2"}) is None
+    assert build.select_isa({"sse4_2"}).name == "portable"  # e.g. an x86 CPU before AVX2
+    assert build.select_isa({"fp", "asimd", "asimddp"}).name == "portable"  # ARM 'Features'
+    assert [i.name for i in build.supported_isas(avx512)] == ["avx512-vnni", "avx2", "portable"]
+
+
+def test_portable_builds_target_the_host_and_key_the_cache_by_it(monkeypatch, tmp_path):
+    assert build.host_arch_flags("x86_64") == ("-march=native",)
+    assert build.host_arch_flags("aarch64") == ("-mcpu=native",)
+    assert build.host_arch_flags("riscv64") == ()
+    portable = build.PORTABLE
+    here = build.library_path(str(tmp_path), portable)
+    monkeypatch.setattr(build, "host_identity", lambda: "aarch64\nCPU part : 0xd0c")
+    assert build.library_path(str(tmp_path), portable) != here  # another CPU, another build
+    avx2 = build.ISAS[1]
+    assert build.library_path(str(tmp_path), avx2) == build.library_path(str(tmp_path), avx2)
 
 
 def test_each_isa_compiles_to_its_own_library(tmp_path):
@@ -77,7 +91,8 @@ def test_each_isa_compiles_to_its_own_library(tmp_path):
 
 
 def test_a_forced_isa_must_exist_and_run_here(monkeypatch):
-    monkeypatch.setattr(build, "cpu_flags", lambda: set(build.ISAS[-1].required_flags))
+    monkeypatch.setattr(build, "cpu_flags", lambda: set(build.ISAS[1].required_flags))
     assert build.forced_isa("avx2").name == "avx2"
+    assert build.forced_isa("portable").name == "portable"
     assert build.forced_isa("avx512-vnni") is None  # this (pretend) CPU lacks it
     assert build.forced_isa("neon") is None

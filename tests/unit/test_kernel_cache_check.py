@@ -40,7 +40,8 @@ def test_tampered_cached_library_is_rebuilt(tmp_path: Path, monkeypatch, caplog)
         pytest.skip(f"no compiled kernel library at {real} to stand in for a build")
     builds: list[Path] = []
 
-    def fake_compile(target: Path, isa: build.Isa | None = None) -> None:
+    def fake_compile(target: Path, isa: build.Isa | None = None,
+                     cxx: str | None = None) -> None:
         builds.append(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(real, target)

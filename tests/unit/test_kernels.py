@@ -1,4 +1,5 @@
-"""Ember's CPU kernels against PyTorch references (skipped where the CPU lacks AVX-512 VNNI)."""
+"""Ember's CPU kernels against PyTorch references, for the best ISA this CPU runs and for the
+portable build (plain C++ vectorised by the compiler, EMBER_CPU_ISA=portable)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from ember.attention.backend import decode_attention, write_kv
 from ember.attention.metadata import AttentionMetadata
-from ember.kernels.build import missing_cpu_features
+from ember.kernels.build import missing_cpu_features, select_isa
 from ember.formats.blocks import Q4Blocks, Q8Blocks
 from ember.kernels.ops import CpuKernels, pack_q4, pack_q8
 from ember.layers.rope import RotaryEmbedding
@@ -16,11 +17,44 @@ pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
                                 reason=f"CPU lacks {missing_cpu_features()}")
 
 
+BEST = select_isa()
+ISAS = ["best"] + (["portable"] if BEST is not None and BEST.name != "portable" else [])
+
+
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory) -> CpuKernels:
+def best_kernels(tmp_path_factory) -> CpuKernels:
     k = CpuKernels.load(str(tmp_path_factory.mktemp("cache")), num_threads=2)
     assert k is not None, "the kernels failed to compile"
     return k
+
+
+@pytest.fixture(scope="module")
+def portable_kernels() -> CpuKernels:
+    # NOTE: the default kernel cache (shared with the forced-portable model test): the
+    # portable build is the slowest to compile (-march=native, everything inlined).
+    k = CpuKernels.load(None, num_threads=2, force_isa="portable")
+    assert k is not None and k.isa == "portable", "the portable kernels failed to compile"
+    return k
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def kernels(request) -> CpuKernels:
+    return request.getfixturevalue(f"{request.param}_kernels")
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="the best ISA here is the portable one")
+@pytest.mark.parametrize("m", [1, 5, 9])
+def test_portable_gemm_is_bitwise_the_vector_isas(best_kernels, portable_kernels, m):
+    """Integer block dots are exact and the float math per block is the same FMAs, lane for
+    lane: the portable build's Q4 / Q8 matmuls equal the hand-vectorised ISA's bit for bit."""
+    gen = torch.Generator().manual_seed(m)
+    n, k = 80, 320
+    w4 = Q4Blocks.quantize(torch.randn(n, k, generator=gen))
+    b8 = Q8Blocks.quantize(torch.randn(n, k, generator=gen))
+    x = torch.randn(m, k, generator=gen) * 3
+    p4, p8 = pack_q4(w4.q, w4.scale, w4.offset), pack_q8(b8.q, b8.d)
+    assert torch.equal(portable_kernels.q4_gemm(x, *p4), best_kernels.q4_gemm(x, *p4))
+    assert torch.equal(portable_kernels.q8_gemm(x, *p8), best_kernels.q8_gemm(x, *p8))
 
 
 def act_quantized(x: torch.Tensor) -> torch.Tensor:

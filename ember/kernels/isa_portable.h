@@ -1,0 +1,401 @@
+// Portable versions of kernels.h's building blocks (same names, signatures and weight layouts):
+// plain C++ loops, no intrinsics, written so the compiler vectorises them for the host it is
+// built on (build.py compiles this flavour with -march=native on x86-64, -mcpu=native on ARM:
+// AVX2 / NEON / SVE code from the same source). Chosen on CPUs none of the hand-written ISAs
+// runs on (ARM, x86 without AVX2), or forced with EMBER_CPU_ISA=portable.
+//
+// Integer dot products, the one hot loop, are written lane = weight row (a tile's 16 rows):
+//   Q4: the 256 bytes of a block (4 vectors of [16 rows][4 bytes], see cpu_kernels.cpp) are
+//       unpacked once per block into int16 columns wl[k][row] (k = 0..15, low nibbles) and
+//       wh[k][row] (k = 16..31, high nibbles), shared by the tile's activation rows; a row's
+//       dot is then 16 int16 multiply-adds per half over 16 lanes (contiguous: vectorises to
+//       one AVX2 register or two NEON ones). Bound: 16 * 15 * 127 = 30480 < 32767 per half.
+//   Q8: signed weights q = u - 128 as int16 columns wq[k][row]; int32 accumulators (two
+//       products of 127 * 127 would already overflow int16).
+// The float math after the integer dot (activation scales, two FMAs per block and lane) is
+// the AVX2 / AVX-512 kernels', lane for lane; the sums of norms, softmax and attention keep
+// the AVX2 kernels' order (8 partial sums), so with the compiler's FMA contraction the
+// portable build on an x86 host gives the AVX2 build's logits (tests/unit/test_kernels.py,
+// the SmolLM2 greedy test of tests/models/test_portable_kernels.py).
+// `vfloat` of attention.h's shared flash attention is a GCC/Clang generic vector of 8 floats
+// (vector_size: the compiler lowers it to whatever the target has; no intrinsics).
+#pragma once
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+
+// attention.h prefetches with the x86 spelling; here it is the compiler's generic builtin.
+#ifndef _MM_HINT_T0
+#define _MM_HINT_T0 3
+#define _mm_prefetch(p, hint) __builtin_prefetch((p), 0, (hint))
+#endif
+
+// a * b + c: contracted to one FMA where the target has one (-ffp-contract=fast), never a
+// libm call on targets without.
+#define EMBER_MADD(a, b, c) ((a) * (b) + (c))
+
+namespace {
+
+// Activations (M, K) quantized once per call: qx (M, K) int8, dx (M, K/32) scales,
+// sx (M, K/32) = dx * sum(qx) (the Q4 min term), si (M, K/32) = 128 * sum(qx) (unused here);
+// q16: qx widened to int16 once (the dot loops multiply int16 lanes).
+struct QuantizedActs {
+  int64_t nb = 0;
+  std::vector<int8_t> q;
+  std::vector<int16_t> q16;
+  std::vector<float> d, s;
+  std::vector<int32_t> si;
+  QuantizedActs(int64_t mrows, int64_t k)
+      : nb(k / kBlock), q(static_cast<size_t>(mrows * k)), q16(static_cast<size_t>(mrows * k)),
+        d(static_cast<size_t>(mrows * nb)), s(static_cast<size_t>(mrows * nb)),
+        si(static_cast<size_t>(mrows * nb)) {}
+  QuantizedActs(const float* x, int64_t mrows, int64_t k) : QuantizedActs(mrows, k) {
+    for (int64_t i = 0; i < mrows; ++i) quantize_row(x + i * k, i);
+  }
+  void quantize_row(const float* __restrict x, int64_t i) {
+    for (int64_t b = i * nb; b < (i + 1) * nb; ++b) {
+      const float* __restrict xb = x + (b - i * nb) * kBlock;
+      float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+      for (int j = 0; j < kBlock; ++j) amax = std::max(amax, fabsf(xb[j]));
+      const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int8_t* __restrict qb = &q[static_cast<size_t>(b * kBlock)];
+      int16_t* __restrict qw = &q16[static_cast<size_t>(b * kBlock)];
+      int32_t total = 0;
+#pragma omp simd reduction(+ : total)
+      for (int j = 0; j < kBlock; ++j) {
+        // round to nearest even, as the vector kernels' float -> int conversion
+        const int32_t v = std::min(127, std::max(-128, static_cast<int32_t>(rintf(xb[j] * id))));
+        qb[j] = static_cast<int8_t>(v);
+        qw[j] = static_cast<int16_t>(v);
+        total += v;
+      }
+      d[static_cast<size_t>(b)] = amax / 127.0f;
+      s[static_cast<size_t>(b)] = amax / 127.0f * static_cast<float>(total);
+      si[static_cast<size_t>(b)] = 128 * total;
+    }
+  }
+  const int8_t* qrow(int64_t i) const { return q.data() + i * nb * kBlock; }
+  const int16_t* qrow16(int64_t i) const { return q16.data() + i * nb * kBlock; }
+};
+
+// One 16-row tile of Q4 weights against C (<= kChunk) activation rows starting at m0.
+// NOTE: the vectorised loop is the one over the tile's 16 rows (lanes); the k loops inside it
+// are unrolled, so a row's int16 sums stay in vector registers and activations broadcast.
+template <int C>
+inline void q4_tile(const uint8_t* __restrict w, const float* __restrict d,
+                    const float* __restrict mn, const QuantizedActs& a, int64_t m0,
+                    float* __restrict y, int64_t n) {
+  float acc[C][kTile];
+  for (int c = 0; c < C; ++c)
+    for (int l = 0; l < kTile; ++l) acc[c][l] = 0.0f;
+  int16_t wl[16][kTile], wh[16][kTile];  // [k][row]: low nibbles (k), high nibbles (16 + k)
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* __restrict wb = w + b * 256;
+    __builtin_prefetch(wb + 2048, 0, 3);
+    __builtin_prefetch(wb + 2048 + 128, 0, 3);
+    for (int c = 0; c < 4; ++c) {
+      const uint8_t* __restrict wc = wb + 64 * c;
+#pragma omp simd
+      for (int l = 0; l < kTile; ++l) {
+        const uint8_t v0 = wc[4 * l], v1 = wc[4 * l + 1], v2 = wc[4 * l + 2], v3 = wc[4 * l + 3];
+        wl[4 * c][l] = v0 & 15;
+        wl[4 * c + 1][l] = v1 & 15;
+        wl[4 * c + 2][l] = v2 & 15;
+        wl[4 * c + 3][l] = v3 & 15;
+        wh[4 * c][l] = v0 >> 4;
+        wh[4 * c + 1][l] = v1 >> 4;
+        wh[4 * c + 2][l] = v2 >> 4;
+        wh[4 * c + 3][l] = v3 >> 4;
+      }
+    }
+    const float* __restrict db = d + b * kTile;
+    const float* __restrict mb = mn + b * kTile;
+    for (int c = 0; c < C; ++c) {
+      const int16_t* __restrict x16 = a.qrow16(m0 + c) + b * kBlock;
+      const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
+      const float ad = a.d[ab], as = a.s[ab];
+      float* __restrict ac = acc[c];
+#pragma omp simd
+      for (int l = 0; l < kTile; ++l) {
+        int16_t sl = 0, sh = 0;
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; ++k) {
+          sl = static_cast<int16_t>(sl + wl[k][l] * x16[k]);
+          sh = static_cast<int16_t>(sh + wh[k][l] * x16[16 + k]);
+        }
+        const float dot = static_cast<float>(static_cast<int32_t>(sl) + sh);
+        ac[l] = EMBER_MADD(mb[l], as, EMBER_MADD(dot, db[l] * ad, ac[l]));
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
+}
+
+template <int C>
+inline void q8_tile(const uint8_t* __restrict w, const float* __restrict d,
+                    const QuantizedActs& a, int64_t m0, float* __restrict y, int64_t n) {
+  float acc[C][kTile];
+  for (int c = 0; c < C; ++c)
+    for (int l = 0; l < kTile; ++l) acc[c][l] = 0.0f;
+  int16_t wq[kBlock][kTile];  // [k][row], signed
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* __restrict wb = w + b * 512;
+    for (int j = 0; j < 4; ++j) __builtin_prefetch(wb + 4096 + 128 * j, 0, 3);
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t* __restrict wj = wb + 64 * j;
+#pragma omp simd
+      for (int l = 0; l < kTile; ++l) {
+        wq[4 * j][l] = static_cast<int16_t>(wj[4 * l] - 128);
+        wq[4 * j + 1][l] = static_cast<int16_t>(wj[4 * l + 1] - 128);
+        wq[4 * j + 2][l] = static_cast<int16_t>(wj[4 * l + 2] - 128);
+        wq[4 * j + 3][l] = static_cast<int16_t>(wj[4 * l + 3] - 128);
+      }
+    }
+    const float* __restrict db = d + b * kTile;
+    for (int c = 0; c < C; ++c) {
+      const int16_t* __restrict x16 = a.qrow16(m0 + c) + b * kBlock;
+      const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
+      const float ad = a.d[ab];
+      float* __restrict ac = acc[c];
+#pragma omp simd
+      for (int l = 0; l < kTile; ++l) {
+        int32_t dot = 0;
+#pragma GCC unroll 16
+        for (int k = 0; k < kBlock; k += 2)  // a pair fits int16: 2 * 127 * 127 = 32258
+          dot += static_cast<int16_t>(wq[k][l] * x16[k] + wq[k + 1][l] * x16[k + 1]);
+        ac[l] = EMBER_MADD(static_cast<float>(dot), db[l] * ad, ac[l]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
+}
+
+template <int C>
+inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int64_t m0, float* yt,
+                      int64_t np) {
+  const int64_t nb = a.nb;
+  if (lw.fmt == 4)
+    q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
+  else
+    q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
+}
+
+// y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region.
+inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y) {
+  const int64_t np = padded(lw.n), tiles = np / kTile;
+#pragma omp for schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) {
+    float* yt = y + t * kTile;
+    int64_t m0 = 0;
+    for (; m0 + kChunk <= mrows; m0 += kChunk) tile_rows<kChunk>(lw, a, t, m0, yt, np);
+    switch (mrows - m0) {
+      case 7: tile_rows<7>(lw, a, t, m0, yt, np); break;
+      case 6: tile_rows<6>(lw, a, t, m0, yt, np); break;
+      case 5: tile_rows<5>(lw, a, t, m0, yt, np); break;
+      case 4: tile_rows<4>(lw, a, t, m0, yt, np); break;
+      case 3: tile_rows<3>(lw, a, t, m0, yt, np); break;
+      case 2: tile_rows<2>(lw, a, t, m0, yt, np); break;
+      case 1: tile_rows<1>(lw, a, t, m0, yt, np); break;
+      default: break;
+    }
+  }
+}
+
+// The sum of 8 partial sums in the AVX2 kernels' order (hsum8 of isa_avx2.h), so both
+// builds round alike: ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)).
+inline float sum8(const float* v) {
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+inline void rms_norm_row(float* __restrict x, const float* __restrict residual,
+                         const float* __restrict w, int64_t h, float eps,
+                         float* __restrict out) {
+  float ss[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // 8 partial sums, as AVX2
+  int64_t j = 0;
+  for (; j + 8 <= h; j += 8)
+    for (int i = 0; i < 8; ++i) {
+      float v = x[j + i];
+      if (residual) {
+        v += residual[j + i];
+        x[j + i] = v;
+      }
+      ss[i] = v * v + ss[i];
+    }
+  float s = sum8(ss);
+  for (; j < h; ++j) {
+    if (residual) x[j] += residual[j];
+    s += x[j] * x[j];
+  }
+  const float inv = 1.0f / sqrtf(s / static_cast<float>(h) + eps);
+#pragma omp simd
+  for (j = 0; j < h; ++j) out[j] = x[j] * inv * w[j];
+}
+
+// exp(x): the vector kernels' polynomial (2^n * 2^f, |f| <= 1/2, degree 6, relative error
+// ~2e-7), 2^n built in the exponent bits; inlined into simd loops it vectorises.
+inline float exp_approx(float x) {
+  x = std::max(std::min(x, 88.0f), -87.0f);
+  const float t = x * 1.44269504088896341f;
+  const float n = rintf(t);
+  const float f = t - n;
+  float p = 1.535336188319500e-4f;
+  p = EMBER_MADD(p, f, 1.339887440266574e-3f);
+  p = EMBER_MADD(p, f, 9.618437357674640e-3f);
+  p = EMBER_MADD(p, f, 5.550332471162809e-2f);
+  p = EMBER_MADD(p, f, 2.402264791363012e-1f);
+  p = EMBER_MADD(p, f, 6.931472028550421e-1f);
+  p = EMBER_MADD(p, f, 1.0f);
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;  // n in [-126, 127]
+  float scale;
+  memcpy(&scale, &e, 4);
+  return p * scale;
+}
+
+inline void silu_mul_row(const float* __restrict g, const float* __restrict u, int64_t inter,
+                         float* __restrict out) {
+  const int64_t body = inter / 8 * 8;  // NOTE: the AVX2 kernel's split: polynomial, libm tail
+#pragma omp simd
+  for (int64_t j = 0; j < body; ++j) out[j] = g[j] / (1.0f + exp_approx(0.0f - g[j])) * u[j];
+  for (int64_t j = body; j < inter; ++j) out[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+}
+
+inline void store_bf16(kv_t* __restrict dst, const float* __restrict src, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {  // round to nearest even
+    uint32_t bits;
+    memcpy(&bits, src + j, 4);
+    dst[j] = static_cast<kv_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  }
+}
+
+inline void rope_store_row(float* r, const float* c, const float* s, int64_t hq, int64_t hk,
+                           int64_t dim, kv_t* k_cache, kv_t* v_cache, int64_t slot) {
+  const int64_t half = dim / 2, kv_row = hk * dim;
+  for (int64_t h = 0; h < hq + hk; ++h) {
+    float* __restrict x = r + h * dim;
+#pragma omp simd
+    for (int64_t j = 0; j < half; ++j) {
+      const float a = x[j], b = x[j + half];
+      x[j] = a * c[j] - b * s[j];
+      x[j + half] = b * c[j] + a * s[j];
+    }
+  }
+  if (k_cache == nullptr) return;  // an int8 cache: the caller quantizes (attention.h)
+  store_bf16(k_cache + slot * kv_row, r + hq * dim, kv_row);
+  store_bf16(v_cache + slot * kv_row, r + (hq + hk) * dim, kv_row);
+}
+
+// scores[i] = exp(scores[i] - mx) in place; returns their sum (the softmax denominator).
+// NOTE: 8 partial sums and a libm tail, in the AVX2 kernel's order.
+inline float exp_shifted(float* __restrict scores, int64_t len, float mx) {
+  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    for (int l = 0; l < 8; ++l) {
+      const float e = exp_approx(scores[i + l] - mx);
+      scores[i + l] = e;
+      part[l] += e;
+    }
+  float denom = sum8(part);
+  for (; i < len; ++i) {
+    scores[i] = expf(scores[i] - mx);
+    denom += scores[i];
+  }
+  return denom;
+}
+
+inline float dot_bf16(const float* __restrict q, const kv_t* __restrict kv, int64_t dim) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < dim; ++j) s += q[j] * bf16_to_float(kv[j]);
+  return s;
+}
+
+// Attention of every query head of kv group `kvh` of request b, head after head (the head
+// dims the tiled kernel of attention.h does not cover). scores: hq/hk * lens[b] floats.
+inline void attend_kv_group(const DecodeCtx& c, int64_t b, int64_t kvh, const float* q,
+                            const kv_t* k_cache, const kv_t* v_cache, float* scores,
+                            float* out) {
+  const int64_t group = c.hq / c.hk, dim = c.dim, len = c.lens[b], bs = c.block_size;
+  const int64_t* table = c.block_tables + b * c.max_blocks;
+  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+    const float* qh = q + h * dim;
+    float* __restrict oh = out + h * dim;
+    float mx = -INFINITY;
+    for (int64_t p = 0; p < len; ++p) {
+      const kv_t* kr = k_cache + ((table[p / bs] * bs + p % bs) * c.hk + kvh) * dim;
+      scores[p] = dot_bf16(qh, kr, dim) * c.scale;
+      mx = std::max(mx, scores[p]);
+    }
+    const float inv = 1.0f / exp_shifted(scores, len, mx);
+    for (int64_t j = 0; j < dim; ++j) oh[j] = 0.0f;
+    for (int64_t p = 0; p < len; ++p) {
+      const kv_t* __restrict vr = v_cache + ((table[p / bs] * bs + p % bs) * c.hk + kvh) * dim;
+      const float wp = scores[p];
+#pragma omp simd
+      for (int64_t j = 0; j < dim; ++j) oh[j] += wp * bf16_to_float(vr[j]);
+    }
+    for (int64_t j = 0; j < dim; ++j) oh[j] *= inv;
+  }
+}
+
+// ---- vector primitives of the ISA-independent attention (attention.h) ----------------------
+// Generic vectors (GCC / Clang vector_size): element-wise operators, lowered per target.
+constexpr int kVecW = 8;
+typedef float vfloat __attribute__((vector_size(kVecW * 4)));
+typedef int32_t vint32 __attribute__((vector_size(kVecW * 4)));
+typedef uint32_t vuint32 __attribute__((vector_size(kVecW * 4)));
+typedef uint16_t vuint16 __attribute__((vector_size(kVecW * 2)));
+typedef int8_t vint8 __attribute__((vector_size(kVecW)));
+
+inline vfloat v_load(const float* p) {
+  vfloat v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void v_store(float* p, vfloat v) { memcpy(p, &v, sizeof(v)); }
+inline vfloat v_set1(float x) { return vfloat{} + x; }
+inline vfloat v_zero() { return vfloat{}; }
+// NOTE: fused explicitly where the target has FMA (the AVX2 kernels' fmadd rounds once);
+// `a * b + c` on generic vectors is not always contracted.
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA) || defined(__aarch64__)
+inline vfloat v_fma(vfloat a, vfloat b, vfloat c) {
+  vfloat r;
+  for (int i = 0; i < kVecW; ++i) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
+  return r;
+}
+#else
+inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
+#endif
+inline vfloat v_mul(vfloat a, vfloat b) { return a * b; }
+inline vfloat load_bf16(const kv_t* p) {  // kVecW bf16 -> floats: the bits, shifted up
+  vuint16 h;
+  memcpy(&h, p, sizeof(h));
+  const vuint32 w = __builtin_convertvector(h, vuint32) << 16;
+  return (vfloat)w;  // NOTE: a cast between vectors of one size keeps the bits
+}
+inline vfloat v_load_i8(const int8_t* p) {  // kVecW int8 -> floats
+  vint8 b;
+  memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(__builtin_convertvector(b, vint32), vfloat);
+}
+// out[0..3] = the horizontal sums of a, b, c, d, in the AVX2 kernel's (hadd) order:
+// ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)).
+inline float hadd_order(vfloat v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+inline void v_hsum4(vfloat a, vfloat b, vfloat c, vfloat d, float* out) {
+  out[0] = hadd_order(a);
+  out[1] = hadd_order(b);
+  out[2] = hadd_order(c);
+  out[3] = hadd_order(d);
+}
+
+}  // namespace
