@@ -310,6 +310,7 @@ class AsyncEngine:
             pending.append((cmd.stream, exc))
             return
         self._tracked[cmd.request_id] = _Tracked(cmd.stream, cmd.arrival)
+        self._counters["added"] += 1
 
     def _apply_abort(self, request_ids: list[str], pending: list[tuple[_Stream, Item]]) -> None:
         live = [rid for rid in request_ids if rid in self._tracked]
@@ -324,6 +325,7 @@ class AsyncEngine:
                 pending.append((tracked.stream, final))
         for rid in live:  # requests the engine no longer knew (should not happen)
             if (tracked := self._tracked.pop(rid, None)) is not None:
+                self._counters["failed"] += 1
                 pending.append((tracked.stream, EngineUnavailableError("request aborted")))
 
     def _step(self, gen: int) -> bool:
@@ -377,6 +379,7 @@ class AsyncEngine:
 
     def _finish(self, tracked: _Tracked, out: RequestOutput, now: float) -> None:
         reasons = [c.finish_reason or "abort" for c in out.outputs]
+        self._counters["finished"] += 1
         self._finish_reasons.update(reasons)
         if self._observer is not None:
             self._observer.on_finished(now - tracked.arrival, reasons)
@@ -395,6 +398,7 @@ class AsyncEngine:
     def _fail_tracked(self, exc: BaseException) -> None:
         """End every tracked request with `exc` (call with the lock held)."""
         pending: list[tuple[_Stream, Item]] = [(t.stream, exc) for t in self._tracked.values()]
+        self._counters["failed"] += len(pending)
         self._tracked = {}
         self._dispatch(pending)
 
@@ -479,7 +483,9 @@ class AsyncEngine:
             generation_tokens=self._counters["generation_tokens"],
             num_aborted=self._counters["aborted"],
             finished_by_reason=MappingProxyType(dict(self._finish_reasons)),
-            num_steps=self._counters["steps"], **_spec_stats(self._engine.core.spec))
+            num_steps=self._counters["steps"], num_added=self._counters["added"],
+            num_finished=self._counters["finished"], num_failed=self._counters["failed"],
+            **_spec_stats(self._engine.core.spec))
 
 
 def _spec_stats(spec: SpecDecoder | None) -> dict[str, Any]:

@@ -79,6 +79,12 @@ class _EngineCollector(Collector):
                       stats.num_preemptions)
         yield counter("ember:num_aborted_requests", "Requests aborted (client disconnected or "
                       "server shutdown).", stats.num_aborted)
+        yield counter("ember:engine_requests_added", "Requests the engine took (at rest: "
+                      "finished + failed).", stats.num_added)
+        yield counter("ember:engine_requests_finished", "Requests the engine finished "
+                      "(aborted ones included).", stats.num_finished)
+        yield counter("ember:engine_requests_failed", "Requests ended by an engine failure.",
+                      stats.num_failed)
         yield counter("ember:engine_restarts", "Engine restarts after a failed or hung step.",
                       stats.num_restarts)
         if stats.spec_accepted_per_position:
