@@ -30,8 +30,8 @@ def stalled_stream(port: int) -> socket.socket:
 
 def test_stalled_reader_is_aborted_and_its_kv_freed_while_others_are_served(
         server, client, model_name, metric):
-    aborted0 = metric(server.url, "ember:num_aborted_requests")
-    generated0 = metric(server.url, "ember:generation_tokens")
+    aborted0 = metric(server.url, "ember:num_aborted_requests_total")
+    generated0 = metric(server.url, "ember:generation_tokens_total")
     sock = stalled_stream(server.port)
     try:
         # Wait until the stalled request runs, then serve a normal client alongside it.
@@ -44,7 +44,7 @@ def test_stalled_reader_is_aborted_and_its_kv_freed_while_others_are_served(
         assert normal.choices[0].finish_reason == "length"
         # The stalled stream is aborted after the read timeout: sequences gone, KV freed.
         deadline = time.monotonic() + 120
-        while metric(server.url, "ember:num_aborted_requests") == aborted0:
+        while metric(server.url, "ember:num_aborted_requests_total") == aborted0:
             assert time.monotonic() < deadline, "the stalled stream was never aborted"
             time.sleep(0.25)
         stalled_for = time.monotonic()
@@ -53,7 +53,7 @@ def test_stalled_reader_is_aborted_and_its_kv_freed_while_others_are_served(
             time.sleep(0.1)
         assert metric(server.url, "ember:kv_cache_usage_perc") == 0.0
         # It was cut short: far fewer tokens than its n x max_tokens were generated.
-        assert metric(server.url, "ember:generation_tokens") - generated0 < N * MAX_TOKENS
+        assert metric(server.url, "ember:generation_tokens_total") - generated0 < N * MAX_TOKENS
         assert "aborted a stream whose client read nothing" in server.log()
         # The server still serves (and /health is fine).
         assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
