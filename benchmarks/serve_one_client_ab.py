@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "serving"
-DEFAULT_VARIANTS = "ft1=1,ft0=0,ft0-passive=0:OMP_WAIT_POLICY=PASSIVE,ft0-spin10k=0:GOMP_SPINCOUNT=10000"
+DEFAULT_VARIANTS = "ft1=1,ft0=0,ft0-spin10k=0:GOMP_SPINCOUNT=10000,ft1-spin10k=1:GOMP_SPINCOUNT=10000"
 _WORDS = ("garden letter morning evening sister brother mother father village river window "
           "table house year life world work people day time").split()
 
@@ -51,7 +51,7 @@ def start_server(port: int, frontend_threads: int, env: dict[str, str], model: s
                             env=dict(os.environ, **env))
 
 
-def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 900) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -71,6 +71,36 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def histogram_sums(port: int) -> dict[str, float]:
+    """Sum and count of the server's TTFT and queue-time histograms (engine side)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in ("ember:time_to_first_token_seconds", "ember:request_queue_time_seconds"):
+            for suffix in ("_sum", "_count"):
+                if line.startswith(name + suffix):
+                    out[name + suffix] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def ttft_parts(before: dict[str, float], after: dict[str, float], client_ttft_ms: float
+               ) -> dict[str, float]:
+    """Mean TTFT split: queue (engine arrival -> first scheduled), prefill step (scheduled ->
+    first token at the engine), front end (HTTP parse, plan, admission, delivery to the event
+    loop, SSE write, client read: client TTFT minus the engine's)."""
+    def mean(name: str) -> float:
+        count = after[name + "_count"] - before[name + "_count"]
+        return 1e3 * (after[name + "_sum"] - before[name + "_sum"]) / count if count else 0.0
+
+    engine = mean("ember:time_to_first_token_seconds")
+    queue = mean("ember:request_queue_time_seconds")
+    return {"client_ttft_ms_mean": client_ttft_ms, "engine_ttft_ms_mean": engine,
+            "queue_ms_mean": queue, "prefill_step_ms_mean": engine - queue,
+            "front_end_ms_mean": client_ttft_ms - engine}
 
 
 def one_request(port: int, prompt: str, max_tokens: int) -> dict[str, float]:
@@ -128,7 +158,7 @@ def main() -> int:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--offline-threads", default="2,1", help="EMBER_NUM_THREADS values offline")
+    ap.add_argument("--offline-threads", default="2", help="EMBER_NUM_THREADS values offline")
     ap.add_argument("--base-port", type=int, default=8451)
     ap.add_argument("--server-arg", action="append", default=[])
     ap.add_argument("--out", type=Path, default=OUT)
@@ -153,6 +183,7 @@ def main() -> int:
         results.update({f"offline-{t}t": [] for t in offline})
         for port, _ in servers.values():  # warm-up (kernels, first-request paths)
             one_request(port, "warm up the server", 8)
+        hist_before = {name: histogram_sums(port) for name, (port, _) in servers.items()}
         for r in range(args.rounds):
             for j, (name, (port, proc)) in enumerate(servers.items()):
                 words = [_WORDS[(r * 7 + j * 3 + k) % len(_WORDS)] for k in range(16)]
@@ -168,17 +199,22 @@ def main() -> int:
             print(f"round {r + 1}/{args.rounds} " + " ".join(
                 f"{n}={v[-1].get('decode_tok_s', v[-1].get('tok_s', 0)):.0f}"
                 for n, v in results.items()), flush=True)
+        parts = {name: ttft_parts(hist_before[name], histogram_sums(port), statistics.mean(
+            r["ttft_ms"] for r in results[name])) for name, (port, _) in servers.items()}
     finally:
         for _, proc in servers.values():
             proc.terminate()
         for proc in offline.values():
             proc.kill()
         for _, proc in servers.values():
-            proc.wait(30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     summary = summarize(results)
     load_after = os.getloadavg()
     payload = {"model": args.model, "output_len": args.output_len, "variants": args.variants,
-               "summary": summary, "runs": results, "loadavg_before": load_before,
+               "summary": summary, "ttft_parts": parts, "runs": results, "loadavg_before": load_before,
                "loadavg_after": load_after, "cpu_count": os.cpu_count(),
                "contended": max(load_before[0], load_after[0]) > (os.cpu_count() or 1) / 2}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +223,8 @@ def main() -> int:
     plot(summary, payload["contended"], args.out / f"one_client_ab_{stamp}.png")
     for name, s in summary.items():
         print(f"{name:>14}: " + ", ".join(f"{k} {v:.3g}" for k, v in s.items()))
+    for name, p in parts.items():
+        print(f"{name:>14} TTFT parts: " + ", ".join(f"{k} {v:.1f}" for k, v in p.items()))
     print(f"wrote {args.out}/one_client_ab_{stamp}.json/.png")
     return 0
 

@@ -55,6 +55,15 @@ class EnvSettings:
         )
 
 
+def openmp_environment(spin_count: int | None) -> dict[str, str]:
+    """Variables to set before the OpenMP runtime loads (it reads them once, when `torch` is
+    first imported): GOMP_SPINCOUNT, libgomp's busy-wait iterations before a waiting kernel
+    thread sleeps, unless the environment already sets it or OMP_WAIT_POLICY (theirs win)."""
+    if spin_count is None or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return {}
+    return {"GOMP_SPINCOUNT": str(spin_count)}
+
+
 KV_CACHE_DTYPES = ("auto", "bf16", "int8", "fp32")
 """Values of `ModelConfig.kv_cache_dtype` (the CLI's --kv-cache-dtype)."""
 
@@ -256,6 +265,10 @@ class ServingGuards:
     the event loop never preempts a kernel thread that the others wait for at a barrier."""
     small_step_tokens: int = 4
     """A step computing at most this many tokens counts as small (one to a few clients)."""
+    omp_spin_count: int | None = None
+    """GOMP_SPINCOUNT of the server process (see `openmp_environment`): how long an idle or
+    waiting kernel thread spins before it sleeps; a short spin hands the core back to the
+    event loop and the clients between steps. None keeps libgomp's default."""
     step_deadline_s: float = 60.0
     """An engine step running longer than this counts as hung: the engine is restarted."""
     stream_read_timeout_s: float = 30.0
@@ -276,6 +289,8 @@ class ServingGuards:
     """Test-only: called with the step number before each engine step (inject faults)."""
 
     def validate(self) -> None:
+        if self.omp_spin_count is not None and self.omp_spin_count < 0:
+            raise ConfigError(f"omp_spin_count must be >= 0, got {self.omp_spin_count}")
         if self.frontend_threads < 0 or self.small_step_tokens < 0:
             raise ConfigError("frontend_threads and small_step_tokens must be >= 0")
         for name in ("step_deadline_s", "stream_read_timeout_s"):
