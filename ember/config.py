@@ -273,6 +273,12 @@ class ServingGuards:
     """An engine step running longer than this counts as hung: the engine is restarted."""
     stream_read_timeout_s: float = 30.0
     """A stream whose client reads nothing for this long is aborted (its KV freed)."""
+    send_buffer_bytes: int = 65536
+    """SO_SNDBUF of accepted connections (set on the listening socket; 0 keeps the kernel's
+    autotuning, up to 4 MB per socket on Linux). A stalled reader is only noticed once its
+    socket buffer is full, so a bounded buffer makes --stream-read-timeout take effect
+    after ~100 KB of unread output instead of megabytes, and bounds kernel memory per
+    stalled connection; token streams need far less bandwidth than this allows."""
     max_response_items: int = 2**20
     """Most n x max_tokens x (1 + top_logprobs) one request may ask for (400 above)."""
     max_prompt_logprob_items: int = 2**18
@@ -296,6 +302,8 @@ class ServingGuards:
         for name in ("step_deadline_s", "stream_read_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.send_buffer_bytes < 0:
+            raise ConfigError(f"send_buffer_bytes must be >= 0, got {self.send_buffer_bytes}")
         for name in ("max_response_items", "max_prompt_logprob_items", "max_stop_token_ids",
                      "max_stop_strings", "max_stop_string_chars"):
             if getattr(self, name) < 1:

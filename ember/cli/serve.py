@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from types import FrameType
 
@@ -151,7 +152,11 @@ async def _serve(config: EngineConfig, log_level: str, access_log: bool) -> int:
                   "until ready", highlight=False)
     watcher = asyncio.create_task(watch_loading())
     try:
-        await server.serve()
+        sock = uv_config.bind_socket()
+        if server_cfg.guards.send_buffer_bytes:  # accepted connections inherit it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                            server_cfg.guards.send_buffer_bytes)
+        await server.serve(sockets=[sock])
     except SystemExit as exc:  # uvicorn exits this way when it cannot bind
         return int(exc.code or 1)
     finally:

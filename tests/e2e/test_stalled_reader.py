@@ -10,12 +10,12 @@ import time
 
 import httpx
 
-N, MAX_TOKENS = 4, 1500
+N, MAX_TOKENS = 8, 1200
 
 
 def stalled_stream(port: int) -> socket.socket:
     """A raw socket that sent a big streaming request and will never read (a tiny receive
-    buffer, so the server's socket and transport buffers fill after a few hundred KB)."""
+    buffer; the server bounds its send buffer, so its buffers fill after ~200 KB)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
