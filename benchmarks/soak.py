@@ -12,7 +12,7 @@ Reports (JSON + PNG under benchmarks/results/reliability/): 5xx count (client si
 server's own `ember:http_requests` by status), completion of well-behaved requests, server RSS
 growth after warm-up (< 5% is the target), KV blocks back in the pool at the end (usage 0, no
 running/waiting sequences), and metrics consistency (engine requests added = finished + failed;
-HTTP requests counted = requests sent). Exit status 1 when a target is missed.
+and, for information, HTTP requests counted vs sent). Exit status 1 when a target is missed.
 
 One command (quiet machine, 10 minutes; --minutes to shorten):
     flock /tmp/ember-bench.lock python benchmarks/soak.py
@@ -322,8 +322,9 @@ def build_report(args: argparse.Namespace, tally: Tally, rss: list[tuple[float, 
                                    and total(after, "ember:num_requests_running") == 0
                                    and total(after, "ember:num_requests_waiting") == 0),
         "engine_requests_in_equal_out": added == finished + failed,
-        "http_requests_counted": http_completions == sent_http,
     }
+    # NOTE: informational, not a target: a client that closes before the server read its
+    # request is never seen by the app, so HTTP counted <= sent.
     return {
         "minutes": args.minutes, "clients": KINDS, "sent": dict(tally.sent),
         "completed": dict(tally.ok), "client_status": dict(tally.status),
