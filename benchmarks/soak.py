@@ -6,7 +6,8 @@ Client kinds (all loop until the end, each on its own connection per request):
 - aborted:       streamed, reads a few chunks, then closes the connection;
 - disconnected:  sends a request and closes the socket before any answer;
 - stalled:       streamed with a big output (n=4, top logprobs), never reads its socket, keeps
-                 it open for twice the server's --stream-read-timeout, then closes.
+                 it open for --stall-hold seconds (the server should abort it after its
+                 --stream-read-timeout once its bounded socket buffers are full), then closes.
 
 Reports (JSON + PNG under benchmarks/results/reliability/): 5xx count (client side and the
 server's own `ember:http_requests` by status), completion of well-behaved requests, server RSS
@@ -28,6 +29,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -173,7 +175,7 @@ async def client_loop(kind: str, index: int, args: argparse.Namespace, end: floa
                 await disconnected(args.port, rng, tally)
                 await asyncio.sleep(rng.uniform(0.2, 1.0))
             else:
-                await stalled(args.port, rng, tally, 2 * args.stream_read_timeout)
+                await stalled(args.port, rng, tally, args.stall_hold)
 
 
 def rss_mb(pid: int) -> float:
@@ -227,7 +229,7 @@ def start_server(args: argparse.Namespace) -> subprocess.Popen:
     cmd = [sys.executable, "-c", "import sys; from ember.cli import main; sys.exit(main())",
            "serve", "--model", args.model, "--port", str(args.port), "--no-access-log",
            "--log-level", "warning", "--stream-read-timeout", str(args.stream_read_timeout)]
-    log = open(args.out / "soak_server.log", "w")  # noqa: SIM115 - lives as long as the server
+    log = open(args.server_log, "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -266,11 +268,14 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8471)
     ap.add_argument("--stream-read-timeout", type=float, default=5.0)
     ap.add_argument("--request-timeout", type=float, default=300.0)
+    ap.add_argument("--stall-hold", type=float, default=40.0,
+                    help="seconds a stalled reader keeps its unread connection open")
     ap.add_argument("--warmup-fraction", type=float, default=0.25,
                     help="RSS growth is measured from the end of this share of the run")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.server_log = Path(tempfile.gettempdir()) / f"ember_soak_server_{os.getpid()}.log"
     load_before = os.getloadavg()
     proc = start_server(args)
     try:
@@ -285,6 +290,11 @@ def main() -> int:
             proc.kill()
     load_after = os.getloadavg()
     report = build_report(args, tally, rss, before, after)
+    log_text = args.server_log.read_text(errors="replace")
+    report["stalled_streams_aborted_by_read_timeout"] = log_text.count(
+        "aborted a stream whose client read nothing")
+    report["server_log_tracebacks"] = log_text.count("Traceback")
+    report["server_log"] = str(args.server_log)
     report.update(loadavg_before=load_before, loadavg_after=load_after, cpu_count=os.cpu_count(),
                   contended=max(load_before[0], load_after[0]) > (os.cpu_count() or 1) / 2)
     stamp = time.strftime("%Y%m%d-%H%M%S")
