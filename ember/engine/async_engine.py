@@ -490,7 +490,7 @@ class AsyncEngine:
         sched = self._engine.core.scheduler.stats()
         self._stats = EngineStats(
             num_running=sched.num_running, num_waiting=sched.num_waiting,
-            kv_cache_usage=sched.kv_cache_usage,
+            kv_cache_usage=sched.kv_cache_usage, kv_capacity_tokens=self.num_kv_tokens,
             prefix_cache_queries=sched.prefix_cache_queries,
             prefix_cache_hits=sched.prefix_cache_hits, num_preemptions=sched.num_preemptions,
             prompt_tokens=self._counters["prompt_tokens"],

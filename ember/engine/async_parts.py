@@ -44,6 +44,8 @@ class EngineStats:
     """Sequences queued in the scheduler (including preempted ones)."""
     kv_cache_usage: float = 0.0
     """Fraction of usable KV blocks held by requests."""
+    kv_capacity_tokens: int = 0
+    """Tokens the KV cache holds (its blocks x block size)."""
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0

@@ -69,6 +69,8 @@ class _EngineCollector(Collector):
                     stats.num_waiting)
         yield gauge("ember:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
                     stats.kv_cache_usage)
+        yield gauge("ember:kv_cache_capacity_tokens", "Tokens the KV cache holds.",
+                    stats.kv_capacity_tokens)
         yield counter("ember:prompt_tokens", "Prefilled prompt tokens.", stats.prompt_tokens)
         yield counter("ember:generation_tokens", "Generated tokens.", stats.generation_tokens)
         yield counter("ember:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
