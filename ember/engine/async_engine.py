@@ -30,7 +30,6 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from ember.config import EngineConfig
-from ember.engine.core import malloc_trim
 from ember.engine.engine import LLMEngine, Prompt, ProcessedPrompt
 from ember.engine.generation_defaults import GenerationDefaults
 from ember.engine.async_parts import (_MAX_RESTARTS_PER_MINUTE, EngineDeadError, EngineStats,
@@ -46,8 +45,6 @@ from ember.tokenizer import Tokenizer
 from ember.types import RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-_TRIM_EVERY_S = 15.0
 
 __all__ = ["AsyncEngine", "EngineDeadError", "EngineStats", "EngineStepError",
            "EngineUnavailableError", "RequestObserver", "RequestStream"]
@@ -94,7 +91,6 @@ class AsyncEngine:
         self._restart_times: list[float] = []
         self._restart_times_all: list[float] = []
         self._step_started: float | None = None
-        self._last_trim = time.monotonic()
         self._watchdog: threading.Thread | None = None
         # Engine-thread state (never touched from the event loop).
         self._tracked: dict[str, _Tracked] = {}
@@ -270,22 +266,12 @@ class AsyncEngine:
                     if not self._step(gen):
                         return  # stale: a new engine took over while this step hung
                 self._publish_stats()
-                self._trim_heap()
         except BaseException as exc:  # noqa: BLE001 - report any failure to every waiter
             self._step_started = None
             self._on_failure(gen, exc, hung=False)
             return
         self._threads.restore()
         logger.info("engine thread stopped")
-
-    def _trim_heap(self) -> None:
-        """Hand free heap pages back to the OS every `_TRIM_EVERY_S`: glibc keeps freed pages
-        in its arenas (step tensors of varying sizes, per-request objects freed on several
-        threads), so RSS creeps up under a long mixed load (benchmarks/soak.py)."""
-        now = time.monotonic()
-        if now - self._last_trim >= _TRIM_EVERY_S:
-            self._last_trim = now
-            malloc_trim()
 
     def _handle_commands(self, gen: int, block: bool) -> bool:
         """Apply queued commands (waiting for one when `block`); False after a stop."""

@@ -24,18 +24,13 @@ from ember.types import EngineCoreOutput, Request, RequestStatus
 logger = logging.getLogger(__name__)
 
 
-def malloc_trim() -> None:
+def release_free_memory() -> None:
     """Return free heap pages to the OS (glibc's malloc_trim; a no-op elsewhere)."""
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def release_free_memory() -> None:
-    """Collect garbage, then return free heap pages to the OS."""
-    gc.collect()
-    malloc_trim()
 
 
 @dataclass(frozen=True)
