@@ -113,7 +113,8 @@ def _guards(args: argparse.Namespace) -> ServingGuards:
                          step_deadline_s=args.step_deadline,
                          stream_read_timeout_s=args.stream_read_timeout,
                          frontend_threads=args.frontend_threads,
-                         omp_spin_count=args.omp_spin_count)
+                         omp_spin_count=args.omp_spin_count,
+                         send_buffer_bytes=args.send_buffer_bytes)
 
 
 async def _serve(config: EngineConfig, log_level: str, access_log: bool) -> int:
@@ -243,6 +244,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--frontend-threads", type=int, default=ServingGuards.frontend_threads,
                    help="kernel threads left to the HTTP front end on small steps (1-4 "
                         "tokens); 0 uses every thread")
+    g.add_argument("--send-buffer-bytes", type=int, default=ServingGuards.send_buffer_bytes,
+                   help="socket send buffer of each connection (bounds unread output before "
+                        "--stream-read-timeout applies; 0: the kernel's autotuning)")
     g.add_argument("--omp-spin-count", type=int, default=ServingGuards.omp_spin_count,
                    help="GOMP_SPINCOUNT of the server (busy-wait iterations of an idle kernel "
                         "thread before it sleeps); default: libgomp's")
