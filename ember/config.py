@@ -60,6 +60,15 @@ class EnvSettings:
         )
 
 
+def openmp_environment(spin_count: int | None) -> dict[str, str]:
+    """Variables to set before the OpenMP runtime loads (it reads them once, when `torch` is
+    first imported): GOMP_SPINCOUNT, libgomp's busy-wait iterations before a waiting kernel
+    thread sleeps, unless the environment already sets it or OMP_WAIT_POLICY (theirs win)."""
+    if spin_count is None or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return {}
+    return {"GOMP_SPINCOUNT": str(spin_count)}
+
+
 KV_CACHE_DTYPES = ("auto", "bf16", "int8", "fp32")
 """Values of `ModelConfig.kv_cache_dtype` (the CLI's --kv-cache-dtype)."""
 
@@ -264,10 +273,20 @@ class ServingGuards:
     the event loop never preempts a kernel thread that the others wait for at a barrier."""
     small_step_tokens: int = 4
     """A step computing at most this many tokens counts as small (one to a few clients)."""
+    omp_spin_count: int | None = None
+    """GOMP_SPINCOUNT of the server process (see `openmp_environment`): how long an idle or
+    waiting kernel thread spins before it sleeps; a short spin hands the core back to the
+    event loop and the clients between steps. None keeps libgomp's default."""
     step_deadline_s: float = 60.0
     """An engine step running longer than this counts as hung: the engine is restarted."""
     stream_read_timeout_s: float = 30.0
     """A stream whose client reads nothing for this long is aborted (its KV freed)."""
+    send_buffer_bytes: int = 65536
+    """SO_SNDBUF of accepted connections (set on the listening socket; 0 keeps the kernel's
+    autotuning, up to 4 MB per socket on Linux). A stalled reader is only noticed once its
+    socket buffer is full, so a bounded buffer makes --stream-read-timeout take effect
+    after ~100 KB of unread output instead of megabytes, and bounds kernel memory per
+    stalled connection; token streams need far less bandwidth than this allows."""
     max_response_items: int = 2**20
     """Most n x max_tokens x (1 + top_logprobs) one request may ask for (400 above)."""
     max_prompt_logprob_items: int = 2**18
@@ -284,11 +303,15 @@ class ServingGuards:
     """Test-only: called with the step number before each engine step (inject faults)."""
 
     def validate(self) -> None:
+        if self.omp_spin_count is not None and self.omp_spin_count < 0:
+            raise ConfigError(f"omp_spin_count must be >= 0, got {self.omp_spin_count}")
         if self.frontend_threads < 0 or self.small_step_tokens < 0:
             raise ConfigError("frontend_threads and small_step_tokens must be >= 0")
         for name in ("step_deadline_s", "stream_read_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.send_buffer_bytes < 0:
+            raise ConfigError(f"send_buffer_bytes must be >= 0, got {self.send_buffer_bytes}")
         for name in ("max_response_items", "max_prompt_logprob_items", "max_stop_token_ids",
                      "max_stop_strings", "max_stop_string_chars"):
             if getattr(self, name) < 1:

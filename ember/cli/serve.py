@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from types import FrameType
 
@@ -101,7 +102,9 @@ def _guards(args: argparse.Namespace) -> ServingGuards:
     return ServingGuards(trusted_proxies=proxies, allowed_hosts=hosts,
                          step_deadline_s=args.step_deadline,
                          stream_read_timeout_s=args.stream_read_timeout,
-                         frontend_threads=args.frontend_threads)
+                         frontend_threads=args.frontend_threads,
+                         omp_spin_count=args.omp_spin_count,
+                         send_buffer_bytes=args.send_buffer_bytes)
 
 
 async def _serve(config: EngineConfig, log_level: str, access_log: bool) -> int:
@@ -140,7 +143,11 @@ async def _serve(config: EngineConfig, log_level: str, access_log: bool) -> int:
                   "until ready", highlight=False)
     watcher = asyncio.create_task(watch_loading())
     try:
-        await server.serve()
+        sock = uv_config.bind_socket()
+        if server_cfg.guards.send_buffer_bytes:  # accepted connections inherit it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                            server_cfg.guards.send_buffer_bytes)
+        await server.serve(sockets=[sock])
     except SystemExit as exc:  # uvicorn exits this way when it cannot bind
         return int(exc.code or 1)
     finally:
@@ -149,6 +156,14 @@ async def _serve(config: EngineConfig, log_level: str, access_log: bool) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    from ember.config import openmp_environment
+
+    if "torch" in sys.modules and args.omp_spin_count is not None:
+        logger.warning("--omp-spin-count ignored: the OpenMP runtime is already loaded")
+    os.environ.update(openmp_environment(args.omp_spin_count))  # before torch loads
     config = _config(args)
     config.validate()
     if args.ray:
@@ -219,5 +234,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--frontend-threads", type=int, default=ServingGuards.frontend_threads,
                    help="kernel threads left to the HTTP front end on small steps (1-4 "
                         "tokens); 0 uses every thread")
+    g.add_argument("--send-buffer-bytes", type=int, default=ServingGuards.send_buffer_bytes,
+                   help="socket send buffer of each connection (bounds unread output before "
+                        "--stream-read-timeout applies; 0: the kernel's autotuning)")
+    g.add_argument("--omp-spin-count", type=int, default=ServingGuards.omp_spin_count,
+                   help="GOMP_SPINCOUNT of the server (busy-wait iterations of an idle kernel "
+                        "thread before it sleeps); default: libgomp's")
     add_ray_args(p)
     p.set_defaults(func=cmd_serve)

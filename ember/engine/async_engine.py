@@ -309,6 +309,7 @@ class AsyncEngine:
             pending.append((cmd.stream, exc))
             return
         self._tracked[cmd.request_id] = _Tracked(cmd.stream, cmd.arrival)
+        self._counters["added"] += 1
 
     def _apply_abort(self, request_ids: list[str], pending: list[tuple[_Stream, Item]]) -> None:
         live = [rid for rid in request_ids if rid in self._tracked]
@@ -323,6 +324,7 @@ class AsyncEngine:
                 pending.append((tracked.stream, final))
         for rid in live:  # requests the engine no longer knew (should not happen)
             if (tracked := self._tracked.pop(rid, None)) is not None:
+                self._counters["failed"] += 1
                 pending.append((tracked.stream, EngineUnavailableError("request aborted")))
 
     def _step(self, gen: int) -> bool:
@@ -376,6 +378,7 @@ class AsyncEngine:
 
     def _finish(self, tracked: _Tracked, out: RequestOutput, now: float) -> None:
         reasons = [c.finish_reason or "abort" for c in out.outputs]
+        self._counters["finished"] += 1
         self._finish_reasons.update(reasons)
         if self._observer is not None:
             self._observer.on_finished(now - tracked.arrival, reasons)
@@ -394,6 +397,7 @@ class AsyncEngine:
     def _fail_tracked(self, exc: BaseException) -> None:
         """End every tracked request with `exc` (call with the lock held)."""
         pending: list[tuple[_Stream, Item]] = [(t.stream, exc) for t in self._tracked.values()]
+        self._counters["failed"] += len(pending)
         self._tracked = {}
         self._dispatch(pending)
 
@@ -471,14 +475,16 @@ class AsyncEngine:
         sched = self._engine.core.scheduler.stats()
         self._stats = EngineStats(
             num_running=sched.num_running, num_waiting=sched.num_waiting,
-            kv_cache_usage=sched.kv_cache_usage,
+            kv_cache_usage=sched.kv_cache_usage, kv_capacity_tokens=self.num_kv_tokens,
             prefix_cache_queries=sched.prefix_cache_queries,
             prefix_cache_hits=sched.prefix_cache_hits, num_preemptions=sched.num_preemptions,
             prompt_tokens=self._counters["prompt_tokens"],
             generation_tokens=self._counters["generation_tokens"],
             num_aborted=self._counters["aborted"],
             finished_by_reason=MappingProxyType(dict(self._finish_reasons)),
-            num_steps=self._counters["steps"], **_spec_stats(self._engine.core.spec))
+            num_steps=self._counters["steps"], num_added=self._counters["added"],
+            num_finished=self._counters["finished"], num_failed=self._counters["failed"],
+            **_spec_stats(self._engine.core.spec))
 
 
 def _spec_stats(spec: SpecDecoder | None) -> dict[str, Any]:

@@ -44,6 +44,8 @@ class EngineStats:
     """Sequences queued in the scheduler (including preempted ones)."""
     kv_cache_usage: float = 0.0
     """Fraction of usable KV blocks held by requests."""
+    kv_capacity_tokens: int = 0
+    """Tokens the KV cache holds (its blocks x block size)."""
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
@@ -56,6 +58,12 @@ class EngineStats:
     finished_by_reason: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     """Finished completions by finish reason ('stop', 'length', 'abort') (total)."""
     num_steps: int = 0
+    num_added: int = 0
+    """Requests the engine took (total); at rest it equals num_finished + num_failed."""
+    num_finished: int = 0
+    """Requests that finished, aborted ones included (total)."""
+    num_failed: int = 0
+    """Requests ended by an engine failure (total)."""
     num_restarts: int = 0
     """Engine restarts after a failed or hung step (total)."""
     spec_num_draft_tokens: int = 0

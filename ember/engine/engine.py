@@ -110,6 +110,11 @@ class LLMEngine:
             if params.seed is not None and i > 0:
                 # NOTE: each of the n completions gets its own stream: seed + index.
                 child_params = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
+            if params.prompt_logprobs is not None and i > 0:
+                # NOTE: only the first completion reports prompt logprobs (the output
+                # processor reads them from it); the others reuse its prompt blocks through
+                # the prefix cache (a request asking for prompt logprobs gets no hits).
+                child_params = dataclasses.replace(child_params, prompt_logprobs=None)
             self.core.add_request(Request(
                 request_id=child, prompt_token_ids=processed.token_ids,
                 sampling_params=child_params, eos_token_id=self.tokenizer.eos_token_id,

@@ -69,6 +69,8 @@ class _EngineCollector(Collector):
                     stats.num_waiting)
         yield gauge("ember:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
                     stats.kv_cache_usage)
+        yield gauge("ember:kv_cache_capacity_tokens", "Tokens the KV cache holds.",
+                    stats.kv_capacity_tokens)
         yield counter("ember:prompt_tokens", "Prefilled prompt tokens.", stats.prompt_tokens)
         yield counter("ember:generation_tokens", "Generated tokens.", stats.generation_tokens)
         yield counter("ember:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
@@ -79,6 +81,12 @@ class _EngineCollector(Collector):
                       stats.num_preemptions)
         yield counter("ember:num_aborted_requests", "Requests aborted (client disconnected or "
                       "server shutdown).", stats.num_aborted)
+        yield counter("ember:engine_requests_added", "Requests the engine took (at rest: "
+                      "finished + failed).", stats.num_added)
+        yield counter("ember:engine_requests_finished", "Requests the engine finished "
+                      "(aborted ones included).", stats.num_finished)
+        yield counter("ember:engine_requests_failed", "Requests ended by an engine failure.",
+                      stats.num_failed)
         yield counter("ember:engine_restarts", "Engine restarts after a failed or hung step.",
                       stats.num_restarts)
         if stats.spec_accepted_per_position:

@@ -25,6 +25,8 @@ MAIN_KEY = "sk-main"
 EXTRA_KEYS = ("sk-rate", "sk-tpm", "sk-queue-a", "sk-queue-b", "sk-queue-c", "sk-term")
 RATE_LIMIT_RPM = 5
 RATE_LIMIT_TPM = 400
+STREAM_READ_TIMEOUT_S = 4
+"""The main server's --stream-read-timeout (test_stalled_reader waits this long)."""
 
 
 def free_port() -> int:
@@ -99,7 +101,8 @@ def _servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Ser
     key_file = tmp / "keys.txt"
     key_file.write_text("# test keys\n" + "\n".join(EXTRA_KEYS) + "\n")
     servers = {
-        "main": ServerProcess(["--seed", "0", "--batch-dir", str(tmp / "batches")],
+        "main": ServerProcess(["--seed", "0", "--batch-dir", str(tmp / "batches"),
+                               "--stream-read-timeout", str(STREAM_READ_TIMEOUT_S)],
                               tmp / "main.log"),
         "limited": ServerProcess(
             ["--api-key", MAIN_KEY, "--api-key-file", str(key_file),

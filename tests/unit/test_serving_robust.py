@@ -279,3 +279,18 @@ def test_prefix_cache_is_isolated_per_api_key():
         assert cached("key-a") >= 32  # a hit within the key
         assert cached("key-b") == 0  # another key never sees key-a's cached prefix
         assert cached("key-b") >= 32
+
+
+def test_openmp_environment_sets_the_spin_count_unless_the_user_did(monkeypatch):
+    import pytest
+
+    from ember.config import ConfigError, ServingGuards, openmp_environment
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert openmp_environment(None) == {}
+    assert openmp_environment(10000) == {"GOMP_SPINCOUNT": "10000"}
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert openmp_environment(10000) == {}
+    with pytest.raises(ConfigError, match="omp_spin_count"):
+        ServingGuards(omp_spin_count=-1).validate()

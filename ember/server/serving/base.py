@@ -36,6 +36,17 @@ CLIENT_CLOSED = 499
 """Status logged for requests whose client went away (nginx convention)."""
 
 
+INLINE_PLAN_MAX_CHARS = 4096
+"""Prompts up to this size are tokenized on the event loop (~50 us) instead of a worker
+thread (a hand-off costs more than that, and much more on a busy machine)."""
+
+
+def plan_inline(prompt_chars: int, constrained: bool) -> bool:
+    """True when a request's plan (validation + tokenization) is cheap enough to run on the
+    event loop: a short prompt and no grammar to compile."""
+    return prompt_chars <= INLINE_PLAN_MAX_CHARS and not constrained
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
