@@ -129,20 +129,18 @@ struct AttnScratch {
   }
 };
 
-// Keys [kb, kb + n) of kv head kvh as floats: K transposed (D, kKeys), V rows (kKeys, D); keys
-// >= n zero; the next tile's rows are prefetched. NOTE: K transposed so that QK produces
-// vectors of keys (no horizontal sums); the transpose is paid once per tile for all its rows.
+// Keys [kb, kb + n) of kv head kvh as float rows (kKeys, D), rows >= n zero; the next tile's
+// rows are prefetched.
 template <int D>
 inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache& kv,
                          int64_t kvh, int64_t kb, int64_t n, int64_t kend, float* kf,
                          float* vf) {
   const int64_t bs = c.block_size, hk = c.hk;
-  float kt[kVecW];
   for (int64_t j = 0; j < kKeys; ++j) {
+    float* kr = kf + j * D;
     float* vr = vf + j * D;
     if (j >= n) {
-      for (int d = 0; d < D; ++d) kf[d * kKeys + j] = 0.0f;
-      for (int v = 0; v < D; v += kVecW) v_store(vr + v, v_zero());
+      for (int v = 0; v < D; v += kVecW) v_store(kr + v, v_zero()), v_store(vr + v, v_zero());
       continue;
     }
     const int64_t p = kb + j;
@@ -160,8 +158,7 @@ inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache
       const kv_t* ks = static_cast<const kv_t*>(kv.k) + row * D;
       const kv_t* vs = static_cast<const kv_t*>(kv.v) + row * D;
       for (int v = 0; v < D; v += kVecW) {
-        v_store(kt, load_bf16(ks + v));
-        for (int i = 0; i < kVecW; ++i) kf[(v + i) * kKeys + j] = kt[i];
+        v_store(kr + v, load_bf16(ks + v));
         v_store(vr + v, load_bf16(vs + v));
       }
     } else {
@@ -169,46 +166,45 @@ inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache
       const int8_t* vs = static_cast<const int8_t*>(kv.v) + row * D;
       const vfloat sk = v_set1(kv.k_scale[row]), sv = v_set1(kv.v_scale[row]);
       for (int v = 0; v < D; v += kVecW) {
-        v_store(kt, v_mul(v_load_i8(ks + v), sk));
-        for (int i = 0; i < kVecW; ++i) kf[(v + i) * kKeys + j] = kt[i];
+        v_store(kr + v, v_mul(v_load_i8(ks + v), sk));
         v_store(vr + v, v_mul(v_load_i8(vs + v), sv));
       }
     }
   }
 }
 
-// s (R, kKeys) = q (R, D) . kt (D, kKeys) for R <= 3 query rows: each query element
-// broadcast against C vectors of keys (R x C + C + 1 <= 16 registers on AVX2), no horizontal
-// sums. NOTE: summed in the order of the row-major dot product (v_hsum4): lane l of kVecW
-// accumulates dims l, l + kVecW, ...; the lanes then meet in a pairwise tree. The float
-// rounding (and so every greedy token) is that of the row-major kernel.
+// s (R, kKeys) = q (R, D) . kf (kKeys, D)^T for R = 1 or 2 query rows, four keys at a time.
 template <int D, int R>
-inline void qk_rows(const float* q, const float* kt, float* s) {
-  constexpr int C = 4, NV = D / kVecW;
-  for (int64_t j = 0; j < kKeys; j += C * kVecW) {
-    vfloat lane[kVecW][R][C];
-    for (int l = 0; l < kVecW; ++l) {
-      vfloat a[R][C];
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) a[r][c] = v_zero();
-      for (int v = 0; v < NV; ++v) {
-        const int d = v * kVecW + l;
-        vfloat k[C];
-        for (int c = 0; c < C; ++c) k[c] = v_load(kt + d * kKeys + j + c * kVecW);
-        for (int r = 0; r < R; ++r) {
-          const vfloat qb = v_set1(q[r * D + d]);
-          for (int c = 0; c < C; ++c) a[r][c] = v_fma(qb, k[c], a[r][c]);
-        }
-      }
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < C; ++c) lane[l][r][c] = a[r][c];
-    }
-    for (int w = 1; w < kVecW; w *= 2)
-      for (int l = 0; l < kVecW; l += 2 * w)
-        for (int r = 0; r < R; ++r)
-          for (int c = 0; c < C; ++c) lane[l][r][c] = v_add(lane[l][r][c], lane[l + w][r][c]);
+inline void qk_rows(const float* q, const float* kf, float* s) {
+  constexpr int NV = D / kVecW;
+  for (int64_t j = 0; j < kKeys; j += 4) {
+    vfloat a[R][4];
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) v_store(s + r * kKeys + j + c * kVecW, lane[0][r][c]);
+      for (int i = 0; i < 4; ++i) a[r][i] = v_zero();
+    for (int v = 0; v < NV; ++v) {
+      vfloat qv[R];
+      for (int r = 0; r < R; ++r) qv[r] = v_load(q + r * D + v * kVecW);
+      for (int i = 0; i < 4; ++i) {
+        const vfloat kv = v_load(kf + (j + i) * D + v * kVecW);
+        for (int r = 0; r < R; ++r) a[r][i] = v_fma(qv[r], kv, a[r][i]);
+      }
+    }
+    for (int r = 0; r < R; ++r) v_hsum4(a[r][0], a[r][1], a[r][2], a[r][3], s + r * kKeys + j);
+  }
+}
+
+// acc (D) += sum_{j in [j0, j1)} p[j] vf[j], eight vectors of accumulators in registers.
+template <int D>
+inline void pv_row(const float* p, const float* vf, int64_t j0, int64_t j1, float* acc) {
+  constexpr int NV = D / kVecW, C = NV < 8 ? NV : 8;
+  for (int c0 = 0; c0 < NV; c0 += C) {
+    vfloat a[C];
+    for (int v = 0; v < C; ++v) a[v] = v_load(acc + (c0 + v) * kVecW);
+    for (int64_t j = j0; j < j1; ++j) {
+      const vfloat w = v_set1(p[j]);
+      for (int v = 0; v < C; ++v) a[v] = v_fma(w, v_load(vf + j * D + (c0 + v) * kVecW), a[v]);
+    }
+    for (int v = 0; v < C; ++v) v_store(acc + (c0 + v) * kVecW, a[v]);
   }
 }
 
@@ -331,9 +327,8 @@ void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, in
     const int64_t n = std::min(kKeys, t.k1 - kb);
     load_kv_tile<D>(c, table, kv, kvh, kb, n, t.k1, sc.kf.data(), sc.vf.data());
     int64_t m = 0;
-    for (; m + 3 <= M; m += 3) qk_rows<D, 3>(qf + m * D, sc.kf.data(), s + m * kKeys);
-    if (M - m == 2) qk_rows<D, 2>(qf + m * D, sc.kf.data(), s + m * kKeys);
-    if (M - m == 1) qk_rows<D, 1>(qf + m * D, sc.kf.data(), s + m * kKeys);
+    for (; m + 2 <= M; m += 2) qk_rows<D, 2>(qf + m * D, sc.kf.data(), s + m * kKeys);
+    if (m < M) qk_rows<D, 1>(qf + m * D, sc.kf.data(), s + m * kKeys);
     // NOTE: probabilities outside a row's keys are zeroed so the rows can share PV passes
     float* alpha = sc.alpha.data();
     for (m = 0; m < M; ++m) {
