@@ -112,7 +112,7 @@ inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window,
 
 // Per-thread scratch of the tile kernel.
 struct AttnScratch {
-  std::vector<float> q, s, kf, vf, acc, m, l;
+  std::vector<float> q, s, kf, vf, acc, m, l, alpha;
   std::vector<int64_t> lo, hi;
   AttnScratch(int64_t group, int64_t dim) {
     const size_t rows = static_cast<size_t>(kQRows * group);
@@ -123,6 +123,7 @@ struct AttnScratch {
     acc.resize(rows * dim);
     m.resize(rows);
     l.resize(rows);
+    alpha.resize(rows);
     lo.resize(rows);
     hi.resize(rows);
   }
@@ -149,8 +150,8 @@ inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache
       const int64_t rn = (table[pn / bs] * bs + pn % bs) * hk + kvh;
       const size_t elem = kv.dtype == 0 ? 2 : 1;
       for (size_t off = 0; off < D * elem; off += 64) {
-        _mm_prefetch(static_cast<const char*>(kv.k) + rn * D * elem + off, _MM_HINT_T0);
-        _mm_prefetch(static_cast<const char*>(kv.v) + rn * D * elem + off, _MM_HINT_T0);
+        v_prefetch(static_cast<const char*>(kv.k) + rn * D * elem + off);
+        v_prefetch(static_cast<const char*>(kv.v) + rn * D * elem + off);
       }
     }
     if (kv.dtype == 0) {
@@ -207,6 +208,101 @@ inline void pv_row(const float* p, const float* vf, int64_t j0, int64_t j1, floa
   }
 }
 
+// The M = nr x G rows of a finished item: normalised into `out`, or (acc, m, l) into the
+// item's slot of the partial buffer (a split-K range).
+template <int D>
+inline void finish_rows(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t,
+                        int64_t kvh, const AttnScratch& sc, float* out, int64_t out_stride) {
+  const int64_t G = plan.group, M = t.nr * G;
+  const float* acc = sc.acc.data();
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t r = t.r0 + m / G, h = kvh * G + m % G;
+    if (t.part < 0) {
+      const vfloat inv = v_set1(sc.l[m] > 0.0f ? 1.0f / sc.l[m] : 0.0f);
+      float* dst = out + r * out_stride + h * D;
+      for (int v = 0; v < D; v += kVecW) v_store(dst + v, v_mul(v_load(acc + m * D + v), inv));
+    } else {
+      float* dst = const_cast<float*>(plan.partial.data()) +
+                   (t.part * c.hk + kvh) * plan.part_stride + m * (D + 2);
+      memcpy(dst, acc + m * D, D * sizeof(float));
+      dst[D] = sc.m[m];
+      dst[D + 1] = sc.l[m];
+    }
+  }
+}
+
+// The largest of x[0..n).
+inline float max_of(const float* x, int64_t n, float mx) {
+  int64_t j = 0;
+  if (n >= kVecW) {
+    vfloat a = v_load(x);
+    for (j = kVecW; j + kVecW <= n; j += kVecW) a = v_max(a, v_load(x + j));
+    mx = std::max(mx, v_hmax(a));
+  }
+  for (; j < n; ++j) mx = std::max(mx, x[j]);
+  return mx;
+}
+
+// ---- decode rows (a tile of one query row): K/V read straight from the cache ------------
+// A decode row's G query heads share each K/V row, but G (3 for SmolLM2) is too few to
+// amortise converting a whole tile to float in scratch (as attend_tile does for prefill):
+// here each K/V vector is converted in registers, used by every query head of the group and
+// dropped. int8 caches: the key scale multiplies the score, the value scale the probability.
+
+// Where K/V rows come from: the bf16 or int8 cache (row index rows[j]), or a float tile in
+// scratch (row j).
+enum KvSrc { kBf16 = 0, kInt8 = 1, kFloatTile = 2 };
+
+template <int KS>
+inline vfloat load_kv(const void* base, int64_t off) {
+  if constexpr (KS == kInt8) return v_load_i8(static_cast<const int8_t*>(base) + off);
+  else if constexpr (KS == kBf16) return load_bf16(static_cast<const kv_t*>(base) + off);
+  else return v_load(static_cast<const float*>(base) + off);
+}
+
+// s[r * kKeys + j + i] = q_r . k_(j+i) for keys j..j+3 (cache rows rows[j..j+3]), R <= 3 rows.
+template <int D, int R, int KS>
+inline void qk4_direct(const float* q, const void* k, const int64_t* rows, float* s) {
+  constexpr int NV = D / kVecW;
+  vfloat a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) a[r][i] = v_zero();
+  for (int v = 0; v < NV; ++v) {
+    vfloat kv[4];
+    for (int i = 0; i < 4; ++i) kv[i] = load_kv<KS>(k, rows[i] * D + v * kVecW);
+    for (int r = 0; r < R; ++r) {
+      const vfloat qv = v_load(q + r * D + v * kVecW);
+      for (int i = 0; i < 4; ++i) a[r][i] = v_fma(qv, kv[i], a[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r) v_hsum4(a[r][0], a[r][1], a[r][2], a[r][3], s + r * kKeys);
+}
+
+// acc_r (D) = alpha_r acc_r + sum_{j < n} p_r[j] v_j for R <= 3 rows (rows: null for a float
+// tile); accumulators in registers, C vectors of D at a time (R x C + R + 1 <= 16 registers on
+// AVX2), so every V vector is loaded (and converted) once for the R rows.
+template <int D, int R, int KS>
+inline void pv_direct(const float* p, const void* vc, const int64_t* rows, int64_t n,
+                      const float* alpha, float* acc) {
+  constexpr int NV = D / kVecW, C0 = R == 1 ? 8 : 4, C = NV < C0 ? NV : C0;
+  for (int c0 = 0; c0 < NV; c0 += C) {
+    vfloat a[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < C; ++v)
+        a[r][v] = v_mul(v_load(acc + r * D + (c0 + v) * kVecW), v_set1(alpha[r]));
+    for (int64_t j = 0; j < n; ++j) {
+      vfloat w[R];
+      for (int r = 0; r < R; ++r) w[r] = v_set1(p[r * kKeys + j]);
+      for (int v = 0; v < C; ++v) {
+        const vfloat x = load_kv<KS>(vc, (KS == kFloatTile ? j : rows[j]) * D + (c0 + v) * kVecW);
+        for (int r = 0; r < R; ++r) a[r][v] = v_fma(w[r], x, a[r][v]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < C; ++v) v_store(acc + r * D + (c0 + v) * kVecW, a[r][v]);
+  }
+}
+
 // One work item: the rows of tile t, the G query heads of kv head kvh, keys [t.k0, t.k1).
 // q: row i's query heads at q + i * q_stride; out: row i's heads at out + i * out_stride.
 template <int D>
@@ -233,37 +329,93 @@ void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, in
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) qk_rows<D, 2>(qf + m * D, sc.kf.data(), s + m * kKeys);
     if (m < M) qk_rows<D, 1>(qf + m * D, sc.kf.data(), s + m * kKeys);
+    // NOTE: probabilities outside a row's keys are zeroed so the rows can share PV passes
+    float* alpha = sc.alpha.data();
     for (m = 0; m < M; ++m) {
       const int64_t j0 = std::max<int64_t>(0, sc.lo[m] - kb);
       const int64_t j1 = std::min<int64_t>(n, sc.hi[m] - kb);
-      if (j0 >= j1) continue;
       float* sm = s + m * kKeys;
-      float mx = sc.m[m];
-      for (int64_t j = j0; j < j1; ++j) mx = std::max(mx, sm[j]);
-      const float alpha = expf(sc.m[m] - mx);  // 0 on the first keys (m = -inf)
-      const float sum = exp_shifted(sm + j0, j1 - j0, mx);
-      float* am = acc + m * D;
-      if (alpha != 1.0f)
-        for (int v = 0; v < D; v += kVecW) v_store(am + v, v_mul(v_load(am + v), v_set1(alpha)));
-      sc.l[m] = sc.l[m] * alpha + sum;
+      if (j0 >= j1) {
+        alpha[m] = 1.0f;
+        for (int64_t j = 0; j < n; ++j) sm[j] = 0.0f;
+        continue;
+      }
+      const float mx = max_of(sm + j0, j1 - j0, sc.m[m]);
+      alpha[m] = expf(sc.m[m] - mx);  // 0 on the first keys (m = -inf)
+      sc.l[m] = sc.l[m] * alpha[m] + exp_shifted(sm + j0, j1 - j0, mx);
       sc.m[m] = mx;
-      pv_row<D>(sm, sc.vf.data(), j0, j1, am);
+      for (int64_t j = 0; j < j0; ++j) sm[j] = 0.0f;
+      for (int64_t j = j1; j < n; ++j) sm[j] = 0.0f;
     }
+    for (m = 0; m + 3 <= M; m += 3)
+      pv_direct<D, 3, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
+    if (M - m == 2)
+      pv_direct<D, 2, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
+    if (M - m == 1)
+      pv_direct<D, 1, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
   }
+  finish_rows<D>(c, plan, t, kvh, sc, out, out_stride);
+}
+
+template <int D, int KS>
+void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, int64_t kvh,
+                   const float* q, int64_t q_stride, const KvCache& kv, AttnScratch& sc,
+                   float* out, int64_t out_stride) {
+  const int64_t M = plan.group, bs = c.block_size, hk = c.hk;
+  const int64_t* table = c.block_tables + t.r0 * c.max_blocks;
+  float *qf = sc.q.data(), *s = sc.s.data(), *acc = sc.acc.data();
+  int64_t rows[kKeys];
+  float* alpha = sc.alpha.data();
   for (int64_t m = 0; m < M; ++m) {
-    const int64_t r = t.r0 + m / G, h = kvh * G + m % G;
-    if (t.part < 0) {
-      const vfloat inv = v_set1(1.0f / sc.l[m]);
-      float* dst = out + r * out_stride + h * D;
-      for (int v = 0; v < D; v += kVecW) v_store(dst + v, v_mul(v_load(acc + m * D + v), inv));
-    } else {
-      float* dst = const_cast<float*>(plan.partial.data()) +
-                   (t.part * c.hk + kvh) * plan.part_stride + m * (D + 2);
-      memcpy(dst, acc + m * D, D * sizeof(float));
-      dst[D] = sc.m[m];
-      dst[D + 1] = sc.l[m];
+    const float* src = q + t.r0 * q_stride + (kvh * M + m) * D;
+    for (int v = 0; v < D; v += kVecW) {
+      v_store(qf + m * D + v, v_mul(v_load(src + v), v_set1(c.scale)));
+      v_store(acc + m * D + v, v_zero());
     }
+    sc.m[m] = -INFINITY;
+    sc.l[m] = 0.0f;
   }
+  const size_t row_bytes = KS == kInt8 ? D : 2 * D;
+  for (int64_t kb = t.k0; kb < t.k1; kb += kKeys) {
+    const int64_t n = std::min(kKeys, t.k1 - kb);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t p = kb + j;
+      rows[j] = (table[p / bs] * bs + p % bs) * hk + kvh;
+      const int64_t pn = p + kKeys;  // the same key of the next tile, into L1 ahead of use
+      if (pn < t.k1) {
+        const int64_t rn = (table[pn / bs] * bs + pn % bs) * hk + kvh;
+        for (size_t off = 0; off < row_bytes; off += 64) {
+          v_prefetch(static_cast<const char*>(kv.k) + rn * row_bytes + off);
+          v_prefetch(static_cast<const char*>(kv.v) + rn * row_bytes + off);
+        }
+      }
+    }
+    const int64_t n4 = (n + 3) / 4 * 4;
+    for (int64_t j = n; j < n4; ++j) rows[j] = rows[0];  // padding keys: scores ignored
+    for (int64_t j = 0; j < n4; j += 4) {
+      int64_t m = 0;
+      for (; m + 3 <= M; m += 3) qk4_direct<D, 3, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
+      if (M - m == 2) qk4_direct<D, 2, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
+      if (M - m == 1) qk4_direct<D, 1, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      float* sm = s + m * kKeys;
+      if constexpr (KS == kInt8)
+        for (int64_t j = 0; j < n; ++j) sm[j] *= kv.k_scale[rows[j]];
+      const float mx = max_of(sm, n, sc.m[m]);
+      alpha[m] = expf(sc.m[m] - mx);  // 0 on the first keys (m = -inf)
+      sc.l[m] = sc.l[m] * alpha[m] + exp_shifted(sm, n, mx);
+      sc.m[m] = mx;
+      if constexpr (KS == kInt8)
+        for (int64_t j = 0; j < n; ++j) sm[j] *= kv.v_scale[rows[j]];
+    }
+    int64_t m = 0;
+    for (; m + 3 <= M; m += 3)
+      pv_direct<D, 3, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
+    if (M - m == 2) pv_direct<D, 2, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
+    if (M - m == 1) pv_direct<D, 1, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
+  }
+  finish_rows<D>(c, plan, t, kvh, sc, out, out_stride);
 }
 
 // The split ranges of one (tile, kv head) merged: out = sum_s e^(m_s - M) acc_s / sum_s
@@ -317,6 +469,21 @@ inline bool tiled_attention_supports(int64_t dim) {
   return dim == 64 || dim == 128 || dim == 256;
 }
 
+inline void attend_decode_dispatch(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t,
+                                   int64_t kvh, const float* q, int64_t q_stride,
+                                   const KvCache& kv, AttnScratch& sc, float* out,
+                                   int64_t out_stride) {
+  const bool i8 = kv.dtype != 0;
+  switch (c.dim * 2 + (i8 ? 1 : 0)) {
+    case 128: attend_decode<64, kBf16>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
+    case 129: attend_decode<64, kInt8>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
+    case 256: attend_decode<128, kBf16>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
+    case 257: attend_decode<128, kInt8>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
+    case 512: attend_decode<256, kBf16>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
+    default: attend_decode<256, kInt8>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
+  }
+}
+
 // Attention of every row of `plan` (built by make_attn_plan on the same c / window).
 // Worksharing only: every thread of the team calls it with its own scratch.
 inline void attend_planned(const DecodeCtx& c, AttnPlan& plan, int64_t window, const float* q,
@@ -328,6 +495,10 @@ inline void attend_planned(const DecodeCtx& c, AttnPlan& plan, int64_t window, c
     // NOTE: largest items first (the tiles are in row order; later prefill rows see more keys)
     const AttnTile& t = plan.tiles[static_cast<size_t>(plan.tiles.size() - 1 - i / c.hk)];
     const int64_t kvh = i % c.hk;
+    if (t.nr == 1) {  // a decode row: K/V straight from the cache
+      attend_decode_dispatch(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride);
+      continue;
+    }
     switch (c.dim) {
       case 64: attend_tile<64>(c, plan, t, kvh, window, q, q_stride, kv, sc, out, out_stride); break;
       case 128: attend_tile<128>(c, plan, t, kvh, window, q, q_stride, kv, sc, out, out_stride); break;

@@ -356,6 +356,13 @@ inline vfloat v_load_i8(const int8_t* p) {  // 8 int8 -> 8 floats
   memcpy(&raw, p, 8);
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(raw)));
 }
+inline vfloat v_max(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
+inline float v_hmax(vfloat a) {  // the largest lane
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 0x55)));
+}
+inline void v_prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 // out[0..3] = the horizontal sums of a, b, c, d.
 inline void v_hsum4(vfloat a, vfloat b, vfloat c, vfloat d, float* out) {
   const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));

@@ -84,6 +84,12 @@ CASES = [
     (9, 3, 64, 16, [(300, 40), (1200, 1)], 128),  # sliding window (prefill rows and decode)
     (6, 2, 64, 16, [(2000, 1)], 100),  # a split decode reading only its window
     (4, 2, 64, 16, [(0, 70)], 16),  # window shorter than the prefill tile
+    # decode rows read K/V straight from the cache: query heads in groups of 3, 2 and 1,
+    # lengths off the 4-key steps, split and unsplit
+    (8, 2, 64, 16, [(37, 1), (5, 1), (0, 1)], None),  # G = 4 (3 + 1)
+    (16, 2, 128, 8, [(999, 1), (2, 1)], None),  # G = 8 (3 + 3 + 2), split
+    (10, 5, 64, 16, [(1301, 1)], None),  # G = 2, split over 5 kv heads
+    (12, 3, 64, 16, [(7, 45)], 24),  # prefill, G = 4: PV passes over rows of two tokens
 ]
 
 
@@ -129,6 +135,8 @@ def _quantize_int8(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (9, 3, 64, 16, [(0, 1), (40, 1), (0, 37)], None),
     (4, 2, 128, 16, [(1700, 1)], None),  # split-K over int8 blocks
     (6, 2, 64, 8, [(200, 30)], 64),
+    (8, 2, 256, 16, [(700, 1), (3, 1)], None),  # int8 decode rows, G = 4, head dim 256
+    (9, 3, 64, 16, [(1337, 1)], 200),  # int8 split decode reading only its window
 ])
 def test_int8_cache_attention_matches_dequantized_reference(kernels, hq, hk, dim, bs, seqs,
                                                             window):
