@@ -388,6 +388,17 @@ inline vfloat v_load_i8(const int8_t* p) {  // kVecW int8 -> floats
   memcpy(&b, p, sizeof(b));
   return __builtin_convertvector(__builtin_convertvector(b, vint32), vfloat);
 }
+inline vfloat v_max(vfloat a, vfloat b) {
+  vfloat r;
+  for (int i = 0; i < kVecW; ++i) r[i] = a[i] > b[i] ? a[i] : b[i];
+  return r;
+}
+inline float v_hmax(vfloat a) {  // the largest lane
+  float m = a[0];
+  for (int i = 1; i < kVecW; ++i) m = a[i] > m ? a[i] : m;
+  return m;
+}
+inline void v_prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 // out[0..3] = the horizontal sums of a, b, c, d, in the AVX2 kernel's (hadd) order:
 // ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)).
 inline float hadd_order(vfloat v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
