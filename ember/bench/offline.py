@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -195,6 +196,7 @@ def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) ->
                                      args.llama_bench)
     for note in notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+    load_before = os.getloadavg()  # a busy machine's numbers are contended: say so
     bandwidth = measure_bandwidth_gbs(args.threads)
     runs: dict[str, list[dict[str, float]]] = {s.label: [] for s in specs}
     with Progress(console=console, transient=True) as bar:
@@ -214,7 +216,8 @@ def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) ->
     weight_bytes = _weight_bytes(args.model_path)
     report: dict[str, Any] = {"model": args.model_path, "threads": args.threads, "repeats": args.repeats,
               "bandwidth_gbs": bandwidth, "notes": notes, "runs": runs, "medians": medians,
-              "ratios": rel, "weight_bytes": weight_bytes}
+              "ratios": rel, "weight_bytes": weight_bytes,
+              "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     for label, m in medians.items():
         # fraction of the bandwidth bound: every decode step reads all weights once
         bound = bandwidth * 1e9 / weight_bytes
