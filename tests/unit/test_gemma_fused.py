@@ -50,15 +50,27 @@ def tiny_gemma(seed: int = 0) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory) -> CpuKernels:
-    k = CpuKernels.load(str(tmp_path_factory.mktemp("cache")), num_threads=2)
+def kernels() -> CpuKernels:
+    k = CpuKernels.load(None, num_threads=2)  # the shared cache: built once per source hash
     assert k is not None
     return k
 
 
+_RUNS: dict[tuple[str | None, bool, bool], tuple[list[list[int]], torch.Tensor]] = {}
+
+
 def run(quantization: str | None, kernels: CpuKernels | None, fused: bool = True
         ) -> tuple[list[list[int]], torch.Tensor]:
-    """Greedy tokens and their logprobs for the prompts, in one batch of mixed steps."""
+    """Greedy tokens and their logprobs for the prompts, in one batch of mixed steps (each
+    configuration runs once per session)."""
+    key = (quantization, kernels is not None, fused)
+    if key not in _RUNS:
+        _RUNS[key] = _run(quantization, kernels, fused)
+    return _RUNS[key]
+
+
+def _run(quantization: str | None, kernels: CpuKernels | None, fused: bool
+         ) -> tuple[list[list[int]], torch.Tensor]:
     config = EngineConfig(model=ModelConfig(model="tiny", quantization=quantization),
                           cache=CacheConfig(block_size=4, num_blocks=64),
                           scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16))
@@ -92,11 +104,12 @@ def test_fused_gemma_close_to_dense_reference(kernels):
     fused_tokens, fused_lp = run("int8", kernels)
     ref_tokens, ref_lp = run(None, None)
     assert fused_tokens == ref_tokens
-    assert (fused_lp - ref_lp).abs().max().item() < 0.05
+    assert (fused_lp - ref_lp).abs().max().item() < 0.1
 
 
 def test_extra_norms_matter(kernels):
-    """The test above can fail: dropping the post-MLP norms from the stack changes tokens."""
+    """The tests above can fail: without the post-MLP norms the fused stack is far from both
+    the module path and the dense reference."""
     config = EngineConfig(model=ModelConfig(model="tiny", quantization="int8"),
                           cache=CacheConfig(block_size=4, num_blocks=64),
                           scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16))
@@ -112,4 +125,6 @@ def test_extra_norms_matter(kernels):
     outs = run_to_completion(engine, ENGINE_PROMPTS, params)
     broken = torch.tensor([[lp.logprob for lp in o.logprobs] for o in outs])
     _, good = run("int8", kernels)
-    assert (broken - good).abs().max().item() > 0.05
+    _, ref = run(None, None)
+    assert (broken - good).abs().max().item() > 0.2
+    assert (broken - ref).abs().max().item() > 0.2
