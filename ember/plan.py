@@ -97,8 +97,8 @@ def resolve_plan(config: ModelConfig, arch: ArchConfig, model_cls: type[CausalLM
     Decisions: weights = the config's quantization ('auto' resolved); the kernels run whenever
     they loaded; quantized formats keep float32 activations on the kernels and bfloat16 on
     PyTorch's int4/int8 ops; a quantized model on the kernels keeps a bfloat16 KV cache (half
-    the bytes long-context attention reads) and, where the architecture is plain Llama
-    attention, runs the attention kernels and (where the model describes its layer stack) the
+    the bytes long-context attention reads) and, where the kernels implement the
+    architecture's attention (plain Llama; Gemma 3), runs the attention kernels and (where the model describes its layer stack) the
     fused decoder; dense float32 keeps the exact PyTorch attention and float32 cache.
     `config.kv_cache_dtype` overrides the KV dtype: 'fp32' puts attention on PyTorch (the
     reference), 'int8' needs the attention kernels (ConfigError otherwise).

@@ -222,7 +222,7 @@ def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) ->
                                      args.ember_isas)
     for note in notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-    loadavg_before = os.getloadavg()
+    loadavg_before = os.getloadavg()  # a busy machine's numbers are contended: say so
     bandwidth = measure_bandwidth_gbs(args.threads)
     runs: dict[str, list[dict[str, float]]] = {s.label: [] for s in specs}
     with Progress(console=console, transient=True) as bar:

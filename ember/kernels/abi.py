@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 from ctypes import Structure, c_float, c_int, c_int64, c_void_p
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 
 class LinearW(Structure):
@@ -28,14 +28,17 @@ class LayerW(Structure):
     _fields_ = [("in_norm", c_void_p), ("post_norm", c_void_p), ("qkv", LinearW),
                 ("o", LinearW), ("gate_up", LinearW), ("down", LinearW),
                 ("k_cache", c_void_p), ("v_cache", c_void_p), ("k_scale", c_void_p),
-                ("v_scale", c_void_p), ("kv_dtype", c_int64), ("window", c_int64)]
+                ("v_scale", c_void_p), ("kv_dtype", c_int64), ("window", c_int64),
+                ("q_norm", c_void_p), ("k_norm", c_void_p), ("post_attn_norm", c_void_p),
+                ("post_ffn_norm", c_void_p), ("rope_table", c_int64)]
 
 
 class Shape(Structure):
     """Shape constants of the layer stack (decoder.cpp `Shape`)."""
 
     _fields_ = [("hidden", c_int64), ("inter", c_int64), ("hq", c_int64), ("hk", c_int64),
-                ("dim", c_int64), ("block_size", c_int64), ("eps", c_float), ("scale", c_float)]
+                ("dim", c_int64), ("block_size", c_int64), ("eps", c_float), ("scale", c_float),
+                ("activation", c_int64)]
 
 
 MIRRORED: tuple[tuple[str, int], ...] = (

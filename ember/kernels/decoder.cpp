@@ -1,8 +1,11 @@
-// Whole decode steps of a Llama-style decoder in one call: for B single-token requests, every
-// layer's RMSNorm -> fused QKV -> RoPE + cache write -> paged attention -> O -> add + RMSNorm ->
-// fused gate/up -> SiLU * up -> down -> add, in one OpenMP region (a barrier between stages)
-// instead of a Python call per operation. The math is the one of ember/models/llama.py, whose
-// module path stays the reference (and runs prefill); tests compare the two.
+// Whole decode steps of a pre-norm decoder in one call: for B query rows, every layer's
+// RMSNorm -> fused QKV -> [per-head q/k RMSNorm] -> RoPE + cache write -> paged attention -> O
+// -> [RMSNorm] -> add + RMSNorm -> fused gate/up -> SiLU or tanh-GELU * up -> down -> [RMSNorm]
+// -> add, in one OpenMP region (a barrier between stages) instead of a Python call per
+// operation. The bracketed steps are optional per layer (null norms: off): Llama-style layers
+// leave them off, Gemma 3 layers use them (with a RoPE table per layer: local and global
+// bases). The math is the one of the models' module paths, which stay the reference; tests
+// compare the two.
 
 #include "kernels.h"
 
@@ -18,15 +21,41 @@ struct LayerW {
   float* v_scale;
   int64_t kv_dtype;  // 0 bfloat16, 1 int8
   int64_t window;    // sliding window (keys a query sees, itself included); 0 = full
+  // Optional (null: off; Llama leaves all off):
+  const float* q_norm;          // (D,) RMSNorm of every query head before RoPE
+  const float* k_norm;          // (D,) RMSNorm of every key head before RoPE
+  const float* post_attn_norm;  // (H,) RMSNorm of the attention output before the residual add
+  const float* post_ffn_norm;   // (H,) RMSNorm of the MLP output before the residual add
+  int64_t rope_table;           // which of the step's cos/sin tables this layer rotates with
 };
+
+// Activations of the gated MLP (Shape::activation).
+constexpr int64_t kActSilu = 0, kActGeluTanh = 1;
 
 struct Shape {
   int64_t hidden, inter, hq, hk, dim, block_size;
   float eps, scale;
+  int64_t activation;  // kActSilu (Llama) or kActGeluTanh (Gemma's GeGLU)
 };
 
 // Bump together with ABI_VERSION in ember/kernels/abi.py on any change of these structs.
-constexpr int64_t kAbiVersion = 2;
+constexpr int64_t kAbiVersion = 3;
+
+// out = gelu_tanh(g) * u, with gelu_tanh(x) = 0.5 x (1 + tanh(c (x + 0.044715 x^3)))
+// = x * sigmoid(2 c (x + 0.044715 x^3)), c = sqrt(2 / pi). ISA-independent: built on
+// exp_shifted (each ISA header's vector exp); the other loops auto-vectorise.
+inline void gelu_tanh_mul_row(const float* g, const float* u, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j)
+    out[j] = -1.5957691216057308f * (g[j] + 0.044715f * g[j] * g[j] * g[j]);
+  exp_shifted(out, n, 0.0f);  // out[j] = exp(out[j]), clamped: large |x| stays finite
+  for (int64_t j = 0; j < n; ++j) out[j] = g[j] * u[j] / (1.0f + out[j]);
+}
+
+// x row += proj row, the proj row first RMSNormed in place by `norm` when given.
+inline void add_output(float* x, float* proj, const float* norm, int64_t h, float eps) {
+  if (norm != nullptr) rms_norm_row(proj, nullptr, norm, h, eps, proj);
+  for (int64_t j = 0; j < h; ++j) x[j] += proj[j];
+}
 
 }  // namespace
 
@@ -45,11 +74,13 @@ int64_t ember_abi(int what) {
 }
 
 // x (B, H): token embeddings in; the residual stream after the last layer out (not normed).
-// cos/sin (B, D/2); slots (B,); block_tables (B, max_blocks); lens (B,).
+// cos/sin (R, B, D/2): R tables (layer l uses table layers[l].rope_table); slots (B,);
+// block_tables (B, max_blocks); lens (B,).
 void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_layers,
                    const Shape* shape, const float* cos_t, const float* sin_t,
                    const int64_t* slots, const int64_t* block_tables, int64_t max_blocks,
                    const int64_t* lens, int nthreads) {
+  if (num_layers == 0) return;
   const Shape& s = *shape;
   const int64_t h = s.hidden, dim = s.dim, hq = s.hq;
   const int64_t qkv_np = padded((hq + 2 * s.hk) * dim), o_np = padded(h);
@@ -87,23 +118,31 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < batch; ++b) {
         if (l > 0)  // the previous layer's MLP output joins the residual stream
-          for (int64_t j = 0; j < h; ++j) x[b * h + j] += proj[static_cast<size_t>(b * down_np + j)];
+          add_output(x + b * h, proj.data() + b * down_np, layers[l - 1].post_ffn_norm, h, s.eps);
         rms_norm_row(x + b * h, nullptr, L.in_norm, h, s.eps, normed.data() + b * h);
         qa_h.quantize_row(normed.data() + b * h, b);
       }
       gemm_tiles(L.qkv, qa_h, batch, qkv.data());
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < batch; ++b)
+      for (int64_t b = 0; b < batch; ++b) {
+        float* row = qkv.data() + b * qkv_np;
+        if (L.q_norm != nullptr)
+          for (int64_t i = 0; i < hq; ++i)
+            rms_norm_row(row + i * dim, nullptr, L.q_norm, dim, s.eps, row + i * dim);
+        if (L.k_norm != nullptr)
+          for (int64_t i = hq; i < hq + s.hk; ++i)
+            rms_norm_row(row + i * dim, nullptr, L.k_norm, dim, s.eps, row + i * dim);
+        const int64_t rope_off = (L.rope_table * batch + b) * dim / 2;
         if (L.kv_dtype == 1) {
-          rope_store_row(qkv.data() + b * qkv_np, cos_t + b * dim / 2, sin_t + b * dim / 2, hq,
-                         s.hk, dim, nullptr, nullptr, 0);
-          store_kv_i8(qkv.data() + b * qkv_np, hq, s.hk, dim, static_cast<int8_t*>(L.k_cache),
+          rope_store_row(row, cos_t + rope_off, sin_t + rope_off, hq, s.hk, dim, nullptr,
+                         nullptr, 0);
+          store_kv_i8(row, hq, s.hk, dim, static_cast<int8_t*>(L.k_cache),
                       static_cast<int8_t*>(L.v_cache), L.k_scale, L.v_scale, slots[b]);
         } else {
-          rope_store_row(qkv.data() + b * qkv_np, cos_t + b * dim / 2, sin_t + b * dim / 2, hq,
-                         s.hk, dim, static_cast<kv_t*>(L.k_cache),
-                         static_cast<kv_t*>(L.v_cache), slots[b]);
+          rope_store_row(row, cos_t + rope_off, sin_t + rope_off, hq, s.hk, dim,
+                         static_cast<kv_t*>(L.k_cache), static_cast<kv_t*>(L.v_cache), slots[b]);
         }
+      }
       if (tiled) {
         const KvCache kv{L.k_cache, L.v_cache, L.k_scale, L.v_scale, L.kv_dtype};
         auto& [window, plan] = plans[plan_of[static_cast<size_t>(l)]];
@@ -122,6 +161,9 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
       gemm_tiles(L.o, qa_attn, batch, proj.data());
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < batch; ++b) {
+        if (L.post_attn_norm != nullptr)
+          rms_norm_row(proj.data() + b * o_np, nullptr, L.post_attn_norm, h, s.eps,
+                       proj.data() + b * o_np);
         rms_norm_row(x + b * h, proj.data() + b * o_np, L.post_norm, h, s.eps,
                      normed.data() + b * h);
         qa_h.quantize_row(normed.data() + b * h, b);
@@ -129,15 +171,20 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
       gemm_tiles(L.gate_up, qa_h, batch, gu.data());
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < batch; ++b) {
-        silu_mul_row(gu.data() + b * gu_np, gu.data() + b * gu_np + s.inter, s.inter,
-                     act.data() + b * s.inter);
+        if (s.activation == kActGeluTanh)
+          gelu_tanh_mul_row(gu.data() + b * gu_np, gu.data() + b * gu_np + s.inter, s.inter,
+                            act.data() + b * s.inter);
+        else
+          silu_mul_row(gu.data() + b * gu_np, gu.data() + b * gu_np + s.inter, s.inter,
+                       act.data() + b * s.inter);
         qa_act.quantize_row(act.data() + b * s.inter, b);
       }
       gemm_tiles(L.down, qa_act, batch, proj.data());
     }
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < batch; ++b)
-      for (int64_t j = 0; j < h; ++j) x[b * h + j] += proj[static_cast<size_t>(b * down_np + j)];
+      add_output(x + b * h, proj.data() + b * down_np, layers[num_layers - 1].post_ffn_norm, h,
+                 s.eps);
   }
 }
 

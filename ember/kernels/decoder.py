@@ -1,12 +1,14 @@
-"""Fused decoder steps: every decoder layer of a Llama-style stack in one kernel call.
+"""Fused decoder steps: every decoder layer of a pre-norm stack in one kernel call.
 
 The kernel knows tensors and layouts, never models: a model describes its layer stack as a
-`LayerStack` (per layer: norm weights, the four projections in a kernel format, the KV caches;
-plus shape constants) and the runner hands it to `FusedDecoder`. Each step then passes only its
-activations and metadata: `decoder(x, cos, sin, slots, block_tables, lens)` runs every layer on
-the embeddings x in place (decodes and prefill chunks alike: each token is a query row over its
-own context). The math is the one of ember/models/llama.py, whose module path stays the
-reference; tests compare the two.
+`LayerStack` (per layer: norm weights, the four projections in a kernel format, the KV caches,
+the optional extra norms and RoPE table index; plus shape constants and the MLP activation)
+and the runner hands it to `FusedDecoder`. Each step then passes only its activations and
+metadata: `decoder(x, cos, sin, slots, block_tables, lens)` runs every layer on the embeddings
+x in place (decodes and prefill chunks alike: each token is a query row over its own context).
+Llama-style stacks leave the optional fields off; Gemma 3 uses them (post-attention and
+post-MLP norms, per-head q/k norms, tanh-GELU, two RoPE tables). The math is the one of the
+models' module paths, which stay the reference; tests compare the two.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from ember.kernels.ops import CpuKernels, check_kv_caches, optional_ptr
 
 Q4, Q8 = 4, 8
 """`KernelLinear.fmt` values (kernels.h `LinearW::fmt`)."""
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+"""`LayerStack.activation` -> decoder.cpp `Shape::activation`."""
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,11 @@ class KernelLinear:
 
 @dataclass(frozen=True)
 class KernelLayer:
-    """One pre-norm decoder layer: x += o(attn(qkv(norm(x)))); x += down(silu*up(norm(x)))."""
+    """One pre-norm decoder layer: x += [pa_norm](o(attn(qkv(norm(x)))));
+    x += [pf_norm](down(act(gate) * up(norm(x)))); bracketed norms optional."""
 
     in_norm: torch.Tensor
-    """(H,) float32 RMSNorm weight before attention."""
+    """(H,) float32 RMSNorm weight before attention (Gemma's 1 + w already folded in)."""
     post_norm: torch.Tensor
     """(H,) float32 RMSNorm weight before the MLP."""
     qkv: KernelLinear
@@ -62,6 +67,16 @@ class KernelLayer:
     v_scale: torch.Tensor | None = None
     window: int | None = None
     """Sliding window of this layer (keys a query sees, itself included); None = full."""
+    q_norm: torch.Tensor | None = None
+    """(D,) float32 RMSNorm weight of every query head before RoPE; None: off."""
+    k_norm: torch.Tensor | None = None
+    """(D,) float32 RMSNorm weight of every key head before RoPE; None: off."""
+    post_attn_norm: torch.Tensor | None = None
+    """(H,) float32 RMSNorm weight of the attention output before the residual add."""
+    post_ffn_norm: torch.Tensor | None = None
+    """(H,) float32 RMSNorm weight of the MLP output before the residual add."""
+    rope_table: int = 0
+    """Index of this layer's RoPE table among the step's (`FusedDecoder.__call__`)."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,19 @@ class LayerStack:
     eps: float
     scale: float
     """Attention scale (head_dim ** -0.5 for Llama)."""
+    activation: str = "silu"
+    """Gate activation of the MLP: 'silu' (SwiGLU) or 'gelu_tanh' (GeGLU)."""
+    rope_tables: int = 1
+    """How many cos/sin tables each step passes (layers pick theirs by `rope_table`)."""
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r} (known: "
+                             f"{', '.join(ACTIVATIONS)})")
+        bad = [i for i, layer in enumerate(self.layers)
+               if not 0 <= layer.rope_table < self.rope_tables]
+        if bad:
+            raise ValueError(f"layers {bad} name a RoPE table outside 0..{self.rope_tables - 1}")
 
 
 class FusedDecoder:
@@ -93,11 +121,13 @@ class FusedDecoder:
                    layer.o.c_struct(), layer.gate_up.c_struct(), layer.down.c_struct(),
                    layer.k_cache.data_ptr(), layer.v_cache.data_ptr(),
                    optional_ptr(layer.k_scale), optional_ptr(layer.v_scale), kv_dtype,
-                   layer.window or 0)
+                   layer.window or 0, optional_ptr(layer.q_norm), optional_ptr(layer.k_norm),
+                   optional_ptr(layer.post_attn_norm), optional_ptr(layer.post_ffn_norm),
+                   layer.rope_table)
             for layer, kv_dtype in zip(stack.layers, kv_dtypes)])
         self.shape = Shape(stack.hidden, stack.intermediate, stack.num_heads,
                            stack.num_kv_heads, stack.head_dim, stack.block_size, stack.eps,
-                           stack.scale)
+                           stack.scale, ACTIVATIONS[stack.activation])
         self.kernels = kernels
         fn = kernels.lib.decode_layers
         fn.argtypes = [c_void_p, c_int64, c_void_p, c_int64, c_void_p, c_void_p, c_void_p,
@@ -108,9 +138,15 @@ class FusedDecoder:
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  slots: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor) -> None:
         """Run every layer on x (T, hidden) float32 contiguous, in place: the residual stream
-        after the last layer (not normed). cos/sin (T, 1, D/2) contiguous; slots (T,): each
-        token's cache slot; block_tables (T, max_blocks) and lens (T,): each query row's
-        context, itself included (its key is written before attention reads it)."""
+        after the last layer (not normed). cos/sin (T, 1, D/2) contiguous, or (R, T, 1, D/2)
+        with R = `stack.rope_tables` tables; slots (T,): each token's cache slot; block_tables
+        (T, max_blocks) and lens (T,): each query row's context, itself included (its key is
+        written before attention reads it)."""
+        want = self.stack.rope_tables * x.shape[0] * self.stack.head_dim // 2
+        if cos.numel() != want or sin.numel() != want or not (cos.is_contiguous()
+                                                             and sin.is_contiguous()):
+            raise ValueError(f"RoPE tables of {tuple(cos.shape)}: expected {want} contiguous "
+                             f"values ({self.stack.rope_tables} tables of {x.shape[0]} rows)")
         self._fn(x.data_ptr(), x.shape[0], ctypes.addressof(self.layers), len(self.layers),
                  ctypes.addressof(self.shape), cos.data_ptr(), sin.data_ptr(),
                  slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],

@@ -5,6 +5,11 @@ Differences from Llama: the embedding is scaled by sqrt(hidden); RMSNorms multip
 RMSNorm before RoPE; the MLP is GeGLU (tanh GELU); attention scale is
 query_pre_attn_scalar ** -0.5; layers alternate sliding-window attention (window 512, RoPE base
 10k) with global attention (RoPE base 1M), five local layers to one global one.
+
+On Ember's kernels (a quantized model, head_dim 64/128/256) the attention runs on the paged
+attention kernels and every step's decoder layers on the fused decoder kernel: the model
+describes its layers as a `LayerStack` with the extra norms ((1 + w) folded into the weights),
+per-head q/k norms, tanh-GELU and a RoPE table per layer kind (local / global).
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ember.attention.backend import paged_attention
+from ember.attention.backend import kernel_qkv_attention, paged_attention
 from ember.attention.metadata import AttentionMetadata
+from ember.kernels.decoder import FusedDecoder, KernelLayer, LayerStack
 from ember.layers.factory import LayerFactory
 from ember.layers.linear import LinearBase
 from ember.layers.rope import RotaryEmbedding
@@ -70,6 +76,8 @@ class Gemma3Attention(nn.Module):
         self.o_proj = ops.linear(q_size, cfg.hidden_size)
         self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.attention_kernels = ops.attention_kernels
+        """Ember's paged attention kernels (the plan's attention backend), or None: PyTorch."""
 
     def forward(self, x: torch.Tensor, rope: RopeTables, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -80,6 +88,12 @@ class Gemma3Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))  # (T, Hq, D)
         k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))  # (T, Hk, D)
+        if self.attention_kernels is not None:
+            qkv = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v], dim=-1)  # (T, (Hq+2Hk)D)
+            out = kernel_qkv_attention(self.attention_kernels, qkv.float(), self.num_heads,
+                                       self.num_kv_heads, self.head_dim, rope, kv_cache, meta,
+                                       self.scale, self.window)
+            return self.o_proj(out.to(x.dtype))  # (T, hidden)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hk, D)
         q, k = RotaryEmbedding.rotate(q, k, rope)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
@@ -179,6 +193,60 @@ class Gemma3ForCausalLM(CausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    # ---- Ember's kernels ----------------------------------------------------------------
+
+    @classmethod
+    def supports_kernel_attention(cls, cfg: ArchConfig) -> bool:
+        """The tiled attention kernel runs Gemma's windows and head dims 64/128/256 (q/k norms
+        and the scale are applied outside it)."""
+        return (cfg.head_dim in (64, 128, 256) and cfg.rotary_dim == cfg.head_dim
+                and not cfg.attention_bias)
+
+    @classmethod
+    def supports_kernel_decoder(cls, cfg: ArchConfig) -> bool:
+        return cls.supports_kernel_attention(cfg)
+
+    def kernel_layer_stack(self, kv_caches: list[KVCache], block_size: int
+                           ) -> LayerStack | None:
+        """The decoder layers as the fused kernel reads them (norm weights as 1 + w; RoPE table
+        0 local, 1 global); None unless every projection is fused and in a kernel format."""
+        cfg = self.config
+        layers = []
+        for i, (layer, kv) in enumerate(zip(self.model.layers, kv_caches)):
+            assert isinstance(layer, Gemma3DecoderLayer)
+            attn, mlp = layer.self_attn, layer.mlp
+            if not (attn.fused and mlp.fused):
+                return None
+            qkv, o = attn.qkv_proj.kernel_linear(), attn.o_proj.kernel_linear()
+            gate_up, down = mlp.gate_up_proj.kernel_linear(), mlp.down_proj.kernel_linear()
+            if qkv is None or o is None or gate_up is None or down is None:
+                return None
+            k_scale, v_scale = kv[2:] if len(kv) == 4 else (None, None)  # an int8 cache's
+            layers.append(KernelLayer(
+                _folded(layer.input_layernorm), _folded(layer.pre_feedforward_layernorm),
+                qkv, o, gate_up, down, kv[0], kv[1], k_scale, v_scale, cfg.layer_window(i),
+                q_norm=_folded(attn.q_norm), k_norm=_folded(attn.k_norm),
+                post_attn_norm=_folded(layer.post_attention_layernorm),
+                post_ffn_norm=_folded(layer.post_feedforward_layernorm),
+                rope_table=0 if layer.is_sliding else 1))
+        return LayerStack(tuple(layers), cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                          cfg.num_kv_heads, cfg.head_dim, block_size, cfg.rms_norm_eps,
+                          cfg.attn_scale, activation="gelu_tanh", rope_tables=2)
+
+    def forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      meta: AttentionMetadata, decoder: FusedDecoder) -> torch.Tensor:
+        """`forward` with every decoder layer in one kernel call (`kernel_layer_stack`)."""
+        assert meta.row_block_tables is not None and meta.row_lens is not None
+        body = self.model
+        h = body.embed_tokens(input_ids)  # (T, hidden)
+        x = (h * torch.tensor(body.embed_scale, dtype=h.dtype)).float().contiguous()
+        local = body.rotary_emb_local.cos_sin(positions)  # (T, 1, D/2) each
+        rope_global = body.rotary_emb.cos_sin(positions)
+        cos = torch.stack([local[0], rope_global[0]])  # (2, T, 1, D/2): table 0 local, 1 global
+        sin = torch.stack([local[1], rope_global[1]])
+        decoder(x, cos, sin, meta.slot_mapping, meta.row_block_tables, meta.row_lens)
+        return body.norm(x)
+
     # ---- weight names -------------------------------------------------------------------
 
     @staticmethod
@@ -215,6 +283,11 @@ class Gemma3ForCausalLM(CausalLM):
             return None
         param = f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.weight"
         return param, (_minus_one if "norm" in m.group(2) else None)
+
+
+def _folded(norm: GemmaRMSNorm) -> torch.Tensor:
+    """Gemma's (1 + w) as a plain RMSNorm weight (float32, contiguous) for the kernels."""
+    return (1.0 + norm.weight.detach().float()).contiguous()
 
 
 def _minus_one(w: torch.Tensor) -> torch.Tensor:

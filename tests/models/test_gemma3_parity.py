@@ -143,3 +143,33 @@ def test_base_model_chat_names_missing_template(gemma, tmp_path):
     ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
     assert tok.decode(ids, skip_special_tokens=False) == \
         "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model"
+
+
+def test_fused_decoder_equals_module_path(gemma_path, pride_text):
+    """The default plan (int8 on Ember's kernels) runs every layer in the fused decoder
+    kernel; the module path on the same kernels is its reference: the same greedy tokens
+    (a short prompt and one past the 512-token window), prompt logprobs within the int8
+    activation-rounding noise of the two summation orders."""
+    from ember import LLM
+
+    llm = LLM(str(gemma_path), show_progress=False, generation_config="none",
+              enable_prefix_caching=False)  # the second run computes everything again
+    runner = llm.engine.core.runner
+    if runner.decoder is None:
+        pytest.skip(f"no fused decoder here ({runner.plan.describe()})")
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(PROMPTS[0]), tok.encode(pride_text[40000:46000])[:560]]
+    params = SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.0,
+                            ignore_eos=True, prompt_logprobs=0)
+
+    def run() -> tuple[list[list[int]], torch.Tensor]:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        lps = torch.tensor([lp.logprob for o in outs for lp in o.prompt_logprobs[1:]])
+        return [list(o.outputs[0].token_ids) for o in outs], lps
+
+    fused_tokens, fused_lp = run()
+    runner.decoder = None
+    module_tokens, module_lp = run()
+    assert fused_tokens == module_tokens
+    diff = (fused_lp - module_lp).abs()
+    assert diff.mean().item() < 0.15 and diff.max().item() < 1.0, (diff.mean(), diff.max())
