@@ -132,17 +132,15 @@ def run_workloads(base: LLM, spec: LLM, max_tokens: int, rounds: int) -> dict[st
 LLAMA_BIN = Path.home() / ".cache" / "ember-peers" / "llama.cpp-native" / "build" / "bin"
 
 
-def llama_server(gguf: str, threads: int, port: int, spec: list[str]) -> subprocess.Popen:
-    """Start llama-server on `gguf` (spec: extra speculative-decoding flags) and wait for it."""
+def start_server(cmd: list[str], port: int, name: str, timeout_s: float) -> subprocess.Popen:
+    """Start a server process and wait until its /health answers 200."""
     import httpx
 
-    cmd = [str(LLAMA_BIN / "llama-server"), "-m", gguf, "-t", str(threads), "-tb", str(threads),
-           "--port", str(port), "-c", "2048", "-np", "1", "--no-webui", *spec]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {proc.returncode}: {' '.join(cmd)}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}: {' '.join(cmd)}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
@@ -150,7 +148,14 @@ def llama_server(gguf: str, threads: int, port: int, spec: list[str]) -> subproc
             pass
         time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("llama-server did not become healthy in 120 s")
+    raise RuntimeError(f"{name} did not become ready in {timeout_s:.0f} s")
+
+
+def llama_server(gguf: str, threads: int, port: int, spec: list[str]) -> subprocess.Popen:
+    """Start llama-server on `gguf` (spec: extra speculative-decoding flags) and wait for it."""
+    cmd = [str(LLAMA_BIN / "llama-server"), "-m", gguf, "-t", str(threads), "-tb", str(threads),
+           "--port", str(port), "-c", "2048", "-np", "1", "--no-webui", *spec]
+    return start_server(cmd, port, "llama-server", 120)
 
 
 def llama_cpp_peer(base: LLM, max_tokens: int, threads: int, ngram_n: int,
@@ -192,26 +197,12 @@ def ember_server(model: str, port: int, spec: dict | None) -> subprocess.Popen:
     """Start `ember serve` (spec: its --speculative-config, None = off) and wait for it."""
     import sys
 
-    import httpx
-
     cmd = [sys.executable, "-c", "import sys; from ember.cli import main; sys.exit(main())",
            "serve", "--model", model, "--port", str(port),
            "--no-access-log", "--log-level", "warning"]
     if spec is not None:
         cmd += ["--speculative-config", json.dumps(spec)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ember serve exited with {proc.returncode}: {' '.join(cmd)}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("ember serve did not become ready in 180 s")
+    return start_server(cmd, port, "ember serve", 180)
 
 
 def serve_clients(model: str, clients: int, rounds: int, output_len: int) -> dict:
