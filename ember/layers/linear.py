@@ -74,6 +74,16 @@ class LinearBase(nn.Module):
         return None
 
 
+
+def kernel_linears(qkv: LinearBase, o: LinearBase, gate_up: LinearBase, down: LinearBase
+                   ) -> tuple[KernelLinear, KernelLinear, KernelLinear, KernelLinear] | None:
+    """A decoder layer's four projections as the fused decoder reads them
+    (`LinearBase.kernel_linear`), or None when any of them is not in a kernel format."""
+    k_qkv, k_o, k_gate_up, k_down = (lin.kernel_linear() for lin in (qkv, o, gate_up, down))
+    if k_qkv is None or k_o is None or k_gate_up is None or k_down is None:
+        return None
+    return k_qkv, k_o, k_gate_up, k_down
+
 class Linear(LinearBase):
     """Dense y = x @ W^T (+ b) in the model dtype."""
 

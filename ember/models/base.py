@@ -16,10 +16,15 @@ if TYPE_CHECKING:
     from ember.kernels.decoder import FusedDecoder, LayerStack
 
 KVCache = tuple[torch.Tensor, ...]
+
+
+def kv_scales(kv: KVCache) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The (K, V) scale tensors of an int8 cache (K, V, K scales, V scales); (None, None) else."""
+    return (kv[2], kv[3]) if len(kv) == 4 else (None, None)
 """One layer's cache: (k, v), or (k, v, k_scale, v_scale) for an int8 cache."""
 """(key cache, value cache) of one layer, each (num_blocks, block_size, H_kv, D)."""
 
-__all__ = ["CausalLM", "KVCache", "TensorTransform"]
+__all__ = ["CausalLM", "KVCache", "TensorTransform", "kv_scales"]
 
 
 class CausalLM(nn.Module):

@@ -23,10 +23,10 @@ from ember.attention.metadata import AttentionMetadata
 from ember.errors import ModelLoadError
 from ember.kernels.decoder import FusedDecoder, KernelLayer, LayerStack
 from ember.layers.factory import LayerFactory
-from ember.layers.linear import LinearBase
+from ember.layers.linear import LinearBase, kernel_linears
 from ember.layers.rope import RotaryEmbedding
 from ember.models.arch import ArchConfig
-from ember.models.base import CausalLM, KVCache, TensorTransform
+from ember.models.base import CausalLM, KVCache, TensorTransform, kv_scales
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 
@@ -245,14 +245,12 @@ class LlamaForCausalLM(CausalLM):
             attn, mlp = layer.self_attn, layer.mlp
             if not (attn.fused and mlp.fused):
                 return None
-            qkv, o = attn.qkv_proj.kernel_linear(), attn.o_proj.kernel_linear()
-            gate_up, down = mlp.gate_up_proj.kernel_linear(), mlp.down_proj.kernel_linear()
-            if qkv is None or o is None or gate_up is None or down is None:
+            projs = kernel_linears(attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if projs is None:
                 return None
             norms = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-            k_scale, v_scale = kv[2:] if len(kv) == 4 else (None, None)  # an int8 cache's
-            layers.append(KernelLayer(*norms, qkv, o, gate_up, down, kv[0], kv[1], k_scale,
-                                      v_scale, cfg.layer_window(i)))
+            layers.append(KernelLayer(*norms, *projs, kv[0], kv[1], *kv_scales(kv),
+                                      cfg.layer_window(i)))
         return LayerStack(tuple(layers), cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                           cfg.num_kv_heads, cfg.head_dim, block_size, cfg.rms_norm_eps,
                           cfg.head_dim ** -0.5)
