@@ -19,9 +19,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import httpx
 
-from ember.bench.serve import BenchConfig, ServeBenchmark
+from ember.bench.serve import BenchConfig, ServeBenchmark, wait_healthy
 
 OUT = Path(__file__).parent / "results" / "serving"
 
@@ -31,16 +30,8 @@ def start_server(port: int, frontend_threads: int, model: str) -> subprocess.Pop
            "serve", "--model", model, "--port", str(port), "--no-access-log",
            "--log-level", "warning", "--frontend-threads", str(frontend_threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("ember serve did not become ready in 180 s")
+    wait_healthy(proc, f"http://127.0.0.1:{port}", "ember serve", 180)
+    return proc
 
 
 def offline_tok_s(model: str, output_len: int, reps: int) -> float:

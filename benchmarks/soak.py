@@ -38,6 +38,8 @@ from pathlib import Path
 
 import httpx
 
+from ember.bench.serve import wait_healthy
+
 OUT = Path(__file__).parent / "results" / "reliability"
 KINDS = {"streamed": 24, "non_streamed": 16, "aborted": 8, "disconnected": 8, "stalled": 8}
 WELL_BEHAVED = ("streamed", "non_streamed")
@@ -244,18 +246,8 @@ def start_server(args: argparse.Namespace) -> subprocess.Popen:
            "--log-level", "warning", "--stream-read-timeout", str(args.stream_read_timeout)]
     log = open(args.server_log, "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ember serve exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{args.port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("ember serve not ready in 300 s")
+    wait_healthy(proc, f"http://127.0.0.1:{args.port}", "ember serve", 300)
+    return proc
 
 
 def wait_idle(port: int, timeout_s: float) -> dict[str, float]:

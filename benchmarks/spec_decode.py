@@ -134,21 +134,11 @@ LLAMA_BIN = Path.home() / ".cache" / "ember-peers" / "llama.cpp-native" / "build
 
 def start_server(cmd: list[str], port: int, name: str, timeout_s: float) -> subprocess.Popen:
     """Start a server process and wait until its /health answers 200."""
-    import httpx
+    from ember.bench.serve import wait_healthy
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}: {' '.join(cmd)}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"{name} did not become ready in {timeout_s:.0f} s")
+    wait_healthy(proc, f"http://127.0.0.1:{port}", name, timeout_s)
+    return proc
 
 
 def llama_server(gguf: str, threads: int, port: int, spec: list[str]) -> subprocess.Popen:

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import random
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,23 @@ _WORDS = (
     "last might us great old year off come since against go came right used take three house "
     "garden letter morning evening sister brother mother father village river window table"
 ).split()
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, name: str, timeout_s: float) -> None:
+    """Wait until the server `proc` at `url` answers GET /health with 200; kill it and raise
+    RuntimeError if it exits first or is not ready within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{name} did not become ready in {timeout_s:.0f} s")
 
 
 @dataclass
