@@ -39,7 +39,7 @@ from ember.engine.async_parts import (_MAX_RESTARTS_PER_MINUTE, EngineDeadError,
 from ember.engine.mailbox import Item, Mailbox
 from ember.engine.thread_policy import KernelThreadPolicy
 from ember.loading.loader import ProgressFn
-from ember.sampling.constrained import GrammarCompiler
+from ember.sampling.grammar_compiler import GrammarCompiler
 from ember.spec_decode.decoder import SpecDecoder
 from ember.tokenizer import Tokenizer
 from ember.types import RequestOutput, SamplingParams

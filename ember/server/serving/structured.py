@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ember.sampling.constrained import GrammarCompiler
+from ember.sampling.grammar_compiler import GrammarCompiler
 from ember.server.errors import bad_request, from_invalid_request
 from ember.server.protocol import ResponseFormat
 from ember.server.structured_protocol import StructuredOutputsRequest
