@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.errors import ModelLoadError
+from ember.layers.encoder_linear import encoder_linear, project
 from ember.layers.factory import LayerFactory
 from ember.layers.linear import LinearBase
 
@@ -159,25 +160,31 @@ class BertLayer(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.cfg = cfg
-        # NOTE: q/k/v stay dense under a quantized plan. The int8 kernels also quantize their
-        # input per 32-value block, and BERT's post-LayerNorm states carry outlier channels:
-        # measured on all-MiniLM-L6-v2, int8 q/k/v alone cost 0.0008 of cosine similarity,
-        # the other three projections together 0.0006.
-        dense = dataclasses.replace(layers, weights=None, kernels=None)
-        self.qkv = dense.linear(h, (h, h, h), bias=True)
         eps = cfg.layer_norm_eps
-        self.attention = _Attention(_DenseNorm(layers.linear(h, h, bias=True),
+        if layers.weights == "int8" and layers.kernels is not None:
+            # Many-row int8 GEMM (layers.encoder_linear): activations quantized per row to 13
+            # bits, so q/k/v run quantized too, with bias/GELU/residual in the epilogue.
+            self.qkv = encoder_linear(layers, h, (h, h, h))
+        else:
+            # NOTE: q/k/v stay dense under other quantized plans. Their kernels quantize the
+            # input per 32-value block to int8, and BERT's post-LayerNorm states carry outlier
+            # channels: measured on all-MiniLM-L6-v2, int8 q/k/v alone cost 0.0008 of cosine
+            # similarity, the other three projections together 0.0006.
+            dense = dataclasses.replace(layers, weights=None, kernels=None)
+            self.qkv = dense.linear(h, (h, h, h), bias=True)
+        self.attention = _Attention(_DenseNorm(encoder_linear(layers, h, h),
                                                nn.LayerNorm(h, eps, dtype=layers.dtype)))
-        self.intermediate = _DenseNorm(layers.linear(h, cfg.intermediate_size, bias=True))
-        self.output = _DenseNorm(layers.linear(cfg.intermediate_size, h, bias=True),
+        self.intermediate = _DenseNorm(encoder_linear(layers, h, cfg.intermediate_size))
+        self.output = _DenseNorm(encoder_linear(layers, cfg.intermediate_size, h),
                                  nn.LayerNorm(h, eps, dtype=layers.dtype))
 
     def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         att, mlp = self.attention.output, self.output
         a = packed_attention(self.qkv(x), batch, self.cfg.num_heads, self.cfg.head_dim)
-        x = att.LayerNorm(x + att.dense(a))  # (T, hidden)
-        y = F.gelu(self.intermediate.dense(x))  # (T, intermediate); exact (erf) GELU as BERT
-        return mlp.LayerNorm(x + mlp.dense(y))  # (T, hidden)
+        x = att.LayerNorm(project(att.dense, a, residual=x))  # (T, hidden)
+        # exact (erf) GELU as BERT, fused into the GEMM where the layer can
+        y = project(self.intermediate.dense, x, gelu=True)  # (T, intermediate)
+        return mlp.LayerNorm(project(mlp.dense, y, residual=x))  # (T, hidden)
 
 
 class BertEmbeddings(nn.Module):

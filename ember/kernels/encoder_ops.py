@@ -1,0 +1,93 @@
+"""Tensor-level wrappers of the many-row encoder GEMM (encoder_gemm.cpp).
+
+`pack_rows_i8` turns a dense (N, K) weight into the kernel's form: int8 in groups of 32 along
+K (w = q * scale, one scale per row and group), widened to int16 and packed in panels of 16
+columns (N/16, K/2, 16, 2), scales (N/16, K/32, 16).
+`encoder_gemm` runs y = [GELU](x @ W^T * scales + bias) [+ residual] with the activations
+quantized once per call to int16 per row (13 bits; see the C++ header comment).
+"""
+
+from __future__ import annotations
+
+from ctypes import c_int, c_int64, c_void_p
+
+import torch
+
+from ember.kernels.ops import CpuKernels
+
+PANEL = 16
+"""Output columns per packed panel: N must be a multiple of it."""
+GROUP = 32
+"""k values per weight scale: K must be a multiple of it."""
+
+GELU = 1
+"""`act` code of the exact (erf) GELU."""
+
+
+def supports_shape(in_features: int, out_features: int) -> bool:
+    """Whether the kernel runs this projection (K a multiple of 32, N of 16)."""
+    return in_features % GROUP == 0 and out_features % PANEL == 0 and in_features > 0
+
+
+def pack_rows_i8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float weight -> packed (N/16, K/2, 16, 2) int16 of q in [-127, 127] and
+    (N/16, K/32, 16) float32 scales, w ~= q * scale per row and group of 32 (round to
+    nearest, symmetric)."""
+    n, k = weight.shape
+    if not supports_shape(k, n):
+        raise ValueError(f"the encoder GEMM needs K % {GROUP} == 0 and N % {PANEL} == 0, "
+                         f"got ({n}, {k})")
+    w = weight.float().view(n, k // GROUP, GROUP)  # (N, K/32, 32)
+    scale = w.abs().amax(-1).clamp_min(1e-30) / 127.0  # (N, K/32)
+    q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int16).view(n, k)
+    packed = q.view(n // PANEL, PANEL, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    tiles = scale.view(n // PANEL, PANEL, k // GROUP).transpose(1, 2).contiguous()
+    return packed, tiles
+
+
+def unpack_rows_i8(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The dense (N, K) float32 weight a packed one stands for (tests, reports)."""
+    panels, kp, _, _ = packed.shape
+    q = packed.permute(0, 2, 1, 3).reshape(panels * PANEL, kp * 2)  # (N, K)
+    s = scale.transpose(1, 2).reshape(panels * PANEL, -1)  # (N, K/32)
+    return (q.float().view(panels * PANEL, -1, GROUP) * s[..., None]).view(q.shape)
+
+
+def _bind(kernels: CpuKernels) -> None:
+    fn = kernels.lib.enc_i8_gemm
+    if fn.argtypes is None:
+        p, i64 = c_void_p, c_int64
+        fn.argtypes, fn.restype = [p, i64, i64, p, p, i64, p, p, c_int, p, c_int], None
+        g = kernels.lib.enc_gelu
+        g.argtypes, g.restype = [p, i64, p], None
+
+
+def encoder_gemm(kernels: CpuKernels, x: torch.Tensor, packed: torch.Tensor,
+                 scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+    """x (M, K) float32 -> (M, N) float32 = [GELU](x @ W^T + bias) [+ residual]."""
+    _bind(kernels)
+    x = x.float().contiguous()
+    m, k = x.shape
+    n = packed.shape[0] * PANEL
+    if packed.shape[1] * 2 != k:
+        raise ValueError(f"x has {k} columns, the weight {packed.shape[1] * 2}")
+    if residual is not None:
+        residual = residual.float().contiguous()
+        if residual.shape != (m, n):
+            raise ValueError(f"residual {tuple(residual.shape)} is not ({m}, {n})")
+    y = torch.empty(m, n, dtype=torch.float32)
+    kernels.lib.enc_i8_gemm(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(), n,
+                            None if bias is None else bias.data_ptr(),
+                            None if residual is None else residual.data_ptr(),
+                            GELU if gelu else 0, y.data_ptr(), kernels.num_threads)
+    return y
+
+
+def gelu(kernels: CpuKernels, x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU of a float32 tensor, the GEMM epilogue's arithmetic (tests)."""
+    _bind(kernels)
+    x = x.float().contiguous()
+    out = torch.empty_like(x)
+    kernels.lib.enc_gelu(x.data_ptr(), x.numel(), out.data_ptr())
+    return out

@@ -1,0 +1,99 @@
+"""Projections of encoder models (BERT) that take many tokens per call.
+
+`RowInt8Linear` runs on Ember's many-row GEMM (ember.kernels.encoder_ops): int8 weights with
+one scale per output row, activations quantized once per call to 13-bit int16 per row, int32
+sums over the whole K, and bias, GELU and the residual add fused into the GEMM's epilogue
+(`forward(x, residual=..., gelu=...)`). `project` gives every LinearBase that call shape, so a
+model writes its block once for dense and quantized plans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ember.formats.stored import StoredWeight
+from ember.kernels.encoder_ops import encoder_gemm, pack_rows_i8, supports_shape
+from ember.kernels.ops import CpuKernels
+from ember.layers.factory import LayerFactory
+from ember.layers.linear import Linear, LinearBase
+
+FORMAT = "i8-row"
+
+
+class RowInt8Linear(LinearBase):
+    """y = [GELU](x @ W^T + b) [+ residual] with int8 per-row weights (see module doc)."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, in_features: int, out_features: int | Sequence[int], bias: bool,
+                 kernels: CpuKernels) -> None:
+        super().__init__(in_features, out_features)
+        if not supports_shape(in_features, self.out_features):
+            raise ValueError(f"RowInt8Linear needs in_features even and out_features % 16 == 0, "
+                             f"got {in_features} -> {self.out_features}")
+        self.kernels = kernels
+        self.register_buffer("packed", torch.empty(0, dtype=torch.int16))
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("bias", torch.zeros(self.out_features) if bias else None)
+        self._staged: torch.Tensor | None = torch.empty(self.out_features, in_features)
+
+    @property
+    def format(self) -> str:
+        return FORMAT
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+    def load_weight(self, rows: slice, weight: StoredWeight) -> None:
+        assert self._staged is not None, "RowInt8Linear loaded after finalize"
+        self._staged[rows].copy_(weight.dense())
+
+    def load_bias(self, rows: slice, weight: StoredWeight) -> None:
+        if self.bias is None:
+            raise ValueError("this RowInt8Linear has no bias")
+        self.bias[rows].copy_(weight.dense())
+
+    def finalize(self) -> None:
+        assert self._staged is not None, "RowInt8Linear finalized twice"
+        self.packed, self.scale = pack_rows_i8(self._staged)
+        self._staged = None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                gelu: bool = False) -> torch.Tensor:
+        shape = x.shape
+        res = None if residual is None else residual.reshape(-1, self.out_features)
+        y = encoder_gemm(self.kernels, x.reshape(-1, self.in_features), self.packed, self.scale,
+                         self.bias, res, gelu)  # (M, out)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def encoder_linear(layers: LayerFactory, in_features: int, out_features: int | Sequence[int],
+                   bias: bool = True) -> LinearBase:
+    """An encoder projection in the plan's form: `RowInt8Linear` for an int8 plan on the
+    kernels (when the shape fits the kernel), else the factory's layer."""
+    n = out_features if isinstance(out_features, int) else sum(out_features)
+    if layers.weights == "int8" and layers.kernels is not None \
+            and supports_shape(in_features, n):
+        return RowInt8Linear(in_features, out_features, bias, layers.kernels)
+    return layers.linear(in_features, out_features, bias)
+
+
+def project(layer: LinearBase, x: torch.Tensor, residual: torch.Tensor | None = None,
+            gelu: bool = False) -> torch.Tensor:
+    """[GELU](layer(x)) [+ residual], fused into the GEMM where the layer can."""
+    if isinstance(layer, RowInt8Linear):
+        return layer(x, residual, gelu)
+    if isinstance(layer, Linear) and residual is not None and not gelu:
+        # NOTE: residual + bias as addmm's beta term: one pass instead of bias copy + add
+        base = residual if layer.bias is None else residual + layer.bias
+        return torch.addmm(base, x, layer.weight.t())
+    y = layer(x)
+    if gelu:
+        y = F.gelu(y)  # exact (erf) GELU, as BERT
+    return y if residual is None else y.add_(residual)
