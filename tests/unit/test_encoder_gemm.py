@@ -1,0 +1,76 @@
+"""The many-row encoder GEMM (encoder_gemm.cpp) against PyTorch on the dequantized weight,
+for the best ISA here and the portable build: plain, bias, GELU, residual, every remainder
+of the 3-row micro-kernel and the 96-row task blocks, and the packing round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ember.kernels.build import missing_cpu_features, select_isa
+from ember.kernels.encoder_ops import encoder_gemm, gelu, pack_rows_i8, unpack_rows_i8
+from ember.kernels.ops import CpuKernels
+
+pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
+                                reason=f"CPU lacks {missing_cpu_features()}")
+
+BEST = select_isa()
+ISAS = [None] + (["portable"] if BEST is not None and BEST.name != "portable" else [])
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def kernels(request) -> CpuKernels:
+    # NOTE: the default kernel cache, shared with the other kernel tests (no rebuild)
+    k = CpuKernels.load(None, num_threads=2, force_isa=request.param)
+    assert k is not None, "the kernels failed to compile"
+    return k
+
+
+def test_pack_round_trip_is_group32_rtn() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(48, 96)
+    w[3, 40] = 25.0  # an outlier only widens its own group's step
+    packed, scale = pack_rows_i8(w)
+    assert packed.dtype == torch.int16 and packed.shape == (3, 48, 16, 2)
+    assert scale.shape == (3, 3, 16) and int(packed.abs().max()) == 127
+    back = unpack_rows_i8(packed, scale)
+    step = w.view(48, 3, 32).abs().amax(-1, keepdim=True) / 127  # (N, K/32, 1)
+    err = (back - w).view(48, 3, 32).abs()
+    assert bool((err <= step / 2 + 1e-6).all())
+    assert float(err[3, 1].max()) > float(err[3, 0].max())  # the outlier's group only
+    with pytest.raises(ValueError, match="K % 32"):
+        pack_rows_i8(torch.randn(16, 40))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 7, 97, 200])
+def test_gemm_matches_dequantized_reference(kernels: CpuKernels, m: int) -> None:
+    torch.manual_seed(m)
+    k, n = 96, 80  # 5 panels: the last task holds one
+    x = torch.randn(m, k) * 3
+    x[:, 7] *= 40  # a BERT-like outlier channel
+    w, b = torch.randn(n, k) * 0.05, torch.randn(n)
+    packed, scale = pack_rows_i8(w)
+    ref = F.linear(x, unpack_rows_i8(packed, scale), b)  # (m, n)
+    # 13-bit activations per row: the error is a few 1e-4 of the row's scale
+    tol = dict(atol=2e-3 * float(x.abs().max()) * 0.05 * math.sqrt(k), rtol=0)
+    torch.testing.assert_close(encoder_gemm(kernels, x, packed, scale, b), ref, **tol)
+    torch.testing.assert_close(encoder_gemm(kernels, x, packed, scale), ref - b, **tol)
+    res = torch.randn(m, n)
+    fused = encoder_gemm(kernels, x, packed, scale, b, residual=res, gelu=True)
+    torch.testing.assert_close(fused, F.gelu(ref) + res, **tol)
+
+
+def test_gelu_is_exact_erf(kernels: CpuKernels) -> None:
+    x = torch.linspace(-8, 8, 4001)
+    torch.testing.assert_close(gelu(kernels, x), F.gelu(x), atol=2e-6, rtol=1e-5)
+
+
+def test_shape_errors_are_clear(kernels: CpuKernels) -> None:
+    packed, scale = pack_rows_i8(torch.randn(16, 64))
+    with pytest.raises(ValueError, match="columns"):
+        encoder_gemm(kernels, torch.randn(4, 32), packed, scale)
+    with pytest.raises(ValueError, match="residual"):
+        encoder_gemm(kernels, torch.randn(4, 64), packed, scale, residual=torch.randn(4, 8))
