@@ -213,7 +213,8 @@ def load_draft_proposer(config: EngineConfig, target: LoadedModel, block_size: i
     if spec.method != "draft" or spec.model is None:
         return None
     model_cfg = ModelConfig(model=spec.model, dtype=config.model.dtype,
-                            quantization=spec.quantization or config.model.quantization,
+                            quantization=spec.quantization or target.plan.weights
+                            or config.model.quantization,
                             cpu_kernels=config.model.cpu_kernels,
                             kv_cache_dtype=config.model.kv_cache_dtype,
                             generation_config="none")
