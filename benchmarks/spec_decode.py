@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from ember import LLM, SamplingParams
+from ember.spec_decode.draft import DraftModelProposer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OUT = Path(__file__).resolve().parent / "results" / "spec_decode"
@@ -296,10 +297,23 @@ def main() -> None:
                     help="also run llama.cpp's llama-server, off and --spec-type ngram-simple")
     ap.add_argument("--ngram-n", type=int, default=3, help="llama.cpp ngram-simple size n")
     ap.add_argument("--ngram-m", type=int, default=8, help="llama.cpp ngram-simple size m")
+    ap.add_argument("--speculative-config", default=None, metavar="JSON",
+                    help="the speculative config measured (default: n-gram, "
+                         f"{json.dumps(NGRAM)}); e.g. '{{\"method\": \"draft\"}}' "
+                         "(model: a pruned target, built by --draft-drop-layers when omitted)")
+    ap.add_argument("--draft-drop-layers", type=int, default=6,
+                    help="method draft without a model: `ember prune --drop-layers N` of "
+                         "--model, cached under ~/.cache/ember/drafts (default 6 of 30)")
     ap.add_argument("--clients", type=int, default=0,
                     help="only the serving test: N concurrent clients through ember serve, "
                          "speculation off vs on")
     args = ap.parse_args()
+    spec_config = (json.loads(args.speculative_config) if args.speculative_config
+                   else dict(NGRAM))
+    if spec_config.get("method") == "draft" and "model" not in spec_config:
+        spec_config["model"] = pruned_draft(args.model, args.draft_drop_layers)
+    method = spec_config.get("method", "ngram")
+    stem = "spec_decode" if spec_config == NGRAM else f"spec_decode_{method}"
     load_before = os.getloadavg()
     if args.clients:
         report = serve_clients(args.model, args.clients, args.rounds, output_len=64)
@@ -311,7 +325,7 @@ def main() -> None:
         print(f"wrote {path}")
         return
     base = LLM(args.model, show_progress=False)
-    spec = LLM(args.model, show_progress=False, speculative_config=NGRAM)
+    spec = LLM(args.model, show_progress=False, speculative_config=spec_config)
     warm = base.encode_chat([{"role": "user", "content": "Hello"}])
     for llm in (base, spec):
         timed(llm, warm, 8)
@@ -322,11 +336,20 @@ def main() -> None:
                "open_ended_speedup_geomean": statistics.geometric_mean(open_)}
     print(f"copy-heavy speedup x{summary['copy_heavy_speedup_geomean']:.2f} (target 2.5), "
           f"open-ended x{summary['open_ended_speedup_geomean']:.2f} (target 1.3)")
-    report = {"model": args.model, "speculative_config": NGRAM, "max_tokens": args.max_tokens,
+    report = {"model": args.model, "speculative_config": spec_config,
+              "max_tokens": args.max_tokens,
               "rounds": args.rounds, "threads": os.environ.get("EMBER_NUM_THREADS"),
               "label": args.label, "loadavg_before": load_before,
               "loadavg_after": os.getloadavg(), "cpu": platform.processor(),
               "summary": summary, "workloads": results}
+    proposer = spec.engine.core.spec.proposer if spec.engine.core.spec else None
+    if isinstance(proposer, DraftModelProposer):
+        report["draft_model"] = {"path": spec_config["model"],
+                                 "layers": proposer.loaded.arch.num_layers,
+                                 "plan": proposer.loaded.plan.describe(),
+                                 "draft_steps": proposer.num_steps,
+                                 "draft_step_ms_single_stream":
+                                     1e3 * (proposer.step_seconds or 0.0)}
     if args.llama_cpp:
         threads = int(os.environ.get("EMBER_NUM_THREADS") or 2)
         peer = report["llama_cpp"] = llama_cpp_peer(base, args.max_tokens, threads,
@@ -350,11 +373,26 @@ def main() -> None:
         print(f"recommended disable_by_batch_size: {slow[0] if slow else 'none up to 32'}; "
               f"draft token cost at batch 1: {report['draft_token_cost_batch1']:.3f} of a step")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "spec_decode.json").write_text(json.dumps(report, indent=2))
-    title = (f"Ember n-gram speculation, SmolLM2-135M, threads={report['threads']}, "
+    (OUT / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    title = (f"Ember {method} speculation, SmolLM2-135M, threads={report['threads']}, "
              f"load {load_before[0]:.1f} {args.label}")
-    plot(results, OUT / "spec_decode.png", title)
-    print(f"wrote {OUT / 'spec_decode.json'} and .png")
+    plot(results, OUT / f"{stem}.png", title)
+    print(f"wrote {OUT / stem}.json and .png")
+
+
+def pruned_draft(model: str, drop: int) -> str:
+    """A draft for `model`: `ember prune --drop-layers DROP` of it (made once, cached)."""
+    folder = Path.home() / ".cache" / "ember" / "drafts" / f"{Path(model).stem}-drop{drop}"
+    if not (folder / "ember.json").is_file():
+        from ember.cli import main as ember_main
+
+        print(f"making the draft model: ember prune {model} --drop-layers {drop} -> {folder}",
+              flush=True)
+        calib = str(DATA / "emma.txt")
+        if ember_main(["prune", model, "--drop-layers", str(drop), "--calib", calib,
+                       "--calib-samples", "8", "-o", str(folder)]) != 0:
+            raise SystemExit("ember prune failed")
+    return str(folder)
 
 
 if __name__ == "__main__":

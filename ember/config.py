@@ -172,7 +172,7 @@ class SchedulerConfig:
             raise ConfigError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
 
 
-SPEC_METHODS = ("ngram", "suffix")
+SPEC_METHODS = ("ngram", "suffix", "draft")
 """Speculative decoding methods this build implements (vLLM's names)."""
 
 
@@ -182,7 +182,7 @@ class SpecConfig:
 
     method: str | None = None
     """'ngram' (prompt lookup over the request's prompt + output), 'suffix' (also over the
-    outputs of recent requests) or None (off)."""
+    outputs of recent requests), 'draft' (a smaller model, `model`) or None (off)."""
     num_speculative_tokens: int = 0
     """Most draft tokens verified per request and step (the adaptive length's ceiling)."""
     prompt_lookup_max: int = 4
@@ -194,6 +194,12 @@ class SpecConfig:
     disable_by_batch_size: int | None = None
     """Skip speculation for a step when this many requests (or more) are running (the batch
     is compute-bound); None uses the crossover measured for Ember on CPU (see README)."""
+    model: str | None = None
+    """draft: the draft model (a known name, a .gguf file or an Ember/HF folder) sharing the
+    target's vocabulary, e.g. `ember prune --drop-layers` of the target."""
+    quantization: str | None = None
+    """draft: the draft's runtime weight format (as ModelConfig.quantization); None: the
+    target's."""
     adaptive: bool = True
     """Pick each request's draft length from its acceptance rate (at most
     num_speculative_tokens); False always drafts num_speculative_tokens."""
@@ -257,6 +263,12 @@ class SpecConfig:
                 or self.suffix_decoding_max_cached_requests < 0):
             raise ConfigError("speculative_config.suffix_decoding_max_cached_requests must be an "
                               f"integer >= 0, got {self.suffix_decoding_max_cached_requests!r}")
+        if (self.method == "draft") != (self.model is not None):
+            raise ConfigError("speculative_config.model (the draft model) is required with "
+                              "method 'draft' and only allowed with it")
+        if self.quantization not in (None, "int8", "int4", "auto"):
+            raise ConfigError("speculative_config.quantization must be 'int8', 'int4', 'auto' "
+                              f"or unset, got {self.quantization!r}")
         if self.disable_by_batch_size is not None and (
                 not is_int(self.disable_by_batch_size) or self.disable_by_batch_size < 1):
             raise ConfigError("speculative_config.disable_by_batch_size must be an integer >= 1, "

@@ -21,6 +21,7 @@ from ember.sampling.constrained import StructuredOutputManager
 from ember.sampling.sampler import Sampler
 from ember.scheduler.scheduler import Scheduler
 from ember.spec_decode.decoder import SpecDecoder
+from ember.spec_decode.draft import load_draft_proposer
 from ember.types import EngineCoreOutput, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ class EngineCore:
         self.layout = plan_cache(config, loaded, self.plan.kv_dtype)
         self.kv_manager = KVCacheManager(self.layout.num_blocks, self.layout.block_size,
                                          config.cache.enable_prefix_caching, self.layout.groups)
-        self.spec = SpecDecoder(config.spec) if config.spec.enabled else None
+        self.spec = (SpecDecoder(config.spec, load_draft_proposer(
+            config, loaded, self.layout.block_size, self.layout.num_blocks))
+            if config.spec.enabled else None)
         """Speculative decoding (proposes drafts after each step), or None when off."""
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.layout.max_model_len,
                                    spec_max_batch=self.spec.max_batch if self.spec else None)

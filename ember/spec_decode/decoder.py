@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ember.config import SpecConfig
+from ember.spec_decode.draft import DraftModelProposer, draft_cost
 from ember.spec_decode.ngram import NgramProposer
 from ember.spec_decode.proposer import Proposer
 from ember.spec_decode.step_cost import StepCostModel
@@ -53,24 +54,33 @@ class _Acceptance:
 
     drafted: float = 0.0
     accepted: float = 0.0
+    skipped: int = 0
+    """Steps in a row without drafts because drafting did not pay (draft model only)."""
 
     def rate(self) -> float:
         # NOTE: an optimistic prior (as if 2 of 2 were accepted) lets new requests draft long.
         return (self.accepted + 2.0) / (self.drafted + 2.0)
 
 
-def best_draft_length(alpha: float, max_len: int, cost: float = DRAFT_TOKEN_COST) -> int:
+_PROBE_EVERY = 8
+"""A draft-model request that stopped drafting (it did not pay) drafts one token every this
+many steps, so its acceptance estimate follows the text."""
+
+
+def best_draft_length(alpha: float, max_len: int, cost: float = DRAFT_TOKEN_COST,
+                      min_len: int = 1) -> int:
     """Draft length maximising expected tokens per unit of step cost.
 
     With per-token acceptance alpha, k drafts yield (1 - alpha^(k+1)) / (1 - alpha) tokens
-    (Leviathan et al.) for a step costing 1 + cost * k. Never below 1: an n-gram draft is free
-    to propose and the verification of one token costs little.
+    (Leviathan et al.) for a step costing 1 + cost * k. Never below `min_len`: 1 for n-gram
+    drafts (free to propose; one verify row costs little), 0 for a draft model, whose own
+    steps can cost more than they save.
     """
     def value(k: int) -> float:
         expected = k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
         return expected / (1.0 + cost * k)
 
-    return max(range(1, max_len + 1), key=value)
+    return max(range(min_len, max_len + 1), key=value)
 
 
 def create_proposer(config: SpecConfig) -> Proposer:
@@ -79,6 +89,9 @@ def create_proposer(config: SpecConfig) -> Proposer:
     if config.method == "suffix":
         return SuffixProposer(config.prompt_lookup_min, config.prompt_lookup_max,
                               config.suffix_decoding_max_cached_requests)
+    if config.method == "draft":  # NOTE: needs the target's model and KV geometry
+        raise ValueError("the 'draft' proposer is built by the engine core "
+                         "(ember.spec_decode.draft.load_draft_proposer)")
     raise ValueError(f"unknown speculative method {config.method!r}")
 
 
@@ -155,7 +168,16 @@ class SpecDecoder:
         if cap <= 0 or not self.config.adaptive:
             return max(cap, 0)
         acc = self._acceptance.get(request.request_id)
-        return cap if acc is None else best_draft_length(acc.rate(), cap, self.step_cost.cost)
+        if acc is None:
+            return cap
+        if not isinstance(self.proposer, DraftModelProposer):
+            return best_draft_length(acc.rate(), cap, self.step_cost.cost)
+        # NOTE: a draft token costs a verify row plus one draft-model step (both measured).
+        cost = self.step_cost.cost + draft_cost(self.proposer.step_seconds,
+                                                self.step_cost.one_row_seconds)
+        k = best_draft_length(acc.rate(), cap, cost, min_len=0)
+        acc.skipped = acc.skipped + 1 if k == 0 else 0
+        return 1 if k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
 
     def release(self, request_ids: set[str]) -> None:
         for rid in request_ids:

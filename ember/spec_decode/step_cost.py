@@ -58,3 +58,16 @@ class StepCostModel:
         if a + b <= 0.0:
             return self.prior
         return min(self.hi, max(self.lo, b / (a + b)))
+
+    @property
+    def one_row_seconds(self) -> float | None:
+        """Fitted time of a one-row (plain decode) step, None until enough steps were seen."""
+        if self._w < _MIN_STEPS:
+            return None
+        mx, my = self._sx / self._w, self._sy / self._w
+        var = self._sxx / self._w - mx * mx
+        if var < _MIN_SPREAD:
+            return my if mx < 1.05 else None  # only one-row steps so far: their mean
+        b = (self._sxy / self._w - mx * my) / var
+        a = my - b * mx
+        return a + b if a + b > 0.0 else None

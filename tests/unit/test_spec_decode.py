@@ -20,7 +20,8 @@ from ember.spec_decode.decoder import best_draft_length
 from ember.spec_decode.ngram import ngram_lookup
 from ember.spec_decode.rejection import RejectionSampler, SpecRow
 from ember.types import Request, SamplingBatchRow
-from tiny_llama import forward_logits, one_thread, run_to_completion, tiny_loaded  # noqa: F401
+from tiny_llama import (forward_logits, one_thread, run_to_completion, save_tiny,  # noqa: F401
+                        tiny_arch, tiny_loaded)
 
 
 def chi_square_ok(observed: Counter, expected: dict[int, float] | dict[tuple, float],
@@ -205,7 +206,11 @@ def test_spec_config_from_vllm_dict_and_errors():
     for bad, needle in [({"method": "eagle"}, "method"), ({"methd": "ngram"}, "unknown key"),
                         ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative"),
                         ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2},
-                         "prompt_lookup_min"), ("ngram", "JSON object")]:
+                         "prompt_lookup_min"), ("ngram", "JSON object"),
+                        ({"method": "draft"}, "model"),
+                        ({"method": "ngram", "model": "x"}, "model"),
+                        ({"method": "draft", "model": "x", "quantization": "q2"},
+                         "quantization")]:
         with pytest.raises(ConfigError, match=needle) as err:
             SpecConfig.from_dict(bad)  # type: ignore[arg-type]
         assert "\n" not in str(err.value)
@@ -235,22 +240,81 @@ def _engine(spec: bool, num_blocks: int = 64, prefix: bool = True, **spec_kw) ->
 GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
 
 
-@pytest.mark.parametrize("num_blocks,method", [(64, "ngram"), (22, "ngram"), (22, "suffix")],
-                         ids=["roomy", "preempting", "suffix-preempting"])
-def test_greedy_identical_and_pool_left_as_without_speculation(num_blocks, method):
+@pytest.fixture(scope="module")
+def drafts(tmp_path_factory) -> dict[str, str]:
+    """Draft checkpoints for the tiny target (`tiny_loaded()`): 'same' (its own weights: drafts
+    mostly accepted), 'pruned' (`ember prune --drop-layers 1` of it: some rejected)."""
+    from ember.compress.checkpoint import Compression, save_checkpoint
+    from ember.compress.structured import drop_layers
+
+    root = tmp_path_factory.mktemp("drafts")
+    same = save_tiny(root / "same")
+    target = tiny_loaded()
+    calib = torch.tensor([PROMPTS[0] + PROMPTS[1]])
+    arch, summary = drop_layers(target.model, target.arch, calib, 1)
+    pruned = save_checkpoint(root / "pruned", target, Compression("drop-layers", {}, summary),
+                             model=target.model, arch=arch)
+    return {"same": str(same), "pruned": str(pruned)}
+
+
+def _spec_kw(method: str, drafts: dict[str, str]) -> dict[str, object]:
+    """speculative_config entries of `method` ('draft-same' / 'draft-pruned': the draft
+    proposer with that checkpoint)."""
+    if method.startswith("draft-"):
+        return {"method": "draft", "model": drafts[method.removeprefix("draft-")]}
+    return {"method": method}
+
+
+@pytest.mark.parametrize("num_blocks,method", [
+    (64, "ngram"), (22, "ngram"), (22, "suffix"), (64, "draft-same"), (22, "draft-pruned")],
+    ids=["roomy", "preempting", "suffix-preempting", "draft-same", "draft-pruned-preempting"])
+def test_greedy_identical_and_pool_left_as_without_speculation(num_blocks, method, request):
     outs, pools = [], []
+    kw = _spec_kw(method, request.getfixturevalue("drafts") if "draft" in method else {})
     for spec in (False, True):
-        engine = _engine(spec, num_blocks, method=method)
+        engine = _engine(spec, num_blocks, **kw)
         outs.append([o.token_ids for o in run_to_completion(engine, PROMPTS, GREEDY)])
         core = engine.core
         pool = core.kv_manager.block_pool
         pools.append((pool.num_free_blocks, set(pool._cached), core.scheduler.num_preemptions))
         if spec:
             assert core.spec is not None and core.spec.stats.num_accepted_tokens > 10
+            if "draft" in method:
+                _check_draft_model_run(core.spec, engine, method)
     assert outs[0] == outs[1]
     assert pools[0][:2] == pools[1][:2]
     if num_blocks == 22:
         assert pools[0][2] > 0 and pools[1][2] > 0
+
+
+def _check_draft_model_run(spec, engine: LLMEngine, method: str) -> None:
+    """The draft model ran batched steps, its drafts were accepted as its weights warrant,
+    and its own KV blocks all return once the finished requests are released."""
+    from ember.spec_decode.draft import DraftModelProposer
+
+    proposer = spec.proposer
+    assert isinstance(proposer, DraftModelProposer) and proposer.num_steps > 0
+    drafted, accepted = spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens
+    if method == "draft-same":  # the target's own weights: every draft is its argmax
+        assert accepted == drafted
+    else:  # a pruned target guesses some, misses some (the rollback path runs)
+        assert 0 < accepted < drafted
+    engine.step()  # an empty step releases the requests that finished in the last one
+    assert len(proposer._free) == proposer.runner.num_blocks - 1 and not proposer._states
+
+
+def test_draft_model_errors_are_one_line(tmp_path, drafts):
+    from ember.cli import main
+    from ember.spec_decode.draft import DraftModelError
+
+    other_vocab = save_tiny(tmp_path / "v300", tiny_arch(vocab_size=300))
+    for model, needle in [(str(other_vocab), "vocabulary of 300 tokens"),
+                          (str(tmp_path / "missing"), "speculative_config.model")]:
+        with pytest.raises(DraftModelError, match=needle) as err:
+            _engine(True, method="draft", model=model)
+        assert "\n" not in str(err.value)
+    assert main(["generate", "x", "--speculative-config",
+                 '{"method": "draft", "model": "%s"}' % (tmp_path / "missing")]) == 2
 
 
 def test_rollback_returns_rejected_blocks_and_caches_only_known_tokens():
@@ -289,17 +353,22 @@ def test_drafts_respect_max_tokens_and_batch_size_switch():
     assert off.core.spec is not None and off.core.spec.stats.num_draft_tokens == 0
 
 
-def test_sampling_with_speculation_matches_target_on_a_tiny_model():
+@pytest.mark.parametrize("proposer", ["guess", "draft"])
+def test_sampling_with_speculation_matches_target_on_a_tiny_model(proposer, request):
     """Engine-level: tokens 2 and 3 (verified drafts) of many sampled requests follow the exact
-    target distribution computed from the model's own logits (chi-square, fixed seeds)."""
+    target distribution computed from the model's own logits (chi-square, fixed seeds).
+    'guess': half the drafts the target's favourite, half unlikely; 'draft': the draft-model
+    proposer (the target's weights, greedy without the penalties the target samples with)."""
     loaded = tiny_loaded()
+    method = ({"method": "ngram"} if proposer == "guess" else
+              _spec_kw("draft-same", request.getfixturevalue("drafts")))
     prompt = [42, 43, 44] * 4
     params = SamplingParams(max_tokens=4, temperature=0.9, top_k=3, repetition_penalty=1.3,
                             presence_penalty=0.4, ignore_eos=True)
     config = EngineConfig(model=ModelConfig(model="tiny"),
                           cache=CacheConfig(block_size=4, num_blocks=1200),
                           scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=512),
-                          spec=SpecConfig.from_dict({"method": "ngram",
+                          spec=SpecConfig.from_dict({**method,
                                                      "num_speculative_tokens": 2,
                                                      "prompt_lookup_min": 1,
                                                      "disable_by_batch_size": 1000,
@@ -327,7 +396,8 @@ def test_sampling_with_speculation_matches_target_on_a_tiny_model():
             memo[tuple(output)] = random_row_probs(apply_penalties(logits, [row]), [row])[0]
         return memo[tuple(output)]
     assert engine.core.spec is not None
-    engine.core.spec.proposer = Guess()
+    if proposer == "guess":
+        engine.core.spec.proposer = Guess()
     num = 1500
     outs = run_to_completion(engine, [prompt] * num, params)
     stats = engine.core.spec.stats
