@@ -58,8 +58,8 @@ ENDLESS = {"type": "array", "minItems": 1000, "items": {"type": "object", "prope
 
 
 def decode_rate(llm: LLM, batch: int, tokens: int, constrained: bool,
-                overlap: bool = True) -> tuple[float, dict[str, float]]:
-    """Decode tok/s and the grammar work per step in microseconds.
+                overlap: bool = True) -> tuple[float, dict[str, float], list[list[int]]]:
+    """Decode tok/s, the grammar work per step in microseconds and the tokens generated.
 
     NOTE: both sides use the same sampling parameters (min_tokens blocks EOS on both), so
     the difference is the grammar alone."""
@@ -83,7 +83,36 @@ def decode_rate(llm: LLM, batch: int, tokens: int, constrained: bool,
     per_step = {"step_us": 1e6 * elapsed / max(1, tokens), "join_us": 1e6 * t.join / steps,
                 "mask_fill_us": 1e6 * t.mask / steps, "apply_us": 1e6 * t.apply / steps,
                 "worker_prefetch_us": 1e6 * t.prefetch / steps}
-    return produced / elapsed, per_step
+    return produced / elapsed, per_step, [list(o.outputs[0].token_ids) for o in outs]
+
+
+def grammar_work(llm: LLM, outputs: list[list[int]]) -> dict[str, float]:
+    """The grammar's work per decode step without the model, replaying the tokens a
+    constrained run generated (`outputs`, one list per row): per step, in-step as the engine
+    does it (consume the last token, fill the masks, apply them to (batch, V) logits).
+    Median microseconds per step. Independent of the kernel threads, so it stays meaningful
+    on a loaded machine (it still slows down with it)."""
+    import torch
+
+    from ember.sampling.constrained import StructuredOutputManager
+    from ember.types import SamplingBatchRow
+
+    core = llm.engine.core
+    manager = StructuredOutputManager(llm.engine.tokenizer, overlap=False, kernels=core.kernels)
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(json=ENDLESS))
+    vocab = manager.vocab_size  # NOTE: SmolLM2's logits are exactly its vocabulary
+    times = []
+    for step in range(min(len(o) for o in outputs)):
+        rows = [SamplingBatchRow(f"g{i}", params, [1], out[:step], eos_token_id=None)
+                for i, out in enumerate(outputs)]
+        logits = torch.zeros(len(outputs), vocab)
+        start = time.perf_counter()
+        manager.apply(logits, rows)
+        times.append(time.perf_counter() - start)
+        assert all(logits[i, out[step]] > float("-inf") for i, out in enumerate(outputs))
+    manager.shutdown()
+    return {"median_us": 1e6 * statistics.median(times), "mean_us": 1e6 * statistics.mean(times),
+            "steps": len(times)}
 
 
 LONG_KEYS = {"type": "array", "minItems": 3, "maxItems": 3, "items": {
@@ -198,11 +227,12 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         rates: dict[str, list[float]] = {"u": [], "c": [], "c_sync": []}
         steps: dict[str, list[dict[str, float]]] = {"c": [], "c_sync": []}
+        generated: list[list[int]] = []
         # NOTE: interleaved A/B/C, so a load change on a shared machine hits all three.
         for _ in range(args.repeats):
             rates["u"].append(decode_rate(llm, batch, args.tokens, False)[0])
             for key, overlap in (("c", True), ("c_sync", False)):
-                rate, breakdown = decode_rate(llm, batch, args.tokens, True, overlap)
+                rate, breakdown, generated = decode_rate(llm, batch, args.tokens, True, overlap)
                 rates[key].append(rate)
                 steps[key].append(breakdown)
         u, co, cs = (statistics.median(rates[k]) for k in ("u", "c", "c_sync"))
@@ -226,6 +256,12 @@ def main() -> None:
               f"overhead {100 * (1 - c / u):5.1f}%  [overlapped {100 * (1 - co / u):5.1f}%, "
               f"in-step {100 * (1 - cs / u):5.1f}%; grammar work on the engine thread in-step: "
               f"{100 * engine_us['c_sync'] / u_step_us:4.1f}% of a step]", flush=True)
+        gw = grammar_work(llm, generated)
+        result["decode"][batch]["grammar_work_in_step_us"] = gw["median_us"]
+        result["decode"][batch]["grammar_work_pct_of_unconstrained_step"] = \
+            100 * gw["median_us"] / u_step_us
+        print(f"   grammar work alone (no model, in-step): {gw['median_us']:.0f} us per step = "
+              f"{100 * gw['median_us'] / u_step_us:.1f}% of an unconstrained step", flush=True)
         print("   per step (us):", {k: {f: round(x) for f, x in v.items()}
                                     for k, v in result["decode"][batch]["per_step_us"].items()},
               flush=True)
