@@ -7,7 +7,12 @@ One command (writes JSON + PNG under benchmarks/results/structured/):
 - decode tok/s, constrained vs unconstrained, same prompts and the same number of tokens
   (`--tokens`), at batch 1 and 32: the constrained run uses a JSON schema that cannot finish
   within that many tokens (an array with many required items), so every step computes a mask;
-  the unconstrained run uses ignore_eos. Best of `--repeats` runs each, interleaved.
+  both sides use the same sampling parameters (temperature 0.8, seed, min_tokens); median of
+  `--repeats` interleaved runs each. Constrained runs twice: masks filled on the worker thread
+  during the forward pass ("overlapped") and inside the step ("in-step"); the headline overhead
+  is the mode the engine picks on this machine (`constrained.overlap_pays`). Also reported: the
+  grammar work on the engine thread per step as a share of the unconstrained step (less
+  sensitive to a loaded machine than the tok/s ratio).
 - compile p50 for typical schemas (cold: grammar text + validation + compile + first mask) and
   the cached repeat (a new sequence's matcher for a schema already compiled).
 - TTFT of one request: without a schema, with a new schema, with a cached schema.
@@ -53,8 +58,8 @@ ENDLESS = {"type": "array", "minItems": 1000, "items": {"type": "object", "prope
 
 
 def decode_rate(llm: LLM, batch: int, tokens: int, constrained: bool,
-                overlap: bool = True) -> tuple[float, dict[str, float]]:
-    """Decode tok/s and the grammar work per step in microseconds.
+                overlap: bool = True) -> tuple[float, dict[str, float], list[list[int]]]:
+    """Decode tok/s, the grammar work per step in microseconds and the tokens generated.
 
     NOTE: both sides use the same sampling parameters (min_tokens blocks EOS on both), so
     the difference is the grammar alone."""
@@ -63,13 +68,14 @@ def decode_rate(llm: LLM, batch: int, tokens: int, constrained: bool,
     params = SamplingParams(temperature=0.8, seed=1, max_tokens=tokens, min_tokens=tokens,
                             structured_outputs=spec)
     manager = llm.engine.core.structured
+    default_overlap = manager.overlap
     manager.overlap = overlap
     manager.jump_forward_enabled = False  # the mask's cost alone (jump-forward: see below)
     manager.timings.reset()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
-    manager.overlap = manager.jump_forward_enabled = True
+    manager.overlap, manager.jump_forward_enabled = default_overlap, True
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == batch * tokens, (produced, batch * tokens)
     t = manager.timings
@@ -77,7 +83,36 @@ def decode_rate(llm: LLM, batch: int, tokens: int, constrained: bool,
     per_step = {"step_us": 1e6 * elapsed / max(1, tokens), "join_us": 1e6 * t.join / steps,
                 "mask_fill_us": 1e6 * t.mask / steps, "apply_us": 1e6 * t.apply / steps,
                 "worker_prefetch_us": 1e6 * t.prefetch / steps}
-    return produced / elapsed, per_step
+    return produced / elapsed, per_step, [list(o.outputs[0].token_ids) for o in outs]
+
+
+def grammar_work(llm: LLM, outputs: list[list[int]]) -> dict[str, float]:
+    """The grammar's work per decode step without the model, replaying the tokens a
+    constrained run generated (`outputs`, one list per row): per step, in-step as the engine
+    does it (consume the last token, fill the masks, apply them to (batch, V) logits).
+    Median microseconds per step. Independent of the kernel threads, so it stays meaningful
+    on a loaded machine (it still slows down with it)."""
+    import torch
+
+    from ember.sampling.constrained import StructuredOutputManager
+    from ember.types import SamplingBatchRow
+
+    core = llm.engine.core
+    manager = StructuredOutputManager(llm.engine.tokenizer, overlap=False, kernels=core.kernels)
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(json=ENDLESS))
+    vocab = manager.vocab_size  # NOTE: SmolLM2's logits are exactly its vocabulary
+    times = []
+    for step in range(min(len(o) for o in outputs)):
+        rows = [SamplingBatchRow(f"g{i}", params, [1], out[:step], eos_token_id=None)
+                for i, out in enumerate(outputs)]
+        logits = torch.zeros(len(outputs), vocab)
+        start = time.perf_counter()
+        manager.apply(logits, rows)
+        times.append(time.perf_counter() - start)
+        assert all(logits[i, out[step]] > float("-inf") for i, out in enumerate(outputs))
+    manager.shutdown()
+    return {"median_us": 1e6 * statistics.median(times), "mean_us": 1e6 * statistics.mean(times),
+            "steps": len(times)}
 
 
 LONG_KEYS = {"type": "array", "minItems": 3, "maxItems": 3, "items": {
@@ -177,35 +212,56 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quantization", default="auto")
     args = ap.parse_args()
     load_before = os.getloadavg()
     llm = LLM(show_progress=False, quantization=args.quantization)
     llm.generate(["warm up"], SamplingParams(max_tokens=4))
+    manager = llm.engine.core.structured
     result: dict = {"model": "SmolLM2-135M-Instruct", "quantization": args.quantization,
+                    "engine_overlaps_masks": manager.overlap,
+                    "native_mask_apply": manager.kernels is not None,
                     "tokens": args.tokens, "loadavg_before": load_before,
                     "cpu_count": os.cpu_count(), "decode": {}}
     for batch in [int(b) for b in args.batches.split(",")]:
         rates: dict[str, list[float]] = {"u": [], "c": [], "c_sync": []}
         steps: dict[str, list[dict[str, float]]] = {"c": [], "c_sync": []}
+        generated: list[list[int]] = []
         # NOTE: interleaved A/B/C, so a load change on a shared machine hits all three.
         for _ in range(args.repeats):
             rates["u"].append(decode_rate(llm, batch, args.tokens, False)[0])
             for key, overlap in (("c", True), ("c_sync", False)):
-                rate, breakdown = decode_rate(llm, batch, args.tokens, True, overlap)
+                rate, breakdown, generated = decode_rate(llm, batch, args.tokens, True, overlap)
                 rates[key].append(rate)
                 steps[key].append(breakdown)
-        u, c, cs = (statistics.median(rates[k]) for k in ("u", "c", "c_sync"))
+        u, co, cs = (statistics.median(rates[k]) for k in ("u", "c", "c_sync"))
+        c = co if manager.overlap else cs
+        per_step = {k: {f: statistics.median(b[f] for b in v) for f in v[0]}
+                    for k, v in steps.items()}
+        u_step_us = 1e6 / u * batch  # one unconstrained step (batch tokens)
+        engine_us = {k: v["join_us"] + v["mask_fill_us"] + v["apply_us"]
+                     for k, v in per_step.items()}
         result["decode"][batch] = {
-            "unconstrained_tok_s": u, "constrained_tok_s": c, "constrained_sync_tok_s": cs,
-            "overhead_pct": 100 * (1 - c / u), "overhead_sync_pct": 100 * (1 - cs / u),
-            "statistic": "median of interleaved runs", "runs": rates,
-            "per_step_us": {k: {f: statistics.median(b[f] for b in v) for f in v[0]}
-                            for k, v in steps.items()}}
+            "unconstrained_tok_s": u, "constrained_tok_s": c,
+            "mode": "overlapped" if manager.overlap else "in-step",
+            "overhead_pct": 100 * (1 - c / u),
+            "constrained_overlapped_tok_s": co, "overhead_overlapped_pct": 100 * (1 - co / u),
+            "constrained_in_step_tok_s": cs, "overhead_in_step_pct": 100 * (1 - cs / u),
+            "engine_thread_grammar_pct_of_step": {k: 100 * v / u_step_us
+                                                  for k, v in engine_us.items()},
+            "statistic": "median of interleaved runs", "runs": rates, "per_step_us": per_step}
         print(f"batch {batch:3d}: unconstrained {u:7.1f} tok/s  constrained {c:7.1f} tok/s "
-              f"(overhead {100 * (1 - c / u):5.1f}%; masks computed in-step: {cs:7.1f}, "
-              f"{100 * (1 - cs / u):5.1f}%)", flush=True)
+              f"({'overlapped' if manager.overlap else 'in-step'}, the engine's choice here): "
+              f"overhead {100 * (1 - c / u):5.1f}%  [overlapped {100 * (1 - co / u):5.1f}%, "
+              f"in-step {100 * (1 - cs / u):5.1f}%; grammar work on the engine thread in-step: "
+              f"{100 * engine_us['c_sync'] / u_step_us:4.1f}% of a step]", flush=True)
+        gw = grammar_work(llm, generated)
+        result["decode"][batch]["grammar_work_in_step_us"] = gw["median_us"]
+        result["decode"][batch]["grammar_work_pct_of_unconstrained_step"] = \
+            100 * gw["median_us"] / u_step_us
+        print(f"   grammar work alone (no model, in-step): {gw['median_us']:.0f} us per step = "
+              f"{100 * gw['median_us'] / u_step_us:.1f}% of an unconstrained step", flush=True)
         print("   per step (us):", {k: {f: round(x) for f, x in v.items()}
                                     for k, v in result["decode"][batch]["per_step_us"].items()},
               flush=True)

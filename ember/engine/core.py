@@ -98,7 +98,7 @@ class EngineCore:
                     self.layout.num_blocks, self.layout.block_size,
                     self.layout.groups.page_layers, self.layout.groups.num_groups,
                     self.layout.max_model_len)
-        self.structured = StructuredOutputManager(loaded.tokenizer)
+        self.structured = StructuredOutputManager(loaded.tokenizer, kernels=self.kernels)
         self.runner.structured = self.structured
         if self.spec is not None:  # constrained drafts: cut to their grammar-valid prefix
             self.spec.draft_filter = self.structured.truncate_draft

@@ -128,4 +128,24 @@ void paged_decode_attention(const float* q, int64_t q_stride, const void* k_cach
   }
 }
 
+
+// Grammar masks, in place: logits row rows[i] (row_stride floats apart, V = vocab floats) keeps
+// the tokens whose bit is set in masks row i ((n, words) int32, bit t % 32 of word t / 32:
+// llguidance's layout), the others become -inf. A mask row with no bit set allows only `eos`
+// (when 0 <= eos < vocab; else the whole row is -inf). masks is not modified.
+void apply_token_bitmask(float* logits, int64_t row_stride, const int64_t* rows, int64_t n,
+                         const int32_t* masks, int64_t words, int64_t vocab, int64_t eos) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* x = logits + rows[i] * row_stride;
+    const int32_t* m = masks + i * words;
+    if (std::any_of(m, m + words, [](int32_t w) { return w != 0; })) {
+      bitmask_row(x, m, vocab);
+      continue;
+    }
+    const float kept = (eos >= 0 && eos < vocab) ? x[eos] : -INFINITY;
+    std::fill(x, x + vocab, -INFINITY);
+    if (eos >= 0 && eos < vocab) x[eos] = kept;
+  }
+}
+
 }  // extern "C"

@@ -369,4 +369,27 @@ inline void v_hsum4(vfloat a, vfloat b, vfloat c, vfloat d, float* out) {
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
 }
 
+
+// ---- grammar masks (cpu_kernels.cpp apply_token_bitmask) ------------------------------------
+// x (V) set to -inf where the bit of token t (bit t % 32 of words[t / 32]) is clear. A word
+// with every bit set (most of a free-text position) is skipped, one with none is 4 stores.
+inline void bitmask_row(float* x, const int32_t* words, int64_t vocab) {
+  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const int64_t full = vocab / 32;
+  for (int64_t w = 0; w < full; ++w) {
+    const uint32_t m = static_cast<uint32_t>(words[w]);
+    if (m == 0xFFFFFFFFu) continue;
+    float* p = x + 32 * w;
+    for (int j = 0; j < 4; ++j) {
+      const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(static_cast<int32_t>(m >> (8 * j))),
+                                            lane_bit);
+      const __m256 off = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, _mm256_setzero_si256()));
+      _mm256_storeu_ps(p + 8 * j, _mm256_blendv_ps(_mm256_loadu_ps(p + 8 * j), ninf, off));
+    }
+  }
+  for (int64_t t = 32 * full; t < vocab; ++t)
+    if (!((static_cast<uint32_t>(words[t / 32]) >> (t % 32)) & 1u)) x[t] = -INFINITY;
+}
+
 }  // namespace

@@ -409,4 +409,20 @@ inline void v_hsum4(vfloat a, vfloat b, vfloat c, vfloat d, float* out) {
   out[3] = hadd_order(d);
 }
 
+
+// ---- grammar masks (cpu_kernels.cpp apply_token_bitmask) ------------------------------------
+// x (V) set to -inf where the bit of token t (bit t % 32 of words[t / 32]) is clear; the
+// select over a word's 32 lanes vectorises to blends.
+inline void bitmask_row(float* x, const int32_t* words, int64_t vocab) {
+  const int64_t full = vocab / 32;
+  for (int64_t w = 0; w < full; ++w) {
+    const uint32_t m = static_cast<uint32_t>(words[w]);
+    if (m == 0xFFFFFFFFu) continue;
+    float* p = x + 32 * w;
+    for (int b = 0; b < 32; ++b) p[b] = ((m >> b) & 1u) ? p[b] : -INFINITY;
+  }
+  for (int64_t t = 32 * full; t < vocab; ++t)
+    if (!((static_cast<uint32_t>(words[t / 32]) >> (t % 32)) & 1u)) x[t] = -INFINITY;
+}
+
 }  // namespace

@@ -432,6 +432,22 @@ inline void v_hsum4(vfloat a, vfloat b, vfloat c, vfloat d, float* out) {
   _mm_storeu_ps(out, reduce4(a, b, c, d));
 }
 
+
+// ---- grammar masks (cpu_kernels.cpp apply_token_bitmask) ------------------------------------
+// x (V) set to -inf where the bit of token t (bit t % 32 of words[t / 32]) is clear.
+inline void bitmask_row(float* x, const int32_t* words, int64_t vocab) {
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  const int64_t full = vocab / 32;
+  for (int64_t w = 0; w < full; ++w) {
+    const uint32_t m = static_cast<uint32_t>(words[w]);
+    if (m == 0xFFFFFFFFu) continue;
+    _mm512_mask_storeu_ps(x + 32 * w, static_cast<__mmask16>(~m & 0xFFFFu), ninf);
+    _mm512_mask_storeu_ps(x + 32 * w + 16, static_cast<__mmask16>(~m >> 16), ninf);
+  }
+  for (int64_t t = 32 * full; t < vocab; ++t)
+    if (!((static_cast<uint32_t>(words[t / 32]) >> (t % 32)) & 1u)) x[t] = -INFINITY;
+}
+
 }  // namespace
 #endif  // EMBER_ISA_AVX2 / EMBER_ISA_PORTABLE
 

@@ -139,6 +139,7 @@ class CpuKernels:
             "rope_store_qkv_i8": [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr],
             "paged_decode_attention": [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, i64,
                                        i64, i64, i64, i64, f32, i64, ptr, i32],
+            "apply_token_bitmask": [ptr, i64, ptr, i64, ptr, i64, i64, i64],
         }
         for name, args in sigs.items():
             fn = getattr(lib, name)
@@ -259,3 +260,22 @@ class CpuKernels:
             block_tables.shape[1], _ptr(lens), b, num_heads, k_cache.shape[2], head_dim,
             k_cache.shape[1], scale, window or 0, _ptr(out), self.num_threads)
         return out
+
+    # ---- sampling -------------------------------------------------------------------------
+
+    def apply_token_bitmask(self, logits: torch.Tensor, masks: torch.Tensor,
+                            rows: list[int], eos_token_id: int | None) -> None:
+        """Grammar masks in place: row rows[i] of `logits` (N, V) float32 (rows contiguous)
+        keeps the tokens whose bit is set in `masks` (C, W) int32 row i (bit t % 32 of word
+        t // 32), the others become -inf; a mask with no bit set allows only EOS.
+        Single-threaded: a few us per 49k row."""
+        if logits.dtype != torch.float32 or logits.stride(1) != 1 or \
+                masks.dtype != torch.int32 or not masks.is_contiguous() or \
+                masks.shape[1] * 32 < logits.shape[1] or len(rows) != masks.shape[0] or \
+                (rows and not 0 <= min(rows) <= max(rows) < logits.shape[0]):
+            raise ValueError("apply_token_bitmask needs float32 logits with contiguous rows and "
+                             "one contiguous int32 mask row of >= V bits per in-range row")
+        index = (c_int64 * len(rows))(*rows)
+        self.lib.apply_token_bitmask(
+            _ptr(logits), logits.stride(0), index, len(rows), _ptr(masks),
+            masks.shape[1], logits.shape[1], -1 if eos_token_id is None else eos_token_id)

@@ -2,7 +2,9 @@
 
 One bitmask row is ceil(V / 32) int32 words, bit `t % 32` of word `t // 32` set when token t
 is allowed (llguidance's layout). A step's masks are one (C, W) array for its C constrained
-rows; they are applied in place with one vectorised numpy pass (no per-token Python).
+rows; they are applied in place by the kernels' `apply_token_bitmask` (one pass over the packed
+words: a word with every bit set is skipped, ~5 us for a 49k row) when the plan runs the CPU
+kernels, else with one vectorised numpy pass (unpack + copyto, ~240 us for a 49k row).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from ember.kernels.ops import CpuKernels
 
 try:
     import llguidance
@@ -70,9 +74,14 @@ def eos_only(masks: np.ndarray, row: int, eos_token_id: int | None) -> None:
 
 
 def apply_bitmask(logits: torch.Tensor, masks: np.ndarray, rows: Sequence[int],
-                  eos_token_id: int | None) -> None:
+                  eos_token_id: int | None, kernels: CpuKernels | None = None) -> None:
     """Set to -inf, in place, the logits of `rows` (C indices into `logits` (N, V)) whose bit
-    is clear in `masks` (C, W). A row whose mask allows nothing gets EOS only."""
+    is clear in `masks` (C, W). A row whose mask allows nothing gets EOS only. With `kernels`
+    and float32 CPU logits this is one native pass; else numpy / torch."""
+    if kernels is not None and logits.device.type == "cpu" and logits.dtype == torch.float32 \
+            and logits.stride(1) == 1 and masks.dtype == np.int32 and masks.flags.c_contiguous:
+        kernels.apply_token_bitmask(logits, torch.from_numpy(masks), list(rows), eos_token_id)
+        return
     vocab = logits.shape[1]
     empty = ~masks.any(axis=1)  # (C,)
     for r in np.flatnonzero(empty).tolist():

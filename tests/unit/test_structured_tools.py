@@ -127,8 +127,8 @@ def test_prefetched_masks_match_in_step_masks_and_roll_back(tokenizer) -> None:
                                                "age": {"type": "integer"}},
               "required": ["name", "age"], "additionalProperties": False}
     spec = StructuredOutputsParams(json=schema)
-    ahead, inline = StructuredOutputManager(tokenizer), StructuredOutputManager(tokenizer)
-    inline.overlap = False
+    ahead = StructuredOutputManager(tokenizer, overlap=True)
+    inline = StructuredOutputManager(tokenizer, overlap=False)
     v = tokenizer.vocab_size
     text = tokenizer.encode('{"name": "Ann Lee", "age": 41}', add_special_tokens=False)
     out: list[int] = []
@@ -202,3 +202,46 @@ def test_jump_forward_drafts_the_forced_tokens(tokenizer) -> None:
     fresh.spec_token_ids = []
     assert manager.jump_forward([fresh]) == 0 and fresh.spec_token_ids == []
     manager.shutdown()
+
+
+def test_native_mask_apply_equals_numpy_on_a_schema(tokenizer) -> None:
+    """The kernels' bitmask apply gives the numpy path's allowed sets token by token over a
+    JSON schema on SmolLM2's vocabulary (and EOS only once the object is complete)."""
+    from ember.kernels.build import missing_cpu_features
+    from ember.kernels.ops import CpuKernels
+
+    if missing_cpu_features():
+        pytest.skip(f"CPU lacks {missing_cpu_features()}")
+    kernels = CpuKernels.load(None, num_threads=2)
+    assert kernels is not None, "the kernels failed to compile"
+    spec = StructuredOutputsParams(json={"type": "object", "properties": {
+        "ok": {"type": "boolean"}, "n": {"type": "integer"}}, "required": ["ok", "n"],
+        "additionalProperties": False})
+    native = StructuredOutputManager(tokenizer, overlap=False, kernels=kernels)
+    plain = StructuredOutputManager(tokenizer, overlap=False)
+    v = tokenizer.vocab_size
+    text = tokenizer.encode('{"ok": true, "n": 7}', add_special_tokens=False)
+    out: list[int] = []
+    for token in text:
+        rows = [_row("u", None, [], {3: 1.0}), _row("s", spec, out)]
+        got, want = _allowed(native, rows, v), _allowed(plain, rows, v)
+        assert got == want and token in got[1] and len(got[0]) == v
+        out = out + [token]
+    assert _allowed(native, [_row("s", spec, out)], v) == [{tokenizer.eos_token_id}]
+    native.shutdown()
+    plain.shutdown()
+
+
+def test_overlap_only_with_a_spare_core(tokenizer, monkeypatch) -> None:
+    """The mask worker thread runs only when a core is free of kernel threads."""
+    import os
+
+    from ember.sampling import constrained
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert not constrained.overlap_pays(None)
+    assert not StructuredOutputManager(tokenizer).overlap
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert constrained.overlap_pays(None) and StructuredOutputManager(tokenizer).overlap
+    assert not StructuredOutputManager(tokenizer, overlap=False).overlap
