@@ -29,11 +29,8 @@ about (window + chunk) / block_size blocks whatever the context; full groups kee
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,15 +120,3 @@ def build_kv_groups(layer_windows: Sequence[int | None], trim: bool = True) -> K
             layer_group[layer], layer_slot[layer] = g, slot
     return KVCacheGroups(tuple(groups), page, tuple(layer_group), tuple(layer_slot))
 
-
-def kv_groups_for(layer_windows: Sequence[int | None], trim: bool,
-                  fused_decoder: bool) -> KVCacheGroups:
-    """The engine's KV cache groups: `build_kv_groups`, but one group when the fused decoder
-    runs (its kernel takes one block table for every layer; a stack of one attention kind,
-    e.g. Mistral's, is one group anyway and keeps its trimming)."""
-    groups = build_kv_groups(layer_windows, trim)
-    if groups.num_groups > 1 and fused_decoder:
-        logger.info("KV cache: the fused decoder takes one block table: sliding-window "
-                    "layers keep every position")
-        return build_kv_groups(layer_windows, trim=False)
-    return groups
