@@ -25,6 +25,10 @@ too (uniform page size across groups).
 A sliding-window group frees the blocks that fell out of the window of every query still to
 run (their table entries become the null block 0), so its cost per request is bounded by
 about (window + chunk) / block_size blocks whatever the context; full groups keep everything.
+
+Both attention paths run the groups: the module path gives each layer its group's
+`AttentionMetadata` (`AttentionMetadata.for_layer`); the fused decoder kernel takes slots
+(G, T) and block tables (G, T, max_blocks) and each `LayerW` names its group.
 """
 
 from __future__ import annotations
