@@ -43,7 +43,7 @@ TEXT = ROOT.parent / "shared" / "data" / "pride_and_prejudice.txt"
 
 def _engine(model: str, mb: int, trim: bool, budget: int) -> LLM:
     config = EngineConfig(
-        model=ModelConfig(model=model, generation_config="none"),
+        model=ModelConfig(model=model, generation_config="none", quantization="auto"),
         cache=CacheConfig(kv_cache_mb=mb, trim_sliding_window=trim),
         scheduler=SchedulerConfig(max_num_batched_tokens=budget))
     return LLM(config=config, show_progress=False)

@@ -16,7 +16,7 @@ GEMMA = next(m for m in PACKAGED_MODELS if m.name == "gemma-3-270m")
 
 def _engine(path: str, trim: bool) -> LLM:
     config = EngineConfig(
-        model=ModelConfig(model=path, generation_config="none"),
+        model=ModelConfig(model=path, generation_config="none", quantization="auto"),
         cache=CacheConfig(kv_cache_mb=32, trim_sliding_window=trim),
         scheduler=SchedulerConfig(max_num_batched_tokens=256))
     return LLM(config=config, show_progress=False)
@@ -30,7 +30,7 @@ def test_trimmed_window_cache_keeps_greedy_tokens(pride_text):
     groups = trimmed.engine.core.layout.groups
     assert groups.num_groups == 6 and groups.page_layers == 3
     decoder = trimmed.engine.core.runner.decoder
-    if trimmed.engine.core.plan.fused_decoder:  # the default plan where the kernels run
+    if trimmed.engine.core.plan.kernels is not None:  # the default plan where kernels run
         assert decoder is not None and decoder.stack.num_groups == 6
     ids = trimmed.get_tokenizer().encode(pride_text[40000:46000])[:600]  # past the window
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
