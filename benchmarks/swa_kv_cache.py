@@ -175,10 +175,11 @@ def _decode_speed(llm: LLM, ids: list[int], new_tokens: int) -> dict[str, Any]:
             "tokens": list(out.outputs[0].token_ids)}
 
 
-def _speed_rows(args: argparse.Namespace, ids: list[int]) -> list[dict[str, Any]]:
+def _speed_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Decode speed after each --decode-contexts prompt, untrimmed vs trimmed interleaved."""
     engines = {name: _engine(args.model, args.speed_kv_cache_mb, trim, args.budget)
                for name, trim in (("untrimmed", False), ("trimmed", True))}
+    ids = engines["trimmed"].get_tokenizer().encode(TEXT.read_text(encoding="utf-8")[:60000])
     rows = []
     for ctx in [int(c) for c in args.decode_contexts.split(",")]:
         for name, llm in engines.items():
@@ -213,8 +214,13 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--speed-kv-cache-mb", type=int, default=160,
                         help="--kv-cache-mb of the decode-speed engines (both layouts fit)")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only the decode-speed rows; writes gemma_kv_decode_speed.json")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/swa")
     args = parser.parse_args()
+    if args.speed_only:
+        _speed_main(args)
+        return
     result: dict[str, Any] = {"model": args.model, "kv_cache_mb": args.kv_cache_mb,
                               "prompt_tokens": args.prompt_tokens,
                               "loadavg_before": os.getloadavg(),
@@ -237,7 +243,7 @@ def main() -> None:
         del llm
     result["long_request"] = runs
     if args.decode_contexts and not args.no_run:
-        result["decode_speed"] = _speed_rows(args, ids)  # the text's ids (loop above)
+        result["decode_speed"] = _speed_rows(args)
     result["loadavg_after"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "gemma_kv_layouts" if args.no_run else "gemma_kv_window"
@@ -245,6 +251,40 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print("->", path)
     _plot(result["layouts"], args.out / f"{stem}.png")
+
+
+def _speed_main(args: argparse.Namespace) -> None:
+    """--speed-only: decode tok/s untrimmed vs trimmed at each context, JSON + PNG."""
+    result: dict[str, Any] = {"model": args.model, "loadavg_before": os.getloadavg(),
+                              "contended": os.getloadavg()[0] > 1.5,
+                              "decode_tokens": args.decode_tokens,
+                              "decode_speed": _speed_rows(args),
+                              "loadavg_after": os.getloadavg()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "gemma_kv_decode_speed.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print("->", path)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = result["decode_speed"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for i, (name, color) in enumerate((("untrimmed", "#999"), ("trimmed", "#d62"))):
+        pts = [r for r in rows if r["layout"] == name]
+        ax.bar([j * 3 + i for j in range(len(pts))], [r["decode_tok_s"] for r in pts],
+               color=color, label=name)
+    ax.set_xticks([j * 3 + 0.5 for j in range(len(rows) // 2)],
+                  [str(r["context"]) for r in rows if r["layout"] == "trimmed"])
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tok/s")
+    ax.legend(fontsize=8)
+    fig.suptitle("Gemma 3 270M fused decoder: window KV trimmed vs not"
+                 + (" (contended)" if result["contended"] else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.out / "gemma_kv_decode_speed.png", dpi=100)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
