@@ -11,7 +11,13 @@ token, max context and max concurrent sequences at a fixed --kv-cache-mb, trimme
 2. Measured: one real request of --prompt-tokens (Pride and Prejudice) + 8 greedy tokens in an
    engine of --kv-cache-mb each way: the untrimmed one refuses it when it exceeds its max
    context, the trimmed one runs it (peak blocks held and tokens recorded).
-Writes benchmarks/results/swa/gemma_kv_window.json and .png.
+3. Decode speed (timed): after a prompt of each --decode-contexts length, --decode-tokens
+   greedy tokens one request at a time, untrimmed vs trimmed interleaved, in engines of
+   --speed-kv-cache-mb (both fit): decode tok/s, and the runner's per-step input preparation
+   time (the trimmed layout builds (G, T) slots and (G, T, max_blocks) tables for G groups).
+The engines run the model's default plan (Gemma 3: int8 on the fused decoder where the CPU has
+the kernels); the JSON records the plan. Writes benchmarks/results/swa/gemma_kv_window.json and
+.png.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ TEXT = ROOT.parent / "shared" / "data" / "pride_and_prejudice.txt"
 
 def _engine(model: str, mb: int, trim: bool, budget: int) -> LLM:
     config = EngineConfig(
-        model=ModelConfig(model=model, generation_config="none"),
+        model=ModelConfig(model=model, generation_config="none", quantization="auto"),
         cache=CacheConfig(kv_cache_mb=mb, trim_sliding_window=trim),
         scheduler=SchedulerConfig(max_num_batched_tokens=budget))
     return LLM(config=config, show_progress=False)
@@ -129,6 +135,66 @@ def _run_long(llm: LLM, ids: list[int]) -> dict[str, Any]:
             "peak_blocks_held": peak, "tokens": list(out.outputs[0].token_ids)}
 
 
+def _decode_speed(llm: LLM, ids: list[int], new_tokens: int) -> dict[str, Any]:
+    """One greedy request of `ids` + new_tokens: decode tok/s over the steps that compute one
+    token (engine step wall time), and the mean runner input preparation per decode step."""
+    core = llm.engine.core
+    runner = core.runner
+    steps: list[tuple[int, float, float]] = []  # (tokens, step s, prepare s)
+    step, execute, prepare = core.step, runner.execute, runner._prepare
+    current = {"tokens": 0, "prepare": 0.0}
+
+    def timed_prepare(*a: Any) -> Any:
+        t0 = time.perf_counter()
+        out = prepare(*a)
+        current["prepare"] += time.perf_counter() - t0
+        return out
+
+    def counting_execute(so: Any) -> Any:
+        current["tokens"] = so.num_scheduled_tokens
+        return execute(so)
+
+    def timed_step() -> Any:
+        current["tokens"], current["prepare"] = 0, 0.0
+        t0 = time.perf_counter()
+        out = step()
+        steps.append((int(current["tokens"]), time.perf_counter() - t0, current["prepare"]))
+        return out
+
+    core.step, runner.execute, runner._prepare = (  # type: ignore[method-assign]
+        timed_step, counting_execute, timed_prepare)
+    try:
+        out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=new_tokens,
+                                                 ignore_eos=True), use_tqdm=False)[0]
+    finally:
+        del core.step, runner.execute, runner._prepare
+    decode = [(s, p) for n, s, p in steps if n == 1]
+    return {"context": len(ids), "decode_steps": len(decode),
+            "decode_tok_s": round(len(decode) / sum(s for s, _ in decode), 2),
+            "prepare_ms_per_decode_step": round(1e3 * sum(p for _, p in decode) / len(decode), 4),
+            "tokens": list(out.outputs[0].token_ids)}
+
+
+def _speed_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Decode speed after each --decode-contexts prompt, untrimmed vs trimmed interleaved."""
+    engines = {name: _engine(args.model, args.speed_kv_cache_mb, trim, args.budget)
+               for name, trim in (("untrimmed", False), ("trimmed", True))}
+    ids = engines["trimmed"].get_tokenizer().encode(TEXT.read_text(encoding="utf-8")[:60000])
+    rows = []
+    for ctx in [int(c) for c in args.decode_contexts.split(",")]:
+        for name, llm in engines.items():
+            row = {"layout": name, "kv_cache_mb": args.speed_kv_cache_mb,
+                   "engine_kv_groups": llm.engine.core.layout.groups.num_groups,
+                   "fused_decoder": llm.engine.core.runner.decoder is not None,
+                   "loadavg": os.getloadavg(),
+                   **_decode_speed(llm, ids[:ctx], args.decode_tokens)}
+            rows.append(row)
+            print("speed", {k: v for k, v in row.items() if k != "tokens"}, flush=True)
+        same = rows[-1]["tokens"] == rows[-2]["tokens"]
+        rows[-1]["same_tokens_as_untrimmed"] = rows[-2]["same_tokens_as_untrimmed"] = same
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gemma-3-270m")
@@ -143,8 +209,18 @@ def main() -> None:
     parser.add_argument("--no-run", action="store_true",
                         help="layouts only (exact block arithmetic, no timing): skip the real "
                         "request; writes gemma_kv_layouts.json")
+    parser.add_argument("--decode-contexts", default="2048,4096",
+                        help="prompt lengths of the decode-speed rows ('' skips them)")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--speed-kv-cache-mb", type=int, default=160,
+                        help="--kv-cache-mb of the decode-speed engines (both layouts fit)")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only the decode-speed rows; writes gemma_kv_decode_speed.json")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/swa")
     args = parser.parse_args()
+    if args.speed_only:
+        _speed_main(args)
+        return
     result: dict[str, Any] = {"model": args.model, "kv_cache_mb": args.kv_cache_mb,
                               "prompt_tokens": args.prompt_tokens,
                               "loadavg_before": os.getloadavg(),
@@ -158,13 +234,16 @@ def main() -> None:
         if args.no_run:
             break
         ids = llm.get_tokenizer().encode(TEXT.read_text(encoding="utf-8")[:60000])
-        # NOTE: a plan running the fused decoder keeps one group (then "trimmed" is not)
+        result.setdefault("plan", {"fused_decoder": llm.engine.core.plan.fused_decoder,
+                                   "kv_dtype": str(llm.engine.core.plan.kv_dtype)})
         runs[name] = {"engine_kv_groups": llm.engine.core.layout.groups.num_groups,
                       "max_context": llm.engine.core.layout.max_model_len,
                       **_run_long(llm, ids[:args.prompt_tokens])}
         print(name, {k: v for k, v in runs[name].items() if k != "tokens"}, flush=True)
         del llm
     result["long_request"] = runs
+    if args.decode_contexts and not args.no_run:
+        result["decode_speed"] = _speed_rows(args)
     result["loadavg_after"] = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "gemma_kv_layouts" if args.no_run else "gemma_kv_window"
@@ -172,6 +251,40 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print("->", path)
     _plot(result["layouts"], args.out / f"{stem}.png")
+
+
+def _speed_main(args: argparse.Namespace) -> None:
+    """--speed-only: decode tok/s untrimmed vs trimmed at each context, JSON + PNG."""
+    result: dict[str, Any] = {"model": args.model, "loadavg_before": os.getloadavg(),
+                              "contended": os.getloadavg()[0] > 1.5,
+                              "decode_tokens": args.decode_tokens,
+                              "decode_speed": _speed_rows(args),
+                              "loadavg_after": os.getloadavg()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "gemma_kv_decode_speed.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print("->", path)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = result["decode_speed"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for i, (name, color) in enumerate((("untrimmed", "#999"), ("trimmed", "#d62"))):
+        pts = [r for r in rows if r["layout"] == name]
+        ax.bar([j * 3 + i for j in range(len(pts))], [r["decode_tok_s"] for r in pts],
+               color=color, label=name)
+    ax.set_xticks([j * 3 + 0.5 for j in range(len(rows) // 2)],
+                  [str(r["context"]) for r in rows if r["layout"] == "trimmed"])
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tok/s")
+    ax.legend(fontsize=8)
+    fig.suptitle("Gemma 3 270M fused decoder: window KV trimmed vs not"
+                 + (" (contended)" if result["contended"] else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.out / "gemma_kv_decode_speed.png", dpi=100)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -58,6 +58,20 @@ class AttentionMetadata:
     (slots and block tables differ per group; group 0 is this object); empty with one."""
     layer_group: tuple[int, ...] = ()
     """Per model layer: its KV cache group (with `groups`)."""
+    group_slots: torch.Tensor | None = None
+    """(G, T) int64: `slot_mapping` of every KV cache group, stacked (fused decoder with
+    several groups; None otherwise)."""
+    group_row_block_tables: torch.Tensor | None = None
+    """(G, T, max_blocks) int64: `row_block_tables` of every KV cache group, stacked (with
+    `group_slots`)."""
+
+    def kernel_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused decoder's slots and row block tables: (G, T) and (G, T, max_blocks) with
+        several KV cache groups, else (T,) and (T, max_blocks)."""
+        if self.group_slots is not None and self.group_row_block_tables is not None:
+            return self.group_slots, self.group_row_block_tables
+        assert self.row_block_tables is not None
+        return self.slot_mapping, self.row_block_tables
 
     def for_layer(self, layer: int) -> AttentionMetadata:
         """The metadata layer `layer` attends with: its KV cache group's."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.config import EngineConfig
-from ember.kv_cache.groups import KVCacheGroups, kv_groups_for
+from ember.kv_cache.groups import KVCacheGroups, build_kv_groups
 from ember.kv_cache.manager import KVCacheManager
 from ember.loading.loader import LoadedModel
 from ember.runner.model_runner import ModelRunner, kv_cache_bytes_per_block
@@ -53,8 +53,8 @@ def plan_cache(config: EngineConfig, loaded: LoadedModel, kv_dtype: torch.dtype)
     """Number of KV blocks, KV cache groups and the usable context length."""
     bs = config.cache.block_size
     arch = loaded.arch
-    groups = kv_groups_for([arch.layer_window(i) for i in range(arch.num_layers)],
-                           config.cache.trim_sliding_window, loaded.plan.fused_decoder)
+    groups = build_kv_groups([arch.layer_window(i) for i in range(arch.num_layers)],
+                             config.cache.trim_sliding_window)
     num_blocks = config.cache.num_blocks
     if num_blocks is None:
         per_block = kv_cache_bytes_per_block(loaded.arch, bs, kv_dtype, groups.page_layers)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 from ctypes import Structure, c_float, c_int, c_int64, c_void_p
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 
 class LinearW(Structure):
@@ -30,7 +30,7 @@ class LayerW(Structure):
                 ("k_cache", c_void_p), ("v_cache", c_void_p), ("k_scale", c_void_p),
                 ("v_scale", c_void_p), ("kv_dtype", c_int64), ("window", c_int64),
                 ("q_norm", c_void_p), ("k_norm", c_void_p), ("post_attn_norm", c_void_p),
-                ("post_ffn_norm", c_void_p), ("rope_table", c_int64)]
+                ("post_ffn_norm", c_void_p), ("rope_table", c_int64), ("kv_group", c_int64)]
 
 
 class Shape(Structure):

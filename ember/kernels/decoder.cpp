@@ -27,6 +27,7 @@ struct LayerW {
   const float* post_attn_norm;  // (H,) RMSNorm of the attention output before the residual add
   const float* post_ffn_norm;   // (H,) RMSNorm of the MLP output before the residual add
   int64_t rope_table;           // which of the step's cos/sin tables this layer rotates with
+  int64_t kv_group;             // KV cache group: this layer's row of the step's slots / tables
 };
 
 // Activations of the gated MLP (Shape::activation).
@@ -39,7 +40,7 @@ struct Shape {
 };
 
 // Bump together with ABI_VERSION in ember/kernels/abi.py on any change of these structs.
-constexpr int64_t kAbiVersion = 3;
+constexpr int64_t kAbiVersion = 4;
 
 // out = gelu_tanh(g) * u, with gelu_tanh(x) = 0.5 x (1 + tanh(c (x + 0.044715 x^3)))
 // = x * sigmoid(2 c (x + 0.044715 x^3)), c = sqrt(2 / pi). ISA-independent: built on
@@ -74,12 +75,13 @@ int64_t ember_abi(int what) {
 }
 
 // x (B, H): token embeddings in; the residual stream after the last layer out (not normed).
-// cos/sin (R, B, D/2): R tables (layer l uses table layers[l].rope_table); slots (B,);
-// block_tables (B, max_blocks); lens (B,).
+// cos/sin (R, B, D/2): R tables (layer l uses table layers[l].rope_table); slots (G, B) and
+// block_tables (G, B, max_blocks): one per KV cache group (layer l uses row
+// layers[l].kv_group); lens (B,).
 void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_layers,
                    const Shape* shape, const float* cos_t, const float* sin_t,
                    const int64_t* slots, const int64_t* block_tables, int64_t max_blocks,
-                   const int64_t* lens, int nthreads) {
+                   int64_t num_groups, const int64_t* lens, int nthreads) {
   if (num_layers == 0) return;
   const Shape& s = *shape;
   const int64_t h = s.hidden, dim = s.dim, hq = s.hq;
@@ -93,18 +95,23 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
   std::vector<float> act(static_cast<size_t>(batch * s.inter));
   // Quantized inputs of the projections, one buffer per input width.
   QuantizedActs qa_h(batch, h), qa_attn(batch, hq * dim), qa_act(batch, s.inter);
-  const DecodeCtx ctx{block_tables, max_blocks, lens, hq, s.hk, dim, s.block_size, s.scale};
+  std::vector<DecodeCtx> ctxs;  // per KV cache group: its block tables
+  for (int64_t g = 0; g < num_groups; ++g)
+    ctxs.push_back({block_tables + g * batch * max_blocks, max_blocks, lens, hq, s.hk, dim,
+                    s.block_size, s.scale});
   const int64_t max_len = *std::max_element(lens, lens + batch);
   const bool tiled = tiled_attention_supports(dim);
-  // NOTE: one attention plan per distinct window, shared by the layers with that window
-  // (lens and block tables are the step's).
-  std::vector<std::pair<int64_t, AttnPlan>> plans;
+  // NOTE: one attention plan per distinct (KV cache group, window), shared by the layers with
+  // both (lens are the step's, block tables the group's).
+  std::vector<std::pair<std::pair<int64_t, int64_t>, AttnPlan>> plans;
   std::vector<size_t> plan_of(static_cast<size_t>(num_layers));
   for (int64_t l = 0; tiled && l < num_layers; ++l) {
+    const std::pair<int64_t, int64_t> key{layers[l].kv_group, layers[l].window};
     size_t i = 0;
-    while (i < plans.size() && plans[i].first != layers[l].window) ++i;
-    if (i == plans.size()) plans.push_back({layers[l].window,
-                                            make_attn_plan(ctx, batch, layers[l].window, nthreads)});
+    while (i < plans.size() && plans[i].first != key) ++i;
+    if (i == plans.size())
+      plans.push_back({key, make_attn_plan(ctxs[static_cast<size_t>(key.first)], batch,
+                                           key.second, nthreads)});
     plan_of[static_cast<size_t>(l)] = i;
   }
   // NOTE: every stage is a worksharing loop (rows, tiles or heads) ending in the implicit
@@ -115,6 +122,8 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
     AttnScratch sc(tiled ? hq / s.hk : 0, dim);
     for (int64_t l = 0; l < num_layers; ++l) {
       const LayerW& L = layers[l];
+      const DecodeCtx& ctx = ctxs[static_cast<size_t>(L.kv_group)];
+      const int64_t* lslots = slots + L.kv_group * batch;
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < batch; ++b) {
         if (l > 0)  // the previous layer's MLP output joins the residual stream
@@ -137,16 +146,16 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
           rope_store_row(row, cos_t + rope_off, sin_t + rope_off, hq, s.hk, dim, nullptr,
                          nullptr, 0);
           store_kv_i8(row, hq, s.hk, dim, static_cast<int8_t*>(L.k_cache),
-                      static_cast<int8_t*>(L.v_cache), L.k_scale, L.v_scale, slots[b]);
+                      static_cast<int8_t*>(L.v_cache), L.k_scale, L.v_scale, lslots[b]);
         } else {
           rope_store_row(row, cos_t + rope_off, sin_t + rope_off, hq, s.hk, dim,
-                         static_cast<kv_t*>(L.k_cache), static_cast<kv_t*>(L.v_cache), slots[b]);
+                         static_cast<kv_t*>(L.k_cache), static_cast<kv_t*>(L.v_cache), lslots[b]);
         }
       }
       if (tiled) {
         const KvCache kv{L.k_cache, L.v_cache, L.k_scale, L.v_scale, L.kv_dtype};
-        auto& [window, plan] = plans[plan_of[static_cast<size_t>(l)]];
-        attend_planned(ctx, plan, window, qkv.data(), qkv_np, kv, sc, attn.data(), hq * dim);
+        auto& [key, plan] = plans[plan_of[static_cast<size_t>(l)]];
+        attend_planned(ctx, plan, key.second, qkv.data(), qkv_np, kv, sc, attn.data(), hq * dim);
       } else {
 #pragma omp for schedule(dynamic) collapse(2)
         for (int64_t b = 0; b < batch; ++b)

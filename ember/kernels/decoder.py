@@ -6,6 +6,8 @@ the optional extra norms and RoPE table index; plus shape constants and the MLP 
 and the runner hands it to `FusedDecoder`. Each step then passes only its activations and
 metadata: `decoder(x, cos, sin, slots, block_tables, lens)` runs every layer on the embeddings
 x in place (decodes and prefill chunks alike: each token is a query row over its own context).
+With several KV cache groups (sliding-window layers keeping only their window) slots and block
+tables carry one row per group and each layer reads and writes its group's (`kv_group`).
 Llama-style stacks leave the optional fields off; Gemma 3 uses them (post-attention and
 post-MLP norms, per-head q/k norms, tanh-GELU, two RoPE tables). The math is the one of the
 models' module paths, which stay the reference; tests compare the two.
@@ -14,6 +16,8 @@ models' module paths, which stay the reference; tests compare the two.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+from collections.abc import Sequence
 from ctypes import c_int, c_int64, c_void_p
 from dataclasses import dataclass
 
@@ -77,6 +81,8 @@ class KernelLayer:
     """(H,) float32 RMSNorm weight of the MLP output before the residual add."""
     rope_table: int = 0
     """Index of this layer's RoPE table among the step's (`FusedDecoder.__call__`)."""
+    kv_group: int = 0
+    """This layer's KV cache group: its row of the step's slots and block tables."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,20 @@ class LayerStack:
                if not 0 <= layer.rope_table < self.rope_tables]
         if bad:
             raise ValueError(f"layers {bad} name a RoPE table outside 0..{self.rope_tables - 1}")
+        if any(layer.kv_group < 0 for layer in self.layers):
+            raise ValueError("a layer names a negative KV cache group")
+
+    @property
+    def num_groups(self) -> int:
+        """KV cache groups the step's slots / block tables must carry (1 + the largest)."""
+        return 1 + max((layer.kv_group for layer in self.layers), default=0)
+
+    def with_kv_groups(self, layer_group: Sequence[int]) -> LayerStack:
+        """This stack with layer l in KV cache group layer_group[l]."""
+        if len(layer_group) != len(self.layers):
+            raise ValueError(f"{len(layer_group)} KV cache groups for {len(self.layers)} layers")
+        return dataclasses.replace(self, layers=tuple(
+            dataclasses.replace(layer, kv_group=g) for layer, g in zip(self.layers, layer_group)))
 
 
 class FusedDecoder:
@@ -123,7 +143,7 @@ class FusedDecoder:
                    optional_ptr(layer.k_scale), optional_ptr(layer.v_scale), kv_dtype,
                    layer.window or 0, optional_ptr(layer.q_norm), optional_ptr(layer.k_norm),
                    optional_ptr(layer.post_attn_norm), optional_ptr(layer.post_ffn_norm),
-                   layer.rope_table)
+                   layer.rope_table, layer.kv_group)
             for layer, kv_dtype in zip(stack.layers, kv_dtypes)])
         self.shape = Shape(stack.hidden, stack.intermediate, stack.num_heads,
                            stack.num_kv_heads, stack.head_dim, stack.block_size, stack.eps,
@@ -131,7 +151,7 @@ class FusedDecoder:
         self.kernels = kernels
         fn = kernels.lib.decode_layers
         fn.argtypes = [c_void_p, c_int64, c_void_p, c_int64, c_void_p, c_void_p, c_void_p,
-                       c_void_p, c_void_p, c_int64, c_void_p, c_int]
+                       c_void_p, c_void_p, c_int64, c_int64, c_void_p, c_int]
         fn.restype = None
         self._fn = fn
 
@@ -141,13 +161,24 @@ class FusedDecoder:
         after the last layer (not normed). cos/sin (T, 1, D/2) contiguous, or (R, T, 1, D/2)
         with R = `stack.rope_tables` tables; slots (T,): each token's cache slot; block_tables
         (T, max_blocks) and lens (T,): each query row's context, itself included (its key is
-        written before attention reads it)."""
+        written before attention reads it). With G = `stack.num_groups` KV cache groups: slots
+        (G, T) and block_tables (G, T, max_blocks), int64 contiguous, one row per group."""
         want = self.stack.rope_tables * x.shape[0] * self.stack.head_dim // 2
         if cos.numel() != want or sin.numel() != want or not (cos.is_contiguous()
                                                              and sin.is_contiguous()):
             raise ValueError(f"RoPE tables of {tuple(cos.shape)}: expected {want} contiguous "
                              f"values ({self.stack.rope_tables} tables of {x.shape[0]} rows)")
-        self._fn(x.data_ptr(), x.shape[0], ctypes.addressof(self.layers), len(self.layers),
+        num_tokens, groups = x.shape[0], self.stack.num_groups
+        if slots.dim() == 1 and block_tables.dim() == 2:  # one group
+            slots, block_tables = slots.unsqueeze(0), block_tables.unsqueeze(0)
+        if (tuple(slots.shape) != (groups, num_tokens) or block_tables.dim() != 3
+                or tuple(block_tables.shape[:2]) != (groups, num_tokens)
+                or not (slots.is_contiguous() and block_tables.is_contiguous())
+                or slots.dtype != torch.int64 or block_tables.dtype != torch.int64):
+            raise ValueError(f"slots {tuple(slots.shape)} / block tables "
+                             f"{tuple(block_tables.shape)}: expected contiguous int64 "
+                             f"({groups}, {num_tokens}) / ({groups}, {num_tokens}, max_blocks)")
+        self._fn(x.data_ptr(), num_tokens, ctypes.addressof(self.layers), len(self.layers),
                  ctypes.addressof(self.shape), cos.data_ptr(), sin.data_ptr(),
-                 slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+                 slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[2], groups,
                  lens.data_ptr(), self.kernels.num_threads)

@@ -25,15 +25,16 @@ too (uniform page size across groups).
 A sliding-window group frees the blocks that fell out of the window of every query still to
 run (their table entries become the null block 0), so its cost per request is bounded by
 about (window + chunk) / block_size blocks whatever the context; full groups keep everything.
+
+Both attention paths run the groups: the module path gives each layer its group's
+`AttentionMetadata` (`AttentionMetadata.for_layer`); the fused decoder kernel takes slots
+(G, T) and block tables (G, T, max_blocks) and each `LayerW` names its group.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,15 +124,3 @@ def build_kv_groups(layer_windows: Sequence[int | None], trim: bool = True) -> K
             layer_group[layer], layer_slot[layer] = g, slot
     return KVCacheGroups(tuple(groups), page, tuple(layer_group), tuple(layer_slot))
 
-
-def kv_groups_for(layer_windows: Sequence[int | None], trim: bool,
-                  fused_decoder: bool) -> KVCacheGroups:
-    """The engine's KV cache groups: `build_kv_groups`, but one group when the fused decoder
-    runs (its kernel takes one block table for every layer; a stack of one attention kind,
-    e.g. Mistral's, is one group anyway and keeps its trimming)."""
-    groups = build_kv_groups(layer_windows, trim)
-    if groups.num_groups > 1 and fused_decoder:
-        logger.info("KV cache: the fused decoder takes one block table: sliding-window "
-                    "layers keep every position")
-        return build_kv_groups(layer_windows, trim=False)
-    return groups

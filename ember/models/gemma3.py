@@ -242,7 +242,7 @@ class Gemma3ForCausalLM(CausalLM):
         rope_global = body.rotary_emb.cos_sin(positions)
         cos = torch.stack([local[0], rope_global[0]])  # (2, T, 1, D/2): table 0 local, 1 global
         sin = torch.stack([local[1], rope_global[1]])
-        decoder(x, cos, sin, meta.slot_mapping, meta.row_block_tables, meta.row_lens)
+        decoder(x, cos, sin, *meta.kernel_tables(), meta.row_lens)
         return body.norm(x)
 
     # ---- weight names -------------------------------------------------------------------

@@ -262,7 +262,7 @@ class LlamaForCausalLM(CausalLM):
         body = self.model
         x = body.embed_tokens(input_ids).float().contiguous()  # (T, hidden)
         cos, sin = body.rotary_emb.cos_sin(positions)  # (T, 1, D/2) each
-        decoder(x, cos, sin, meta.slot_mapping, meta.row_block_tables, meta.row_lens)
+        decoder(x, cos, sin, *meta.kernel_tables(), meta.row_lens)
         return body.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

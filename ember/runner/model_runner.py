@@ -98,13 +98,12 @@ class ModelRunner:
 
     def _fused_decoder(self) -> FusedDecoder:
         """The fused decoder over the model's layer stack (the plan promised one)."""
-        if self.kv_groups.num_groups > 1:  # NOTE: decode_layers takes one block table
-            raise RuntimeError("the fused decoder runs one KV cache group; build the engine "
-                               "without sliding-window trimming (CacheConfig)")
         stack = self.model.kernel_layer_stack(self.kv_caches, self.block_size)
         if stack is None or self.plan.kernels is None:
             raise RuntimeError(f"{type(self.model).__name__} provides no kernel layer stack, "
                                f"but the plan runs the fused decoder")
+        if self.kv_groups.num_groups > 1:  # each layer reads / writes its group's tables
+            stack = stack.with_kv_groups(self.kv_groups.layer_group)
         return FusedDecoder(stack, self.plan.kernels)
 
     # ---- per-request state --------------------------------------------------------------
@@ -253,11 +252,32 @@ class ModelRunner:
         if not rows and tables:
             meta.decode_kv_slots, meta.decode_kv_mask = self._decode_tables(tables, decode_lens)
             meta.decode_lens = torch.tensor(decode_lens, dtype=torch.int64)
-        if self.kv_groups.num_groups > 1:
+        if self.kv_groups.num_groups > 1 and self.decoder is not None:
+            meta.group_slots, meta.group_row_block_tables = self._group_kernel_tables(
+                order, self._positions[:t].numpy())
+        elif self.kv_groups.num_groups > 1:
             meta.groups = [meta] + [self._group_metadata(order, meta, g)
                                     for g in range(1, self.kv_groups.num_groups)]
             meta.layer_group = self.kv_groups.layer_group
         return self._input_ids[:t], self._positions[:t], meta, plan
+
+    def _group_kernel_tables(self, order: list[ScheduledRequest], positions: np.ndarray
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused decoder's slots (G, T) and row block tables (G, T, max_blocks) of every
+        KV cache group. NOTE: one Python loop over requests and groups fills a padded
+        (G, R, max_blocks) table; slots and row tables are then gathered for all tokens of
+        all groups at once (no per-token Python)."""
+        bs, num_groups = self.block_size, self.kv_groups.num_groups
+        per_request = [[sr.block_ids, *sr.group_block_ids] for sr in order]
+        width = max(len(table) for tables in per_request for table in tables)
+        padded = np.zeros((num_groups, len(order), width), dtype=np.int64)  # null block 0
+        for r, tables in enumerate(per_request):
+            for g, table in enumerate(tables):
+                padded[g, r, :len(table)] = table
+        rows = np.repeat(np.arange(len(order)), [sr.num_new_tokens for sr in order])  # (T,)
+        slots = padded[:, rows, positions // bs] * bs + positions % bs  # (G, T)
+        return (torch.from_numpy(np.ascontiguousarray(slots)),
+                torch.from_numpy(np.ascontiguousarray(padded[:, rows])))  # (G, T, width)
 
     def _group_metadata(self, order: list[ScheduledRequest], meta: AttentionMetadata,
                         group: int) -> AttentionMetadata:

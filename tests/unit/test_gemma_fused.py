@@ -1,6 +1,10 @@
 """Gemma 3 on the fused decoder kernel (tiny random model, no real weights): the fused step
 (extra norms, per-head q/k norms, tanh-GELU, local/global RoPE tables, sliding windows) equals
-the module path on the same kernels, and the kernel path stays close to the dense reference."""
+the module path on the same kernels, and the kernel path stays close to the dense reference.
+
+The sliding-window layers' KV cache is trimmed on the fused path too (one KV cache group per
+attention kind, each layer reading its group's block table): equal to the untrimmed cache,
+through preemption and prefix-cache hits, with fewer blocks held."""
 
 from __future__ import annotations
 
@@ -56,35 +60,60 @@ def kernels() -> CpuKernels:
     return k
 
 
-_RUNS: dict[tuple[str | None, bool, bool], tuple[list[list[int]], torch.Tensor]] = {}
+_RUNS: dict[tuple[str | None, bool, bool, bool], tuple[list[list[int]], torch.Tensor]] = {}
+_PEAK_BLOCKS: dict[tuple[str | None, bool, bool, bool], int] = {}
+"""Per configuration: the most KV blocks held at once (all groups)."""
 
 
-def run(quantization: str | None, kernels: CpuKernels | None, fused: bool = True
-        ) -> tuple[list[list[int]], torch.Tensor]:
+def run(quantization: str | None, kernels: CpuKernels | None, fused: bool = True,
+        trim: bool = True) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy tokens and their logprobs for the prompts, in one batch of mixed steps (each
-    configuration runs once per session)."""
-    key = (quantization, kernels is not None, fused)
+    configuration runs once per session). trim: sliding-window layers keep only their window
+    (three KV cache groups), else every position (one group)."""
+    key = (quantization, kernels is not None, fused, trim)
     if key not in _RUNS:
-        _RUNS[key] = _run(quantization, kernels, fused)
+        engine = _engine(quantization, kernels, trim=trim)
+        if not fused:
+            engine.core.runner.decoder = None
+        _RUNS[key] = _generate(engine)
+        _PEAK_BLOCKS[key] = engine.peak_blocks  # type: ignore[attr-defined]
     return _RUNS[key]
 
 
-def _run(quantization: str | None, kernels: CpuKernels | None, fused: bool
-         ) -> tuple[list[list[int]], torch.Tensor]:
+def _engine(quantization: str | None, kernels: CpuKernels | None, trim: bool = True,
+            num_blocks: int = 64, caching: bool = True) -> LLMEngine:
+    """An engine on the tiny Gemma; `engine.peak_blocks` tracks the most KV blocks held."""
     config = EngineConfig(model=ModelConfig(model="tiny", quantization=quantization),
-                          cache=CacheConfig(block_size=4, num_blocks=64),
+                          cache=CacheConfig(block_size=4, num_blocks=num_blocks,
+                                            trim_sliding_window=trim,
+                                            enable_prefix_caching=caching),
                           scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16))
     loaded = tiny_gemma()
     plan = resolve_plan(config.model, loaded.arch, type(loaded.model), None, kernels)
     engine = LLMEngine(config, runtime_from(loaded, plan))
     runner = engine.core.runner
+    assert runner.kv_groups.num_groups == (3 if trim else 1)
     if kernels is not None and quantization is not None:
         assert plan.fused_decoder and isinstance(runner.decoder, FusedDecoder)
         assert runner.decoder.stack.rope_tables == 2
-    if not fused:
-        runner.decoder = None
+        assert runner.decoder.stack.num_groups == runner.kv_groups.num_groups
+    mgr, step = engine.core.kv_manager, engine.core.step
+    engine.peak_blocks = 0  # type: ignore[attr-defined]
+
+    def counting_step() -> object:
+        out = step()
+        engine.peak_blocks = max(engine.peak_blocks,  # type: ignore[attr-defined]
+                                 mgr.num_blocks - 1 - mgr.num_free_blocks)
+        return out
+
+    engine.core.step = counting_step  # type: ignore[method-assign]
+    return engine
+
+
+def _generate(engine: LLMEngine, prompts: list[list[int]] = ENGINE_PROMPTS
+              ) -> tuple[list[list[int]], torch.Tensor]:
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=0)
-    outs = run_to_completion(engine, ENGINE_PROMPTS, params)
+    outs = run_to_completion(engine, prompts, params)
     return ([list(o.token_ids) for o in outs],
             torch.tensor([[lp.logprob for lp in o.logprobs] for o in outs]))
 
@@ -128,3 +157,49 @@ def test_extra_norms_matter(kernels):
     _, ref = run(None, None)
     assert (broken - good).abs().max().item() > 0.2
     assert (broken - ref).abs().max().item() > 0.2
+
+
+# ---- sliding-window KV cache groups on the fused path --------------------------------------
+
+def test_fused_trimmed_window_cache_equals_untrimmed(kernels):
+    """Every sequence runs past the window (8): the fused decoder with the window layers in
+    their own trimmed KV cache groups gives the untrimmed cache's tokens and logprobs (the
+    same keys, read in the same order) and the module path's, while holding fewer blocks."""
+    trimmed_tokens, trimmed_lp = run("int8", kernels, trim=True)
+    untrimmed_tokens, untrimmed_lp = run("int8", kernels, trim=False)
+    module_tokens, _ = run("int8", kernels, fused=False, trim=True)
+    assert trimmed_tokens == untrimmed_tokens == module_tokens
+    torch.testing.assert_close(trimmed_lp, untrimmed_lp, atol=1e-5, rtol=0)
+    trimmed_peak = _PEAK_BLOCKS[("int8", True, True, True)]
+    untrimmed_peak = _PEAK_BLOCKS[("int8", True, True, False)]
+    # untrimmed: one 3-layer block per 4 tokens; trimmed: 1-layer blocks, window ones freed
+    assert trimmed_peak < 3 * untrimmed_peak * 0.8, (trimmed_peak, untrimmed_peak)
+
+
+def test_fused_layers_read_their_own_group(kernels):
+    """The check above can fail: the global layer reading a window group's trimmed table (its
+    old keys freed to the null block) changes the output."""
+    engine = _engine("int8", kernels)
+    runner = engine.core.runner
+    assert runner.decoder is not None
+    good = runner.kv_groups.layer_group
+    assert good == (1, 2, 0)  # layers 0, 1 sliding (groups 1, 2), layer 2 global (group 0)
+    runner.decoder = FusedDecoder(runner.decoder.stack.with_kv_groups((0, 2, 1)), kernels)
+    _, broken = _generate(engine)
+    _, want = run("int8", kernels)
+    assert (broken - want).abs().max().item() > 0.2
+
+
+def test_fused_trimmed_preemption_and_prefix_cache(kernels):
+    """A cache too small for the batch preempts (window groups freed and recomputed), then
+    the same prompts again hit the prefix cache (window blocks included): the tokens stay
+    those of the roomy cache."""
+    want, _ = run("int8", kernels)
+    engine = _engine("int8", kernels, num_blocks=40)
+    tokens, _ = _generate(engine)
+    assert engine.core.scheduler.num_preemptions > 0
+    assert tokens == want
+    hits = engine.core.kv_manager.prefix_cache_hits
+    tokens, _ = _generate(engine)
+    assert engine.core.kv_manager.prefix_cache_hits > hits
+    assert tokens == want

@@ -298,3 +298,40 @@ def test_trimmed_cache_greedy_equals_untrimmed_and_transformers(tiny):
     expected = [ref_lp[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))]
     assert logprobs == pytest.approx(expected, abs=1e-4)
     assert logprobs == pytest.approx(logprobs_untrimmed, abs=1e-5)
+
+
+def test_fused_group_tables_gather_each_groups_slots():
+    """The fused decoder's per-group inputs (runner `_group_kernel_tables`): slots (G, T) and
+    row block tables (G, T, max_blocks), from the scheduler's real per-group tables of a
+    prefill chunk and a decode (window blocks freed to 0): every token's slot in every group is
+    its group's block for that position, and every row carries its request's table."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ember.runner.model_runner import ModelRunner
+    from ember.types import ScheduledRequest
+
+    mgr = _gemma_manager(caching=False)
+    a, b = _request("a", list(range(30)), max_tokens=4), _request("b", list(range(9)))
+    assert mgr.allocate_slots(a, 24) is not None
+    a.num_computed_tokens = 24
+    assert mgr.allocate_slots(a, 6) is not None  # frees a's window blocks before 24 - 7
+    assert mgr.allocate_slots(b, 9) is not None
+    order = [ScheduledRequest(a, 24, 6, mgr.get_block_ids("a"),
+                              group_block_ids=mgr.get_group_block_ids("a")),
+             ScheduledRequest(b, 0, 9, mgr.get_block_ids("b"),
+                              group_block_ids=mgr.get_group_block_ids("b"))]
+    assert 0 in order[0].group_block_ids[0]  # trimmed: the test covers null entries
+    positions = np.concatenate([np.arange(sr.start, sr.end) for sr in order])
+    fake = SimpleNamespace(block_size=BS, kv_groups=build_kv_groups(GEMMA_WINDOWS))
+    slots, tables = ModelRunner._group_kernel_tables(fake, order, positions)  # type: ignore[arg-type]
+    assert slots.shape == (6, 15) and tables.shape == (6, 15, 8)
+    assert slots.is_contiguous() and tables.is_contiguous()
+    rows = [0] * 6 + [1] * 9
+    for g in range(6):
+        for t, (r, pos) in enumerate(zip(rows, positions.tolist())):
+            table = mgr.get_block_ids(order[r].request.request_id, g)
+            assert table[pos // BS] != 0
+            assert slots[g, t].item() == table[pos // BS] * BS + pos % BS
+            assert tables[g, t].tolist() == table + [0] * (8 - len(table))
