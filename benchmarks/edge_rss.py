@@ -128,7 +128,7 @@ def ember_run(model: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    rss = {k: v["VmRSS"] for k, v in r.items() if isinstance(v, dict)}
+    rss = {k: v["VmRSS"] for k, v in r.items() if isinstance(v, dict) and "VmRSS" in v}
     r["breakdown_mb"] = {
         "interpreter": rss["start"],
         "import_torch": rss["import_torch"] - rss["start"],
