@@ -63,6 +63,10 @@ class LoadedModel:
     """The GGUF file's metadata (generation defaults), kept after the file is dropped."""
 
 
+_VOCAB_KEYS = frozenset(f"tokenizer.ggml.{k}" for k in ("tokens", "merges", "scores",
+                                                         "token_type"))
+
+
 def load_model(config: ModelConfig, env: EnvSettings, progress: ProgressFn | None = None,
                *, runtime: bool = False, kernels: CpuKernels | None = None) -> LoadedModel:
     """The model of `config`: its runtime form (runtime=True; kernels: Ember's loaded CPU
@@ -76,7 +80,10 @@ def load_model(config: ModelConfig, env: EnvSettings, progress: ProgressFn | Non
     tokenizer = ckpt.tokenizer
     if config.chat_template is not None:
         tokenizer = _with_template_file(tokenizer, Path(config.chat_template))
-    metadata = ckpt.gguf.metadata if ckpt.gguf is not None else None
+    # NOTE: the vocabulary arrays (tokenizer.ggml.tokens / merges / scores / token_type, ~8 MB
+    # of Python objects for a 49k vocabulary) live on in the built tokenizer; not kept twice.
+    metadata = ({k: v for k, v in ckpt.gguf.metadata.items() if k not in _VOCAB_KEYS}
+                if ckpt.gguf is not None else None)
     loaded = LoadedModel(model, ckpt.arch, tokenizer, source, plan.dtype, ckpt.weight_types,
                          None if runtime else ckpt.gguf, format_counts(model), plan, metadata)
     if runtime:

@@ -14,12 +14,13 @@ import json
 import threading
 from collections import OrderedDict
 
+import torch
+
 from ember.tokenizer import Tokenizer
 from ember.types import InvalidRequestError, StructuredOutputsParams
 
 try:
     import llguidance
-    import llguidance.torch as llguidance_torch
 except ImportError:  # pragma: no cover - llguidance is a core dependency
     llguidance = None  # type: ignore[assignment]
 
@@ -87,9 +88,8 @@ class GrammarCompiler:
         if llguidance is None:
             raise RuntimeError("structured outputs need the llguidance package")
         self.eos_token_id = tokenizer.eos_token_id
-        self.ll_tokenizer = llguidance.LLTokenizer(
-            tokenizer.backend.to_str(), n_vocab=tokenizer.vocab_size,
-            eos_token=tokenizer.eos_token_id)
+        self._tokenizer = tokenizer
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self.vocab_size = tokenizer.vocab_size
         self.cache_size = cache_size
         self._sources: OrderedDict[str, str] = OrderedDict()
@@ -100,6 +100,17 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers,
                                                            thread_name_prefix="ember-grammar")
+
+    @property
+    def ll_tokenizer(self) -> llguidance.LLTokenizer:
+        """llguidance's tokenizer, built on first use (~30 MB; most engines never see a
+        constrained request)."""
+        with self._lock:
+            if self._ll_tokenizer is None:
+                tok = self._tokenizer
+                self._ll_tokenizer = llguidance.LLTokenizer(
+                    tok.backend.to_str(), n_vocab=tok.vocab_size, eos_token=tok.eos_token_id)
+            return self._ll_tokenizer
 
     def source(self, spec: StructuredOutputsParams) -> str:
         """The validated grammar text of `spec`; InvalidRequestError names the problem (an
@@ -145,8 +156,10 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self.ll_tokenizer, text, log_level=0)
         if not matcher.is_error():
             # NOTE: the lexer is built lazily; one mask here moves that cost off the step loop.
-            mask = llguidance_torch.allocate_token_bitmask(1, self.vocab_size)
-            llguidance_torch.fill_next_token_bitmask(matcher, mask)
+            # NOTE: not llguidance.torch: importing it runs a @torch.compile decorator, which
+            # pulls in torch._dynamo / inductor / triton (~180 MB RSS).
+            mask = torch.full(((self.vocab_size + 31) // 32,), -1, dtype=torch.int32)
+            matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * 4)
         return matcher
 
     def compile(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
