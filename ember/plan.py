@@ -121,9 +121,9 @@ def resolve_plan(config: ModelConfig, arch: ArchConfig, model_cls: type[CausalLM
     tensor_formats: per matrix, the kernel format nearest its stored type (a GGUF's; see
     `Checkpoint.tensor_formats`), empty where the source has no per-tensor types.
 
-    Decisions: weights (`_weights`): 'auto' is 'native' for a source with per-tensor types
-    (GGUF), else the source's own format; 'native' runs each matrix in `tensor_formats`' format
-    (others in source_format), 'native-q4head' adds the opt-in 4-bit head; the kernels run whenever
+    Decisions: weights (`_weights`): 'auto' is the source's own (majority) format; 'native'
+    runs each matrix in `tensor_formats`' format (others in source_format), 'native-q4head'
+    adds the opt-in 4-bit head; the kernels run whenever
     they loaded; quantized formats keep float32 activations on the kernels and bfloat16 on
     PyTorch's int4/int8 ops; a quantized model on the kernels keeps a bfloat16 KV cache (half
     the bytes long-context attention reads) and, where the kernels implement the
@@ -167,9 +167,10 @@ def resolve_plan(config: ModelConfig, arch: ArchConfig, model_cls: type[CausalLM
 def _weights(quantization: str | None, source_format: str | None,
              tensor_formats: Mapping[str, str]) -> tuple[str | None, dict[str, str], str]:
     """(default weight format, per-tensor formats, head format) of a --quantization choice."""
-    choice = quantization
-    if choice == "auto":
-        choice = "native" if tensor_formats else source_format
+    # NOTE: 'auto' keeps one format per model (the file's majority) for now: on the real Gemma
+    # the fused decoder and the module path part on a near-tie greedy token under 'native'
+    # (see the README), so the per-tensor plan is opt-in until that is understood.
+    choice = source_format if quantization == "auto" else quantization
     if choice in ("native", "native-q4head"):
         # NOTE: a file whose layers are mostly dense (source_format None) stays dense.
         per_tensor = dict(tensor_formats) if source_format is not None else {}

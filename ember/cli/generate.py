@@ -47,7 +47,7 @@ def add_quantization_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -
     p.add_argument("--quantization", "-q", default="auto",
                    choices=["none", *QUANTIZATIONS],
                    help="runtime weight format (weight-only). auto (default): the file's own "
-                        "(a GGUF runs native, else dense); native: each matrix in the kernel "
+                        "(Q4 GGUF -> int4, Q8_0/Q5_0/Q6_K -> int8, else dense); native: each matrix in the kernel "
                         "format nearest its stored type (Q4_0/Q4_1/Q4_K -> int4, others -> "
                         "int8); native-q4head: native plus a 4-bit LM head (opt-in, lossy); "
                         "int8 / int4: every matrix in one format; none: dense --dtype")

@@ -135,12 +135,12 @@ def hf_perplexity(gemma, hf_gemma, pride_text) -> tuple[float, int]:
 
 
 @pytest.fixture(scope="module")
-def kernel_gemma(gemma_path):
-    """The default plan on Ember's kernels ('auto': per-tensor formats, exact Q8 head)."""
+def native_gemma(gemma_path):
+    """The 'native' plan on Ember's kernels (per-tensor formats, exact Q8 head)."""
     from ember import LLM
 
-    llm = LLM(str(gemma_path), show_progress=False, generation_config="none",
-              enable_prefix_caching=False)  # a second run computes everything again
+    llm = LLM(str(gemma_path), quantization="native", show_progress=False,
+              generation_config="none")
     if llm.engine.core.plan.kernels is None:
         pytest.skip(f"no CPU kernels here ({llm.engine.core.plan.describe()})")
     return llm
@@ -153,25 +153,19 @@ def test_perplexity_within_one_percent_of_transformers(gemma, hf_perplexity, pri
     assert abs(ours.perplexity / hf_perplexity[0] - 1) < 0.01
 
 
-def test_native_plan_within_one_percent_of_transformers(kernel_gemma, hf_perplexity,
+def test_native_plan_within_one_percent_of_transformers(native_gemma, hf_perplexity,
                                                         pride_text):
-    """The default (native) plan: each matrix in the kernel format nearest its stored type
-    (Q4_K -> Q4 and Q5_0/Q8_0 -> Q8 exactly, Q6_K -> Q8), int8 activations, bf16 KV."""
-    plan = kernel_gemma.engine.core.plan
+    """The native plan: each matrix in the kernel format nearest its stored type (Q4_K -> Q4
+    and Q5_0/Q8_0 -> Q8 exactly, Q6_K -> Q8), int8 activations, bf16 KV (measured
+    22.40 vs 22.30, +0.47%)."""
+    plan = native_gemma.engine.core.plan
     assert plan.tensor_formats and plan.head == "q8", plan.describe()
-    ours = perplexity(kernel_gemma, pride_text, max_tokens=2048)
+    ours = perplexity(native_gemma, pride_text, max_tokens=2048)
     print(f"native plan perplexity {ours.perplexity:.4f} vs transformers "
           f"{hf_perplexity[0]:.4f} ({ours.perplexity / hf_perplexity[0] - 1:+.2%})")
     assert abs(ours.perplexity / hf_perplexity[0] - 1) < 0.01
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_native_plan_greedy_tokens_equal_transformers(kernel_gemma, hf_gemma, prompt):
-    ids = kernel_gemma.get_tokenizer().encode(prompt)
-    out = kernel_gemma.generate([ids], SamplingParams(temperature=0, max_tokens=16,
-                                                      repetition_penalty=1.0, ignore_eos=True),
-                                use_tqdm=False)[0]
-    assert list(out.outputs[0].token_ids) == _hf_greedy(hf_gemma, ids, 16)
 
 
 def test_base_model_chat_names_missing_template(gemma, tmp_path):
@@ -185,12 +179,15 @@ def test_base_model_chat_names_missing_template(gemma, tmp_path):
         "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model"
 
 
-def test_fused_decoder_equals_module_path(kernel_gemma, pride_text):
-    """The default plan (native per-tensor formats on Ember's kernels) runs every layer in the
-    fused decoder kernel; the module path on the same kernels is its reference: the same
-    greedy tokens (a short prompt and one past the 512-token window), prompt logprobs within
-    the int8 activation-rounding noise of the two summation orders."""
-    llm = kernel_gemma
+def test_fused_decoder_equals_module_path(gemma_path, pride_text):
+    """The default plan (int8 on Ember's kernels) runs every layer in the fused decoder
+    kernel; the module path on the same kernels is its reference: the same greedy tokens
+    (a short prompt and one past the 512-token window), prompt logprobs within the int8
+    activation-rounding noise of the two summation orders."""
+    from ember import LLM
+
+    llm = LLM(str(gemma_path), show_progress=False, generation_config="none",
+              enable_prefix_caching=False)  # the second run computes everything again
     runner = llm.engine.core.runner
     if runner.decoder is None:
         pytest.skip(f"no fused decoder here ({runner.plan.describe()})")

@@ -171,16 +171,16 @@ def test_native_plan_runs_each_matrix_in_its_format(kernels):
 
 
 def test_q4_head_is_opt_in_and_needs_the_kernels(kernels):
-    """'auto' on a file with per-tensor types is 'native' with the exact Q8 head; the 4-bit
-    head only comes with 'native-q4head', whose logits move off the Q8 head's (lossy), and
-    never without the kernels."""
+    """'auto' keeps one format (the file's majority) and the exact Q8 head; the 4-bit head
+    only comes with 'native-q4head', whose logits move off the Q8 head's (lossy), and never
+    without the kernels."""
     from ember.config import ConfigError
     from ember.layers.cpu_quant import Q4Linear, Q8Linear
 
     loaded = tiny_gemma()
     auto = resolve_plan(ModelConfig(model="tiny", quantization="auto"), loaded.arch,
                         type(loaded.model), "int8", kernels, MIXED)
-    assert auto.tensor_formats == MIXED and auto.head == "q8"
+    assert auto.weights == "int8" and not auto.tensor_formats and auto.head == "q8"
     assert isinstance(runtime_from(loaded, auto).model.lm_head, Q8Linear)
     q4 = resolve_plan(ModelConfig(model="tiny", quantization="native-q4head"), loaded.arch,
                       type(loaded.model), "int8", kernels, MIXED)
