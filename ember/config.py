@@ -17,6 +17,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+QUANTIZATIONS = ("auto", "int8", "int4", "native", "native-q4head")
+"""Values of ModelConfig.quantization besides None (resolved by ember.plan.resolve_plan)."""
+
+
 @dataclass(frozen=True)
 class EnvSettings:
     """Settings taken from the environment, read once by `from_env()`."""
@@ -84,9 +88,12 @@ class ModelConfig:
     max_model_len: int | None = None
     """Context length; None uses the model's own (capped by the KV cache)."""
     quantization: str | None = None
-    """Runtime weight format: None (dense in `dtype`), 'int8' or 'int4' (weight-only), or
-    'auto' (the source's own: a GGUF of Q4_0/Q4_1 layers runs int4, of Q8_0 layers int8,
-    anything else dense). With Ember's CPU kernels activations are float32; PyTorch's fallback
+    """Runtime weight format: None (dense in `dtype`), 'int8' or 'int4' (every matrix in one
+    kernel format, weight-only), 'native' (each matrix in the kernel format that holds its
+    stored type exactly or nearest: Q4_0/Q4_1/Q4_K -> int4, Q5_0/Q8_0/Q6_K/... -> int8),
+    'native-q4head' (native with a lossy 4-bit LM head, opt-in), or 'auto' (the source's own:
+    a GGUF of mostly Q4_0/Q4_1/Q4_K layers runs int4, of 5..8-bit ones int8, anything else
+    dense). With Ember's CPU kernels activations are float32; PyTorch's fallback
     ops force bfloat16."""
     cpu_kernels: bool = True
     """Use Ember's compiled AVX-512/VNNI kernels when this CPU has them (else PyTorch ops)."""
@@ -106,9 +113,9 @@ class ModelConfig:
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        if self.quantization not in (None, "int8", "int4", "auto"):
-            raise ConfigError(f"quantization must be 'int8', 'int4', 'auto' or unset, "
-                              f"got {self.quantization!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or "
+                              f"unset, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                               f"got {self.kv_cache_dtype!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,15 @@ class ExecutionPlan:
     dtype: torch.dtype = torch.float32
     """Activations and dense weights."""
     weights: str | None = None
-    """Runtime weight format of the projections: None (dense), 'int8' or 'int4' (both with an
-    8-bit head)."""
+    """Runtime weight format of the projections: None (dense), 'int8' or 'int4'; with
+    `tensor_formats` the format of matrices the file gives no type for."""
+    tensor_formats: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """The 'native' plan: per matrix (HF parameter name) the kernel format that holds its
+    stored type exactly or nearest ('int4' / 'int8'); a fused projection runs int4 only when
+    all its parts do. Empty: every projection runs `weights`."""
+    head: str = "q8"
+    """The LM head's format when quantized: 'q8' (exact for a Q8_0 head) or 'q4' (opt-in,
+    requantized by round-to-nearest: lossy)."""
     kv_dtype: torch.dtype = torch.float32
     attention: str = TORCH
     """'kernels-paged' (Ember's paged attention kernels) or 'torch'."""
@@ -56,6 +64,7 @@ class ExecutionPlan:
         """The layer constructors a model is built with under this plan."""
         return LayerFactory(
             dtype=self.dtype, weights=self.weights, kernels=self.kernels,
+            tensor_formats=self.tensor_formats, head=self.head,
             attention_kernels=self.kernels if self.attention == KERNELS_PAGED else None,
             fusions=frozenset(self.fusions))
 
@@ -63,10 +72,25 @@ class ExecutionPlan:
         """One line, e.g. 'plan: backend=kernels isa=avx512-vnni dtype=float32 weights=int4
         kv=bfloat16 attention=kernels-paged fused_decoder=yes fusions=qkv,gate_up'."""
         return (f"plan: backend={self.backend} isa={self.isa or '-'} "
-                f"dtype={_name(self.dtype)} weights={self.weights or 'dense'} "
+                f"dtype={_name(self.dtype)} weights={self._weights()} "
                 f"kv={_name(self.kv_dtype)} attention={self.attention} "
                 f"fused_decoder={'yes' if self.fused_decoder else 'no'} "
                 f"fusions={','.join(self.fusions) or '-'}")
+
+
+    def _weights(self) -> str:
+        """'dense', 'int8', or for a native plan 'native(int4 x36,int8 x108; else int8)'; with
+        the head's format when quantized."""
+        if self.weights is None:
+            return "dense"
+        text = self.weights
+        if self.tensor_formats:
+            counts: dict[str, int] = {}
+            for fmt in self.tensor_formats.values():
+                counts[fmt] = counts.get(fmt, 0) + 1
+            per = ",".join(f"{f} x{n}" for f, n in sorted(counts.items()))
+            text = f"native({per}; else {self.weights})"
+        return f"{text} head={self.head}"
 
 
 REFERENCE = ExecutionPlan()
@@ -88,13 +112,18 @@ def load_kernels(config: ModelConfig, env: EnvSettings) -> CpuKernels | None:
 
 
 def resolve_plan(config: ModelConfig, arch: ArchConfig, model_cls: type[CausalLM],
-                 source_format: str | None, kernels: CpuKernels | None) -> ExecutionPlan:
+                 source_format: str | None, kernels: CpuKernels | None,
+                 tensor_formats: Mapping[str, str] | None = None) -> ExecutionPlan:
     """The plan for this config, model and machine.
 
-    source_format: the file's own runtime format ('int4' / 'int8' / None), what 'auto' picks.
+    source_format: the file's own runtime format ('int4' / 'int8' / None: most of its matrices).
     kernels: the loaded kernel library (`load_kernels`), None where it is off or unavailable.
+    tensor_formats: per matrix, the kernel format nearest its stored type (a GGUF's; see
+    `Checkpoint.tensor_formats`), empty where the source has no per-tensor types.
 
-    Decisions: weights = the config's quantization ('auto' resolved); the kernels run whenever
+    Decisions: weights (`_weights`): 'auto' is the source's own (majority) format; 'native'
+    runs each matrix in `tensor_formats`' format (others in source_format), 'native-q4head'
+    adds the opt-in 4-bit head; the kernels run whenever
     they loaded; quantized formats keep float32 activations on the kernels and bfloat16 on
     PyTorch's int4/int8 ops; a quantized model on the kernels keeps a bfloat16 KV cache (half
     the bytes long-context attention reads) and, where the kernels implement the
@@ -103,8 +132,12 @@ def resolve_plan(config: ModelConfig, arch: ArchConfig, model_cls: type[CausalLM
     `config.kv_cache_dtype` overrides the KV dtype: 'fp32' puts attention on PyTorch (the
     reference), 'int8' needs the attention kernels (ConfigError otherwise).
     """
-    weights = source_format if config.quantization == "auto" else config.quantization
+    weights, per_tensor, head = _weights(config.quantization, source_format,
+                                         tensor_formats or {})
     use_kernels = kernels is not None and config.cpu_kernels
+    if head == "q4" and not (use_kernels and weights is not None):
+        raise ConfigError(f"--quantization {config.quantization} (a 4-bit LM head) needs a "
+                          "quantized model on Ember's CPU kernels")
     quantized = weights is not None
     dtype = (torch.bfloat16 if config.dtype == "bfloat16" or (quantized and not use_kernels)
              else torch.float32)
@@ -123,12 +156,26 @@ def resolve_plan(config: ModelConfig, arch: ArchConfig, model_cls: type[CausalLM
     plan = ExecutionPlan(
         backend=KERNELS if use_kernels else TORCH,
         isa=kernels.isa if use_kernels and kernels is not None else None,
-        dtype=dtype, weights=weights, kv_dtype=kv_dtype,
-        attention=KERNELS_PAGED if paged else TORCH,
+        dtype=dtype, weights=weights, tensor_formats=per_tensor, head=head,
+        kv_dtype=kv_dtype, attention=KERNELS_PAGED if paged else TORCH,
         fused_decoder=paged and quantized and model_cls.supports_kernel_decoder(arch),
         fusions=FUSIONS, kernels=kernels if use_kernels else None)
     logger.info("%s", plan.describe())
     return plan
+
+
+def _weights(quantization: str | None, source_format: str | None,
+             tensor_formats: Mapping[str, str]) -> tuple[str | None, dict[str, str], str]:
+    """(default weight format, per-tensor formats, head format) of a --quantization choice."""
+    # NOTE: 'auto' keeps one format per model (the file's majority) for now: on the real Gemma
+    # the fused decoder and the module path part on a near-tie greedy token under 'native'
+    # (see the README), so the per-tensor plan is opt-in until that is understood.
+    choice = source_format if quantization == "auto" else quantization
+    if choice in ("native", "native-q4head"):
+        # NOTE: a file whose layers are mostly dense (source_format None) stays dense.
+        per_tensor = dict(tensor_formats) if source_format is not None else {}
+        return source_format, per_tensor, "q4" if choice == "native-q4head" else "q8"
+    return choice, {}, "q8"
 
 
 def _kv_dtype(choice: str, kernel_default: bool, dtype: torch.dtype) -> torch.dtype:
@@ -149,7 +196,9 @@ def resolve_encoder_plan(config: ModelConfig, kernels: CpuKernels | None) -> Exe
     quantized formats run on the kernels with float32 activations (int8 weights, int32 dot
     products, float32 accumulation across blocks), or on PyTorch's ops in bfloat16 without
     them; dense keeps `config.dtype` (float32: the exact reference path)."""
-    weights = None if config.quantization == "auto" else config.quantization
+    # NOTE: an encoder's file is dense safetensors: its own ('auto' / 'native') format is dense.
+    weights = (None if config.quantization in ("auto", "native", "native-q4head")
+               else config.quantization)
     use_kernels = kernels is not None and config.cpu_kernels and weights is not None
     dtype = (torch.bfloat16 if config.dtype == "bfloat16" or (weights and not use_kernels)
              else torch.float32)

@@ -55,6 +55,8 @@ class EngineSpec:
     dtype: str = "bfloat16"
     isa: str | None = None
     """Ember only: an EMBER_ISAS value other than 'auto' (None: the best this CPU has)."""
+    ppl_text: str | None = None
+    """Ember only: a text whose first tokens' perplexity the run also reports (ppl_2048)."""
 
     def argv(self, model_path: str, threads: int, decode_tokens: int) -> list[str]:
         cmd = [sys.executable, "-m", "ember.bench.workers", self.engine,
@@ -64,6 +66,8 @@ class EngineSpec:
             cmd += ["--quantization", self.quantization]
         if self.isa == "torch":
             cmd += ["--no-cpu-kernels"]
+        if self.ppl_text:
+            cmd += ["--ppl-text", self.ppl_text]
         return cmd
 
     def env(self) -> dict[str, str] | None:
@@ -84,7 +88,8 @@ class EngineSpec:
 def available_engines(include_hf: bool, ember_variants: list[str],
                       llama_bench: Path | None = None,
                       more_llama_benches: tuple[LlamaBenchSpec, ...] = (),
-                      ember_isas: tuple[str, ...] = ()) -> tuple[list[Engine], list[str]]:
+                      ember_isas: tuple[str, ...] = (), ppl_text: Path | None = None
+                      ) -> tuple[list[Engine], list[str]]:
     """Engines to run plus notes on peers that are absent. `llama_bench`: the native
     llama.cpp peer; `more_llama_benches`: other flavours (e.g. llama.cpp-avx2); `ember_isas`:
     one Ember engine per variant and ISA (labels ember-<variant>-<isa>; 'auto' keeps
@@ -98,7 +103,8 @@ def available_engines(include_hf: bool, ember_variants: list[str],
         for isa in ember_isas or ("auto",):
             label = f"ember-{variant}" if isa == "auto" else f"ember-{variant}-{isa}"
             specs.append(EngineSpec(label, "ember", quant, dtype,
-                                    None if isa == "auto" else isa))
+                                    None if isa == "auto" else isa,
+                                    str(ppl_text) if ppl_text else None))
     notes = []
     if importlib.util.find_spec("llama_cpp") is not None:
         specs.append(EngineSpec("llama.cpp", "llama.cpp"))
@@ -210,6 +216,8 @@ class OfflineBenchArgs:
     """Other llama.cpp flavours as peers (e.g. the AVX2-only build, label llama.cpp-avx2)."""
     ember_isas: tuple[str, ...] = ()
     """Ember engines per instruction set (EMBER_ISAS values); empty: the best one only."""
+    ppl_text: Path | None = None
+    """Ember runs also report ppl_2048 on this text (None: skipped)."""
 
 
 def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) -> dict[str, Any]:
@@ -219,7 +227,7 @@ def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) ->
     console = console or Console()
     specs, notes = available_engines(args.include_hf, list(args.ember_variants),
                                      args.llama_bench, args.more_llama_benches,
-                                     args.ember_isas)
+                                     args.ember_isas, args.ppl_text)
     for note in notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     loadavg_before = os.getloadavg()  # a busy machine's numbers are contended: say so

@@ -14,7 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 FIGURES = ("load_s", "rss_mb", "ttft_16_ms", "prefill_512_tok_s", "decode_16_tok_s",
-           "decode_512_tok_s", "batch8_tok_s", "batch32_tok_s")
+           "decode_512_tok_s", "batch8_tok_s", "batch32_tok_s", "layers_mb_per_token",
+           "head_mb_per_token", "ppl_2048")
+"""The last three: Ember only (what a decode step reads; perplexity of the first 2048 tokens
+of --ppl-text by the DESIGN protocol, so a lossy plan's cost sits beside its speed)."""
+PPL_TOKENS = 2048
 
 
 def rss_mb() -> float:
@@ -45,6 +49,21 @@ class EmberRunner:
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.get_tokenizer().encode(text)
+
+    def read_bytes(self) -> dict[str, float]:
+        """MB a decode step reads: the layers' projections and the LM head."""
+        from ember.layers.footprint import decode_read_bytes
+
+        parts = decode_read_bytes(getattr(self.llm, "_engine").loaded.model)
+        return {f"{part}_mb_per_token": n / 1e6 for part, n in parts.items()}
+
+    def perplexity(self, text_path: str) -> float:
+        from pathlib import Path
+
+        from ember.eval.perplexity import perplexity
+
+        text = Path(text_path).read_text(encoding="utf-8")
+        return perplexity(self.llm, text, max_tokens=PPL_TOKENS).perplexity
 
     def generate(self, prompts: list[list[int]], n: int) -> int:
         p = self.params(max_tokens=n, temperature=0, ignore_eos=True)
@@ -128,6 +147,8 @@ def measure(runner: Any, load_s: float, decode_tokens: int) -> dict[str, float]:
         n = runner.generate(prompts, 128)
         r[f"batch{batch}_tok_s"] = n / (time.perf_counter() - t)
     r["rss_mb_after"] = rss_mb()
+    if hasattr(runner, "read_bytes"):
+        r.update(runner.read_bytes())
     return r
 
 
@@ -141,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=256)
     ap.add_argument("--no-cpu-kernels", action="store_true",
                     help="ember: PyTorch's int4/int8 ops instead of Ember's kernels")
+    ap.add_argument("--ppl-text", default=None,
+                    help="ember: also report ppl_2048, the perplexity of this text's start")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
@@ -156,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         raise SystemExit(f"unknown engine {args.engine!r}")
     result = measure(runner, time.perf_counter() - t0, args.decode_tokens)
+    if args.ppl_text and isinstance(runner, EmberRunner):
+        result["ppl_2048"] = runner.perplexity(args.ppl_text)
     json.dump(result, sys.stdout)
     return 0
 

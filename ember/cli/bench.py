@@ -109,8 +109,15 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
         threads=args.threads, decode_tokens=args.decode_tokens,
         include_hf=not args.no_transformers, ember_variants=variants,
         llama_bench=llama_bench, more_llama_benches=more,
-        ember_isas=tuple(dict.fromkeys(args.ember_isa or []))), console)
+        ember_isas=tuple(dict.fromkeys(args.ember_isa or [])),
+        ppl_text=_ppl_text(args.data_dir)), console)
     return 0
+
+
+def _ppl_text(data_dir: str) -> Path | None:
+    """The perplexity text of the Ember runs (ppl_2048), None where the data folder lacks it."""
+    path = Path(data_dir) / "pride_and_prejudice.txt"
+    return path if path.is_file() else None
 
 
 def _long_context(args: argparse.Namespace, model_path: str, llama_bench: Path | None,
@@ -150,7 +157,7 @@ def _register_offline(bench_sub: argparse._SubParsersAction) -> None:
                                              "(fresh process per run)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="a packaged name or .gguf")
     p.add_argument("--ember", action="append", default=None,
-                   choices=["int4", "int8", "bf16", "fp32"],
+                   choices=["int4", "int8", "native", "native-q4head", "bf16", "fp32"],
                    help="Ember variant(s) to run (repeatable; default int4)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ember.config import DEFAULT_MODEL, KV_CACHE_DTYPES, EnvSettings, SpecConfig
+from ember.config import DEFAULT_MODEL, KV_CACHE_DTYPES, QUANTIZATIONS, EnvSettings, SpecConfig
 from ember.engine.generation_defaults import GenerationDefaults
 from ember.types import SamplingParams
 
@@ -45,9 +45,12 @@ def add_generation_config_arg(p: argparse.ArgumentParser | argparse._ArgumentGro
 
 def add_quantization_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--quantization", "-q", default="auto",
-                   choices=["auto", "none", "int8", "int4"],
+                   choices=["none", *QUANTIZATIONS],
                    help="runtime weight format (weight-only). auto (default): the file's own "
-                        "(Q4 GGUF -> int4, Q8_0 -> int8, else dense); none: dense --dtype")
+                        "(Q4 GGUF -> int4, Q8_0/Q5_0/Q6_K -> int8, else dense); native: each matrix in the kernel "
+                        "format nearest its stored type (Q4_0/Q4_1/Q4_K -> int4, others -> "
+                        "int8); native-q4head: native plus a 4-bit LM head (opt-in, lossy); "
+                        "int8 / int4: every matrix in one format; none: dense --dtype")
     p.add_argument("--no-cpu-kernels", action="store_true",
                    help="use PyTorch ops instead of Ember's AVX-512 kernels")
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
@@ -167,6 +170,8 @@ def _model_info(args: argparse.Namespace) -> int:
     """`ember models --info NAME`: load the model as `ember generate` would and print its
     execution plan on this CPU (generates nothing)."""
     from ember.config import ModelConfig
+    from ember.layers.factory import format_table
+    from ember.layers.footprint import decode_read_bytes
     from ember.loading.loader import load_model, requantization_report
     from ember.plan import load_kernels
 
@@ -185,6 +190,11 @@ def _model_info(args: argparse.Namespace) -> int:
     console.print(f"stored tensors: {loaded.weight_types}")
     console.print(loaded.plan.describe())
     console.print(f"runtime formats: {loaded.runtime_formats}")
+    for kind, counts in format_table(loaded.model).items():
+        console.print(f"  {kind}: " + ", ".join(f"{f} x{n}" for f, n in counts.items()))
+    read = decode_read_bytes(loaded.model)
+    console.print(f"decode reads per token: layers {read['layers'] / 1e6:.1f} MB, LM head "
+                  f"{read['head'] / 1e6:.1f} MB")
     report = requantization_report(config, env, loaded.plan)
     console.print(report or "every layer matrix reaches its runtime format exactly")
     return 0

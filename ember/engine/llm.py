@@ -42,7 +42,9 @@ class LLM:
                  config: EngineConfig | None = None) -> None:
         """quantization: the runtime weight format, as the CLI's --quantization: 'auto' (the
         file's own format, on Ember's kernels where the CPU has them), None (dense `dtype`:
-        the exact reference), 'int8' or 'int4'.
+        the exact reference), 'int8' or 'int4' (one format for every matrix), 'native' (each
+        matrix in the kernel format nearest its GGUF type) or
+        'native-q4head' (native plus a lossy 4-bit LM head, opt-in).
         generation_config: where `get_default_sampling_params()` comes from ('auto': the
         model's generation_config.json / GGUF sampling metadata, else Ember's fallback;
         'none': SamplingParams' own defaults; or a folder with a generation_config.json).

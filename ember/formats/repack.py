@@ -26,7 +26,7 @@ from ember.formats.blocks import GROUP, Q4Blocks, Q8Blocks
 from ember.formats.table import format_for
 
 __all__ = ["GROUP", "KernelBlocks", "Q4Blocks", "Q8Blocks", "exact_q4", "exact_q8", "is_exact",
-           "requant_error", "to_kernel_blocks"]
+           "head_requant_error", "nearest_kernel_format", "requant_error", "to_kernel_blocks"]
 
 KernelBlocks = Q4Blocks | Q8Blocks
 
@@ -86,27 +86,45 @@ def exact_q8(qtype: T, raw: np.ndarray, shape: tuple[int, ...]) -> Q8Blocks | No
 def requantized(tensors: Iterable[tuple[str, T, np.ndarray, tuple[int, ...]]], weights: str,
                 measure: bool = False) -> str | None:
     """One line naming the layer matrices of a GGUF that the kernel format `weights` ('int4'
-    -> Q4 g32, 'int8' -> Q8 g32) cannot hold exactly, per type with their count and, with
-    `measure`, the largest relative RMS error of the round-to-nearest; None when all are
-    exact. Matrices outside the layers (embedding, head) are Q8 in both formats."""
-    exact = exact_q4 if weights == "int4" else exact_q8
-    counts: dict[str, int] = {}
-    worst: dict[str, float] = {}
+    -> Q4 g32, 'int8' -> Q8 g32, 'native' -> each type's `nearest_kernel_format`) cannot hold
+    exactly, per type with their count and, with `measure`, the largest relative RMS error of
+    the round-to-nearest; None when all are exact. Matrices outside the layers (embedding,
+    head) are Q8 in every format."""
+    counts: dict[tuple[str, str], int] = {}
+    worst: dict[tuple[str, str], float] = {}
     for name, qtype, raw, shape in tensors:
-        if not name.startswith("blk.") or len(shape) != 2 or exact(qtype, raw, shape) is not None:
+        if not name.startswith("blk.") or len(shape) != 2:
             continue
-        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        fmt = (nearest_kernel_format(qtype) or "int8") if weights == "native" else weights
+        exact = exact_q4 if fmt == "int4" else exact_q8
+        if exact(qtype, raw, shape) is not None:
+            continue
+        key = (qtype.name, "q4-g32" if fmt == "int4" else "q8-g32")
+        counts[key] = counts.get(key, 0) + 1
         if measure:
             values = format_for(qtype).dequantize(raw, shape)
-            quantize = Q4Blocks.quantize if weights == "int4" else Q8Blocks.quantize
+            quantize = Q4Blocks.quantize if fmt == "int4" else Q8Blocks.quantize
             err = _relative_error(quantize(values), values)
-            worst[qtype.name] = max(worst.get(qtype.name, 0.0), err)
+            worst[key] = max(worst.get(key, 0.0), err)
     if not counts:
         return None
-    kind = "q4-g32" if weights == "int4" else "q8-g32"
-    parts = [f"{n} x{c}" + (f" (max rel. error {worst[n]:.2%})" if n in worst else "")
-             for n, c in sorted(counts.items())]
-    return f"requantized to {kind} by round-to-nearest: {', '.join(parts)}"
+    parts = [f"{n} x{c} to {kind}" + (f" (max rel. error {worst[n, kind]:.2%})"
+                                      if (n, kind) in worst else "")
+             for (n, kind), c in sorted(counts.items())]
+    return f"requantized by round-to-nearest: {', '.join(parts)}"
+
+
+_INT4_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
+_DENSE_TYPES = frozenset({T.F32, T.F16, T.BF16})
+
+
+def nearest_kernel_format(qtype: T) -> str | None:
+    """The kernel format that holds a quantized GGUF type exactly or nearest: 'int4' (Q4 g32:
+    Q4_0, Q4_1, Q4_K exactly) or 'int8' (Q8 g32: Q8_0, Q5_0 exactly; Q5_1, Q6_K, the other
+    K-quants by round-to-nearest, a finer grid than Q4); None for dense types."""
+    if qtype in _DENSE_TYPES:
+        return None
+    return "int4" if qtype in _INT4_TYPES else "int8"
 
 
 def is_exact(qtype: T) -> bool:
@@ -131,3 +149,17 @@ def requant_error(qtype: T, raw: np.ndarray, shape: tuple[int, ...],
 
 def _relative_error(blocks: KernelBlocks, exact: torch.Tensor) -> float:
     return float((blocks.dequantize() - exact).norm() / exact.norm().clamp_min(1e-30))
+
+
+def head_requant_error(qtype: T, raw: np.ndarray, shape: tuple[int, ...],
+                       rows: int = 16384) -> float:
+    """Relative RMS error of the opt-in Q4 head: a GGUF matrix's exact values against their
+    round-to-nearest Q4 g32 blocks (measured `rows` rows at a time: a 262k-row head)."""
+    n = shape[0]
+    err2 = ref2 = 0.0
+    for start in range(0, n, rows):
+        part = raw[start:start + rows]
+        exact = format_for(qtype).dequantize(part, (part.shape[0], *shape[1:]))
+        err2 += float((Q4Blocks.quantize(exact).dequantize() - exact).square().sum())
+        ref2 += float(exact.square().sum())
+    return (err2 / max(ref2, 1e-30)) ** 0.5

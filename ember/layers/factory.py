@@ -10,8 +10,9 @@ reference model: dense float32, unfused, PyTorch (what the offline tools use).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -45,6 +46,11 @@ class LayerFactory:
     fusions: frozenset[str] = frozenset()
     keep_dense: bool = True
     """PyTorch int4 layers also keep a dequantized copy for many-row steps (prefill)."""
+    tensor_formats: Mapping[str, str] = field(default_factory=dict)
+    """Per-matrix formats of a 'native' plan (HF parameter name -> 'int4' / 'int8'); matrices
+    not named here run `weights`."""
+    head: str = "q8"
+    """The quantized LM head's format: 'q8' or 'q4' (opt-in, lossy; kernels only)."""
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_FORMATS:
@@ -66,13 +72,25 @@ class LayerFactory:
         return fusion in self.fusions
 
     def linear(self, in_features: int, out_features: int | Sequence[int],
-               bias: bool = False) -> LinearBase:
+               bias: bool = False, names: Sequence[str] = ()) -> LinearBase:
         """A projection in the plan's weight format; a sequence of sizes makes one fused
-        layer of those row blocks (e.g. q, k, v)."""
-        if self.weights is None:
+        layer of those row blocks (e.g. q, k, v). names: the checkpoint weights it holds (HF
+        names, e.g. 'model.layers.0.self_attn.q_proj.weight'), which pick its format under a
+        'native' plan (`format_of`)."""
+        fmt = self.format_of(names)
+        if fmt is None:
             return Linear(in_features, out_features, bias, self.dtype)
-        inner = self._quantized(in_features, out_features, four_bit=self.weights == "int4")
+        inner = self._quantized(in_features, out_features, four_bit=fmt == "int4")
         return AddBias(inner, self.dtype) if bias else inner
+
+    def format_of(self, names: Sequence[str]) -> str | None:
+        """The weight format of a projection holding `names`: None (dense), 'int4' where the
+        plan runs every one of them int4 (a fused layer is one format: NOTE its parts never
+        lose precision: one int8 part makes it int8), else 'int8'."""
+        if self.weights is None:
+            return None
+        formats = {self.tensor_formats.get(n, self.weights) for n in names} or {self.weights}
+        return "int4" if formats == {"int4"} else "int8"
 
     def _quantized(self, in_features: int, out_features: int | Sequence[int],
                    four_bit: bool) -> LinearBase:
@@ -95,6 +113,12 @@ class LayerFactory:
         every step); on the kernels the embedding is looked up from a Q8 table, the head's
         own when tied, so no dense copy of either stays in memory. A dense tied head shares
         the embedding's parameter."""
+        if self.weights is not None and self.kernels is not None and self.head == "q4":
+            # NOTE: the opt-in 4-bit head is requantized from the stored head (round-to-
+            # nearest); the embedding keeps its own exact Q8 table (lookups stay exact).
+            q4_head = Q4Linear(hidden, vocab, self.kernels, self.dtype)
+            table = Q8Linear(hidden, vocab, self.kernels, self.dtype)
+            return Q8Embedding(table, self.dtype, tied=False), q4_head
         if self.weights is not None and self.kernels is not None:
             head = Q8Linear(hidden, vocab, self.kernels, self.dtype)
             table = head if tied else Q8Linear(hidden, vocab, self.kernels, self.dtype)
@@ -104,6 +128,19 @@ class LayerFactory:
             return embed, Int8Linear(hidden, vocab, dtype=self.dtype)
         shared = cast(nn.Parameter, embed.weight) if tied else None
         return embed, Linear(hidden, vocab, dtype=self.dtype, shared_weight=shared)
+
+
+def format_table(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Projections per kind and runtime format, e.g. {'self_attn.o_proj': {'q4-g32': 18},
+    'mlp.down_proj': {'q4-g32': 9, 'q8-g32': 9}, 'lm_head': {'q8-g32': 1}} (the layer index
+    dropped from the name)."""
+    table: dict[str, dict[str, int]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):  # a tied head too
+        if isinstance(module, LinearBase) and not name.endswith(".inner"):
+            kind = re.sub(r"^model\.layers\.\d+\.", "", name)
+            row = table.setdefault(kind, {})
+            row[module.format] = row.get(module.format, 0) + 1
+    return table
 
 
 def format_counts(module: nn.Module) -> dict[str, int]:

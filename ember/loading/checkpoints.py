@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ember.errors import ModelLoadError
+from ember.formats.repack import nearest_kernel_format
 from ember.formats.stored import BlockWeight, DenseWeight, StoredWeight
 from ember.loading.gguf import GGUFFile, read_gguf
 from ember.loading.sources import ModelSource
@@ -44,6 +45,10 @@ class Checkpoint:
     ignore: set[str] = field(default_factory=set)
     """Tensor names known and deliberately not loaded."""
     gguf: GGUFFile | None = None
+    tensor_formats: dict[str, str] = field(default_factory=dict)
+    """Per matrix (HF parameter name): the kernel format that holds its stored type exactly or
+    nearest ('int4' / 'int8'; `formats.repack.nearest_kernel_format`); empty when the source
+    has no per-tensor types (what the 'native' plan reads)."""
 
 
 def open_source(source: ModelSource, cache_dir: Path) -> Checkpoint:
@@ -109,7 +114,19 @@ def _gguf(source: ModelSource, gf: GGUFFile, cache_dir: Path) -> Checkpoint:
     tokenizer = Tokenizer.from_gguf_metadata(gf.metadata,
                                              _tokenizer_cache(source.path, cache_dir))
     return Checkpoint(arch, cls, tokenizer, gf.quant_summary(), _gguf_format(gf), tensors,
-                      gguf=gf)
+                      gguf=gf, tensor_formats=_gguf_tensor_formats(gf, cls, arch))
+
+
+def _gguf_tensor_formats(gf: GGUFFile, cls: type[CausalLM], arch: ArchConfig
+                         ) -> dict[str, str]:
+    """HF parameter name -> nearest kernel format of every quantized matrix of the file."""
+    formats: dict[str, str] = {}
+    for name, tensor in gf.tensors.items():
+        mapped = cls.map_gguf_name(name, arch)
+        fmt = nearest_kernel_format(tensor.qtype) if len(tensor.shape) == 2 else None
+        if mapped is not None and fmt is not None:
+            formats[mapped[0]] = fmt
+    return formats
 
 
 def _ember(source: ModelSource) -> Checkpoint:

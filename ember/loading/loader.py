@@ -22,7 +22,7 @@ import torch
 
 from ember.config import EnvSettings, ModelConfig
 from ember.errors import ModelLoadError
-from ember.formats.repack import requantized
+from ember.formats.repack import head_requant_error, requantized
 from ember.formats.stored import DenseWeight
 from ember.kernels.ops import CpuKernels
 from ember.layers.factory import format_counts
@@ -73,7 +73,8 @@ def load_model(config: ModelConfig, env: EnvSettings, progress: ProgressFn | Non
     kernels or None for PyTorch) or the reference model (see the module docstring)."""
     source = resolve_model(config.model, env.model_dirs, env.cache_path)
     ckpt = open_source(source, env.cache_path)
-    plan = (resolve_plan(config, ckpt.arch, ckpt.model_cls, ckpt.source_format, kernels)
+    plan = (resolve_plan(config, ckpt.arch, ckpt.model_cls, ckpt.source_format, kernels,
+                         ckpt.tensor_formats)
             if runtime else reference_plan(config))
     model = _build(ckpt, plan)
     load_weights(model, ckpt.tensors(plan.dtype, progress), str(source.path), ckpt.ignore)
@@ -91,7 +92,16 @@ def load_model(config: ModelConfig, env: EnvSettings, progress: ProgressFn | Non
         note = _requantized(ckpt, plan, measure=False)
         if note is not None:
             logger.info("%s", note)
+        if plan.head == "q4":
+            logger.warning("%s", Q4_HEAD_NOTE)
     return loaded
+
+
+Q4_HEAD_NOTE = ("LM head requantized to q4-g32 by round-to-nearest (--quantization "
+                "native-q4head, opt-in, lossy; Gemma 3 270M: perplexity +6.4% over the exact "
+                "head): `ember models --info NAME -q native-q4head` prints its error, "
+                "`ember bench offline --ember native --ember native-q4head` its perplexity "
+                "cost (ppl_2048) beside the speed")
 
 
 def _requantized(ckpt: Checkpoint, plan: ExecutionPlan, measure: bool) -> str | None:
@@ -99,7 +109,14 @@ def _requantized(ckpt: Checkpoint, plan: ExecutionPlan, measure: bool) -> str | 
     if ckpt.gguf is None or plan.weights is None or plan.kernels is None:
         return None
     items = ((n, t.qtype, t.raw, t.shape) for n, t in ckpt.gguf.tensors.items())
-    return requantized(items, plan.weights, measure)
+    note = requantized(items, "native" if plan.tensor_formats else plan.weights, measure)
+    if measure and plan.head == "q4":
+        name = "output.weight" if "output.weight" in ckpt.gguf.tensors else "token_embd.weight"
+        t = ckpt.gguf.tensors[name]
+        err = head_requant_error(t.qtype, t.raw, t.shape)
+        note = (note + "; " if note else "") + (
+            f"LM head ({name}, {t.type_name}) requantized to q4-g32: rel. error {err:.2%}")
+    return note
 
 
 def requantization_report(config: ModelConfig, env: EnvSettings, plan: ExecutionPlan

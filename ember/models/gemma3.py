@@ -67,13 +67,14 @@ class Gemma3Attention(nn.Module):
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.split_sizes = [q_size, kv_size, kv_size]
         self.fused = ops.fuses("qkv")
+        q, k, v, o = (_weight_name(layer, f"self_attn.{p}_proj") for p in "qkvo")
         if self.fused:
-            self.qkv_proj = ops.linear(cfg.hidden_size, self.split_sizes)
+            self.qkv_proj = ops.linear(cfg.hidden_size, self.split_sizes, names=(q, k, v))
         else:
-            self.q_proj = ops.linear(cfg.hidden_size, q_size)
-            self.k_proj = ops.linear(cfg.hidden_size, kv_size)
-            self.v_proj = ops.linear(cfg.hidden_size, kv_size)
-        self.o_proj = ops.linear(q_size, cfg.hidden_size)
+            self.q_proj = ops.linear(cfg.hidden_size, q_size, names=(q,))
+            self.k_proj = ops.linear(cfg.hidden_size, kv_size, names=(k,))
+            self.v_proj = ops.linear(cfg.hidden_size, kv_size, names=(v,))
+        self.o_proj = ops.linear(q_size, cfg.hidden_size, names=(o,))
         self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.attention_kernels = ops.attention_kernels
@@ -105,16 +106,17 @@ class Gemma3MLP(nn.Module):
     up_proj: LinearBase
     gate_up_proj: LinearBase
 
-    def __init__(self, cfg: ArchConfig, ops: LayerFactory) -> None:
+    def __init__(self, cfg: ArchConfig, layer: int, ops: LayerFactory) -> None:
         super().__init__()
         hidden, inter = cfg.hidden_size, cfg.intermediate_size
         self.fused = ops.fuses("gate_up")
+        gate, up, down = (_weight_name(layer, f"mlp.{p}_proj") for p in ("gate", "up", "down"))
         if self.fused:
-            self.gate_up_proj = ops.linear(hidden, [inter, inter])
+            self.gate_up_proj = ops.linear(hidden, [inter, inter], names=(gate, up))
         else:
-            self.gate_proj = ops.linear(hidden, inter)
-            self.up_proj = ops.linear(hidden, inter)
-        self.down_proj = ops.linear(inter, hidden)
+            self.gate_proj = ops.linear(hidden, inter, names=(gate,))
+            self.up_proj = ops.linear(hidden, inter, names=(up,))
+        self.down_proj = ops.linear(inter, hidden, names=(down,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -133,7 +135,7 @@ class Gemma3DecoderLayer(nn.Module):
         self.self_attn = Gemma3Attention(cfg, layer, ops)
         self.post_attention_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
-        self.mlp = Gemma3MLP(cfg, ops)
+        self.mlp = Gemma3MLP(cfg, layer, ops)
         self.post_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
 
     def forward(self, x: torch.Tensor, rope: RopeTables, kv_cache: KVCache,
@@ -281,6 +283,12 @@ class Gemma3ForCausalLM(CausalLM):
             return None
         param = f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.weight"
         return param, (_minus_one if "norm" in m.group(2) else None)
+
+
+def _weight_name(layer: int, module: str) -> str:
+    """The checkpoint (HF) name of a decoder layer's projection weight (picks its format
+    under a 'native' plan)."""
+    return f"model.layers.{layer}.{module}.weight"
 
 
 def _folded(norm: GemmaRMSNorm) -> torch.Tensor:

@@ -61,8 +61,33 @@ def test_requantized_names_what_the_kernel_format_rounds():
              for name, qtype in [("a", T.Q5_0), ("b", T.Q6_K), ("c", T.Q6_K), ("d", T.Q4_K)]]
     items.append(("token_embd.weight", T.Q6_K, random_raw(T.Q6_K, SHAPE), SHAPE))  # not a layer
     line = requantized(items, "int8", measure=True)
-    assert line is not None and line.startswith("requantized to q8-g32")
-    assert "Q6_K x2 (max rel. error" in line and "Q4_K x1" in line and "Q5_0" not in line
+    assert line is not None and line.startswith("requantized by round-to-nearest")
+    assert "Q6_K x2 to q8-g32 (max rel. error" in line and "Q4_K x1 to q8-g32" in line
+    assert "Q5_0" not in line
     four = requantized(items, "int4")
-    assert four is not None and "Q4_K" not in four and "Q5_0 x1" in four
+    assert four is not None and "Q4_K" not in four and "Q5_0 x1 to q4-g32" in four
     assert requantized(items[:1], "int8") is None  # Q5_0 -> Q8 is exact
+    # native: each type in its nearest kernel format, so only Q6_K (-> Q8) is rounded
+    native = requantized(items, "native")
+    assert native == "requantized by round-to-nearest: Q6_K x2 to q8-g32"
+
+
+def test_nearest_kernel_format_per_type():
+    from ember.formats.repack import nearest_kernel_format
+
+    assert [nearest_kernel_format(t) for t in (T.Q4_0, T.Q4_1, T.Q4_K)] == ["int4"] * 3
+    assert [nearest_kernel_format(t) for t in (T.Q8_0, T.Q5_0, T.Q6_K, T.Q5_K)] == ["int8"] * 4
+    assert nearest_kernel_format(T.F16) is None and nearest_kernel_format(T.F32) is None
+
+
+def test_head_requant_error_matches_whole_matrix():
+    from ember.formats.blocks import Q4Blocks
+    from ember.formats.repack import head_requant_error
+    from ember.formats.table import format_for
+
+    shape = (96, 64)
+    raw = random_raw(T.Q8_0, shape)
+    exact = format_for(T.Q8_0).dequantize(raw, shape)
+    whole = float((Q4Blocks.quantize(exact).dequantize() - exact).norm() / exact.norm())
+    assert head_requant_error(T.Q8_0, raw, shape, rows=40) == pytest.approx(whole, rel=1e-5)
+    assert 0.01 < whole < 0.2  # 4 bits lose real precision: the report is not zero
