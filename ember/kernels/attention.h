@@ -65,6 +65,9 @@ struct AttnMerge {  // the segments of one split tile, folded in order after the
 struct AttnPlan {
   std::vector<AttnTile> tiles;
   std::vector<AttnMerge> merges;
+  // (tile, kv head) work items, largest first; kv head -1: every head (a decode row reads
+  // each slot's K/V rows of all heads, one contiguous stretch, in one item)
+  std::vector<std::pair<int64_t, int64_t>> items;
   std::vector<float> partial;  // (segments, Hk, kQRows * G, D + 2): acc, m, l
   int64_t group = 1, part_stride = 0;
 };
@@ -92,7 +95,9 @@ inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window,
     else
       runs.push_back({i, 1});
   }
-  const int64_t items = static_cast<int64_t>(runs.size()) * c.hk;
+  const bool all_heads = c.hk <= kQRows;  // the scratch holds kQRows x G rows
+  int64_t items = 0;
+  for (const auto& run : runs) items += run.second == 1 && all_heads ? 1 : c.hk;
   const int64_t want = 4 * static_cast<int64_t>(nthreads);
   int64_t parts = 0;
   for (const auto& [r0, nr] : runs) {
@@ -109,6 +114,14 @@ inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window,
                             std::min(k1, (s0 + g + 1) * kSegKeys), parts, s0});
     plan.merges.push_back({r0, nr, parts, nseg});
     parts += nseg;
+  }
+  // NOTE: largest items first (the tiles are in row order; later prefill rows see more keys)
+  for (int64_t i = static_cast<int64_t>(plan.tiles.size()) - 1; i >= 0; --i) {
+    if (plan.tiles[static_cast<size_t>(i)].nr == 1 && all_heads) {
+      plan.items.push_back({i, -1});
+      continue;
+    }
+    for (int64_t h = 0; h < c.hk; ++h) plan.items.push_back({i, h});
   }
   plan.part_stride = kQRows * plan.group * (c.dim + 2);
   plan.partial.resize(static_cast<size_t>(parts * c.hk * plan.part_stride));
@@ -263,34 +276,37 @@ inline void normalise_row(const float* acc, float l, int64_t D, float* dst) {
 
 // A finished segment [a, ...) of item t (its M = nr x G rows' acc, m, l in sc): folded into
 // the item's carry, or (split tiles) stored in the segment's slot of the partial buffer.
+// Its rows start at row0 of the scratch.
 template <int D>
 inline void end_segment(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t,
-                        int64_t kvh, int64_t a, AttnScratch& sc) {
+                        int64_t kvh, int64_t a, AttnScratch& sc, int64_t row0 = 0) {
   const int64_t M = t.nr * plan.group;
-  const float* acc = sc.acc.data();
+  const float* acc = sc.acc.data() + row0 * D;
   for (int64_t m = 0; m < M; ++m) {
     if (t.part < 0) {
-      fold_state(sc.cacc.data() + m * D, sc.cm[m], sc.cl[m], acc + m * D, sc.m[m], sc.l[m], D);
+      const int64_t x = row0 + m;
+      fold_state(sc.cacc.data() + x * D, sc.cm[x], sc.cl[x], acc + m * D, sc.m[x], sc.l[x], D);
       continue;
     }
     const int64_t slot = t.part + a / kSegKeys - t.seg0;
     float* dst = const_cast<float*>(plan.partial.data()) +
                  (slot * c.hk + kvh) * plan.part_stride + m * (D + 2);
     memcpy(dst, acc + m * D, D * sizeof(float));
-    dst[D] = sc.m[m];
-    dst[D + 1] = sc.l[m];
+    dst[D] = sc.m[row0 + m];
+    dst[D + 1] = sc.l[row0 + m];
   }
 }
 
 // The M = nr x G rows of a finished unsplit item: the carry normalised into `out`.
 template <int D>
 inline void finish_rows(const AttnPlan& plan, const AttnTile& t, int64_t kvh,
-                        const AttnScratch& sc, float* out, int64_t out_stride) {
+                        const AttnScratch& sc, float* out, int64_t out_stride,
+                        int64_t row0 = 0) {
   if (t.part >= 0) return;  // split: merge_parts folds the segments
   const int64_t G = plan.group, M = t.nr * G;
   for (int64_t m = 0; m < M; ++m) {
-    const int64_t r = t.r0 + m / G, h = kvh * G + m % G;
-    normalise_row(sc.cacc.data() + m * D, sc.cl[m], D, out + r * out_stride + h * D);
+    const int64_t r = t.r0 + m / G, h = kvh * G + m % G, x = row0 + m;
+    normalise_row(sc.cacc.data() + x * D, sc.cl[x], D, out + r * out_stride + h * D);
   }
 }
 
@@ -434,25 +450,29 @@ void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, in
   finish_rows<D>(plan, t, kvh, sc, out, out_stride);
 }
 
-// A decode row (a tile of one row): the same segments, key tiles and arithmetic as
-// attend_tile (so its output is bit-identical to the row's inside a tile), K/V read straight
-// from the cache.
+// A decode row (a tile of one row), kv heads [h0, h1): the same segments, key tiles and
+// arithmetic per query head as attend_tile (so its output is bit-identical to the row's
+// inside a tile), K/V read straight from the cache. The heads run one after the other on each
+// key tile, so an item over all heads reads each slot's K/V rows of every head (contiguous)
+// while they are in cache. Head kvh's G rows sit at scratch rows (kvh - h0) G.
 template <int D, int KS>
-void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, int64_t kvh,
-                   const float* q, int64_t q_stride, const KvCache& kv, AttnScratch& sc,
-                   float* out, int64_t out_stride) {
-  const int64_t M = plan.group, bs = c.block_size, hk = c.hk;
+void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, int64_t h0,
+                   int64_t h1, const float* q, int64_t q_stride, const KvCache& kv,
+                   AttnScratch& sc, float* out, int64_t out_stride) {
+  const int64_t G = plan.group, M = (h1 - h0) * G, bs = c.block_size, hk = c.hk;
   const int64_t* table = c.block_tables + t.r0 * c.max_blocks;
   float *qf = sc.q.data(), *s = sc.s.data(), *acc = sc.acc.data();
-  int64_t rows[kKeys];
+  int64_t base[kKeys + 4], rows[kKeys + 4];
   float* alpha = sc.alpha.data();
   for (int64_t m = 0; m < M; ++m) {
-    const float* src = q + t.r0 * q_stride + (kvh * M + m) * D;
+    const float* src = q + t.r0 * q_stride + (h0 * G + m) * D;
     for (int v = 0; v < D; v += kVecW) v_store(qf + m * D + v, v_mul(v_load(src + v), v_set1(c.scale)));
     sc.cl[m] = 0.0f;
     sc.cm[m] = -INFINITY;
   }
-  const size_t row_bytes = KS == kInt8 ? D : 2 * D;
+  const size_t row_bytes = KS == kInt8 ? D : 2 * D, span = row_bytes * (h1 - h0);
+  const char* kc = static_cast<const char*>(kv.k);
+  const char* vc = static_cast<const char*>(kv.v);
   for (int64_t a = t.k0; a < t.k1;) {
     const int64_t b = segment_end(a, t.k1);
     reset_state<D>(M, sc);
@@ -460,47 +480,53 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
       const int64_t n = std::min(kKeys, b - kb), j0 = std::max<int64_t>(0, a - kb);
       for (int64_t j = j0; j < n; ++j) {
         const int64_t p = kb + j;
-        rows[j] = (table[p / bs] * bs + p % bs) * hk + kvh;
+        base[j] = (table[p / bs] * bs + p % bs) * hk;
         const int64_t pn = p + kKeys;  // the same key of the next tile, into L1 ahead of use
         if (pn < t.k1) {
-          const int64_t rn = (table[pn / bs] * bs + pn % bs) * hk + kvh;
-          for (size_t off = 0; off < row_bytes; off += 64) {
-            v_prefetch(static_cast<const char*>(kv.k) + rn * row_bytes + off);
-            v_prefetch(static_cast<const char*>(kv.v) + rn * row_bytes + off);
+          const size_t rn = static_cast<size_t>((table[pn / bs] * bs + pn % bs) * hk + h0);
+          for (size_t off = 0; off < span; off += 64) {
+            v_prefetch(kc + rn * row_bytes + off);
+            v_prefetch(vc + rn * row_bytes + off);
           }
         }
       }
-      for (int64_t j = 0; j < j0; ++j) rows[j] = rows[j0];  // keys before the window: ignored
+      for (int64_t j = 0; j < j0; ++j) base[j] = base[j0];  // keys before the window: ignored
       const int64_t n4 = (n + 3) / 4 * 4;
-      for (int64_t j = n; j < n4; ++j) rows[j] = rows[j0];  // padding keys: scores ignored
-      for (int64_t j = 0; j < n4; j += 4) {
-        int64_t m = 0;
-        for (; m + 3 <= M; m += 3) qk4_direct<D, 3, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
-        if (M - m == 2) qk4_direct<D, 2, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
-        if (M - m == 1) qk4_direct<D, 1, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
+      for (int64_t j = n; j < n4; ++j) base[j] = base[j0];  // padding keys: scores ignored
+      for (int64_t kvh = h0; kvh < h1; ++kvh) {
+        const int64_t r0 = (kvh - h0) * G;
+        for (int64_t j = 0; j < n4; ++j) rows[j] = base[j] + kvh;
+        for (int64_t j = 0; j < n4; j += 4) {
+          int64_t m = r0;
+          for (; m + 3 <= r0 + G; m += 3)
+            qk4_direct<D, 3, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
+          if (r0 + G - m == 2) qk4_direct<D, 2, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
+          if (r0 + G - m == 1) qk4_direct<D, 1, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
+        }
+        for (int64_t m = r0; m < r0 + G; ++m) {
+          float* sm = s + m * kKeys;
+          if constexpr (KS == kInt8)
+            for (int64_t j = j0; j < n; ++j) sm[j] *= kv.k_scale[rows[j]];
+          const float mx = max_of(sm + j0, n - j0, sc.m[m]);
+          alpha[m] = expf(sc.m[m] - mx);  // 0 on the first keys (m = -inf)
+          sc.l[m] = std::fma(sc.l[m], alpha[m], exp_shifted(sm + j0, n - j0, mx));
+          sc.m[m] = mx;
+          if constexpr (KS == kInt8)
+            for (int64_t j = j0; j < n; ++j) sm[j] *= kv.v_scale[rows[j]];
+          for (int64_t j = 0; j < j0; ++j) sm[j] = 0.0f;
+        }
+        int64_t m = r0;
+        for (; m + 3 <= r0 + G; m += 3)
+          pv_direct<D, 3, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
+        if (r0 + G - m == 2) pv_direct<D, 2, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
+        if (r0 + G - m == 1) pv_direct<D, 1, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
       }
-      for (int64_t m = 0; m < M; ++m) {
-        float* sm = s + m * kKeys;
-        if constexpr (KS == kInt8)
-          for (int64_t j = j0; j < n; ++j) sm[j] *= kv.k_scale[rows[j]];
-        const float mx = max_of(sm + j0, n - j0, sc.m[m]);
-        alpha[m] = expf(sc.m[m] - mx);  // 0 on the first keys (m = -inf)
-        sc.l[m] = std::fma(sc.l[m], alpha[m], exp_shifted(sm + j0, n - j0, mx));
-        sc.m[m] = mx;
-        if constexpr (KS == kInt8)
-          for (int64_t j = j0; j < n; ++j) sm[j] *= kv.v_scale[rows[j]];
-        for (int64_t j = 0; j < j0; ++j) sm[j] = 0.0f;
-      }
-      int64_t m = 0;
-      for (; m + 3 <= M; m += 3)
-        pv_direct<D, 3, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
-      if (M - m == 2) pv_direct<D, 2, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
-      if (M - m == 1) pv_direct<D, 1, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
     }
-    end_segment<D>(c, plan, t, kvh, a, sc);
+    for (int64_t kvh = h0; kvh < h1; ++kvh) end_segment<D>(c, plan, t, kvh, a, sc, (kvh - h0) * G);
     a = b;
   }
-  finish_rows<D>(plan, t, kvh, sc, out, out_stride);
+  for (int64_t kvh = h0; kvh < h1; ++kvh)
+    finish_rows<D>(plan, t, kvh, sc, out, out_stride, (kvh - h0) * G);
 }
 
 // The segments of one split (tile, kv head) folded in key order (fold_state, as an unsplit
@@ -547,17 +573,17 @@ inline bool tiled_attention_supports(int64_t dim) {
 }
 
 inline void attend_decode_dispatch(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t,
-                                   int64_t kvh, const float* q, int64_t q_stride,
+                                   int64_t h0, int64_t h1, const float* q, int64_t q_stride,
                                    const KvCache& kv, AttnScratch& sc, float* out,
                                    int64_t out_stride) {
   const bool i8 = kv.dtype != 0;
   switch (c.dim * 2 + (i8 ? 1 : 0)) {
-    case 128: attend_decode<64, kBf16>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
-    case 129: attend_decode<64, kInt8>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
-    case 256: attend_decode<128, kBf16>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
-    case 257: attend_decode<128, kInt8>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
-    case 512: attend_decode<256, kBf16>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
-    default: attend_decode<256, kInt8>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
+    case 128: attend_decode<64, kBf16>(c, plan, t, h0, h1, q, q_stride, kv, sc, out, out_stride); break;
+    case 129: attend_decode<64, kInt8>(c, plan, t, h0, h1, q, q_stride, kv, sc, out, out_stride); break;
+    case 256: attend_decode<128, kBf16>(c, plan, t, h0, h1, q, q_stride, kv, sc, out, out_stride); break;
+    case 257: attend_decode<128, kInt8>(c, plan, t, h0, h1, q, q_stride, kv, sc, out, out_stride); break;
+    case 512: attend_decode<256, kBf16>(c, plan, t, h0, h1, q, q_stride, kv, sc, out, out_stride); break;
+    default: attend_decode<256, kInt8>(c, plan, t, h0, h1, q, q_stride, kv, sc, out, out_stride); break;
   }
 }
 
@@ -566,14 +592,14 @@ inline void attend_decode_dispatch(const DecodeCtx& c, const AttnPlan& plan, con
 inline void attend_planned(const DecodeCtx& c, AttnPlan& plan, int64_t window, const float* q,
                            int64_t q_stride, const KvCache& kv, AttnScratch& sc, float* out,
                            int64_t out_stride) {
-  const int64_t items = static_cast<int64_t>(plan.tiles.size()) * c.hk;
+  const int64_t items = static_cast<int64_t>(plan.items.size());
 #pragma omp for schedule(dynamic, 1)
   for (int64_t i = 0; i < items; ++i) {
-    // NOTE: largest items first (the tiles are in row order; later prefill rows see more keys)
-    const AttnTile& t = plan.tiles[static_cast<size_t>(plan.tiles.size() - 1 - i / c.hk)];
-    const int64_t kvh = i % c.hk;
+    const auto [ti, kvh] = plan.items[static_cast<size_t>(i)];
+    const AttnTile& t = plan.tiles[static_cast<size_t>(ti)];
     if (t.nr == 1) {  // a decode row: K/V straight from the cache
-      attend_decode_dispatch(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride);
+      attend_decode_dispatch(c, plan, t, kvh < 0 ? 0 : kvh, kvh < 0 ? c.hk : kvh + 1, q,
+                             q_stride, kv, sc, out, out_stride);
       continue;
     }
     switch (c.dim) {
