@@ -18,8 +18,8 @@
 // tiles at multiples of kKeys, and the segments' states are folded in key order by one
 // function (fold_state), whether one item ran them all or split-K items ran them apart. So a
 // row's output is bit-identical alone (a decode) or inside a tile (verification rows, a
-// prefill chunk), whatever the split and the thread count (the int8 scales are applied the
-// same way on both paths).
+// prefill chunk), whatever the split and the thread count. int8 caches: invariant across
+// splits and thread counts, but a decode row applies the scales differently from a tile.
 //
 // KV caches: bfloat16 (S, Hk, D), or int8 (S, Hk, D) with a float32 scale per slot and head
 // (S, Hk): value = q * scale. A sliding window w > 0 limits row i to keys (lens[i]-1-w, ...]:
@@ -153,8 +153,9 @@ struct AttnScratch {
 };
 
 // Keys [kb, kb + n) of kv head kvh as float rows (kKeys, D), rows >= n and keys below kstart
-// zero; the next tile's rows are prefetched. int8: the raw values, their scales in ks / vs
-// (applied to scores and probabilities, as attend_decode does).
+// zero; the next tile's rows are prefetched. int8: dequantised (value x scale; the scales
+// also in ks / vs). NOTE: attend_decode folds int8 scales into scores and probabilities
+// instead, so int8 rows are not bit-invariant between the two paths (bf16 rows are).
 template <int D>
 inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache& kv,
                          int64_t kvh, int64_t kb, int64_t n, int64_t kstart, int64_t kend,
@@ -191,9 +192,10 @@ inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache
       const int8_t* vp = static_cast<const int8_t*>(kv.v) + row * D;
       ks[j] = kv.k_scale[row];
       vs[j] = kv.v_scale[row];
+      const vfloat sk = v_set1(ks[j]), sv = v_set1(vs[j]);
       for (int v = 0; v < D; v += kVecW) {
-        v_store(kr + v, v_load_i8(kp + v));
-        v_store(vr + v, v_load_i8(vp + v));
+        v_store(kr + v, v_mul(v_load_i8(kp + v), sk));
+        v_store(vr + v, v_mul(v_load_i8(vp + v), sv));
       }
     }
   }
@@ -405,7 +407,6 @@ void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, in
     sc.hi[m] = c.lens[r];  // exclusive
     sc.lo[m] = first_key(c, r, window);
   }
-  const bool i8 = kv.dtype != 0;
   float *ks = sc.ks.data(), *vs = sc.vs.data(), *alpha = sc.alpha.data();
   for (int64_t a = t.k0; a < t.k1;) {
     const int64_t b = segment_end(a, t.k1);
@@ -426,14 +427,10 @@ void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, in
           for (int64_t j = 0; j < n; ++j) sm[j] = 0.0f;
           continue;
         }
-        if (i8)
-          for (int64_t j = j0; j < j1; ++j) sm[j] *= ks[j];
         const float mx = max_of(sm + j0, j1 - j0, sc.m[m]);
         alpha[m] = expf(sc.m[m] - mx);  // 0 on the first keys (m = -inf)
         sc.l[m] = std::fma(sc.l[m], alpha[m], exp_shifted(sm + j0, j1 - j0, mx));
         sc.m[m] = mx;
-        if (i8)
-          for (int64_t j = j0; j < j1; ++j) sm[j] *= vs[j];
         for (int64_t j = 0; j < j0; ++j) sm[j] = 0.0f;
         for (int64_t j = j1; j < n; ++j) sm[j] = 0.0f;
       }
