@@ -13,6 +13,14 @@
 // accumulator) and a final log-sum-exp reduction merges the ranges. No score matrix larger
 // than one tile (kQRows x G x kKeys) exists.
 //
+// Batch invariance: a row's keys are cut into segments at fixed key positions (multiples of
+// kSegKeys) whatever the step looks like; each segment runs its own online softmax over key
+// tiles at multiples of kKeys, and the segments' states are folded in key order by one
+// function (fold_state), whether one item ran them all or split-K items ran them apart. So a
+// row's output is bit-identical alone (a decode) or inside a tile (verification rows, a
+// prefill chunk), whatever the split and the thread count. int8 caches: invariant across
+// splits and thread counts, but a decode row applies the scales differently from a tile.
+//
 // KV caches: bfloat16 (S, Hk, D), or int8 (S, Hk, D) with a float32 scale per slot and head
 // (S, Hk): value = q * scale. A sliding window w > 0 limits row i to keys (lens[i]-1-w, ...]:
 // the kernel then never reads older blocks.
@@ -21,6 +29,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "common.h"
@@ -29,7 +38,7 @@ namespace {
 
 constexpr int64_t kQRows = 16;    // query rows (tokens) per tile
 constexpr int64_t kKeys = 64;     // keys per inner tile (converted to float once)
-constexpr int64_t kMinSplit = 256;  // fewest keys a split-K range gets
+constexpr int64_t kSegKeys = 512;  // keys per segment (fixed key positions; see above)
 
 // A paged KV cache of one layer, bf16 (dtype 0) or int8 with per-slot-and-head scales (1).
 struct KvCache {
@@ -43,10 +52,11 @@ struct KvCache {
 struct AttnTile {
   int64_t r0, nr;  // query rows [r0, r0 + nr)
   int64_t k0, k1;  // keys [k0, k1) this item covers
-  int64_t part;    // -1: writes the output; else its slot in the partial buffer
+  int64_t part;    // -1: writes the output; else the slot of the tile's first segment
+  int64_t seg0;    // the tile's first segment (k / kSegKeys of its first key)
 };
 
-struct AttnMerge {  // the split ranges of one tile, merged after the items ran
+struct AttnMerge {  // the segments of one split tile, folded in order after the items ran
   int64_t r0, nr, part0, nsplit;
 };
 
@@ -55,7 +65,10 @@ struct AttnMerge {  // the split ranges of one tile, merged after the items ran
 struct AttnPlan {
   std::vector<AttnTile> tiles;
   std::vector<AttnMerge> merges;
-  std::vector<float> partial;  // (parts, Hk, kQRows * G, D + 2): acc, m, l
+  // (tile, kv head) work items, largest first; kv head -1: every head (a decode row reads
+  // each slot's K/V rows of all heads, one contiguous stretch, in one item)
+  std::vector<std::pair<int64_t, int64_t>> items;
+  std::vector<float> partial;  // (segments, Hk, kQRows * G, D + 2): acc, m, l
   int64_t group = 1, part_stride = 0;
 };
 
@@ -82,28 +95,33 @@ inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window,
     else
       runs.push_back({i, 1});
   }
-  const int64_t items = static_cast<int64_t>(runs.size()) * c.hk;
+  const bool all_heads = c.hk <= kQRows;  // the scratch holds kQRows x G rows
+  int64_t items = 0;
+  for (const auto& run : runs) items += run.second == 1 && all_heads ? 1 : c.hk;
   const int64_t want = 4 * static_cast<int64_t>(nthreads);
   int64_t parts = 0;
   for (const auto& [r0, nr] : runs) {
     const int64_t k0 = first_key(c, r0, window), k1 = c.lens[r0 + nr - 1];
-    int64_t ns = 1;
-    if (items < want) {
-      ns = (want + items - 1) / items;
-      while ((ns * items) % nthreads) ++ns;  // whole rounds: every thread gets as many items
-      ns = std::min(ns, (k1 - k0) / kMinSplit);
-    }
-    if (ns <= 1) {
-      plan.tiles.push_back({r0, nr, k0, k1, -1});
+    const int64_t s0 = k0 / kSegKeys, nseg = (k1 + kSegKeys - 1) / kSegKeys - s0;
+    // NOTE: few items (one long decode): one item per segment (split-K). The split only
+    // changes who runs a segment, never the segments or their fold order (batch-invariant).
+    if (items >= want || nseg <= 1) {
+      plan.tiles.push_back({r0, nr, k0, k1, -1, s0});
       continue;
     }
-    // NOTE: ranges rounded to whole key tiles so no range starts mid-tile.
-    const int64_t step = ((k1 - k0 + ns - 1) / ns + kKeys - 1) / kKeys * kKeys;
-    int64_t n = 0;
-    for (int64_t a = k0; a < k1; a += step, ++n)
-      plan.tiles.push_back({r0, nr, a, std::min(k1, a + step), parts + n});
-    plan.merges.push_back({r0, nr, parts, n});
-    parts += n;
+    for (int64_t g = 0; g < nseg; ++g)
+      plan.tiles.push_back({r0, nr, std::max(k0, (s0 + g) * kSegKeys),
+                            std::min(k1, (s0 + g + 1) * kSegKeys), parts, s0});
+    plan.merges.push_back({r0, nr, parts, nseg});
+    parts += nseg;
+  }
+  // NOTE: largest items first (the tiles are in row order; later prefill rows see more keys)
+  for (int64_t i = static_cast<int64_t>(plan.tiles.size()) - 1; i >= 0; --i) {
+    if (plan.tiles[static_cast<size_t>(i)].nr == 1 && all_heads) {
+      plan.items.push_back({i, -1});
+      continue;
+    }
+    for (int64_t h = 0; h < c.hk; ++h) plan.items.push_back({i, h});
   }
   plan.part_stride = kQRows * plan.group * (c.dim + 2);
   plan.partial.resize(static_cast<size_t>(parts * c.hk * plan.part_stride));
@@ -112,11 +130,16 @@ inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window,
 
 // Per-thread scratch of the tile kernel.
 struct AttnScratch {
-  std::vector<float> q, s, kf, vf, acc, m, l, alpha;
+  std::vector<float> q, s, kf, vf, acc, m, l, alpha, cacc, cm, cl, ks, vs;
   std::vector<int64_t> lo, hi;
   AttnScratch(int64_t group, int64_t dim) {
     const size_t rows = static_cast<size_t>(kQRows * group);
     q.resize(rows * dim);
+    cacc.resize(rows * dim);  // the carry: segments folded so far (fold_state)
+    cm.resize(rows);
+    cl.resize(rows);
+    ks.resize(static_cast<size_t>(kKeys));  // int8 tiles: the keys' / values' scales
+    vs.resize(static_cast<size_t>(kKeys));
     s.resize(rows * kKeys);
     kf.resize(static_cast<size_t>(kKeys * dim));
     vf.resize(static_cast<size_t>(kKeys * dim));
@@ -129,17 +152,20 @@ struct AttnScratch {
   }
 };
 
-// Keys [kb, kb + n) of kv head kvh as float rows (kKeys, D), rows >= n zero; the next tile's
-// rows are prefetched.
+// Keys [kb, kb + n) of kv head kvh as float rows (kKeys, D), rows >= n and keys below kstart
+// zero; the next tile's rows are prefetched. int8: dequantised (value x scale; the scales
+// also in ks / vs). NOTE: attend_decode folds int8 scales into scores and probabilities
+// instead, so int8 rows are not bit-invariant between the two paths (bf16 rows are).
 template <int D>
 inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache& kv,
-                         int64_t kvh, int64_t kb, int64_t n, int64_t kend, float* kf,
-                         float* vf) {
+                         int64_t kvh, int64_t kb, int64_t n, int64_t kstart, int64_t kend,
+                         float* kf, float* vf, float* ks, float* vs) {
   const int64_t bs = c.block_size, hk = c.hk;
   for (int64_t j = 0; j < kKeys; ++j) {
     float* kr = kf + j * D;
     float* vr = vf + j * D;
-    if (j >= n) {
+    if (j >= n || kb + j < kstart) {
+      ks[j] = vs[j] = 0.0f;
       for (int v = 0; v < D; v += kVecW) v_store(kr + v, v_zero()), v_store(vr + v, v_zero());
       continue;
     }
@@ -162,12 +188,14 @@ inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache
         v_store(vr + v, load_bf16(vs + v));
       }
     } else {
-      const int8_t* ks = static_cast<const int8_t*>(kv.k) + row * D;
-      const int8_t* vs = static_cast<const int8_t*>(kv.v) + row * D;
-      const vfloat sk = v_set1(kv.k_scale[row]), sv = v_set1(kv.v_scale[row]);
+      const int8_t* kp = static_cast<const int8_t*>(kv.k) + row * D;
+      const int8_t* vp = static_cast<const int8_t*>(kv.v) + row * D;
+      ks[j] = kv.k_scale[row];
+      vs[j] = kv.v_scale[row];
+      const vfloat sk = v_set1(ks[j]), sv = v_set1(vs[j]);
       for (int v = 0; v < D; v += kVecW) {
-        v_store(kr + v, v_mul(v_load_i8(ks + v), sk));
-        v_store(vr + v, v_mul(v_load_i8(vs + v), sv));
+        v_store(kr + v, v_mul(v_load_i8(kp + v), sk));
+        v_store(vr + v, v_mul(v_load_i8(vp + v), sv));
       }
     }
   }
@@ -208,29 +236,6 @@ inline void pv_row(const float* p, const float* vf, int64_t j0, int64_t j1, floa
   }
 }
 
-// The M = nr x G rows of a finished item: normalised into `out`, or (acc, m, l) into the
-// item's slot of the partial buffer (a split-K range).
-template <int D>
-inline void finish_rows(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t,
-                        int64_t kvh, const AttnScratch& sc, float* out, int64_t out_stride) {
-  const int64_t G = plan.group, M = t.nr * G;
-  const float* acc = sc.acc.data();
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t r = t.r0 + m / G, h = kvh * G + m % G;
-    if (t.part < 0) {
-      const vfloat inv = v_set1(sc.l[m] > 0.0f ? 1.0f / sc.l[m] : 0.0f);
-      float* dst = out + r * out_stride + h * D;
-      for (int v = 0; v < D; v += kVecW) v_store(dst + v, v_mul(v_load(acc + m * D + v), inv));
-    } else {
-      float* dst = const_cast<float*>(plan.partial.data()) +
-                   (t.part * c.hk + kvh) * plan.part_stride + m * (D + 2);
-      memcpy(dst, acc + m * D, D * sizeof(float));
-      dst[D] = sc.m[m];
-      dst[D + 1] = sc.l[m];
-    }
-  }
-}
-
 // The largest of x[0..n).
 inline float max_of(const float* x, int64_t n, float mx) {
   int64_t j = 0;
@@ -241,6 +246,85 @@ inline float max_of(const float* x, int64_t n, float mx) {
   }
   for (; j < n; ++j) mx = std::max(mx, x[j]);
   return mx;
+}
+
+// carry (acc, m, l) <- carry (+) a segment's state (sacc, sm, sl): the one way two softmax
+// states are combined, always in key order, in the item (unsplit) and in merge_parts (split)
+// alike, so both give the same bits. Empty states (l = 0) are skipped; into an empty carry
+// the segment is copied.
+inline void fold_state(float* cacc, float& cm, float& cl, const float* sacc, float sm, float sl,
+                       int64_t D) {
+  if (sl == 0.0f) return;
+  if (cl == 0.0f) {
+    memcpy(cacc, sacc, static_cast<size_t>(D) * sizeof(float));
+    cm = sm;
+    cl = sl;
+    return;
+  }
+  const float mx = std::max(cm, sm);
+  const float a = expf(cm - mx), b = expf(sm - mx);
+  const vfloat va = v_set1(a), vb = v_set1(b);
+  for (int64_t j = 0; j < D; j += kVecW)
+    v_store(cacc + j, v_fma(v_load(sacc + j), vb, v_mul(v_load(cacc + j), va)));
+  cl = std::fma(sl, b, cl * a);
+  cm = mx;
+}
+
+// dst (D) = acc / l (0 when the row saw no key).
+inline void normalise_row(const float* acc, float l, int64_t D, float* dst) {
+  const vfloat inv = v_set1(l > 0.0f ? 1.0f / l : 0.0f);
+  for (int64_t j = 0; j < D; j += kVecW) v_store(dst + j, v_mul(v_load(acc + j), inv));
+}
+
+// A finished segment [a, ...) of item t (its M = nr x G rows' acc, m, l in sc): folded into
+// the item's carry, or (split tiles) stored in the segment's slot of the partial buffer.
+// Its rows start at row0 of the scratch.
+template <int D>
+inline void end_segment(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t,
+                        int64_t kvh, int64_t a, AttnScratch& sc, int64_t row0 = 0) {
+  const int64_t M = t.nr * plan.group;
+  const float* acc = sc.acc.data() + row0 * D;
+  for (int64_t m = 0; m < M; ++m) {
+    if (t.part < 0) {
+      const int64_t x = row0 + m;
+      fold_state(sc.cacc.data() + x * D, sc.cm[x], sc.cl[x], acc + m * D, sc.m[x], sc.l[x], D);
+      continue;
+    }
+    const int64_t slot = t.part + a / kSegKeys - t.seg0;
+    float* dst = const_cast<float*>(plan.partial.data()) +
+                 (slot * c.hk + kvh) * plan.part_stride + m * (D + 2);
+    memcpy(dst, acc + m * D, D * sizeof(float));
+    dst[D] = sc.m[row0 + m];
+    dst[D + 1] = sc.l[row0 + m];
+  }
+}
+
+// The M = nr x G rows of a finished unsplit item: the carry normalised into `out`.
+template <int D>
+inline void finish_rows(const AttnPlan& plan, const AttnTile& t, int64_t kvh,
+                        const AttnScratch& sc, float* out, int64_t out_stride,
+                        int64_t row0 = 0) {
+  if (t.part >= 0) return;  // split: merge_parts folds the segments
+  const int64_t G = plan.group, M = t.nr * G;
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t r = t.r0 + m / G, h = kvh * G + m % G, x = row0 + m;
+    normalise_row(sc.cacc.data() + x * D, sc.cl[x], D, out + r * out_stride + h * D);
+  }
+}
+
+// Start of a segment: every row's state empty.
+template <int D>
+inline void reset_state(int64_t M, AttnScratch& sc) {
+  for (int64_t m = 0; m < M; ++m) {
+    for (int v = 0; v < D; v += kVecW) v_store(sc.acc.data() + m * D + v, v_zero());
+    sc.m[m] = -INFINITY;
+    sc.l[m] = 0.0f;
+  }
+}
+
+// The end of the segment that starts at key a (< k1).
+inline int64_t segment_end(int64_t a, int64_t k1) {
+  return std::min(k1, (a / kSegKeys + 1) * kSegKeys);
 }
 
 // ---- decode rows (a tile of one query row): K/V read straight from the cache ------------
@@ -303,7 +387,8 @@ inline void pv_direct(const float* p, const void* vc, const int64_t* rows, int64
   }
 }
 
-// One work item: the rows of tile t, the G query heads of kv head kvh, keys [t.k0, t.k1).
+// One work item: the rows of tile t, the G query heads of kv head kvh, keys [t.k0, t.k1) in
+// segments, each over key tiles at multiples of kKeys (rows masked to their own keys).
 // q: row i's query heads at q + i * q_stride; out: row i's heads at out + i * out_stride.
 template <int D>
 void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, int64_t kvh,
@@ -317,131 +402,146 @@ void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, in
     const float* src = q + r * q_stride + h * D;
     for (int v = 0; v < D; v += kVecW)
       v_store(qf + m * D + v, v_mul(v_load(src + v), v_set1(c.scale)));
-    for (int v = 0; v < D; v += kVecW) v_store(acc + m * D + v, v_zero());
-    sc.m[m] = -INFINITY;
-    sc.l[m] = 0.0f;
+    sc.cl[m] = 0.0f;
+    sc.cm[m] = -INFINITY;
     sc.hi[m] = c.lens[r];  // exclusive
     sc.lo[m] = first_key(c, r, window);
   }
-  for (int64_t kb = t.k0; kb < t.k1; kb += kKeys) {
-    const int64_t n = std::min(kKeys, t.k1 - kb);
-    load_kv_tile<D>(c, table, kv, kvh, kb, n, t.k1, sc.kf.data(), sc.vf.data());
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) qk_rows<D, 2>(qf + m * D, sc.kf.data(), s + m * kKeys);
-    if (m < M) qk_rows<D, 1>(qf + m * D, sc.kf.data(), s + m * kKeys);
-    // NOTE: probabilities outside a row's keys are zeroed so the rows can share PV passes
-    float* alpha = sc.alpha.data();
-    for (m = 0; m < M; ++m) {
-      const int64_t j0 = std::max<int64_t>(0, sc.lo[m] - kb);
-      const int64_t j1 = std::min<int64_t>(n, sc.hi[m] - kb);
-      float* sm = s + m * kKeys;
-      if (j0 >= j1) {
-        alpha[m] = 1.0f;
-        for (int64_t j = 0; j < n; ++j) sm[j] = 0.0f;
-        continue;
+  float *ks = sc.ks.data(), *vs = sc.vs.data(), *alpha = sc.alpha.data();
+  for (int64_t a = t.k0; a < t.k1;) {
+    const int64_t b = segment_end(a, t.k1);
+    reset_state<D>(M, sc);
+    for (int64_t kb = a / kKeys * kKeys; kb < b; kb += kKeys) {
+      const int64_t n = std::min(kKeys, b - kb);
+      load_kv_tile<D>(c, table, kv, kvh, kb, n, a, t.k1, sc.kf.data(), sc.vf.data(), ks, vs);
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2) qk_rows<D, 2>(qf + m * D, sc.kf.data(), s + m * kKeys);
+      if (m < M) qk_rows<D, 1>(qf + m * D, sc.kf.data(), s + m * kKeys);
+      // NOTE: probabilities outside a row's keys are zeroed so the rows can share PV passes
+      for (m = 0; m < M; ++m) {
+        const int64_t j0 = std::max<int64_t>(0, std::max(sc.lo[m], a) - kb);
+        const int64_t j1 = std::min<int64_t>(n, sc.hi[m] - kb);
+        float* sm = s + m * kKeys;
+        if (j0 >= j1) {
+          alpha[m] = 1.0f;
+          for (int64_t j = 0; j < n; ++j) sm[j] = 0.0f;
+          continue;
+        }
+        const float mx = max_of(sm + j0, j1 - j0, sc.m[m]);
+        alpha[m] = expf(sc.m[m] - mx);  // 0 on the first keys (m = -inf)
+        sc.l[m] = std::fma(sc.l[m], alpha[m], exp_shifted(sm + j0, j1 - j0, mx));
+        sc.m[m] = mx;
+        for (int64_t j = 0; j < j0; ++j) sm[j] = 0.0f;
+        for (int64_t j = j1; j < n; ++j) sm[j] = 0.0f;
       }
-      const float mx = max_of(sm + j0, j1 - j0, sc.m[m]);
-      alpha[m] = expf(sc.m[m] - mx);  // 0 on the first keys (m = -inf)
-      sc.l[m] = sc.l[m] * alpha[m] + exp_shifted(sm + j0, j1 - j0, mx);
-      sc.m[m] = mx;
-      for (int64_t j = 0; j < j0; ++j) sm[j] = 0.0f;
-      for (int64_t j = j1; j < n; ++j) sm[j] = 0.0f;
+      for (m = 0; m + 3 <= M; m += 3)
+        pv_direct<D, 3, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
+      if (M - m == 2)
+        pv_direct<D, 2, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
+      if (M - m == 1)
+        pv_direct<D, 1, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
     }
-    for (m = 0; m + 3 <= M; m += 3)
-      pv_direct<D, 3, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
-    if (M - m == 2)
-      pv_direct<D, 2, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
-    if (M - m == 1)
-      pv_direct<D, 1, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
+    end_segment<D>(c, plan, t, kvh, a, sc);
+    a = b;
   }
-  finish_rows<D>(c, plan, t, kvh, sc, out, out_stride);
+  finish_rows<D>(plan, t, kvh, sc, out, out_stride);
 }
 
+// A decode row (a tile of one row), kv heads [h0, h1): the same segments, key tiles and
+// arithmetic per query head as attend_tile (so its output is bit-identical to the row's
+// inside a tile), K/V read straight from the cache. The heads run one after the other on each
+// key tile, so an item over all heads reads each slot's K/V rows of every head (contiguous)
+// while they are in cache. Head kvh's G rows sit at scratch rows (kvh - h0) G.
 template <int D, int KS>
-void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, int64_t kvh,
-                   const float* q, int64_t q_stride, const KvCache& kv, AttnScratch& sc,
-                   float* out, int64_t out_stride) {
-  const int64_t M = plan.group, bs = c.block_size, hk = c.hk;
+void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, int64_t h0,
+                   int64_t h1, const float* q, int64_t q_stride, const KvCache& kv,
+                   AttnScratch& sc, float* out, int64_t out_stride) {
+  const int64_t G = plan.group, M = (h1 - h0) * G, bs = c.block_size, hk = c.hk;
   const int64_t* table = c.block_tables + t.r0 * c.max_blocks;
   float *qf = sc.q.data(), *s = sc.s.data(), *acc = sc.acc.data();
-  int64_t rows[kKeys];
+  int64_t base[kKeys + 4], rows[kKeys + 4];
   float* alpha = sc.alpha.data();
   for (int64_t m = 0; m < M; ++m) {
-    const float* src = q + t.r0 * q_stride + (kvh * M + m) * D;
-    for (int v = 0; v < D; v += kVecW) {
-      v_store(qf + m * D + v, v_mul(v_load(src + v), v_set1(c.scale)));
-      v_store(acc + m * D + v, v_zero());
-    }
-    sc.m[m] = -INFINITY;
-    sc.l[m] = 0.0f;
+    const float* src = q + t.r0 * q_stride + (h0 * G + m) * D;
+    for (int v = 0; v < D; v += kVecW) v_store(qf + m * D + v, v_mul(v_load(src + v), v_set1(c.scale)));
+    sc.cl[m] = 0.0f;
+    sc.cm[m] = -INFINITY;
   }
-  const size_t row_bytes = KS == kInt8 ? D : 2 * D;
-  for (int64_t kb = t.k0; kb < t.k1; kb += kKeys) {
-    const int64_t n = std::min(kKeys, t.k1 - kb);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t p = kb + j;
-      rows[j] = (table[p / bs] * bs + p % bs) * hk + kvh;
-      const int64_t pn = p + kKeys;  // the same key of the next tile, into L1 ahead of use
-      if (pn < t.k1) {
-        const int64_t rn = (table[pn / bs] * bs + pn % bs) * hk + kvh;
-        for (size_t off = 0; off < row_bytes; off += 64) {
-          v_prefetch(static_cast<const char*>(kv.k) + rn * row_bytes + off);
-          v_prefetch(static_cast<const char*>(kv.v) + rn * row_bytes + off);
+  const size_t row_bytes = KS == kInt8 ? D : 2 * D, span = row_bytes * (h1 - h0);
+  const char* kc = static_cast<const char*>(kv.k);
+  const char* vc = static_cast<const char*>(kv.v);
+  for (int64_t a = t.k0; a < t.k1;) {
+    const int64_t b = segment_end(a, t.k1);
+    reset_state<D>(M, sc);
+    for (int64_t kb = a / kKeys * kKeys; kb < b; kb += kKeys) {
+      const int64_t n = std::min(kKeys, b - kb), j0 = std::max<int64_t>(0, a - kb);
+      for (int64_t j = j0; j < n; ++j) {
+        const int64_t p = kb + j;
+        base[j] = (table[p / bs] * bs + p % bs) * hk;
+        const int64_t pn = p + kKeys;  // the same key of the next tile, into L1 ahead of use
+        if (pn < t.k1) {
+          const size_t rn = static_cast<size_t>((table[pn / bs] * bs + pn % bs) * hk + h0);
+          for (size_t off = 0; off < span; off += 64) {
+            v_prefetch(kc + rn * row_bytes + off);
+            v_prefetch(vc + rn * row_bytes + off);
+          }
         }
       }
+      for (int64_t j = 0; j < j0; ++j) base[j] = base[j0];  // keys before the window: ignored
+      const int64_t n4 = (n + 3) / 4 * 4;
+      for (int64_t j = n; j < n4; ++j) base[j] = base[j0];  // padding keys: scores ignored
+      for (int64_t kvh = h0; kvh < h1; ++kvh) {
+        const int64_t r0 = (kvh - h0) * G;
+        for (int64_t j = 0; j < n4; ++j) rows[j] = base[j] + kvh;
+        for (int64_t j = 0; j < n4; j += 4) {
+          int64_t m = r0;
+          for (; m + 3 <= r0 + G; m += 3)
+            qk4_direct<D, 3, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
+          if (r0 + G - m == 2) qk4_direct<D, 2, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
+          if (r0 + G - m == 1) qk4_direct<D, 1, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
+        }
+        for (int64_t m = r0; m < r0 + G; ++m) {
+          float* sm = s + m * kKeys;
+          if constexpr (KS == kInt8)
+            for (int64_t j = j0; j < n; ++j) sm[j] *= kv.k_scale[rows[j]];
+          const float mx = max_of(sm + j0, n - j0, sc.m[m]);
+          alpha[m] = expf(sc.m[m] - mx);  // 0 on the first keys (m = -inf)
+          sc.l[m] = std::fma(sc.l[m], alpha[m], exp_shifted(sm + j0, n - j0, mx));
+          sc.m[m] = mx;
+          if constexpr (KS == kInt8)
+            for (int64_t j = j0; j < n; ++j) sm[j] *= kv.v_scale[rows[j]];
+          for (int64_t j = 0; j < j0; ++j) sm[j] = 0.0f;
+        }
+        int64_t m = r0;
+        for (; m + 3 <= r0 + G; m += 3)
+          pv_direct<D, 3, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
+        if (r0 + G - m == 2) pv_direct<D, 2, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
+        if (r0 + G - m == 1) pv_direct<D, 1, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
+      }
     }
-    const int64_t n4 = (n + 3) / 4 * 4;
-    for (int64_t j = n; j < n4; ++j) rows[j] = rows[0];  // padding keys: scores ignored
-    for (int64_t j = 0; j < n4; j += 4) {
-      int64_t m = 0;
-      for (; m + 3 <= M; m += 3) qk4_direct<D, 3, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
-      if (M - m == 2) qk4_direct<D, 2, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
-      if (M - m == 1) qk4_direct<D, 1, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
-    }
-    for (int64_t m = 0; m < M; ++m) {
-      float* sm = s + m * kKeys;
-      if constexpr (KS == kInt8)
-        for (int64_t j = 0; j < n; ++j) sm[j] *= kv.k_scale[rows[j]];
-      const float mx = max_of(sm, n, sc.m[m]);
-      alpha[m] = expf(sc.m[m] - mx);  // 0 on the first keys (m = -inf)
-      sc.l[m] = sc.l[m] * alpha[m] + exp_shifted(sm, n, mx);
-      sc.m[m] = mx;
-      if constexpr (KS == kInt8)
-        for (int64_t j = 0; j < n; ++j) sm[j] *= kv.v_scale[rows[j]];
-    }
-    int64_t m = 0;
-    for (; m + 3 <= M; m += 3)
-      pv_direct<D, 3, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
-    if (M - m == 2) pv_direct<D, 2, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
-    if (M - m == 1) pv_direct<D, 1, KS>(s + m * kKeys, kv.v, rows, n, alpha + m, acc + m * D);
+    for (int64_t kvh = h0; kvh < h1; ++kvh) end_segment<D>(c, plan, t, kvh, a, sc, (kvh - h0) * G);
+    a = b;
   }
-  finish_rows<D>(c, plan, t, kvh, sc, out, out_stride);
+  for (int64_t kvh = h0; kvh < h1; ++kvh)
+    finish_rows<D>(plan, t, kvh, sc, out, out_stride, (kvh - h0) * G);
 }
 
-// The split ranges of one (tile, kv head) merged: out = sum_s e^(m_s - M) acc_s / sum_s
-// e^(m_s - M) l_s with M = max_s m_s.
+// The segments of one split (tile, kv head) folded in key order (fold_state, as an unsplit
+// item folds them) and normalised.
 inline void merge_parts(const DecodeCtx& c, const AttnPlan& plan, const AttnMerge& g,
                         int64_t kvh, float* out, int64_t out_stride) {
   const int64_t G = plan.group, D = c.dim;
   for (int64_t m = 0; m < g.nr * G; ++m) {
     const int64_t r = g.r0 + m / G, h = kvh * G + m % G;
-    auto part = [&](int64_t s) {
-      return plan.partial.data() + ((g.part0 + s) * c.hk + kvh) * plan.part_stride + m * (D + 2);
-    };
-    float mx = -INFINITY;
-    for (int64_t s = 0; s < g.nsplit; ++s) mx = std::max(mx, part(s)[D]);
     float* dst = out + r * out_stride + h * D;
     for (int64_t j = 0; j < D; ++j) dst[j] = 0.0f;
-    float l = 0.0f;
+    float cm = -INFINITY, cl = 0.0f;
     for (int64_t s = 0; s < g.nsplit; ++s) {
-      const float* p = part(s);
-      if (p[D + 1] == 0.0f) continue;  // no key of this range is visible to the row
-      const float w = expf(p[D] - mx);
-      l += w * p[D + 1];
-      for (int64_t j = 0; j < D; ++j) dst[j] += w * p[j];
+      const float* p =
+          plan.partial.data() + ((g.part0 + s) * c.hk + kvh) * plan.part_stride + m * (D + 2);
+      fold_state(dst, cm, cl, p, p[D], p[D + 1], D);
     }
-    const float inv = 1.0f / l;
-    for (int64_t j = 0; j < D; ++j) dst[j] *= inv;
+    normalise_row(dst, cl, D, dst);
   }
 }
 
@@ -470,17 +570,17 @@ inline bool tiled_attention_supports(int64_t dim) {
 }
 
 inline void attend_decode_dispatch(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t,
-                                   int64_t kvh, const float* q, int64_t q_stride,
+                                   int64_t h0, int64_t h1, const float* q, int64_t q_stride,
                                    const KvCache& kv, AttnScratch& sc, float* out,
                                    int64_t out_stride) {
   const bool i8 = kv.dtype != 0;
   switch (c.dim * 2 + (i8 ? 1 : 0)) {
-    case 128: attend_decode<64, kBf16>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
-    case 129: attend_decode<64, kInt8>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
-    case 256: attend_decode<128, kBf16>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
-    case 257: attend_decode<128, kInt8>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
-    case 512: attend_decode<256, kBf16>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
-    default: attend_decode<256, kInt8>(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride); break;
+    case 128: attend_decode<64, kBf16>(c, plan, t, h0, h1, q, q_stride, kv, sc, out, out_stride); break;
+    case 129: attend_decode<64, kInt8>(c, plan, t, h0, h1, q, q_stride, kv, sc, out, out_stride); break;
+    case 256: attend_decode<128, kBf16>(c, plan, t, h0, h1, q, q_stride, kv, sc, out, out_stride); break;
+    case 257: attend_decode<128, kInt8>(c, plan, t, h0, h1, q, q_stride, kv, sc, out, out_stride); break;
+    case 512: attend_decode<256, kBf16>(c, plan, t, h0, h1, q, q_stride, kv, sc, out, out_stride); break;
+    default: attend_decode<256, kInt8>(c, plan, t, h0, h1, q, q_stride, kv, sc, out, out_stride); break;
   }
 }
 
@@ -489,14 +589,14 @@ inline void attend_decode_dispatch(const DecodeCtx& c, const AttnPlan& plan, con
 inline void attend_planned(const DecodeCtx& c, AttnPlan& plan, int64_t window, const float* q,
                            int64_t q_stride, const KvCache& kv, AttnScratch& sc, float* out,
                            int64_t out_stride) {
-  const int64_t items = static_cast<int64_t>(plan.tiles.size()) * c.hk;
+  const int64_t items = static_cast<int64_t>(plan.items.size());
 #pragma omp for schedule(dynamic, 1)
   for (int64_t i = 0; i < items; ++i) {
-    // NOTE: largest items first (the tiles are in row order; later prefill rows see more keys)
-    const AttnTile& t = plan.tiles[static_cast<size_t>(plan.tiles.size() - 1 - i / c.hk)];
-    const int64_t kvh = i % c.hk;
+    const auto [ti, kvh] = plan.items[static_cast<size_t>(i)];
+    const AttnTile& t = plan.tiles[static_cast<size_t>(ti)];
     if (t.nr == 1) {  // a decode row: K/V straight from the cache
-      attend_decode_dispatch(c, plan, t, kvh, q, q_stride, kv, sc, out, out_stride);
+      attend_decode_dispatch(c, plan, t, kvh < 0 ? 0 : kvh, kvh < 0 ? c.hk : kvh + 1, q,
+                             q_stride, kv, sc, out, out_stride);
       continue;
     }
     switch (c.dim) {

@@ -22,12 +22,19 @@ PROMPTS = [
 ]
 
 
-def _nll(llm, ids: list[int]) -> float:
-    """Mean negative log-likelihood of ids[1:] (prompt logprobs over chunked prefill)."""
+def _nll(llm, ids: list[int]) -> list[float]:
+    """Negative log-likelihood of each of ids[1:] (prompt logprobs over chunked prefill)."""
     out = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0),
                        use_tqdm=False)[0]
-    lps = [lp.logprob for lp in out.prompt_logprobs[1:]]
-    return -sum(lps) / len(lps)
+    return [-lp.logprob for lp in out.prompt_logprobs[1:]]
+
+
+def _shift(got: list[float], ref: list[float]) -> tuple[float, float, float]:
+    """(mean per-token NLL shift, its standard error, per-token std) of got vs ref."""
+    d = [a - b for a, b in zip(got, ref)]
+    mean = sum(d) / len(d)
+    std = math.sqrt(sum((x - mean) ** 2 for x in d) / len(d))
+    return mean, std / math.sqrt(len(d)), std
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +67,18 @@ def test_greedy_tokens_equal_torch_attention(engines):
 
 
 def test_long_prompt_perplexity_matches_torch_attention(engines, long_ids):
+    """NOTE: rounding-level kernel changes scatter per-token NLLs by ~0.08 nats (amplified
+    through the int8 activation and bf16 KV rounding of 30 layers; see
+    benchmarks/results/longctx/ppl_noise.json), a standard error of ~0.2% of perplexity over
+    1400 tokens. So the shift must be within 4 standard errors (and a small floor), and the
+    scatter itself small: a wrong key set or a bad merge shifts and scatters far more."""
     kernel, torch_attn, int8 = engines
     ref = _nll(torch_attn, long_ids)
-    bf16, q8 = _nll(kernel, long_ids), _nll(int8, long_ids)
-    assert math.exp(bf16) / math.exp(ref) - 1 == pytest.approx(0, abs=0.002), (bf16, ref)
-    assert math.exp(q8) / math.exp(ref) - 1 == pytest.approx(0, abs=0.01), (q8, ref)
+    for got, floor, max_std in ((_nll(kernel, long_ids), 0.002, 0.15),
+                                (_nll(int8, long_ids), 0.01, 0.3)):
+        mean, se, std = _shift(got, ref)
+        assert abs(mean) <= max(floor, 4 * se), (mean, se)
+        assert std <= max_std, std
 
 
 def test_int8_cache_halves_the_kv_bytes(engines):

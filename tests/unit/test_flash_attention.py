@@ -171,3 +171,40 @@ def test_int8_cache_write_quantizes_per_token_and_head(kernels):
         q_ref, s_ref = _quantize_int8(x)
         torch.testing.assert_close(scales.view(-1, hk)[slots], s_ref)
         assert torch.equal(cache.view(-1, hk, dim)[slots], q_ref)
+
+
+@pytest.mark.parametrize("hq, hk, dim, int8, window", [
+    (9, 3, 64, False, None),  # SmolLM2's shape, bf16
+    (4, 2, 128, False, 700),  # a sliding window starting mid key tile
+])
+def test_row_output_does_not_depend_on_the_rows_beside_it(kernels, hq, hk, dim, int8, window):
+    """Batch invariance (speculative verification): the last of 5 verification rows past 512
+    keys gives the same bits as that row decoded alone, or beside another long decode (the
+    split-K ranges and tile shapes differ; the key segments and their fold order do not).
+    bf16 only: int8 tiles dequantise K/V while decode rows scale scores (not bit-equal)."""
+    gen = torch.Generator().manual_seed(11 + dim)
+    bs, ctx, verify = 16, 1290, 5
+    k_cache, v_cache, tables = _cache(gen, [ctx + verify, 1000], hk, dim, bs)
+    scales: dict[str, torch.Tensor] = {}
+    if int8:
+        (k_cache, scales["k_scale"]), (v_cache, scales["v_scale"]) = (
+            _quantize_int8(k_cache), _quantize_int8(v_cache))
+    q = torch.randn(verify, hq, dim, generator=gen) * 2
+    q_other = torch.randn(1, hq, dim, generator=gen) * 2
+
+    def attend(seqs: list[tuple[int, int]], tabs: list[list[int]], rows: torch.Tensor
+               ) -> torch.Tensor:
+        row_tables, lens = _rows(seqs, tabs)
+        qkv = torch.cat([rows.reshape(rows.shape[0], -1),
+                         torch.zeros(rows.shape[0], 2 * hk * dim)], dim=1)
+        return kernels.paged_decode_attention(qkv, hq, dim, k_cache, v_cache, row_tables, lens,
+                                              dim ** -0.5, window, **scales)
+
+    group = attend([(ctx, verify)], tables[:1], q)[-1]  # one tile of 5 rows, unsplit
+    alone = attend([(ctx + verify - 1, 1)], tables[:1], q[-1:])[0]  # split over segments
+    beside = attend([(999, 1), (ctx + verify - 1, 1)], tables[::-1], torch.cat([q_other,
+                                                                                 q[-1:]]))[1]
+    many = attend([(ctx, verify)] * 4, tables[:1] * 4, q.repeat(4, 1, 1))[-1]  # no split-K
+    assert torch.equal(alone, group)
+    assert torch.equal(beside, group)
+    assert torch.equal(many, group)
