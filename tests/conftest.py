@@ -21,6 +21,26 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def load_kernels() -> Callable[[str | None], object]:
+    """CPU kernels from the default kernel cache (built once per source hash), one library per
+    ISA per session: load_kernels(None) the best ISA this CPU runs, load_kernels("portable")
+    a forced one. Fails (never skips) when a build fails."""
+    from ember.kernels.ops import CpuKernels
+
+    libs: dict[str | None, CpuKernels] = {}
+
+    def load(isa: str | None = None) -> CpuKernels:
+        if isa not in libs:
+            k = CpuKernels.load(None, num_threads=2, force_isa=isa)
+            assert k is not None and (isa is None or k.isa == isa), \
+                f"the {isa or 'best'} kernels failed to compile"
+            libs[isa] = k
+        return libs[isa]
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def gguf_path() -> Path:
     return smollm2_gguf()
 

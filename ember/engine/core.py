@@ -21,7 +21,7 @@ from ember.sampling.constrained import StructuredOutputManager
 from ember.sampling.sampler import Sampler
 from ember.scheduler.scheduler import Scheduler
 from ember.spec_decode.decoder import SpecDecoder
-from ember.spec_decode.draft import load_draft_proposer
+from ember.engine.draft_model import load_draft_proposer
 from ember.types import EngineCoreOutput, Request, RequestStatus
 
 logger = logging.getLogger(__name__)

@@ -91,7 +91,7 @@ def create_proposer(config: SpecConfig) -> Proposer:
                               config.suffix_decoding_max_cached_requests)
     if config.method == "draft":  # NOTE: needs the target's model and KV geometry
         raise ValueError("the 'draft' proposer is built by the engine core "
-                         "(ember.spec_decode.draft.load_draft_proposer)")
+                         "(ember.engine.draft_model.load_draft_proposer)")
     raise ValueError(f"unknown speculative method {config.method!r}")
 
 

@@ -18,18 +18,16 @@ accept/resample rule (`rejection.py`) stays exact for sampled requests as well.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ember.config import EngineConfig, ModelConfig
 from ember.errors import ModelLoadError
-from ember.loading.loader import LoadedModel, load_model
-from ember.runner.model_runner import ModelRunner
-from ember.sampling.sampler import Sampler
 from ember.types import Request, SamplingParams, ScheduledRequest, SchedulerOutput
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from ember.loading.loader import LoadedModel
+    from ember.runner.model_runner import ModelRunner
 
 _GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 30, ignore_eos=True)
 """How the draft picks its tokens: the argmax of its raw logits."""
@@ -61,13 +59,15 @@ class DraftModelProposer:
 
     Args:
         loaded: the draft model in its runtime form.
+        runner: the draft's own ModelRunner over `loaded` (built by the engine, which owns
+            runners: ember.engine.draft_model.load_draft_proposer).
         target_vocab_size: the target's vocabulary size (must match the draft's).
         block_size / num_blocks: the draft's KV cache geometry (block 0 is the null block).
         max_num_batched_tokens: most tokens one draft step computes (catch-up chunks).
     """
 
-    def __init__(self, loaded: LoadedModel, target_vocab_size: int, block_size: int,
-                 num_blocks: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, loaded: LoadedModel, runner: ModelRunner, target_vocab_size: int,
+                 block_size: int, num_blocks: int, max_num_batched_tokens: int) -> None:
         if loaded.arch.vocab_size != target_vocab_size:
             raise DraftModelError(
                 f"draft model {loaded.source.path}: vocabulary of {loaded.arch.vocab_size} "
@@ -76,8 +76,7 @@ class DraftModelProposer:
         self.loaded = loaded
         self.block_size = block_size
         self.budget = max(max_num_batched_tokens, 2)
-        self.runner = ModelRunner(loaded.model, loaded.arch, loaded.plan, block_size,
-                                  num_blocks, self.budget, Sampler())
+        self.runner = runner
         self._free = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
         self._states: dict[str, _DraftState] = {}
         self._calls = 0
@@ -204,39 +203,6 @@ class DraftModelProposer:
         return {rid: tokens[0] for rid, tokens in out.sampled_token_ids.items()}
 
 
-def load_draft_proposer(config: EngineConfig, target: LoadedModel, block_size: int,
-                        num_blocks: int) -> DraftModelProposer | None:
-    """The `draft` proposer of `config.spec` (None for the other methods): its model loaded
-    like the target's (same dtype, kernels and, unless `spec.quantization` says otherwise,
-    runtime format), with a KV cache of `num_blocks` blocks of its own."""
-    spec = config.spec
-    if spec.method != "draft" or spec.model is None:
-        return None
-    model_cfg = ModelConfig(model=spec.model, dtype=config.model.dtype,
-                            quantization=spec.quantization or target.plan.weights
-                            or config.model.quantization,
-                            cpu_kernels=config.model.cpu_kernels,
-                            kv_cache_dtype=config.model.kv_cache_dtype,
-                            generation_config="none")
-    try:
-        loaded = load_model(model_cfg, config.env, runtime=True, kernels=target.plan.kernels)
-    except (ModelLoadError, OSError, ValueError) as exc:
-        raise DraftModelError(f"speculative_config.model: {exc}") from None
-    _check_tokenizer(loaded, target)
-    logger.info("draft model %s: %d layers, %s", spec.model, loaded.arch.num_layers,
-                loaded.plan.describe())
-    return DraftModelProposer(loaded, target.arch.vocab_size, block_size, num_blocks,
-                              config.scheduler.max_num_batched_tokens)
-
-
-def _check_tokenizer(draft: LoadedModel, target: LoadedModel) -> None:
-    probe = "Speculative decoding: the draft's tokens must mean the target's. 1234 \u00e9t\u00e9"
-    if draft.tokenizer.encode(probe) != target.tokenizer.encode(probe):
-        raise DraftModelError(f"draft model {draft.source.path}: its tokenizer encodes text "
-                              f"differently from the target's; a draft must share the "
-                              f"target's tokenizer")
-
-
 def draft_cost(step_seconds: float | None, one_row_seconds: float | None,
                prior: float = 0.3) -> float:
     """Cost of one draft-model step relative to a one-row target step (`prior` until both
@@ -246,4 +212,4 @@ def draft_cost(step_seconds: float | None, one_row_seconds: float | None,
     return step_seconds / one_row_seconds
 
 
-__all__ = ["DraftModelError", "DraftModelProposer", "draft_cost", "load_draft_proposer"]
+__all__ = ["DraftModelError", "DraftModelProposer", "draft_cost"]

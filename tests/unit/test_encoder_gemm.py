@@ -22,11 +22,9 @@ ISAS = [None] + (["portable"] if BEST is not None and BEST.name != "portable" el
 
 
 @pytest.fixture(scope="module", params=ISAS)
-def kernels(request) -> CpuKernels:
+def kernels(request, load_kernels) -> CpuKernels:
     # NOTE: the default kernel cache, shared with the other kernel tests (no rebuild)
-    k = CpuKernels.load(None, num_threads=2, force_isa=request.param)
-    assert k is not None, "the kernels failed to compile"
-    return k
+    return load_kernels(request.param)
 
 
 def test_pack_round_trip_is_group32_rtn() -> None:

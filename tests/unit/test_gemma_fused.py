@@ -65,10 +65,8 @@ def tiny_gemma(seed: int = 0) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def kernels() -> CpuKernels:
-    k = CpuKernels.load(None, num_threads=2)  # the shared cache: built once per source hash
-    assert k is not None
-    return k
+def kernels(load_kernels) -> CpuKernels:
+    return load_kernels(None)  # the shared cache: built once per source hash
 
 
 _RUNS: dict[tuple[str | None, bool, bool, bool], tuple[list[list[int]], torch.Tensor]] = {}

@@ -21,18 +21,13 @@ EOS = 7
 
 
 @pytest.fixture(scope="module")
-def best_kernels() -> CpuKernels:
-    # NOTE: the default kernel cache: the library is built once per source hash and shared.
-    k = CpuKernels.load(None, num_threads=2)
-    assert k is not None, "the kernels failed to compile"
-    return k
+def best_kernels(load_kernels) -> CpuKernels:
+    return load_kernels(None)
 
 
 @pytest.fixture(scope="module")
-def portable_kernels() -> CpuKernels:
-    k = CpuKernels.load(None, num_threads=2, force_isa="portable")
-    assert k is not None and k.isa == "portable", "the portable kernels failed to compile"
-    return k
+def portable_kernels(load_kernels) -> CpuKernels:
+    return load_kernels("portable")
 
 
 @pytest.fixture(params=KERNEL_ISAS + ["numpy"])

@@ -29,12 +29,10 @@ def best_kernels(tmp_path_factory) -> CpuKernels:
 
 
 @pytest.fixture(scope="module")
-def portable_kernels() -> CpuKernels:
+def portable_kernels(load_kernels) -> CpuKernels:
     # NOTE: the default kernel cache (shared with the forced-portable model test): the
     # portable build is the slowest to compile (-march=native, everything inlined).
-    k = CpuKernels.load(None, num_threads=2, force_isa="portable")
-    assert k is not None and k.isa == "portable", "the portable kernels failed to compile"
-    return k
+    return load_kernels("portable")
 
 
 @pytest.fixture(scope="module", params=ISAS)
