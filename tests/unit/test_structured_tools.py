@@ -232,8 +232,8 @@ def test_native_mask_apply_equals_numpy_on_a_schema(tokenizer) -> None:
     plain.shutdown()
 
 
-def test_overlap_only_with_a_spare_core(tokenizer, monkeypatch) -> None:
-    """The mask worker thread runs only when a core is free of kernel threads."""
+def test_overlap_with_a_spare_core_or_a_large_batch(tokenizer, monkeypatch) -> None:
+    """The mask worker thread runs when a core is free of kernel threads, or for a large batch."""
     import os
 
     from ember.sampling import constrained
@@ -241,7 +241,9 @@ def test_overlap_only_with_a_spare_core(tokenizer, monkeypatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert not constrained.overlap_pays(None)
-    assert not StructuredOutputManager(tokenizer).overlap
+    busy = StructuredOutputManager(tokenizer)
+    assert not busy.overlaps(1) and not busy.overlaps(constrained.OVERLAP_MIN_ROWS - 1)
+    assert busy.overlaps(constrained.OVERLAP_MIN_ROWS)  # a large batch overlaps anyway
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert constrained.overlap_pays(None) and StructuredOutputManager(tokenizer).overlap
-    assert not StructuredOutputManager(tokenizer, overlap=False).overlap
+    assert constrained.overlap_pays(None) and StructuredOutputManager(tokenizer).overlaps(1)
+    assert not StructuredOutputManager(tokenizer, overlap=False).overlaps(64)
