@@ -40,7 +40,7 @@ def load_draft_proposer(config: EngineConfig, target: LoadedModel, block_size: i
     runner = ModelRunner(loaded.model, loaded.arch, loaded.plan, block_size, num_blocks, budget,
                          Sampler())
     return DraftModelProposer(loaded, runner, target.arch.vocab_size, block_size, num_blocks,
-                              config.scheduler.max_num_batched_tokens)
+                              budget)
 
 
 def _check_tokenizer(draft: LoadedModel, target: LoadedModel) -> None:

@@ -194,8 +194,7 @@ class StructuredOutputManager:
     def prefetch(self, rows: list[SamplingBatchRow], tokens: list[list[int]]) -> None:
         """After sampling: consume each constrained row's new `tokens` and compute its next
         mask on the worker thread (joined by the next `apply`)."""
-        if self.overlap is False or not self.overlaps(
-                sum(r.params.structured_outputs is not None for r in rows)):
+        if not self.overlaps(sum(r.params.structured_outputs is not None for r in rows)):
             return
         self._join()
         jobs: list[tuple[_SeqState, list[int]]] = []

@@ -63,7 +63,8 @@ class DraftModelProposer:
             runners: ember.engine.draft_model.load_draft_proposer).
         target_vocab_size: the target's vocabulary size (must match the draft's).
         block_size / num_blocks: the draft's KV cache geometry (block 0 is the null block).
-        max_num_batched_tokens: most tokens one draft step computes (catch-up chunks).
+        max_num_batched_tokens: most tokens one draft step computes (catch-up chunks; >= 2, the
+            same budget as `runner`).
     """
 
     def __init__(self, loaded: LoadedModel, runner: ModelRunner, target_vocab_size: int,
@@ -75,7 +76,7 @@ class DraftModelProposer:
                 f"tokenizer")
         self.loaded = loaded
         self.block_size = block_size
-        self.budget = max(max_num_batched_tokens, 2)
+        self.budget = max_num_batched_tokens
         self.runner = runner
         self._free = list(range(num_blocks - 1, 0, -1))  # pop() hands out low ids first
         self._states: dict[str, _DraftState] = {}
