@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ember.cli import edge_runtime
 from ember.config import DEFAULT_MODEL, KV_CACHE_DTYPES, QUANTIZATIONS, EnvSettings, SpecConfig
 from ember.engine.generation_defaults import GenerationDefaults
 from ember.types import SamplingParams
@@ -23,6 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     add_generation_config_arg(p)
     add_speculative_config_arg(p)
+    edge_runtime.add_runtime_arg(p)
 
 
 def add_speculative_config_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -109,6 +111,8 @@ def _setup(args: argparse.Namespace) -> tuple[Any, SamplingParams]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.runtime == "edge":
+        return edge_runtime.cmd_generate(args)
     llm, params = _setup(args)
     prompt = llm.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat \
         else args.prompt
@@ -120,6 +124,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.runtime == "edge":
+        return edge_runtime.cmd_chat(args)
     llm, params = _setup(args)
     console = Console(stderr=True)
     messages: list[dict[str, str]] = []
