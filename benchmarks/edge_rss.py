@@ -1,13 +1,21 @@
-"""Edge footprint: resident memory of Ember vs native llama.cpp on the int4 SmolLM2, same harness.
+"""Edge footprint: resident memory of Ember (main path and the torch-free edge runtime) vs
+llama.cpp on the int4 SmolLM2 (GGUF Q4_1), same harness, each engine in its own fresh process.
 
-Each engine runs in a fresh process; RSS (VmRSS) and peak (VmHWM) come from /proc/<pid>/status:
-  ember:      after `import torch`, after `import ember`, after LLM(...) load, after 64 greedy
-              tokens (steady state); the breakdown: interpreter, torch import, ember's own
-              imports, weights + kernels + KV cache (load), generation (activations).
-  llama.cpp:  `llama-server` (~/.cache/ember-peers/llama.cpp-native/build/bin) on the same
-              GGUF: after load (/health ok), after 64 generated tokens.
+RSS (VmRSS) and peak (VmHWM) come from /proc/<pid>/status:
+  ember:            after `import torch`, `import ember`, LLM(...) load, 64 greedy tokens.
+  ember_edge:       ember.edge.EdgeLLM (no torch): after the interpreter, numpy, tokenizers +
+                    jinja2 + Ember's tokenizer module, the rest of ember.edge, the kernel library,
+                    load (weights + tokenizer), 64 greedy tokens (KV pages); plus the computed
+                    weight and KV bytes.
+  llama_cpp_python: llama_cpp.Llama(path, n_ctx=4096, n_threads=2) (PYTHONPATH
+                    ~/.cache/ember-peers/llama-cpp-python-0.3.36; skipped with the reason when
+                    absent): after import, load, 64 greedy tokens.
+  llama_cpp:        `llama-server` (~/.cache/ember-peers/llama.cpp-native/build/bin) on the same
+                    GGUF: after load (/health ok), after 64 generated tokens.
+Decode tok/s of the three in-process runs: 63 tokens after the first, 2 threads (contended
+unless the machine is quiet: loadavg is recorded).
 Writes benchmarks/results/edge/edge_rss.json and .png.
-  flock /tmp/ember-bench.lock python benchmarks/edge_rss.py      (~1 min)
+  flock /tmp/ember-bench.lock python benchmarks/edge_rss.py      (~1-2 min)
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "edge"
 LLAMA_BIN = Path.home() / ".cache" / "ember-peers" / "llama.cpp-native" / "build" / "bin"
+LLAMA_PY = Path.home() / ".cache" / "ember-peers" / "llama-cpp-python-0.3.36"
 PROMPT = "The capital of France is"
 
 EMBER_CHILD = r'''
@@ -62,8 +71,17 @@ r["modules_after_load"] = sorted(
     m for m in ("torch._dynamo", "torch._inductor", "triton", "transformers", "llguidance.torch",
                 "numpy", "tokenizers", "jinja2") if m in sys.modules)
 params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-llm.generate([sys.argv[2]], params, use_tqdm=False)
+t0 = time.perf_counter()
+n, t1 = 0, None
+for out in llm.stream(sys.argv[2], params):
+    n = len(out.outputs[0].token_ids)
+    if t1 is None:
+        t1 = time.perf_counter()
+t2 = time.perf_counter()
 r["generate_64"] = mem()
+r["tokens"] = n
+r["decode_tok_s"] = (n - 1) / (t2 - t1)
+r["first_token_s"] = t1 - t0
 import ctypes
 class MI2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -82,52 +100,126 @@ print(json.dumps(r))
 '''
 
 
-FLOOR_CHILD = r'''
-import ctypes, json, sys
-def rss():
+EDGE_CHILD = r'''
+import json, sys, time
+def mem():
+    out = {}
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-r = {"start": rss()}
-import numpy as np, tokenizers, jinja2, gguf
-r["imports"] = rss()
-lib = ctypes.CDLL(sys.argv[1]) if sys.argv[1] else None
-r["kernels"] = rss()
-reader = gguf.GGUFReader(sys.argv[2])
-from ember.tokenizer import Tokenizer
-meta = {f.name: f.contents() for f in reader.fields.values()}
-tok = Tokenizer.from_gguf_metadata(meta)
-del reader, meta
-r["tokenizer"] = rss()
-weights = np.ones(int(float(sys.argv[3]) * 2**20), dtype=np.uint8)  # Ember's runtime weights
-r["weights"] = rss()
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return out
+r = {"start": mem()}
+import numpy
+r["import_numpy"] = mem()
+import tokenizers, jinja2, ember.tokenizer
+r["import_tokenizers"] = mem()
+import ember.edge
+from ember.edge import EdgeLLM
+r["import_ember_edge"] = mem()
+from ember.config import EnvSettings
+from ember.kernels.library import load_kernel_library
+env = EnvSettings.from_env()
+lib = load_kernel_library(env.cache_dir, env.cpu_isa, env.cxx)
+r["kernel_library"] = mem()
+llm = EdgeLLM(sys.argv[1], max_context=4096, num_threads=2)
+r["load"] = mem()
+r["isa"] = llm.isa
+r["weights_mb"] = llm.model.weight_bytes / 2**20
+r["kv_reserved_mb"] = llm.model.kv_bytes / 2**20
+a = llm.arch
+r["kv_bytes_per_token"] = a.num_layers * 2 * a.num_kv_heads * a.head_dim * 2
+t0 = time.perf_counter()
+n, t1 = 0, None
+for d in llm.stream(sys.argv[2], max_tokens=64, temperature=0, ignore_eos=True):
+    n += 1
+    if t1 is None:
+        t1 = time.perf_counter()
+t2 = time.perf_counter()
+r["generate_64"] = mem()
+r["tokens"] = n
+r["decode_tok_s"] = (n - 1) / (t2 - t1)
+r["first_token_s"] = t1 - t0
+r["prompt_tokens"] = len(llm.tokenizer.encode(sys.argv[2]))
 r["torch_imported"] = "torch" in sys.modules
 print(json.dumps(r))
 '''
 
+LLAMA_PY_CHILD = r'''
+import json, sys, time
+def mem():
+    out = {}
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return out
+r = {"start": mem()}
+import llama_cpp
+r["import_llama_cpp"] = mem()
+r["version"] = llama_cpp.__version__
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=4096, n_threads=2, verbose=False)
+r["load"] = mem()
+tokens = llm.tokenize(sys.argv[2].encode())
+t0 = time.perf_counter()
+n, t1 = 0, None
+for tok in llm.generate(tokens, temp=0.0, top_k=1, reset=True):
+    n += 1
+    if t1 is None:
+        t1 = time.perf_counter()
+    if n == 64:
+        break
+t2 = time.perf_counter()
+r["generate_64"] = mem()
+r["tokens"] = n
+r["decode_tok_s"] = (n - 1) / (t2 - t1)
+r["first_token_s"] = t1 - t0
+print(json.dumps(r))
+'''
 
-def floor_run(kernel_lib: str | None, gguf: str, weights_mb: float) -> dict:
-    """What a torch-free runtime over the same C kernels would hold after load, measured from
-    its parts: interpreter, numpy + tokenizers + jinja2 + gguf, the kernel library, Ember's
-    tokenizer, and Ember's runtime weight bytes (touched). KV pages count only as used."""
-    proc = subprocess.run([sys.executable, "-c", FLOOR_CHILD, kernel_lib or "", gguf,
-                           str(weights_mb)], capture_output=True, text=True, timeout=300)
+
+def _child(code: str, args: list[str], env: dict[str, str] | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=600, env=env)
     if proc.returncode != 0:
-        return {"error": proc.stderr[-1000:]}
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    r["breakdown_mb"] = {"interpreter": r["start"], "imports": r["imports"] - r["start"],
-                         "kernel_library": r["kernels"] - r["imports"],
-                         "tokenizer": r["tokenizer"] - r["kernels"],
-                         "weights": r["weights"] - r["tokenizer"]}
+        raise RuntimeError(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def edge_run(model: str) -> dict:
+    """The torch-free edge runtime, with its RSS breakdown."""
+    r = _child(EDGE_CHILD, [model, PROMPT])
+    rss = {k: v["VmRSS"] for k, v in r.items() if isinstance(v, dict) and "VmRSS" in v}
+    load = rss["load"] - rss["kernel_library"]
+    r["breakdown_mb"] = {
+        "interpreter": rss["start"],
+        "numpy": rss["import_numpy"] - rss["start"],
+        "tokenizers_jinja2_ember_tokenizer_modules": rss["import_tokenizers"]
+        - rss["import_numpy"],
+        "ember_edge_modules_and_gguf": rss["import_ember_edge"] - rss["import_tokenizers"],
+        "kernel_library_and_libgomp": rss["kernel_library"] - rss["import_ember_edge"],
+        "load": load,
+        "of_which_weights_computed": r["weights_mb"],
+        "of_which_tokenizer_and_rest": load - r["weights_mb"],
+        "generate_64_tokens": rss["generate_64"] - rss["load"],
+        "kv_used_after_64_computed": (r["prompt_tokens"] + r["tokens"])
+        * r["kv_bytes_per_token"] / 2**20,
+        "kv_reserved_virtual": r["kv_reserved_mb"],
+    }
     return r
 
 
+def llama_py_run(gguf: str) -> dict:
+    """llama-cpp-python in the same harness (skipped, with the reason, when absent)."""
+    if not (LLAMA_PY / "llama_cpp").is_dir():
+        return {"skipped": f"llama-cpp-python not found at {LLAMA_PY}"}
+    env = dict(os.environ, PYTHONPATH=str(LLAMA_PY))
+    try:
+        return _child(LLAMA_PY_CHILD, [gguf, PROMPT], env)
+    except RuntimeError as e:
+        return {"skipped": f"llama-cpp-python failed: {str(e)[-500:]}"}
+
+
 def ember_run(model: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", EMBER_CHILD, model, PROMPT],
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = _child(EMBER_CHILD, [model, PROMPT])
     rss = {k: v["VmRSS"] for k, v in r.items() if isinstance(v, dict) and "VmRSS" in v}
     r["breakdown_mb"] = {
         "interpreter": rss["start"],
@@ -195,29 +287,75 @@ def llama_run(gguf: str) -> dict | None:
         proc.wait(30)
 
 
+def _rss(run: dict, stage: str) -> float | None:
+    return (run.get(stage) or {}).get("VmRSS") if isinstance(run, dict) else None
+
+
+def summary(report: dict) -> dict:
+    """RSS after load / after 64 tokens and decode tok/s per engine; the edge target ratio."""
+    rows = {}
+    for key in ("ember", "ember_edge", "llama_cpp_python", "llama_cpp"):
+        run = report.get(key) or {}
+        if "skipped" in run or "error" in run:
+            rows[key] = {"skipped": run.get("skipped") or run.get("error")}
+            continue
+        rows[key] = {"rss_load_mb": _rss(run, "load"), "rss_64_mb": _rss(run, "generate_64"),
+                     "peak_mb": (run.get("generate_64") or {}).get("VmHWM"),
+                     "decode_tok_s": run.get("decode_tok_s")}
+    edge, peer = rows.get("ember_edge", {}), rows.get("llama_cpp_python", {})
+    if edge.get("rss_load_mb") and peer.get("rss_load_mb"):
+        rows["target_edge_load_le_llama_cpp_python"] = {
+            "edge_mb": edge["rss_load_mb"], "llama_cpp_python_mb": peer["rss_load_mb"],
+            "met": edge["rss_load_mb"] <= peer["rss_load_mb"]}
+    main, e = rows.get("ember", {}), rows.get("ember_edge", {})
+    if main.get("decode_tok_s") and e.get("decode_tok_s"):
+        rows["edge_vs_main_decode"] = e["decode_tok_s"] / main["decode_tok_s"]
+    return rows
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     b = report["ember"]["breakdown_mb"]
-    parts = [("interpreter", b["interpreter"]), ("import torch", b["import_torch"]),
-             ("import ember", b["import_ember"]), ("load (weights+kernels+KV)",
-                                                     b["load_weights_kernels_kv"]),
-             ("generate 64", b["generate_64_tokens"])]
-    left = 0.0
-    for label, v in parts:
-        ax.barh("ember", v, left=left, label=label)
-        left += v
-    llama = report.get("llama_cpp") or {}
-    if "generate_64" in llama:
-        ax.barh("llama.cpp (llama-server)", llama["load"]["VmRSS"], label="llama.cpp load")
-        ax.barh("llama.cpp (llama-server)", llama["generate_64"]["VmRSS"] - llama["load"]["VmRSS"],
-                left=llama["load"]["VmRSS"], label="llama.cpp generate 64")
-    ax.set_xlabel("RSS (MB), int4 SmolLM2-135M, steady state after 64 tokens")
-    ax.legend(fontsize=7, loc="lower right")
+    stacks = {"ember (torch)": [("interpreter", b["interpreter"]),
+                                ("import torch", b["import_torch"]),
+                                ("import ember", b["import_ember"]),
+                                ("load (weights+kernels+KV)", b["load_weights_kernels_kv"]),
+                                ("generate 64", b["generate_64_tokens"])]}
+    e = report["ember_edge"]["breakdown_mb"]
+    stacks["ember edge (no torch)"] = [
+        ("interpreter", e["interpreter"]), ("numpy", e["numpy"]),
+        ("tokenizers+jinja2", e["tokenizers_jinja2_ember_tokenizer_modules"]),
+        ("ember.edge+gguf", e["ember_edge_modules_and_gguf"]),
+        ("kernel lib", e["kernel_library_and_libgomp"]),
+        ("weights", e["of_which_weights_computed"]),
+        ("tokenizer+rest", e["of_which_tokenizer_and_rest"]),
+        ("generate 64", e["generate_64_tokens"])]
+    for key, label in (("llama_cpp_python", "llama-cpp-python"),
+                       ("llama_cpp", "llama.cpp (llama-server)")):
+        run = report.get(key) or {}
+        if "generate_64" in run:
+            load = run["load"]["VmRSS"]
+            stacks[label] = [("load", load), ("generate 64", run["generate_64"]["VmRSS"] - load)]
+    colors: dict[str, object] = {}
+    cmap = plt.get_cmap("tab20")
+    for name, parts in stacks.items():
+        left = 0.0
+        for label, v in parts:
+            if label not in colors:
+                colors[label] = cmap(len(colors) % 20)
+            ax.barh(name, v, left=left, color=colors[label],
+                    label=label if label not in ax.get_legend_handles_labels()[1] else None)
+            left += v
+        ax.text(left + 3, name, f"{left:.0f} MB", va="center", fontsize=8)
+    load = report.get("loadavg_before", [0])[0]
+    ax.set_xlabel(f"RSS (MB), int4 SmolLM2-135M (GGUF Q4_1), after load + 64 tokens "
+                  f"(loadavg {load:.1f})")
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -230,21 +368,27 @@ def main() -> int:
     env = EnvSettings.from_env()
     model = "smollm2-135m-instruct"
     gguf = str(resolve_model(model, env.model_dirs, env.cache_path).path)
-    ember = ember_run(model)
-    report = {"loadavg_before": os.getloadavg(), "model": gguf,
-              "ember": ember, "llama_cpp": llama_run(gguf),
-              "torch_free_floor": floor_run(ember.get("kernel_library"), gguf,
-                                            ember["weights_mb"]),
-              "loadavg_after": os.getloadavg(),
-              "note": "RSS is not timing: load average matters little, but other processes' "
-                      "page-cache pressure can evict file-backed (mmapped) pages"}
+    report: dict = {"loadavg_before": os.getloadavg(), "model": gguf, "prompt": PROMPT,
+                    "threads": 2, "context": 4096}
+    for key, run in (("ember_edge", lambda: edge_run(model)),
+                     ("llama_cpp_python", lambda: llama_py_run(gguf)),
+                     ("ember", lambda: ember_run(model)),
+                     ("llama_cpp", lambda: llama_run(gguf))):
+        print(f"measuring {key} ...", file=sys.stderr, flush=True)
+        report[key] = run()
+    report["loadavg_after"] = os.getloadavg()
+    report["summary"] = summary(report)
+    report["note"] = ("RSS is not timing: load average matters little, but other processes' "
+                      "page-cache pressure can evict file-backed (mmapped) pages; decode tok/s "
+                      "is contended unless loadavg is low")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "edge_rss.json").write_text(json.dumps(report, indent=2))
     plot(report, OUT / "edge_rss.png")
-    e = report["ember"]
-    print(json.dumps({"ember": {k: v for k, v in e.items() if k != "plan"},
-                      "llama_cpp": report["llama_cpp"],
-                      "torch_free_floor": report["torch_free_floor"]}, indent=1))
+    print(json.dumps({"summary": report["summary"],
+                      "ember_edge_breakdown_mb": report["ember_edge"]["breakdown_mb"],
+                      "ember_breakdown_mb": report["ember"]["breakdown_mb"],
+                      "loadavg": [report["loadavg_before"], report["loadavg_after"]]},
+                     indent=1))
     return 0
 
 
