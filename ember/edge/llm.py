@@ -182,9 +182,10 @@ class EdgeLLM:
         shown = ""
         logits = self._prefill(ids)
         while True:
-            token = sampler(logits, ids + out)
+            early = len(out) < params.min_tokens
+            token = sampler(logits, ids + out, sorted(stops) if early else ())
             out.append(token)
-            stop_token = token in stops and len(out) > params.min_tokens
+            stop_token = token in stops
             text = self.tokenizer.decode(out[:-1] if stop_token else out,
                                          params.skip_special_tokens)
             text, stop_string = self._cut_stop(text, params, len(shown))

@@ -32,9 +32,14 @@ class EdgeSampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
-        """The next token from logits (V,) float32; history: prompt + generated ids."""
+    def __call__(self, logits: np.ndarray, history: Sequence[int],
+                 blocked: Sequence[int] = ()) -> int:
+        """The next token from logits (V,) float32; history: prompt + generated ids;
+        blocked: ids that may not come yet (EOS / stop ids before min_tokens)."""
         p = self.params
+        if blocked:
+            logits = logits.copy()
+            logits[np.asarray(list(blocked), dtype=np.int64)] = -np.inf
         if p.repetition_penalty != 1.0 and history:
             logits = logits.copy()
             seen = np.unique(np.asarray(history, dtype=np.int64))
@@ -49,13 +54,14 @@ class EdgeSampler:
             z = np.where(z < kth, -np.inf, z)
         probs = np.exp(z - z.max())
         probs /= probs.sum()
-        if p.min_p > 0:
-            probs = np.where(probs < p.min_p * probs.max(), 0.0, probs)
-        if p.top_p < 1:
+        if p.top_p < 1:  # top-k, then top-p, then min-p: the main sampler's order
             order = np.argsort(-probs, kind="stable")
-            sorted_p = probs[order] / probs.sum()
-            # keep the smallest prefix whose mass reaches top_p (the first token always)
+            sorted_p = probs[order]
+            # a token stays when the mass ranked above it is < top_p (the first always)
             drop = (np.cumsum(sorted_p) - sorted_p) >= p.top_p
             probs[order[drop]] = 0.0
+            probs /= probs.sum()
+        if p.min_p > 0:
+            probs = np.where(probs < p.min_p * probs.max(), 0.0, probs)
         probs /= probs.sum()
         return int(self.rng.choice(probs.shape[0], p=probs))

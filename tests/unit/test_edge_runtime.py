@@ -132,6 +132,7 @@ def test_sampler_filters():
     logits = np.array([3.0, 2.9, 0.0, -1.0], dtype=np.float32)
     greedy = EdgeSampler(SamplingParams(temperature=0))
     assert greedy(logits, []) == 0
+    assert greedy(logits, [], blocked=[0]) == 1  # EOS before min_tokens
     penalised = EdgeSampler(SamplingParams(temperature=0, repetition_penalty=1.1))
     assert penalised(logits, [0]) == 1  # 3.0 / 1.1 < 2.9
     for params in (SamplingParams(temperature=1.0, top_k=2, seed=0),
