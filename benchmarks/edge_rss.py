@@ -319,7 +319,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
     b = report["ember"]["breakdown_mb"]
     stacks = {"ember (torch)": [("interpreter", b["interpreter"]),
                                 ("import torch", b["import_torch"]),
@@ -355,7 +355,7 @@ def plot(report: dict, path: Path) -> None:
     load = report.get("loadavg_before", [0])[0]
     ax.set_xlabel(f"RSS (MB), int4 SmolLM2-135M (GGUF Q4_1), after load + 64 tokens "
                   f"(loadavg {load:.1f})")
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
