@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ember.edge.arch import EdgeArch
-from ember.edge.repack import PackedLinear, pack_q8, pack_rows, unpermute_rope_rows
+from ember.edge.arch import LAYER_MATRICES, EdgeArch
+from ember.edge.repack import (PackedLinear, pack_q8, pack_rows, release_file_pages,
+                               unpermute_rope_rows)
 from ember.kernels.abi import LayerW, LinearW, Shape
 from ember.kernels.library import KernelLibrary
 from ember.loading.gguf_header import GGUFTensor
@@ -93,6 +94,7 @@ def pack_layers(arch: EdgeArch, tensors: dict[str, GGUFTensor]) -> list[EdgeLaye
         layers.append(EdgeLayer(np.array(t("attn_norm").raw, dtype=np.float32),
                                 np.array(t("ffn_norm").raw, dtype=np.float32),
                                 qkv, o, gate_up, down))
+        release_file_pages(*(t(part).raw for part in LAYER_MATRICES))
     return layers
 
 
@@ -105,12 +107,15 @@ class EdgeModel:
         self.kernels = kernels
         self.num_threads = num_threads
         self.max_context = max_context
-        self.layers = pack_layers(arch, tensors)
         embd = tensors["token_embd.weight"]
         self.embedding = pack_q8(embd.qtype, embd.raw, arch.hidden)
         head = tensors.get("output.weight")
         self.head = self.embedding if head is None else pack_q8(head.qtype, head.raw,
                                                                 arch.hidden)
+        release_file_pages(embd.raw, *([] if head is None else [head.raw]))
+        # NOTE: the embedding first: its temporaries (the largest) then come before the layers'
+        # packed bytes exist, which keeps load's peak RSS lower.
+        self.layers = pack_layers(arch, tensors)
         self.final_norm = np.array(tensors["output_norm.weight"].raw, dtype=np.float32)
         self.inv_freq = rope_inv_freq(arch.head_dim, arch.rope_theta)
         blocks = -(-max_context // BLOCK_SIZE)

@@ -11,6 +11,7 @@ Q8_0 codes become u = q + 128 (q ^ 0x80). Layouts (cpu_kernels.cpp), N padded to
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,7 +95,7 @@ def pack_q8(qtype: T, raw: np.ndarray, k: int) -> PackedLinear:
     if qtype != T.Q8_0:
         raise ValueError(f"{qtype.name} has no exact Q8 form")
     b = _blocks(qtype, raw, k)  # (N, blocks, 34)
-    u = np.ascontiguousarray(b[..., 2:]) ^ np.uint8(0x80)  # int8 q -> q + 128 as uint8
+    u = np.bitwise_xor(b[..., 2:], np.uint8(0x80))  # int8 q -> q + 128 as uint8 (one copy)
     w = _interleave(_pad_rows(u), 8)  # (tiles, blocks, 8, 64)
     return PackedLinear(8, raw.shape[0], k, w, _tile_scales(_fp16(b, 0)))
 
@@ -112,3 +113,20 @@ def unpermute_rope_rows(raw: np.ndarray, n_heads: int) -> np.ndarray:
     rows = raw.shape[0]
     order = np.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).transpose(0, 2, 1)
     return raw[order.reshape(-1)]  # (H, 2, D/2) -> rows
+
+
+def release_file_pages(*raws: np.ndarray) -> None:
+    """Drop the resident pages of memory-mapped GGUF tensors already repacked, so load's peak
+    RSS holds one layer's file bytes, not the whole file (they would be re-read from the page
+    cache if touched again; nothing touches them). Arrays not backed by a mapping are skipped.
+    NOTE: only whole pages inside each tensor are dropped."""
+    for raw in raws:
+        mm = getattr(raw, "_mmap", None)
+        if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise"):
+            continue
+        base = np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data
+        start = raw.ctypes.data - base
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (start + raw.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            mm.madvise(mmap.MADV_DONTNEED, first, last - first)
