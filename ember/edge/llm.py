@@ -202,10 +202,10 @@ class EdgeLLM:
             text = self.tokenizer.decode(out[:-1] if stop_token else out,
                                          params.skip_special_tokens)
             text, stop_string = self._cut_stop(text, params, len(shown))
-            if not stop_token and not stop_string and text.endswith("\ufffd"):
-                text = shown  # an incomplete UTF-8 sequence: wait for its next byte
             finish = "stop" if stop_token or stop_string else \
                 ("length" if len(out) >= limit else None)
+            if finish is None and text.endswith("\ufffd"):
+                text = shown  # an incomplete UTF-8 sequence: wait for its next byte
             yield EdgeDelta(text[len(shown):], token, finish)
             shown = text
             if finish is not None:
