@@ -110,10 +110,22 @@ inline vu16 load_u16x16(const uint8_t* p) {
 
 // The activation pair (x[4g + j], x[4g + j + 2]) of group g (j = 0, 1) broadcast to 8 int32
 // lanes, seen as 16 int16 lanes (q16's pair order makes it one aligned int32).
+// NOTE: on 16-byte-vector targets (NEON) GCC 12 builds a 32-byte splat through general
+// registers and the stack; two 16-byte splats copied in lower to one ld1r there. On x86 the
+// 32-byte splat is one vpbroadcastd (the two-copy form would go through the stack instead).
 inline vi16 pair_pattern(const int16_t* x16, int g, int j) {
   int32_t v;
   memcpy(&v, x16 + 4 * g + 2 * j, 4);
+#if defined(__aarch64__) || defined(__ARM_NEON)
+  typedef int32_t vi32x4 __attribute__((vector_size(16)));
+  const vi32x4 half = vi32x4{} + v;
+  vi16 p;
+  memcpy(&p, &half, 16);
+  memcpy(reinterpret_cast<char*>(&p) + 16, &half, 16);
+  return p;
+#else
   return reinterpret_cast<vi16>(vi32{} + v);
+#endif
 }
 
 // int16 lanes (row, q) -> the 8 rows' int32 sums lane(row, 0) + lane(row, 1), exact.
