@@ -4,14 +4,14 @@
 // AVX2 / NEON / SVE code from the same source). Chosen on CPUs none of the hand-written ISAs
 // runs on (ARM, x86 without AVX2), or forced with EMBER_CPU_ISA=portable.
 //
-// Integer dot products, the one hot loop, are written lane = weight row (a tile's 16 rows):
-//   Q4: the 256 bytes of a block (4 vectors of [16 rows][4 bytes], see cpu_kernels.cpp) are
-//       unpacked once per block into int16 columns wl[k][row] (k = 0..15, low nibbles) and
-//       wh[k][row] (k = 16..31, high nibbles), shared by the tile's activation rows; a row's
-//       dot is then 16 int16 multiply-adds per half over 16 lanes (contiguous: vectorises to
-//       one AVX2 register or two NEON ones). Bound: 16 * 15 * 127 = 30480 < 32767 per half.
-//   Q8: signed weights q = u - 128 as int16 columns wq[k][row]; int32 accumulators (two
-//       products of 127 * 127 would already overflow int16).
+// Integer dot products, the one hot loop, run on GCC/Clang generic vectors of 16 int16 lanes
+// in the packed byte order (no deinterleaving): a 32-byte half of a weight vector is 8 rows x
+// 2 byte pairs, each nibble / byte position a column of int16 lanes multiplied by one
+// broadcast activation pair, and a lane's two pairs summed into the row's int32 at the end of
+// a block (see q4_tile / q8_tile below; bounds there). On x86 that is vpmullw / vpaddw, on
+// NEON mul / mla .8h: one product per int16 lane where AVX2's maddubs makes two per lane
+// (u8 x s8 pairs), so the portable dot has twice AVX2's multiplies per block: the floor
+// without byte dot-product instructions (NEON's sdot / usdot would be the next step on ARM).
 // The float math after the integer dot (activation scales, two FMAs per block and lane) is
 // the AVX2 / AVX-512 kernels', lane for lane; the sums of norms, softmax and attention keep
 // the AVX2 kernels' order (8 partial sums), so with the compiler's FMA contraction the
