@@ -157,6 +157,23 @@ def ratios(medians: dict[str, dict[str, float]], peer: str) -> dict[str, dict[st
     return out
 
 
+def isa_slowdowns(medians: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """For each Ember variant run with --ember-isa portable and another ISA: how many times
+    slower the portable kernels are, per speed figure (other ISA's tok/s / portable's; the
+    issue-15 target is <= 2). Keys 'ember-<variant>-portable/<isa>'."""
+    out = {}
+    for label, figs in medians.items():
+        if not (label.startswith("ember-") and label.endswith("-portable")):
+            continue
+        stem = label[: -len("portable")]
+        for other, base in medians.items():
+            isa = other[len(stem):]
+            if other.startswith(stem) and isa not in ("portable", "torch") and isa:
+                out[f"{label}/{isa}"] = {f: base[f] / figs[f] for f in FIGURES
+                                         if f.endswith("tok_s") and figs.get(f) and base.get(f)}
+    return out
+
+
 def print_table(console: Console, medians: dict[str, dict[str, float]],
                 rel: dict[str, dict[str, dict[str, float]]]) -> None:
     table = Table(title="ember bench offline (medians)")
@@ -251,7 +268,8 @@ def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) ->
     report: dict[str, Any] = {"model": args.model_path, "threads": args.threads, "repeats": args.repeats,
               "loadavg_before": loadavg_before, "loadavg_after": os.getloadavg(),
               "bandwidth_gbs": bandwidth, "notes": notes, "runs": runs, "medians": medians,
-              "ratios": rel, "weight_bytes": weight_bytes}
+              "ratios": rel, "weight_bytes": weight_bytes,
+              "portable_slowdown": isa_slowdowns(medians)}
     for label, m in medians.items():
         # fraction of the bandwidth bound: every decode step reads all weights once
         bound = bandwidth * 1e9 / weight_bytes
@@ -261,6 +279,9 @@ def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) ->
     (args.out_dir / "bench_offline.json").write_text(json.dumps(report, indent=2))
     plot(medians, args.out_dir / "bench_offline.png")
     print_table(console, medians, rel)
+    for pair, slow in report["portable_slowdown"].items():
+        console.print(f"{pair} (times slower, target <= 2): " +
+                      ", ".join(f"{f} {v:.2f}x" for f, v in slow.items()))
     console.print(f"read bandwidth {bandwidth:.1f} GB/s; weight file "
                   f"{weight_bytes / 1e6:.0f} MB; wrote {args.out_dir}/bench_offline.json"
                   f" and bench_offline.png")

@@ -4,14 +4,14 @@
 // AVX2 / NEON / SVE code from the same source). Chosen on CPUs none of the hand-written ISAs
 // runs on (ARM, x86 without AVX2), or forced with EMBER_CPU_ISA=portable.
 //
-// Integer dot products, the one hot loop, are written lane = weight row (a tile's 16 rows):
-//   Q4: the 256 bytes of a block (4 vectors of [16 rows][4 bytes], see cpu_kernels.cpp) are
-//       unpacked once per block into int16 columns wl[k][row] (k = 0..15, low nibbles) and
-//       wh[k][row] (k = 16..31, high nibbles), shared by the tile's activation rows; a row's
-//       dot is then 16 int16 multiply-adds per half over 16 lanes (contiguous: vectorises to
-//       one AVX2 register or two NEON ones). Bound: 16 * 15 * 127 = 30480 < 32767 per half.
-//   Q8: signed weights q = u - 128 as int16 columns wq[k][row]; int32 accumulators (two
-//       products of 127 * 127 would already overflow int16).
+// Integer dot products, the one hot loop, run on GCC/Clang generic vectors of 16 int16 lanes
+// in the packed byte order (no deinterleaving): a 32-byte half of a weight vector is 8 rows x
+// 2 byte pairs, each nibble / byte position a column of int16 lanes multiplied by one
+// broadcast activation pair, and a lane's two pairs summed into the row's int32 at the end of
+// a block (see q4_tile / q8_tile below; bounds there). On x86 that is vpmullw / vpaddw, on
+// NEON mul / mla .8h: one product per int16 lane where AVX2's maddubs makes two per lane
+// (u8 x s8 pairs), so the portable dot has twice AVX2's multiplies per block: the floor
+// without byte dot-product instructions (NEON's sdot / usdot would be the next step on ARM).
 // The float math after the integer dot (activation scales, two FMAs per block and lane) is
 // the AVX2 / AVX-512 kernels', lane for lane; the sums of norms, softmax and attention keep
 // the AVX2 kernels' order (8 partial sums), so with the compiler's FMA contraction the
@@ -44,7 +44,8 @@ namespace {
 
 // Activations (M, K) quantized once per call: qx (M, K) int8, dx (M, K/32) scales,
 // sx (M, K/32) = dx * sum(qx) (the Q4 min term), si (M, K/32) = 128 * sum(qx) (unused here);
-// q16: qx widened to int16 once (the dot loops multiply int16 lanes).
+// q16: qx widened to int16 once, each 4 consecutive values in pair order (x0, x2, x1, x3):
+// the int32 at 2 p of a group is the activation pair the dot loops broadcast (pair_pattern).
 struct QuantizedActs {
   int64_t nb = 0;
   std::vector<int8_t> q;
@@ -73,8 +74,13 @@ struct QuantizedActs {
         // round to nearest even, as the vector kernels' float -> int conversion
         const int32_t v = std::min(127, std::max(-128, static_cast<int32_t>(rintf(xb[j] * id))));
         qb[j] = static_cast<int8_t>(v);
-        qw[j] = static_cast<int16_t>(v);
         total += v;
+      }
+      for (int g = 0; g < kBlock; g += 4) {  // pair order (see pair_pattern): 0, 2, 1, 3
+        qw[g] = qb[g];
+        qw[g + 1] = qb[g + 2];
+        qw[g + 2] = qb[g + 1];
+        qw[g + 3] = qb[g + 3];
       }
       d[static_cast<size_t>(b)] = amax / 127.0f;
       s[static_cast<size_t>(b)] = amax / 127.0f * static_cast<float>(total);
@@ -85,9 +91,54 @@ struct QuantizedActs {
   const int16_t* qrow16(int64_t i) const { return q16.data() + i * nb * kBlock; }
 };
 
+// ---- integer dot products on generic vectors (GCC / Clang vector_size) --------------------
+// A 32-byte half of a weight vector ([8 rows][4 bytes], cpu_kernels.cpp) read as 16 uint16
+// lanes is lane = (row, pair q): the bytes e = 2q (low byte) and e = 2q + 1 (high byte) of
+// that row. Each weight "column" (one byte position, one nibble for Q4) is then 16 int16 lanes
+// that multiply one activation pair pattern (x[k], x[k + 2]) broadcast as an int32; a lane's
+// two pairs are summed into the row's int32 at the end (pair_sum). No deinterleaving, no
+// horizontal sums: shifts, masks, int16 multiply-adds (AVX2 vpmullw / NEON mul.8h).
+typedef int16_t vi16 __attribute__((vector_size(32)));
+typedef uint16_t vu16 __attribute__((vector_size(32)));
+typedef int32_t vi32 __attribute__((vector_size(32)));
+
+inline vu16 load_u16x16(const uint8_t* p) {
+  vu16 v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// The activation pair (x[4g + j], x[4g + j + 2]) of group g (j = 0, 1) broadcast to 8 int32
+// lanes, seen as 16 int16 lanes (q16's pair order makes it one aligned int32).
+// NOTE: on 16-byte-vector targets (NEON) GCC 12 builds a 32-byte splat through general
+// registers and the stack; two 16-byte splats copied in lower to one ld1r there. On x86 the
+// 32-byte splat is one vpbroadcastd (the two-copy form would go through the stack instead).
+inline vi16 pair_pattern(const int16_t* x16, int g, int j) {
+  int32_t v;
+  memcpy(&v, x16 + 4 * g + 2 * j, 4);
+#if defined(__aarch64__) || defined(__ARM_NEON)
+  typedef int32_t vi32x4 __attribute__((vector_size(16)));
+  const vi32x4 half = vi32x4{} + v;
+  vi16 p;
+  memcpy(&p, &half, 16);
+  memcpy(reinterpret_cast<char*>(&p) + 16, &half, 16);
+  return p;
+#else
+  return reinterpret_cast<vi16>(vi32{} + v);
+#endif
+}
+
+// int16 lanes (row, q) -> the 8 rows' int32 sums lane(row, 0) + lane(row, 1), exact.
+inline vi32 pair_sum(vi16 s) {
+  const vi32 a = reinterpret_cast<vi32>(s);
+  return ((a << 16) >> 16) + (a >> 16);
+}
+
 // One 16-row tile of Q4 weights against C (<= kChunk) activation rows starting at m0.
-// NOTE: the vectorised loop is the one over the tile's 16 rows (lanes); the k loops inside it
-// are unrolled, so a row's int16 sums stay in vector registers and activations broadcast.
+// Per block and half h (rows 8h..8h+7): 4 vectors c x 4 columns (low/high byte x low/high
+// nibble: k = 4c + 2q, 4c + 2q + 1, 16 + 4c + 2q, 17 + 4c + 2q), unpacked once and shared by
+// the C rows. A lane sums 16 products: 16 * 15 * 128 = 30720 < 32767 fits int16.
+// The float math per block and lane is the AVX2 kernel's (same FMAs): bit-identical outputs.
 template <int C>
 inline void q4_tile(const uint8_t* __restrict w, const float* __restrict d,
                     const float* __restrict mn, const QuantizedActs& a, int64_t m0,
@@ -95,84 +146,82 @@ inline void q4_tile(const uint8_t* __restrict w, const float* __restrict d,
   float acc[C][kTile];
   for (int c = 0; c < C; ++c)
     for (int l = 0; l < kTile; ++l) acc[c][l] = 0.0f;
-  int16_t wl[16][kTile], wh[16][kTile];  // [k][row]: low nibbles (k), high nibbles (16 + k)
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* __restrict wb = w + b * 256;
     __builtin_prefetch(wb + 2048, 0, 3);
     __builtin_prefetch(wb + 2048 + 128, 0, 3);
-    for (int c = 0; c < 4; ++c) {
-      const uint8_t* __restrict wc = wb + 64 * c;
-#pragma omp simd
-      for (int l = 0; l < kTile; ++l) {
-        const uint8_t v0 = wc[4 * l], v1 = wc[4 * l + 1], v2 = wc[4 * l + 2], v3 = wc[4 * l + 3];
-        wl[4 * c][l] = v0 & 15;
-        wl[4 * c + 1][l] = v1 & 15;
-        wl[4 * c + 2][l] = v2 & 15;
-        wl[4 * c + 3][l] = v3 & 15;
-        wh[4 * c][l] = v0 >> 4;
-        wh[4 * c + 1][l] = v1 >> 4;
-        wh[4 * c + 2][l] = v2 >> 4;
-        wh[4 * c + 3][l] = v3 >> 4;
+    vi16 wc[2][4][4];  // [half][vector c][column]
+    for (int h = 0; h < 2; ++h)
+      for (int c = 0; c < 4; ++c) {
+        const vu16 raw = load_u16x16(wb + 64 * c + 32 * h);
+        wc[h][c][0] = reinterpret_cast<vi16>(raw & 15);
+        wc[h][c][1] = reinterpret_cast<vi16>((raw >> 8) & 15);
+        wc[h][c][2] = reinterpret_cast<vi16>((raw >> 4) & 15);
+        wc[h][c][3] = reinterpret_cast<vi16>(raw >> 12);
       }
-    }
     const float* __restrict db = d + b * kTile;
     const float* __restrict mb = mn + b * kTile;
-    for (int c = 0; c < C; ++c) {
-      const int16_t* __restrict x16 = a.qrow16(m0 + c) + b * kBlock;
-      const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
-      const float ad = a.d[ab], as = a.s[ab];
-      float* __restrict ac = acc[c];
-#pragma omp simd
-      for (int l = 0; l < kTile; ++l) {
-        int16_t sl = 0, sh = 0;
-#pragma GCC unroll 16
-        for (int k = 0; k < 16; ++k) {
-          sl = static_cast<int16_t>(sl + wl[k][l] * x16[k]);
-          sh = static_cast<int16_t>(sh + wh[k][l] * x16[16 + k]);
-        }
-        const float dot = static_cast<float>(static_cast<int32_t>(sl) + sh);
-        ac[l] = EMBER_MADD(mb[l], as, EMBER_MADD(dot, db[l] * ad, ac[l]));
+    for (int r = 0; r < C; ++r) {
+      const int16_t* __restrict x16 = a.qrow16(m0 + r) + b * kBlock;
+      int32_t dot[kTile];
+      for (int h = 0; h < 2; ++h) {
+        vi16 s = vi16{};
+        for (int c = 0; c < 4; ++c)
+          s += wc[h][c][0] * pair_pattern(x16, c, 0) + wc[h][c][1] * pair_pattern(x16, c, 1) +
+               wc[h][c][2] * pair_pattern(x16, 4 + c, 0) +
+               wc[h][c][3] * pair_pattern(x16, 4 + c, 1);
+        const vi32 s32 = pair_sum(s);
+        memcpy(dot + 8 * h, &s32, sizeof(s32));
       }
+      const size_t ab = static_cast<size_t>((m0 + r) * a.nb + b);
+      const float ad = a.d[ab], as = a.s[ab];
+      float* __restrict ac = acc[r];
+#pragma omp simd
+      for (int l = 0; l < kTile; ++l)
+        ac[l] = EMBER_MADD(mb[l], as, EMBER_MADD(static_cast<float>(dot[l]), db[l] * ad, ac[l]));
     }
   }
   for (int c = 0; c < C; ++c)
     for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
 }
 
+// Q8: per block and half, 8 vectors j x 2 columns (low / high byte: k = 4j + 2q, 4j + 2q + 1)
+// of signed weights q = u - 128 (the xor flips the offset into the sign: u ^ 0x80 = q as
+// int8); a vector's two products per lane (2 * 127 * 128 = 32512) fit int16, then pair_sum
+// widens them into the row's int32 sum.
 template <int C>
 inline void q8_tile(const uint8_t* __restrict w, const float* __restrict d,
                     const QuantizedActs& a, int64_t m0, float* __restrict y, int64_t n) {
   float acc[C][kTile];
   for (int c = 0; c < C; ++c)
     for (int l = 0; l < kTile; ++l) acc[c][l] = 0.0f;
-  int16_t wq[kBlock][kTile];  // [k][row], signed
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* __restrict wb = w + b * 512;
     for (int j = 0; j < 4; ++j) __builtin_prefetch(wb + 4096 + 128 * j, 0, 3);
-    for (int j = 0; j < 8; ++j) {
-      const uint8_t* __restrict wj = wb + 64 * j;
-#pragma omp simd
-      for (int l = 0; l < kTile; ++l) {
-        wq[4 * j][l] = static_cast<int16_t>(wj[4 * l] - 128);
-        wq[4 * j + 1][l] = static_cast<int16_t>(wj[4 * l + 1] - 128);
-        wq[4 * j + 2][l] = static_cast<int16_t>(wj[4 * l + 2] - 128);
-        wq[4 * j + 3][l] = static_cast<int16_t>(wj[4 * l + 3] - 128);
+    vi16 wq[2][8][2];  // [half][vector j][column]
+    for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < 8; ++j) {
+        const vi16 s = reinterpret_cast<vi16>(load_u16x16(wb + 64 * j + 32 * h) ^ 0x8080);
+        wq[h][j][0] = (s << 8) >> 8;  // low byte, sign-extended
+        wq[h][j][1] = s >> 8;         // high byte
       }
-    }
     const float* __restrict db = d + b * kTile;
-    for (int c = 0; c < C; ++c) {
-      const int16_t* __restrict x16 = a.qrow16(m0 + c) + b * kBlock;
-      const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
-      const float ad = a.d[ab];
-      float* __restrict ac = acc[c];
-#pragma omp simd
-      for (int l = 0; l < kTile; ++l) {
-        int32_t dot = 0;
-#pragma GCC unroll 16
-        for (int k = 0; k < kBlock; k += 2)  // a pair fits int16: 2 * 127 * 127 = 32258
-          dot += static_cast<int16_t>(wq[k][l] * x16[k] + wq[k + 1][l] * x16[k + 1]);
-        ac[l] = EMBER_MADD(static_cast<float>(dot), db[l] * ad, ac[l]);
+    for (int r = 0; r < C; ++r) {
+      const int16_t* __restrict x16 = a.qrow16(m0 + r) + b * kBlock;
+      int32_t dot[kTile];
+      for (int h = 0; h < 2; ++h) {
+        vi32 s32 = vi32{};
+        for (int j = 0; j < 8; ++j)
+          s32 += pair_sum(wq[h][j][0] * pair_pattern(x16, j, 0) +
+                          wq[h][j][1] * pair_pattern(x16, j, 1));
+        memcpy(dot + 8 * h, &s32, sizeof(s32));
       }
+      const size_t ab = static_cast<size_t>((m0 + r) * a.nb + b);
+      const float ad = a.d[ab];
+      float* __restrict ac = acc[r];
+#pragma omp simd
+      for (int l = 0; l < kTile; ++l)
+        ac[l] = EMBER_MADD(static_cast<float>(dot[l]), db[l] * ad, ac[l]);
     }
   }
   for (int c = 0; c < C; ++c)

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from ember.bench import llama_bench
 from ember.bench.llama_bench import LABEL, LlamaBenchSpec, parse_results, resolve_binary
-from ember.bench.offline import available_engines, print_table, ratios, summarise
+from ember.bench.offline import available_engines, isa_slowdowns, print_table, ratios, summarise
 from ember.bench.workers import FIGURES
 
 
@@ -157,3 +157,17 @@ def test_summary_ratios_and_table_tolerate_missing_figures() -> None:
     assert "1.0" in load_row and load_row.count("-") >= 2  # native value and ratio: absent
     decode_row = next(line for line in text.splitlines() if "decode_16_tok_s" in line)
     assert "98.7" in decode_row and "1.11x" in decode_row
+
+
+def test_portable_slowdown_pairs_each_variants_portable_run_with_its_other_isas() -> None:
+    medians = {"ember-int4-avx2": {"prefill_512_tok_s": 600.0, "decode_16_tok_s": 150.0,
+                                   "load_s": 2.0},
+               "ember-int4-portable": {"prefill_512_tok_s": 300.0, "decode_16_tok_s": 100.0,
+                                       "load_s": 1.0},
+               "ember-int4-torch": {"decode_16_tok_s": 30.0},
+               "ember-int8-portable": {"decode_16_tok_s": 50.0},
+               "llama.cpp-avx2": {"decode_16_tok_s": 90.0}}
+    slow = isa_slowdowns(medians)
+    # only speed figures, only the same variant's hand-written ISA (not torch, not a peer)
+    assert slow == {"ember-int4-portable/avx2": {"prefill_512_tok_s": 2.0,
+                                                 "decode_16_tok_s": 1.5}}
