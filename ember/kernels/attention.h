@@ -459,7 +459,7 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
   const int64_t G = plan.group, M = (h1 - h0) * G, bs = c.block_size, hk = c.hk;
   const int64_t* table = c.block_tables + t.r0 * c.max_blocks;
   float *qf = sc.q.data(), *s = sc.s.data(), *acc = sc.acc.data();
-  int64_t base[kKeys + 4], rows[kKeys + 4];
+  int64_t base[kKeys + 4], rows[kKeys + 4], next[kKeys + 4];
   float* alpha = sc.alpha.data();
   for (int64_t m = 0; m < M; ++m) {
     const float* src = q + t.r0 * q_stride + (h0 * G + m) * D;
@@ -467,7 +467,7 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
     sc.cl[m] = 0.0f;
     sc.cm[m] = -INFINITY;
   }
-  const size_t row_bytes = KS == kInt8 ? D : 2 * D, span = row_bytes * (h1 - h0);
+  const size_t row_bytes = KS == kInt8 ? D : 2 * D;
   const char* kc = static_cast<const char*>(kv.k);
   const char* vc = static_cast<const char*>(kv.v);
   for (int64_t a = t.k0; a < t.k1;) {
@@ -478,22 +478,32 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
       for (int64_t j = j0; j < n; ++j) {
         const int64_t p = kb + j;
         base[j] = (table[p / bs] * bs + p % bs) * hk;
-        const int64_t pn = p + kKeys;  // the same key of the next tile, into L1 ahead of use
-        if (pn < t.k1) {
-          const size_t rn = static_cast<size_t>((table[pn / bs] * bs + pn % bs) * hk + h0);
-          for (size_t off = 0; off < span; off += 64) {
-            v_prefetch(kc + rn * row_bytes + off);
-            v_prefetch(vc + rn * row_bytes + off);
-          }
-        }
+        const int64_t pn = p + kKeys;  // the same key of the next tile
+        next[j] = pn < t.k1 ? (table[pn / bs] * bs + pn % bs) * hk + h0 : -1;
       }
       for (int64_t j = 0; j < j0; ++j) base[j] = base[j0];  // keys before the window: ignored
       const int64_t n4 = (n + 3) / 4 * 4;
       for (int64_t j = n; j < n4; ++j) base[j] = base[j0];  // padding keys: scores ignored
+      for (int64_t j = 0; j < j0; ++j) next[j] = -1;
+      for (int64_t j = n; j < n4; ++j) next[j] = -1;
       for (int64_t kvh = h0; kvh < h1; ++kvh) {
         const int64_t r0 = (kvh - h0) * G;
         for (int64_t j = 0; j < n4; ++j) rows[j] = base[j] + kvh;
+        // NOTE: prefetch the K/V rows of the head-tile processed next (head kvh + 1 of this
+        // key tile, or the first head of the next tile), a few keys per QK step: one
+        // head-tile ahead (8 KB int8 / 16 KB bf16) keeps it in L1, where one burst of the
+        // whole next tile of all heads (24 / 48 KB) evicted the current one and stalled on
+        // the miss buffers.
+        const int64_t* pf = kvh + 1 < h1 ? rows : next;
+        const int64_t pf_add = kvh + 1 < h1 ? 1 : 0;
+        const int64_t pf_n = kvh + 1 < h1 ? n : n4;
         for (int64_t j = 0; j < n4; j += 4) {
+          for (int64_t i = j; i < j + 4 && i < pf_n; ++i)
+            if (pf[i] >= 0)
+              for (size_t off = 0; off < row_bytes; off += 64) {
+                v_prefetch(kc + static_cast<size_t>(pf[i] + pf_add) * row_bytes + off);
+                v_prefetch(vc + static_cast<size_t>(pf[i] + pf_add) * row_bytes + off);
+              }
           int64_t m = r0;
           for (; m + 3 <= r0 + G; m += 3)
             qk4_direct<D, 3, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
