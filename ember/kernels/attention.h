@@ -201,26 +201,6 @@ inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache
   }
 }
 
-// s (R, kKeys) = q (R, D) . kf (kKeys, D)^T for R = 1 or 2 query rows, four keys at a time.
-template <int D, int R>
-inline void qk_rows(const float* q, const float* kf, float* s) {
-  constexpr int NV = D / kVecW;
-  for (int64_t j = 0; j < kKeys; j += 4) {
-    vfloat a[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) a[r][i] = v_zero();
-    for (int v = 0; v < NV; ++v) {
-      vfloat qv[R];
-      for (int r = 0; r < R; ++r) qv[r] = v_load(q + r * D + v * kVecW);
-      for (int i = 0; i < 4; ++i) {
-        const vfloat kv = v_load(kf + (j + i) * D + v * kVecW);
-        for (int r = 0; r < R; ++r) a[r][i] = v_fma(qv[r], kv, a[r][i]);
-      }
-    }
-    for (int r = 0; r < R; ++r) v_hsum4(a[r][0], a[r][1], a[r][2], a[r][3], s + r * kKeys + j);
-  }
-}
-
 // acc (D) += sum_{j in [j0, j1)} p[j] vf[j], eight vectors of accumulators in registers.
 template <int D>
 inline void pv_row(const float* p, const float* vf, int64_t j0, int64_t j1, float* acc) {
@@ -387,6 +367,42 @@ inline void pv_direct(const float* p, const void* vc, const int64_t* rows, int64
   }
 }
 
+// acc_m (D) = alpha_m acc_m + sum_{j < n} p_m[j] vf_j for the M rows of a tile: the same
+// per-element arithmetic as pv_direct on a float tile (so the same bits), with the loops
+// swapped: one chunk of 32 dims of V (64 keys, 8 KB) is reused by every row while it sits in
+// L1, instead of each row triple streaming the whole 16 KB tile.
+template <int R, int C>
+inline void pv_chunk(const float* p, const float* vc, int64_t D, int64_t n, const float* alpha,
+                     float* acc) {
+  vfloat a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < C; ++v) a[r][v] = v_mul(v_load(acc + r * D + v * kVecW), v_set1(alpha[r]));
+  for (int64_t j = 0; j < n; ++j) {
+    vfloat w[R];
+    for (int r = 0; r < R; ++r) w[r] = v_set1(p[r * kKeys + j]);
+    for (int v = 0; v < C; ++v) {
+      const vfloat x = v_load(vc + j * D + v * kVecW);
+      for (int r = 0; r < R; ++r) a[r][v] = v_fma(w[r], x, a[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < C; ++v) v_store(acc + r * D + v * kVecW, a[r][v]);
+}
+
+template <int D>
+inline void pv_tile(const float* p, const float* vf, int64_t n, int64_t M, const float* alpha,
+                    float* acc) {
+  constexpr int NV = D / kVecW, C = NV < 4 ? NV : 4;
+  for (int c0 = 0; c0 < NV; c0 += C) {
+    const int64_t off = c0 * kVecW;
+    int64_t m = 0;
+    for (; m + 3 <= M; m += 3)
+      pv_chunk<3, C>(p + m * kKeys, vf + off, D, n, alpha + m, acc + m * D + off);
+    if (M - m == 2) pv_chunk<2, C>(p + m * kKeys, vf + off, D, n, alpha + m, acc + m * D + off);
+    if (M - m == 1) pv_chunk<1, C>(p + m * kKeys, vf + off, D, n, alpha + m, acc + m * D + off);
+  }
+}
+
 // One work item: the rows of tile t, the G query heads of kv head kvh, keys [t.k0, t.k1) in
 // segments, each over key tiles at multiples of kKeys (rows masked to their own keys).
 // q: row i's query heads at q + i * q_stride; out: row i's heads at out + i * out_stride.
@@ -414,9 +430,18 @@ void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, in
     for (int64_t kb = a / kKeys * kKeys; kb < b; kb += kKeys) {
       const int64_t n = std::min(kKeys, b - kb);
       load_kv_tile<D>(c, table, kv, kvh, kb, n, a, t.k1, sc.kf.data(), sc.vf.data(), ks, vs);
+      // NOTE: three query rows x four keys per pass (12 accumulators), each (row, key) summed
+      // in the order of the decode rows (lanes over D, then v_hsum4): the same bits, fewer loads.
+      static constexpr int64_t kIdx[4] = {0, 1, 2, 3};
+      const int64_t n4 = (n + 3) / 4 * 4;
+      for (int64_t j = 0; j < n4; j += 4) {
+        const float* kj = sc.kf.data() + j * D;
+        int64_t m = 0;
+        for (; m + 3 <= M; m += 3) qk4_direct<D, 3, kFloatTile>(qf + m * D, kj, kIdx, s + m * kKeys + j);
+        if (M - m == 2) qk4_direct<D, 2, kFloatTile>(qf + m * D, kj, kIdx, s + m * kKeys + j);
+        if (M - m == 1) qk4_direct<D, 1, kFloatTile>(qf + m * D, kj, kIdx, s + m * kKeys + j);
+      }
       int64_t m = 0;
-      for (; m + 2 <= M; m += 2) qk_rows<D, 2>(qf + m * D, sc.kf.data(), s + m * kKeys);
-      if (m < M) qk_rows<D, 1>(qf + m * D, sc.kf.data(), s + m * kKeys);
       // NOTE: probabilities outside a row's keys are zeroed so the rows can share PV passes
       for (m = 0; m < M; ++m) {
         const int64_t j0 = std::max<int64_t>(0, std::max(sc.lo[m], a) - kb);
@@ -434,12 +459,7 @@ void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, in
         for (int64_t j = 0; j < j0; ++j) sm[j] = 0.0f;
         for (int64_t j = j1; j < n; ++j) sm[j] = 0.0f;
       }
-      for (m = 0; m + 3 <= M; m += 3)
-        pv_direct<D, 3, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
-      if (M - m == 2)
-        pv_direct<D, 2, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
-      if (M - m == 1)
-        pv_direct<D, 1, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
+      pv_tile<D>(s, sc.vf.data(), n, M, alpha, acc);
     }
     end_segment<D>(c, plan, t, kvh, a, sc);
     a = b;
