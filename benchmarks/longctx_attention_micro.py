@@ -7,6 +7,12 @@ Best of N, wall and CPU time (process time: less sensitive to a contended machin
 --threads 1 it is the single-core cost). Prints and appends one JSON line.
 
     PYTHONPATH=. python benchmarks/longctx_attention_micro.py --label new --threads 1 --out FILE
+
+A/B against an earlier commit (its ember/ exported with `git archive` into a temporary folder,
+no checkout), the two trees interleaved --rounds times, each run one fresh process:
+
+    PYTHONPATH=. python benchmarks/longctx_attention_micro.py --label X --base d611662 \
+        --rounds 3 --threads 2 --out FILE
 """
 
 from __future__ import annotations
@@ -14,8 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -46,19 +56,40 @@ def _caches(dtype: str, nblk: int) -> list[tuple[torch.Tensor, ...]]:
             for _ in range(LAYERS)]
 
 
+def ab(base: str, rounds: int, label: str, threads: int, out: str) -> None:
+    """Interleaved runs of this script over `base`'s ember/ and this tree's, one process each."""
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(root), "archive", base, "ember"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        trees = ((f"base-{base}", tmp), (label, str(root)))
+        for r in range(rounds):
+            for name, path in trees:
+                env = dict(os.environ, PYTHONPATH=path)
+                subprocess.run([sys.executable, __file__, "--label", f"{name} r{r + 1}",
+                                "--threads", str(threads), "--out", out], env=env, check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--label", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--base", default=None, help="git revision to A/B against (interleaved)")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.base is not None:
+        ab(args.base, args.rounds, args.label, args.threads, args.out)
+        return
     torch.manual_seed(0)
     kernels = CpuKernels.load(None, num_threads=args.threads)
     assert kernels is not None
     nblk = CTX // BS + 1
     table = (torch.randperm(nblk - 1) + 1).unsqueeze(0)  # (1, blocks) shuffled like a pool
     result: dict[str, object] = {"label": args.label, "isa": kernels.isa,
-                                 "threads": args.threads, "loadavg": os.getloadavg()}
+                                 "threads": args.threads, "loadavg": os.getloadavg(),
+                                 "contended": os.getloadavg()[0] > 1.0}
     qkv, lens = torch.randn(1, (HQ + 2 * HK) * D), torch.tensor([CTX])
     for dtype in ("bf16", "int8"):
         caches = _caches(dtype, nblk)

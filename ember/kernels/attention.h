@@ -201,26 +201,6 @@ inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache
   }
 }
 
-// s (R, kKeys) = q (R, D) . kf (kKeys, D)^T for R = 1 or 2 query rows, four keys at a time.
-template <int D, int R>
-inline void qk_rows(const float* q, const float* kf, float* s) {
-  constexpr int NV = D / kVecW;
-  for (int64_t j = 0; j < kKeys; j += 4) {
-    vfloat a[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) a[r][i] = v_zero();
-    for (int v = 0; v < NV; ++v) {
-      vfloat qv[R];
-      for (int r = 0; r < R; ++r) qv[r] = v_load(q + r * D + v * kVecW);
-      for (int i = 0; i < 4; ++i) {
-        const vfloat kv = v_load(kf + (j + i) * D + v * kVecW);
-        for (int r = 0; r < R; ++r) a[r][i] = v_fma(qv[r], kv, a[r][i]);
-      }
-    }
-    for (int r = 0; r < R; ++r) v_hsum4(a[r][0], a[r][1], a[r][2], a[r][3], s + r * kKeys + j);
-  }
-}
-
 // acc (D) += sum_{j in [j0, j1)} p[j] vf[j], eight vectors of accumulators in registers.
 template <int D>
 inline void pv_row(const float* p, const float* vf, int64_t j0, int64_t j1, float* acc) {
@@ -387,6 +367,42 @@ inline void pv_direct(const float* p, const void* vc, const int64_t* rows, int64
   }
 }
 
+// acc_m (D) = alpha_m acc_m + sum_{j < n} p_m[j] vf_j for the M rows of a tile: the same
+// per-element arithmetic as pv_direct on a float tile (so the same bits), with the loops
+// swapped: one chunk of 32 dims of V (64 keys, 8 KB) is reused by every row while it sits in
+// L1, instead of each row triple streaming the whole 16 KB tile.
+template <int R, int C>
+inline void pv_chunk(const float* p, const float* vc, int64_t D, int64_t n, const float* alpha,
+                     float* acc) {
+  vfloat a[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < C; ++v) a[r][v] = v_mul(v_load(acc + r * D + v * kVecW), v_set1(alpha[r]));
+  for (int64_t j = 0; j < n; ++j) {
+    vfloat w[R];
+    for (int r = 0; r < R; ++r) w[r] = v_set1(p[r * kKeys + j]);
+    for (int v = 0; v < C; ++v) {
+      const vfloat x = v_load(vc + j * D + v * kVecW);
+      for (int r = 0; r < R; ++r) a[r][v] = v_fma(w[r], x, a[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < C; ++v) v_store(acc + r * D + v * kVecW, a[r][v]);
+}
+
+template <int D>
+inline void pv_tile(const float* p, const float* vf, int64_t n, int64_t M, const float* alpha,
+                    float* acc) {
+  constexpr int NV = D / kVecW, C = NV < 4 ? NV : 4;
+  for (int c0 = 0; c0 < NV; c0 += C) {
+    const int64_t off = c0 * kVecW;
+    int64_t m = 0;
+    for (; m + 3 <= M; m += 3)
+      pv_chunk<3, C>(p + m * kKeys, vf + off, D, n, alpha + m, acc + m * D + off);
+    if (M - m == 2) pv_chunk<2, C>(p + m * kKeys, vf + off, D, n, alpha + m, acc + m * D + off);
+    if (M - m == 1) pv_chunk<1, C>(p + m * kKeys, vf + off, D, n, alpha + m, acc + m * D + off);
+  }
+}
+
 // One work item: the rows of tile t, the G query heads of kv head kvh, keys [t.k0, t.k1) in
 // segments, each over key tiles at multiples of kKeys (rows masked to their own keys).
 // q: row i's query heads at q + i * q_stride; out: row i's heads at out + i * out_stride.
@@ -414,9 +430,18 @@ void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, in
     for (int64_t kb = a / kKeys * kKeys; kb < b; kb += kKeys) {
       const int64_t n = std::min(kKeys, b - kb);
       load_kv_tile<D>(c, table, kv, kvh, kb, n, a, t.k1, sc.kf.data(), sc.vf.data(), ks, vs);
+      // NOTE: three query rows x four keys per pass (12 accumulators), each (row, key) summed
+      // in the order of the decode rows (lanes over D, then v_hsum4): the same bits, fewer loads.
+      static constexpr int64_t kIdx[4] = {0, 1, 2, 3};
+      const int64_t n4 = (n + 3) / 4 * 4;
+      for (int64_t j = 0; j < n4; j += 4) {
+        const float* kj = sc.kf.data() + j * D;
+        int64_t m = 0;
+        for (; m + 3 <= M; m += 3) qk4_direct<D, 3, kFloatTile>(qf + m * D, kj, kIdx, s + m * kKeys + j);
+        if (M - m == 2) qk4_direct<D, 2, kFloatTile>(qf + m * D, kj, kIdx, s + m * kKeys + j);
+        if (M - m == 1) qk4_direct<D, 1, kFloatTile>(qf + m * D, kj, kIdx, s + m * kKeys + j);
+      }
       int64_t m = 0;
-      for (; m + 2 <= M; m += 2) qk_rows<D, 2>(qf + m * D, sc.kf.data(), s + m * kKeys);
-      if (m < M) qk_rows<D, 1>(qf + m * D, sc.kf.data(), s + m * kKeys);
       // NOTE: probabilities outside a row's keys are zeroed so the rows can share PV passes
       for (m = 0; m < M; ++m) {
         const int64_t j0 = std::max<int64_t>(0, std::max(sc.lo[m], a) - kb);
@@ -434,12 +459,7 @@ void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, in
         for (int64_t j = 0; j < j0; ++j) sm[j] = 0.0f;
         for (int64_t j = j1; j < n; ++j) sm[j] = 0.0f;
       }
-      for (m = 0; m + 3 <= M; m += 3)
-        pv_direct<D, 3, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
-      if (M - m == 2)
-        pv_direct<D, 2, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
-      if (M - m == 1)
-        pv_direct<D, 1, kFloatTile>(s + m * kKeys, sc.vf.data(), nullptr, n, alpha + m, acc + m * D);
+      pv_tile<D>(s, sc.vf.data(), n, M, alpha, acc);
     }
     end_segment<D>(c, plan, t, kvh, a, sc);
     a = b;
@@ -459,7 +479,7 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
   const int64_t G = plan.group, M = (h1 - h0) * G, bs = c.block_size, hk = c.hk;
   const int64_t* table = c.block_tables + t.r0 * c.max_blocks;
   float *qf = sc.q.data(), *s = sc.s.data(), *acc = sc.acc.data();
-  int64_t base[kKeys + 4], rows[kKeys + 4];
+  int64_t base[kKeys + 4], rows[kKeys + 4], next[kKeys + 4];
   float* alpha = sc.alpha.data();
   for (int64_t m = 0; m < M; ++m) {
     const float* src = q + t.r0 * q_stride + (h0 * G + m) * D;
@@ -467,7 +487,7 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
     sc.cl[m] = 0.0f;
     sc.cm[m] = -INFINITY;
   }
-  const size_t row_bytes = KS == kInt8 ? D : 2 * D, span = row_bytes * (h1 - h0);
+  const size_t row_bytes = KS == kInt8 ? D : 2 * D;
   const char* kc = static_cast<const char*>(kv.k);
   const char* vc = static_cast<const char*>(kv.v);
   for (int64_t a = t.k0; a < t.k1;) {
@@ -478,22 +498,32 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
       for (int64_t j = j0; j < n; ++j) {
         const int64_t p = kb + j;
         base[j] = (table[p / bs] * bs + p % bs) * hk;
-        const int64_t pn = p + kKeys;  // the same key of the next tile, into L1 ahead of use
-        if (pn < t.k1) {
-          const size_t rn = static_cast<size_t>((table[pn / bs] * bs + pn % bs) * hk + h0);
-          for (size_t off = 0; off < span; off += 64) {
-            v_prefetch(kc + rn * row_bytes + off);
-            v_prefetch(vc + rn * row_bytes + off);
-          }
-        }
+        const int64_t pn = p + kKeys;  // the same key of the next tile
+        next[j] = pn < t.k1 ? (table[pn / bs] * bs + pn % bs) * hk + h0 : -1;
       }
       for (int64_t j = 0; j < j0; ++j) base[j] = base[j0];  // keys before the window: ignored
       const int64_t n4 = (n + 3) / 4 * 4;
       for (int64_t j = n; j < n4; ++j) base[j] = base[j0];  // padding keys: scores ignored
+      for (int64_t j = 0; j < j0; ++j) next[j] = -1;
+      for (int64_t j = n; j < n4; ++j) next[j] = -1;
       for (int64_t kvh = h0; kvh < h1; ++kvh) {
         const int64_t r0 = (kvh - h0) * G;
         for (int64_t j = 0; j < n4; ++j) rows[j] = base[j] + kvh;
+        // NOTE: prefetch the K/V rows of the head-tile processed next (head kvh + 1 of this
+        // key tile, or the first head of the next tile), a few keys per QK step: one
+        // head-tile ahead (8 KB int8 / 16 KB bf16) keeps it in L1, where one burst of the
+        // whole next tile of all heads (24 / 48 KB) evicted the current one and stalled on
+        // the miss buffers.
+        const int64_t* pf = kvh + 1 < h1 ? rows : next;
+        const int64_t pf_add = kvh + 1 < h1 ? 1 : 0;
+        const int64_t pf_n = kvh + 1 < h1 ? n : n4;
         for (int64_t j = 0; j < n4; j += 4) {
+          for (int64_t i = j; i < j + 4 && i < pf_n; ++i)
+            if (pf[i] >= 0)
+              for (size_t off = 0; off < row_bytes; off += 64) {
+                v_prefetch(kc + static_cast<size_t>(pf[i] + pf_add) * row_bytes + off);
+                v_prefetch(vc + static_cast<size_t>(pf[i] + pf_add) * row_bytes + off);
+              }
           int64_t m = r0;
           for (; m + 3 <= r0 + G; m += 3)
             qk4_direct<D, 3, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
