@@ -11,6 +11,8 @@ from ember.batch.journal import ResultJournal
 from ember.batch.runner import ProgressFn, RunStats, has_pending_lines, run_batch
 from ember.config import EngineConfig
 from ember.engine.async_engine import AsyncEngine
+from ember.engine.engine import LLMEngine
+from ember.engine.inline_engine import InlineAsyncEngine
 from ember.server.serving import Servings
 from ember.server.serving.embeddings import EmbeddingServing
 
@@ -32,7 +34,8 @@ async def run_batch_file(config: EngineConfig, input_path: str | Path, output_pa
         config: the engine to load (ignored when `engine` is given).
         model_names: names the body's `model` may use (default: the config's model).
         engine: an already started engine (tests, benchmarks); else one is loaded here
-            (when `config.server.serve_generator`) and shut down at the end.
+            (when `config.server.serve_generator`), run as an `InlineAsyncEngine` on this
+            event loop, and shut down at the end.
         embeddings: already loaded embedding models; else `config.server.embedding_models`
             are loaded here (they answer `/v1/embeddings` lines).
     """
@@ -45,7 +48,10 @@ async def run_batch_file(config: EngineConfig, input_path: str | Path, output_pa
         if embeddings is None and config.server.embedding_models:
             embeddings = await asyncio.to_thread(load_embeddings, config)
         if engine is None and config.server.serve_generator:
-            engine = await asyncio.to_thread(AsyncEngine.from_config, config)
+            # NOTE: an offline job steps on this loop's thread (see InlineAsyncEngine): the
+            # front end's work runs between steps instead of preempting the kernels.
+            loaded = await asyncio.to_thread(LLMEngine.from_config, config)
+            engine = InlineAsyncEngine(loaded)
             engine.start()
         servings = None
         if engine is not None:
