@@ -39,7 +39,9 @@ async def run_batch_file(config: EngineConfig, input_path: str | Path, output_pa
         embeddings: already loaded embedding models; else `config.server.embedding_models`
             are loaded here (they answer `/v1/embeddings` lines).
     """
-    journal = ResultJournal.open(output_path)  # before loading: a busy file fails fast
+    # NOTE: before loading, so a busy file fails fast; fsync on a thread of its own, so the
+    # engine (stepping on this thread, see InlineAsyncEngine) never waits for the disk.
+    journal = ResultJournal.open(output_path, background_sync=True)
     owned = engine is None
     try:
         if not await asyncio.to_thread(has_pending_lines, input_path, journal,
