@@ -1,22 +1,27 @@
 """run-batch throughput vs LLM.generate on the same chat requests (issue 13 target: >= 0.95x).
 
-Usage (one command; writes JSON + PNG under benchmarks/results/batch/):
-    python benchmarks/run_batch.py                 # 1,000 chat requests
-    python benchmarks/run_batch.py --num 64        # smoke run
+Usage (one command; writes JSON + PNG under benchmarks/results/batch/, after every round):
+    python benchmarks/run_batch.py --num 1000 --repeats 1   # the target: 1,000 requests, A B
+    python benchmarks/run_batch.py --num 400               # 2 rounds, A B / B A
+    python benchmarks/run_batch.py --num 128 --threaded    # also the threaded engine
+    python benchmarks/run_batch.py --num 64                # smoke run
 
 Both sides run on ONE loaded engine (same weights, same scheduler limits, prefix caching off so
-the second side gets no cache hits from the first): `LLM.chat` (all requests added up front)
-and then the run-batch path (`run_batch_file`: JSONL in, the server's serving classes, bounded
-in-flight, fsync'd JSONL out). Greedy decoding with ignore_eos, so both generate exactly
-num x max_tokens tokens. The sides alternate over --repeats rounds (A B, B A, ...) to spread out
-load drift on a shared machine; the ratio is of the summed times.
+the second side gets no cache hits from the first): `LLM.chat` (templates rendered and every
+request added up front) and the run-batch path exactly as `ember run-batch` runs it
+(`run_batch_file` on an `InlineAsyncEngine`: JSONL in, the server's serving classes, bounded
+in-flight, JSONL out with fsync on a thread). Greedy decoding with ignore_eos, so both generate
+exactly num x max_tokens tokens. Each round runs every side, the order rotating from round to
+round against load drift; the ratio is of the summed times, `ratio_per_round` pairs each
+round's two runs. `--threaded` adds run-batch on the server's threaded `AsyncEngine` (what
+`ember run-batch` used before), whose front end (event loop, `to_thread` template rendering)
+runs during steps and preempts kernel threads on a machine with as many kernel threads as
+cores.
 
-Where a gap comes from: the engine's `step()` is timed on both sides (`engine_busy_s`, `steps`,
-`tokens_per_step`). Engine work that is the same on both sides with run-batch's wall time
-longer means the engine waited (in-flight bound, front-end latency); more busy time for the
-same tokens means slower steps (other threads preempting the kernels' OpenMP team, smaller
-batches). A py-spy profile of run-batch (128 requests, contended machine) put the event loop
-at ~1% busy and the engine thread at ~97% in model compute (fused decoder + q8 GEMMs).
+Where a gap comes from: the engine's `step()` is timed on every side (`engine_busy_s`,
+`engine_idle_s` = wall - busy, `steps`, `mean_step_ms`). Idle time is the engine waiting on the
+front end (inline: the front end's own work between steps); more busy time for the same steps
+means slower steps (other threads preempting the kernels' OpenMP team).
 """
 
 from __future__ import annotations
@@ -156,6 +161,49 @@ def side_summary(rounds: list[dict], side: str) -> dict:
             "mean_step_ms": 1000 * busy / max(1, steps)}
 
 
+def write_result(args: argparse.Namespace, llm: LLM, sides: list[str], rounds: list[dict],
+                 load_before: tuple[float, float, float]) -> dict:
+    """Summarise the rounds so far into JSON + PNG (written after every round, so a run cut
+    short still leaves its complete rounds)."""
+    done = sorted({r["round"] for r in rounds
+                   if sum(x["round"] == r["round"] for x in rounds) == len(sides)})
+    rounds = [r for r in rounds if r["round"] in done]
+    load_after = os.getloadavg()
+    cpus = os.cpu_count() or 1
+    summary = {side: side_summary(rounds, side) for side in sides}
+    gen = summary["generate"]["tok_s"]
+    per_round = [next(r for r in rounds if r["round"] == i and r["side"] == "run_batch")
+                 for i in done]
+    gen_round = [next(r for r in rounds if r["round"] == i and r["side"] == "generate")
+                 for i in done]
+    result = {
+        "benchmark": "run-batch vs LLM.generate", "model": args.model,
+        "num_requests": args.num, "max_tokens": args.max_tokens, "repeats": len(done),
+        "repeats_asked": args.repeats,
+        "max_num_seqs": args.max_num_seqs,
+        "max_in_flight": default_max_in_flight(llm.engine.config),
+        **summary,
+        "ratio": summary["run_batch"]["tok_s"] / gen,
+        "ratio_per_round": [(b["tokens"] / b["seconds"]) / (g["tokens"] / g["seconds"])
+                            for b, g in zip(per_round, gen_round)],
+        "ratio_threaded": (summary["run_batch_threaded"]["tok_s"] / gen
+                           if "run_batch_threaded" in summary else None),
+        "target_ratio": 0.95, "rounds": rounds,
+        "loadavg_before": load_before, "loadavg_after": load_after, "cpus": cpus,
+        "contended": max([load_before[0], load_after[0]] + [r["loadavg"] for r in rounds])
+        > 0.5 * cpus,
+        "threads": os.environ.get("EMBER_NUM_THREADS"), "machine": platform.processor()
+        or platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join(["python", *sys.argv]),
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"run_batch_n{args.num}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out_dir / f"{stem}.png")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,38 +242,10 @@ def main() -> None:
                                "loadavg": os.getloadavg()[0]})
                 print(f"  round {round_no} {side}: {n / t:.1f} tok/s ({t:.1f} s, engine busy "
                       f"{b:.1f} s, load {rounds[-1]['loadavg']:.1f})", flush=True)
-    load_after = os.getloadavg()
-    cpus = os.cpu_count() or 1
-    summary = {side: side_summary(rounds, side) for side in sides}
-    gen = summary["generate"]["tok_s"]
-    per_round = [next(r for r in rounds if r["round"] == i and r["side"] == "run_batch")
-                 for i in range(args.repeats)]
-    gen_round = [next(r for r in rounds if r["round"] == i and r["side"] == "generate")
-                 for i in range(args.repeats)]
-    result = {
-        "benchmark": "run-batch vs LLM.generate", "model": args.model,
-        "num_requests": args.num, "max_tokens": args.max_tokens, "repeats": args.repeats,
-        "max_num_seqs": args.max_num_seqs,
-        "max_in_flight": default_max_in_flight(llm.engine.config),
-        **summary,
-        "ratio": summary["run_batch"]["tok_s"] / gen,
-        "ratio_per_round": [(b["tokens"] / b["seconds"]) / (g["tokens"] / g["seconds"])
-                            for b, g in zip(per_round, gen_round)],
-        "ratio_threaded": (summary["run_batch_threaded"]["tok_s"] / gen
-                           if "run_batch_threaded" in summary else None),
-        "target_ratio": 0.95, "rounds": rounds,
-        "loadavg_before": load_before, "loadavg_after": load_after, "cpus": cpus,
-        "contended": max([load_before[0], load_after[0]] + [r["loadavg"] for r in rounds])
-        > 0.5 * cpus,
-        "threads": os.environ.get("EMBER_NUM_THREADS"), "machine": platform.processor()
-        or platform.machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["python", *sys.argv]),
-    }
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"run_batch_n{args.num}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out_dir / f"{stem}.png")
+            result = write_result(args, llm, sides, rounds, load_before)
+    summary = {side: result[side] for side in sides}
+    gen, cpus = summary["generate"]["tok_s"], result["cpus"]
+    out_dir, stem = Path(args.out), f"run_batch_n{args.num}"
     print(f"LLM.generate {gen:.1f} tok/s, run-batch {summary['run_batch']['tok_s']:.1f} tok/s: "
           f"ratio {result['ratio']:.3f}x (target >= 0.95; per round "
           f"{', '.join(f'{x:.3f}' for x in result['ratio_per_round'])}; load "
