@@ -27,7 +27,8 @@ async def run_batch_file(config: EngineConfig, input_path: str | Path, output_pa
                          model_names: tuple[str, ...] = (),
                          progress: ProgressFn | None = None,
                          engine: AsyncEngine | None = None,
-                         embeddings: EmbeddingServing | None = None) -> RunStats:
+                         embeddings: EmbeddingServing | None = None,
+                         threaded_engine: bool = False) -> RunStats:
     """Answer every line of `input_path` not yet in `output_path` (resuming a killed run).
 
     Args:
@@ -38,6 +39,7 @@ async def run_batch_file(config: EngineConfig, input_path: str | Path, output_pa
             event loop, and shut down at the end.
         embeddings: already loaded embedding models; else `config.server.embedding_models`
             are loaded here (they answer `/v1/embeddings` lines).
+        threaded_engine: load the engine as the server's threaded `AsyncEngine` instead.
     """
     # NOTE: before loading, so a busy file fails fast; fsync on a thread of its own, so the
     # engine (stepping on this thread, see InlineAsyncEngine) never waits for the disk.
@@ -53,7 +55,7 @@ async def run_batch_file(config: EngineConfig, input_path: str | Path, output_pa
             # NOTE: an offline job steps on this loop's thread (see InlineAsyncEngine): the
             # front end's work runs between steps instead of preempting the kernels.
             loaded = await asyncio.to_thread(LLMEngine.from_config, config)
-            engine = InlineAsyncEngine(loaded)
+            engine = AsyncEngine(loaded) if threaded_engine else InlineAsyncEngine(loaded)
             engine.start()
         servings = None
         if engine is not None:
