@@ -2,8 +2,8 @@
 
 Each result is one complete JSON line written with a single `os.write` on an O_APPEND file and
 fsync'd (at most `fsync_interval_s` later; with `background_sync`, by a thread of its own, so
-an engine stepping on the writer's thread never waits for the disk), so after a crash (SIGKILL included) the file holds
-whole lines plus at most one torn tail. `ResultJournal.open` cuts the file back to its last
+an engine stepping on the writer's thread never waits for the disk), so after a crash (SIGKILL
+included) the file holds whole lines plus at most one torn tail. `ResultJournal.open` cuts the file back to its last
 valid line and reads which inputs are done:
 
 - `done_ids`: custom_ids that have their (first-occurrence) line;
