@@ -92,7 +92,8 @@ def run_batch_side(chats: list, args: argparse.Namespace) -> dict[str, Any]:
     """`ember run-batch`'s code path on a freshly loaded engine (load timed apart)."""
     from ember.batch.offline import run_batch_file
     from ember.distributed.ray_data import engine_config
-    from ember.engine.async_engine import AsyncEngine
+    from ember.engine.engine import LLMEngine
+    from ember.engine.inline_engine import InlineAsyncEngine
 
     config = engine_config(args.model, args.threads, ENGINE_KWARGS)
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,13 +105,19 @@ def run_batch_side(chats: list, args: argparse.Namespace) -> dict[str, Any]:
                                     "body": {"messages": chat, **sampling(args.max_tokens)}})
                         + "\n")
 
+        cpu_s: list[float] = []
+
         async def run() -> tuple[float, Any]:
             t0 = time.perf_counter()
-            engine = await asyncio.to_thread(AsyncEngine.from_config, config)
+            # NOTE: the engine `ember run-batch` runs (steps on this event loop's thread)
+            engine = InlineAsyncEngine(await asyncio.to_thread(LLMEngine.from_config, config))
             engine.start()
             load = time.perf_counter() - t0
             try:
-                return load, await run_batch_file(config, inp, out, engine=engine)
+                cpu0 = time.process_time()
+                stats = await run_batch_file(config, inp, out, engine=engine)
+                cpu_s.append(time.process_time() - cpu0)
+                return load, stats
             finally:
                 await engine.shutdown()
 
@@ -119,15 +126,84 @@ def run_batch_side(chats: list, args: argparse.Namespace) -> dict[str, Any]:
         wall = time.perf_counter() - t0
     return {"name": f"run-batch ({args.threads} threads)", "load_s": load_s,
             "steady_s": stats.elapsed_s, "wall_s": wall, "tokens": stats.completion_tokens,
-            "steady_tok_s": stats.completion_tokens / stats.elapsed_s}
+            "steady_tok_s": stats.completion_tokens / stats.elapsed_s,
+            "steady_cpu": {"window_s": stats.elapsed_s, "process_cores":
+                           cpu_s[0] / stats.elapsed_s}}
+
+
+class CpuSampler:
+    """Samples the CPU time of this process and all its descendants (Ray's GCS, raylet,
+    agents, idle workers and the actors all descend from the driver that ran ray.init) once a
+    second on a thread, so the CPU each used inside any time window can be read afterwards."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        import threading
+
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._period = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), _process_cpu()))
+            if self._stop.wait(self._period):
+                self.samples.append((time.time(), _process_cpu()))
+                return
+
+    def window(self, start: float, end: float, actor_pids: set[int]) -> dict[str, Any]:
+        """CPU seconds used between the samples nearest `start` and `end`, by role."""
+        a = min(self.samples, key=lambda s: abs(s[0] - start))
+        b = min(self.samples, key=lambda s: abs(s[0] - end))
+        span = max(b[0] - a[0], 1e-9)
+        roles: dict[str, float] = {}
+        for pid, (name, cpu) in b[1].items():
+            used = cpu - a[1].get(pid, (name, 0.0))[1]
+            role = ("actors" if pid in actor_pids else "driver" if pid == os.getpid()
+                    else name)
+            roles[role] = roles.get(role, 0.0) + used
+        others = sum(v for k, v in roles.items() if k != "actors")
+        return {"window_s": span, "cpu_s_by_role": {k: round(v, 2) for k, v in roles.items()},
+                "actors_cores": roles.get("actors", 0.0) / span,
+                "ray_and_driver_cores": others / span}
+
+
+def _process_cpu() -> dict[int, tuple[str, float]]:
+    import psutil
+
+    out: dict[int, tuple[str, float]] = {}
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            name = proc.name()
+            if name.startswith("python"):  # Ray's Python daemons: name them by their module
+                cmd = " ".join(proc.cmdline())
+                name = next((m for m in ("dashboard", "log_monitor", "monitor", "agent",
+                                         "default_worker") if m in cmd), name)
+            out[proc.pid] = (name, times.user + times.system)
+        except psutil.Error:
+            continue
+    return out
 
 
 def ray_side(ray: Any, chats: list, args: argparse.Namespace, actors: int,
              threads: int) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy
 
-    batch_size = args.batch_size or 64 * math.ceil(len(chats) / actors / 64)
-    ds = ray.data.from_items([{"messages": c} for c in chats])
+    # NOTE: by default one block and one batch per actor (equal halves for 2 actors): a
+    # third batch would leave one actor idle while the other runs it.
+    batch_size = args.batch_size or math.ceil(len(chats) / actors)
+    ds = ray.data.from_items([{"messages": c} for c in chats],
+                             override_num_blocks=actors if not args.batch_size else None)
     submit = time.time()
     out = ds.map_batches(
         TimedGenerator, compute=ActorPoolStrategy(size=actors), num_cpus=threads,
@@ -135,7 +211,8 @@ def ray_side(ray: Any, chats: list, args: argparse.Namespace, actors: int,
         fn_constructor_kwargs={"model": args.model, "threads": threads,
                                "sampling_params": sampling(args.max_tokens),
                                "engine_kwargs": ENGINE_KWARGS, "include_token_ids": False})
-    rows = out.take_all()
+    with CpuSampler() as cpu:
+        rows = out.take_all()
     end = time.time()
     tokens = sum(int(r["num_generated_tokens"]) for r in rows)
     first = min(r["t_batch_start"] for r in rows)
@@ -150,7 +227,11 @@ def ray_side(ray: Any, chats: list, args: argparse.Namespace, actors: int,
             "actor_start_s": min(s for s, _ in inits.values()) - submit,
             "load_s": max(e - s for s, e in inits.values()),
             "steady_s": last - first, "wall_s": end - submit, "tokens": tokens,
-            "steady_tok_s": tokens / (last - first)}
+            "steady_tok_s": tokens / (last - first),
+            # NOTE: where the cores went during the steady window: the actors' engines vs
+            # Ray's own processes (GCS, raylet, agents, idle workers) and the driver (Ray
+            # Data's streaming executor); on 2 cores the latter preempt kernel threads.
+            "steady_cpu": cpu.window(first, last, {int(a) for a in inits})}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -192,8 +273,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="total threads / CPUs used")
     p.add_argument("--batch-size", type=int, default=0,
-                   help="rows per actor call (0: num / actors, rounded up to a multiple of "
-                        "64 = max_num_seqs: one call per actor, no drain between calls)")
+                   help="rows per actor call (0: num / actors, in one block per actor: one "
+                        "call per actor, no drain between calls, no idle actor)")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--skip-data-parallel", action="store_true",
                    help="only compare run-batch with one actor holding all threads")
@@ -248,6 +329,14 @@ def main() -> int:
         "threads": args.threads, "model": args.model, "baseline": "ember run-batch",
         "runs": runs, "baseline_other_run": again,
         "overhead_steady_same_threads": runs[1]["overhead_steady"],
+        "overhead_definition": (
+            "overhead_steady = run-batch steady tok/s / Ray steady tok/s - 1, where Ray's "
+            "steady window runs from the first batch's start to the last batch's end inside "
+            "the actors (EXCLUDES ray.init, actor start-up and the model load, which are in "
+            "fixed_s; INCLUDES Ray's own processes and the driver competing for the cores, "
+            "serialization between batches, and each batch's drain) and run-batch's from its "
+            "first line to its last (EXCLUDES its model load). overhead_wall compares "
+            "end-to-end wall times including everything."),
         "target_overhead": 0.15, "loadavg_before": load_before, "loadavg_after": load_after,
         "cpus": cpus, "contended": max(load_before[0], load_after[0]) > 0.5 * cpus,
         "machine": platform.processor() or platform.machine(),

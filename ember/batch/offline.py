@@ -11,6 +11,8 @@ from ember.batch.journal import ResultJournal
 from ember.batch.runner import ProgressFn, RunStats, has_pending_lines, run_batch
 from ember.config import EngineConfig
 from ember.engine.async_engine import AsyncEngine
+from ember.engine.engine import LLMEngine
+from ember.engine.inline_engine import InlineAsyncEngine
 from ember.server.serving import Servings
 from ember.server.serving.embeddings import EmbeddingServing
 
@@ -25,18 +27,23 @@ async def run_batch_file(config: EngineConfig, input_path: str | Path, output_pa
                          model_names: tuple[str, ...] = (),
                          progress: ProgressFn | None = None,
                          engine: AsyncEngine | None = None,
-                         embeddings: EmbeddingServing | None = None) -> RunStats:
+                         embeddings: EmbeddingServing | None = None,
+                         threaded_engine: bool = False) -> RunStats:
     """Answer every line of `input_path` not yet in `output_path` (resuming a killed run).
 
     Args:
         config: the engine to load (ignored when `engine` is given).
         model_names: names the body's `model` may use (default: the config's model).
         engine: an already started engine (tests, benchmarks); else one is loaded here
-            (when `config.server.serve_generator`) and shut down at the end.
+            (when `config.server.serve_generator`), run as an `InlineAsyncEngine` on this
+            event loop, and shut down at the end.
         embeddings: already loaded embedding models; else `config.server.embedding_models`
             are loaded here (they answer `/v1/embeddings` lines).
+        threaded_engine: load the engine as the server's threaded `AsyncEngine` instead.
     """
-    journal = ResultJournal.open(output_path)  # before loading: a busy file fails fast
+    # NOTE: before loading, so a busy file fails fast; fsync on a thread of its own, so the
+    # engine (stepping on this thread, see InlineAsyncEngine) never waits for the disk.
+    journal = ResultJournal.open(output_path, background_sync=True)
     owned = engine is None
     try:
         if not await asyncio.to_thread(has_pending_lines, input_path, journal,
@@ -45,7 +52,10 @@ async def run_batch_file(config: EngineConfig, input_path: str | Path, output_pa
         if embeddings is None and config.server.embedding_models:
             embeddings = await asyncio.to_thread(load_embeddings, config)
         if engine is None and config.server.serve_generator:
-            engine = await asyncio.to_thread(AsyncEngine.from_config, config)
+            # NOTE: an offline job steps on this loop's thread (see InlineAsyncEngine): the
+            # front end's work runs between steps instead of preempting the kernels.
+            loaded = await asyncio.to_thread(LLMEngine.from_config, config)
+            engine = AsyncEngine(loaded) if threaded_engine else InlineAsyncEngine(loaded)
             engine.start()
         servings = None
         if engine is not None:

@@ -57,7 +57,8 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[tok_s]:.0f} tok/s"), TimeElapsedColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                        disable=args.no_progress)
+                        disable=args.no_progress, refresh_per_second=2)
+    # NOTE: 2 redraws a second (rich's default is 10): the bar's thread wakes during steps.
     task = progress.add_task(f"loading {', '.join(args.model or [DEFAULT_MODEL])}",
                              total=total, tok_s=0.0)
     first_report: list[float] = []
@@ -75,7 +76,8 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
         with progress:
             stats = asyncio.run(run_batch_file(config, args.input, args.output,
                                                max_in_flight=args.max_in_flight,
-                                               progress=report))
+                                               progress=report,
+                                               threaded_engine=args.threaded_engine))
     except JournalBusyError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 2
@@ -116,4 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-in-flight", type=int, default=None,
                    help="requests handed to the engine at once (default 2 x --max-num-seqs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threaded-engine", action="store_true",
+                   help="step the engine on a thread of its own, as `ember serve` does "
+                        "(default: between the front end's turns on one thread, like "
+                        "LLM.generate)")
     p.set_defaults(func=cmd_run_batch)

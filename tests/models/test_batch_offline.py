@@ -7,8 +7,11 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from ember.batch.offline import run_batch_file
 from ember.engine.async_engine import AsyncEngine
+from ember.engine.inline_engine import InlineAsyncEngine
 
 CHATS = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
          "Count from one to five.", "What is 2 + 2?"]
@@ -43,19 +46,29 @@ def _write_input(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_run_batch_equals_llm_generate_and_reports_bad_lines(llm, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def references(llm) -> tuple[list, list]:
     # NOTE: like the server, fields a request leaves out take the model's generation defaults
     # (repetition penalty included); temperature 0 makes both greedy.
     params = llm.engine.generation_defaults.sampling_params(temperature=0.0,
                                                             max_tokens=MAX_TOKENS)
-    ref_chat = llm.chat([[{"role": "user", "content": t}] for t in CHATS], params,
-                        use_tqdm=False)
-    ref_cmpl = llm.generate(PROMPTS, params, use_tqdm=False)
+    return (llm.chat([[{"role": "user", "content": t}] for t in CHATS], params,
+                     use_tqdm=False),
+            llm.generate(PROMPTS, params, use_tqdm=False))
+
+
+@pytest.mark.parametrize("engine_class", [InlineAsyncEngine, AsyncEngine],
+                         ids=["inline", "threaded"])
+def test_run_batch_equals_llm_generate_and_reports_bad_lines(llm, references, tmp_path: Path,
+                                                             engine_class: type) -> None:
+    """`ember run-batch` steps on its event loop (InlineAsyncEngine); server batches use the
+    threaded AsyncEngine: both give LLM.generate's answers."""
+    ref_chat, ref_cmpl = references
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     _write_input(inp)
 
     async def run() -> object:
-        engine = AsyncEngine(llm.engine)  # the same engine the reference ran on
+        engine = engine_class(llm.engine)  # the same engine the reference ran on
         engine.start()
         try:
             return await run_batch_file(llm.engine.config, inp, out, engine=engine)

@@ -65,6 +65,38 @@ def test_journal_cuts_a_torn_tail_and_knows_what_is_done(tmp_path: Path) -> None
     assert len(lines) == 5 and json.loads(lines[-1])["custom_id"] == "c"
 
 
+def test_journal_background_sync_fsyncs_off_the_writer_thread(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    import os
+    import threading
+    import time
+
+    import ember.batch.journal as journal_mod
+
+    synced: list[tuple[int, str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((fd, threading.current_thread().name))
+        real_fsync(fd)
+
+    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    path = tmp_path / "out.jsonl"
+    journal = ResultJournal.open(path, fsync_interval_s=0.01, background_sync=True)
+    journal.append([response_line("a", 200, "r1", {})])  # written at once, fsync'd later
+    assert json.loads(path.read_text())["custom_id"] == "a"
+    deadline = time.monotonic() + 5
+    while not synced and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert synced and all(name == "ember-journal-fsync" for _, name in synced)
+    journal.append([response_line("b", 200, "r2", {})])
+    journal.close()  # stops the thread, then a last fsync of what is left
+    assert not any(t.name == "ember-journal-fsync" for t in threading.enumerate())
+    assert [json.loads(x)["custom_id"] for x in path.read_text().splitlines()] == ["a", "b"]
+    with ResultJournal.open(path) as again:
+        assert again.done_ids == {"a", "b"}
+
+
 def test_journal_refuses_a_second_writer(tmp_path: Path) -> None:
     with ResultJournal.open(tmp_path / "out.jsonl"):
         with pytest.raises(JournalBusyError, match="another run"):
