@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "serving"
-DEFAULT_VARIANTS = "ft1=1,ft0=0,ft0-spin10k=0:GOMP_SPINCOUNT=10000,ft1-spin10k=1:GOMP_SPINCOUNT=10000"
+DEFAULT_VARIANTS = ("ft1=1,ft0=0,ft1-oldsampler=1:EMBER_SAMPLE_SINGLE_THREAD_ROWS=0,"
+                    "ft0-oldsampler=0:EMBER_SAMPLE_SINGLE_THREAD_ROWS=0")
 _WORDS = ("garden letter morning evening sister brother mother father village river window "
           "table house year life world work people day time").split()
 
@@ -107,7 +108,10 @@ def one_request(port: int, prompt: str, max_tokens: int) -> dict[str, float]:
     """Stream one completion; TTFT, decode tok/s after the first token, and client CPU."""
     cpu0 = time.process_time()
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": True,
-                       "ignore_eos": True, "temperature": 0.7, "top_p": 0.9})
+                       "ignore_eos": True, "temperature": 0.7, "top_p": 0.9,
+                       # NOTE: explicit, so the server does not add the model's default
+                       # repetition_penalty (1.1 for SmolLM2): offline samples with 1.0.
+                       "repetition_penalty": 1.0})
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
