@@ -9,19 +9,50 @@ contended, load 3.7-7): one row 1.4-3.3 ms with one torch thread against 7-87 ms
 32 rows 141 ms against 395 ms. Large batches keep torch's thread count (its default), so
 nothing changes where the work is big enough to split.
 
-`torch.set_num_threads` sets the calling thread's OpenMP thread count only (libgomp keeps it
-per thread), so switching it on the engine thread leaves every other thread alone.
+The switch sets the calling thread's OpenMP thread count through torch's own OpenMP runtime
+(`omp_set_num_threads`, kept per thread), which torch's `parallel_for` reads: other threads are
+left alone. `torch.set_num_threads` would also change the value every thread created meanwhile
+starts with (a global in ATen), so it is only the fallback when torch's OpenMP library cannot be
+found (then a thread started during a sampler call may keep one thread).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ctypes
+import functools
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 DEFAULT_SINGLE_THREAD_ROWS = 8
 """Batches with at most this many rows are sampled on one torch thread (0: never)."""
+
+
+@functools.cache
+def _omp_setter() -> Callable[[int], None] | None:
+    """`omp_set_num_threads` of the OpenMP runtime torch runs on, or None."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    for name in ("libgomp.so.1", "libiomp5.so", "libomp.so"):
+        try:
+            lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+        except OSError:
+            continue
+        getter, setter = lib.omp_get_max_threads, lib.omp_set_num_threads
+        getter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
+        if getter() == torch.get_num_threads():  # the runtime torch's threads come from
+            return setter  # type: ignore[no-any-return]
+    return None
+
+
+def _set_threads(n: int) -> None:
+    setter = _omp_setter()
+    if setter is not None:
+        setter(n)
+    else:
+        torch.set_num_threads(n)
 
 
 @contextmanager
@@ -32,8 +63,8 @@ def sampling_threads(rows: int, single_thread_rows: int) -> Iterator[int]:
     if rows > single_thread_rows or before == 1:
         yield before
         return
-    torch.set_num_threads(1)
+    _set_threads(1)
     try:
         yield 1
     finally:
-        torch.set_num_threads(before)
+        _set_threads(before)

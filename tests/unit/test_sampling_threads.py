@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from ember import SamplingParams
 from ember.config import CacheConfig, EngineConfig, EnvSettings, ModelConfig, SchedulerConfig
 from ember.engine.engine import LLMEngine
-from ember.sampling.threads import sampling_threads
+from ember.sampling.threads import _omp_setter, sampling_threads
 from tiny_llama import ENGINE_PROMPTS, one_thread, run_to_completion, tiny_loaded  # noqa: F401
 
 
@@ -28,6 +30,19 @@ def test_small_batch_runs_on_one_thread_and_restores(two_threads):
         with sampling_threads(rows=8, single_thread_rows=8):
             raise RuntimeError("sampler failed")
     assert torch.get_num_threads() == 2  # restored after an exception too
+
+
+def test_other_threads_keep_their_count(two_threads):
+    """Only the calling thread switches: a thread started meanwhile keeps torch's count."""
+    if _omp_setter() is None:
+        pytest.skip("torch is not built on an OpenMP runtime Ember can reach (fallback path)")
+    seen: list[int] = []
+    with sampling_threads(rows=1, single_thread_rows=8):
+        other = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        other.start()
+        other.join()
+        assert torch.get_num_threads() == 1
+    assert seen == [2]
 
 
 def test_large_batch_and_off_keep_the_thread_count(two_threads):
