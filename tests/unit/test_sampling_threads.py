@@ -68,7 +68,7 @@ def _sampler_threads(rows_limit: int | None, prompts: list[list[int]]) -> tuple[
         return inner(logits, rows)
 
     runner.sampler = recording  # type: ignore[assignment]
-    params = SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    params = SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
     outs = run_to_completion(engine, prompts, params)
     return seen, [list(o.token_ids) for o in outs]
 
@@ -81,5 +81,3 @@ def test_engine_samples_small_steps_on_one_thread(two_threads):
     seen_off, tokens_off = _sampler_threads(0, ENGINE_PROMPTS)
     assert seen_off == {2}
     assert tokens == tokens_off  # seeded rows: the same tokens on either thread count
-    seen_big, _ = _sampler_threads(2, ENGINE_PROMPTS)  # 3 rows > 2: torch's thread count
-    assert 2 in seen_big
