@@ -12,8 +12,10 @@ and its own CPU time is reported separately, as is the server's (from /proc).
 Variants (name=frontend_threads[:ENV=VALUE,...]):
     ft1                       --frontend-threads 1 (one kernel thread on small steps)
     ft0                       --frontend-threads 0 (all kernel threads)
+    ft1-oldsampler=1:EMBER_SAMPLE_SINGLE_THREAD_ROWS=0   the sampler on torch's thread count
     ft0-passive=0:OMP_WAIT_POLICY=PASSIVE
-One command (quiet machine, ~2 min):
+Offline runs (--offline-threads): 2t (EMBER_NUM_THREADS=2) and 2t-oldsampler.
+One command (quiet machine, ~3 min):
     flock /tmp/ember-bench.lock python benchmarks/serve_one_client_ab.py
 """
 
@@ -30,7 +32,8 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "serving"
-DEFAULT_VARIANTS = "ft1=1,ft0=0,ft0-spin10k=0:GOMP_SPINCOUNT=10000,ft1-spin10k=1:GOMP_SPINCOUNT=10000"
+DEFAULT_VARIANTS = ("ft1=1,ft0=0,ft1-oldsampler=1:EMBER_SAMPLE_SINGLE_THREAD_ROWS=0,"
+                    "ft0-oldsampler=0:EMBER_SAMPLE_SINGLE_THREAD_ROWS=0")
 _WORDS = ("garden letter morning evening sister brother mother father village river window "
           "table house year life world work people day time").split()
 
@@ -107,7 +110,10 @@ def one_request(port: int, prompt: str, max_tokens: int) -> dict[str, float]:
     """Stream one completion; TTFT, decode tok/s after the first token, and client CPU."""
     cpu0 = time.process_time()
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": True,
-                       "ignore_eos": True, "temperature": 0.7, "top_p": 0.9})
+                       "ignore_eos": True, "temperature": 0.7, "top_p": 0.9,
+                       # NOTE: explicit, so the server does not add the model's default
+                       # repetition_penalty (1.1 for SmolLM2): offline samples with 1.0.
+                       "repetition_penalty": 1.0})
     start = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
@@ -158,7 +164,9 @@ def main() -> int:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--offline-threads", default="2", help="EMBER_NUM_THREADS values offline")
+    ap.add_argument("--offline-threads",
+                    default="2t,2t-oldsampler:EMBER_SAMPLE_SINGLE_THREAD_ROWS=0",
+                    help="offline runs: <EMBER_NUM_THREADS>t[-tag][:ENV=VALUE,...], ...")
     ap.add_argument("--base-port", type=int, default=8451)
     ap.add_argument("--server-arg", action="append", default=[])
     ap.add_argument("--out", type=Path, default=OUT)
@@ -172,15 +180,17 @@ def main() -> int:
             servers[name] = (args.base_port + i,
                              start_server(args.base_port + i, ft, env, args.model,
                                           args.server_arg))
-        for t in (int(x) for x in args.offline_threads.split(",") if x):
-            offline[t] = subprocess.Popen(
+        for spec in (x for x in args.offline_threads.split(",") if x):
+            tag, _, envs = spec.partition(":")
+            env = dict(kv.split("=", 1) for kv in envs.split(",") if kv)
+            offline[tag] = subprocess.Popen(
                 [sys.executable, "-c", _OFFLINE, args.model, str(args.output_len)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                env=dict(os.environ, EMBER_NUM_THREADS=str(t)))
+                env=dict(os.environ, EMBER_NUM_THREADS=tag.split("t")[0], **env))
         for port, proc in servers.values():
             wait_ready(port, proc)
         results: dict[str, list[dict[str, float]]] = {n: [] for n in servers}
-        results.update({f"offline-{t}t": [] for t in offline})
+        results.update({f"offline-{t}": [] for t in offline})
         for port, _ in servers.values():  # warm-up (kernels, first-request paths)
             one_request(port, "warm up the server", 8)
         hist_before = {name: histogram_sums(port) for name, (port, _) in servers.items()}
@@ -195,7 +205,7 @@ def main() -> int:
                 assert proc.stdin is not None and proc.stdout is not None
                 proc.stdin.write(f"round {r} garden letter morning evening sister\n")
                 proc.stdin.flush()
-                results[f"offline-{t}t"].append(json.loads(proc.stdout.readline()))
+                results[f"offline-{t}"].append(json.loads(proc.stdout.readline()))
             print(f"round {r + 1}/{args.rounds} " + " ".join(
                 f"{n}={v[-1].get('decode_tok_s', v[-1].get('tok_s', 0)):.0f}"
                 for n, v in results.items()), flush=True)

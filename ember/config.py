@@ -38,6 +38,9 @@ class EnvSettings:
     cpu_isa: str | None = None
     """EMBER_CPU_ISA: force the kernels' instruction set ('avx512-vnni', 'avx2' or 'portable';
     e.g. to test the AVX2 kernels on an AVX-512 machine); unset: the best this CPU has."""
+    sample_single_thread_rows: int | None = None
+    """EMBER_SAMPLE_SINGLE_THREAD_ROWS: steps sampling at most this many rows run the sampler
+    on one torch thread (None: `ember.sampling.threads.DEFAULT_SINGLE_THREAD_ROWS`; 0: never)."""
     cxx: str | None = None
     """EMBER_CXX (else CXX): the C++ compiler command the kernels are built with (default: g++,
     c++ or clang++ on PATH). A command that is not found means no compiler: Ember then uses a
@@ -52,6 +55,7 @@ class EnvSettings:
     @classmethod
     def from_env(cls) -> "EnvSettings":
         threads = os.environ.get("EMBER_NUM_THREADS")
+        rows = os.environ.get("EMBER_SAMPLE_SINGLE_THREAD_ROWS")
         dirs = os.environ.get("EMBER_MODEL_PATH", "")
         return cls(
             num_threads=int(threads) if threads else None,
@@ -60,6 +64,7 @@ class EnvSettings:
             model_dirs=tuple(d for d in dirs.split(os.pathsep) if d),
             api_key=os.environ.get("EMBER_API_KEY") or None,
             cpu_isa=os.environ.get("EMBER_CPU_ISA") or None,
+            sample_single_thread_rows=int(rows) if rows else None,
             cxx=os.environ.get("EMBER_CXX") or os.environ.get("CXX") or None,
         )
 

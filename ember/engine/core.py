@@ -98,6 +98,8 @@ class EngineCore:
                     self.layout.num_blocks, self.layout.block_size,
                     self.layout.groups.page_layers, self.layout.groups.num_groups,
                     self.layout.max_model_len)
+        if config.env.sample_single_thread_rows is not None:
+            self.runner.single_thread_sampling_rows = config.env.sample_single_thread_rows
         self.structured = StructuredOutputManager(loaded.tokenizer, kernels=self.kernels)
         self.runner.structured = self.structured
         if self.spec is not None:  # constrained drafts: cut to their grammar-valid prefix

@@ -17,6 +17,7 @@ from ember.plan import KERNELS_PAGED, ExecutionPlan
 from ember.sampling.constrained import StructuredOutputManager
 from ember.sampling.logprobs import compute_token_logprobs
 from ember.sampling.sampler import Sampler
+from ember.sampling.threads import DEFAULT_SINGLE_THREAD_ROWS, sampling_threads
 from ember.spec_decode.rejection import RejectionSampler, SpecRow
 from ember.types import (ModelRunnerOutput, SamplingBatchRow, ScheduledRequest, SchedulerOutput,
                          TokenLogprobs)
@@ -64,6 +65,8 @@ class ModelRunner:
         self.sampler = sampler
         self.rejection_sampler = RejectionSampler(sampler)
         """Verifies draft tokens (speculative decoding) with the sampler's random numbers."""
+        self.single_thread_sampling_rows = DEFAULT_SINGLE_THREAD_ROWS
+        """Steps sampling at most this many rows use one torch thread (see sampling/threads.py)."""
         shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
         # NOTE: one tensor per layer (not one big buffer sliced per layer): compiled decode
         # graphs are much faster with distinct per-layer tensors.
@@ -155,6 +158,11 @@ class ModelRunner:
                 out: ModelRunnerOutput) -> None:
         """One token per request, or with drafts: the verified tokens (logits has one row per
         request, plus one per draft token)."""
+        with sampling_threads(logits.shape[0], self.single_thread_sampling_rows):
+            self._sample_rows(logits, reqs, out)
+
+    def _sample_rows(self, logits: torch.Tensor, reqs: list[ScheduledRequest],
+                     out: ModelRunnerOutput) -> None:
         batch = self._sampling_rows(reqs)
         if any(sr.spec_token_ids for sr in reqs):
             if self.structured is not None:
