@@ -17,7 +17,7 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-QUANTIZATIONS = ("auto", "int8", "int4", "native", "native-q4head")
+QUANTIZATIONS = ("auto", "int8", "int4", "native", "native-q4head", "native-q6head")
 """Values of ModelConfig.quantization besides None (resolved by ember.plan.resolve_plan)."""
 
 

@@ -1,0 +1,90 @@
+"""The Q6 head format (ember.formats.q6) and its kernel (q6_head.cpp): exact Q6_K repack,
+the requantizer's error, the kernel's logits against the dequantized reference on every ISA
+this CPU runs, and the plan's head choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from ember.formats import dequant
+from ember.formats.blocks import Q4Blocks, Q8Blocks
+from ember.formats.q6 import Q6Blocks, pack_q6, super_blocks
+from ember.kernels.build import supported_isas
+
+
+def _q6_k_raw(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random valid Q6_K blocks (rows, cols / 256 * 210) uint8 with finite fp16 d."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, cols // 256, 210), dtype=np.uint8)
+    d = (rng.random((rows, cols // 256)) * 0.01 + 1e-4).astype(np.float16)
+    raw[..., 208:210] = d.view(np.uint8).reshape(rows, cols // 256, 2)
+    return raw.reshape(rows, -1)
+
+
+def test_q6_k_repack_is_exact() -> None:
+    raw = _q6_k_raw(24, 512)
+    blocks = Q6Blocks.from_q6_k(raw, (24, 512))
+    assert blocks.sb == 8
+    ref = dequant.dequant_q6_k(raw, (24, 512))
+    assert torch.equal(blocks.dequantize(), ref)
+
+
+def test_requantized_error_between_q8_and_q4() -> None:
+    """The Q6_K recipe on a Q8_0-like weight: far closer than round-to-nearest Q4 g32, and no
+    closer than Q8 (it has fewer levels)."""
+    torch.manual_seed(0)
+    w = torch.randn(256, 640) * torch.rand(256, 1)
+    q6 = Q6Blocks.quantize(w)
+    assert q6.sb == super_blocks(640) == 4
+    assert int(q6.q.min()) >= -32 and int(q6.q.max()) <= 31
+    err = lambda approx: float((approx - w).norm() / w.norm())  # noqa: E731
+    e6, e4, e8 = err(q6.dequantize()), err(Q4Blocks.quantize(w).dequantize()), \
+        err(Q8Blocks.quantize(w).dequantize())
+    assert e8 < e6 < e4 / 3, (e8, e6, e4)
+    assert e6 < 0.02  # a 6-bit grid over ~4 sigma of a Gaussian: step/sqrt(12) ~ 1.8%
+
+
+@pytest.mark.parametrize("isa", [i.name for i in supported_isas()])
+@pytest.mark.parametrize("mrows", [1, 3, 9])
+def test_q6_gemm_matches_dequantized_reference(load_kernels, isa: str, mrows: int) -> None:
+    """Logits of the kernel vs x @ dequantize(W)^T: the only difference is the int8
+    activations (the other kernels' quantization), so within the Q8 kernel's own error."""
+    from ember.layers.q6_head import q6_gemm
+
+    kernels = load_kernels(isa)
+    torch.manual_seed(1)
+    n, k = 40, 640  # 40 rows: a padded last tile
+    q6 = Q6Blocks.quantize(torch.randn(n, k))
+    packed, d = pack_q6(q6)
+    x = torch.randn(mrows, k)
+    y = q6_gemm(kernels, x, packed, d, q6.sb)[:, :n]
+    ref = x @ q6.dequantize().T
+    # the activation rounding alone, through the same dequantized weights
+    qx = Q8Blocks.quantize(x).dequantize()
+    exact_acts = qx @ q6.dequantize().T
+    torch.testing.assert_close(y, exact_acts, rtol=1e-4, atol=1e-3)
+    assert float((y - ref).norm() / ref.norm()) < 0.01
+
+
+def test_q6_gemm_exact_q6_k_head(load_kernels) -> None:
+    """A GGUF Q6_K matrix runs exactly: the kernel against its dequantized values (sb = 8)."""
+    from ember.layers.q6_head import Q6Linear
+
+    kernels = load_kernels(None)
+    raw = _q6_k_raw(32, 512, seed=3)
+    layer = Q6Linear.from_blocks(Q6Blocks.from_q6_k(raw, (32, 512)), kernels)
+    x = torch.randn(2, 512)
+    qx = Q8Blocks.quantize(x).dequantize()
+    torch.testing.assert_close(layer(x), qx @ dequant.dequant_q6_k(raw, (32, 512)).T,
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_plan_picks_q6_head_for_native_q6head() -> None:
+    from ember.plan import _weights
+
+    assert _weights("native-q6head", "int8", {"a": "int4"})[2] == "q6"
+    assert _weights("native", "int8", {})[2] == "q8"
+    assert T.Q6_K  # the GGUF type the exact path reads
