@@ -177,4 +177,63 @@ void q6_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, co
   }
 }
 
+// Q6 codes of a dense (N, K) float32 weight by llama.cpp's Q6_K recipe, the reference being
+// ember.formats.q6._quantize_rows: per 16 columns the codes (round, clamp to [-32, 31]) of the
+// candidate scale peak / c (peak: the signed largest-magnitude value, c from kCandidates) with
+// the least squared error after the least-squares rescale; then per super-block of sb * 32
+// columns d = max |scale| / 127, sc = round(scale / d), q = round(w / (d sc)).
+// q (N, K) int8, sc (N, K/16) int8, d (N, K/(32 sb)) float32.
+void q6_quantize(const float* w, int64_t n, int64_t k, int64_t sb, int8_t* q, int8_t* sc,
+                 float* d, int nthreads) {
+  static const float kCandidates[] = {-32.0f, -31.5f, -31.0f, -32.5f, -33.0f, -30.5f};
+  const int64_t groups = k / 16, per_super = 2 * sb, supers = groups / per_super;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < n; ++r) {
+    const float* row = w + r * k;
+    std::vector<float> scale(static_cast<size_t>(groups));
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* x = row + g * 16;
+      float peak = 0.0f;
+      for (int e = 0; e < 16; ++e)
+        if (fabsf(x[e]) > fabsf(peak)) peak = x[e];
+      const float safe = peak == 0.0f ? 1.0f : peak;
+      float best_err = INFINITY, best = 0.0f;
+      for (float c : kCandidates) {
+        const float is = c / safe;
+        float qx = 0.0f, qq = 0.0f, qv[16];
+        for (int e = 0; e < 16; ++e) {
+          qv[e] = std::min(31.0f, std::max(-32.0f, nearbyintf(x[e] * is)));
+          qx += qv[e] * x[e];
+          qq += qv[e] * qv[e];
+        }
+        const float s = qx / std::max(qq, 1e-30f);
+        float err = 0.0f;
+        for (int e = 0; e < 16; ++e) err += (x[e] - s * qv[e]) * (x[e] - s * qv[e]);
+        if (err < best_err) {
+          best_err = err;
+          best = s;
+        }
+      }
+      scale[static_cast<size_t>(g)] = best;
+    }
+    for (int64_t s = 0; s < supers; ++s) {
+      float amax = 0.0f;
+      for (int64_t g = s * per_super; g < (s + 1) * per_super; ++g)
+        amax = std::max(amax, fabsf(scale[static_cast<size_t>(g)]));
+      const float ds = amax / 127.0f;
+      d[r * supers + s] = ds;
+      for (int64_t g = s * per_super; g < (s + 1) * per_super; ++g) {
+        const float c = ds > 0.0f ? std::min(127.0f, std::max(-127.0f,
+                                    nearbyintf(scale[static_cast<size_t>(g)] / ds))) : 0.0f;
+        sc[r * groups + g] = static_cast<int8_t>(c);
+        const float step = ds * c;
+        for (int e = 0; e < 16; ++e) {
+          const float v = step != 0.0f ? nearbyintf(row[g * 16 + e] / step) : 0.0f;
+          q[r * k + g * 16 + e] = static_cast<int8_t>(std::min(31.0f, std::max(-32.0f, v)));
+        }
+      }
+    }
+  }
+}
+
 }  // extern "C"
