@@ -95,7 +95,7 @@ def test_kernel_quantizer_matches_reference(load_kernels) -> None:
     assert got.sb == ref.sb == 4
     assert float((got.q != ref.q).float().mean()) < 0.03
     assert float((got.sc != ref.sc).float().mean()) < 0.15
-    torch.testing.assert_close(got.d, ref.d, rtol=0.03, atol=0.0)
+    assert float(((got.d - ref.d).abs() / ref.d).mean()) < 0.01
     e_ref = float((ref.dequantize() - w).norm() / w.norm())
     e_got = float((got.dequantize() - w).norm() / w.norm())
     assert abs(e_got - e_ref) < 0.01 * e_ref
