@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from ctypes import c_int, c_int64, c_void_p
+from typing import Any
 
 import torch
 from gguf import GGMLQuantizationType as T
@@ -17,7 +18,8 @@ from ember.formats.stored import StoredWeight
 from ember.kernels.ops import CpuKernels
 from ember.layers.cpu_quant import _KernelLinear
 
-_SIG = [c_void_p, c_int64, c_int64, c_void_p, c_void_p, c_int64, c_int64, c_void_p, c_int]
+_SIG: list[Any] = [c_void_p, c_int64, c_int64, c_void_p, c_void_p, c_int64, c_int64, c_void_p,
+                   c_int]
 
 
 def q6_gemm(kernels: CpuKernels, x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor,
@@ -33,7 +35,7 @@ def q6_gemm(kernels: CpuKernels, x: torch.Tensor, packed: torch.Tensor, d: torch
     return y
 
 
-_QSIG = [c_void_p, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_int]
+_QSIG: list[Any] = [c_void_p, c_int64, c_int64, c_int64, c_void_p, c_void_p, c_void_p, c_int]
 
 
 def q6_quantize(kernels: CpuKernels, w: torch.Tensor, sb: int | None = None) -> Q6Blocks:
