@@ -106,4 +106,10 @@ def test_plan_picks_q6_head_for_native_q6head() -> None:
 
     assert _weights("native-q6head", "int8", {"a": "int4"})[2] == "q6"
     assert _weights("native", "int8", {})[2] == "q8"
-    assert T.Q6_K  # the GGUF type the exact path reads
+    # a Q6_K head (checkpoints marks it 'q6'): the native plan runs it exactly as Q6
+    assert _weights("native", "int8", {"lm_head.weight": "q6"})[2] == "q6"
+    assert _weights("native-q4head", "int8", {"lm_head.weight": "q6"})[2] == "q4"
+    assert _weights("auto", "int8", {"model.embed_tokens.weight": "q6"})[2] == "q6"
+    assert _weights("int8", "int8", {"lm_head.weight": "q6"})[2] == "q8"  # explicit int8
+    from ember.formats.table import format_for
+    assert format_for(T.Q6_K).head == "q6" and format_for(T.Q8_0).head == "q8"
