@@ -4,6 +4,8 @@ this CPU runs, and the plan's head choice."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,32 @@ def test_plan_picks_q6_head_for_native_q6head() -> None:
     assert _weights("int8", "int8", {"lm_head.weight": "q6"})[2] == "q8"  # explicit int8
     from ember.formats.table import format_for
     assert format_for(T.Q6_K).head == "q6" and format_for(T.Q8_0).head == "q8"
+
+
+def test_checkpoint_marks_a_q6_k_head() -> None:
+    """The GGUF reader's per-tensor formats mark a Q6_K head (or tied embedding) 'q6', which
+    the plan then runs exactly; a Q6_K layer matrix stays 'int8', a Q8_0 head unmarked."""
+    from types import SimpleNamespace
+    from typing import Any
+
+    from ember.loading.checkpoints import _gguf_tensor_formats
+    from ember.models.arch import ArchConfig
+    from ember.models.gemma3 import Gemma3ForCausalLM
+
+    def gf(head: T, tied: bool) -> Any:
+        name = "token_embd.weight" if tied else "output.weight"
+        return SimpleNamespace(tensors={
+            name: SimpleNamespace(qtype=head, shape=(512, 256)),
+            "blk.0.ffn_down.weight": SimpleNamespace(qtype=T.Q6_K, shape=(256, 512))})
+
+    arch = ArchConfig(architecture="gemma3", vocab_size=512, hidden_size=256,
+                      intermediate_size=512, num_layers=1, num_heads=1, num_kv_heads=1,
+                      head_dim=256, max_position=64)
+    tied = _gguf_tensor_formats(gf(T.Q6_K, True), Gemma3ForCausalLM, arch)
+    assert tied["model.embed_tokens.weight"] == "q6"
+    assert tied["model.layers.0.mlp.down_proj.weight"] == "int8"
+    untied = dataclasses.replace(arch, tie_word_embeddings=False)
+    assert _gguf_tensor_formats(gf(T.Q6_K, False), Gemma3ForCausalLM, untied)[
+        "lm_head.weight"] == "q6"
+    assert _gguf_tensor_formats(gf(T.Q8_0, True), Gemma3ForCausalLM, arch)[
+        "model.embed_tokens.weight"] == "int8"
