@@ -144,3 +144,28 @@ def test_checkpoint_marks_a_q6_k_head() -> None:
         "lm_head.weight"] == "q6"
     assert _gguf_tensor_formats(gf(T.Q8_0, True), Gemma3ForCausalLM, arch)[
         "model.embed_tokens.weight"] == "int8"
+
+
+def test_factory_builds_q6_head_beside_an_exact_q8_embedding(load_kernels) -> None:
+    from ember.formats.stored import DenseWeight
+    from ember.layers.cpu_quant import Q8Embedding
+    from ember.layers.factory import LayerFactory
+    from ember.layers.q6_head import Q6Linear
+
+    ops = LayerFactory(weights="int8", kernels=load_kernels(None), head="q6")
+    embed, head = ops.embedding_and_head(vocab=50, hidden=256, tied=True)
+    assert isinstance(embed, Q8Embedding) and isinstance(head, Q6Linear)
+    assert head.format == "q6-k"
+    torch.manual_seed(4)
+    w = torch.randn(50, 256)
+    for layer in (embed, head):  # the loader fills both from the tied tensor
+        layer.load_weight(slice(0, 50), DenseWeight(w))
+        layer.finalize()
+    assert head.sb == 8 and head.packed.shape == (4, 8, 416)  # 50 rows -> 4 tiles
+    ids = torch.tensor([0, 7, 49])
+    torch.testing.assert_close(embed(ids), Q8Blocks.quantize(w).dequantize()[ids])
+    x = torch.randn(2, 256)
+    qx = Q8Blocks.quantize(x).dequantize()
+    from ember.layers.q6_head import q6_quantize
+    ref = qx @ q6_quantize(ops.kernels, w).dequantize().T  # type: ignore[arg-type]
+    torch.testing.assert_close(head(x), ref, rtol=1e-4, atol=1e-3)
