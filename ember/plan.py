@@ -135,8 +135,11 @@ def resolve_plan(config: ModelConfig, arch: ArchConfig, model_cls: type[CausalLM
     weights, per_tensor, head = _weights(config.quantization, source_format,
                                          tensor_formats or {})
     use_kernels = kernels is not None and config.cpu_kernels
-    if head == "q4" and not (use_kernels and weights is not None):
-        raise ConfigError(f"--quantization {config.quantization} (a 4-bit LM head) needs a "
+    if head == "q6" and config.quantization in ("auto", "native") and not (
+            use_kernels and weights is not None):
+        head = "q8"  # a stored Q6_K head off the kernels: the usual head
+    if head in ("q4", "q6") and not (use_kernels and weights is not None):
+        raise ConfigError(f"--quantization {config.quantization} (a {head} LM head) needs a "
                           "quantized model on Ember's CPU kernels")
     quantized = weights is not None
     dtype = (torch.bfloat16 if config.dtype == "bfloat16" or (quantized and not use_kernels)
@@ -171,11 +174,20 @@ def _weights(quantization: str | None, source_format: str | None,
     # the fused decoder and the module path part on a near-tie greedy token under 'native'
     # (see the README), so the per-tensor plan is opt-in until that is understood.
     choice = source_format if quantization == "auto" else quantization
-    if choice in ("native", "native-q4head"):
+    stored_q6 = "q6" in (tensor_formats.get("lm_head.weight"),
+                         tensor_formats.get("model.embed_tokens.weight"))
+    if choice in ("native", "native-q4head", "native-q6head"):
         # NOTE: a file whose layers are mostly dense (source_format None) stays dense.
         per_tensor = dict(tensor_formats) if source_format is not None else {}
-        return source_format, per_tensor, "q4" if choice == "native-q4head" else "q8"
-    return choice, {}, "q8"
+        # NOTE: the format table decides the head (ember.formats.table `head`): a Q6_K head
+        # runs exactly as 'q6' (checkpoints marks it so in tensor_formats).
+        return source_format, per_tensor, _HEADS.get(choice, "q6" if stored_q6 else "q8")
+    return choice, {}, "q6" if stored_q6 and quantization == "auto" and choice else "q8"
+
+
+_HEADS = {"native-q4head": "q4", "native-q6head": "q6"}
+"""Opt-in LM head formats: 'q4' (round-to-nearest Q4 g32, lossy), 'q6' (llama.cpp's Q6_K
+recipe, ember.formats.q6: exact for a Q6_K head, requantized from any other)."""
 
 
 def _kv_dtype(choice: str, kernel_default: bool, dtype: torch.dtype) -> torch.dtype:

@@ -275,6 +275,13 @@ def run_offline_bench(args: OfflineBenchArgs, console: Console | None = None) ->
         bound = bandwidth * 1e9 / weight_bytes
         if "decode_16_tok_s" in m:
             m["decode_bandwidth_fraction"] = m["decode_16_tok_s"] / bound
+    from ember.bench.byte_budget import budget, read_gguf_bytes
+    # what a decode token reads per engine and the tok/s the bandwidth allows for it
+    gguf, why = read_gguf_bytes(args.model_path)
+    report["byte_budget"] = budget(medians, gguf, bandwidth)
+    if why:
+        notes.append(why)
+    report["contended"] = max(loadavg_before[0], report["loadavg_after"][0]) > 0.5
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "bench_offline.json").write_text(json.dumps(report, indent=2))
     plot(medians, args.out_dir / "bench_offline.png")

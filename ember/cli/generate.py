@@ -52,6 +52,7 @@ def add_quantization_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -
                         "(Q4 GGUF -> int4, Q8_0/Q5_0/Q6_K -> int8, else dense); native: each matrix in the kernel "
                         "format nearest its stored type (Q4_0/Q4_1/Q4_K -> int4, others -> "
                         "int8); native-q4head: native plus a 4-bit LM head (opt-in, lossy); "
+                        "native-q6head: native plus a 6-bit Q6_K-style head; "
                         "int8 / int4: every matrix in one format; none: dense --dtype")
     p.add_argument("--no-cpu-kernels", action="store_true",
                    help="use PyTorch ops instead of Ember's AVX-512 kernels")

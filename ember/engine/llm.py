@@ -44,7 +44,8 @@ class LLM:
         file's own format, on Ember's kernels where the CPU has them), None (dense `dtype`:
         the exact reference), 'int8' or 'int4' (one format for every matrix), 'native' (each
         matrix in the kernel format nearest its GGUF type) or
-        'native-q4head' (native plus a lossy 4-bit LM head, opt-in).
+        'native-q4head' (native plus a lossy 4-bit LM head, opt-in) or 'native-q6head' (native
+        plus a 6-bit Q6_K-style head: exact for a Q6_K head, else +0.3% perplexity on Gemma).
         generation_config: where `get_default_sampling_params()` comes from ('auto': the
         model's generation_config.json / GGUF sampling metadata, else Ember's fallback;
         'none': SamplingParams' own defaults; or a folder with a generation_config.json).

@@ -48,6 +48,9 @@ class FormatSpec:
     type_size: int
     dequantize: Dequantizer
     runs: str
+    head: str = "q8"
+    """The kernel format a matrix of this type runs as the LM head: 'q6' (Q6_K, exact:
+    ember.formats.q6) or 'q8' (Q8 g32: exact for Q8_0 / Q5_0, else requantized)."""
 
     @property
     def bits_per_weight(self) -> float:
@@ -68,7 +71,7 @@ _SPECS = (
     FormatSpec("Q3_K", T.Q3_K, 256, 110, dequant.dequant_q3_k, RUNS_DEQUANT),
     FormatSpec("Q4_K", T.Q4_K, 256, 144, dequant.dequant_q4_k, RUNS_INT4_REPACK),
     FormatSpec("Q5_K", T.Q5_K, 256, 176, dequant.dequant_q5_k, RUNS_DEQUANT),
-    FormatSpec("Q6_K", T.Q6_K, 256, 210, dequant.dequant_q6_k, RUNS_DEQUANT),
+    FormatSpec("Q6_K", T.Q6_K, 256, 210, dequant.dequant_q6_k, RUNS_DEQUANT, head="q6"),
     FormatSpec("Q8_K", T.Q8_K, 256, 292, dequant.dequant_q8_k, RUNS_DEQUANT),
 )
 

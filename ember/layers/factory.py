@@ -50,7 +50,8 @@ class LayerFactory:
     """Per-matrix formats of a 'native' plan (HF parameter name -> 'int4' / 'int8'); matrices
     not named here run `weights`."""
     head: str = "q8"
-    """The quantized LM head's format: 'q8' or 'q4' (opt-in, lossy; kernels only)."""
+    """The quantized LM head's format: 'q8', 'q6' (Q6_K geometry) or 'q4' (opt-in, lossy;
+    kernels only)."""
 
     def __post_init__(self) -> None:
         if self.weights not in WEIGHT_FORMATS:
@@ -113,6 +114,13 @@ class LayerFactory:
         every step); on the kernels the embedding is looked up from a Q8 table, the head's
         own when tied, so no dense copy of either stays in memory. A dense tied head shares
         the embedding's parameter."""
+        if self.weights is not None and self.kernels is not None and self.head == "q6":
+            # NOTE: the Q6 head (Q6_K's geometry, ember.formats.q6) keeps the embedding's
+            # exact Q8 table beside it, as the Q4 head does.
+            from ember.layers.q6_head import Q6Linear
+            table = Q8Linear(hidden, vocab, self.kernels, self.dtype)
+            return (Q8Embedding(table, self.dtype, tied=False),
+                    Q6Linear(hidden, vocab, self.kernels, self.dtype))
         if self.weights is not None and self.kernels is not None and self.head == "q4":
             # NOTE: the opt-in 4-bit head is requantized from the stored head (round-to-
             # nearest); the embedding keeps its own exact Q8 table (lookups stay exact).

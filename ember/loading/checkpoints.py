@@ -16,6 +16,7 @@ import torch
 
 from ember.errors import ModelLoadError
 from ember.formats.repack import nearest_kernel_format
+from ember.formats.table import format_for
 from ember.formats.stored import BlockWeight, DenseWeight, StoredWeight
 from ember.loading.gguf import GGUFFile, read_gguf
 from ember.loading.sources import ModelSource
@@ -117,6 +118,12 @@ def _gguf(source: ModelSource, gf: GGUFFile, cache_dir: Path) -> Checkpoint:
                       gguf=gf, tensor_formats=_gguf_tensor_formats(gf, cls, arch))
 
 
+def head_names(arch: ArchConfig) -> frozenset[str]:
+    """The parameter names the LM head is loaded from (the embedding's when tied)."""
+    return frozenset({"lm_head.weight", "model.embed_tokens.weight"}
+                     if arch.tie_word_embeddings else {"lm_head.weight"})
+
+
 def _gguf_tensor_formats(gf: GGUFFile, cls: type[CausalLM], arch: ArchConfig
                          ) -> dict[str, str]:
     """HF parameter name -> nearest kernel format of every quantized matrix of the file."""
@@ -124,6 +131,9 @@ def _gguf_tensor_formats(gf: GGUFFile, cls: type[CausalLM], arch: ArchConfig
     for name, tensor in gf.tensors.items():
         mapped = cls.map_gguf_name(name, arch)
         fmt = nearest_kernel_format(tensor.qtype) if len(tensor.shape) == 2 else None
+        if mapped is not None and fmt is not None and mapped[0] in head_names(arch) \
+                and format_for(tensor.qtype).head == "q6":
+            fmt = "q6"  # NOTE: a Q6_K head runs exactly in its own kernel format
         if mapped is not None and fmt is not None:
             formats[mapped[0]] = fmt
     return formats

@@ -1,0 +1,239 @@
+// Q6 weights (6-bit codes, Q6_K's scale geometry) for large matrices read once per decode step:
+// the LM head. One entry point, q6_gemm; the activation quantization is the other kernels'
+// (kernels.h QuantizedActs), so a Q6 head sees the same int8 activations as a Q8 head.
+//
+// Format (N padded to 16 rows, K a multiple of 32 * sb):
+//   w = d[row][super] * sc[row][k / 16] * q,  q int in [-32, 31], stored as u = q + 32 (6 bits),
+//   sc int8 (one per 16 columns), d float32 (one per `sb` blocks of 32 columns: sb = 8 is
+//   GGUF Q6_K's 256-column super-block, exactly).
+//   packed (N/16, K/32, 416) uint8 per tile t and block b:
+//     [0, 256):   low nibbles, Q4's interleaving: byte [c][4 l + e] (c < 4) =
+//                 lo(u[16t+l][32b + 4c + e]) | lo(u[16t+l][32b + 16 + 4c + e]) << 4
+//     [256, 384): high 2 bits: byte [p][4 l + e] (p < 2), bits 2i..2i+1 = hi(u[16t+l][32b + 4j + e])
+//                 with j = 4p + i (column group j of 4 columns)
+//     [384, 416): sub-scales int8: [h][l] = sc[16t+l][2b + h]
+//   d (N/16, K/(32 sb), 16) float32: [t][s][l] = d[16t+l][s].
+// The AVX2 code below also serves the AVX-512 build (its flags include AVX2; not tested on an
+// AVX-512 machine here); EMBER_ISA_PORTABLE gets plain C++.
+
+#include "kernels.h"
+
+namespace {
+
+constexpr int64_t kQ6BlockBytes = 416;
+
+// Per activation row and 16-column half block: the sum of its int8 codes (the -32 offset term).
+std::vector<int32_t> half_sums(const QuantizedActs& a, int64_t mrows) {
+  const int64_t halves = a.nb * 2;
+  std::vector<int32_t> xs(static_cast<size_t>(mrows * halves));
+  for (int64_t i = 0; i < mrows; ++i) {
+    const int8_t* q = a.qrow(i);
+    for (int64_t h = 0; h < halves; ++h) {
+      int32_t s = 0;
+      for (int e = 0; e < 16; ++e) s += q[h * 16 + e];
+      xs[static_cast<size_t>(i * halves + h)] = s;
+    }
+  }
+  return xs;
+}
+
+#if defined(EMBER_ISA_PORTABLE)
+
+template <int C>
+void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& a,
+             const int32_t* xs, int64_t m0, float* y, int64_t n) {
+  float acc[C][16] = {};
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wb = w + b * kQ6BlockBytes;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(wb + 384);
+    const float* dt = d + (b / sb) * 16;
+    int32_t u[16][32];
+    for (int l = 0; l < 16; ++l)
+      for (int j = 0; j < 8; ++j)
+        for (int e = 0; e < 4; ++e) {
+          const uint8_t lo = wb[(j % 4) * 64 + 4 * l + e];
+          const uint8_t hi = wb[256 + (j / 4) * 64 + 4 * l + e];
+          u[l][4 * j + e] = ((j < 4 ? lo & 0xF : lo >> 4) | (((hi >> (2 * (j % 4))) & 3) << 4));
+        }
+    for (int c = 0; c < C; ++c) {
+      const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
+      const int32_t* xh = xs + (m0 + c) * a.nb * 2 + 2 * b;
+      const float dx = a.d[static_cast<size_t>((m0 + c) * a.nb + b)];
+      for (int l = 0; l < 16; ++l) {
+        int32_t d0 = 0, d1 = 0;
+        for (int e = 0; e < 16; ++e) d0 += u[l][e] * xq[e];
+        for (int e = 16; e < 32; ++e) d1 += u[l][e] * xq[e];
+        const int32_t isum = sc[l] * (d0 - 32 * xh[0]) + sc[16 + l] * (d1 - 32 * xh[1]);
+        acc[c][l] += static_cast<float>(isum) * (dt[l] * dx);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int l = 0; l < 16; ++l) y[(m0 + c) * n + l] = acc[c][l];
+}
+
+#else
+
+template <int C>
+void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& a,
+             const int32_t* xs, int64_t m0, float* y, int64_t n) {
+  __m256 acc[C][2];
+  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wb = w + b * kQ6BlockBytes;
+    // NOTE: decode streams the head once from DRAM: prefetch ~5 blocks ahead.
+    for (int c = 0; c < 7; ++c)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 2048 + 64 * c), _MM_HINT_T0);
+    __m256i u[2][8];  // [half][j]: half 0 = rows 0..7, 1 = rows 8..15; u in [0, 63]
+    for (int hh = 0; hh < 2; ++hh) {
+      const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 + hh * 32));
+      const __m256i h1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 320 + hh * 32));
+      const __m256i hi[8] = {
+          _mm256_and_si256(_mm256_slli_epi16(h0, 4), m2), _mm256_and_si256(_mm256_slli_epi16(h0, 2), m2),
+          _mm256_and_si256(h0, m2), _mm256_and_si256(_mm256_srli_epi16(h0, 2), m2),
+          _mm256_and_si256(_mm256_slli_epi16(h1, 4), m2), _mm256_and_si256(_mm256_slli_epi16(h1, 2), m2),
+          _mm256_and_si256(h1, m2), _mm256_and_si256(_mm256_srli_epi16(h1, 2), m2)};
+      for (int c = 0; c < 4; ++c) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + hh * 32));
+        u[hh][c] = _mm256_or_si256(_mm256_and_si256(raw, m4), hi[c]);
+        u[hh][c + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), hi[c + 4]);
+      }
+    }
+    const __m128i scb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 384));
+    const __m128i scb2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 400));
+    // sc[h][rows 8 hh ..]: half-block h, row half hh
+    const __m256i sc[2][2] = {{_mm256_cvtepi8_epi32(scb), _mm256_cvtepi8_epi32(_mm_srli_si128(scb, 8))},
+                              {_mm256_cvtepi8_epi32(scb2), _mm256_cvtepi8_epi32(_mm_srli_si128(scb2, 8))}};
+    const float* dt = d + (b / sb) * 16;
+    const __m256 dw[2] = {_mm256_loadu_ps(dt), _mm256_loadu_ps(dt + 8)};
+    for (int c = 0; c < C; ++c) {
+      const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
+      const int32_t* xh = xs + (m0 + c) * a.nb * 2 + 2 * b;
+      __m256i xb[8];
+      for (int j = 0; j < 8; ++j) {
+        int32_t v;
+        memcpy(&v, xq + 4 * j, 4);
+        xb[j] = _mm256_set1_epi32(v);
+      }
+      const __m256i off0 = _mm256_set1_epi32(32 * xh[0]), off1 = _mm256_set1_epi32(32 * xh[1]);
+      const __m256 ad = _mm256_set1_ps(a.d[static_cast<size_t>((m0 + c) * a.nb + b)]);
+      for (int hh = 0; hh < 2; ++hh) {
+        // pairs of maddubs stay < 2^15: 2 * 2 * 63 * 127 = 32004
+        const __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(u[hh][0], xb[0]),
+                                            _mm256_maddubs_epi16(u[hh][1], xb[1]));
+        const __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(u[hh][2], xb[2]),
+                                            _mm256_maddubs_epi16(u[hh][3], xb[3]));
+        const __m256i s2 = _mm256_add_epi16(_mm256_maddubs_epi16(u[hh][4], xb[4]),
+                                            _mm256_maddubs_epi16(u[hh][5], xb[5]));
+        const __m256i s3 = _mm256_add_epi16(_mm256_maddubs_epi16(u[hh][6], xb[6]),
+                                            _mm256_maddubs_epi16(u[hh][7], xb[7]));
+        const __m256i dot0 = _mm256_sub_epi32(
+            _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones)), off0);
+        const __m256i dot1 = _mm256_sub_epi32(
+            _mm256_add_epi32(_mm256_madd_epi16(s2, ones), _mm256_madd_epi16(s3, ones)), off1);
+        const __m256i isum = _mm256_add_epi32(_mm256_mullo_epi32(dot0, sc[0][hh]),
+                                              _mm256_mullo_epi32(dot1, sc[1][hh]));
+        acc[c][hh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw[hh], ad), acc[c][hh]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    _mm256_storeu_ps(y + (m0 + c) * n, acc[c][0]);
+    _mm256_storeu_ps(y + (m0 + c) * n + 8, acc[c][1]);
+  }
+}
+
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// y (M, Np) = x (M, K) @ W^T for Q6 weights (format above); sb: blocks of 32 per d.
+void q6_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, const float* d,
+             int64_t sb, int64_t np, float* y, int nthreads) {
+  const QuantizedActs a(x, mrows, k);
+  const std::vector<int32_t> xs = half_sums(a, mrows);
+  const int64_t tiles = np / kTile, nb = a.nb, nsb = nb / sb;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const uint8_t* w = packed + t * nb * kQ6BlockBytes;
+    const float* dt = d + t * nsb * kTile;
+    float* yt = y + t * kTile;
+    int64_t m0 = 0;
+    for (; m0 + kChunk <= mrows; m0 += kChunk) q6_tile<kChunk>(w, dt, sb, a, xs.data(), m0, yt, np);
+    switch (mrows - m0) {
+      case 7: q6_tile<7>(w, dt, sb, a, xs.data(), m0, yt, np); break;
+      case 6: q6_tile<6>(w, dt, sb, a, xs.data(), m0, yt, np); break;
+      case 5: q6_tile<5>(w, dt, sb, a, xs.data(), m0, yt, np); break;
+      case 4: q6_tile<4>(w, dt, sb, a, xs.data(), m0, yt, np); break;
+      case 3: q6_tile<3>(w, dt, sb, a, xs.data(), m0, yt, np); break;
+      case 2: q6_tile<2>(w, dt, sb, a, xs.data(), m0, yt, np); break;
+      case 1: q6_tile<1>(w, dt, sb, a, xs.data(), m0, yt, np); break;
+      default: break;
+    }
+  }
+}
+
+// Q6 codes of a dense (N, K) float32 weight by llama.cpp's Q6_K recipe, the reference being
+// ember.formats.q6._quantize_rows: per 16 columns the codes (round, clamp to [-32, 31]) of the
+// candidate scale peak / c (peak: the signed largest-magnitude value, c from kCandidates) with
+// the least squared error after the least-squares rescale; then per super-block of sb * 32
+// columns d = max |scale| / 127, sc = round(scale / d), q = round(w / (d sc)).
+// q (N, K) int8, sc (N, K/16) int8, d (N, K/(32 sb)) float32.
+void q6_quantize(const float* w, int64_t n, int64_t k, int64_t sb, int8_t* q, int8_t* sc,
+                 float* d, int nthreads) {
+  static const float kCandidates[] = {-32.0f, -31.5f, -31.0f, -32.5f, -33.0f, -30.5f};
+  const int64_t groups = k / 16, per_super = 2 * sb, supers = groups / per_super;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < n; ++r) {
+    const float* row = w + r * k;
+    std::vector<float> scale(static_cast<size_t>(groups));
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* x = row + g * 16;
+      float peak = 0.0f;
+      for (int e = 0; e < 16; ++e)
+        if (fabsf(x[e]) > fabsf(peak)) peak = x[e];
+      const float safe = peak == 0.0f ? 1.0f : peak;
+      float best_err = INFINITY, best = 0.0f;
+      for (float c : kCandidates) {
+        const float is = c / safe;
+        float qx = 0.0f, qq = 0.0f, qv[16];
+        for (int e = 0; e < 16; ++e) {
+          qv[e] = std::min(31.0f, std::max(-32.0f, nearbyintf(x[e] * is)));
+          qx += qv[e] * x[e];
+          qq += qv[e] * qv[e];
+        }
+        const float s = qx / std::max(qq, 1e-30f);
+        float err = 0.0f;
+        for (int e = 0; e < 16; ++e) err += (x[e] - s * qv[e]) * (x[e] - s * qv[e]);
+        if (err < best_err) {
+          best_err = err;
+          best = s;
+        }
+      }
+      scale[static_cast<size_t>(g)] = best;
+    }
+    for (int64_t s = 0; s < supers; ++s) {
+      float amax = 0.0f;
+      for (int64_t g = s * per_super; g < (s + 1) * per_super; ++g)
+        amax = std::max(amax, fabsf(scale[static_cast<size_t>(g)]));
+      const float ds = amax / 127.0f;
+      d[r * supers + s] = ds;
+      for (int64_t g = s * per_super; g < (s + 1) * per_super; ++g) {
+        const float c = ds > 0.0f ? std::min(127.0f, std::max(-127.0f,
+                                    nearbyintf(scale[static_cast<size_t>(g)] / ds))) : 0.0f;
+        sc[r * groups + g] = static_cast<int8_t>(c);
+        const float step = ds * c;
+        for (int e = 0; e < 16; ++e) {
+          const float v = step != 0.0f ? nearbyintf(row[g * 16 + e] / step) : 0.0f;
+          q[r * k + g * 16 + e] = static_cast<int8_t>(std::min(31.0f, std::max(-32.0f, v)));
+        }
+      }
+    }
+  }
+}
+
+}  // extern "C"
