@@ -76,17 +76,18 @@ class _Acceptance:
 
 
 def best_draft_length(alpha: float, max_len: int, cost: float = DRAFT_TOKEN_COST,
-                      min_len: int = 1) -> int:
+                      min_len: int = 1, extra: Callable[[int], float] | None = None) -> int:
     """Draft length maximising expected tokens per unit of step cost.
 
     With per-token acceptance alpha, k drafts yield (1 - alpha^(k+1)) / (1 - alpha) tokens
     (Leviathan et al.) for a step costing 1 + cost * k. Never below `min_len`: 1 for n-gram
     drafts (free to propose; one verify row costs little), 0 for a draft model, whose own
-    steps can cost more than they save.
+    steps can cost more than they save. `extra(k)`, when given, is the measured extra cost of
+    verifying k drafts (in place of the linear cost * k), plus cost * k.
     """
     def value(k: int) -> float:
         expected = k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
-        return expected / (1.0 + cost * k)
+        return expected / (1.0 + cost * k + (extra(k) if extra is not None else 0.0))
 
     return max(range(min_len, max_len + 1), key=value)
 
@@ -96,11 +97,13 @@ _PROBE_EVERY = 8
 so its acceptance estimate follows the text."""
 
 
-def adaptive_length(acc: _Acceptance, cap: int, cost: float) -> int:
+def adaptive_length(acc: _Acceptance, cap: int, cost: float,
+                    extra: Callable[[int], float] | None = None) -> int:
     """This step's draft length for a request with acceptance evidence `acc`, when one draft
-    token costs `cost` of a plain decode step: the length maximising expected tokens per unit
-    of step cost (0 when no length pays; then one token every `_PROBE_EVERY` steps)."""
-    k = best_draft_length(acc.rate(), cap, cost, min_len=0)
+    token costs `cost` of a plain decode step (plus `extra(k)` for verifying k): the length
+    maximising expected tokens per unit of step cost (0 when no length pays; then one token
+    every `_PROBE_EVERY` steps)."""
+    k = best_draft_length(acc.rate(), cap, cost, min_len=0, extra=extra)
     acc.skipped = acc.skipped + 1 if k == 0 else 0
     return 1 if k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
 
@@ -189,7 +192,7 @@ class SpecDecoder:
         if cap <= 0 or not self.config.adaptive:
             return max(cap, 0)
         acc = self._acceptance.setdefault(request.request_id, _Acceptance())
-        return adaptive_length(acc, cap, self.step_cost.cost + self._proposal_cost())
+        return adaptive_length(acc, cap, self._proposal_cost(), self.step_cost.extra)
 
     def _proposal_cost(self) -> float:
         """What proposing one draft token costs, relative to a plain decode step."""

@@ -565,3 +565,20 @@ def test_step_cost_model_fits_the_marginal_row_cost():
     assert abs(model.cost - 0.003 / 0.013) < 1e-6
     # the chosen draft length follows the measured cost: dearer rows, shorter drafts
     assert best_draft_length(0.6, 8, cost=0.05) > best_draft_length(0.6, 8, cost=model.cost)
+
+
+def test_step_cost_uses_measured_row_counts_where_seen():
+    """A second verify row that costs almost nothing (measured) makes a 1-token draft pay at
+    low acceptance, where the linear fit would skip it; unseen row counts use the fit."""
+    from ember.spec_decode.decoder import _Acceptance, adaptive_length
+    from ember.spec_decode.step_cost import StepCostModel
+
+    model = StepCostModel(prior=0.3)
+    for i in range(60):  # 1 row 10 ms, 2 rows 10.2 ms, 5 rows 16 ms
+        rows = (1, 2, 5)[i % 3]
+        model.observe(rows, {1: 0.010, 2: 0.0102, 5: 0.016}[rows])
+    assert abs(model.extra(1) - 0.02) < 1e-9 and abs(model.extra(4) - 0.6) < 1e-9
+    assert abs(model.extra(7) - 7 * model.cost) < 1e-9 and model.cost > 0.1
+    low = _Acceptance(hits=1.0, trials=9.0)  # alpha 0.15
+    assert adaptive_length(low, 16, 0.0, model.extra) == 1
+    assert adaptive_length(_Acceptance(hits=1.0, trials=9.0), 16, model.cost) == 0
