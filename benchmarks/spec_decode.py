@@ -34,6 +34,9 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OUT = Path(__file__).resolve().parent / "results" / "spec_decode"
 NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4,
          "prompt_lookup_min": 2}
+"""The measured config: drafts of up to 5 tokens (a contended run gave the 16-token cap less on
+4 of 5 prompts: see README), each request's length adapted to its
+acceptance (a copy streak drafts long, open text little or none)."""
 CODE = '''def load_rows(path, sep, skip_header):
     rows = []
     with open(path) as handle:
@@ -96,37 +99,57 @@ def timed(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[list[int], floa
     return tokens, rate
 
 
-def spec_counts(llm: LLM) -> tuple[int, int]:
+def spec_counts(llm: LLM) -> tuple[int, int, int]:
+    """(verify steps with drafts, draft tokens, accepted tokens) since the engine started."""
     spec = llm.engine.core.spec
-    return (spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens) if spec else (0, 0)
+    if spec is None:
+        return 0, 0, 0
+    return spec.stats.num_drafts, spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens
 
 
-def run_workloads(base: LLM, spec: LLM, max_tokens: int, rounds: int) -> dict[str, dict]:
+def run_workloads(base: LLM, spec: LLM, max_tokens: int, rounds: int,
+                  compare: LLM | None = None) -> dict[str, dict]:
+    """Off / on (and `compare`, a second speculative config) interleaved per workload."""
     results: dict[str, dict] = {}
     for name, (kind, message) in workloads().items():
         prompt = base.encode_chat([{"role": "user", "content": message}])
-        off_rates, on_rates = [], []
-        drafted0, accepted0 = spec_counts(spec)
+        off_rates: list[float] = []
+        on_rates: list[float] = []
+        cmp_rates: list[float] = []
+        before = spec_counts(spec)
         identical = True
         for r in range(rounds):  # interleaved; the order alternates between rounds
             order = [(base, off_rates), (spec, on_rates)]
+            if compare is not None:
+                order.append((compare, cmp_rates))
             outs = []
             for llm, rates in (order if r % 2 == 0 else order[::-1]):
                 tokens, rate = timed(llm, prompt, max_tokens)
                 rates.append(rate)
                 outs.append(tokens)
-            identical &= outs[0] == outs[1]
-        drafted, accepted = (a - b for a, b in zip(spec_counts(spec), (drafted0, accepted0)))
+            identical &= all(out == outs[0] for out in outs)
+        steps, drafted, accepted = (a - b for a, b in zip(spec_counts(spec), before))
         off, on = statistics.median(off_rates), statistics.median(on_rates)
         results[name] = {
             "kind": kind, "prompt_tokens": len(prompt), "output_tokens": len(outs[0]),
             "off_tok_s": off, "on_tok_s": on, "speedup": on / off if off else 0.0,
-            "draft_tokens": drafted, "accepted_tokens": accepted,
+            "draft_tokens": drafted, "accepted_tokens": accepted, "verify_steps": steps,
             "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "mean_draft_length": drafted / steps if steps else 0.0,
+            "mean_accepted_per_verify": accepted / steps if steps else 0.0,
             "greedy_identical": identical, "off_runs": off_rates, "on_runs": on_rates}
+        extra = ""
+        if compare is not None:
+            cmp_ = statistics.median(cmp_rates)
+            results[name].update(compare_tok_s=cmp_, compare_speedup=cmp_ / off if off else 0.0,
+                                 compare_runs=cmp_rates)
+            extra = f"  compare x{cmp_ / off if off else 0:4.2f}"
+        row = results[name]
         print(f"{name:14s} {kind:4s} {len(outs[0]):4d} tok  off {off:7.1f}  on {on:7.1f} tok/s"
-              f"  x{on / off if off else 0:4.2f}  acceptance {results[name]['acceptance_rate']:.2f}"
-              f"  identical={identical}", flush=True)
+              f"  x{row['speedup']:4.2f}{extra}  acceptance {row['acceptance_rate']:.2f}"
+              f"  draft {row['mean_draft_length']:.1f} accepted "
+              f"{row['mean_accepted_per_verify']:.1f} per verify  identical={identical}",
+              flush=True)
     return results
 
 
@@ -301,6 +324,11 @@ def main() -> None:
                     help="the speculative config measured (default: n-gram, "
                          f"{json.dumps(NGRAM)}); e.g. '{{\"method\": \"draft\"}}' "
                          "(model: a pruned target, built by --draft-drop-layers when omitted)")
+    ap.add_argument("--out-stem", default=None,
+                    help="file name (no suffix) under benchmarks/results/spec_decode")
+    ap.add_argument("--compare-config", default=None, metavar="JSON",
+                    help="a second speculative config timed in the same interleaved rounds "
+                         "(e.g. the old 5-token cap)")
     ap.add_argument("--draft-drop-layers", type=int, default=6,
                     help="method draft without a model: `ember prune --drop-layers N` of "
                          "--model, cached under ~/.cache/ember/drafts (default 6 of 30)")
@@ -314,6 +342,7 @@ def main() -> None:
         spec_config["model"] = pruned_draft(args.model, args.draft_drop_layers)
     method = spec_config.get("method", "ngram")
     stem = "spec_decode" if spec_config == NGRAM else f"spec_decode_{method}"
+    stem = args.out_stem or stem
     load_before = os.getloadavg()
     if args.clients:
         report = serve_clients(args.model, args.clients, args.rounds, output_len=64)
@@ -326,10 +355,14 @@ def main() -> None:
         return
     base = LLM(args.model, show_progress=False)
     spec = LLM(args.model, show_progress=False, speculative_config=spec_config)
+    compare = (LLM(args.model, show_progress=False,
+                   speculative_config=json.loads(args.compare_config))
+               if args.compare_config else None)
     warm = base.encode_chat([{"role": "user", "content": "Hello"}])
-    for llm in (base, spec):
-        timed(llm, warm, 8)
-    results = run_workloads(base, spec, args.max_tokens, args.rounds)
+    for llm in (base, spec, compare):
+        if llm is not None:
+            timed(llm, warm, 8)
+    results = run_workloads(base, spec, args.max_tokens, args.rounds, compare)
     copy = [r["speedup"] for r in results.values() if r["kind"] == "copy"]
     open_ = [r["speedup"] for r in results.values() if r["kind"] == "open"]
     summary = {"copy_heavy_speedup_geomean": statistics.geometric_mean(copy),
@@ -337,6 +370,7 @@ def main() -> None:
     print(f"copy-heavy speedup x{summary['copy_heavy_speedup_geomean']:.2f} (target 2.5), "
           f"open-ended x{summary['open_ended_speedup_geomean']:.2f} (target 1.3)")
     report = {"model": args.model, "speculative_config": spec_config,
+              "compare_config": json.loads(args.compare_config) if args.compare_config else None,
               "max_tokens": args.max_tokens,
               "rounds": args.rounds, "threads": os.environ.get("EMBER_NUM_THREADS"),
               "label": args.label, "loadavg_before": load_before,

@@ -28,8 +28,12 @@ DEFAULT_MAX_BATCH = 4
 5 rows per sequence vs 1 row gains at most 3.4x at batch 1, 2.1x at batch 2 and ~1.5x from
 batch 4 to 32; from batch 4 on, verification of 4 drafts loses unless acceptance exceeds ~0.85
 (the batch is compute-bound). SpecConfig.disable_by_batch_size overrides it."""
-_DECAY = 0.7
-"""Weight of the past in each request's acceptance estimate (per verification step)."""
+_DECAY = 0.95
+"""Weight of the past in each request's acceptance estimate, per draft token tested."""
+_STEP_DECAY = 0.5
+"""... and per verification step, so a run of failed short drafts (open text after a copied
+stretch) forgets the streak within a few steps, while a streak of long accepted drafts still
+reaches the cap."""
 
 
 @dataclass
@@ -50,37 +54,58 @@ class SpecStats:
 
 @dataclass
 class _Acceptance:
-    """Decayed counts of one request's drafted and accepted tokens."""
+    """One request's decayed per-token acceptance evidence (geometric model: every accepted
+    draft is a success; the first rejected one a failure; the drafts after it were never
+    tested and count neither way)."""
 
-    drafted: float = 0.0
-    accepted: float = 0.0
+    hits: float = 0.0
+    trials: float = 0.0
     skipped: int = 0
-    """Steps in a row without drafts because drafting did not pay (draft model only)."""
+    """Steps in a row without drafts because drafting did not pay."""
+
+    def update(self, drafted: int, accepted: int) -> None:
+        tested = accepted + (1 if accepted < drafted else 0)
+        keep = _STEP_DECAY * _DECAY ** tested
+        self.hits = keep * self.hits + accepted
+        self.trials = keep * self.trials + tested
 
     def rate(self) -> float:
-        # NOTE: an optimistic prior (as if 2 of 2 were accepted) lets new requests draft long.
-        return (self.accepted + 2.0) / (self.drafted + 2.0)
-
-
-_PROBE_EVERY = 8
-"""A draft-model request that stopped drafting (it did not pay) drafts one token every this
-many steps, so its acceptance estimate follows the text."""
+        # NOTE: the prior (half a hit in one trial, alpha 0.5) lets a new request draft ~2
+        # tokens; a streak of accepted drafts then lengthens them towards the cap.
+        return (self.hits + 0.5) / (self.trials + 1.0)
 
 
 def best_draft_length(alpha: float, max_len: int, cost: float = DRAFT_TOKEN_COST,
-                      min_len: int = 1) -> int:
+                      min_len: int = 1, extra: Callable[[int], float] | None = None) -> int:
     """Draft length maximising expected tokens per unit of step cost.
 
     With per-token acceptance alpha, k drafts yield (1 - alpha^(k+1)) / (1 - alpha) tokens
     (Leviathan et al.) for a step costing 1 + cost * k. Never below `min_len`: 1 for n-gram
     drafts (free to propose; one verify row costs little), 0 for a draft model, whose own
-    steps can cost more than they save.
+    steps can cost more than they save. `extra(k)`, when given, is the measured extra cost of
+    verifying k drafts (in place of the linear cost * k), plus cost * k.
     """
     def value(k: int) -> float:
         expected = k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
-        return expected / (1.0 + cost * k)
+        return expected / (1.0 + cost * k + (extra(k) if extra is not None else 0.0))
 
     return max(range(min_len, max_len + 1), key=value)
+
+
+_PROBE_EVERY = 8
+"""A request that stopped drafting (it did not pay) drafts one token every this many steps,
+so its acceptance estimate follows the text."""
+
+
+def adaptive_length(acc: _Acceptance, cap: int, cost: float,
+                    extra: Callable[[int], float] | None = None) -> int:
+    """This step's draft length for a request with acceptance evidence `acc`, when one draft
+    token costs `cost` of a plain decode step (plus `extra(k)` for verifying k): the length
+    maximising expected tokens per unit of step cost (0 when no length pays; then one token
+    every `_PROBE_EVERY` steps)."""
+    k = best_draft_length(acc.rate(), cap, cost, min_len=0, extra=extra)
+    acc.skipped = acc.skipped + 1 if k == 0 else 0
+    return 1 if k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
 
 
 def create_proposer(config: SpecConfig) -> Proposer:
@@ -138,9 +163,8 @@ class SpecDecoder:
             stats.num_accepted_tokens += accepted
             for j in range(accepted):
                 stats.accepted_per_position[j] += 1
-            acc = self._acceptance.setdefault(item.request.request_id, _Acceptance())
-            acc.drafted = _DECAY * acc.drafted + k
-            acc.accepted = _DECAY * acc.accepted + accepted
+            self._acceptance.setdefault(item.request.request_id, _Acceptance()).update(
+                k, accepted)
 
     def propose(self, running: list[Request]) -> None:
         """Set `spec_token_ids` of every running request that has caught up with its tokens."""
@@ -167,17 +191,14 @@ class SpecDecoder:
         cap = min(cap, request.max_tokens - request.num_output_tokens - 1)
         if cap <= 0 or not self.config.adaptive:
             return max(cap, 0)
-        acc = self._acceptance.get(request.request_id)
-        if acc is None:
-            return cap
-        if not isinstance(self.proposer, DraftModelProposer):
-            return best_draft_length(acc.rate(), cap, self.step_cost.cost)
-        # NOTE: a draft token costs a verify row plus one draft-model step (both measured).
-        cost = self.step_cost.cost + draft_cost(self.proposer.step_seconds,
-                                                self.step_cost.one_row_seconds)
-        k = best_draft_length(acc.rate(), cap, cost, min_len=0)
-        acc.skipped = acc.skipped + 1 if k == 0 else 0
-        return 1 if k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
+        acc = self._acceptance.setdefault(request.request_id, _Acceptance())
+        return adaptive_length(acc, cap, self._proposal_cost(), self.step_cost.extra)
+
+    def _proposal_cost(self) -> float:
+        """What proposing one draft token costs, relative to a plain decode step."""
+        if isinstance(self.proposer, DraftModelProposer):  # one draft-model step per token
+            return draft_cost(self.proposer.step_seconds, self.step_cost.one_row_seconds)
+        return 0.0  # n-gram / suffix lookups: a few dict probes
 
     def release(self, request_ids: set[str]) -> None:
         for rid in request_ids:

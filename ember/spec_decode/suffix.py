@@ -14,7 +14,7 @@ from collections import deque
 
 import numpy as np
 
-from ember.spec_decode.ngram import ngram_lookup
+from ember.spec_decode.ngram import NgramProposer
 from ember.types import Request
 
 _SEP = -1
@@ -55,6 +55,8 @@ class SuffixProposer:
         self._outputs: deque[list[int]] = deque(maxlen=max_cached_requests)
         self._corpus: np.ndarray | None = None
         self._live: dict[str, Request] = {}
+        self._own = NgramProposer(min_n, max_n)
+        """The requests' own contexts (incremental n-gram indexes)."""
 
     @property
     def num_cached_tokens(self) -> int:
@@ -68,17 +70,18 @@ class SuffixProposer:
             if k <= 0:
                 out.append([])
                 continue
-            ctx = np.asarray(request.all_token_ids, dtype=np.int64)
-            own = ngram_lookup(ctx, self.min_n, self.max_n, k)
+            own = self._own.index(request).lookup(k)[1]
             if len(own) == k or corpus is None:
                 out.append(own)
                 continue
+            ctx = np.asarray(request.all_token_ids, dtype=np.int64)
             n, shared = _corpus_lookup(corpus, ctx, self.min_n, self.max_n, k)
             out.append(shared if len(shared) > len(own) else own)
         return out
 
     def release(self, request_ids: set[str]) -> None:
         """Finished requests' outputs enter the shared store."""
+        self._own.release(request_ids)
         for rid in request_ids:
             request = self._live.pop(rid, None)
             if request is not None and request.output_token_ids:

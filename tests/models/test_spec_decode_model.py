@@ -7,7 +7,7 @@ import pytest
 
 from ember import LLM, SamplingParams
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4,
+NGRAM = {"method": "ngram", "num_speculative_tokens": 16, "prompt_lookup_max": 4,
          "prompt_lookup_min": 2, "disable_by_batch_size": 16}  # verify the whole batch
 PASSAGE = ("It is a truth universally acknowledged, that a single man in possession of a good "
            "fortune, must be in want of a wife. However little known the feelings or views of "

@@ -64,6 +64,46 @@ def test_ngram_lookup_in_a_repeating_run_proposes_full_length():
     assert ngram_lookup(ctx, 2, 3, 3) == [7, 7, 7]
 
 
+def test_ngram_index_matches_the_full_scan_as_tokens_arrive():
+    """The incremental index proposes exactly what the full-context scan proposes, after
+    every appended token (small alphabet: many competing matches), for several k and n."""
+    from ember.spec_decode.ngram import NgramIndex
+
+    rng = np.random.default_rng(7)
+    for alphabet, (min_n, max_n) in [(3, (2, 4)), (6, (1, 3)), (40, (2, 5))]:
+        tokens = rng.integers(0, alphabet, 160).tolist()
+        index = NgramIndex(min_n, max_n)
+        for end in range(1, len(tokens) + 1):
+            index.extend(tokens[:end])
+            for k in (1, 3, 16):
+                n, got = index.lookup(k)
+                assert got == ngram_lookup(np.array(tokens[:end]), min_n, max_n, k), (end, k)
+                assert (n == 0) == (not got)
+    # a context that is not an extension of the indexed one is re-indexed
+    index = NgramIndex(2, 3)
+    index.extend([1, 2, 3, 4, 1, 2])
+    assert index.lookup(2) == (2, [3, 4])
+    index.extend([5, 6, 7, 5, 6])
+    assert index.lookup(2) == (2, [7, 5]) and index.tokens == [5, 6, 7, 5, 6]
+
+
+def test_ngram_proposer_keeps_one_index_per_running_request():
+    from ember.spec_decode.ngram import NgramProposer
+
+    prop = NgramProposer(2, 4)
+    req = Request("a", [1, 2, 3, 4, 5, 1, 2], SamplingParams())
+    assert prop.propose([req], [3]) == [[3, 4, 5]]
+    req.append_output_token(3)
+    req.append_output_token(9)  # suffix [2, 3, 9] never seen: [3, 9] neither
+    assert prop.propose([req], [3]) == [[]]
+    req.append_output_token(1)
+    req.append_output_token(2)
+    req.append_output_token(3)  # [1, 2, 3] last followed by 9 (latest match)
+    assert prop.propose([req], [2]) == [[9, 1]]
+    prop.release({"a"})
+    assert prop._index == {}
+
+
 # ---- rejection sampler ----------------------------------------------------------------------
 
 def _row(params: SamplingParams, output: list[int] | None = None,
@@ -219,6 +259,39 @@ def test_spec_config_from_vllm_dict_and_errors():
 def test_best_draft_length_grows_with_acceptance():
     lengths = [best_draft_length(a, 8) for a in (0.1, 0.5, 0.8, 0.95, 1.0)]
     assert lengths == sorted(lengths) and lengths[0] == 1 and lengths[-1] == 8
+
+
+def test_adaptive_length_follows_a_copy_streak_and_stops_when_drafts_fail():
+    """The per-request policy: ~3 tokens for a new request, the cap (16) after a streak of
+    fully accepted drafts, shorter after rejections, none when drafting does not pay (with a
+    1-token probe every _PROBE_EVERY steps)."""
+    from ember.spec_decode.decoder import _PROBE_EVERY, _Acceptance, adaptive_length
+
+    cost = 0.17  # measured marginal verify-row cost (SmolLM2 int4, 2 threads, ~420 keys)
+    acc = _Acceptance()
+    first = adaptive_length(acc, 16, cost)
+    assert 1 <= first <= 3
+    lengths = [first]
+    for _ in range(6):  # every draft accepted: lengths grow to the cap
+        acc.update(lengths[-1], lengths[-1])
+        lengths.append(adaptive_length(acc, 16, cost))
+    assert lengths == sorted(lengths) and lengths[-1] == 16, lengths
+    acc.update(16, 0)  # the copy ended: the first draft rejected
+    after_one = adaptive_length(acc, 16, cost)
+    assert 4 <= after_one < 16
+    acc.update(after_one, 0)
+    assert adaptive_length(acc, 16, cost) < after_one
+    for _ in range(4):  # open text: drafts keep failing at once
+        acc.update(1, 0)
+    assert adaptive_length(acc, 16, cost) == 1
+    for _ in range(4):  # ... and verify rows are dearer: drafting stops
+        acc.update(1, 0)
+    decisions = [adaptive_length(acc, 16, 0.3) for _ in range(2 * _PROBE_EVERY)]
+    assert decisions.count(1) == 2 and set(decisions) == {0, 1}  # probes only
+    # drafts cost nothing to verify: always worth one token; dear rows: shorter drafts
+    assert adaptive_length(_Acceptance(hits=0.0, trials=10.0), 16, 0.0) >= 1
+    streak = _Acceptance(hits=15.0, trials=15.0)
+    assert adaptive_length(streak, 16, 0.5) < adaptive_length(streak, 16, 0.1)
 
 
 # ---- engine on a tiny random model ----------------------------------------------------------
@@ -492,3 +565,20 @@ def test_step_cost_model_fits_the_marginal_row_cost():
     assert abs(model.cost - 0.003 / 0.013) < 1e-6
     # the chosen draft length follows the measured cost: dearer rows, shorter drafts
     assert best_draft_length(0.6, 8, cost=0.05) > best_draft_length(0.6, 8, cost=model.cost)
+
+
+def test_step_cost_uses_measured_row_counts_where_seen():
+    """A second verify row that costs almost nothing (measured) makes a 1-token draft pay at
+    low acceptance, where the linear fit would skip it; unseen row counts use the fit."""
+    from ember.spec_decode.decoder import _Acceptance, adaptive_length
+    from ember.spec_decode.step_cost import StepCostModel
+
+    model = StepCostModel(prior=0.3)
+    for i in range(60):  # 1 row 10 ms, 2 rows 10.2 ms, 5 rows 16 ms
+        rows = (1, 2, 5)[i % 3]
+        model.observe(rows, {1: 0.010, 2: 0.0102, 5: 0.016}[rows])
+    assert abs(model.extra(1) - 0.02) < 1e-9 and abs(model.extra(4) - 0.6) < 1e-9
+    assert abs(model.extra(7) - 7 * model.cost) < 1e-9 and model.cost > 0.1
+    low = _Acceptance(hits=1.0, trials=9.0)  # alpha 0.15
+    assert adaptive_length(low, 16, 0.0, model.extra) == 1
+    assert adaptive_length(_Acceptance(hits=1.0, trials=9.0), 16, model.cost) == 0
