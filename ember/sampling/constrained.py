@@ -105,6 +105,9 @@ class StructuredOutputManager:
         """Draft grammar-forced tokens (`jump_forward`); False: one model step per token."""
         self.timings = StepTimings()
         """Seconds spent per phase (for benchmarks; a few perf_counter calls per step)."""
+        self.validate_first = True
+        """Sample eligible rows from the unmasked logits and compute a mask only when the
+        grammar rejects the token (`lazy_mask.py`); False: mask every constrained row first."""
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -143,6 +146,15 @@ class StructuredOutputManager:
     def apply(self, logits: torch.Tensor, rows: list[SamplingBatchRow]) -> torch.Tensor:
         """Add each row's logit_bias, then mask constrained rows to their grammar's allowed
         tokens. `logits` (N, V) is modified in place and returned."""
+        self.add_bias(logits, rows)
+        index = [i for i, row in enumerate(rows) if row.params.structured_outputs is not None]
+        if index:
+            self.mask_rows(logits, rows, index)
+            self.timings.steps += 1
+        return logits
+
+    def add_bias(self, logits: torch.Tensor, rows: list[SamplingBatchRow]) -> None:
+        """Add each row's logit_bias to `logits` (N, V) in place."""
         for i, row in enumerate(rows):
             bias = row.params.logit_bias
             if bias:
@@ -150,9 +162,11 @@ class StructuredOutputManager:
                 keep = ids < logits.shape[1]
                 logits[i, ids[keep]] += torch.tensor(list(bias.values()),
                                                      dtype=logits.dtype)[keep]
-        index = [i for i, row in enumerate(rows) if row.params.structured_outputs is not None]
-        if not index:
-            return logits
+
+    def mask_rows(self, logits: torch.Tensor, rows: list[SamplingBatchRow],
+                  index: list[int]) -> None:
+        """Mask the constrained rows `index` of `logits` (N, V) in place to their grammar's
+        allowed tokens (no logit_bias)."""
         t0 = time.perf_counter()
         self._join()
         t1 = time.perf_counter()
@@ -161,7 +175,52 @@ class StructuredOutputManager:
         apply_bitmask(logits, masks, index, self.eos_token_id, self.kernels)
         t3 = time.perf_counter()
         self.timings.add(join=t1 - t0, mask=t2 - t1, apply=t3 - t2)
-        return logits
+
+    # ---- validate-first (lazy masks, `lazy_mask.py`) --------------------------------------
+
+    def free_rows(self, rows: list[SamplingBatchRow], index: list[int]) -> list[int]:
+        """Those of the constrained rows `index` whose token can be checked against the
+        grammar one at a time instead of by a mask: the matcher is live and forces no bytes.
+
+        NOTE: llguidance's mask is stricter than `validate_tokens` when the grammar forces
+        bytes (the mask then allows only the canonical tokenization of the forced bytes, e.g.
+        '{"' but not '{'), and a stopped matcher allows only EOS: those rows take the mask,
+        which is cheap there (one forced token: ~10 us against ~200-300 us for a free
+        state). Elsewhere the two agree on every token (tests/unit/test_lazy_mask.py)."""
+        t0 = time.perf_counter()
+        self._join()
+        t1 = time.perf_counter()
+        free = []
+        for i in index:
+            state = self._state(rows[i])
+            if not self._dead(state) and not state.matcher.compute_ff_bytes():
+                free.append(i)
+        self.timings.add(join=t1 - t0, validate=time.perf_counter() - t1)
+        return free
+
+    def allows(self, rows: list[SamplingBatchRow], index: list[int],
+               tokens: list[int]) -> list[bool]:
+        """Whether the grammar of each row in `index` (from `free_rows`) allows its sampled
+        token: the prefetched mask's bit where there is one, else llguidance's single-token
+        check (EOS: whether the grammar may end here). Matchers are not advanced."""
+        t0 = time.perf_counter()
+        result = []
+        for i, token in zip(index, tokens):
+            state = self._state(rows[i])
+            if not 0 <= token < self.vocab_size:
+                result.append(False)
+            elif state.mask_row is not None and \
+                    self._prefetched.shape[1] == bitmask_words(self._vocab):
+                word = int(self._prefetched[state.mask_row, token // 32])
+                result.append(bool((word >> (token % 32)) & 1))
+            elif token == self.eos_token_id:
+                result.append(state.matcher.is_accepting())
+            else:
+                result.append(state.matcher.validate_tokens([token]) == 1)
+        self.timings.add(validate=time.perf_counter() - t0)
+        self.timings.lazy_rows += len(index)
+        self.timings.rejected += result.count(False)
+        return result
 
     def masks(self, rows: list[SamplingBatchRow], vocab: int) -> np.ndarray:
         """(C, W) next-token bitmasks of constrained `rows`: the prefetched ones where still
@@ -417,16 +476,24 @@ class StepTimings:
     """Steps that masked constrained rows (verify steps included)."""
     forced_tokens: int = 0
     """Tokens drafted by jump-forward."""
+    validate: float = 0.0
+    """Validate-first: finding the rows that can skip the mask and checking their tokens."""
+    lazy_rows: int = 0
+    """Row-steps sampled validate-first (without a mask unless rejected)."""
+    rejected: int = 0
+    """Of `lazy_rows`, those whose unmasked token the grammar rejected (masked, resampled)."""
 
     def add(self, **seconds: float) -> None:
         for name, value in seconds.items():
             setattr(self, name, getattr(self, name) + value)
-        if "apply" in seconds:
-            self.steps += 1
+
+    def in_step(self) -> float:
+        """Seconds of grammar work on the engine thread (not the worker's prefetch)."""
+        return self.join + self.mask + self.apply + self.validate
 
     def reset(self) -> None:
-        self.join = self.mask = self.apply = self.prefetch = 0.0
-        self.steps = self.forced_tokens = 0
+        self.join = self.mask = self.apply = self.prefetch = self.validate = 0.0
+        self.steps = self.forced_tokens = self.lazy_rows = self.rejected = 0
 
 
 def unpack_bitmask(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:
