@@ -12,6 +12,8 @@ Flow:
   matcher, LRU-cached by grammar text.
 - `StructuredOutputManager.ready(request)` says whether a request's grammar finished compiling
   (the engine core keeps it out of the scheduler until then, without blocking the batch).
+- `lazy_mask.sample_constrained` (the runner's entry) samples eligible rows validate-first:
+  `free_rows` / `allows` check the unmasked token, `mask_rows` masks only the rows that need it.
 - `StructuredOutputManager.apply(logits, rows)` adds `logit_bias` and masks each constrained row
   (one packed (C, V/32) int32 bitmask for the step, applied in place: `grammar_masks.py`).
   Each sequence (each of `n`) has its own matcher (a deep copy of the template). Right after a
@@ -39,6 +41,7 @@ from ember.kernels.ops import CpuKernels
 from ember.sampling.grammar_compiler import GrammarCompiler
 from ember.sampling.grammar_masks import (MaskFiller, apply_bitmask, bitmask_words, eos_only,
                                           new_bitmask, unpack_bits)
+from ember.sampling.sampler import is_untruncated
 from ember.tokenizer import Tokenizer
 from ember.types import Request, SamplingBatchRow, StructuredOutputsParams
 
@@ -256,7 +259,7 @@ class StructuredOutputManager:
         if not self.overlaps(sum(r.params.structured_outputs is not None for r in rows)):
             return
         self._join()
-        jobs: list[tuple[_SeqState, list[int]]] = []
+        jobs: list[tuple[_SeqState, list[int], bool]] = []
         for row, new in zip(rows, tokens):
             state = self._states.get(row.request_id)
             if state is None or row.params.structured_outputs is None or not new:
@@ -264,7 +267,8 @@ class StructuredOutputManager:
             if state.consumed != len(row.output_token_ids) or state.ahead:
                 continue  # not in sync: the next apply catches up lazily
             state.mask_row = None
-            jobs.append((state, list(new)))
+            lazy = self.validate_first and is_untruncated(row.params, self._vocab)
+            jobs.append((state, list(new), lazy))
         if not jobs:
             return
         if self._prefetched.shape[0] < len(jobs) or \
@@ -362,18 +366,19 @@ class StructuredOutputManager:
         apply_bitmask(logits, masks, index, self.eos_token_id, self.kernels)
         self.timings.steps += 1
 
-    def _advance_and_fill(self, jobs: list[tuple[_SeqState, list[int]]]) -> None:
-        """Worker thread: consume the sampled tokens, then fill the next masks."""
+    def _advance_and_fill(self, jobs: list[tuple[_SeqState, list[int], bool]]) -> None:
+        """Worker thread: consume the sampled tokens, then fill the next masks (not for rows
+        that will be sampled validate-first from a free state: `free_rows`)."""
         start = time.perf_counter()
         fill: list[tuple[llguidance.LLMatcher, int]] = []
         finished: list[tuple[_SeqState, int]] = []
-        for k, (state, new) in enumerate(jobs):
+        for k, (state, new, lazy) in enumerate(jobs):
             self._consume(state, new)
             state.ahead = new
             if self._dead(state):
                 eos_only(self._prefetched, k, self.eos_token_id)
                 finished.append((state, k))
-            else:
+            elif not (lazy and not state.matcher.compute_ff_bytes()):
                 fill.append((state.matcher, k))
         if fill:
             self._filler.fill(fill, self._prefetched)

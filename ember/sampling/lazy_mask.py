@@ -31,16 +31,14 @@ from __future__ import annotations
 import torch
 
 from ember.sampling.constrained import StructuredOutputManager
-from ember.sampling.sampler import Sampler, SamplerOutput, is_greedy, row_logprobs
+from ember.sampling.sampler import Sampler, SamplerOutput, is_untruncated, row_logprobs
 from ember.types import SamplingBatchRow, SamplingParams
 
 
 def validate_first_exact(params: SamplingParams, vocab: int) -> bool:
     """Whether validate-first sampling draws from this row's masked distribution exactly:
     greedy rows always, random rows when no top-k, top-p or min-p truncates them."""
-    if is_greedy(params):
-        return True
-    return not (0 < params.top_k < vocab) and params.top_p >= 1.0 and params.min_p <= 0.0
+    return is_untruncated(params, vocab)
 
 
 def sample_constrained(manager: StructuredOutputManager, sampler: Sampler,

@@ -138,6 +138,15 @@ def is_greedy(params: SamplingParams) -> bool:
     return params.temperature < _GREEDY_TEMPERATURE
 
 
+def is_untruncated(params: SamplingParams, vocab: int) -> bool:
+    """Whether a row takes the argmax or samples the whole tempered distribution: no top-k,
+    top-p or min-p (which depend on the other tokens' ranks, so they do not commute with a
+    grammar mask; see lazy_mask.py)."""
+    if is_greedy(params):
+        return True
+    return not (0 < params.top_k < vocab) and params.top_p >= 1.0 and params.min_p <= 0.0
+
+
 def argmax_tokens(logits: torch.Tensor) -> list[int]:
     """Index of each row's largest logit (first on ties), as the greedy sampler picks."""
     return _argmax(logits)
