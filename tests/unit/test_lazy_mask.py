@@ -162,3 +162,29 @@ def test_truncated_sampling_keeps_the_mask_first(tokenizer, manager, kwargs, exa
     if not exact:  # the mask was applied before sampling
         assert int((logits[0] > float("-inf")).sum()) < 20
     manager.release(["k"])
+
+
+def test_overlapped_validate_first_equals_mask_first(tokenizer) -> None:
+    """With the worker thread (consume ahead, masks only for forced states) validate-first
+    greedy picks equal mask-first ones step by step, rejections included."""
+    spec = StructuredOutputsParams(json=SCHEMA)
+    params = SamplingParams(temperature=0, structured_outputs=spec)
+    lazy = StructuredOutputManager(tokenizer, overlap=True)
+    eager = StructuredOutputManager(tokenizer, overlap=False)
+    eager.validate_first = False
+    text = tokenizer.encode(TEXT, add_special_tokens=False)
+    gen = torch.Generator().manual_seed(3)
+    outs: list[list[int]] = [[], []]
+    for step in range(len(text)):
+        rows = [_row(f"r{k}", params, outs[k]) for k in range(2)]
+        logits = torch.randn(2, tokenizer.vocab_size, generator=gen)
+        logits[0, text[step]] += 8.0  # row 0 follows the text; row 1 is often rejected
+        got = sample_constrained(lazy, Sampler(), logits.clone(), rows).token_ids
+        want = sample_constrained(eager, Sampler(), logits.clone(), rows).token_ids
+        assert got == want, step
+        lazy.prefetch(rows, [[t] for t in got])
+        outs = [out + [t] for out, t in zip(outs, got)]
+    assert lazy.timings.lazy_rows > 8 and lazy.timings.rejected > 0
+    assert eager.timings.lazy_rows == 0
+    lazy.shutdown()
+    eager.shutdown()
