@@ -8,11 +8,15 @@ One command (writes JSON + PNG under benchmarks/results/structured/):
   (`--tokens`), at batch 1 and 32: the constrained run uses a JSON schema that cannot finish
   within that many tokens (an array with many required items), so every step computes a mask;
   both sides use the same sampling parameters (temperature 0.8, seed, min_tokens); median of
-  `--repeats` interleaved runs each. Constrained runs twice: masks filled on the worker thread
-  during the forward pass ("overlapped") and inside the step ("in-step"); the headline overhead
-  is the mode the engine picks on this machine (`constrained.overlap_pays`). Also reported: the
-  grammar work on the engine thread per step as a share of the unconstrained step (less
-  sensitive to a loaded machine than the tok/s ratio).
+  `--repeats` interleaved runs each. Constrained runs in each of `MODES`: the mask first,
+  filled on the worker thread during the forward pass ("overlapped") or inside the step
+  ("in-step"); validate-first sampling (`sampling/lazy_mask.py`: the mask only when the
+  grammar rejects the unmasked token), in-step or with the worker's prefetch. The headline
+  overhead is the mode the engine picks on this machine (`constrained.overlap_pays`,
+  `StructuredOutputManager.validate_first`). Also reported per mode: the grammar work on the
+  engine thread per step (us, and as a share of the unconstrained step: less sensitive to a
+  loaded machine than the tok/s ratio), the share of row-steps sampled validate-first and how
+  many of those the grammar rejected.
 - compile p50 for typical schemas (cold: grammar text + validation + compile + first mask) and
   the cached repeat (a new sequence's matcher for a schema already compiled).
 - TTFT of one request: without a schema, with a new schema, with a cached schema.
@@ -57,8 +61,13 @@ ENDLESS = {"type": "array", "minItems": 1000, "items": {"type": "object", "prope
 """Never complete within the measured tokens: every step is masked."""
 
 
+MODES = {"overlapped": (True, False), "in-step": (False, False),
+         "validate-first": (False, True), "validate-first+overlap": (True, True)}
+"""Constrained run modes: (masks prefetched on the worker thread, validate-first sampling)."""
+
+
 def decode_rate(llm: LLM, batch: int, tokens: int, constrained: bool,
-                overlap: bool = True) -> tuple[float, dict[str, float], list[list[int]]]:
+                mode: str = "in-step") -> tuple[float, dict[str, float], list[list[int]]]:
     """Decode tok/s, the grammar work per step in microseconds and the tokens generated.
 
     NOTE: both sides use the same sampling parameters (min_tokens blocks EOS on both), so
@@ -69,29 +78,37 @@ def decode_rate(llm: LLM, batch: int, tokens: int, constrained: bool,
                             structured_outputs=spec)
     manager = llm.engine.core.structured
     default_overlap = manager.overlap
-    manager.overlap = overlap
+    manager.overlap, manager.validate_first = MODES[mode]
     manager.jump_forward_enabled = False  # the mask's cost alone (jump-forward: see below)
     manager.timings.reset()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     manager.overlap, manager.jump_forward_enabled = default_overlap, True
+    manager.validate_first = True
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == batch * tokens, (produced, batch * tokens)
     t = manager.timings
     steps = max(1, t.steps)
     per_step = {"step_us": 1e6 * elapsed / max(1, tokens), "join_us": 1e6 * t.join / steps,
                 "mask_fill_us": 1e6 * t.mask / steps, "apply_us": 1e6 * t.apply / steps,
-                "worker_prefetch_us": 1e6 * t.prefetch / steps}
+                "validate_us": 1e6 * t.validate / steps,
+                "in_step_grammar_us": 1e6 * t.in_step() / steps,
+                "worker_prefetch_us": 1e6 * t.prefetch / steps,
+                "validate_first_rows_pct": 100 * t.lazy_rows / max(1, steps * batch),
+                "rejected_pct": 100 * t.rejected / max(1, t.lazy_rows)}
     return produced / elapsed, per_step, [list(o.outputs[0].token_ids) for o in outs]
 
 
-def grammar_work(llm: LLM, outputs: list[list[int]]) -> dict[str, float]:
+def grammar_work(llm: LLM, outputs: list[list[int]],
+                 validate_first: bool = False) -> dict[str, float]:
     """The grammar's work per decode step without the model, replaying the tokens a
     constrained run generated (`outputs`, one list per row): per step, in-step as the engine
-    does it (consume the last token, fill the masks, apply them to (batch, V) logits).
-    Median microseconds per step. Independent of the kernel threads, so it stays meaningful
-    on a loaded machine (it still slows down with it)."""
+    does it (consume the last token, fill the masks, apply them to (batch, V) logits; with
+    `validate_first`, only the rows whose grammar forces bytes are masked and the others'
+    replayed token is checked, i.e. as if none were rejected: the decode runs report the real
+    rejection rate). Median microseconds per step. Independent of the kernel threads, so it
+    stays meaningful on a loaded machine (it still slows down with it)."""
     import torch
 
     from ember.sampling.constrained import StructuredOutputManager
@@ -107,7 +124,14 @@ def grammar_work(llm: LLM, outputs: list[list[int]]) -> dict[str, float]:
                 for i, out in enumerate(outputs)]
         logits = torch.zeros(len(outputs), vocab)
         start = time.perf_counter()
-        manager.apply(logits, rows)
+        if validate_first:
+            free = manager.free_rows(rows, list(range(len(rows))))
+            eager = sorted(set(range(len(rows))) - set(free))
+            if eager:
+                manager.mask_rows(logits, rows, eager)
+            assert all(manager.allows(rows, free, [outputs[i][step] for i in free]))
+        else:
+            manager.apply(logits, rows)
         times.append(time.perf_counter() - start)
         assert all(logits[i, out[step]] > float("-inf") for i, out in enumerate(outputs))
     manager.shutdown()
@@ -189,21 +213,28 @@ def plot(result: dict, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [f"batch {b}" for b in result["decode"]]
     u = [r["unconstrained_tok_s"] for r in result["decode"].values()]
-    c = [r["constrained_tok_s"] for r in result["decode"].values()]
+    modes = list(next(iter(result["decode"].values()))["constrained_tok_s_by_mode"])
     x = range(len(labels))
-    ax1.bar([i - 0.2 for i in x], u, 0.4, label="unconstrained")
-    ax1.bar([i + 0.2 for i in x], c, 0.4, label="JSON schema")
+    width = 0.8 / (1 + len(modes))
+    ax1.bar([i - 0.4 + width / 2 for i in x], u, width, label="unconstrained")
+    for k, mode in enumerate(modes):
+        ax1.bar([i - 0.4 + width * (k + 1.5) for i in x],
+                [r["constrained_tok_s_by_mode"][mode] for r in result["decode"].values()],
+                width, label=f"JSON schema, {mode}")
     ax1.set_xticks(list(x), labels)
     ax1.set_ylabel("decode tok/s")
     ax1.set_title("Grammar mask overhead" + (" (contended)" if result["contended"] else ""))
-    ax1.legend()
-    names = list(result["compile"])
-    ax2.bar(names, [result["compile"][n]["cold_p50_ms"] for n in names], label="cold p50")
-    ax2.bar(names, [result["compile"][n]["cached_p50_ms"] for n in names], label="cached p50")
-    ax2.axhline(10, color="red", linestyle="--", linewidth=1, label="10 ms target")
-    ax2.set_ylabel("ms")
-    ax2.set_title("Grammar compile (llguidance)")
-    ax2.legend()
+    ax1.legend(fontsize=7)
+    if "compile" not in result:
+        ax2.set_visible(False)
+    else:
+        names = list(result["compile"])
+        ax2.bar(names, [result["compile"][n]["cold_p50_ms"] for n in names], label="cold p50")
+        ax2.bar(names, [result["compile"][n]["cached_p50_ms"] for n in names], label="cached p50")
+        ax2.axhline(10, color="red", linestyle="--", linewidth=1, label="10 ms target")
+        ax2.set_ylabel("ms")
+        ax2.set_title("Grammar compile (llguidance)")
+        ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -214,6 +245,11 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quantization", default="auto")
+    ap.add_argument("--tag", default="", help="suffix of the output files (structured-TAG)")
+    ap.add_argument("--skip-extras", action="store_true",
+                    help="decode overhead only (no jump-forward, compile or TTFT runs)")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="constrained modes to run (comma-separated): " + ", ".join(MODES))
     args = ap.parse_args()
     load_before = os.getloadavg()
     llm = LLM(show_progress=False, quantization=args.quantization)
@@ -223,69 +259,84 @@ def main() -> None:
                     "engine_overlaps_masks": {b: manager.overlaps(int(b))
                                               for b in args.batches.split(",")},
                     "native_mask_apply": manager.kernels is not None,
+                    "validate_first": manager.validate_first,
                     "tokens": args.tokens, "loadavg_before": load_before,
                     "cpu_count": os.cpu_count(), "decode": {}}
+    modes = args.modes.split(",")
     for batch in [int(b) for b in args.batches.split(",")]:
-        rates: dict[str, list[float]] = {"u": [], "c": [], "c_sync": []}
-        steps: dict[str, list[dict[str, float]]] = {"c": [], "c_sync": []}
+        rates: dict[str, list[float]] = {"unconstrained": [], **{m: [] for m in modes}}
+        steps: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         generated: list[list[int]] = []
-        # NOTE: interleaved A/B/C, so a load change on a shared machine hits all three.
+        # NOTE: interleaved, so a load change on a shared machine hits every mode.
         for _ in range(args.repeats):
-            rates["u"].append(decode_rate(llm, batch, args.tokens, False)[0])
-            for key, overlap in (("c", True), ("c_sync", False)):
-                rate, breakdown, generated = decode_rate(llm, batch, args.tokens, True, overlap)
-                rates[key].append(rate)
-                steps[key].append(breakdown)
-        u, co, cs = (statistics.median(rates[k]) for k in ("u", "c", "c_sync"))
-        engine_overlaps = manager.overlaps(batch)
-        c = co if engine_overlaps else cs
+            rates["unconstrained"].append(decode_rate(llm, batch, args.tokens, False)[0])
+            for mode in modes:
+                rate, breakdown, generated = decode_rate(llm, batch, args.tokens, True, mode)
+                rates[mode].append(rate)
+                steps[mode].append(breakdown)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        u = med["unconstrained"]
+        engine_mode = ("validate-first+overlap" if manager.overlaps(batch) else
+                       "validate-first") if manager.validate_first else \
+            ("overlapped" if manager.overlaps(batch) else "in-step")
+        c = med.get(engine_mode, min(med[m] for m in modes))
         per_step = {k: {f: statistics.median(b[f] for b in v) for f in v[0]}
                     for k, v in steps.items()}
         u_step_us = 1e6 / u * batch  # one unconstrained step (batch tokens)
-        engine_us = {k: v["join_us"] + v["mask_fill_us"] + v["apply_us"]
-                     for k, v in per_step.items()}
         result["decode"][batch] = {
-            "unconstrained_tok_s": u, "constrained_tok_s": c,
-            "mode": "overlapped" if engine_overlaps else "in-step",
+            "unconstrained_tok_s": u, "constrained_tok_s": c, "mode": engine_mode,
             "overhead_pct": 100 * (1 - c / u),
-            "constrained_overlapped_tok_s": co, "overhead_overlapped_pct": 100 * (1 - co / u),
-            "constrained_in_step_tok_s": cs, "overhead_in_step_pct": 100 * (1 - cs / u),
-            "engine_thread_grammar_pct_of_step": {k: 100 * v / u_step_us
-                                                  for k, v in engine_us.items()},
+            "overhead_pct_by_mode": {m: 100 * (1 - med[m] / u) for m in modes},
+            "constrained_tok_s_by_mode": {m: med[m] for m in modes},
+            "in_step_grammar_us_per_step": {m: v["in_step_grammar_us"]
+                                            for m, v in per_step.items()},
+            "engine_thread_grammar_pct_of_step": {m: 100 * v["in_step_grammar_us"] / u_step_us
+                                                  for m, v in per_step.items()},
             "statistic": "median of interleaved runs", "runs": rates, "per_step_us": per_step}
         print(f"batch {batch:3d}: unconstrained {u:7.1f} tok/s  constrained {c:7.1f} tok/s "
-              f"({'overlapped' if engine_overlaps else 'in-step'}, the engine's choice here): "
-              f"overhead {100 * (1 - c / u):5.1f}%  [overlapped {100 * (1 - co / u):5.1f}%, "
-              f"in-step {100 * (1 - cs / u):5.1f}%; grammar work on the engine thread in-step: "
-              f"{100 * engine_us['c_sync'] / u_step_us:4.1f}% of a step]", flush=True)
-        gw = grammar_work(llm, generated)
-        result["decode"][batch]["grammar_work_in_step_us"] = gw["median_us"]
-        result["decode"][batch]["grammar_work_pct_of_unconstrained_step"] = \
-            100 * gw["median_us"] / u_step_us
-        print(f"   grammar work alone (no model, in-step): {gw['median_us']:.0f} us per step = "
-              f"{100 * gw['median_us'] / u_step_us:.1f}% of an unconstrained step", flush=True)
+              f"({engine_mode}, the engine's choice here): overhead {100 * (1 - c / u):5.1f}%",
+              flush=True)
+        for m in modes:
+            v = per_step[m]
+            share = 100 * v["in_step_grammar_us"] / u_step_us
+            print(f"   {m:24s} overhead {100 * (1 - med[m] / u):5.1f}%  in-step grammar "
+                  f"{v['in_step_grammar_us']:6.0f} us/step ({share:4.1f}% of a step)  "
+                  f"validate-first rows {v['validate_first_rows_pct']:5.1f}%  "
+                  f"rejected {v['rejected_pct']:5.1f}%", flush=True)
+        for label, lazy in (("mask first", False), ("validate-first", True)):
+            gw = grammar_work(llm, generated, lazy)
+            key = "_validate_first" if lazy else ""
+            result["decode"][batch][f"grammar_work_in_step_us{key}"] = gw["median_us"]
+            result["decode"][batch][f"grammar_work_pct_of_unconstrained_step{key}"] = \
+                100 * gw["median_us"] / u_step_us
+            print(f"   grammar work alone (no model, in-step, {label}): {gw['median_us']:.0f} us "
+                  f"per step = {100 * gw['median_us'] / u_step_us:.1f}% of an unconstrained "
+                  f"step", flush=True)
         print("   per step (us):", {k: {f: round(x) for f, x in v.items()}
                                     for k, v in result["decode"][batch]["per_step_us"].items()},
               flush=True)
-    result["jump_forward"] = jf = jump_forward(llm, args.repeats)
-    print(f"jump-forward (long keys, batch 1, greedy): {jf['off_tok_s']:.1f} -> "
-          f"{jf['on_tok_s']:.1f} tok/s (x{jf['speedup']:.2f}), steps {jf['steps_off']} -> "
-          f"{jf['steps_on']}, {jf['forced_tokens']} forced tokens, identical output: "
-          f"{jf['identical_output']}", flush=True)
-    result["compile"] = compile_times(llm, 9)
-    for name, r in result["compile"].items():
-        print(f"compile {name:10s}: cold p50 {r['cold_p50_ms']:6.2f} ms  cached p50 "
-              f"{r['cached_p50_ms'] * 1e3:6.1f} us", flush=True)
-    new_spec = StructuredOutputsParams(json={**TYPICAL["person"], "title": f"new-{time.time()}"})
-    result["ttft_s"] = {"no_schema": ttft(llm, None), "new_schema": ttft(llm, new_spec),
-                        "cached_schema": ttft(llm, new_spec)}
-    print("TTFT (s):", {k: round(v, 4) for k, v in result["ttft_s"].items()})
+    if not args.skip_extras:
+        result["jump_forward"] = jf = jump_forward(llm, args.repeats)
+        print(f"jump-forward (long keys, batch 1, greedy): {jf['off_tok_s']:.1f} -> "
+              f"{jf['on_tok_s']:.1f} tok/s (x{jf['speedup']:.2f}), steps {jf['steps_off']} -> "
+              f"{jf['steps_on']}, {jf['forced_tokens']} forced tokens, identical output: "
+              f"{jf['identical_output']}", flush=True)
+        result["compile"] = compile_times(llm, 9)
+        for name, r in result["compile"].items():
+            print(f"compile {name:10s}: cold p50 {r['cold_p50_ms']:6.2f} ms  cached p50 "
+                  f"{r['cached_p50_ms'] * 1e3:6.1f} us", flush=True)
+        new_spec = StructuredOutputsParams(json={**TYPICAL["person"],
+                                                 "title": f"new-{time.time()}"})
+        result["ttft_s"] = {"no_schema": ttft(llm, None), "new_schema": ttft(llm, new_spec),
+                            "cached_schema": ttft(llm, new_spec)}
+        print("TTFT (s):", {k: round(v, 4) for k, v in result["ttft_s"].items()})
     result["loadavg_after"] = os.getloadavg()
     result["contended"] = max(load_before[0], result["loadavg_after"][0]) > 1.5
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "structured.json").write_text(json.dumps(result, indent=2))
-    plot(result, OUT / "structured.png")
-    print(f"wrote {OUT / 'structured.json'} and structured.png"
+    name = "structured" + (f"-{args.tag}" if args.tag else "")
+    (OUT / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, OUT / f"{name}.png")
+    print(f"wrote {OUT / name}.json and .png"
           + (" (CONTENDED machine: numbers are noisy)" if result["contended"] else ""))
 
 

@@ -15,6 +15,7 @@ from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM, KVCache
 from ember.plan import KERNELS_PAGED, ExecutionPlan
 from ember.sampling.constrained import StructuredOutputManager
+from ember.sampling.lazy_mask import sample_constrained
 from ember.sampling.logprobs import compute_token_logprobs
 from ember.sampling.sampler import Sampler
 from ember.sampling.threads import DEFAULT_SINGLE_THREAD_ROWS, sampling_threads
@@ -177,9 +178,11 @@ class ModelRunner:
                     out.logprobs[sr.request.request_id] = lps
             return
         if self.structured is not None:
-            # NOTE: masked before sampling, so logprobs are those of the masked distribution.
-            logits = self.structured.apply(logits, batch)
-        result = self.sampler(logits, batch)
+            # NOTE: validate-first where exact, else masked before sampling (lazy_mask.py);
+            # logprobs are those of the masked distribution either way.
+            result = sample_constrained(self.structured, self.sampler, logits, batch)
+        else:
+            result = self.sampler(logits, batch)
         if self.structured is not None:
             # NOTE: the next masks are computed while the next step runs (see constrained.py).
             self.structured.prefetch(batch, [[t] for t in result.token_ids])

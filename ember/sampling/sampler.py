@@ -61,9 +61,13 @@ class Sampler:
             raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} rows")
         if not rows:
             return SamplerOutput(token_ids=[], logprobs=[])
+        token_ids = self.sample_tokens(logits, rows)
+        return SamplerOutput(token_ids=token_ids, logprobs=row_logprobs(logits, rows, token_ids))
+
+    def sample_tokens(self, logits: torch.Tensor, rows: list[SamplingBatchRow]) -> list[int]:
+        """The tokens `__call__` samples, without logprobs (logits (N, V), not modified)."""
         processed = apply_penalties(logits, rows)  # (N, V), a copy when any penalty applies
-        token_ids = self._sample(processed, rows)
-        return SamplerOutput(token_ids=token_ids, logprobs=_row_logprobs(logits, rows, token_ids))
+        return self._sample(processed, rows)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingBatchRow]) -> list[int]:
         """Greedy rows take the argmax; the others are sampled (logits is (N, V))."""
@@ -133,6 +137,15 @@ def random_row_probs(logits: torch.Tensor, rows: list[SamplingBatchRow]) -> torc
 def is_greedy(params: SamplingParams) -> bool:
     """Whether a row takes the argmax (temperatures this small would overflow)."""
     return params.temperature < _GREEDY_TEMPERATURE
+
+
+def is_untruncated(params: SamplingParams, vocab: int) -> bool:
+    """Whether a row takes the argmax or samples the whole tempered distribution: no top-k,
+    top-p or min-p (which depend on the other tokens' ranks, so they do not commute with a
+    grammar mask; see lazy_mask.py)."""
+    if is_greedy(params):
+        return True
+    return not (0 < params.top_k < vocab) and params.top_p >= 1.0 and params.min_p <= 0.0
 
 
 def argmax_tokens(logits: torch.Tensor) -> list[int]:
@@ -371,8 +384,8 @@ def mask_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _row_logprobs(raw_logits: torch.Tensor, rows: list[SamplingBatchRow],
-                  token_ids: list[int]) -> list[TokenLogprobs | None]:
+def row_logprobs(raw_logits: torch.Tensor, rows: list[SamplingBatchRow],
+                 token_ids: list[int]) -> list[TokenLogprobs | None]:
     """Logprobs (of the raw logits) for the rows that asked for them, None elsewhere."""
     result: list[TokenLogprobs | None] = [None] * len(rows)
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
