@@ -444,6 +444,13 @@ class AsyncEngine:
 
     def _reboot(self, gen: int) -> None:
         """New-engine thread: build a fresh engine on the loaded weights, then serve."""
+        if self._install_fresh_engine(gen):
+            self._run(gen)
+
+    def _install_fresh_engine(self, gen: int) -> bool:
+        """Build a fresh engine on the loaded weights and make it current for generation
+        `gen`; False when the build failed (queued requests end with EngineDeadError) or a
+        newer generation took over meanwhile."""
         try:
             engine = LLMEngine(self._engine.config, self._engine.loaded)
         except BaseException as exc:  # noqa: BLE001 - cannot recover from this
@@ -451,15 +458,15 @@ class AsyncEngine:
             self._error = exc
             self._restarting = False
             self._fail_queued(EngineDeadError(f"the engine failed to restart: {exc}"))
-            return
+            return False
         with self._lock:
             if gen != self._gen:
-                return
+                return False
             self._engine = engine
             self._thread = threading.current_thread()
             self._restarting = False
         logger.warning("engine restarted (%d restarts so far)", len(self._restart_times_all))
-        self._run(gen)
+        return True
 
     def _fail_queued(self, exc: BaseException) -> None:
         """End requests still waiting in the command queue (the engine is gone)."""

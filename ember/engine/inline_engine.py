@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ember.engine.async_engine import AsyncEngine, RequestObserver
-from ember.engine.async_parts import EngineDeadError, RequestStream, _Stop
+from ember.engine.async_parts import RequestStream, _Stop
 from ember.engine.engine import LLMEngine, Prompt, ProcessedPrompt
 from ember.engine.thread_policy import KernelThreadPolicy
 from ember.types import SamplingParams
@@ -162,19 +162,8 @@ class InlineAsyncEngine(AsyncEngine):
     def _rebuild(self) -> None:
         """Build a fresh engine on the loaded weights (after a failed step)."""
         new_gen, self._reboot_gen = self._reboot_gen, None
-        try:
-            engine = LLMEngine(self._engine.config, self._engine.loaded)
-        except Exception as exc:  # noqa: BLE001 - cannot recover from this
-            logger.exception("engine restart failed")
-            self._error = exc
-            self._restarting = False
-            self._fail_queued(EngineDeadError(f"the engine failed to restart: {exc}"))
-            return
-        with self._lock:
-            if new_gen == self._gen:
-                self._engine = engine
-                self._restarting = False
-        logger.warning("engine restarted (%d restarts so far)", len(self._restart_times_all))
+        if new_gen is not None:
+            self._install_fresh_engine(new_gen)
 
 
 async def _settle(loop: asyncio.AbstractEventLoop) -> None:
