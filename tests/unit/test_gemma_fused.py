@@ -261,6 +261,6 @@ def test_q4_head_is_opt_in_and_needs_the_kernels(kernels):
     _, lp = run("native-q4head", kernels)
     _, exact_head = run("native", kernels)
     assert (lp - exact_head).abs().max().item() > 1e-3
-    with pytest.raises(ConfigError, match="4-bit LM head"):
+    with pytest.raises(ConfigError, match="q4 LM head"):
         resolve_plan(ModelConfig(model="tiny", quantization="native-q4head"), loaded.arch,
                      type(loaded.model), "int8", None, MIXED)
