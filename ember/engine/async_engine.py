@@ -191,6 +191,17 @@ class AsyncEngine:
     async def shutdown(self, grace_s: float = 0.0) -> None:
         """Stop accepting, let in-flight requests finish for up to `grace_s` seconds, abort
         the rest, and stop the engine thread."""
+        await self._drain_for_shutdown(grace_s)
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._commands.put(_Stop())
+            await asyncio.to_thread(thread.join, self._deadline_s)
+        if self._tracked:  # a hung or failed engine never answered the stop
+            with self._lock:
+                self._fail_tracked(EngineUnavailableError("the server is shutting down"))
+
+    async def _drain_for_shutdown(self, grace_s: float) -> None:
+        """Stop accepting, wait up to `grace_s` for in-flight sequences, then mark stopping."""
         self._accepting = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
@@ -199,13 +210,6 @@ class AsyncEngine:
         if self._in_flight_seqs > 0:
             logger.warning("shutdown: aborting %d unfinished sequences", self._in_flight_seqs)
         self._stopping = True
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            self._commands.put(_Stop())
-            await asyncio.to_thread(thread.join, self._deadline_s)
-        if self._tracked:  # a hung or failed engine never answered the stop
-            with self._lock:
-                self._fail_tracked(EngineUnavailableError("the server is shutting down"))
 
     # ---- requests -------------------------------------------------------------------------
 

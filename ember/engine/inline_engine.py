@@ -21,7 +21,6 @@ runs, nothing else on that loop does.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,8 +31,6 @@ from ember.engine.async_parts import RequestStream, _Stop
 from ember.engine.engine import LLMEngine, Prompt, ProcessedPrompt
 from ember.engine.thread_policy import KernelThreadPolicy
 from ember.types import SamplingParams
-
-logger = logging.getLogger(__name__)
 
 MAX_SETTLE_ITERATIONS = 256
 """Most event-loop iterations run between two steps (a loop that never goes quiet cannot
@@ -91,14 +88,7 @@ class InlineAsyncEngine(AsyncEngine):
         self._driver = loop.create_task(self._drive(), name="ember-inline-engine")
 
     async def shutdown(self, grace_s: float = 0.0) -> None:
-        self._accepting = False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        while self._in_flight_seqs > 0 and self.is_running and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if self._in_flight_seqs > 0:
-            logger.warning("shutdown: aborting %d unfinished sequences", self._in_flight_seqs)
-        self._stopping = True
+        await self._drain_for_shutdown(grace_s)
         if self._driver is not None and not self._driver.done():
             self._commands.put(_Stop())
             self._wakeup()
