@@ -34,7 +34,8 @@ LLAMA_BIN = Path.home() / ".cache" / "ember-peers" / "llama.cpp-native" / "build
 LLAMA_PY = Path.home() / ".cache" / "ember-peers" / "llama-cpp-python-0.3.36"
 PROMPT = "The capital of France is"
 
-EMBER_CHILD = r'''
+# Shared by every child: RSS/peak from /proc and a timed stream of 64 tokens.
+CHILD_PRELUDE = r'''
 import json, sys, time
 def mem():
     out = {}
@@ -42,7 +43,25 @@ def mem():
         if line.startswith(("VmRSS:", "VmHWM:")):
             out[line.split(":")[0]] = int(line.split()[1]) / 1024
     return out
+def timed_stream(stream, r, count=lambda item, n: n + 1, limit=None):
+    """Consume `stream`, recording decode tok/s after the first token and time to it."""
+    t0 = time.perf_counter()
+    n, t1 = 0, None
+    for item in stream:
+        n = count(item, n)
+        if t1 is None:
+            t1 = time.perf_counter()
+        if limit is not None and n >= limit:
+            break
+    t2 = time.perf_counter()
+    r["generate_64"] = mem()
+    r["tokens"] = n
+    r["decode_tok_s"] = (n - 1) / (t2 - t1)
+    r["first_token_s"] = t1 - t0
 r = {"start": mem()}
+'''
+
+EMBER_CHILD = CHILD_PRELUDE + r'''
 import torch
 torch.set_num_threads(2)
 r["import_torch"] = mem()
@@ -71,17 +90,8 @@ r["modules_after_load"] = sorted(
     m for m in ("torch._dynamo", "torch._inductor", "triton", "transformers", "llguidance.torch",
                 "numpy", "tokenizers", "jinja2") if m in sys.modules)
 params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
-t0 = time.perf_counter()
-n, t1 = 0, None
-for out in llm.stream(sys.argv[2], params):
-    n = len(out.outputs[0].token_ids)
-    if t1 is None:
-        t1 = time.perf_counter()
-t2 = time.perf_counter()
-r["generate_64"] = mem()
-r["tokens"] = n
-r["decode_tok_s"] = (n - 1) / (t2 - t1)
-r["first_token_s"] = t1 - t0
+timed_stream(llm.stream(sys.argv[2], params), r,
+             count=lambda out, n: len(out.outputs[0].token_ids))
 import ctypes
 class MI2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -100,15 +110,7 @@ print(json.dumps(r))
 '''
 
 
-EDGE_CHILD = r'''
-import json, sys, time
-def mem():
-    out = {}
-    for line in open("/proc/self/status"):
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return out
-r = {"start": mem()}
+EDGE_CHILD = CHILD_PRELUDE + r'''
 import numpy
 r["import_numpy"] = mem()
 import tokenizers, jinja2, ember.tokenizer
@@ -128,50 +130,20 @@ r["weights_mb"] = llm.model.weight_bytes / 2**20
 r["kv_reserved_mb"] = llm.model.kv_bytes / 2**20
 a = llm.arch
 r["kv_bytes_per_token"] = a.num_layers * 2 * a.num_kv_heads * a.head_dim * 2
-t0 = time.perf_counter()
-n, t1 = 0, None
-for d in llm.stream(sys.argv[2], max_tokens=64, temperature=0, ignore_eos=True):
-    n += 1
-    if t1 is None:
-        t1 = time.perf_counter()
-t2 = time.perf_counter()
-r["generate_64"] = mem()
-r["tokens"] = n
-r["decode_tok_s"] = (n - 1) / (t2 - t1)
-r["first_token_s"] = t1 - t0
+timed_stream(llm.stream(sys.argv[2], max_tokens=64, temperature=0, ignore_eos=True), r)
 r["prompt_tokens"] = len(llm.tokenizer.encode(sys.argv[2]))
 r["torch_imported"] = "torch" in sys.modules
 print(json.dumps(r))
 '''
 
-LLAMA_PY_CHILD = r'''
-import json, sys, time
-def mem():
-    out = {}
-    for line in open("/proc/self/status"):
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            out[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return out
-r = {"start": mem()}
+LLAMA_PY_CHILD = CHILD_PRELUDE + r'''
 import llama_cpp
 r["import_llama_cpp"] = mem()
 r["version"] = llama_cpp.__version__
 llm = llama_cpp.Llama(sys.argv[1], n_ctx=4096, n_threads=2, verbose=False)
 r["load"] = mem()
 tokens = llm.tokenize(sys.argv[2].encode())
-t0 = time.perf_counter()
-n, t1 = 0, None
-for tok in llm.generate(tokens, temp=0.0, top_k=1, reset=True):
-    n += 1
-    if t1 is None:
-        t1 = time.perf_counter()
-    if n == 64:
-        break
-t2 = time.perf_counter()
-r["generate_64"] = mem()
-r["tokens"] = n
-r["decode_tok_s"] = (n - 1) / (t2 - t1)
-r["first_token_s"] = t1 - t0
+timed_stream(llm.generate(tokens, temp=0.0, top_k=1, reset=True), r, limit=64)
 print(json.dumps(r))
 '''
 
