@@ -10,6 +10,7 @@ import sys
 
 from rich.console import Console
 
+from ember.cli.chat_loop import chat_loop
 from ember.types import SamplingParams
 
 RUNTIMES = ("engine", "edge")
@@ -67,25 +68,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     llm, params = _load(args)
     assert isinstance(llm, EdgeLLM)
-    console = Console(stderr=True)
-    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] \
-        if args.system else []
-    console.print("[dim]ember chat (edge runtime): type a message; Ctrl-D or /exit to quit[/]")
-    while True:
-        try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            break
-        if line.strip() in ("/exit", "/quit"):
-            break
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        reply = []
-        for delta in llm.stream(llm.encode_chat(messages), params):
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
-            reply.append(delta.text)
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
-    return 0
+    return chat_loop(lambda messages: (delta.text for delta in
+                                       llm.stream(llm.encode_chat(messages), params)),
+                     args.system, "ember chat (edge runtime)")

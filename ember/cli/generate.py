@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ember.cli import edge_runtime
+from ember.cli.chat_loop import chat_loop
 from ember.config import DEFAULT_MODEL, KV_CACHE_DTYPES, QUANTIZATIONS, EnvSettings, SpecConfig
 from ember.engine.generation_defaults import GenerationDefaults
 from ember.types import SamplingParams
@@ -128,35 +129,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.runtime == "edge":
         return edge_runtime.cmd_chat(args)
     llm, params = _setup(args)
-    console = Console(stderr=True)
-    messages: list[dict[str, str]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    console.print("[dim]ember chat: type a message; Ctrl-D or /exit to quit, /reset to clear[/]")
-    while True:
-        try:
-            line = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            break
-        if line.strip() in ("/exit", "/quit"):
-            break
-        if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        reply = []
-        try:
-            for out in llm.stream(llm.encode_chat(messages), params):
-                sys.stdout.write(out.outputs[0].delta_text)
-                sys.stdout.flush()
-                reply.append(out.outputs[0].delta_text)
-        except KeyboardInterrupt:
-            pass
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
-    return 0
+    return chat_loop(lambda messages: (out.outputs[0].delta_text for out in
+                                       llm.stream(llm.encode_chat(messages), params)),
+                     args.system, "ember chat")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
