@@ -342,7 +342,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8471)
     ap.add_argument("--stream-read-timeout", type=float, default=5.0)
     ap.add_argument("--request-timeout", type=float, default=300.0)
-    ap.add_argument("--stall-hold", type=float, default=40.0,
+    ap.add_argument("--stall-hold", type=float, default=90.0,
                     help="seconds a stalled reader keeps its unread connection open")
     ap.add_argument("--warmup-fraction", type=float, default=0.25,
                     help="RSS growth is measured from the end of this share of the run, or "
