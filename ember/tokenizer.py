@@ -216,6 +216,12 @@ def _dir_chat_template(root: Path, config: Mapping[str, Any]) -> str | None:
 _RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError,
                   AttributeError)
 
+GIL_FREE_ENCODE_CHARS = 4096
+"""Texts longer than this are encoded with the backend's `encode_batch`, which releases the GIL;
+its `encode` holds the GIL throughout (a 3.5 MB /tokenize text stopped the server's event loop,
+/health included, for seconds while a worker thread encoded it)."""
+
+
 class Tokenizer:
     """Text <-> token ids for one model, plus its chat template.
 
@@ -381,7 +387,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. Special-token text (e.g. "<|im_end|>") is matched whole. With
         `add_special_tokens`, BOS/EOS are added as the model asks."""
-        ids: list[int] = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) > GIL_FREE_ENCODE_CHARS:  # the backend's encode_batch releases the GIL
+            ids: list[int] = self.backend.encode_batch(
+                [text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         return [*self._prefix, *ids, *self._suffix] if add_special_tokens else ids
 
     def encode_batch(

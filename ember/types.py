@@ -59,6 +59,10 @@ class StructuredOutputsParams:
                                       "non-empty strings", "structured_outputs.choice")
 
 
+MIN_REPETITION_PENALTY = 1e-6
+"""Smallest accepted repetition_penalty (logits up to ~1e4 stay finite in float32 when divided)."""
+
+
 @dataclass
 class SamplingParams:
     """How to sample one completion. Field names follow the OpenAI / vLLM conventions."""
@@ -137,8 +141,10 @@ class SamplingParams:
             raise bad("presence_penalty", "in [-2, 2]")
         if not -2 <= self.frequency_penalty <= 2:
             raise bad("frequency_penalty", "in [-2, 2]")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "> 0")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty:
+            # NOTE: a smaller penalty rounds to float32 0 (or divides logits past float32's
+            # range): the sampler then divided by zero, turning logits into inf.
+            raise bad("repetition_penalty", f">= {MIN_REPETITION_PENALTY:g}")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
                                             or self.max_tokens < 1):
             raise bad("max_tokens", "an integer >= 1")

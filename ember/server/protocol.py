@@ -61,7 +61,7 @@ class _SamplingRequest(_Request):
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
     repetition_penalty: float | None = Field(
-        None, gt=0, le=10, description="Ember extension; 1 disables; omitted: the model's "
+        None, ge=1e-6, le=10, description="Ember extension; 1 disables; omitted: the model's "
                                        "default.")
     seed: Seed | None = Field(None, description="Same seed and parameters give the same text.")
     stop: StopStr | Annotated[list[StopStr], Field(max_length=16)] | None = Field(

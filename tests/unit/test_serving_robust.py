@@ -294,3 +294,24 @@ def test_openmp_environment_sets_the_spin_count_unless_the_user_did(monkeypatch)
     assert openmp_environment(10000) == {}
     with pytest.raises(ConfigError, match="omp_spin_count"):
         ServingGuards(omp_spin_count=-1).validate()
+
+
+def test_repetition_penalty_too_small_for_float32_is_400():
+    # 1e-300 is > 0 but rounds to float32 0: the sampler divided logits by zero (inf logits;
+    # found by the schemathesis run as a RuntimeWarning in the server log).
+    import pytest
+
+    from ember.types import InvalidRequestError, SamplingParams
+
+    with pytest.raises(InvalidRequestError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=1e-300).validate()
+    with _client() as client:
+        for path, body in (("/v1/completions", {"prompt": "hi"}),
+                           ("/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "hi"}]})):
+            resp = client.post(path, json={**body, "max_tokens": 2, "repetition_penalty": 1e-300})
+            assert resp.status_code == 400, resp.text[:300]
+            assert resp.json()["error"]["param"] == "repetition_penalty"
+        ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2,
+                                                  "repetition_penalty": 0.5})
+        assert ok.status_code == 200

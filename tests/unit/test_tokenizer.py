@@ -116,6 +116,17 @@ def test_encode_batch_matches_encode(tok):
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
 
 
+def test_long_text_encodes_the_same_through_the_gil_free_path(tok):
+    from ember.tokenizer import GIL_FREE_ENCODE_CHARS
+
+    text = "hello world<|im_end|> 12 x\n" * (GIL_FREE_ENCODE_CHARS // 10)
+    assert len(text) > GIL_FREE_ENCODE_CHARS  # encode takes the encode_batch path
+    ids = tok.backend.encode(text, add_special_tokens=False).ids  # the GIL-holding call
+    assert len(ids) > 1000
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert tok.encode(text) == [*tok._prefix, *tok.backend.encode(text).ids, *tok._suffix]
+
+
 # ---------------------------------------------------------------- special tokens
 
 
