@@ -479,7 +479,7 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
   const int64_t G = plan.group, M = (h1 - h0) * G, bs = c.block_size, hk = c.hk;
   const int64_t* table = c.block_tables + t.r0 * c.max_blocks;
   float *qf = sc.q.data(), *s = sc.s.data(), *acc = sc.acc.data();
-  int64_t base[kKeys + 4], rows[kKeys + 4], next[kKeys + 4];
+  int64_t base[kKeys + 4], rows[kKeys + 4], next[kKeys + 4], far[kKeys + 4];
   float* alpha = sc.alpha.data();
   for (int64_t m = 0; m < M; ++m) {
     const float* src = q + t.r0 * q_stride + (h0 * G + m) * D;
@@ -500,7 +500,11 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
         base[j] = (table[p / bs] * bs + p % bs) * hk;
         const int64_t pn = p + kKeys;  // the same key of the next tile
         next[j] = pn < t.k1 ? (table[pn / bs] * bs + pn % bs) * hk + h0 : -1;
+        const int64_t pf2 = p + 2 * kKeys;  // the same key two tiles ahead
+        far[j] = pf2 < t.k1 ? (table[pf2 / bs] * bs + pf2 % bs) * hk : -1;
       }
+      for (int64_t j = 0; j < j0; ++j) far[j] = -1;
+      for (int64_t j = n; j < kKeys + 4; ++j) far[j] = -1;
       for (int64_t j = 0; j < j0; ++j) base[j] = base[j0];  // keys before the window: ignored
       const int64_t n4 = (n + 3) / 4 * 4;
       for (int64_t j = n; j < n4; ++j) base[j] = base[j0];  // padding keys: scores ignored
@@ -523,6 +527,14 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
               for (size_t off = 0; off < row_bytes; off += 64) {
                 v_prefetch(kc + static_cast<size_t>(pf[i] + pf_add) * row_bytes + off);
                 v_prefetch(vc + static_cast<size_t>(pf[i] + pf_add) * row_bytes + off);
+              }
+          // NOTE: and head kvh's K/V rows of the tile two ahead into L2 (prefetcht1), so the
+          // L1 prefetch above hits L2 instead of waiting on memory (the cold/hot gap).
+          for (int64_t i = j; i < j + 4; ++i)
+            if (far[i] >= 0)
+              for (size_t off = 0; off < row_bytes; off += 64) {
+                __builtin_prefetch(kc + static_cast<size_t>(far[i] + kvh) * row_bytes + off, 0, 2);
+                __builtin_prefetch(vc + static_cast<size_t>(far[i] + kvh) * row_bytes + off, 0, 2);
               }
           int64_t m = r0;
           for (; m + 3 <= r0 + G; m += 3)
