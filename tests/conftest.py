@@ -86,8 +86,21 @@ _GGUF_READER: dict[str, object] = {}
 @contextlib.contextmanager
 def _gguf_parsed_once() -> Iterator[None]:
     import gguf
+    import numpy as np
 
     real = gguf.GGUFReader
+
+    class PlainArrayReader(real):  # type: ignore[misc,valid-type]
+        """GGUFReader slices its np.memmap once per array element (Gemma: 262k strings);
+        a plain ndarray view of the same mapping slices ~2.5x faster (the same bytes)."""
+
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain_data
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain_data = value.view(np.ndarray)
 
     def reader(path: object, mode: str = "r") -> object:
         if mode != "r":  # only read-only readers are shared
@@ -95,7 +108,7 @@ def _gguf_parsed_once() -> Iterator[None]:
         key = str(Path(str(path)).resolve())
         if key not in _GGUF_READER:
             _GGUF_READER.clear()
-            _GGUF_READER[key] = real(path)  # type: ignore[arg-type]
+            _GGUF_READER[key] = PlainArrayReader(path)
         return _GGUF_READER[key]
 
     gguf.GGUFReader = reader  # type: ignore[assignment,misc]
