@@ -35,8 +35,12 @@ run: setup
 chat: setup
 	$(VENV)/bin/ember chat
 
+# mypy's incremental cache lives beside the kernel cache, outside the clone: a clean clone
+# re-checks only modules whose source hash changed (cold: ~60 s of the CI's 2 cores)
+MYPY_CACHE_DIR ?= $(HOME)/.cache/ember/mypy
+
 test: setup
-	$(PY) -m mypy ember
+	$(PY) -m mypy --cache-dir "$(MYPY_CACHE_DIR)" ember
 	$(PY) -m pytest -q --durations=30 tests
 
 bench: setup

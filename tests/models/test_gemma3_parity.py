@@ -43,11 +43,13 @@ def gemma(gemma_path):
 
 
 @pytest.fixture(scope="module")
-def hf_gemma(gemma_path):
+def hf_gemma(gemma_path, gguf_parsed_once):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(gemma_path.parent),
-                                                 gguf_file=gemma_path.name, dtype=torch.float32)
+    with gguf_parsed_once():  # config and weights (and the tokenizer test) share one parse
+        model = AutoModelForCausalLM.from_pretrained(str(gemma_path.parent),
+                                                     gguf_file=gemma_path.name,
+                                                     dtype=torch.float32)
     model.eval()
     return model
 
@@ -67,10 +69,11 @@ def test_architecture_from_gguf(gemma):
     assert arch.attn_scale == 256 ** -0.5
 
 
-def test_tokenizer_ids_equal_transformers(gemma, gemma_path, pride_text):
+def test_tokenizer_ids_equal_transformers(gemma, gemma_path, pride_text, gguf_parsed_once):
     from transformers import AutoTokenizer
 
-    hf_tok = AutoTokenizer.from_pretrained(str(gemma_path.parent), gguf_file=gemma_path.name)
+    with gguf_parsed_once():
+        hf_tok = AutoTokenizer.from_pretrained(str(gemma_path.parent), gguf_file=gemma_path.name)
     tok = gemma.get_tokenizer()
     for text in [*TEXTS, pride_text[:20000]]:
         ids = tok.encode(text)

@@ -10,7 +10,7 @@ import torch
 from ember import SamplingParams
 from ember.attention.metadata import AttentionMetadata, PrefillChunk
 from agreement import teacher_forced_agreement
-from ember.eval.perplexity import perplexity, windows_of
+from ember.eval.perplexity import windows_of
 
 PROMPTS = [
     "The capital of France is",
@@ -86,8 +86,8 @@ def test_greedy_tokens_match_transformers(llm, hf_model):
 
 
 @torch.inference_mode()
-def test_perplexity_matches_transformers(llm, hf_model, pride_text):
-    ours = perplexity(llm, pride_text)
+def test_perplexity_matches_transformers(llm, hf_model, pride_text, fp32_perplexity):
+    ours = fp32_perplexity  # perplexity(llm, pride_text), shared with test_weight_formats
     ids = llm.get_tokenizer().encode(pride_text, add_special_tokens=False)
     nll, count = 0.0, 0
     for window in windows_of(ids, 512, 8192):

@@ -24,7 +24,8 @@ def _greedy(llm: LLM, n: int) -> list[list[int]]:
 @pytest.mark.skipif(select_isa() is None or select_isa().name == "portable",  # type: ignore[union-attr]
                     reason="the best ISA here is already the portable one")
 def test_forced_portable_gives_the_best_isas_greedy_tokens(make_llm, gguf_path, monkeypatch):
-    best = make_llm(model=str(gguf_path), quantization="int4")
+    best = make_llm(quantization="int4")  # the session's int4 engine, on the same file
+    assert best.engine.loaded.source.path.resolve() == gguf_path.resolve()
     assert best.engine.core.kernels is not None and best.engine.core.kernels.isa != "portable"
     monkeypatch.setenv("EMBER_CPU_ISA", "portable")
     portable = LLM(str(gguf_path), quantization="int4", show_progress=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,11 +19,12 @@ from ember.kernels import abi, build, ops
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory) -> ctypes.CDLL:
+def library() -> ctypes.CDLL:
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("no C++ compiler")
-    path = tmp_path_factory.mktemp("kernels") / "libember_cpu.so"
-    build.compile_library(path)
+    # NOTE: the default kernel cache (keyed by the sources' hash and the flags, verified on
+    # load): the build `make setup` made and the other kernel tests load, compiled once.
+    path, _ = build.ensure_built(None, build.select_isa() or build.ISAS[0])
     return ctypes.CDLL(str(path))
 
 
@@ -84,9 +86,15 @@ def test_each_isa_compiles_to_its_own_library(tmp_path):
         pytest.skip("no C++ compiler")
     paths = {build.library_path(str(tmp_path), isa) for isa in build.ISAS}
     assert len(paths) == len(build.ISAS)
-    for isa in build.ISAS:  # every ISA compiles here (loading runs no vector code)
-        path = tmp_path / f"{isa.name}.so"
-        build.compile_library(path, isa)
+    # Every ISA compiles here (loading runs no vector code). NOTE: into the default kernel
+    # cache, keyed by the sources' hash and the flags: the ISAs this CPU runs are the builds
+    # `make setup` and the other kernel tests use (compiled once); the missing ones compile
+    # side by side (one g++ each).
+    with ThreadPoolExecutor(len(build.ISAS)) as pool:
+        built = list(pool.map(lambda isa: build.ensure_built(None, isa)[0], build.ISAS))
+    assert len(set(built)) == len(build.ISAS)
+    for isa, path in zip(build.ISAS, built):
+        assert path == build.library_path(None, isa) and path.name.endswith(f"_{isa.name}.so")
         assert abi.check_abi(ctypes.CDLL(str(path))) is None
 
 
@@ -96,3 +104,13 @@ def test_a_forced_isa_must_exist_and_run_here(monkeypatch):
     assert build.forced_isa("portable").name == "portable"
     assert build.forced_isa("avx512-vnni") is None  # this (pretend) CPU lacks it
     assert build.forced_isa("neon") is None
+
+
+def test_the_cache_key_covers_every_included_header():
+    """The kernel cache is keyed by the bytes of SOURCES and HEADERS: every local header the
+    sources include (directly or not) is in HEADERS, so an edited header is a rebuild."""
+    import re
+
+    included = {name for f in (*build.SOURCES, *build.HEADERS)
+                for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', f.read_text(), re.M)}
+    assert included <= {h.name for h in build.HEADERS}, included - {h.name for h in build.HEADERS}

@@ -23,10 +23,8 @@ PROMPTS = ENGINE_PROMPTS
 
 
 @pytest.fixture(scope="module")
-def kernels(tmp_path_factory) -> CpuKernels:
-    k = CpuKernels.load(str(tmp_path_factory.mktemp("cache")), num_threads=2)
-    assert k is not None
-    return k
+def kernels(load_kernels) -> CpuKernels:
+    return load_kernels(None)  # the shared cache: built once per source hash
 
 
 def run(quantization: str | None, kernels: CpuKernels | None, fused: bool = True

@@ -22,10 +22,8 @@ ISAS = ["best"] + (["portable"] if BEST is not None and BEST.name != "portable" 
 
 
 @pytest.fixture(scope="module")
-def best_kernels(tmp_path_factory) -> CpuKernels:
-    k = CpuKernels.load(str(tmp_path_factory.mktemp("cache")), num_threads=2)
-    assert k is not None, "the kernels failed to compile"
-    return k
+def best_kernels(load_kernels) -> CpuKernels:
+    return load_kernels(None)  # the shared cache: built once per source hash
 
 
 @pytest.fixture(scope="module")
