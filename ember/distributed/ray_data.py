@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -50,6 +51,47 @@ Batch = dict[str, Any]
 """A Ray Data batch: column name -> numpy array (batch_format="numpy") or list."""
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+T = TypeVar("T")
+
+
+class EngineThread:
+    """One long-lived thread on which an actor builds its engine and runs every batch.
+
+    NOTE: Ray runs an actor's constructor and its method calls on different threads (Ray
+    Data's map actors: neither is the main thread, and the calling thread may change). libgomp
+    keeps one OpenMP thread pool per calling thread, so the kernels' pool created while loading
+    and the one created by the first batch both stay alive; with more OpenMP threads in the
+    process than CPUs, libgomp throttles its spin-wait (GOMP_SPINCOUNT no longer applies) and
+    every kernel thread sleeps in the kernel at each barrier of every step (measured: ~1,500
+    voluntary context switches per 64-request batch instead of 2, and ~0.5 of 2 cores idle in
+    the Ray Data benchmark). Running everything on this one thread keeps one pool, as in
+    `ember run-batch`.
+    """
+
+    def __init__(self, name: str = "ember-engine") -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
+                                            initializer=_name_os_thread, initargs=(name,))
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` on the engine thread; its exception is re-raised here."""
+        return self._executor.submit(fn, *args, **kwargs).result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
+def _name_os_thread(name: str) -> None:
+    """Best effort: the OS-level name of this thread (top, py-spy; the OpenMP workers it
+    starts inherit it), Linux only."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        except (OSError, AttributeError):
+            pass
 
 
 def to_python(value: Any) -> Any:
@@ -127,7 +169,8 @@ class EmberGenerator:
         self.job_params = dict(sampling_params or {})
         sampling_params_of(self.job_params, None)  # fail at construction on bad job params
         self.include_token_ids = include_token_ids
-        self.llm = LLM(config=self.config, show_progress=False)
+        self.engine_thread = EngineThread()
+        self.llm = self.engine_thread.run(LLM, config=self.config, show_progress=False)
         # NOTE: like a server request, explicit values override the model's generation
         # defaults (generation_config) field by field.
         defaults = self.llm.get_default_sampling_params()
@@ -138,6 +181,9 @@ class EmberGenerator:
         """Generate for every valid row of `batch` in one `LLM.generate` call; a row that
         fails validation (no prompt, bad sampling params, prompt too long) gets its reason in
         the `error` column and empty outputs; the other rows go on."""
+        return self.engine_thread.run(self._generate, batch)
+
+    def _generate(self, batch: Batch) -> Batch:
         n = _num_rows(batch)
         row_params = batch.get("sampling_params")
         valid: list[tuple[int, str | list[int], SamplingParams]] = []
@@ -201,12 +247,13 @@ class EmberEmbedder:
 
         if not hasattr(LLM, "embed"):
             raise NotImplementedError("LLM.embed is not available in this Ember version")
-        self.llm = LLM(config=engine_config(model, threads, engine_kwargs or {}),
-                       show_progress=False)
+        self.engine_thread = EngineThread()  # one OpenMP pool (see EngineThread)
+        self.llm = self.engine_thread.run(
+            LLM, config=engine_config(model, threads, engine_kwargs or {}), show_progress=False)
 
     def __call__(self, batch: Batch) -> Batch:
         texts = [str(t) for t in to_python(batch["text"])]
-        vectors = self.llm.embed(texts) if texts else []  # type: ignore[attr-defined]
+        vectors = self.engine_thread.run(self.llm.embed, texts) if texts else []
         return {**batch, "embedding": np.array([np.asarray(v, dtype=np.float32)
                                                 for v in vectors] + [None], dtype=object)[:-1]}
 
