@@ -56,7 +56,8 @@ def host_arch_flags(machine: str | None = None) -> tuple[str, ...]:
     return ()
 
 
-PORTABLE = Isa("portable", (), (*host_arch_flags(), "-ffp-contract=fast", "-DEMBER_ISA_PORTABLE"),
+PORTABLE = Isa("portable", (), (*host_arch_flags(), "-ffp-contract=fast", "-fno-trapping-math",
+                                "-DEMBER_ISA_PORTABLE"),
                host_tuned=True)
 """Plain C++ (isa_portable.h) vectorised by the compiler for this host: runs on any CPU."""
 

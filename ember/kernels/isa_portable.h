@@ -291,8 +291,12 @@ inline void rms_norm_row(float* __restrict x, const float* __restrict residual,
 
 // exp(x): the vector kernels' polynomial (2^n * 2^f, |f| <= 1/2, degree 6, relative error
 // ~2e-7), 2^n built in the exponent bits; inlined into simd loops it vectorises.
+// NOTE: the loops calling it (SiLU, softmax) vectorise only without trapping math: build.py
+// builds the portable flavour with -fno-trapping-math, else GCC 12 keeps the clamps as
+// branches ("control flow in loop") and the whole loop scalar. Values are unchanged.
 inline float exp_approx(float x) {
-  x = std::max(std::min(x, 88.0f), -87.0f);
+  x = x < 88.0f ? x : 88.0f;
+  x = x > -87.0f ? x : -87.0f;
   const float t = x * 1.44269504088896341f;
   const float n = rintf(t);
   const float f = t - n;
@@ -412,36 +416,46 @@ inline vfloat v_load(const float* p) {
   return v;
 }
 inline void v_store(float* p, vfloat v) { memcpy(p, &v, sizeof(v)); }
-inline vfloat v_set1(float x) { return vfloat{} + x; }
+inline vfloat v_set1(float x) { return vfloat{x, x, x, x, x, x, x, x}; }  // kVecW lanes
+static_assert(kVecW == 8, "v_set1, load_bf16 and v_hsum4 spell out 8 lanes");
 inline vfloat v_zero() { return vfloat{}; }
-// NOTE: fused explicitly where the target has FMA (the AVX2 kernels' fmadd rounds once);
-// `a * b + c` on generic vectors is not always contracted.
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA) || defined(__aarch64__)
-inline vfloat v_fma(vfloat a, vfloat b, vfloat c) {
-  vfloat r;
-  for (int i = 0; i < kVecW; ++i) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
-  return r;
-}
-#else
+// NOTE: one vector expression, contracted to an FMA by -ffp-contract=fast where the target
+// has one (the AVX2 kernels' fmadd rounds once). A loop over the lanes calling
+// __builtin_fmaf gave the same instruction but kept the callers' arrays of vfloat
+// accumulators (qk4_direct, pv_chunk) in memory, a load and a store per FMA (the flash
+// attention ran 2-3x slower than AVX2's); spelling the 8 lanes out scalarised it.
 inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
+// NOTE: a product behind an association barrier, so `v_fma(x, y, v_mul(a, b))` (fold_state)
+// fuses x * y as the vector kernels do, never a * b.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_assoc_barrier)
+#define EMBER_NO_CONTRACT(x) __builtin_assoc_barrier(x)
 #endif
-inline vfloat v_mul(vfloat a, vfloat b) { return a * b; }
-inline vfloat load_bf16(const kv_t* p) {  // kVecW bf16 -> floats: the bits, shifted up
+#endif
+#ifndef EMBER_NO_CONTRACT
+#define EMBER_NO_CONTRACT(x) (x)
+#endif
+inline vfloat v_mul(vfloat a, vfloat b) { return EMBER_NO_CONTRACT(a * b); }
+// NOTE: both widenings go through 16-bit lanes: GCC 12 scalarises a direct 8-bit -> 32-bit
+// convertvector and splits 16 -> 32 into two halves; these forms lower to unpack / pmovsx
+// (x86) and zip / sxtl (NEON).
+typedef uint16_t vuint16x2 __attribute__((vector_size(kVecW * 4)));
+typedef int16_t vint16 __attribute__((vector_size(kVecW * 2)));
+inline vfloat load_bf16(const kv_t* p) {  // kVecW bf16 -> floats: each one's bits, shifted up
   vuint16 h;
   memcpy(&h, p, sizeof(h));
-  const vuint32 w = __builtin_convertvector(h, vuint32) << 16;
+  // (0, h0, 0, h1, ...) as 16-bit lanes: little-endian, the float bits h << 16
+  const vuint16x2 w =
+      __builtin_shufflevector(vuint16{}, h, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
   return (vfloat)w;  // NOTE: a cast between vectors of one size keeps the bits
 }
 inline vfloat v_load_i8(const int8_t* p) {  // kVecW int8 -> floats
   vint8 b;
   memcpy(&b, p, sizeof(b));
-  return __builtin_convertvector(__builtin_convertvector(b, vint32), vfloat);
+  const vint16 w = __builtin_convertvector(b, vint16);
+  return __builtin_convertvector(__builtin_convertvector(w, vint32), vfloat);
 }
-inline vfloat v_max(vfloat a, vfloat b) {
-  vfloat r;
-  for (int i = 0; i < kVecW; ++i) r[i] = a[i] > b[i] ? a[i] : b[i];
-  return r;
-}
+inline vfloat v_max(vfloat a, vfloat b) { return a > b ? a : b; }
 inline float v_hmax(vfloat a) {  // the largest lane
   float m = a[0];
   for (int i = 1; i < kVecW; ++i) m = a[i] > m ? a[i] : m;
@@ -450,12 +464,17 @@ inline float v_hmax(vfloat a) {  // the largest lane
 inline void v_prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 // out[0..3] = the horizontal sums of a, b, c, d, in the AVX2 kernel's (hadd) order:
 // ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)).
-inline float hadd_order(vfloat v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+// Written as whole-vector shuffles and adds (the AVX2 kernel's hadd, hadd, add halves): 12
+// vector instructions where lane-by-lane sums were ~60 scalar ones, in the qk inner loop.
+inline vfloat v_hadd(vfloat a, vfloat b) {  // (a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, ..., b6+b7)
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
 inline void v_hsum4(vfloat a, vfloat b, vfloat c, vfloat d, float* out) {
-  out[0] = hadd_order(a);
-  out[1] = hadd_order(b);
-  out[2] = hadd_order(c);
-  out[3] = hadd_order(d);
+  typedef float vfloat4 __attribute__((vector_size(16)));
+  const vfloat t = v_hadd(v_hadd(a, b), v_hadd(c, d));
+  const vfloat4 s = __builtin_shufflevector(t, t, 0, 1, 2, 3) + __builtin_shufflevector(t, t, 4, 5, 6, 7);
+  memcpy(out, &s, sizeof(s));
 }
 
 

@@ -53,6 +53,34 @@ def test_portable_gemm_is_bitwise_the_vector_isas(best_kernels, portable_kernels
     assert torch.equal(portable_kernels.q8_gemm(x, *p8), best_kernels.q8_gemm(x, *p8))
 
 
+@pytest.mark.skipif(len(ISAS) < 2, reason="the best ISA here is the portable one")
+@pytest.mark.parametrize("rows, context", [(1, 37), (1, 600), (20, 150)])
+def test_portable_attention_norm_silu_are_bitwise_the_vector_isas(best_kernels,
+                                                                  portable_kernels, rows,
+                                                                  context):
+    """The portable build's attention (a decode row; a prefill tile of `rows` rows of one
+    sequence; split-K over 512-key segments at 600), RMSNorm and SiLU (vector exp) keep the
+    vector ISA's order and FMAs: equal bit for bit."""
+    gen = torch.Generator().manual_seed(rows * 1000 + context)
+    hq, hk, dim, bs = 9, 3, 64, 16
+    blocks = (context + bs - 1) // bs
+    k_cache = torch.randn(blocks, bs, hk, dim, generator=gen).bfloat16()
+    v_cache = torch.randn(blocks, bs, hk, dim, generator=gen).bfloat16()
+    qkv = torch.randn(rows, (hq + 2 * hk) * dim, generator=gen) * 2
+    tables = torch.randperm(blocks, generator=gen).repeat(rows, 1)
+    lens = torch.arange(context - rows + 1, context + 1)
+    got, ref = (k.paged_decode_attention(qkv, hq, dim, k_cache, v_cache, tables, lens,
+                                         dim ** -0.5)
+                for k in (portable_kernels, best_kernels))
+    assert torch.equal(got, ref)
+    x, res, w = torch.randn(3, 584, generator=gen), torch.randn(3, 584, generator=gen), \
+        torch.rand(584, generator=gen) + 0.5
+    assert torch.equal(portable_kernels.rms_norm(x.clone(), res, w, 1e-5),
+                       best_kernels.rms_norm(x.clone(), res, w, 1e-5))
+    gu = torch.randn(3, 2 * 1540, generator=gen) * 4
+    assert torch.equal(portable_kernels.silu_mul(gu), best_kernels.silu_mul(gu))
+
+
 def act_quantized(x: torch.Tensor) -> torch.Tensor:
     """x with each 32-element block rounded the way the kernels quantize activations."""
     xb = x.view(x.shape[0], -1, 32)
