@@ -6,6 +6,7 @@ rewrite a code block) and open-ended prompts (no copying).
     python benchmarks/spec_decode.py --crossover                    # + batch-size crossover
     python benchmarks/spec_decode.py --llama-cpp                    # + llama.cpp's n-gram spec
     python benchmarks/spec_decode.py --clients 32                   # ember serve, 32 clients
+    python benchmarks/spec_decode.py --workloads quote_passage,story  # a subset
 
 --llama-cpp runs the native llama-server (~/.cache/ember-peers/llama.cpp-native) on the same
 GGUF and the same prompt token ids, without speculation and with `--spec-type ngram-simple`
@@ -84,6 +85,16 @@ def workloads() -> dict[str, tuple[str, str]]:
     }
 
 
+SELECTED: list[str] | None = None
+"""--workloads: the workload names run (None: all)."""
+
+
+def selected_workloads() -> dict[str, tuple[str, str]]:
+    """`workloads()` cut to --workloads."""
+    every = workloads()
+    return every if SELECTED is None else {n: every[n] for n in SELECTED}
+
+
 def timed(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
     """Greedy tokens and decode tok/s (first token to last token)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
@@ -111,7 +122,7 @@ def run_workloads(base: LLM, spec: LLM, max_tokens: int, rounds: int,
                   compare: LLM | None = None) -> dict[str, dict]:
     """Off / on (and `compare`, a second speculative config) interleaved per workload."""
     results: dict[str, dict] = {}
-    for name, (kind, message) in workloads().items():
+    for name, (kind, message) in selected_workloads().items():
         prompt = base.encode_chat([{"role": "user", "content": message}])
         off_rates: list[float] = []
         on_rates: list[float] = []
@@ -182,7 +193,7 @@ def llama_cpp_peer(base: LLM, max_tokens: int, threads: int, ngram_n: int,
 
     gguf = str(resolve_model("smollm2-135m-instruct").path)
     prompts = {name: base.encode_chat([{"role": "user", "content": msg}])
-               for name, (_, msg) in workloads().items()}
+               for name, (_, msg) in selected_workloads().items()}
     spec_flags = ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(ngram_n),
                   "--spec-ngram-simple-size-m", str(ngram_m)]
     out: dict[str, dict] = {name: {} for name in prompts}
@@ -335,7 +346,15 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=0,
                     help="only the serving test: N concurrent clients through ember serve, "
                          "speculation off vs on")
+    ap.add_argument("--workloads", default=None, metavar="NAMES",
+                    help="comma-separated subset of " + ",".join(workloads()) + " (default: all)")
     args = ap.parse_args()
+    if args.workloads:
+        global SELECTED
+        SELECTED = [n.strip() for n in args.workloads.split(",") if n.strip()]
+        unknown = [n for n in SELECTED if n not in workloads()]
+        if unknown:
+            ap.error(f"--workloads: unknown {', '.join(unknown)} (known: {', '.join(workloads())})")
     spec_config = (json.loads(args.speculative_config) if args.speculative_config
                    else dict(NGRAM))
     if spec_config.get("method") == "draft" and "model" not in spec_config:
@@ -365,10 +384,10 @@ def main() -> None:
     results = run_workloads(base, spec, args.max_tokens, args.rounds, compare)
     copy = [r["speedup"] for r in results.values() if r["kind"] == "copy"]
     open_ = [r["speedup"] for r in results.values() if r["kind"] == "open"]
-    summary = {"copy_heavy_speedup_geomean": statistics.geometric_mean(copy),
-               "open_ended_speedup_geomean": statistics.geometric_mean(open_)}
-    print(f"copy-heavy speedup x{summary['copy_heavy_speedup_geomean']:.2f} (target 2.5), "
-          f"open-ended x{summary['open_ended_speedup_geomean']:.2f} (target 1.3)")
+    summary = {"copy_heavy_speedup_geomean": statistics.geometric_mean(copy) if copy else None,
+               "open_ended_speedup_geomean": statistics.geometric_mean(open_) if open_ else None}
+    print(f"copy-heavy speedup x{summary['copy_heavy_speedup_geomean'] or 0:.2f} (target 2.5), "
+          f"open-ended x{summary['open_ended_speedup_geomean'] or 0:.2f} (target 1.3)")
     report = {"model": args.model, "speculative_config": spec_config,
               "compare_config": json.loads(args.compare_config) if args.compare_config else None,
               "max_tokens": args.max_tokens,
