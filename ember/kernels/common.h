@@ -13,7 +13,7 @@ constexpr int kChunk = 8;  // activation rows sharing one unpacked weight block
 
 // A weight matrix in one of the kernel formats.
 struct LinearW {
-  int64_t fmt;  // 4 = Q4, 8 = Q8
+  int64_t fmt;  // 4 = Q4, 5 = Q5, 8 = Q8
   int64_t n, k;  // logical shape (out, in); outputs are padded to np = n rounded up to 16
   const uint8_t* w;
   const float* d;

@@ -228,12 +228,61 @@ inline void q8_tile(const uint8_t* __restrict w, const float* __restrict d,
     for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
 }
 
+// Q5 (w = d (u - 16), u in [0, 31]; layout: isa_avx2.h q5_tile): the codes are unpacked to
+// signed int16 per block and dotted in int32 with plain loops (exact: the Q8 kernel's dot on
+// the same codes), then the Q8 kernel's float math.
+template <int C>
+inline void q5_tile(const uint8_t* __restrict w, const float* __restrict d,
+                    const QuantizedActs& a, int64_t m0, float* __restrict y, int64_t n) {
+  float acc[C][kTile];
+  for (int c = 0; c < C; ++c)
+    for (int l = 0; l < kTile; ++l) acc[c][l] = 0.0f;
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* __restrict wb = w + b * 320;
+    __builtin_prefetch(wb + 2560, 0, 3);
+    __builtin_prefetch(wb + 2560 + 128, 0, 3);
+    __builtin_prefetch(wb + 2560 + 256, 0, 3);
+    int16_t wq[kTile][kBlock];  // [row][column]
+    for (int l = 0; l < kTile; ++l)
+      for (int i = 0; i < 4; ++i) {
+        const uint8_t hb = wb[256 + 4 * l + i];
+        for (int c = 0; c < 4; ++c) {
+          const uint8_t raw = wb[64 * c + 4 * l + i];
+          wq[l][4 * c + i] = static_cast<int16_t>(((raw & 15) | (((hb >> c) & 1) << 4)) - 16);
+          wq[l][4 * (c + 4) + i] =
+              static_cast<int16_t>(((raw >> 4) | (((hb >> (c + 4)) & 1) << 4)) - 16);
+        }
+      }
+    const float* __restrict db = d + b * kTile;
+    for (int r = 0; r < C; ++r) {
+      const int8_t* __restrict xq = a.qrow(m0 + r) + b * kBlock;
+      int32_t dot[kTile];
+      for (int l = 0; l < kTile; ++l) {
+        int32_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int k = 0; k < kBlock; ++k) s += static_cast<int32_t>(wq[l][k]) * xq[k];
+        dot[l] = s;
+      }
+      const size_t ab = static_cast<size_t>((m0 + r) * a.nb + b);
+      const float ad = a.d[ab];
+      float* __restrict ac = acc[r];
+#pragma omp simd
+      for (int l = 0; l < kTile; ++l)
+        ac[l] = EMBER_MADD(static_cast<float>(dot[l]), db[l] * ad, ac[l]);
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
+}
+
 template <int C>
 inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int64_t m0, float* yt,
                       int64_t np) {
   const int64_t nb = a.nb;
   if (lw.fmt == 4)
     q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
+  else if (lw.fmt == 5)
+    q5_tile<C>(lw.w + t * nb * 320, lw.d + t * nb * kTile, a, m0, yt, np);
   else
     q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
 }

@@ -3,6 +3,8 @@
 - `Q4Linear`: 4-bit weights w = q * scale + offset (GGUF Q4_0 / Q4_1 and Ember int4
   checkpoints arrive exactly; anything else is quantized round-to-nearest).
 - `Q8Linear`: 8-bit symmetric weights w = q * d (GGUF Q8_0 arrives exactly).
+- `Q5Linear`: 5-bit weights w = q * d, q in [-16, 15] (GGUF Q5_0 arrives exactly, in 24 bytes
+  per 32 weights against Q8's 36: the bytes decode reads).
 - `Q8Embedding`: token lookup from a Q8 table, shared with a tied `Q8Linear` head.
 Activations are float32 at the boundary; the kernels quantize them to int8 per 32-element block.
 Both linears are built empty, filled row block by row block, and packed by `finalize` into the
@@ -17,8 +19,8 @@ import torch
 
 from ember.formats.blocks import Q4Blocks, Q8Blocks
 from ember.formats.stored import DenseWeight, StoredWeight
-from ember.kernels.decoder import Q4, Q8, KernelLinear
-from ember.kernels.ops import CpuKernels, pack_q4, pack_q8
+from ember.kernels.decoder import Q4, Q5, Q8, KernelLinear
+from ember.kernels.ops import CpuKernels, pack_q4, pack_q5, pack_q8
 from ember.layers.linear import LinearBase
 
 
@@ -140,6 +142,39 @@ class Q8Linear(_KernelLinear):
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         return self.kernels.q8_gemm(x2, self.q, self.d)
+
+
+class Q5Linear(Q8Linear):
+    """y = x @ W^T with 5-bit symmetric group-32 weights (codes in [-16, 15]: GGUF Q5_0's,
+    exact); the math is Q8Linear's on the same codes, in the kernels' denser Q5 layout. Loads
+    only parts whose exact Q8 form has 5-bit codes (a clear error otherwise: the plan gives
+    this format only to Q5_0 matrices)."""
+
+    @property
+    def format(self) -> str:
+        return "q5-g32"
+
+    def load_weight(self, rows: slice, weight: StoredWeight) -> None:
+        part = weight.q8()
+        if part is None or part.group_size != 32 or (
+                part.q.numel() and (int(part.q.min()) < -16 or int(part.q.max()) > 15)):
+            raise ValueError("the Q5 kernel format holds only GGUF Q5_0 matrices exactly; "
+                             "this part is not one")
+        if self._loaded is None:
+            self._loaded = Q8Blocks.empty(self.out_features, self.in_features)
+        self._loaded.set_rows(rows, part)
+
+    def finalize(self) -> None:
+        w = self._loaded
+        assert w is not None, "Q5Linear finalized before its weights were loaded"
+        self.q, self.d = pack_q5(w.q, w.d)
+        self._loaded = None
+
+    def kernel_linear(self) -> KernelLinear:
+        return KernelLinear(Q5, self.out_features, self.in_features, self.q, self.d)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.kernels.q5_gemm(x2, self.q, self.d)
 
 
 class Q8Embedding(torch.nn.Module):
