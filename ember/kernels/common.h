@@ -10,13 +10,14 @@ namespace {
 constexpr int kBlock = 32;
 constexpr int kTile = 16;
 constexpr int kChunk = 8;  // activation rows sharing one unpacked weight block
+constexpr int64_t kQ5BlockBytes = 352;  // Q5 tile block: 256 nibbles, 64 fifth bits, 16 fp16 d
 
 // A weight matrix in one of the kernel formats.
 struct LinearW {
   int64_t fmt;  // 4 = Q4, 5 = Q5, 8 = Q8
   int64_t n, k;  // logical shape (out, in); outputs are padded to np = n rounded up to 16
   const uint8_t* w;
-  const float* d;
+  const float* d;  // (unused for Q5: its scales are in w)
   const float* m;  // Q4 mins (unused for Q8)
 };
 

@@ -37,11 +37,11 @@ void q8_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* q, const f
   gemm_tiles(lw, a, mrows, y);
 }
 
-// y (M, Np) = x (M, K) @ W^T for Q5 weights (packed (Np/16, K/32, 320), d (Np/16, K/32, 16)).
-void q5_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, const float* d,
-             int64_t np, float* y, int nthreads) {
+// y (M, Np) = x (M, K) @ W^T for Q5 weights (packed (Np/16, K/32, 352), scales included).
+void q5_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, int64_t np,
+             float* y, int nthreads) {
   const QuantizedActs a(x, mrows, k);
-  const LinearW lw{5, np, k, packed, d, nullptr};
+  const LinearW lw{5, np, k, packed, nullptr, nullptr};
 #pragma omp parallel num_threads(nthreads)
   gemm_tiles(lw, a, mrows, y);
 }

@@ -174,21 +174,22 @@ inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, in
 
 
 // One 16-row tile of Q5 weights (w = d (u - 16), u in [0, 31]: GGUF Q5_0's codes) against C
-// (<= kChunk) activation rows. A block is 320 bytes: the Q4 tile's 256 nibble bytes (vector c:
-// low nibble = column group c, high nibble = c + 4) and a 64-byte plane of fifth bits (byte of
-// row r, lane byte i: bit j = fifth bit of weight (r, 4 j + i)). maddubs pairs are <= 2 * 31 *
-// 127, so four add in int16 (31496 < 32767) before each madd; the -16 offset is subtracted in
-// int32 (16 * sum(qx) = si / 8), so the dot equals the Q8 kernel's on the same codes exactly.
+// (<= kChunk) activation rows. A block is 352 bytes, GGUF Q5_0's 22 per 32 weights: the Q4
+// tile's 256 nibble bytes (vector c: low nibble = column group c, high nibble = c + 4), a
+// 64-byte plane of fifth bits (byte of row r, lane byte i: bit j = fifth bit of weight
+// (r, 4 j + i)) and the 16 rows' scales d as float16. maddubs pairs are <= 2 * 31 * 127, so
+// four add in int16 (31496 < 32767) before each madd; the -16 offset is subtracted in int32
+// (16 * sum(qx) = si / 8), so the dot equals the Q8 kernel's on the same codes exactly.
 template <int C>
-inline void q5_tile(const uint8_t* w, const float* d, const QuantizedActs& a, int64_t m0,
-                    float* y, int64_t n) {
+inline void q5_tile(const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y,
+                    int64_t n) {
   __m256 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
   const __m256i mask = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10),
                 ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wb = w + b * 320;
-    for (int c = 0; c < 5; ++c) _mm_prefetch(reinterpret_cast<const char*>(wb + 2560 + 64 * c),
+    const uint8_t* wb = w + b * kQ5BlockBytes;
+    for (int c = 0; c < 6; ++c) _mm_prefetch(reinterpret_cast<const char*>(wb + 2816 + 64 * c),
                                              _MM_HINT_T0);
     __m256i wv[2][8];
     for (int h = 0; h < 2; ++h) {
@@ -204,7 +205,9 @@ inline void q5_tile(const uint8_t* w, const float* d, const QuantizedActs& a, in
                                        _mm256_and_si256(hs[c + 4], bit4));
       }
     }
-    const __m256 dw[2] = {_mm256_loadu_ps(d + b * kTile), _mm256_loadu_ps(d + b * kTile + 8)};
+    const __m256 dw[2] = {
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 320))),
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 336)))};
     for (int c = 0; c < C; ++c) {
       const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
       __m256i xb[8];
@@ -238,7 +241,7 @@ inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int6
   if (lw.fmt == 4)
     q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
   else if (lw.fmt == 5)
-    q5_tile<C>(lw.w + t * nb * 320, lw.d + t * nb * kTile, a, m0, yt, np);
+    q5_tile<C>(lw.w + t * nb * kQ5BlockBytes, a, m0, yt, np);
   else
     q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
 }

@@ -228,20 +228,43 @@ inline void q8_tile(const uint8_t* __restrict w, const float* __restrict d,
     for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
 }
 
+// float16 bits -> float (exact; normals, subnormals, zeros, inf / nan).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, e = (h >> 10) & 0x1F,
+                 m = h & 0x3FFu;
+  uint32_t bits;
+  if (e == 0) {
+    if (m == 0) {
+      bits = sign;
+    } else {  // subnormal: m * 2^-24, exact in float
+      const float f = static_cast<float>(m) * 5.9604644775390625e-8f;
+      memcpy(&bits, &f, 4);
+      bits |= sign;
+    }
+  } else if (e == 31) {
+    bits = sign | 0x7F800000u | (m << 13);
+  } else {
+    bits = sign | ((e + 112) << 23) | (m << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
 // Q5 (w = d (u - 16), u in [0, 31]; layout: isa_avx2.h q5_tile): the codes are unpacked to
 // signed int16 per block and dotted in int32 with plain loops (exact: the Q8 kernel's dot on
 // the same codes), then the Q8 kernel's float math.
 template <int C>
-inline void q5_tile(const uint8_t* __restrict w, const float* __restrict d,
-                    const QuantizedActs& a, int64_t m0, float* __restrict y, int64_t n) {
+inline void q5_tile(const uint8_t* __restrict w, const QuantizedActs& a, int64_t m0,
+                    float* __restrict y, int64_t n) {
   float acc[C][kTile];
   for (int c = 0; c < C; ++c)
     for (int l = 0; l < kTile; ++l) acc[c][l] = 0.0f;
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* __restrict wb = w + b * 320;
-    __builtin_prefetch(wb + 2560, 0, 3);
-    __builtin_prefetch(wb + 2560 + 128, 0, 3);
-    __builtin_prefetch(wb + 2560 + 256, 0, 3);
+    const uint8_t* __restrict wb = w + b * kQ5BlockBytes;
+    __builtin_prefetch(wb + 2816, 0, 3);
+    __builtin_prefetch(wb + 2816 + 128, 0, 3);
+    __builtin_prefetch(wb + 2816 + 256, 0, 3);
     int16_t wq[kTile][kBlock];  // [row][column]
     for (int l = 0; l < kTile; ++l)
       for (int i = 0; i < 4; ++i) {
@@ -253,7 +276,12 @@ inline void q5_tile(const uint8_t* __restrict w, const float* __restrict d,
               static_cast<int16_t>(((raw >> 4) | (((hb >> (c + 4)) & 1) << 4)) - 16);
         }
       }
-    const float* __restrict db = d + b * kTile;
+    float db[kTile];
+    for (int l = 0; l < kTile; ++l) {
+      uint16_t h;
+      memcpy(&h, wb + 320 + 2 * l, 2);
+      db[l] = half_to_float(h);
+    }
     for (int r = 0; r < C; ++r) {
       const int8_t* __restrict xq = a.qrow(m0 + r) + b * kBlock;
       int32_t dot[kTile];
@@ -282,7 +310,7 @@ inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int6
   if (lw.fmt == 4)
     q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
   else if (lw.fmt == 5)
-    q5_tile<C>(lw.w + t * nb * 320, lw.d + t * nb * kTile, a, m0, yt, np);
+    q5_tile<C>(lw.w + t * nb * kQ5BlockBytes, a, m0, yt, np);
   else
     q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
 }

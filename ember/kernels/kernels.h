@@ -129,18 +129,19 @@ inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, in
 }
 
 
-// One 16-row tile of Q5 weights (w = d (u - 16), u in [0, 31]): 320 bytes a block, the Q4
-// tile's nibbles and a 64-byte plane of fifth bits (isa_avx2.h q5_tile has the layout); the
+// One 16-row tile of Q5 weights (w = d (u - 16), u in [0, 31]): 352 bytes a block, the Q4
+// tile's nibbles, a 64-byte plane of fifth bits and 16 float16 scales (isa_avx2.h q5_tile
+// has the layout); the
 // -16 offset enters the int32 dot as -16 * sum(qx) = -si / 8 (the Q8 kernel's dot, exactly).
 template <int C>
-inline void q5_tile(const uint8_t* w, const float* d, const QuantizedActs& a, int64_t m0,
-                    float* y, int64_t n) {
+inline void q5_tile(const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y,
+                    int64_t n) {
   __m512 acc[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
   const __m512i mask = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wb = w + b * 320;
-    for (int c = 0; c < 5; ++c) _mm_prefetch(reinterpret_cast<const char*>(wb + 2560 + 64 * c),
+    const uint8_t* wb = w + b * kQ5BlockBytes;
+    for (int c = 0; c < 6; ++c) _mm_prefetch(reinterpret_cast<const char*>(wb + 2816 + 64 * c),
                                              _MM_HINT_T0);
     const __m512i hi = _mm512_loadu_si512(wb + 256);
     const __m512i hs[8] = {
@@ -154,7 +155,7 @@ inline void q5_tile(const uint8_t* w, const float* d, const QuantizedActs& a, in
       wv[c + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), mask),
                                   _mm512_and_si512(hs[c + 4], bit4));
     }
-    const __m512 dw = _mm512_loadu_ps(d + b * kTile);
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 320)));
     for (int c = 0; c < C; ++c) {
       const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
       const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
@@ -189,17 +190,16 @@ inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows,
         default: break;
       }
     } else if (lw.fmt == 5) {
-      const uint8_t* w = lw.w + t * nb * 320;
-      const float* dt = lw.d + t * nb * kTile;
-      for (; m0 + kChunk <= mrows; m0 += kChunk) q5_tile<kChunk>(w, dt, a, m0, yt, np);
+      const uint8_t* w = lw.w + t * nb * kQ5BlockBytes;
+      for (; m0 + kChunk <= mrows; m0 += kChunk) q5_tile<kChunk>(w, a, m0, yt, np);
       switch (mrows - m0) {
-        case 7: q5_tile<7>(w, dt, a, m0, yt, np); break;
-        case 6: q5_tile<6>(w, dt, a, m0, yt, np); break;
-        case 5: q5_tile<5>(w, dt, a, m0, yt, np); break;
-        case 4: q5_tile<4>(w, dt, a, m0, yt, np); break;
-        case 3: q5_tile<3>(w, dt, a, m0, yt, np); break;
-        case 2: q5_tile<2>(w, dt, a, m0, yt, np); break;
-        case 1: q5_tile<1>(w, dt, a, m0, yt, np); break;
+        case 7: q5_tile<7>(w, a, m0, yt, np); break;
+        case 6: q5_tile<6>(w, a, m0, yt, np); break;
+        case 5: q5_tile<5>(w, a, m0, yt, np); break;
+        case 4: q5_tile<4>(w, a, m0, yt, np); break;
+        case 3: q5_tile<3>(w, a, m0, yt, np); break;
+        case 2: q5_tile<2>(w, a, m0, yt, np); break;
+        case 1: q5_tile<1>(w, a, m0, yt, np); break;
         default: break;
       }
     } else {

@@ -102,18 +102,21 @@ def pack_q8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return packed, _tile_scales(d.reshape(n, k // BLOCK))
 
 
-def pack_q5(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_q5(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Group-32 5-bit weights w = q * d (q (N, K) int8 in [-16, 15]: GGUF Q5_0's codes minus
-    16, d (N, K/32)) into the kernels' Q5 layout (exact): packed (Np/16, K/32, 320) uint8, per
-    block the Q4 layout's 256 nibble bytes of u = q + 16 and a 64-byte plane of their fifth
-    bits (byte (row r, lane byte i) of the 64-byte vectors, bit j = fifth bit of column 4 j +
-    i), and d (Np/16, K/32, 16) float32. 22 bytes per 32 weights in the file, 24 here (float
-    scales) against Q8's 36."""
+    16; d (N, K/32), float16 values: Q5_0's) into the kernels' Q5 layout, exactly: packed
+    (Np/16, K/32, 352) uint8, per tile and block the Q4 layout's 256 nibble bytes of
+    u = q + 16, a 64-byte plane of their fifth bits (byte (row r, lane byte i) of the 64-byte
+    vectors, bit j = fifth bit of column 4 j + i) and the 16 rows' d as float16: 22 bytes per
+    32 weights, GGUF Q5_0's (Q8's layout takes 36)."""
     n, k = q.shape
     if k % BLOCK:
         raise ValueError(f"Q5 kernels need K % {BLOCK} == 0, got {k}")
     if q.numel() and (int(q.min()) < -16 or int(q.max()) > 15):
         raise ValueError("Q5 kernels need codes in [-16, 15]")
+    d16 = d.reshape(n, k // BLOCK).to(torch.float16)
+    if not torch.equal(d16.float(), d.reshape(n, k // BLOCK).float()):
+        raise ValueError("Q5 kernels need float16 scales (GGUF Q5_0's)")
     u = (q.to(torch.int16) + 16).to(torch.uint8)
     v = _interleave(_pad_rows(u), 8)  # (tiles, blocks, 8 vectors j, 16 rows, 4)
     low = v & 15
@@ -122,8 +125,9 @@ def pack_q5(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     plane = torch.zeros_like(bits[:, :, 0])
     for j in range(8):
         plane |= bits[:, :, j] << j
-    packed = torch.cat([nib, plane.reshape(-1, k // BLOCK, 64)], dim=2).contiguous()
-    return packed, _tile_scales(d.reshape(n, k // BLOCK))
+    scales = _pad_rows(d16).view(-1, TILE, k // BLOCK).transpose(1, 2).contiguous()
+    return torch.cat([nib, plane.reshape(-1, k // BLOCK, 64),
+                      scales.view(torch.uint8).reshape(-1, k // BLOCK, 32)], dim=2).contiguous()
 
 
 FALLBACK_DECODE_SLOWDOWN = 3
@@ -156,7 +160,7 @@ class CpuKernels:
         sigs = {
             "q4_gemm": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32],
             "q8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
-            "q5_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
+            "q5_gemm": [ptr, i64, i64, ptr, i64, ptr, i32],
             "q8_rows": [ptr, ptr, i64, ptr, i64, ptr],
             "rms_norm": [ptr, ptr, ptr, i64, i64, f32, ptr],
             "silu_mul": [ptr, i64, i64, ptr],
@@ -221,11 +225,11 @@ class CpuKernels:
                          self.num_threads)
         return y
 
-    def q5_gemm(self, x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """x (M, K) float32 -> (M, Np) for Q5 weights (`pack_q5`)."""
+    def q5_gemm(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """x (M, K) float32 -> (M, Np) for Q5 weights (`pack_q5`: scales included)."""
         mrows, k = x.shape
         y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
-        self.lib.q5_gemm(_ptr(x), mrows, k, _ptr(packed), _ptr(d), y.shape[1], _ptr(y),
+        self.lib.q5_gemm(_ptr(x), mrows, k, _ptr(packed), y.shape[1], _ptr(y),
                          self.num_threads)
         return y
 

@@ -3,8 +3,8 @@
 - `Q4Linear`: 4-bit weights w = q * scale + offset (GGUF Q4_0 / Q4_1 and Ember int4
   checkpoints arrive exactly; anything else is quantized round-to-nearest).
 - `Q8Linear`: 8-bit symmetric weights w = q * d (GGUF Q8_0 arrives exactly).
-- `Q5Linear`: 5-bit weights w = q * d, q in [-16, 15] (GGUF Q5_0 arrives exactly, in 24 bytes
-  per 32 weights against Q8's 36: the bytes decode reads).
+- `Q5Linear`: 5-bit weights w = q * d, q in [-16, 15] (GGUF Q5_0 arrives exactly, in its 22
+  bytes per 32 weights against Q8's 36: the bytes decode reads).
 - `Q8Embedding`: token lookup from a Q8 table, shared with a tied `Q8Linear` head.
 Activations are float32 at the boundary; the kernels quantize them to int8 per 32-element block.
 Both linears are built empty, filled row block by row block, and packed by `finalize` into the
@@ -167,14 +167,14 @@ class Q5Linear(Q8Linear):
     def finalize(self) -> None:
         w = self._loaded
         assert w is not None, "Q5Linear finalized before its weights were loaded"
-        self.q, self.d = pack_q5(w.q, w.d)
+        self.q, self.d = pack_q5(w.q, w.d), torch.empty(0)  # the scales are in q's blocks
         self._loaded = None
 
     def kernel_linear(self) -> KernelLinear:
         return KernelLinear(Q5, self.out_features, self.in_features, self.q, self.d)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        return self.kernels.q5_gemm(x2, self.q, self.d)
+        return self.kernels.q5_gemm(x2, self.q)
 
 
 class Q8Embedding(torch.nn.Module):

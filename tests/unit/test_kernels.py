@@ -160,7 +160,7 @@ def test_rope_store_matches_reference(kernels):
 
 @pytest.mark.parametrize("n, k, m", [(100, 96, 1), (48, 640, 3), (64, 2048, 9)])
 def test_q5_gemm_is_bitwise_q8_on_the_same_codes(kernels, n, k, m):
-    """The Q5 layout (GGUF Q5_0 codes in [-16, 15], 24 bytes per 32 weights) gives the Q8
+    """The Q5 layout (GGUF Q5_0 codes in [-16, 15] and float16 scales, 22 bytes per 32 weights) gives the Q8
     kernel's outputs bit for bit: the same int32 dot (the +16 offset taken out exactly), the
     same float math per block."""
     from ember.kernels.ops import pack_q5
@@ -168,13 +168,15 @@ def test_q5_gemm_is_bitwise_q8_on_the_same_codes(kernels, n, k, m):
     q = torch.randint(-16, 16, (n, k), generator=gen, dtype=torch.int8)
     q[0, :32] = -16  # both ends of the code range
     q[-1, -32:] = 15
-    d = torch.rand(n, k // 32, generator=gen) * 0.01
+    d = (torch.rand(n, k // 32, generator=gen) * 0.01).half().float()  # Q5_0's float16 d
     x = torch.randn(m, k, generator=gen) * 3
     p5, p8 = pack_q5(q, d), pack_q8(q, d)
-    assert p5[0].shape[-1] == 320 and p5[0].numel() * 2 == p8[0].numel() * 5 // 4
-    got = kernels.q5_gemm(x, *p5)
+    assert p5.shape == ((n + 15) // 16, k // 32, 352)  # GGUF Q5_0's 22 bytes per 32 weights
+    got = kernels.q5_gemm(x, p5)
     assert torch.equal(got, kernels.q8_gemm(x, *p8))
     ref = act_quantized(x) @ Q8Blocks(q, d).dequantize().t()
     torch.testing.assert_close(got[:, :n], ref, atol=1e-3, rtol=1e-4)
     with pytest.raises(ValueError, match="codes in"):
         pack_q5(q.clamp(-16, 15) + 1, d)  # 16 does not fit five bits
+    with pytest.raises(ValueError, match="float16"):
+        pack_q5(q, d + 1e-6)
