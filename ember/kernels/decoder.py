@@ -26,7 +26,7 @@ import torch
 from ember.kernels.abi import LayerW, LinearW, Shape
 from ember.kernels.ops import CpuKernels, check_kv_caches, optional_ptr
 
-Q4, Q5, Q8 = 4, 5, 8
+Q4, Q5, Q8, Q8H = 4, 5, 8, 9
 """`KernelLinear.fmt` values (kernels.h `LinearW::fmt`)."""
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 """`LayerStack.activation` -> decoder.cpp `Shape::activation`."""

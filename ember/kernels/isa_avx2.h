@@ -134,22 +134,31 @@ inline void q4_tile(const uint8_t* w, const float* d, const float* mn, const Qua
   }
 }
 
-template <int C>
+// H (Q8h): the block's 16 scales are float16 after its 512 code bytes (d unused).
+template <int C, bool H = false>
 inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, int64_t m0,
                     float* y, int64_t n) {
   __m256 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wb = w + b * 512;
-    for (int j = 0; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(wb + 4096 + 64 * j),
-                                             _MM_HINT_T0);
+    constexpr int64_t bytes = H ? kQ8hBlockBytes : 512;
+    const uint8_t* wb = w + b * bytes;
+    for (int j = 0; j < (H ? 9 : 8); ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * bytes + 64 * j), _MM_HINT_T0);
     __m256i wv[2][8];  // signed weights q = u - 128
     for (int j = 0; j < 8; ++j)
       for (int h = 0; h < 2; ++h)
         wv[h][j] = _mm256_xor_si256(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * 64 + h * 32)), flip);
-    const __m256 dw[2] = {_mm256_loadu_ps(d + b * kTile), _mm256_loadu_ps(d + b * kTile + 8)};
+    __m256 dw[2];
+    if (H) {
+      dw[0] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 512)));
+      dw[1] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 528)));
+    } else {
+      dw[0] = _mm256_loadu_ps(d + b * kTile);
+      dw[1] = _mm256_loadu_ps(d + b * kTile + 8);
+    }
     for (int c = 0; c < C; ++c) {
       const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
       const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
@@ -242,6 +251,8 @@ inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int6
     q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
   else if (lw.fmt == 5)
     q5_tile<C>(lw.w + t * nb * kQ5BlockBytes, a, m0, yt, np);
+  else if (lw.fmt == 9)
+    q8_tile<C, true>(lw.w + t * nb * kQ8hBlockBytes, nullptr, a, m0, yt, np);
   else
     q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
 }

@@ -189,15 +189,16 @@ inline void q4_tile(const uint8_t* __restrict w, const float* __restrict d,
 // of signed weights q = u - 128 (the xor flips the offset into the sign: u ^ 0x80 = q as
 // int8); a vector's two products per lane (2 * 127 * 128 = 32512) fit int16, then pair_sum
 // widens them into the row's int32 sum.
-template <int C>
+// H (Q8h): the block's 16 scales are float16 after its 512 code bytes (d unused).
+template <int C, bool H = false>
 inline void q8_tile(const uint8_t* __restrict w, const float* __restrict d,
                     const QuantizedActs& a, int64_t m0, float* __restrict y, int64_t n) {
   float acc[C][kTile];
   for (int c = 0; c < C; ++c)
     for (int l = 0; l < kTile; ++l) acc[c][l] = 0.0f;
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* __restrict wb = w + b * 512;
-    for (int j = 0; j < 4; ++j) __builtin_prefetch(wb + 4096 + 128 * j, 0, 3);
+    const uint8_t* __restrict wb = w + b * (H ? kQ8hBlockBytes : 512);
+    for (int j = 0; j < 4; ++j) __builtin_prefetch(wb + 8 * (H ? kQ8hBlockBytes : 512) + 128 * j, 0, 3);
     vi16 wq[2][8][2];  // [half][vector j][column]
     for (int h = 0; h < 2; ++h)
       for (int j = 0; j < 8; ++j) {
@@ -205,7 +206,14 @@ inline void q8_tile(const uint8_t* __restrict w, const float* __restrict d,
         wq[h][j][0] = (s << 8) >> 8;  // low byte, sign-extended
         wq[h][j][1] = s >> 8;         // high byte
       }
-    const float* __restrict db = d + b * kTile;
+    float dh[kTile];
+    if (H)
+      for (int l = 0; l < kTile; ++l) {
+        uint16_t v;
+        memcpy(&v, wb + 512 + 2 * l, 2);
+        dh[l] = half_to_float(v);
+      }
+    const float* __restrict db = H ? dh : d + b * kTile;
     for (int r = 0; r < C; ++r) {
       const int16_t* __restrict x16 = a.qrow16(m0 + r) + b * kBlock;
       int32_t dot[kTile];
@@ -226,29 +234,6 @@ inline void q8_tile(const uint8_t* __restrict w, const float* __restrict d,
   }
   for (int c = 0; c < C; ++c)
     for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
-}
-
-// float16 bits -> float (exact; normals, subnormals, zeros, inf / nan).
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, e = (h >> 10) & 0x1F,
-                 m = h & 0x3FFu;
-  uint32_t bits;
-  if (e == 0) {
-    if (m == 0) {
-      bits = sign;
-    } else {  // subnormal: m * 2^-24, exact in float
-      const float f = static_cast<float>(m) * 5.9604644775390625e-8f;
-      memcpy(&bits, &f, 4);
-      bits |= sign;
-    }
-  } else if (e == 31) {
-    bits = sign | 0x7F800000u | (m << 13);
-  } else {
-    bits = sign | ((e + 112) << 23) | (m << 13);
-  }
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
 }
 
 // Q5 (w = d (u - 16), u in [0, 31]; layout: isa_avx2.h q5_tile): the codes are unpacked to
@@ -311,6 +296,8 @@ inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int6
     q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
   else if (lw.fmt == 5)
     q5_tile<C>(lw.w + t * nb * kQ5BlockBytes, a, m0, yt, np);
+  else if (lw.fmt == 9)
+    q8_tile<C, true>(lw.w + t * nb * kQ8hBlockBytes, nullptr, a, m0, yt, np);
   else
     q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
 }

@@ -105,18 +105,21 @@ inline void q4_tile(const uint8_t* w, const float* d, const float* mn, const Qua
   for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + (m0 + c) * n, acc[c]);
 }
 
-template <int C>
+// H (Q8h): the block's 16 scales are float16 after its 512 code bytes (d unused).
+template <int C, bool H = false>
 inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, int64_t m0,
                     float* y, int64_t n) {
   __m512 acc[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wb = w + b * 512;
-    for (int j = 0; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(wb + 4096 + 64 * j),
-                                             _MM_HINT_T0);
+    constexpr int64_t bytes = H ? kQ8hBlockBytes : 512;
+    const uint8_t* wb = w + b * bytes;
+    for (int j = 0; j < (H ? 9 : 8); ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * bytes + 64 * j), _MM_HINT_T0);
     __m512i wv[8];
     for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(wb + j * 64);
-    const __m512 dw = _mm512_loadu_ps(d + b * kTile);
+    const __m512 dw = H ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 512)))
+                        : _mm512_loadu_ps(d + b * kTile);
     for (int c = 0; c < C; ++c) {
       const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
       const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
@@ -200,6 +203,19 @@ inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows,
         case 3: q5_tile<3>(w, a, m0, yt, np); break;
         case 2: q5_tile<2>(w, a, m0, yt, np); break;
         case 1: q5_tile<1>(w, a, m0, yt, np); break;
+        default: break;
+      }
+    } else if (lw.fmt == 9) {
+      const uint8_t* w = lw.w + t * nb * kQ8hBlockBytes;
+      for (; m0 + kChunk <= mrows; m0 += kChunk) q8_tile<kChunk, true>(w, nullptr, a, m0, yt, np);
+      switch (mrows - m0) {
+        case 7: q8_tile<7, true>(w, nullptr, a, m0, yt, np); break;
+        case 6: q8_tile<6, true>(w, nullptr, a, m0, yt, np); break;
+        case 5: q8_tile<5, true>(w, nullptr, a, m0, yt, np); break;
+        case 4: q8_tile<4, true>(w, nullptr, a, m0, yt, np); break;
+        case 3: q8_tile<3, true>(w, nullptr, a, m0, yt, np); break;
+        case 2: q8_tile<2, true>(w, nullptr, a, m0, yt, np); break;
+        case 1: q8_tile<1, true>(w, nullptr, a, m0, yt, np); break;
         default: break;
       }
     } else {

@@ -130,6 +130,25 @@ def pack_q5(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
                       scales.view(torch.uint8).reshape(-1, k // BLOCK, 32)], dim=2).contiguous()
 
 
+def f16_exact(d: torch.Tensor) -> bool:
+    """Whether every scale is a float16 value (GGUF Q8_0 / Q5_0 scales are)."""
+    return bool(torch.equal(d.to(torch.float16).float(), d.float()))
+
+
+def pack_q8h(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Q8 weights whose scales are float16 values (GGUF Q8_0's) into the kernels' Q8h layout,
+    exactly: per tile and block Q8's 512 code bytes (`pack_q8`) then the 16 rows' d as
+    float16: (Np/16, K/32, 544) uint8, 34 bytes per 32 weights (GGUF Q8_0's; Q8 takes 36)."""
+    n, k = q.shape
+    if not f16_exact(d):
+        raise ValueError("Q8h kernels need float16 scales (GGUF Q8_0's)")
+    codes, _ = pack_q8(q, d)
+    d16 = _pad_rows(d.reshape(n, k // BLOCK).to(torch.float16))
+    scales = d16.view(-1, TILE, k // BLOCK).transpose(1, 2).contiguous()
+    return torch.cat([codes.reshape(-1, k // BLOCK, 512),
+                      scales.view(torch.uint8).reshape(-1, k // BLOCK, 32)], dim=2).contiguous()
+
+
 FALLBACK_DECODE_SLOWDOWN = 3
 """How many times slower PyTorch's int4/int8 ops decode the int4 SmolLM2 than Ember's kernels,
 as the warning quotes it. NOTE: the issue's target ratio, not yet measured on a quiet machine:
@@ -161,6 +180,8 @@ class CpuKernels:
             "q4_gemm": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32],
             "q8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
             "q5_gemm": [ptr, i64, i64, ptr, i64, ptr, i32],
+            "q8h_gemm": [ptr, i64, i64, ptr, i64, ptr, i32],
+            "q8h_rows": [ptr, i64, ptr, i64, ptr],
             "q8_rows": [ptr, ptr, i64, ptr, i64, ptr],
             "rms_norm": [ptr, ptr, ptr, i64, i64, f32, ptr],
             "silu_mul": [ptr, i64, i64, ptr],
@@ -232,6 +253,21 @@ class CpuKernels:
         self.lib.q5_gemm(_ptr(x), mrows, k, _ptr(packed), y.shape[1], _ptr(y),
                          self.num_threads)
         return y
+
+    def q8h_gemm(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """x (M, K) float32 -> (M, Np) for Q8h weights (`pack_q8h`: scales included)."""
+        mrows, k = x.shape
+        y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
+        self.lib.q8h_gemm(_ptr(x), mrows, k, _ptr(packed), y.shape[1], _ptr(y),
+                          self.num_threads)
+        return y
+
+    def q8h_rows(self, packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (T,) int64 of Q8h weights as float32 (T, K) (embedding lookup)."""
+        k = packed.shape[1] * BLOCK
+        out = torch.empty(ids.shape[0], k, dtype=torch.float32)
+        self.lib.q8h_rows(_ptr(packed), k, _ptr(ids), ids.shape[0], _ptr(out))
+        return out
 
     def q8_rows(self, q: torch.Tensor, d: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (T,) int64 of Q8 weights as float32 (T, K) (embedding lookup)."""

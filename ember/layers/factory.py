@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ember.layers.activation import SiluAndMul
-from ember.layers.cpu_quant import Q4Linear, Q5Linear, Q8Embedding, Q8Linear
+from ember.layers.cpu_quant import Q4Linear, Q5Linear, Q8Embedding, Q8HeadLinear, Q8Linear
 from ember.layers.embedding import Embedding
 from ember.layers.linear import AddBias, Linear, LinearBase
 from ember.layers.norm import RMSNorm
@@ -131,7 +131,8 @@ class LayerFactory:
             table = Q8Linear(hidden, vocab, self.kernels, self.dtype)
             return Q8Embedding(table, self.dtype, tied=False), q4_head
         if self.weights is not None and self.kernels is not None:
-            head = Q8Linear(hidden, vocab, self.kernels, self.dtype)
+            # NOTE: a head with float16 scales (GGUF Q8_0) runs as Q8h: the file's bytes.
+            head = Q8HeadLinear(hidden, vocab, self.kernels, self.dtype)
             table = head if tied else Q8Linear(hidden, vocab, self.kernels, self.dtype)
             return Q8Embedding(table, self.dtype, tied), head
         embed = Embedding(vocab, hidden, self.dtype)

@@ -180,3 +180,24 @@ def test_q5_gemm_is_bitwise_q8_on_the_same_codes(kernels, n, k, m):
         pack_q5(q.clamp(-16, 15) + 1, d)  # 16 does not fit five bits
     with pytest.raises(ValueError, match="float16"):
         pack_q5(q, d + 1e-6)
+
+
+@pytest.mark.parametrize("n, k, m", [(100, 96, 1), (64, 640, 9)])
+def test_q8h_gemm_and_rows_are_bitwise_q8(kernels, n, k, m):
+    """Q8h (Q8's codes with float16 scales in the blocks: GGUF Q8_0's 34 bytes per 32
+    weights) gives the Q8 kernel's matmul and embedding rows bit for bit."""
+    from ember.kernels.ops import pack_q8h
+    gen = torch.Generator().manual_seed(n + k + m)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    d = (torch.rand(n, k // 32, generator=gen) * 0.01).half().float()
+    d[1, 0] = 2.0 ** -20  # a float16 subnormal
+    x = torch.randn(m, k, generator=gen) * 3
+    packed, p8 = pack_q8h(q, d), pack_q8(q, d)
+    assert packed.shape == ((n + 15) // 16, k // 32, 544)
+    assert torch.equal(kernels.q8h_gemm(x, packed), kernels.q8_gemm(x, *p8))
+    ids = torch.tensor([0, 1, n - 1, 17])
+    rows = kernels.q8h_rows(packed, ids)
+    assert torch.equal(rows, kernels.q8_rows(*p8, ids))
+    assert torch.equal(rows, Q8Blocks(q, d).dequantize()[ids])
+    with pytest.raises(ValueError, match="float16"):
+        pack_q8h(q, d + 1e-6)
