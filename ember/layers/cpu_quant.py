@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 
 from ember.formats.blocks import Q4Blocks, Q8Blocks
-from ember.formats.stored import DenseWeight, StoredWeight
+from ember.formats.repack import exact_q8
+from ember.formats.stored import BlockWeight, DenseWeight, StoredWeight
 from ember.kernels.decoder import Q4, Q5, Q8, Q8H, KernelLinear
 from ember.kernels.ops import CpuKernels, f16_exact, pack_q4, pack_q5, pack_q8, pack_q8h
 from ember.layers.linear import LinearBase
@@ -156,6 +157,11 @@ class Q5Linear(Q8Linear):
 
     def load_weight(self, rows: slice, weight: StoredWeight) -> None:
         part = weight.q8()
+        if part is None and isinstance(weight, BlockWeight) and weight.transform is not None:
+            # NOTE: a row-permuted Q5_0 matrix (llama.cpp's q/k order): its exact codes,
+            # permuted like every other form of it.
+            exact = exact_q8(weight.qtype, weight.raw, weight.shape)
+            part = None if exact is None else exact.permute_rows(weight.transform)
         if part is None or part.group_size != 32 or (
                 part.q.numel() and (int(part.q.min()) < -16 or int(part.q.max()) > 15)):
             raise ValueError("the Q5 kernel format holds only GGUF Q5_0 matrices exactly; "

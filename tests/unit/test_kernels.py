@@ -201,3 +201,34 @@ def test_q8h_gemm_and_rows_are_bitwise_q8(kernels, n, k, m):
     assert torch.equal(rows, Q8Blocks(q, d).dequantize()[ids])
     with pytest.raises(ValueError, match="float16"):
         pack_q8h(q, d + 1e-6)
+
+
+def test_q5_linear_loads_gguf_q5_0_exactly(best_kernels):
+    """A GGUF Q5_0 matrix (as stored, and row-permuted as llama.cpp's q/k are) loads into the
+    Q5 layer with the Q8 layer's outputs bit for bit; a Q8_0 part is refused by name."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    from ember.formats.stored import BlockWeight
+    from ember.layers.cpu_quant import Q5Linear, Q8Linear
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 96, generator=gen).numpy().astype(np.float32)
+    x = torch.randn(3, 96, generator=gen)
+    flip = lambda t: t.flip(0)  # noqa: E731 - a row permutation
+    for transform in (None, flip):
+        part = BlockWeight(T.Q5_0, quantize(w, T.Q5_0), (48, 96), transform)
+        q5 = Q5Linear(96, 48, best_kernels)
+        q8 = Q8Linear(96, 48, best_kernels)
+        for layer in (q5, q8):
+            layer.load_weight(slice(0, 48), part)
+            layer.finalize()
+        assert q5.q.shape == (3, 3, 352)
+        if transform is None:  # (the Q8 layer requantizes a transformed part from dense)
+            assert torch.equal(q5(x), q8(x))
+        torch.testing.assert_close(q5(x), act_quantized(x) @ part.dense().t(), atol=1e-3,
+                                   rtol=1e-4)
+    q5 = Q5Linear(96, 48, best_kernels)
+    with pytest.raises(ValueError, match="Q5_0"):
+        q5.load_weight(slice(0, 48), BlockWeight(T.Q8_0, quantize(w, T.Q8_0), (48, 96)))
