@@ -26,6 +26,8 @@ Dequantizer = Callable[[np.ndarray, tuple[int, ...]], torch.Tensor]
 RUNS_DENSE = "dense (vectors); as a matrix: requantized to Q8 g32 when the model runs quantized"
 RUNS_INT4_REPACK = "exact repack into Q4 g32 (kernel format)"
 RUNS_Q8 = "exact repack into Q8 g32 (kernel format)"
+RUNS_Q5 = ("exact repack into Q5 g32 (kernel format, 24 bytes per 32 weights); Q8 g32 where a "
+           "fused projection mixes it with another type")
 RUNS_DEQUANT = "requantized to Q8 g32 by round-to-nearest (error reported at load)"
 
 
@@ -65,7 +67,7 @@ _SPECS = (
     FormatSpec("Q8_0", T.Q8_0, 32, 34, dequant.dequant_q8_0, RUNS_Q8),
     FormatSpec("Q4_0", T.Q4_0, 32, 18, dequant.dequant_q4_0, RUNS_INT4_REPACK),
     FormatSpec("Q4_1", T.Q4_1, 32, 20, dequant.dequant_q4_1, RUNS_INT4_REPACK),
-    FormatSpec("Q5_0", T.Q5_0, 32, 22, dequant.dequant_q5_0, RUNS_Q8),
+    FormatSpec("Q5_0", T.Q5_0, 32, 22, dequant.dequant_q5_0, RUNS_Q5),
     FormatSpec("Q5_1", T.Q5_1, 32, 24, dequant.dequant_q5_1, RUNS_DEQUANT),
     FormatSpec("Q2_K", T.Q2_K, 256, 84, dequant.dequant_q2_k, RUNS_DEQUANT),
     FormatSpec("Q3_K", T.Q3_K, 256, 110, dequant.dequant_q3_k, RUNS_DEQUANT),

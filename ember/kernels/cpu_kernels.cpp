@@ -37,6 +37,43 @@ void q8_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* q, const f
   gemm_tiles(lw, a, mrows, y);
 }
 
+// y (M, Np) = x (M, K) @ W^T for Q5 weights (packed (Np/16, K/32, 352), scales included).
+void q5_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, int64_t np,
+             float* y, int nthreads) {
+  const QuantizedActs a(x, mrows, k);
+  const LinearW lw{5, np, k, packed, nullptr, nullptr};
+#pragma omp parallel num_threads(nthreads)
+  gemm_tiles(lw, a, mrows, y);
+}
+
+// y (M, Np) = x (M, K) @ W^T for Q8h weights (packed (Np/16, K/32, 544): Q8's codes, then the
+// 16 rows' scales as float16).
+void q8h_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, int64_t np,
+              float* y, int nthreads) {
+  const QuantizedActs a(x, mrows, k);
+  const LinearW lw{9, np, k, packed, nullptr, nullptr};
+#pragma omp parallel num_threads(nthreads)
+  gemm_tiles(lw, a, mrows, y);
+}
+
+// Rows `ids` (T,) of Q8h weights dequantized into out (T, K) float32 (embedding lookup).
+void q8h_rows(const uint8_t* q, int64_t k, const int64_t* ids, int64_t t, float* out) {
+  const int64_t nb = k / kBlock;
+  for (int64_t i = 0; i < t; ++i) {
+    const int64_t tile = ids[i] / kTile, l = ids[i] % kTile;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* wb = q + (tile * nb + b) * kQ8hBlockBytes;
+      uint16_t h;
+      memcpy(&h, wb + 512 + 2 * l, 2);
+      const float scale = half_to_float(h);
+      for (int64_t j = 0; j < 8; ++j)
+        for (int64_t e = 0; e < 4; ++e)
+          out[i * k + b * kBlock + 4 * j + e] =
+              static_cast<float>(static_cast<int>(wb[j * 64 + 4 * l + e]) - 128) * scale;
+    }
+  }
+}
+
 // Rows `ids` (T,) of Q8 weights dequantized into out (T, K) float32 (embedding lookup).
 void q8_rows(const uint8_t* q, const float* d, int64_t k, const int64_t* ids, int64_t t,
              float* out) {

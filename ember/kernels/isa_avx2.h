@@ -134,22 +134,31 @@ inline void q4_tile(const uint8_t* w, const float* d, const float* mn, const Qua
   }
 }
 
-template <int C>
+// H (Q8h): the block's 16 scales are float16 after its 512 code bytes (d unused).
+template <int C, bool H = false>
 inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, int64_t m0,
                     float* y, int64_t n) {
   __m256 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wb = w + b * 512;
-    for (int j = 0; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(wb + 4096 + 64 * j),
-                                             _MM_HINT_T0);
+    constexpr int64_t bytes = H ? kQ8hBlockBytes : 512;
+    const uint8_t* wb = w + b * bytes;
+    for (int j = 0; j < (H ? 9 : 8); ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * bytes + 64 * j), _MM_HINT_T0);
     __m256i wv[2][8];  // signed weights q = u - 128
     for (int j = 0; j < 8; ++j)
       for (int h = 0; h < 2; ++h)
         wv[h][j] = _mm256_xor_si256(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + j * 64 + h * 32)), flip);
-    const __m256 dw[2] = {_mm256_loadu_ps(d + b * kTile), _mm256_loadu_ps(d + b * kTile + 8)};
+    __m256 dw[2];
+    if (H) {
+      dw[0] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 512)));
+      dw[1] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 528)));
+    } else {
+      dw[0] = _mm256_loadu_ps(d + b * kTile);
+      dw[1] = _mm256_loadu_ps(d + b * kTile + 8);
+    }
     for (int c = 0; c < C; ++c) {
       const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
       const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
@@ -173,12 +182,77 @@ inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, in
 }
 
 
+// One 16-row tile of Q5 weights (w = d (u - 16), u in [0, 31]: GGUF Q5_0's codes) against C
+// (<= kChunk) activation rows. A block is 352 bytes, GGUF Q5_0's 22 per 32 weights: the Q4
+// tile's 256 nibble bytes (vector c: low nibble = column group c, high nibble = c + 4), a
+// 64-byte plane of fifth bits (byte of row r, lane byte i: bit j = fifth bit of weight
+// (r, 4 j + i)) and the 16 rows' scales d as float16. maddubs pairs are <= 2 * 31 * 127, so
+// four add in int16 (31496 < 32767) before each madd; the -16 offset is subtracted in int32
+// (16 * sum(qx) = si / 8), so the dot equals the Q8 kernel's on the same codes exactly.
+template <int C>
+inline void q5_tile(const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y,
+                    int64_t n) {
+  __m256 acc[C][2];
+  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10),
+                ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wb = w + b * kQ5BlockBytes;
+    for (int c = 0; c < 6; ++c) _mm_prefetch(reinterpret_cast<const char*>(wb + 2816 + 64 * c),
+                                             _MM_HINT_T0);
+    __m256i wv[2][8];
+    for (int h = 0; h < 2; ++h) {
+      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 + h * 32));
+      const __m256i hs[8] = {
+          _mm256_slli_epi16(hi, 4), _mm256_slli_epi16(hi, 3), _mm256_slli_epi16(hi, 2),
+          _mm256_slli_epi16(hi, 1), hi, _mm256_srli_epi16(hi, 1), _mm256_srli_epi16(hi, 2),
+          _mm256_srli_epi16(hi, 3)};
+      for (int c = 0; c < 4; ++c) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
+        wv[h][c] = _mm256_or_si256(_mm256_and_si256(raw, mask), _mm256_and_si256(hs[c], bit4));
+        wv[h][c + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), mask),
+                                       _mm256_and_si256(hs[c + 4], bit4));
+      }
+    }
+    const __m256 dw[2] = {
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 320))),
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 336)))};
+    for (int c = 0; c < C; ++c) {
+      const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
+      __m256i xb[8];
+      for (int j = 0; j < 8; ++j) xb[j] = bcast4(xq + 4 * j);
+      const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
+      const __m256 ad = _mm256_set1_ps(a.d[ab]);
+      const __m256i off = _mm256_set1_epi32(a.si[ab] / 8);
+      for (int h = 0; h < 2; ++h) {
+        __m256i lo = _mm256_maddubs_epi16(wv[h][0], xb[0]);
+        __m256i up = _mm256_maddubs_epi16(wv[h][4], xb[4]);
+        for (int j = 1; j < 4; ++j) {
+          lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(wv[h][j], xb[j]));
+          up = _mm256_add_epi16(up, _mm256_maddubs_epi16(wv[h][j + 4], xb[j + 4]));
+        }
+        const __m256i dot = _mm256_sub_epi32(
+            _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(up, ones)), off);
+        acc[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[h], ad), acc[c][h]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    _mm256_storeu_ps(y + (m0 + c) * n, acc[c][0]);
+    _mm256_storeu_ps(y + (m0 + c) * n + 8, acc[c][1]);
+  }
+}
+
 template <int C>
 inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int64_t m0, float* yt,
                       int64_t np) {
   const int64_t nb = a.nb;
   if (lw.fmt == 4)
     q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
+  else if (lw.fmt == 5)
+    q5_tile<C>(lw.w + t * nb * kQ5BlockBytes, a, m0, yt, np);
+  else if (lw.fmt == 9)
+    q8_tile<C, true>(lw.w + t * nb * kQ8hBlockBytes, nullptr, a, m0, yt, np);
   else
     q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
 }

@@ -189,15 +189,16 @@ inline void q4_tile(const uint8_t* __restrict w, const float* __restrict d,
 // of signed weights q = u - 128 (the xor flips the offset into the sign: u ^ 0x80 = q as
 // int8); a vector's two products per lane (2 * 127 * 128 = 32512) fit int16, then pair_sum
 // widens them into the row's int32 sum.
-template <int C>
+// H (Q8h): the block's 16 scales are float16 after its 512 code bytes (d unused).
+template <int C, bool H = false>
 inline void q8_tile(const uint8_t* __restrict w, const float* __restrict d,
                     const QuantizedActs& a, int64_t m0, float* __restrict y, int64_t n) {
   float acc[C][kTile];
   for (int c = 0; c < C; ++c)
     for (int l = 0; l < kTile; ++l) acc[c][l] = 0.0f;
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* __restrict wb = w + b * 512;
-    for (int j = 0; j < 4; ++j) __builtin_prefetch(wb + 4096 + 128 * j, 0, 3);
+    const uint8_t* __restrict wb = w + b * (H ? kQ8hBlockBytes : 512);
+    for (int j = 0; j < 4; ++j) __builtin_prefetch(wb + 8 * (H ? kQ8hBlockBytes : 512) + 128 * j, 0, 3);
     vi16 wq[2][8][2];  // [half][vector j][column]
     for (int h = 0; h < 2; ++h)
       for (int j = 0; j < 8; ++j) {
@@ -205,7 +206,14 @@ inline void q8_tile(const uint8_t* __restrict w, const float* __restrict d,
         wq[h][j][0] = (s << 8) >> 8;  // low byte, sign-extended
         wq[h][j][1] = s >> 8;         // high byte
       }
-    const float* __restrict db = d + b * kTile;
+    float dh[kTile];
+    if (H)
+      for (int l = 0; l < kTile; ++l) {
+        uint16_t v;
+        memcpy(&v, wb + 512 + 2 * l, 2);
+        dh[l] = half_to_float(v);
+      }
+    const float* __restrict db = H ? dh : d + b * kTile;
     for (int r = 0; r < C; ++r) {
       const int16_t* __restrict x16 = a.qrow16(m0 + r) + b * kBlock;
       int32_t dot[kTile];
@@ -228,12 +236,68 @@ inline void q8_tile(const uint8_t* __restrict w, const float* __restrict d,
     for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
 }
 
+// Q5 (w = d (u - 16), u in [0, 31]; layout: isa_avx2.h q5_tile): the codes are unpacked to
+// signed int16 per block and dotted in int32 with plain loops (exact: the Q8 kernel's dot on
+// the same codes), then the Q8 kernel's float math.
+template <int C>
+inline void q5_tile(const uint8_t* __restrict w, const QuantizedActs& a, int64_t m0,
+                    float* __restrict y, int64_t n) {
+  float acc[C][kTile];
+  for (int c = 0; c < C; ++c)
+    for (int l = 0; l < kTile; ++l) acc[c][l] = 0.0f;
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* __restrict wb = w + b * kQ5BlockBytes;
+    __builtin_prefetch(wb + 2816, 0, 3);
+    __builtin_prefetch(wb + 2816 + 128, 0, 3);
+    __builtin_prefetch(wb + 2816 + 256, 0, 3);
+    int16_t wq[kTile][kBlock];  // [row][column]
+    for (int l = 0; l < kTile; ++l)
+      for (int i = 0; i < 4; ++i) {
+        const uint8_t hb = wb[256 + 4 * l + i];
+        for (int c = 0; c < 4; ++c) {
+          const uint8_t raw = wb[64 * c + 4 * l + i];
+          wq[l][4 * c + i] = static_cast<int16_t>(((raw & 15) | (((hb >> c) & 1) << 4)) - 16);
+          wq[l][4 * (c + 4) + i] =
+              static_cast<int16_t>(((raw >> 4) | (((hb >> (c + 4)) & 1) << 4)) - 16);
+        }
+      }
+    float db[kTile];
+    for (int l = 0; l < kTile; ++l) {
+      uint16_t h;
+      memcpy(&h, wb + 320 + 2 * l, 2);
+      db[l] = half_to_float(h);
+    }
+    for (int r = 0; r < C; ++r) {
+      const int8_t* __restrict xq = a.qrow(m0 + r) + b * kBlock;
+      int32_t dot[kTile];
+      for (int l = 0; l < kTile; ++l) {
+        int32_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int k = 0; k < kBlock; ++k) s += static_cast<int32_t>(wq[l][k]) * xq[k];
+        dot[l] = s;
+      }
+      const size_t ab = static_cast<size_t>((m0 + r) * a.nb + b);
+      const float ad = a.d[ab];
+      float* __restrict ac = acc[r];
+#pragma omp simd
+      for (int l = 0; l < kTile; ++l)
+        ac[l] = EMBER_MADD(static_cast<float>(dot[l]), db[l] * ad, ac[l]);
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
+}
+
 template <int C>
 inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int64_t m0, float* yt,
                       int64_t np) {
   const int64_t nb = a.nb;
   if (lw.fmt == 4)
     q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
+  else if (lw.fmt == 5)
+    q5_tile<C>(lw.w + t * nb * kQ5BlockBytes, a, m0, yt, np);
+  else if (lw.fmt == 9)
+    q8_tile<C, true>(lw.w + t * nb * kQ8hBlockBytes, nullptr, a, m0, yt, np);
   else
     q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
 }

@@ -105,18 +105,21 @@ inline void q4_tile(const uint8_t* w, const float* d, const float* mn, const Qua
   for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + (m0 + c) * n, acc[c]);
 }
 
-template <int C>
+// H (Q8h): the block's 16 scales are float16 after its 512 code bytes (d unused).
+template <int C, bool H = false>
 inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, int64_t m0,
                     float* y, int64_t n) {
   __m512 acc[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wb = w + b * 512;
-    for (int j = 0; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(wb + 4096 + 64 * j),
-                                             _MM_HINT_T0);
+    constexpr int64_t bytes = H ? kQ8hBlockBytes : 512;
+    const uint8_t* wb = w + b * bytes;
+    for (int j = 0; j < (H ? 9 : 8); ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * bytes + 64 * j), _MM_HINT_T0);
     __m512i wv[8];
     for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(wb + j * 64);
-    const __m512 dw = _mm512_loadu_ps(d + b * kTile);
+    const __m512 dw = H ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 512)))
+                        : _mm512_loadu_ps(d + b * kTile);
     for (int c = 0; c < C; ++c) {
       const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
       const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
@@ -129,6 +132,43 @@ inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, in
 }
 
 
+// One 16-row tile of Q5 weights (w = d (u - 16), u in [0, 31]): 352 bytes a block, the Q4
+// tile's nibbles, a 64-byte plane of fifth bits and 16 float16 scales (isa_avx2.h q5_tile
+// has the layout); the
+// -16 offset enters the int32 dot as -16 * sum(qx) = -si / 8 (the Q8 kernel's dot, exactly).
+template <int C>
+inline void q5_tile(const uint8_t* w, const QuantizedActs& a, int64_t m0, float* y,
+                    int64_t n) {
+  __m512 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wb = w + b * kQ5BlockBytes;
+    for (int c = 0; c < 6; ++c) _mm_prefetch(reinterpret_cast<const char*>(wb + 2816 + 64 * c),
+                                             _MM_HINT_T0);
+    const __m512i hi = _mm512_loadu_si512(wb + 256);
+    const __m512i hs[8] = {
+        _mm512_slli_epi16(hi, 4), _mm512_slli_epi16(hi, 3), _mm512_slli_epi16(hi, 2),
+        _mm512_slli_epi16(hi, 1), hi, _mm512_srli_epi16(hi, 1), _mm512_srli_epi16(hi, 2),
+        _mm512_srli_epi16(hi, 3)};
+    __m512i wv[8];
+    for (int c = 0; c < 4; ++c) {
+      const __m512i raw = _mm512_loadu_si512(wb + c * 64);
+      wv[c] = _mm512_or_si512(_mm512_and_si512(raw, mask), _mm512_and_si512(hs[c], bit4));
+      wv[c + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), mask),
+                                  _mm512_and_si512(hs[c + 4], bit4));
+    }
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 320)));
+    for (int c = 0; c < C; ++c) {
+      const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
+      const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
+      const __m512i dot = dot8(wv, xq, _mm512_set1_epi32(-(a.si[ab] / 8)));
+      acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                               _mm512_mul_ps(dw, _mm512_set1_ps(a.d[ab])), acc[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + (m0 + c) * n, acc[c]);
+}
 
 // y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region
 // (every thread of the team must call it) or wrap with `omp parallel`.
@@ -150,6 +190,32 @@ inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows,
         case 3: q4_tile<3>(w, dt, mt, a, m0, yt, np); break;
         case 2: q4_tile<2>(w, dt, mt, a, m0, yt, np); break;
         case 1: q4_tile<1>(w, dt, mt, a, m0, yt, np); break;
+        default: break;
+      }
+    } else if (lw.fmt == 5) {
+      const uint8_t* w = lw.w + t * nb * kQ5BlockBytes;
+      for (; m0 + kChunk <= mrows; m0 += kChunk) q5_tile<kChunk>(w, a, m0, yt, np);
+      switch (mrows - m0) {
+        case 7: q5_tile<7>(w, a, m0, yt, np); break;
+        case 6: q5_tile<6>(w, a, m0, yt, np); break;
+        case 5: q5_tile<5>(w, a, m0, yt, np); break;
+        case 4: q5_tile<4>(w, a, m0, yt, np); break;
+        case 3: q5_tile<3>(w, a, m0, yt, np); break;
+        case 2: q5_tile<2>(w, a, m0, yt, np); break;
+        case 1: q5_tile<1>(w, a, m0, yt, np); break;
+        default: break;
+      }
+    } else if (lw.fmt == 9) {
+      const uint8_t* w = lw.w + t * nb * kQ8hBlockBytes;
+      for (; m0 + kChunk <= mrows; m0 += kChunk) q8_tile<kChunk, true>(w, nullptr, a, m0, yt, np);
+      switch (mrows - m0) {
+        case 7: q8_tile<7, true>(w, nullptr, a, m0, yt, np); break;
+        case 6: q8_tile<6, true>(w, nullptr, a, m0, yt, np); break;
+        case 5: q8_tile<5, true>(w, nullptr, a, m0, yt, np); break;
+        case 4: q8_tile<4, true>(w, nullptr, a, m0, yt, np); break;
+        case 3: q8_tile<3, true>(w, nullptr, a, m0, yt, np); break;
+        case 2: q8_tile<2, true>(w, nullptr, a, m0, yt, np); break;
+        case 1: q8_tile<1, true>(w, nullptr, a, m0, yt, np); break;
         default: break;
       }
     } else {

@@ -102,6 +102,53 @@ def pack_q8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return packed, _tile_scales(d.reshape(n, k // BLOCK))
 
 
+def pack_q5(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Group-32 5-bit weights w = q * d (q (N, K) int8 in [-16, 15]: GGUF Q5_0's codes minus
+    16; d (N, K/32), float16 values: Q5_0's) into the kernels' Q5 layout, exactly: packed
+    (Np/16, K/32, 352) uint8, per tile and block the Q4 layout's 256 nibble bytes of
+    u = q + 16, a 64-byte plane of their fifth bits (byte (row r, lane byte i) of the 64-byte
+    vectors, bit j = fifth bit of column 4 j + i) and the 16 rows' d as float16: 22 bytes per
+    32 weights, GGUF Q5_0's (Q8's layout takes 36)."""
+    n, k = q.shape
+    if k % BLOCK:
+        raise ValueError(f"Q5 kernels need K % {BLOCK} == 0, got {k}")
+    if q.numel() and (int(q.min()) < -16 or int(q.max()) > 15):
+        raise ValueError("Q5 kernels need codes in [-16, 15]")
+    d16 = d.reshape(n, k // BLOCK).to(torch.float16)
+    if not torch.equal(d16.float(), d.reshape(n, k // BLOCK).float()):
+        raise ValueError("Q5 kernels need float16 scales (GGUF Q5_0's)")
+    u = (q.to(torch.int16) + 16).to(torch.uint8)
+    v = _interleave(_pad_rows(u), 8)  # (tiles, blocks, 8 vectors j, 16 rows, 4)
+    low = v & 15
+    nib = (low[:, :, :4] | (low[:, :, 4:] << 4)).reshape(-1, k // BLOCK, 256)
+    bits = v >> 4  # (tiles, blocks, 8, 16, 4) in {0, 1}
+    plane = torch.zeros_like(bits[:, :, 0])
+    for j in range(8):
+        plane |= bits[:, :, j] << j
+    scales = _pad_rows(d16).view(-1, TILE, k // BLOCK).transpose(1, 2).contiguous()
+    return torch.cat([nib, plane.reshape(-1, k // BLOCK, 64),
+                      scales.view(torch.uint8).reshape(-1, k // BLOCK, 32)], dim=2).contiguous()
+
+
+def f16_exact(d: torch.Tensor) -> bool:
+    """Whether every scale is a float16 value (GGUF Q8_0 / Q5_0 scales are)."""
+    return bool(torch.equal(d.to(torch.float16).float(), d.float()))
+
+
+def pack_q8h(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Q8 weights whose scales are float16 values (GGUF Q8_0's) into the kernels' Q8h layout,
+    exactly: per tile and block Q8's 512 code bytes (`pack_q8`) then the 16 rows' d as
+    float16: (Np/16, K/32, 544) uint8, 34 bytes per 32 weights (GGUF Q8_0's; Q8 takes 36)."""
+    n, k = q.shape
+    if not f16_exact(d):
+        raise ValueError("Q8h kernels need float16 scales (GGUF Q8_0's)")
+    codes, _ = pack_q8(q, d)
+    d16 = _pad_rows(d.reshape(n, k // BLOCK).to(torch.float16))
+    scales = d16.view(-1, TILE, k // BLOCK).transpose(1, 2).contiguous()
+    return torch.cat([codes.reshape(-1, k // BLOCK, 512),
+                      scales.view(torch.uint8).reshape(-1, k // BLOCK, 32)], dim=2).contiguous()
+
+
 FALLBACK_DECODE_SLOWDOWN = 3
 """How many times slower PyTorch's int4/int8 ops decode the int4 SmolLM2 than Ember's kernels,
 as the warning quotes it. NOTE: the issue's target ratio, not yet measured on a quiet machine:
@@ -132,6 +179,9 @@ class CpuKernels:
         sigs = {
             "q4_gemm": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32],
             "q8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
+            "q5_gemm": [ptr, i64, i64, ptr, i64, ptr, i32],
+            "q8h_gemm": [ptr, i64, i64, ptr, i64, ptr, i32],
+            "q8h_rows": [ptr, i64, ptr, i64, ptr],
             "q8_rows": [ptr, ptr, i64, ptr, i64, ptr],
             "rms_norm": [ptr, ptr, ptr, i64, i64, f32, ptr],
             "silu_mul": [ptr, i64, i64, ptr],
@@ -195,6 +245,29 @@ class CpuKernels:
         self.lib.q8_gemm(_ptr(x), mrows, k, _ptr(q), _ptr(d), y.shape[1], _ptr(y),
                          self.num_threads)
         return y
+
+    def q5_gemm(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """x (M, K) float32 -> (M, Np) for Q5 weights (`pack_q5`: scales included)."""
+        mrows, k = x.shape
+        y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
+        self.lib.q5_gemm(_ptr(x), mrows, k, _ptr(packed), y.shape[1], _ptr(y),
+                         self.num_threads)
+        return y
+
+    def q8h_gemm(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """x (M, K) float32 -> (M, Np) for Q8h weights (`pack_q8h`: scales included)."""
+        mrows, k = x.shape
+        y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
+        self.lib.q8h_gemm(_ptr(x), mrows, k, _ptr(packed), y.shape[1], _ptr(y),
+                          self.num_threads)
+        return y
+
+    def q8h_rows(self, packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (T,) int64 of Q8h weights as float32 (T, K) (embedding lookup)."""
+        k = packed.shape[1] * BLOCK
+        out = torch.empty(ids.shape[0], k, dtype=torch.float32)
+        self.lib.q8h_rows(_ptr(packed), k, _ptr(ids), ids.shape[0], _ptr(out))
+        return out
 
     def q8_rows(self, q: torch.Tensor, d: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (T,) int64 of Q8 weights as float32 (T, K) (embedding lookup)."""

@@ -3,6 +3,8 @@
 - `Q4Linear`: 4-bit weights w = q * scale + offset (GGUF Q4_0 / Q4_1 and Ember int4
   checkpoints arrive exactly; anything else is quantized round-to-nearest).
 - `Q8Linear`: 8-bit symmetric weights w = q * d (GGUF Q8_0 arrives exactly).
+- `Q5Linear`: 5-bit weights w = q * d, q in [-16, 15] (GGUF Q5_0 arrives exactly, in its 22
+  bytes per 32 weights against Q8's 36: the bytes decode reads).
 - `Q8Embedding`: token lookup from a Q8 table, shared with a tied `Q8Linear` head.
 Activations are float32 at the boundary; the kernels quantize them to int8 per 32-element block.
 Both linears are built empty, filled row block by row block, and packed by `finalize` into the
@@ -16,9 +18,10 @@ from collections.abc import Sequence
 import torch
 
 from ember.formats.blocks import Q4Blocks, Q8Blocks
-from ember.formats.stored import DenseWeight, StoredWeight
-from ember.kernels.decoder import Q4, Q8, KernelLinear
-from ember.kernels.ops import CpuKernels, pack_q4, pack_q8
+from ember.formats.repack import exact_q8
+from ember.formats.stored import BlockWeight, DenseWeight, StoredWeight
+from ember.kernels.decoder import Q4, Q5, Q8, Q8H, KernelLinear
+from ember.kernels.ops import CpuKernels, f16_exact, pack_q4, pack_q5, pack_q8, pack_q8h
 from ember.layers.linear import LinearBase
 
 
@@ -142,6 +145,80 @@ class Q8Linear(_KernelLinear):
         return self.kernels.q8_gemm(x2, self.q, self.d)
 
 
+class Q5Linear(Q8Linear):
+    """y = x @ W^T with 5-bit symmetric group-32 weights (codes in [-16, 15]: GGUF Q5_0's,
+    exact); the math is Q8Linear's on the same codes, in the kernels' denser Q5 layout. Loads
+    only parts whose exact Q8 form has 5-bit codes (a clear error otherwise: the plan gives
+    this format only to Q5_0 matrices)."""
+
+    @property
+    def format(self) -> str:
+        return "q5-g32"
+
+    def load_weight(self, rows: slice, weight: StoredWeight) -> None:
+        part = weight.q8()
+        if part is None and isinstance(weight, BlockWeight) and weight.transform is not None:
+            # NOTE: a row-permuted Q5_0 matrix (llama.cpp's q/k order): its exact codes,
+            # permuted like every other form of it.
+            exact = exact_q8(weight.qtype, weight.raw, weight.shape)
+            part = None if exact is None else exact.permute_rows(weight.transform)
+        if part is None or part.group_size != 32 or (
+                part.q.numel() and (int(part.q.min()) < -16 or int(part.q.max()) > 15)):
+            raise ValueError("the Q5 kernel format holds only GGUF Q5_0 matrices exactly; "
+                             "this part is not one")
+        if self._loaded is None:
+            self._loaded = Q8Blocks.empty(self.out_features, self.in_features)
+        self._loaded.set_rows(rows, part)
+
+    def finalize(self) -> None:
+        w = self._loaded
+        assert w is not None, "Q5Linear finalized before its weights were loaded"
+        self.q, self.d = pack_q5(w.q, w.d), torch.empty(0)  # the scales are in q's blocks
+        self._loaded = None
+
+    def kernel_linear(self) -> KernelLinear:
+        return KernelLinear(Q5, self.out_features, self.in_features, self.q, self.d)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.kernels.q5_gemm(x2, self.q)
+
+
+class Q8HeadLinear(Q8Linear):
+    """The Q8 LM head (and the tied embedding's table): where every scale is a float16 value
+    (a GGUF Q8_0 head) it packs into the kernels' Q8h layout, Q8's codes with float16 scales:
+    the file's 34 bytes per 32 weights instead of 36 (Gemma 3 270M's head: 178.3 MB read per
+    token, not 188.7), the same outputs bit for bit; other heads stay Q8."""
+
+    half_scales = False
+    """Packed as Q8h (float16 scales in the blocks); `format` stays 'q8-g32' either way."""
+
+    def finalize(self) -> None:
+        w = self._loaded
+        assert w is not None, "Q8HeadLinear finalized before its weights were loaded"
+        if not f16_exact(w.d):
+            super().finalize()
+            return
+        self.q, self.d = pack_q8h(w.q, w.d), torch.empty(0)  # the scales are in q's blocks
+        self.half_scales = True
+        self._loaded = None
+
+    def kernel_linear(self) -> KernelLinear:
+        if not self.half_scales:
+            return super().kernel_linear()
+        return KernelLinear(Q8H, self.out_features, self.in_features, self.q, self.d)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if not self.half_scales:
+            return super()._matmul(x2)
+        return self.kernels.q8h_gemm(x2, self.q)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (T,) int64 dequantized, float32 (T, in_features)."""
+        if not self.half_scales:
+            return self.kernels.q8_rows(self.q, self.d, ids)
+        return self.kernels.q8h_rows(self.q, ids)
+
+
 class Q8Embedding(torch.nn.Module):
     """Token embedding read from a Q8 table (rows dequantized on lookup)."""
 
@@ -177,5 +254,6 @@ class Q8Embedding(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).to(torch.int64).contiguous()
-        rows = self.table.kernels.q8_rows(self.table.q, self.table.d, flat)  # (T, hidden)
+        rows = (self.table.rows(flat) if isinstance(self.table, Q8HeadLinear)
+                else self.table.kernels.q8_rows(self.table.q, self.table.d, flat))  # (T, hidden)
         return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ember.layers.activation import SiluAndMul
-from ember.layers.cpu_quant import Q4Linear, Q8Embedding, Q8Linear
+from ember.layers.cpu_quant import Q4Linear, Q5Linear, Q8Embedding, Q8HeadLinear, Q8Linear
 from ember.layers.embedding import Embedding
 from ember.layers.linear import AddBias, Linear, LinearBase
 from ember.layers.norm import RMSNorm
@@ -81,7 +81,7 @@ class LayerFactory:
         fmt = self.format_of(names)
         if fmt is None:
             return Linear(in_features, out_features, bias, self.dtype)
-        inner = self._quantized(in_features, out_features, four_bit=fmt == "int4")
+        inner = self._quantized(in_features, out_features, fmt)
         return AddBias(inner, self.dtype) if bias else inner
 
     def format_of(self, names: Sequence[str]) -> str | None:
@@ -91,12 +91,15 @@ class LayerFactory:
         if self.weights is None:
             return None
         formats = {self.tensor_formats.get(n, self.weights) for n in names} or {self.weights}
+        if formats == {"int5"} and self.kernels is not None:
+            return "int5"  # NOTE: GGUF Q5_0 codes, exact in the kernels' Q5 layout
         return "int4" if formats == {"int4"} else "int8"
 
     def _quantized(self, in_features: int, out_features: int | Sequence[int],
-                   four_bit: bool) -> LinearBase:
+                   fmt: str) -> LinearBase:
+        four_bit = fmt == "int4"
         if self.kernels is not None:
-            cls = Q4Linear if four_bit else Q8Linear
+            cls = Q4Linear if four_bit else Q5Linear if fmt == "int5" else Q8Linear
             return cls(in_features, out_features, self.kernels, self.dtype)
         if four_bit:
             return Int4Linear(in_features, out_features, self.keep_dense, dtype=self.dtype)
@@ -128,7 +131,8 @@ class LayerFactory:
             table = Q8Linear(hidden, vocab, self.kernels, self.dtype)
             return Q8Embedding(table, self.dtype, tied=False), q4_head
         if self.weights is not None and self.kernels is not None:
-            head = Q8Linear(hidden, vocab, self.kernels, self.dtype)
+            # NOTE: a head with float16 scales (GGUF Q8_0) runs as Q8h: the file's bytes.
+            head = Q8HeadLinear(hidden, vocab, self.kernels, self.dtype)
             table = head if tied else Q8Linear(hidden, vocab, self.kernels, self.dtype)
             return Q8Embedding(table, self.dtype, tied), head
         embed = Embedding(vocab, hidden, self.dtype)

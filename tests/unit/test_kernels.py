@@ -182,3 +182,79 @@ def test_rope_store_matches_reference(kernels):
     torch.testing.assert_close(got[:, :hq * dim].view(t, hq, dim), q_ref)
     torch.testing.assert_close(caches[2], caches[0])
     torch.testing.assert_close(caches[3], caches[1])
+
+
+@pytest.mark.parametrize("n, k, m", [(100, 96, 1), (48, 640, 3), (64, 2048, 9)])
+def test_q5_gemm_is_bitwise_q8_on_the_same_codes(kernels, n, k, m):
+    """The Q5 layout (GGUF Q5_0 codes in [-16, 15] and float16 scales, 22 bytes per 32 weights) gives the Q8
+    kernel's outputs bit for bit: the same int32 dot (the +16 offset taken out exactly), the
+    same float math per block."""
+    from ember.kernels.ops import pack_q5
+    gen = torch.Generator().manual_seed(n + k + m)
+    q = torch.randint(-16, 16, (n, k), generator=gen, dtype=torch.int8)
+    q[0, :32] = -16  # both ends of the code range
+    q[-1, -32:] = 15
+    d = (torch.rand(n, k // 32, generator=gen) * 0.01).half().float()  # Q5_0's float16 d
+    x = torch.randn(m, k, generator=gen) * 3
+    p5, p8 = pack_q5(q, d), pack_q8(q, d)
+    assert p5.shape == ((n + 15) // 16, k // 32, 352)  # GGUF Q5_0's 22 bytes per 32 weights
+    got = kernels.q5_gemm(x, p5)
+    assert torch.equal(got, kernels.q8_gemm(x, *p8))
+    ref = act_quantized(x) @ Q8Blocks(q, d).dequantize().t()
+    torch.testing.assert_close(got[:, :n], ref, atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="codes in"):
+        pack_q5(q.clamp(-16, 15) + 1, d)  # 16 does not fit five bits
+    with pytest.raises(ValueError, match="float16"):
+        pack_q5(q, d + 1e-6)
+
+
+@pytest.mark.parametrize("n, k, m", [(100, 96, 1), (64, 640, 9)])
+def test_q8h_gemm_and_rows_are_bitwise_q8(kernels, n, k, m):
+    """Q8h (Q8's codes with float16 scales in the blocks: GGUF Q8_0's 34 bytes per 32
+    weights) gives the Q8 kernel's matmul and embedding rows bit for bit."""
+    from ember.kernels.ops import pack_q8h
+    gen = torch.Generator().manual_seed(n + k + m)
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    d = (torch.rand(n, k // 32, generator=gen) * 0.01).half().float()
+    d[1, 0] = 2.0 ** -20  # a float16 subnormal
+    x = torch.randn(m, k, generator=gen) * 3
+    packed, p8 = pack_q8h(q, d), pack_q8(q, d)
+    assert packed.shape == ((n + 15) // 16, k // 32, 544)
+    assert torch.equal(kernels.q8h_gemm(x, packed), kernels.q8_gemm(x, *p8))
+    ids = torch.tensor([0, 1, n - 1, 17])
+    rows = kernels.q8h_rows(packed, ids)
+    assert torch.equal(rows, kernels.q8_rows(*p8, ids))
+    assert torch.equal(rows, Q8Blocks(q, d).dequantize()[ids])
+    with pytest.raises(ValueError, match="float16"):
+        pack_q8h(q, d + 1e-6)
+
+
+def test_q5_linear_loads_gguf_q5_0_exactly(best_kernels):
+    """A GGUF Q5_0 matrix (as stored, and row-permuted as llama.cpp's q/k are) loads into the
+    Q5 layer with the Q8 layer's outputs bit for bit; a Q8_0 part is refused by name."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    from ember.formats.stored import BlockWeight
+    from ember.layers.cpu_quant import Q5Linear, Q8Linear
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 96, generator=gen).numpy().astype(np.float32)
+    x = torch.randn(3, 96, generator=gen)
+    flip = lambda t: t.flip(0)  # noqa: E731 - a row permutation
+    for transform in (None, flip):
+        part = BlockWeight(T.Q5_0, quantize(w, T.Q5_0), (48, 96), transform)
+        q5 = Q5Linear(96, 48, best_kernels)
+        q8 = Q8Linear(96, 48, best_kernels)
+        for layer in (q5, q8):
+            layer.load_weight(slice(0, 48), part)
+            layer.finalize()
+        assert q5.q.shape == (3, 3, 352)
+        if transform is None:  # (the Q8 layer requantizes a transformed part from dense)
+            assert torch.equal(q5(x), q8(x))
+        torch.testing.assert_close(q5(x), act_quantized(x) @ part.dense().t(), atol=1e-3,
+                                   rtol=1e-4)
+    q5 = Q5Linear(96, 48, best_kernels)
+    with pytest.raises(ValueError, match="Q5_0"):
+        q5.load_weight(slice(0, 48), BlockWeight(T.Q8_0, quantize(w, T.Q8_0), (48, 96)))
