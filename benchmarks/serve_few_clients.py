@@ -157,7 +157,12 @@ def main() -> int:
                     help="native llama.cpp llama-server binary ('' skips it)")
     ap.add_argument("--base-port", type=int, default=8431)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--concurrency", default=None,
+                    help="old form, e.g. 1,32: the largest value sets --many")
     args = ap.parse_args()
+    if args.concurrency:
+        args.many = max(int(c) for c in args.concurrency.split(",") if int(c) > 1) \
+            if any(int(c) > 1 for c in args.concurrency.split(",")) else 0
     from ember.loading.sources import resolve_model
 
     gguf = str(resolve_model(args.model, ()).path)
