@@ -1,15 +1,26 @@
-"""Serving targets of issue 11 in one run: `ember serve` at 1 and 32 streamed clients against
-Ember offline single-stream decode and native llama.cpp's `llama-server`, with the front-end
-thread reservation on (--frontend-threads 1, the default) and off (0). Writes JSON + PNG to
-benchmarks/results/serving/.
+"""Serving speed targets of issue 11 in ONE interleaved run: `ember serve` at 1 and 32 streamed
+clients against Ember offline single-stream decode and native llama.cpp's `llama-server`.
 
-Every side computes the same thing: greedy decoding, ignore_eos with min_tokens = output_len
-(what `ember bench serve` sends), no repetition penalty (ember serve runs with
-`--generation-config none`, offline uses the same SamplingParams). The prompt is 16 tokens, as
-in the TTFT target. Servers run one at a time, never two loaded at once.
+Everything is alive at once (idle servers and the idle offline worker take no CPU) and the
+1-client rounds interleave them (offline, each ember variant, llama-server, offline, ...), so
+load drifts on a shared machine hit every side alike. Every side computes the same thing: the
+same GGUF file, the same 16-token prompt given as token ids (distinct per round), greedy,
+128 new tokens with ignore_eos, no repetition penalty (ember serve runs with
+`--generation-config none`). Decode speed is measured the same way everywhere: tokens after
+the first over the time from the first to the last token (offline through `LLM.stream`, the
+servers through a lean blocking streaming client); TTFT is request start to first token.
+Then 32 clients (one wave of 32 requests each, `ember bench serve`'s client) per ember variant
+and llama-server, interleaved. Ember variants are values of --frontend-threads ("auto" is the
+default of `ember serve`).
 
-One command (take the lock so other benchmarks do not overlap; ~4 min on a quiet machine):
-    flock /tmp/ember-bench.lock python benchmarks/serve_few_clients.py --concurrency 1,32
+Why earlier harnesses disagreed on the offline denominator (90 vs 154 tok/s on the same
+machine): serve_one_client_ab.py samples (temperature 0.7, top_p 0.9; ~15% more CPU per token
+than greedy) and measures offline interleaved with the servers under the same load, while the
+older version of this script measured offline greedy, alone, after the servers had stopped,
+and counted the prefill in its tok/s. Here both use the same prompt, sampling and timing.
+
+One command (quiet machine, ~3 min; take the lock so other benchmarks do not overlap):
+    flock /tmp/ember-bench.lock python benchmarks/serve_few_clients.py
 Load averages are recorded; a run with load above half the core count is labelled contended.
 """
 
@@ -17,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import statistics
@@ -26,169 +38,268 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-
 from ember.bench.serve import BenchConfig, ServeBenchmark, wait_healthy
 
 OUT = Path(__file__).parent / "results" / "serving"
 LLAMA_SERVER = Path.home() / ".cache/ember-peers/llama.cpp-native/build/bin/llama-server"
+_TEXT = ("garden letter morning evening sister brother mother father village river window "
+         "table house year life world work people day time")
+
+_OFFLINE = """
+import json, sys, time
+from ember import LLM
+from ember.types import SamplingParams
+llm = LLM(sys.argv[1], show_progress=False, generation_config="none")
+llm.generate(["warm up"], SamplingParams(max_tokens=8), use_tqdm=False)
+tok = llm.get_tokenizer()
+job = json.loads(sys.stdin.readline())  # {"texts": [...], "length": L}: prompts as token ids
+print(json.dumps([tok.encode(t)[:job["length"]] for t in job["texts"]]), flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    p = SamplingParams(max_tokens=job["max_tokens"], ignore_eos=True, temperature=0.0)
+    start = time.perf_counter()
+    first = last = 0.0
+    n = 0
+    for out in llm.stream(job["prompt"], p):
+        k = len(out.outputs[0].delta_token_ids)
+        if k:
+            last = time.perf_counter()
+            if n == 0:
+                first = last
+            n += k
+    print(json.dumps({"ttft_ms": 1e3 * (first - start), "tokens": n,
+                      "decode_tok_s": (n - 1) / (last - first) if n > 1 else 0.0}), flush=True)
+"""
 
 
-def start_server(port: int, frontend_threads: int, model: str, threads: int) -> subprocess.Popen:
+def start_ember(port: int, frontend_threads: str, model: str, threads: int) -> subprocess.Popen:
     cmd = [sys.executable, "-c", "import sys; from ember.cli import main; sys.exit(main())",
            "serve", "--model", model, "--port", str(port), "--no-access-log",
-           "--log-level", "warning", "--frontend-threads", str(frontend_threads),
+           "--log-level", "warning", "--frontend-threads", frontend_threads,
            "--generation-config", "none"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, EMBER_NUM_THREADS=str(threads)))
-    wait_healthy(proc, f"http://127.0.0.1:{port}", "ember serve", 180)
-    return proc
 
 
 def start_llama_server(binary: Path, gguf: str, port: int, threads: int,
                        slots: int) -> subprocess.Popen:
     cmd = [str(binary), "-m", gguf, "--port", str(port), "-t", str(threads), "-tb", str(threads),
            "-np", str(slots), "-c", str(slots * 512), "--log-disable"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_healthy(proc, f"http://127.0.0.1:{port}", "llama-server", 180)
-    return proc
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def offline_tok_s(model: str, output_len: int, reps: int) -> list[float]:
-    """Single-stream generations (greedy, the server's min_tokens), tokens per second each."""
-    from ember import LLM
-    from ember.types import SamplingParams
+def stream_one(port: int, prompt: list[int], max_tokens: int) -> dict[str, float]:
+    """One streamed completion through a lean blocking client (http.client, one socket)."""
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                       "ignore_eos": True, "temperature": 0.0,
+                       "stream_options": {"include_usage": True}})
+    start = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status} from port {port}: {resp.read()[:300]!r}")
+    first = last = 0.0
+    chunks = 0
+    usage_tokens = None
+    while True:
+        line = resp.fp.readline()
+        if not line or line.startswith(b"data: [DONE]"):
+            break
+        if not line.startswith(b"data:"):
+            continue
+        now = time.perf_counter()
+        chunk = json.loads(line[5:])
+        if chunk.get("usage"):
+            usage_tokens = chunk["usage"].get("completion_tokens")
+        if not any(c.get("text") for c in chunk.get("choices") or ()):
+            continue  # a finish-only or usage-only chunk carries no token
+        last = now
+        if chunks == 0:
+            first = now
+        chunks += 1
+    conn.close()
+    # NOTE: tokens from the usage chunk where the server sends one (a slow reader may get two
+    # tokens in one chunk); the first chunk holds the first token.
+    tokens = usage_tokens or chunks
+    return {"ttft_ms": 1e3 * (first - start), "tokens": tokens, "chunks": chunks,
+            "decode_tok_s": (tokens - 1) / (last - first) if chunks > 1 else 0.0}
 
-    llm = LLM(model, show_progress=False)
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0,
-                            min_tokens=output_len)
-    llm.generate(["warm up"], SamplingParams(max_tokens=8), use_tqdm=False)
-    runs = []
-    for i in range(reps):
-        start = time.perf_counter()
-        out = llm.generate([f"garden letter {i} morning evening sister"], params, use_tqdm=False)
-        runs.append(len(out[0].outputs[0].token_ids) / (time.perf_counter() - start))
-    return runs
+
+def prompt_texts(rounds: int) -> list[str]:
+    """Distinct texts, each longer than the prompt length (cut to it as token ids)."""
+    return [f"Round {r}: {_TEXT} {_TEXT}" for r in range(rounds)]
 
 
-def bench(port: int, levels: list[int], args: argparse.Namespace, label: str) -> list[dict]:
-    config = BenchConfig(url=f"http://127.0.0.1:{port}", concurrency=levels,
-                         num_prompts=args.num_prompts, input_len=args.input_len,
+def bench_level(port: int, clients: int, args: argparse.Namespace, label: str) -> dict:
+    """One wave of `clients` concurrent streamed requests (ember bench serve's client)."""
+    config = BenchConfig(url=f"http://127.0.0.1:{port}", concurrency=[clients],
+                         num_prompts=clients, input_len=args.input_len,
                          output_len=args.output_len, label=label)
-    results = asyncio.run(ServeBenchmark(config).run())
-    for r in results:
-        print(f"{label}: {r.concurrency} clients {r.output_tokens_per_s:.1f} tok/s, TTFT p50 "
-              f"{r.ttft_ms['p50']:.0f} ms, ITL p50 {r.itl_ms['p50']:.1f} ms", flush=True)
-    return [asdict(r) for r in results]
+    result = asdict(asyncio.run(ServeBenchmark(config).run())[0])
+    print(f"{label}: {clients} clients {result['output_tokens_per_s']:.1f} tok/s, TTFT p50 "
+          f"{result['ttft_ms']['p50']:.0f} ms", flush=True)
+    return result
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--concurrency", default="1,32")
+    ap.add_argument("--variants", default="auto,1,0",
+                    help="ember serve --frontend-threads values to compare (first = headline)")
+    ap.add_argument("--rounds", type=int, default=8, help="1-client rounds")
     ap.add_argument("--input-len", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--num-prompts", type=int, default=None,
-                    help="requests per level (default: 2 x clients, at least 4)")
+    ap.add_argument("--many", type=int, default=32, help="clients of the many-client level "
+                    "(0 skips it)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--frontend-threads", default="1,0",
-                    help="values of --frontend-threads to compare")
     ap.add_argument("--llama-server", type=Path, default=LLAMA_SERVER,
                     help="native llama.cpp llama-server binary ('' skips it)")
-    ap.add_argument("--offline-reps", type=int, default=5)
-    ap.add_argument("--port", type=int, default=8431)
+    ap.add_argument("--base-port", type=int, default=8431)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--concurrency", default=None,
+                    help="old form, e.g. 1,32: the largest value sets --many")
     args = ap.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
-    load_before = os.getloadavg()
-    runs: dict[str, list[dict]] = {}
-    for ft in (int(v) for v in args.frontend_threads.split(",")):
-        proc = start_server(args.port, ft, args.model, args.threads)
-        try:
-            runs[f"frontend_threads={ft}"] = bench(args.port, levels, args,
-                                                   f"ember frontend-threads {ft}")
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    peer = None
-    if str(args.llama_server) not in ("", ".") and args.llama_server.is_file():
-        from ember.loading.sources import resolve_model
+    if args.concurrency:
+        args.many = max(int(c) for c in args.concurrency.split(",") if int(c) > 1) \
+            if any(int(c) > 1 for c in args.concurrency.split(",")) else 0
+    from ember.loading.sources import resolve_model
 
-        gguf = str(resolve_model(args.model, ()).path)
-        proc = start_llama_server(args.llama_server, gguf, args.port, args.threads, max(levels))
-        try:
-            peer = bench(args.port, levels, args, "llama-server")
-        finally:
+    gguf = str(resolve_model(args.model, ()).path)
+    variants = [v for v in args.variants.split(",") if v]
+    load_before = os.getloadavg()
+    procs: dict[str, tuple[int, subprocess.Popen]] = {}
+    offline = subprocess.Popen([sys.executable, "-c", _OFFLINE, args.model],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               env=dict(os.environ, EMBER_NUM_THREADS=str(args.threads)))
+    try:
+        for i, ft in enumerate(variants):
+            port = args.base_port + i
+            procs[f"ember ft={ft}"] = (port, start_ember(port, ft, args.model, args.threads))
+        peer = str(args.llama_server) not in ("", ".") and args.llama_server.is_file()
+        if peer:
+            port = args.base_port + len(variants)
+            procs["llama-server"] = (port, start_llama_server(
+                args.llama_server, gguf, port, args.threads, max(1, args.many)))
+        else:
+            print(f"note: {args.llama_server} not found; llama-server skipped", flush=True)
+        assert offline.stdin is not None and offline.stdout is not None
+        offline.stdin.write(json.dumps({"texts": prompt_texts(args.rounds + 1),
+                                        "length": args.input_len}) + "\n")
+        offline.stdin.flush()
+        prompts = json.loads(offline.stdout.readline())
+        for name, (port, proc) in procs.items():
+            wait_healthy(proc, f"http://127.0.0.1:{port}", name, 300)
+            stream_one(port, prompts[-1], 8)  # warm-up (kernels, first-request paths)
+        one: dict[str, list[dict[str, float]]] = {"offline": [], **{n: [] for n in procs}}
+        for r in range(args.rounds):
+            offline.stdin.write(json.dumps({"prompt": prompts[r],
+                                            "max_tokens": args.output_len}) + "\n")
+            offline.stdin.flush()
+            one["offline"].append(json.loads(offline.stdout.readline()))
+            for name, (port, _) in procs.items():
+                one[name].append(stream_one(port, prompts[r], args.output_len))
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{n} {v[-1]['decode_tok_s']:.0f} tok/s {v[-1]['ttft_ms']:.0f} ms"
+                for n, v in one.items()), flush=True)
+        many = {name: bench_level(port, args.many, args, name)
+                for name, (port, _) in procs.items()} if args.many else {}
+    finally:
+        offline.kill()
+        for _, proc in procs.values():
             proc.terminate()
-            proc.wait(30)
-    else:
-        print(f"note: {args.llama_server} not found; llama-server skipped", flush=True)
-    os.environ["EMBER_NUM_THREADS"] = str(args.threads)
-    offline_runs = offline_tok_s(args.model, args.output_len, args.offline_reps)
-    offline = statistics.median(offline_runs)
-    print(f"offline single stream: {offline:.1f} tok/s (median of {len(offline_runs)})",
-          flush=True)
+        for _, proc in procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     load_after = os.getloadavg()
     contended = max(load_before[0], load_after[0]) > (os.cpu_count() or 1) / 2
-    targets = {}
-    for name, results in runs.items():
-        one = next((r for r in results if r["concurrency"] == 1), None)
-        if one is None:
-            continue
-        peer_one = next((r for r in peer or [] if r["concurrency"] == 1), None)
-        # NOTE: decode speed of one stream = 1 / time per output token after the first
-        # (TPOT; chunks may carry several tokens when the reader falls behind).
-        tpot = one["tpot_ms"]["mean"]
-        decode = 1e3 / tpot if tpot > 0 else 0.0
-        targets[name] = {
-            "one_client_decode_tok_s": decode,
-            "one_client_vs_offline": decode / offline if offline else 0.0,
-            "one_client_vs_llama_server": (one["output_tokens_per_s"]
-                                           / peer_one["output_tokens_per_s"]
-                                           if peer_one else None),
-            "one_client_ttft_p50_ms": one["ttft_ms"]["p50"],
-        }
-        print(f"{name}: 1 client decode {decode:.1f} tok/s = "
-              f"{targets[name]['one_client_vs_offline']:.2f}x offline (target >= 0.9), "
-              + (f"{targets[name]['one_client_vs_llama_server']:.2f}x llama-server "
-                 "(target >= 2), " if peer_one else "")
-              + f"TTFT p50 {one['ttft_ms']['p50']:.0f} ms (target <= 30)", flush=True)
+    summary = summarize(one, many)
+    targets = {name: target_line(name, summary) for name in summary if name.startswith("ember")}
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    payload = {"model": args.model, "input_len": args.input_len, "output_len": args.output_len,
-               "threads": args.threads, "offline_single_stream_tok_s": offline,
-               "offline_runs_tok_s": offline_runs, "serve": runs, "llama_server": peer,
-               "targets": targets, "loadavg_before": load_before, "loadavg_after": load_after,
+    payload = {"model": args.model, "gguf": gguf, "input_len": args.input_len,
+               "output_len": args.output_len, "threads": args.threads, "rounds": args.rounds,
+               "many_clients": args.many, "summary": summary, "targets": targets,
+               "one_client_runs": one, "many_clients_runs": many,
+               "loadavg_before": load_before, "loadavg_after": load_after,
                "cpu_count": os.cpu_count(), "contended": contended}
     (args.out / f"few_clients_{stamp}.json").write_text(json.dumps(payload, indent=2))
-    plot(payload, levels, args.out / f"few_clients_{stamp}.png")
-    print(f"wrote {args.out}/few_clients_{stamp}.json/.png (contended={contended})")
+    plot(summary, contended, args.many, args.out / f"few_clients_{stamp}.png")
+    print(f"wrote {args.out}/few_clients_{stamp}.json/.png (contended={contended}, "
+          f"load {load_before[0]:.1f} -> {load_after[0]:.1f})")
     return 0
 
 
-def plot(payload: dict, levels: list[int], path: Path) -> None:
+def summarize(one: dict[str, list[dict[str, float]]], many: dict[str, dict]
+              ) -> dict[str, dict[str, float]]:
+    """Medians per side; ratios against offline also as the median of per-round ratios
+    (paired: robust to load drift between rounds)."""
+    off = one["offline"]
+    summary: dict[str, dict[str, float]] = {}
+    for name, runs in one.items():
+        s = {"decode_tok_s_median": statistics.median(r["decode_tok_s"] for r in runs),
+             "ttft_ms_p50": statistics.median(r["ttft_ms"] for r in runs),
+             "tokens_min": min(r["tokens"] for r in runs),
+             "vs_offline_paired": statistics.median(
+                 r["decode_tok_s"] / o["decode_tok_s"] for r, o in zip(runs, off))}
+        if name in many:
+            s["many_output_tok_s"] = many[name]["output_tokens_per_s"]
+            s["many_ttft_ms_p50"] = many[name]["ttft_ms"]["p50"]
+        summary[name] = s
+    peer = summary.get("llama-server")
+    for name, s in summary.items():
+        s["vs_offline"] = s["decode_tok_s_median"] / summary["offline"]["decode_tok_s_median"]
+        if peer is not None:
+            s["vs_llama_server"] = s["decode_tok_s_median"] / peer["decode_tok_s_median"]
+            if "many_output_tok_s" in s and "many_output_tok_s" in peer:
+                s["many_vs_llama_server"] = s["many_output_tok_s"] / peer["many_output_tok_s"]
+    return summary
+
+
+def target_line(name: str, summary: dict[str, dict[str, float]]) -> dict[str, float | bool]:
+    s = summary[name]
+    t: dict[str, float | bool] = {
+        "vs_offline": s["vs_offline"], "vs_offline_paired": s["vs_offline_paired"],
+        "ttft_ms_p50": s["ttft_ms_p50"], "offline_ttft_ms_p50": summary["offline"]["ttft_ms_p50"],
+        "meets_vs_offline": s["vs_offline"] >= 0.9, "meets_ttft": s["ttft_ms_p50"] <= 30}
+    if "vs_llama_server" in s:
+        t["vs_llama_server"] = s["vs_llama_server"]
+        t["meets_vs_llama_server"] = s["vs_llama_server"] >= 2
+    print(f"{name}: 1 client decode {s['decode_tok_s_median']:.1f} tok/s = "
+          f"{s['vs_offline']:.2f}x offline (paired {s['vs_offline_paired']:.2f}; target >= 0.9)"
+          + (f", {s['vs_llama_server']:.2f}x llama-server (target >= 2)"
+             if "vs_llama_server" in s else "")
+          + f", TTFT p50 {s['ttft_ms_p50']:.0f} ms (target <= 30; offline "
+          f"{summary['offline']['ttft_ms_p50']:.0f} ms)"
+          + (f"; {s['many_output_tok_s']:.0f} tok/s at many clients" if "many_output_tok_s" in s
+             else ""), flush=True)
+    return t
+
+
+def plot(summary: dict[str, dict[str, float]], contended: bool, many: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / (len(payload["serve"]) + 2)
-    for i, (name, results) in enumerate(payload["serve"].items()):
-        xs = [j + i * width for j in range(len(levels))]
-        ax.bar(xs, [r["output_tokens_per_s"] / r["concurrency"] for r in results], width,
-               label=f"serve, {name} (per client)")
-    if payload.get("llama_server"):
-        i = len(payload["serve"])
-        ax.bar([j + i * width for j in range(len(levels))],
-               [r["output_tokens_per_s"] / r["concurrency"] for r in payload["llama_server"]],
-               width, label="llama-server (per client)")
-    ax.axhline(payload["offline_single_stream_tok_s"], color="k", ls="--",
-               label="offline single stream")
-    ax.set_xticks([j + width / 2 for j in range(len(levels))], [f"{c} clients" for c in levels])
-    ax.set_ylabel("output tok/s per stream")
-    ax.set_title("ember serve, few clients" + (" (contended machine)" if payload["contended"]
-                                               else ""))
-    ax.legend(fontsize=8)
+    names = list(summary)
+    fig, axes = plt.subplots(1, 3 if many else 2, figsize=(13 if many else 9, 4))
+    axes[0].bar(names, [summary[n]["decode_tok_s_median"] for n in names])
+    axes[0].set_ylabel("decode tok/s, 1 stream (median)")
+    axes[1].bar(names, [summary[n]["ttft_ms_p50"] for n in names])
+    axes[1].axhline(30, color="k", ls="--", label="target 30 ms")
+    axes[1].set_ylabel("TTFT p50 (ms), 16-token prompt")
+    axes[1].legend(fontsize=8)
+    if many:
+        m = [n for n in names if "many_output_tok_s" in summary[n]]
+        axes[2].bar(m, [summary[n]["many_output_tok_s"] for n in m])
+        axes[2].set_ylabel(f"output tok/s, {many} clients")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=25)
+    fig.suptitle("ember serve vs offline vs llama-server" + (" (contended machine)" if contended
+                                                             else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

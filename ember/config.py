@@ -292,10 +292,12 @@ class SpecConfig:
 class ServingGuards:
     """Robustness limits and front-end tuning of `ember serve` (see README "Robust serving")."""
 
-    frontend_threads: int = 1
+    frontend_threads: int | None = None
     """Kernel threads left to the HTTP front end (event loop, SSE) on small steps: with at
     most `small_step_tokens` tokens to compute, the kernels use num_threads - this (>= 1), so
-    the event loop never preempts a kernel thread that the others wait for at a barrier."""
+    the event loop never preempts a kernel thread that the others wait for at a barrier.
+    None (auto): time small steps with every thread and with one fewer, keep the faster
+    (which one wins depends on the machine's load; see ember/engine/thread_policy.py)."""
     small_step_tokens: int = 4
     """A step computing at most this many tokens counts as small (one to a few clients)."""
     omp_spin_count: int | None = None
@@ -330,7 +332,8 @@ class ServingGuards:
     def validate(self) -> None:
         if self.omp_spin_count is not None and self.omp_spin_count < 0:
             raise ConfigError(f"omp_spin_count must be >= 0, got {self.omp_spin_count}")
-        if self.frontend_threads < 0 or self.small_step_tokens < 0:
+        if (self.frontend_threads is not None and self.frontend_threads < 0
+                or self.small_step_tokens < 0):
             raise ConfigError("frontend_threads and small_step_tokens must be >= 0")
         for name in ("step_deadline_s", "stream_read_timeout_s"):
             if getattr(self, name) <= 0:

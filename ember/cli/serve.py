@@ -231,9 +231,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--stream-read-timeout", type=float,
                    default=ServingGuards.stream_read_timeout_s,
                    help="abort a stream whose client reads nothing for this long (s)")
-    g.add_argument("--frontend-threads", type=int, default=ServingGuards.frontend_threads,
+    g.add_argument("--frontend-threads", type=_frontend_threads, default="auto",
                    help="kernel threads left to the HTTP front end on small steps (1-4 "
-                        "tokens); 0 uses every thread")
+                        "tokens); 0 uses every thread; auto (default): time both every "
+                        "thread and one fewer, keep the faster")
     g.add_argument("--send-buffer-bytes", type=int, default=ServingGuards.send_buffer_bytes,
                    help="socket send buffer of each connection (bounds unread output before "
                         "--stream-read-timeout applies; 0: the kernel's autotuning)")
@@ -242,3 +243,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "thread before it sleeps); default: libgomp's")
     add_ray_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def _frontend_threads(value: str) -> int | None:
+    """--frontend-threads: 'auto' (None) or an integer >= 0."""
+    if value == "auto":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0, got {value!r}")
+    return count

@@ -264,7 +264,7 @@ class AsyncEngine:
     def _run(self, gen: int) -> None:
         logger.info("engine thread started")
         try:
-            while self._handle_commands(gen, block=not self._engine.has_unfinished_requests()):
+            while self._handle_commands(gen, block=self._idle()):
                 if self._engine.has_unfinished_requests():
                     if not self._step(gen):
                         return  # stale: a new engine took over while this step hung
@@ -275,6 +275,13 @@ class AsyncEngine:
             return
         self._threads.restore()
         logger.info("engine thread stopped")
+
+    def _idle(self) -> bool:
+        """True when the engine has nothing to step (it waits for a command)."""
+        if self._engine.has_unfinished_requests():
+            return False
+        self._threads.idle()  # the wait is no step cycle: not timed
+        return True
 
     def _handle_commands(self, gen: int, block: bool) -> bool:
         """Apply queued commands (waiting for one when `block`); False after a stop."""

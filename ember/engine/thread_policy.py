@@ -1,20 +1,53 @@
 """Kernel thread count per engine step when an HTTP front end shares the CPU.
 
 Ember's fused decoder runs a whole step in one OpenMP parallel region with a barrier after
-each stage. When the server's event loop (SSE encoding, socket writes) wakes up during a step
-on a machine with as many kernel threads as cores, it preempts one kernel thread and every
-other thread spins at the next barrier until the scheduler gives that core back: a 2.9 ms step
-becomes ~8 ms. At one or a few clients the step is small (a few tokens), so leaving one core
-to the front end costs little compute and removes the stall; large steps (many clients, long
-prefills) keep every thread, where the front end's share is small against the step.
+each stage. When the server's event loop (SSE encoding, socket writes) or a client process
+wakes up during a step on a machine with as many kernel threads as cores, it preempts one
+kernel thread and every other thread spins at the next barrier until that core comes back.
+Leaving one core to the front end on small steps (one to a few clients) removes the stall but
+halves the compute of a step that needed every core.
+
+Which one is faster depends on the machine, not on the model: measured on the 2-core dev VM,
+a quiet machine ran one streamed client at 86 tok/s with every thread against 78 tok/s with
+one left free, and a contended one (load 2.6) at 51 against 115 tok/s. So the default
+(`frontend_threads=None`, "auto") measures: on small steps it times the engine's whole step
+cycle (step start to the next step start, which includes the front end's interference) with
+both thread counts, keeps the faster one, and re-tries the other one step in `probe_every` so
+that it follows changes in load. A fixed `frontend_threads` (0, 1, ...) turns this off.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from ember.kernels.ops import CpuKernels
 from ember.types import Request
+
+logger = logging.getLogger(__name__)
+
+PROBE_EVERY = 32
+"""Auto mode: one small step in this many runs on the thread count not currently preferred."""
+WARMUP_SAMPLES = 4
+"""Auto mode: cycles timed per thread count (alternating) before either is preferred."""
+EWMA_WEIGHT = 0.125
+"""Auto mode: weight of a new cycle time in the running mean of its thread count."""
+
+
+@dataclass
+class _Arm:
+    """Running mean of the step cycle time (s) with one thread count, per small-step size."""
+
+    threads: int
+    mean_s: float = 0.0
+    samples: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.mean_s = seconds if self.samples == 0 else (
+            self.mean_s + EWMA_WEIGHT * (seconds - self.mean_s))
+        self.samples += 1
 
 
 class KernelThreadPolicy:
@@ -22,27 +55,81 @@ class KernelThreadPolicy:
 
     Args:
         kernels: the engine's CPU kernels (None: PyTorch backend, nothing to do).
-        frontend_threads: threads left to the front end on small steps.
+        frontend_threads: threads left to the front end on small steps; None: auto (time
+            both every thread and one fewer on small steps, keep the faster).
         small_step_tokens: a step with at most this many tokens to compute is small.
+        probe_every: auto mode: one small step in this many tries the other thread count.
+        clock: monotonic clock in seconds (tests pass a fake one).
     """
 
-    def __init__(self, kernels: CpuKernels | None, frontend_threads: int,
-                 small_step_tokens: int) -> None:
+    def __init__(self, kernels: CpuKernels | None, frontend_threads: int | None,
+                 small_step_tokens: int, probe_every: int = PROBE_EVERY,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._kernels = kernels
         self.full = kernels.num_threads if kernels is not None else 1
-        self.few = max(1, self.full - frontend_threads)
+        self.auto = frontend_threads is None and self.full > 1
+        self.few = max(1, self.full - (1 if frontend_threads is None else frontend_threads))
         self._small = small_step_tokens
+        self._probe_every = max(2, probe_every)
+        self._clock = clock
+        # Auto mode: per small-step size (tokens), [every thread, one fewer].
+        self._arms: dict[int, tuple[_Arm, _Arm]] = {}
+        self._timing: tuple[_Arm, float] | None = None  # arm of the running cycle, its start
+        self._small_steps = 0
 
-    def threads_for(self, requests: Mapping[str, Request]) -> int:
-        """Threads for a step over `requests` (the scheduler's live requests)."""
-        if self.few == self.full or len(requests) > self._small:
-            return self.full
+    def small_step_tokens(self, requests: Mapping[str, Request]) -> int | None:
+        """Tokens the next step computes when it is small, else None."""
+        if len(requests) > self._small:
+            return None
         pending = 0
         for request in requests.values():
             pending += request.num_tokens - request.num_computed_tokens
             if pending > self._small:
-                return self.full
-        return self.few
+                return None
+        return pending
+
+    def threads_for(self, requests: Mapping[str, Request]) -> int:
+        """Threads for a step over `requests` (the scheduler's live requests); in auto mode
+        also starts timing the cycle of that step."""
+        if self.few == self.full:
+            return self.full
+        tokens = self.small_step_tokens(requests)
+        now = self._clock()
+        if self._timing is not None:  # the previous step's cycle ends here
+            arm, start = self._timing
+            arm.add(now - start)
+            self._timing = None
+        if tokens is None:
+            return self.full
+        if not self.auto:
+            return self.few
+        arm = self._pick(tokens)
+        self._timing = (arm, now)
+        return arm.threads
+
+    def _pick(self, tokens: int) -> _Arm:
+        """The arm for the next small step of `tokens` tokens (auto mode)."""
+        arms = self._arms.get(tokens)
+        if arms is None:
+            arms = self._arms[tokens] = (_Arm(self.full), _Arm(self.few))
+        full, few = arms
+        self._small_steps += 1
+        if full.samples < WARMUP_SAMPLES or few.samples < WARMUP_SAMPLES:
+            return full if full.samples <= few.samples else few
+        best, other = (full, few) if full.mean_s <= few.mean_s else (few, full)
+        return other if self._small_steps % self._probe_every == 0 else best
+
+    def preferred(self, tokens: int = 1) -> int:
+        """The thread count auto mode currently prefers for small steps of `tokens` tokens
+        (the fixed count outside auto mode or before enough timings)."""
+        arms = self._arms.get(tokens)
+        if not self.auto or arms is None or min(a.samples for a in arms) < WARMUP_SAMPLES:
+            return self.few
+        return min(arms, key=lambda a: a.mean_s).threads
+
+    def idle(self) -> None:
+        """The engine waits for work: the running cycle is not a step cycle (not timed)."""
+        self._timing = None
 
     def before_step(self, requests: Mapping[str, Request]) -> None:
         if self._kernels is not None and self.few != self.full:
@@ -50,5 +137,6 @@ class KernelThreadPolicy:
 
     def restore(self) -> None:
         """Back to the full thread count (when the engine stops serving)."""
+        self._timing = None
         if self._kernels is not None:
             self._kernels.num_threads = self.full
