@@ -3,10 +3,10 @@ kernels with numpy buffers (no PyTorch).
 
 One sequence at a time: the KV cache is one numpy buffer per layer sized to the context
 (bfloat16 bits as uint16, pages touched only as tokens fill it), its block table the identity.
-A step is: Q8 embedding lookup (`q8_rows`) -> every decoder layer in one `decode_layers` call
+A step is: Q8h embedding lookup (`q8h_rows`) -> every decoder layer in one `decode_layers` call
 (decoder.cpp, the same fused decoder the main path runs) -> final RMSNorm of the last row ->
-the Q8 LM head (`q8_gemm`). The ctypes structs are ember/kernels/abi.py's, filled as
-ember/kernels/decoder.py fills them for PyTorch tensors.
+the Q8h LM head (`q8h_gemm`: Q8 codes with the file's float16 scales). The ctypes structs are
+ember/kernels/abi.py's, filled as ember/kernels/decoder.py fills them for PyTorch tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ember.edge.arch import LAYER_MATRICES, EdgeArch
-from ember.edge.repack import (PackedLinear, pack_q8, pack_rows, release_file_pages,
+from ember.edge.repack import (PackedLinear, pack_q8h, pack_rows, release_file_pages,
                                unpermute_rope_rows)
 from ember.kernels.abi import LayerW, LinearW, Shape
 from ember.kernels.library import KernelLibrary
@@ -108,10 +108,10 @@ class EdgeModel:
         self.num_threads = num_threads
         self.max_context = max_context
         embd = tensors["token_embd.weight"]
-        self.embedding = pack_q8(embd.qtype, embd.raw, arch.hidden)
+        self.embedding = pack_q8h(embd.qtype, embd.raw, arch.hidden)
         head = tensors.get("output.weight")
-        self.head = self.embedding if head is None else pack_q8(head.qtype, head.raw,
-                                                                arch.hidden)
+        self.head = self.embedding if head is None else pack_q8h(head.qtype, head.raw,
+                                                                 arch.hidden)
         release_file_pages(embd.raw, *([] if head is None else [head.raw]))
         # NOTE: the embedding first: its temporaries (the largest) then come before the layers'
         # packed bytes exist, which keeps load's peak RSS lower.
@@ -136,9 +136,9 @@ class EdgeModel:
         i64, f32, ptr, i32 = c_int64, c_float, c_void_p, c_int
         sigs = {
             "decode_layers": [ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, i32],
-            "q8_rows": [ptr, ptr, i64, ptr, i64, ptr],
+            "q8h_rows": [ptr, i64, ptr, i64, ptr],
             "rms_norm": [ptr, ptr, ptr, i64, i64, f32, ptr],
-            "q8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
+            "q8h_gemm": [ptr, i64, i64, ptr, i64, ptr, i32],
         }
         for name, args in sigs.items():
             fn = getattr(lib, name)
@@ -175,8 +175,7 @@ class EdgeModel:
             raise ValueError(f"context of {end} tokens exceeds max_context {self.max_context}")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         x = np.empty((t, a.hidden), dtype=np.float32)
-        self._lib.q8_rows(_ptr(self.embedding.w), _ptr(self.embedding.d), a.hidden, _ptr(ids),
-                          t, _ptr(x))
+        self._lib.q8h_rows(_ptr(self.embedding.w), a.hidden, _ptr(ids), t, _ptr(x))
         positions = np.arange(start, end, dtype=np.int64)
         cos, sin = self.rope(positions)
         width = -(-end // BLOCK_SIZE)
@@ -191,6 +190,6 @@ class EdgeModel:
                            _ptr(last))
         head = self.head
         logits = np.empty((1, head.w.shape[0] * 16), dtype=np.float32)
-        self._lib.q8_gemm(_ptr(last), 1, a.hidden, _ptr(head.w), _ptr(head.d), logits.shape[1],
-                          _ptr(logits), self.num_threads)
+        self._lib.q8h_gemm(_ptr(last), 1, a.hidden, _ptr(head.w), logits.shape[1], _ptr(logits),
+                           self.num_threads)
         return logits[0, :head.n]

@@ -24,7 +24,8 @@ _BLOCK_BYTES = {T.Q4_0: 18, T.Q4_1: 20, T.Q8_0: 34}
 
 @dataclass(frozen=True)
 class PackedLinear:
-    """One weight matrix in a kernel layout (kernels.h `LinearW`): fmt 4 (w, d, m) or 8 (w, d);
+    """One weight matrix in a kernel layout (kernels.h `LinearW`): fmt 4 (w, d, m), 8 (w, d) or
+    9 (Q8h: w with the scales inside, d empty);
     logical (n, k)."""
 
     fmt: int
@@ -98,6 +99,22 @@ def pack_q8(qtype: T, raw: np.ndarray, k: int) -> PackedLinear:
     u = np.bitwise_xor(b[..., 2:], np.uint8(0x80))  # int8 q -> q + 128 as uint8 (one copy)
     w = _interleave(_pad_rows(u), 8)  # (tiles, blocks, 8, 64)
     return PackedLinear(8, raw.shape[0], k, w, _tile_scales(_fp16(b, 0)))
+
+
+def pack_q8h(qtype: T, raw: np.ndarray, k: int) -> PackedLinear:
+    """Q8_0 rows (N, row bytes) -> the kernels' Q8h layout (fmt 9), exactly: per tile and block
+    Q8's 512 code bytes, then the 16 rows' float16 scales as the file stores them (34 bytes per
+    32 weights, the file's own; mirrors ember.kernels.ops.pack_q8h). `d` is empty."""
+    if qtype != T.Q8_0:
+        raise ValueError(f"{qtype.name} has no exact Q8h form")
+    b = _blocks(qtype, raw, k)  # (N, blocks, 34)
+    codes = _interleave(_pad_rows(np.bitwise_xor(b[..., 2:], np.uint8(0x80))), 8)
+    bits = _pad_rows(np.ascontiguousarray(b[..., 0:2]).view(np.uint16)[..., 0])  # (Np, blocks)
+    scales = np.ascontiguousarray(bits.reshape(-1, TILE, bits.shape[1]).transpose(0, 2, 1))
+    tiles, blocks = codes.shape[:2]
+    w = np.concatenate([codes.reshape(tiles, blocks, 512),
+                        scales.view(np.uint8).reshape(tiles, blocks, 2 * TILE)], axis=2)
+    return PackedLinear(9, raw.shape[0], k, w, np.empty(0, dtype=np.float32))
 
 
 def pack_rows(qtype: T, parts: Sequence[np.ndarray], k: int) -> PackedLinear:

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as T
 
 from ember.edge import EdgeLLM, UnsupportedModelError
 from ember.edge.model import rope_inv_freq
-from ember.edge.repack import pack_q4, pack_q8, unpermute_rope_rows
+from ember.edge.repack import pack_q4, pack_q8, pack_q8h, unpermute_rope_rows
 from ember.edge.sampler import EdgeSampler
 from ember.formats.blocks import Q4Blocks, Q8Blocks
 from ember.kernels import ops
@@ -89,8 +89,8 @@ def test_weights_are_the_main_paths_bytes(main_llm, edge):
                     (i, name, part)
         assert np.array_equal(stack.layers[i].in_norm.numpy(), edge.model.layers[i].in_norm)
     head = main_llm.engine.loaded.model.lm_head
+    assert head.half_scales and edge.model.head.fmt == 9  # Q8h: the file's float16 scales
     assert np.array_equal(head.q.numpy(), edge.model.head.w)
-    assert np.array_equal(head.d.numpy(), edge.model.head.d)
 
 
 def _q4_raw(rng: np.random.Generator, n: int, k: int, with_min: bool) -> np.ndarray:
@@ -123,6 +123,20 @@ def test_pack_q8_matches_torch_repack():
     ref = ops.pack_q8(blocks.q, blocks.d)
     got = pack_q8(T.Q8_0, raw, 96)
     assert np.array_equal(ref[0].numpy(), got.w) and np.array_equal(ref[1].numpy(), got.d)
+
+
+def test_pack_q8h_matches_torch_repack():
+    """Q8_0 -> Q8h (codes + the file's float16 scales, rows padded to 16) as ops.pack_q8h,
+    a subnormal scale included."""
+    rng = np.random.default_rng(2)
+    d16 = rng.standard_normal((24, 3, 1)).astype(np.float16)
+    d16[5, 1, 0] = np.float16(3e-6)  # subnormal in float16
+    qs = rng.integers(-127, 128, (24, 3, 32), dtype=np.int8).view(np.uint8)
+    raw = np.concatenate([d16.view(np.uint8), qs], axis=2).reshape(24, -1)
+    blocks = Q8Blocks.from_q8_0(raw, (24, 96))
+    got = pack_q8h(T.Q8_0, raw, 96)
+    assert (got.fmt, got.n, got.k, got.w.shape) == (9, 24, 96, (2, 3, 544))
+    assert np.array_equal(ops.pack_q8h(blocks.q, blocks.d).numpy(), got.w)
 
 
 def test_unpermute_and_rope_tables_match_torch():
