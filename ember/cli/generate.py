@@ -50,17 +50,34 @@ def add_quantization_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -
     p.add_argument("--quantization", "-q", default="auto",
                    choices=["none", *QUANTIZATIONS],
                    help="runtime weight format (weight-only). auto (default): the file's own "
-                        "(Q4 GGUF -> int4, Q8_0/Q5_0/Q6_K -> int8, else dense); native: each matrix in the kernel "
-                        "format nearest its stored type (Q4_0/Q4_1/Q4_K -> int4, others -> "
-                        "int8); native-q4head: native plus a 4-bit LM head (opt-in, lossy); "
+                        "(Q4 GGUF -> int4, Q8_0/Q5_0/Q6_K -> int8, else dense); native: each "
+                        "matrix in the kernel format nearest its stored type (Q4_0/Q4_1/Q4_K -> "
+                        "int4, Q5_0 -> Q5, others -> int8; a Q8_0 head keeps its float16 "
+                        "scales); native-q4head: native plus a 4-bit LM head (opt-in, lossy); "
                         "native-q6head: native plus a 6-bit Q6_K-style head; "
                         "int8 / int4: every matrix in one format; none: dense --dtype")
     p.add_argument("--no-cpu-kernels", action="store_true",
-                   help="use PyTorch ops instead of Ember's AVX-512 kernels")
+                   help="use PyTorch ops instead of Ember's C++ kernels")
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help="KV cache element type. auto (default): bf16 for quantized models on "
                         "the kernels, else --dtype; int8: half the KV bytes (a scale per token "
                         "and head; attention kernels only); fp32: PyTorch attention (reference)")
+
+
+def add_served_model_args(p: argparse.ArgumentParser | argparse._ArgumentGroup,
+                          routed_by: str, served_help: str) -> None:
+    """The model flags `ember serve` and `ember run-batch` share: repeatable --model (one
+    generation model plus embedding models, told apart by `routed_by`), --served-model-name,
+    --dtype, the quantization flags, --max-model-len, the generation-config flags, --seed."""
+    p.add_argument("--model", "-m", action="append", default=None,
+                   help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL}); "
+                        f"repeatable: one generation model plus embedding models, {routed_by}")
+    p.add_argument("--served-model-name", action="append", default=[], help=served_help)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_quantization_arg(p)
+    p.add_argument("--max-model-len", type=int, default=None)
+    add_generation_config_arg(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of requests without their own")
 
 
 def quantization_of(args: argparse.Namespace) -> str | None:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-from ember.cli.generate import add_generation_config_arg, add_quantization_arg, quantization_of
+from ember.cli.generate import add_served_model_args, quantization_of
 from ember.config import (DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig,
                           SchedulerConfig, ServerConfig)
 
@@ -100,17 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-i", "--input", required=True, help="requests, one JSON object a line")
     p.add_argument("-o", "--output", required=True,
                    help="results (appended; rerun the same command to resume)")
-    p.add_argument("--model", "-m", action="append", default=None,
-                   help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL}); "
-                        "repeatable: one generation model plus embedding models (e.g. "
-                        "all-minilm-l6-v2 for /v1/embeddings lines)")
-    p.add_argument("--served-model-name", action="append", default=[],
-                   help="name the lines' body.model may use (repeatable; default: --model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    add_quantization_arg(p)
-    p.add_argument("--max-model-len", type=int, default=None)
-    add_generation_config_arg(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of requests without their own")
+    add_served_model_args(p, "e.g. all-minilm-l6-v2 for /v1/embeddings lines",
+                          "name the lines' body.model may use (repeatable; default: --model)")
     p.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int,
                    default=SchedulerConfig.max_num_batched_tokens)

@@ -16,8 +16,8 @@ from types import FrameType
 
 from rich.console import Console
 
-from ember.cli.generate import (add_generation_config_arg, add_quantization_arg,
-                                add_speculative_config_arg, quantization_of)
+from ember.cli.generate import (add_served_model_args, add_speculative_config_arg,
+                                quantization_of)
 from ember.cli.serve_ray import add_ray_args
 from ember.config import (DEFAULT_MODEL, CacheConfig, ConfigError, EngineConfig,
                           ModelConfig, SchedulerConfig, ServerConfig, ServingGuards, SpecConfig)
@@ -177,17 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `serve` to the `ember` command."""
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (streaming, metrics)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", action="append", default=None,
-                   help=f"model name, .gguf file or HF directory (default {DEFAULT_MODEL}); "
-                        "repeatable: one generation model plus embedding models, routed by "
-                        "the request's `model`")
-    g.add_argument("--served-model-name", action="append", default=[],
-                   help="name clients use for the model (repeatable; default: --model)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    add_quantization_arg(g)
-    g.add_argument("--max-model-len", type=int, default=None)
-    add_generation_config_arg(g)
-    g.add_argument("--seed", type=int, default=0, help="seed of requests without their own")
+    add_served_model_args(g, "routed by the request's `model`",
+                          "name clients use for the model (repeatable; default: --model)")
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,
                    help="most sequences decoded together")
