@@ -18,15 +18,12 @@ that it follows changes in load. A fixed `frontend_threads` (0, 1, ...) turns th
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ember.kernels.ops import CpuKernels
 from ember.types import Request
-
-logger = logging.getLogger(__name__)
 
 PROBE_EVERY = 32
 """Auto mode: one small step in this many runs on the thread count not currently preferred."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Callable
 from ctypes import c_float, c_int, c_int64, c_void_p
 
 import torch
@@ -248,18 +249,17 @@ class CpuKernels:
 
     def q5_gemm(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """x (M, K) float32 -> (M, Np) for Q5 weights (`pack_q5`: scales included)."""
-        mrows, k = x.shape
-        y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
-        self.lib.q5_gemm(_ptr(x), mrows, k, _ptr(packed), y.shape[1], _ptr(y),
-                         self.num_threads)
-        return y
+        return self._packed_gemm(self.lib.q5_gemm, x, packed)
 
     def q8h_gemm(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """x (M, K) float32 -> (M, Np) for Q8h weights (`pack_q8h`: scales included)."""
+        return self._packed_gemm(self.lib.q8h_gemm, x, packed)
+
+    def _packed_gemm(self, fn: Callable[..., None], x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """A gemm entry point over a layout that carries its own scales (Q5, Q8h)."""
         mrows, k = x.shape
         y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
-        self.lib.q8h_gemm(_ptr(x), mrows, k, _ptr(packed), y.shape[1], _ptr(y),
-                          self.num_threads)
+        fn(_ptr(x), mrows, k, _ptr(packed), y.shape[1], _ptr(y), self.num_threads)
         return y
 
     def q8h_rows(self, packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -144,6 +144,10 @@ class Q8Linear(_KernelLinear):
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         return self.kernels.q8_gemm(x2, self.q, self.d)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (T,) int64 dequantized, float32 (T, in_features) (embedding lookup)."""
+        return self.kernels.q8_rows(self.q, self.d, ids)
+
 
 class Q5Linear(Q8Linear):
     """y = x @ W^T with 5-bit symmetric group-32 weights (codes in [-16, 15]: GGUF Q5_0's,
@@ -213,9 +217,8 @@ class Q8HeadLinear(Q8Linear):
         return self.kernels.q8h_gemm(x2, self.q)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` (T,) int64 dequantized, float32 (T, in_features)."""
         if not self.half_scales:
-            return self.kernels.q8_rows(self.q, self.d, ids)
+            return super().rows(ids)
         return self.kernels.q8h_rows(self.q, ids)
 
 
@@ -254,6 +257,5 @@ class Q8Embedding(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).to(torch.int64).contiguous()
-        rows = (self.table.rows(flat) if isinstance(self.table, Q8HeadLinear)
-                else self.table.kernels.q8_rows(self.table.q, self.table.d, flat))  # (T, hidden)
+        rows = self.table.rows(flat)  # (T, hidden)
         return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)
