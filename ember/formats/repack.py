@@ -120,8 +120,9 @@ _DENSE_TYPES = frozenset({T.F32, T.F16, T.BF16})
 
 def nearest_kernel_format(qtype: T) -> str | None:
     """The kernel format that holds a quantized GGUF type exactly or nearest: 'int4' (Q4 g32:
-    Q4_0, Q4_1, Q4_K exactly), 'int5' (Q5 g32: Q5_0 exactly) or 'int8' (Q8 g32: Q8_0 exactly; Q5_1, Q6_K, the other
-    K-quants by round-to-nearest, a finer grid than Q4); None for dense types."""
+    Q4_0, Q4_1, Q4_K exactly), 'int5' (Q5 g32: Q5_0 exactly) or 'int8' (Q8 g32: Q8_0 exactly;
+    Q5_1, Q6_K, the other K-quants by round-to-nearest, a finer grid than Q4); None for dense
+    types."""
     if qtype in _DENSE_TYPES:
         return None
     if qtype == T.Q5_0:

@@ -26,7 +26,8 @@ Dequantizer = Callable[[np.ndarray, tuple[int, ...]], torch.Tensor]
 RUNS_DENSE = "dense (vectors); as a matrix: requantized to Q8 g32 when the model runs quantized"
 RUNS_INT4_REPACK = "exact repack into Q4 g32 (kernel format)"
 RUNS_Q8 = "exact repack into Q8 g32 (kernel format)"
-RUNS_Q5 = ("exact repack into Q5 g32 (kernel format, 24 bytes per 32 weights); Q8 g32 where a "
+RUNS_Q5 = ("exact repack into Q5 g32 (kernel format, the file's 22 bytes per 32 weights); Q8 g32 "
+           "where a "
            "fused projection mixes it with another type")
 RUNS_DEQUANT = "requantized to Q8 g32 by round-to-nearest (error reported at load)"
 

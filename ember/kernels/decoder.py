@@ -34,7 +34,8 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 
 @dataclass(frozen=True)
 class KernelLinear:
-    """A weight matrix in a kernel format: fmt Q4 (w, d, m), Q5 or Q8 (w, d), logical (n, k)."""
+    """A weight matrix in a kernel format: fmt Q4 (w, d, m), Q8 (w, d), or Q5 / Q8H (w with its
+    scales inside, d empty); logical (n, k)."""
 
     fmt: int
     n: int

@@ -17,6 +17,7 @@ from ember.server.schema_compat import integral_floats
 from ember.server.structured_protocol import (DeltaToolCall, JsonSchemaFormat, NamedToolChoice,
                                               StructuredOutputsRequest, ToolCall,
                                               ToolDefinition)
+from ember.types import MIN_REPETITION_PENALTY
 
 StopStr = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]
@@ -61,7 +62,7 @@ class _SamplingRequest(_Request):
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
     repetition_penalty: float | None = Field(
-        None, ge=1e-6, le=10, description="Ember extension; 1 disables; omitted: the model's "
+        None, ge=MIN_REPETITION_PENALTY, le=10, description="Ember extension; 1 disables; omitted: the model's "
                                        "default.")
     seed: Seed | None = Field(None, description="Same seed and parameters give the same text.")
     stop: StopStr | Annotated[list[StopStr], Field(max_length=16)] | None = Field(
