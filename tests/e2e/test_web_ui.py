@@ -129,7 +129,7 @@ def test_pages_load_without_console_errors_and_fit_a_phone(server, page):
 def test_chat_streams_tokens_incrementally_with_probabilities(server, page):
     page.goto(server.url + "/")
     page.wait_for_function("() => document.querySelector('#model').options.length > 0")
-    page.fill("#max_tokens", "96")
+    page.fill("#max_tokens", "240")
     page.fill("#seed", "0")
     page.check("#ignore_eos")
     page.fill("#system", "You are a storyteller.")
@@ -153,9 +153,9 @@ def test_chat_streams_tokens_incrementally_with_probabilities(server, page):
     assert len(lengths) >= 3, f"tokens did not arrive incrementally: {lengths}"
     assert lengths == sorted(lengths)
     answer = _last_answer(page)
-    assert answer["tokens"] == 96  # one coloured span per token (logprobs on by default)
+    assert answer["tokens"] == 240  # one coloured span per token (logprobs on by default)
     assert "TTFT" in answer["figures"] and "tokens/s" in answer["figures"]
-    assert "96 completion tokens" in answer["figures"] and "finish: length" in answer["figures"]
+    assert "240 completion tokens" in answer["figures"] and "finish: length" in answer["figures"]
 
     page.hover(".msg.assistant .tok >> nth=3")
     page.wait_for_selector("#tooltip:not([hidden])")
