@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import os
 import statistics
@@ -37,6 +36,8 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+from _stream_client import stream_completion
 
 from ember.bench.serve import BenchConfig, ServeBenchmark, wait_healthy
 
@@ -89,40 +90,16 @@ def start_llama_server(binary: Path, gguf: str, port: int, threads: int,
 
 
 def stream_one(port: int, prompt: list[int], max_tokens: int) -> dict[str, float]:
-    """One streamed completion through a lean blocking client (http.client, one socket)."""
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": True,
-                       "ignore_eos": True, "temperature": 0.0,
-                       "stream_options": {"include_usage": True}})
-    start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"HTTP {resp.status} from port {port}: {resp.read()[:300]!r}")
-    first = last = 0.0
-    chunks = 0
-    usage_tokens = None
-    while True:
-        line = resp.fp.readline()
-        if not line or line.startswith(b"data: [DONE]"):
-            break
-        if not line.startswith(b"data:"):
-            continue
-        now = time.perf_counter()
-        chunk = json.loads(line[5:])
-        if chunk.get("usage"):
-            usage_tokens = chunk["usage"].get("completion_tokens")
-        if not any(c.get("text") for c in chunk.get("choices") or ()):
-            continue  # a finish-only or usage-only chunk carries no token
-        last = now
-        if chunks == 0:
-            first = now
-        chunks += 1
-    conn.close()
+    """One streamed completion through the lean blocking client (`_stream_client.py`)."""
+    s = stream_completion(port, {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                                 "temperature": 0.0, "stream_options": {"include_usage": True}},
+                          timeout=300)
+    chunks = len(s.tokens)
+    first, last = (s.tokens[0], s.tokens[-1]) if chunks else (0.0, 0.0)
     # NOTE: tokens from the usage chunk where the server sends one (a slow reader may get two
     # tokens in one chunk); the first chunk holds the first token.
-    tokens = usage_tokens or chunks
-    return {"ttft_ms": 1e3 * (first - start), "tokens": tokens, "chunks": chunks,
+    tokens = s.usage_tokens or chunks
+    return {"ttft_ms": 1e3 * (first - s.start), "tokens": tokens, "chunks": chunks,
             "decode_tok_s": (tokens - 1) / (last - first) if chunks > 1 else 0.0}
 
 

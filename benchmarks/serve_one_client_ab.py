@@ -31,6 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+from _stream_client import stream_completion
+
+from ember.bench.serve import wait_healthy
+
 OUT = Path(__file__).parent / "results" / "serving"
 DEFAULT_VARIANTS = ("ft1=1,ft0=0,ft1-oldsampler=1:EMBER_SAMPLE_SINGLE_THREAD_ROWS=0,"
                     "ft0-oldsampler=0:EMBER_SAMPLE_SINGLE_THREAD_ROWS=0")
@@ -52,22 +56,6 @@ def start_server(port: int, frontend_threads: int, env: dict[str, str], model: s
            "--log-level", "warning", "--frontend-threads", str(frontend_threads), *extra]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, **env))
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server on port {port} not ready in {timeout_s} s")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -109,38 +97,18 @@ def ttft_parts(before: dict[str, float], after: dict[str, float], client_ttft_ms
 def one_request(port: int, prompt: str, max_tokens: int) -> dict[str, float]:
     """Stream one completion; TTFT, decode tok/s after the first token, and client CPU."""
     cpu0 = time.process_time()
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": True,
-                       "ignore_eos": True, "temperature": 0.7, "top_p": 0.9,
-                       # NOTE: explicit, so the server does not add the model's default
-                       # repetition_penalty (1.1 for SmolLM2): offline samples with 1.0.
-                       "repetition_penalty": 1.0})
-    start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
-    first = last = 0.0
-    chunks = 0
-    while True:
-        line = resp.fp.readline()
-        if not line:
-            break
-        if not line.startswith(b"data:"):
-            continue
-        if line.startswith(b"data: [DONE]"):
-            break
-        now = time.perf_counter()
-        if chunks == 0:
-            first = now
-        last = now
-        chunks += 1
-    conn.close()
-    end = time.perf_counter()
-    return {"ttft_ms": (first - start) * 1e3, "chunks": chunks,
+    s = stream_completion(port, {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                                 "temperature": 0.7, "top_p": 0.9,
+                                 # NOTE: explicit, so the server does not add the model's
+                                 # default repetition_penalty (1.1 for SmolLM2): offline
+                                 # samples with 1.0.
+                                 "repetition_penalty": 1.0}, timeout=120)
+    chunks = len(s.events)
+    first, last = (s.events[0], s.events[-1]) if chunks else (0.0, 0.0)
+    return {"ttft_ms": (first - s.start) * 1e3, "chunks": chunks,
             "decode_tok_s": (chunks - 1) / (last - first) if chunks > 1 else 0.0,
-            "e2e_tok_s": chunks / (end - start), "client_cpu_s": time.process_time() - cpu0,
-            "wall_s": end - start}
+            "e2e_tok_s": chunks / (s.end - s.start), "client_cpu_s": time.process_time() - cpu0,
+            "wall_s": s.end - s.start}
 
 
 _OFFLINE = """
@@ -187,8 +155,8 @@ def main() -> int:
                 [sys.executable, "-c", _OFFLINE, args.model, str(args.output_len)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                 env=dict(os.environ, EMBER_NUM_THREADS=tag.split("t")[0], **env))
-        for port, proc in servers.values():
-            wait_ready(port, proc)
+        for name, (port, proc) in servers.items():
+            wait_healthy(proc, f"http://127.0.0.1:{port}", name, 900)
         results: dict[str, list[dict[str, float]]] = {n: [] for n in servers}
         results.update({f"offline-{t}": [] for t in offline})
         for port, _ in servers.values():  # warm-up (kernels, first-request paths)

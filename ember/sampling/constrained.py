@@ -18,21 +18,18 @@ Flow:
   (one packed (C, V/32) int32 bitmask for the step, applied in place: `grammar_masks.py`).
   Each sequence (each of `n`) has its own matcher (a deep copy of the template). Right after a
   step is sampled, `prefetch` consumes the sampled tokens and fills the next masks on a worker
-  thread, overlapped with the next forward pass, when a core is free for it (`overlap_pays`);
-  else the masks are filled inside the step, while the kernel threads wait. Before masking, a matcher is brought level with
-  the sequence's output tokens (a prefetched token the scheduler did not keep is rolled back,
-  tokens it has not seen are consumed), so preemption and recompute (which keep the output
-  tokens) need nothing special. When the grammar is complete the mask allows only EOS.
+  thread, overlapped with the next forward pass, when a core is free for it (`overlap_pays`,
+  `grammar_overlap.py`); else the masks are filled inside the step, while the kernel threads
+  wait. Before masking, a matcher is brought level with the sequence's output tokens
+  (`grammar_state.py`), so preemption and recompute (which keep the output tokens) need nothing
+  special. When the grammar is complete the mask allows only EOS.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import logging
-import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,37 +37,33 @@ import torch
 from ember.kernels.ops import CpuKernels
 from ember.sampling.grammar_compiler import GrammarCompiler
 from ember.sampling.grammar_masks import (MaskFiller, apply_bitmask, bitmask_words, eos_only,
-                                          new_bitmask, unpack_bits)
+                                          new_bitmask, unpack_bitmask)
+from ember.sampling.grammar_overlap import OVERLAP_MIN_ROWS, StepTimings, overlap_pays
+from ember.sampling.grammar_state import MatcherStore, SeqState
 from ember.sampling.sampler import is_untruncated
 from ember.tokenizer import Tokenizer
 from ember.types import Request, SamplingBatchRow, StructuredOutputsParams
-
-logger = logging.getLogger(__name__)
 
 try:
     import llguidance
 except ImportError:  # pragma: no cover - llguidance is a core dependency
     llguidance = None  # type: ignore[assignment]
 
-
+__all__ = ["OVERLAP_MIN_ROWS", "StepTimings", "StructuredOutputManager", "overlap_pays",
+           "unpack_bitmask"]
 
 _MAX_FORCED = 16
 """Most grammar-forced tokens drafted at once (jump-forward)."""
 
 
-@dataclass
-class _SeqState:
-    """One sequence's matcher and how many of its output tokens it consumed."""
-
-    matcher: llguidance.LLMatcher
-    consumed: int = 0
-    """Output tokens consumed, including `ahead` (consumed by a prefetch, not yet confirmed)."""
-    failed: bool = False
-    ahead: list[int] = field(default_factory=list)
-    """Tokens the last prefetch consumed (the step's sampled tokens), checked at the next
-    step against the output tokens the scheduler kept."""
-    mask_row: int | None = None
-    """Row of the prefetched bitmask that holds this sequence's next mask, or None."""
+def _add_bias(logits: torch.Tensor, rows: range, bias: dict[int, float]) -> None:
+    """Add `bias` (token id -> value; ids beyond the vocabulary ignored) to `rows` of `logits`
+    (N, V) in place."""
+    ids = torch.tensor(list(bias.keys()), dtype=torch.long)
+    keep = ids < logits.shape[1]
+    values = torch.tensor(list(bias.values()), dtype=logits.dtype)[keep]
+    for k in rows:
+        logits[k, ids[keep]] += values
 
 
 class StructuredOutputManager:
@@ -92,9 +85,8 @@ class StructuredOutputManager:
         """Compute next-step masks on the worker thread (False: lazily, inside `apply`);
         None chooses per step (`overlaps`)."""
         self._spare_core = overlap_pays(kernels)
-        self._pending: dict[str, concurrent.futures.Future[llguidance.LLMatcher]] = {}
-        """Sequence id -> its grammar's compile, until the sequence gets its matcher."""
-        self._states: dict[str, _SeqState] = {}
+        self.matchers = MatcherStore(self.compiler)
+        """Each sequence's grammar compile, then its matcher."""
         self._filler = MaskFiller()
         self.kernels = kernels
         """The CPU kernels (apply the bitmasks natively), or None: numpy."""
@@ -103,7 +95,7 @@ class StructuredOutputManager:
         self._vocab = self.vocab_size
         """Width of the logits (the last step's), which the bitmasks cover."""
         self._prefetched = new_bitmask(0, self.vocab_size)
-        """(P, W) masks written by the last prefetch (rows named by `_SeqState.mask_row`)."""
+        """(P, W) masks written by the last prefetch (rows named by `SeqState.mask_row`)."""
         self.jump_forward_enabled = True
         """Draft grammar-forced tokens (`jump_forward`); False: one model step per token."""
         self.timings = StepTimings()
@@ -121,22 +113,17 @@ class StructuredOutputManager:
 
     def submit(self, request_id: str, spec: StructuredOutputsParams) -> bool:
         """Start compiling the grammar of a sequence; True when it is already compiled."""
-        future = self.compiler.submit(self.compiler.source(spec))
-        self._pending[request_id] = future
-        return future.done()
+        return self.matchers.submit(request_id, spec)
 
     def ready(self, request_id: str) -> bool:
-        future = self._pending.get(request_id)
-        return future is None or future.done()
+        return self.matchers.ready(request_id)
 
     def pending_futures(self) -> list[concurrent.futures.Future[llguidance.LLMatcher]]:
-        return [f for f in self._pending.values() if not f.done()]
+        return self.matchers.pending_futures()
 
     def release(self, request_ids: Iterable[str]) -> None:
         # NOTE: no join: a running prefetch keeps its own references to the states.
-        for rid in request_ids:
-            self._states.pop(rid, None)
-            self._pending.pop(rid, None)
+        self.matchers.release(request_ids)
 
     def shutdown(self) -> None:
         self._join()
@@ -159,12 +146,8 @@ class StructuredOutputManager:
     def add_bias(self, logits: torch.Tensor, rows: list[SamplingBatchRow]) -> None:
         """Add each row's logit_bias to `logits` (N, V) in place."""
         for i, row in enumerate(rows):
-            bias = row.params.logit_bias
-            if bias:
-                ids = torch.tensor(list(bias.keys()), dtype=torch.long)
-                keep = ids < logits.shape[1]
-                logits[i, ids[keep]] += torch.tensor(list(bias.values()),
-                                                     dtype=logits.dtype)[keep]
+            if row.params.logit_bias:
+                _add_bias(logits, range(i, i + 1), row.params.logit_bias)
 
     def mask_rows(self, logits: torch.Tensor, rows: list[SamplingBatchRow],
                   index: list[int]) -> None:
@@ -195,8 +178,8 @@ class StructuredOutputManager:
         t1 = time.perf_counter()
         free = []
         for i in index:
-            state = self._state(rows[i])
-            if not self._dead(state) and not state.matcher.compute_ff_bytes():
+            state = self.matchers.of_row(rows[i])
+            if not state.dead() and not state.matcher.compute_ff_bytes():
                 free.append(i)
         self.timings.add(join=t1 - t0, validate=time.perf_counter() - t1)
         return free
@@ -209,7 +192,7 @@ class StructuredOutputManager:
         t0 = time.perf_counter()
         result = []
         for i, token in zip(index, tokens):
-            state = self._state(rows[i])
+            state = self.matchers.of_row(rows[i])
             if not 0 <= token < self.vocab_size:
                 result.append(False)
             elif state.mask_row is not None and \
@@ -233,11 +216,11 @@ class StructuredOutputManager:
         masks = new_bitmask(len(rows), vocab)
         todo: list[tuple[llguidance.LLMatcher, int]] = []
         for j, row in enumerate(rows):
-            state = self._state(row)
+            state = self.matchers.of_row(row)
             if state.mask_row is not None and masks.shape[1] == self._prefetched.shape[1]:
                 masks[j] = self._prefetched[state.mask_row]
                 state.mask_row = None
-            elif self._dead(state):
+            elif state.dead():
                 eos_only(masks, j, self.eos_token_id)
             else:
                 todo.append((state.matcher, j))
@@ -259,9 +242,9 @@ class StructuredOutputManager:
         if not self.overlaps(sum(r.params.structured_outputs is not None for r in rows)):
             return
         self._join()
-        jobs: list[tuple[_SeqState, list[int], bool]] = []
+        jobs: list[tuple[SeqState, list[int], bool]] = []
         for row, new in zip(rows, tokens):
-            state = self._states.get(row.request_id)
+            state = self.matchers.get(row.request_id)
             if state is None or row.params.structured_outputs is None or not new:
                 continue
             if state.consumed != len(row.output_token_ids) or state.ahead:
@@ -298,8 +281,8 @@ class StructuredOutputManager:
                     or request.num_computed_tokens != request.num_tokens - 1:
                 continue
             self._join()
-            state = self._state_of(request.request_id, spec, request.output_token_ids)
-            if self._dead(state):
+            state = self.matchers.state_of(request.request_id, spec, request.output_token_ids)
+            if state.dead():
                 continue
             forced = state.matcher.compute_ff_tokens()[:_MAX_FORCED]
             if forced:
@@ -316,8 +299,8 @@ class StructuredOutputManager:
         if spec is None or not draft:
             return draft
         self._join()
-        state = self._state_of(request.request_id, spec, request.output_token_ids)
-        if self._dead(state):
+        state = self.matchers.state_of(request.request_id, spec, request.output_token_ids)
+        if state.dead():
             return []
         return draft[:state.matcher.validate_tokens(draft)]
 
@@ -332,13 +315,8 @@ class StructuredOutputManager:
             starts.append(total)
             total += 1 + len(draft)
         for row, start, draft in zip(rows, starts, drafts):
-            bias = row.params.logit_bias
-            if bias:
-                ids = torch.tensor(list(bias.keys()), dtype=torch.long)
-                keep = ids < logits.shape[1]
-                values = torch.tensor(list(bias.values()), dtype=logits.dtype)[keep]
-                for k in range(start, start + 1 + len(draft)):
-                    logits[k, ids[keep]] += values
+            if row.params.logit_bias:
+                _add_bias(logits, range(start, start + 1 + len(draft)), row.params.logit_bias)
         picked = [(row, start, draft) for row, start, draft in zip(rows, starts, drafts)
                   if row.params.structured_outputs is not None]
         if not picked:
@@ -348,9 +326,9 @@ class StructuredOutputManager:
         jobs: list[tuple[llguidance.LLMatcher, int, list[int]]] = []
         index: list[int] = []
         for row, start, draft in picked:
-            state = self._state(row)
+            state = self.matchers.of_row(row)
             state.mask_row = None
-            if self._dead(state):
+            if state.dead():
                 for k in range(1 + len(draft)):
                     eos_only(masks, len(index) + k, self.eos_token_id)
             else:
@@ -366,16 +344,16 @@ class StructuredOutputManager:
         apply_bitmask(logits, masks, index, self.eos_token_id, self.kernels)
         self.timings.steps += 1
 
-    def _advance_and_fill(self, jobs: list[tuple[_SeqState, list[int], bool]]) -> None:
+    def _advance_and_fill(self, jobs: list[tuple[SeqState, list[int], bool]]) -> None:
         """Worker thread: consume the sampled tokens, then fill the next masks (not for rows
         that will be sampled validate-first from a free state: `free_rows`)."""
         start = time.perf_counter()
         fill: list[tuple[llguidance.LLMatcher, int]] = []
-        finished: list[tuple[_SeqState, int]] = []
+        finished: list[tuple[SeqState, int]] = []
         for k, (state, new, lazy) in enumerate(jobs):
-            self._consume(state, new)
+            state.consume(new)
             state.ahead = new
-            if self._dead(state):
+            if state.dead():
                 eos_only(self._prefetched, k, self.eos_token_id)
                 finished.append((state, k))
             elif not (lazy and not state.matcher.compute_ff_bytes()):
@@ -390,117 +368,3 @@ class StructuredOutputManager:
         if self._inflight is not None:
             self._inflight.result()
             self._inflight = None
-
-    def _dead(self, state: _SeqState) -> bool:
-        return state.failed or state.matcher.is_error() or state.matcher.is_stopped()
-
-    def _consume(self, state: _SeqState, tokens: list[int]) -> None:
-        for token in tokens:
-            state.consumed += 1
-            if state.failed or state.matcher.is_stopped():
-                continue
-            if not state.matcher.consume_token(token):
-                logger.warning("token %d rejected by its grammar: %s", token,
-                               state.matcher.get_error())
-                state.failed = True
-
-    def _state(self, row: SamplingBatchRow) -> _SeqState:
-        spec = row.params.structured_outputs
-        assert spec is not None
-        return self._state_of(row.request_id, spec, row.output_token_ids)
-
-    def _state_of(self, request_id: str, spec: StructuredOutputsParams,
-                  out: list[int]) -> _SeqState:
-        """The sequence's matcher, created on first use and brought level with its output
-        tokens `out` (a prefetch the scheduler did not keep is rolled back)."""
-        state = self._states.get(request_id)
-        if state is None:
-            future = self._pending.pop(request_id, None)
-            # NOTE: the engine core schedules a sequence only once its grammar compiled, so
-            # this does not wait (a direct runner user may get a synchronous compile).
-            template = future.result() if future is not None else \
-                self.compiler.submit(self.compiler.source(spec)).result()
-            state = _SeqState(template.deep_copy())
-            self._states[request_id] = state
-        if state.ahead:
-            n = len(state.ahead)
-            if state.consumed > len(out) or out[state.consumed - n:state.consumed] != state.ahead:
-                self._rollback(state, n)
-            state.ahead = []
-        if state.consumed < len(out):
-            state.mask_row = None
-            self._consume(state, out[state.consumed:])
-        return state
-
-    def _rollback(self, state: _SeqState, n: int) -> None:
-        state.mask_row = None
-        state.consumed -= n
-        if not state.failed and not state.matcher.rollback(n):
-            state.failed = True
-            logger.warning("grammar rollback failed: %s", state.matcher.get_error())
-
-
-OVERLAP_MIN_ROWS = 8
-"""Constrained rows from which the mask worker runs even without a spare core.
-
-NOTE: measured with benchmarks/structured.py on 2 cores and 2 kernel threads (SmolLM2 int4,
-native mask apply): batch 1 overhead 0.5% in-step vs 4.1% overlapped (a ~6 ms step; the
-worker preempts a kernel thread); batch 32 8.7% in-step vs 2.3% overlapped (a ~73 ms step in
-which ~3 ms of consume + fill run beside the kernels instead of after them)."""
-
-
-def overlap_pays(kernels: CpuKernels | None) -> bool:
-    """Whether filling masks on the worker thread during the forward pass pays: only when this
-    process has a core the kernel threads do not use.
-
-    NOTE: measured with benchmarks/structured.py on 2 cores and 2 kernel threads (SmolLM2,
-    batch 1): the worker's ~300-400 us per step preempts a kernel thread and stalls the whole
-    step (16% overhead overlapped vs 11.5% in-step before the native mask apply); in-step, the
-    fill (~80 us per row, llguidance's pool from 8 rows) runs while the kernels are idle."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    threads = kernels.num_threads if kernels is not None else torch.get_num_threads()
-    return cores > threads
-
-
-@dataclass
-class StepTimings:
-    """Cumulative seconds per phase of the grammar work (engine thread unless noted)."""
-
-    join: float = 0.0
-    """Waiting for the prefetch worker before sampling."""
-    mask: float = 0.0
-    """Filling the masks the prefetch did not provide."""
-    apply: float = 0.0
-    """Unpacking the bitmask onto the logits."""
-    prefetch: float = 0.0
-    """Worker thread: consuming sampled tokens and filling next masks (overlapped)."""
-    steps: int = 0
-    """Steps that masked constrained rows (verify steps included)."""
-    forced_tokens: int = 0
-    """Tokens drafted by jump-forward."""
-    validate: float = 0.0
-    """Validate-first: finding the rows that can skip the mask and checking their tokens."""
-    lazy_rows: int = 0
-    """Row-steps sampled validate-first (without a mask unless rejected)."""
-    rejected: int = 0
-    """Of `lazy_rows`, those whose unmasked token the grammar rejected (masked, resampled)."""
-
-    def add(self, **seconds: float) -> None:
-        for name, value in seconds.items():
-            setattr(self, name, getattr(self, name) + value)
-
-    def in_step(self) -> float:
-        """Seconds of grammar work on the engine thread (not the worker's prefetch)."""
-        return self.join + self.mask + self.apply + self.validate
-
-    def reset(self) -> None:
-        self.join = self.mask = self.apply = self.prefetch = self.validate = 0.0
-        self.steps = self.forced_tokens = self.lazy_rows = self.rejected = 0
-
-
-def unpack_bitmask(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(B, ceil(V/32)) int32 llguidance bitmasks -> (B, V) bool tensor, True where allowed."""
-    return torch.from_numpy(unpack_bits(masks.numpy(), vocab_size).copy())

@@ -108,3 +108,8 @@ def unpack_bits(masks: np.ndarray, vocab_size: int) -> np.ndarray:
     """(B, W) int32 bitmasks -> (B, V) numpy bool, True where allowed."""
     bits = np.unpackbits(masks.view(np.uint8), axis=1, bitorder="little")
     return bits[:, :vocab_size].view(np.bool_)  # (B, V)
+
+
+def unpack_bitmask(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, ceil(V/32)) int32 llguidance bitmasks -> (B, V) bool tensor, True where allowed."""
+    return torch.from_numpy(unpack_bits(masks.numpy(), vocab_size).copy())

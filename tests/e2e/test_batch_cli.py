@@ -8,11 +8,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.conftest import ember_command
 
 NUM_REQUESTS = 24
 RUN_TIMEOUT_S = 240.0
@@ -33,13 +34,6 @@ def _write_input(path: Path, rng: random.Random) -> tuple[set[str], int, int]:
     lines.insert(10, lines[3])  # the duplicate of req-3
     path.write_text("\n".join(lines) + "\n")
     return {f"req-{i}" for i in range(NUM_REQUESTS)}, 2, 1
-
-
-def ember_command() -> list[str]:
-    script = Path(sys.executable).with_name("ember")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from ember.cli import main; sys.exit(main())"]
 
 
 def _count_lines(path: Path) -> int:

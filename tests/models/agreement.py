@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from ember import SamplingParams
+
+_scored: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Engine -> {token ids: its prompt logprobs}: the reference engine scores a text once per
+session however many engines are compared with it (its forward is deterministic)."""
 
 
 @dataclass(frozen=True)
@@ -20,9 +25,14 @@ class Agreement:
 
 
 def teacher_forced_agreement(ref_llm, other_llm, ids: list[int]) -> Agreement:
-    """Score `ids` with both engines' prompt logprobs (the engines' own forward)."""
+    """Score `ids` with both engines' prompt logprobs (the engines' own forward; the
+    reference's computed once per session for the same `ids`)."""
     params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
-    ref = ref_llm.generate([ids], params, use_tqdm=False)[0].prompt_logprobs[1:]
+    scored = _scored.setdefault(ref_llm, {})
+    key = tuple(ids)
+    if key not in scored:
+        scored[key] = ref_llm.generate([ids], params, use_tqdm=False)[0].prompt_logprobs[1:]
+    ref = scored[key]
     got = other_llm.generate([ids], params, use_tqdm=False)[0].prompt_logprobs[1:]
     top1 = sum(a.top[0][0] == b.top[0][0] for a, b in zip(ref, got)) / len(ref)
     return Agreement(top1, -sum(a.logprob for a in ref) / len(ref),

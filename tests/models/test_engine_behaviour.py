@@ -33,8 +33,9 @@ def test_batched_chunked_equals_alone(make_llm):
 
 
 def test_prefix_cache_hit_gives_same_output(make_llm):
-    cached = make_llm(block_size=16)
+    cached = make_llm()  # the session's fp32 engine: 16-token blocks, prefix caching on
     uncached = make_llm(enable_prefix_caching=False)
+    assert cached.engine.core.kv_manager.block_size == 16
     tok = cached.get_tokenizer()
     prefix = tok.encode("Chapter 1. " + "The Bennets lived at Longbourn in Hertfordshire. " * 12)
     first = prefix + tok.encode(" Mr. Bennet said")

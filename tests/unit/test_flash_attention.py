@@ -9,6 +9,7 @@ import torch
 
 from ember.kernels.build import missing_cpu_features
 from ember.kernels.ops import CpuKernels
+from paged_cache import random_paged_cache
 
 pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
                                 reason=f"CPU lacks {missing_cpu_features()}")
@@ -18,21 +19,6 @@ pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
 def kernels(load_kernels) -> CpuKernels:
     # NOTE: the shared kernel cache (keyed by source hash): no extra compile per run
     return load_kernels(None)
-
-
-def _cache(gen: torch.Generator, seq_lens: list[int], hk: int, dim: int, bs: int
-           ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
-    """Random bf16 caches; each sequence gets a shuffled (non-contiguous) set of blocks."""
-    nblocks = sum((n + bs - 1) // bs for n in seq_lens) + 1
-    k_cache = torch.randn(nblocks, bs, hk, dim, generator=gen).to(torch.bfloat16)
-    v_cache = torch.randn(nblocks, bs, hk, dim, generator=gen).to(torch.bfloat16)
-    perm = (torch.randperm(nblocks - 1, generator=gen) + 1).tolist()
-    tables, at = [], 0
-    for n in seq_lens:
-        used = (n + bs - 1) // bs
-        tables.append(perm[at:at + used])
-        at += used
-    return k_cache, v_cache, tables
 
 
 def _rows(seqs: list[tuple[int, int]], tables: list[list[int]]
@@ -94,7 +80,7 @@ CASES = [
 @pytest.mark.parametrize("hq, hk, dim, bs, seqs, window", CASES)
 def test_tiled_attention_matches_dense_reference(kernels, hq, hk, dim, bs, seqs, window):
     gen = torch.Generator().manual_seed(hq * 1000 + dim + bs + len(seqs))
-    k_cache, v_cache, tables = _cache(gen, [a + b for a, b in seqs], hk, dim, bs)
+    k_cache, v_cache, tables = random_paged_cache(gen, [a + b for a, b in seqs], hk, dim, bs)
     row_tables, lens = _rows(seqs, tables)
     t = lens.shape[0]
     q = torch.randn(t, hq, dim, generator=gen) * 2  # sharper softmax than unit scores
@@ -110,7 +96,7 @@ def test_rows_of_different_sequences_are_not_tiled_together(kernels):
     """Two sequences whose lengths happen to be consecutive but whose blocks differ."""
     gen = torch.Generator().manual_seed(7)
     hq, hk, dim, bs = 4, 2, 64, 4
-    k_cache, v_cache, tables = _cache(gen, [10, 11], hk, dim, bs)
+    k_cache, v_cache, tables = random_paged_cache(gen, [10, 11], hk, dim, bs)
     row_tables, lens = _rows([(9, 1), (10, 1)], tables)
     q = torch.randn(2, hq, dim, generator=gen)
     qkv = torch.cat([q.reshape(2, -1), torch.zeros(2, 2 * hk * dim)], dim=1)
@@ -139,7 +125,7 @@ def _quantize_int8(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_int8_cache_attention_matches_dequantized_reference(kernels, hq, hk, dim, bs, seqs,
                                                             window):
     gen = torch.Generator().manual_seed(dim + hq + bs)
-    k16, v16, tables = _cache(gen, [a + b for a, b in seqs], hk, dim, bs)
+    k16, v16, tables = random_paged_cache(gen, [a + b for a, b in seqs], hk, dim, bs)
     (kq, ks), (vq, vs) = _quantize_int8(k16), _quantize_int8(v16)
     row_tables, lens = _rows(seqs, tables)
     t = lens.shape[0]
@@ -182,7 +168,7 @@ def test_row_output_does_not_depend_on_the_rows_beside_it(kernels, hq, hk, dim, 
     bf16 only: int8 tiles dequantise K/V while decode rows scale scores (not bit-equal)."""
     gen = torch.Generator().manual_seed(11 + dim)
     bs, ctx, verify = 16, 1290, 5
-    k_cache, v_cache, tables = _cache(gen, [ctx + verify, 1000], hk, dim, bs)
+    k_cache, v_cache, tables = random_paged_cache(gen, [ctx + verify, 1000], hk, dim, bs)
     scales: dict[str, torch.Tensor] = {}
     if int8:
         (k_cache, scales["k_scale"]), (v_cache, scales["v_scale"]) = (

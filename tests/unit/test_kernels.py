@@ -12,6 +12,7 @@ from ember.kernels.build import missing_cpu_features, select_isa
 from ember.formats.blocks import Q4Blocks, Q8Blocks
 from ember.kernels.ops import CpuKernels, pack_q4, pack_q8
 from ember.layers.rope import RotaryEmbedding
+from paged_cache import random_paged_cache
 
 pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
                                 reason=f"CPU lacks {missing_cpu_features()}")
@@ -129,26 +130,12 @@ def test_rms_norm_and_silu_mul(kernels):
     torch.testing.assert_close(kernels.silu_mul(gu), torch.nn.functional.silu(gu[:, :32]) * gu[:, 32:])
 
 
-def _paged_setup(gen: torch.Generator, lens: list[int], hk: int, dim: int, block_size: int = 4):
-    num_blocks = 1 + sum((n + block_size - 1) // block_size for n in lens)
-    # the kernels' caches hold bfloat16
-    k_cache = torch.randn(num_blocks, block_size, hk, dim, generator=gen).bfloat16()
-    v_cache = torch.randn(num_blocks, block_size, hk, dim, generator=gen).bfloat16()
-    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()  # scattered blocks
-    tables, at = [], 0
-    for n in lens:
-        used = (n + block_size - 1) // block_size
-        tables.append(perm[at:at + used])
-        at += used
-    return k_cache, v_cache, tables
-
-
 @pytest.mark.parametrize("hq, hk, dim", [(6, 2, 32), (9, 3, 64), (4, 2, 128), (8, 2, 64)])
 def test_paged_decode_attention_matches_reference(kernels, hq, hk, dim):
     """Grouped kernel (head_dim 64/128, 1-4 heads per kv head) and the per-head fallback."""
     gen = torch.Generator().manual_seed(dim + hq)
     bs, lens = 4, [1, 7, 13, 16, 37]
-    k_cache, v_cache, tables = _paged_setup(gen, lens, hk, dim, bs)
+    k_cache, v_cache, tables = random_paged_cache(gen, lens, hk, dim, bs)
     q = torch.randn(len(lens), hq, dim, generator=gen)
     width = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])

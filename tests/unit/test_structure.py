@@ -131,3 +131,42 @@ def test_kernels_are_the_bottom_layer():
 def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _environment_reads(source: str) -> list[int]:
+    """Lines of `source` that read an environment variable (os.getenv, os.environ[...],
+    os.environ.get, `in os.environ`, from os import environ/getenv). Passing the whole
+    environment on to a child process ({**os.environ}, dict(os.environ, ...)) and
+    os.environ.update(...) are not reads."""
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "os" and \
+                any(a.name in ("environ", "getenv") for a in node.names):
+            lines.append(node.lineno)
+        if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id == "os" and node.attr in ("environ", "getenv")):
+            continue
+        parent = parents.get(node)
+        passed_on = node.attr == "environ" and (
+            isinstance(parent, ast.Dict)  # {**os.environ, ...}
+            or (isinstance(parent, ast.Call) and node in parent.args)  # dict(os.environ, ...)
+            or (isinstance(parent, ast.Attribute) and parent.attr == "update"))
+        if not passed_on:
+            lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_only_config_reads_the_environment():
+    """DESIGN: `ember/config.py` is the only module that reads environment variables."""
+    bad = {f"{name}:{line}" for name, path in _modules().items() if name != "ember.config"
+           for line in _environment_reads(path.read_text(encoding="utf-8"))}
+    assert not bad, sorted(bad)
+
+
+def test_environment_read_finder_finds_reads():
+    src = ("import os\nfrom os import getenv\na = os.environ['A']\nb = os.getenv('B')\n"
+           "c = os.environ.get('C')\nd = 'D' in os.environ\n"
+           "e = {**os.environ, 'E': '1'}\nf = dict(os.environ, F='1')\nos.environ.update(e)\n")
+    assert _environment_reads(src) == [2, 3, 4, 5, 6]
