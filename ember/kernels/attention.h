@@ -152,6 +152,21 @@ struct AttnScratch {
   }
 };
 
+// The cache slots of keys p, p + 1, ... of one sequence (block table `table`), without a
+// division per key: next() returns key p's slot and steps to p + 1. Only keys inside the
+// table may be asked for (a key past the end is never read: callers stop first).
+struct PagedCursor {
+  const int64_t* table;
+  int64_t bs, blk, off;
+  PagedCursor(const int64_t* t, int64_t block_size, int64_t p)
+      : table(t), bs(block_size), blk(p / block_size), off(p % block_size) {}
+  int64_t next() {
+    const int64_t slot = table[blk] * bs + off;
+    if (++off == bs) off = 0, ++blk;
+    return slot;
+  }
+};
+
 // Keys [kb, kb + n) of kv head kvh as float rows (kKeys, D), rows >= n and keys below kstart
 // zero; the next tile's rows are prefetched. int8: dequantised (value x scale; the scales
 // also in ks / vs). NOTE: attend_decode folds int8 scales into scores and probabilities
@@ -161,6 +176,8 @@ inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache
                          int64_t kvh, int64_t kb, int64_t n, int64_t kstart, int64_t kend,
                          float* kf, float* vf, float* ks, float* vs) {
   const int64_t bs = c.block_size, hk = c.hk;
+  const int64_t jstart = std::max<int64_t>(0, kstart - kb);
+  PagedCursor cur(table, bs, kb + jstart), cn(table, bs, kb + jstart + kKeys);
   for (int64_t j = 0; j < kKeys; ++j) {
     float* kr = kf + j * D;
     float* vr = vf + j * D;
@@ -170,10 +187,10 @@ inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache
       continue;
     }
     const int64_t p = kb + j;
-    const int64_t row = (table[p / bs] * bs + p % bs) * hk + kvh;
+    const int64_t row = cur.next() * hk + kvh;
     const int64_t pn = p + kKeys;  // the same key of the next tile
     if (pn < kend) {
-      const int64_t rn = (table[pn / bs] * bs + pn % bs) * hk + kvh;
+      const int64_t rn = cn.next() * hk + kvh;
       const size_t elem = kv.dtype == 0 ? 2 : 1;
       for (size_t off = 0; off < D * elem; off += 64) {
         v_prefetch(static_cast<const char*>(kv.k) + rn * D * elem + off);
@@ -306,21 +323,6 @@ inline void reset_state(int64_t M, AttnScratch& sc) {
 inline int64_t segment_end(int64_t a, int64_t k1) {
   return std::min(k1, (a / kSegKeys + 1) * kSegKeys);
 }
-
-// The cache slots of keys p, p + 1, ... of one sequence (block table `table`), without a
-// division per key: next() returns key p's slot and steps to p + 1. Only keys inside the
-// table may be asked for (a key past the end is never read: callers stop first).
-struct PagedCursor {
-  const int64_t* table;
-  int64_t bs, blk, off;
-  PagedCursor(const int64_t* t, int64_t block_size, int64_t p)
-      : table(t), bs(block_size), blk(p / block_size), off(p % block_size) {}
-  int64_t next() {
-    const int64_t slot = table[blk] * bs + off;
-    if (++off == bs) off = 0, ++blk;
-    return slot;
-  }
-};
 
 // ---- decode rows (a tile of one query row): K/V read straight from the cache ------------
 // A decode row's G query heads share each K/V row, but G (3 for SmolLM2) is too few to
