@@ -507,6 +507,21 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
   const size_t row_bytes = KS == kInt8 ? D : 2 * D;
   const char* kc = static_cast<const char*>(kv.k);
   const char* vc = static_cast<const char*>(kv.v);
+  // NOTE: the item's first two key tiles into L2 at once: the per-key prefetches below run two
+  // tiles ahead, so without this every item (a 512-key segment of a split decode: 2 of its 8
+  // tiles) starts on demand misses. Heads h0..h1 of a slot are one contiguous stretch.
+  {
+    const int64_t e = std::min(t.k1, t.k0 / kKeys * kKeys + 2 * kKeys);
+    const size_t span = static_cast<size_t>(h1 - h0) * row_bytes;
+    PagedCursor pc(table, bs, t.k0);
+    for (int64_t p = t.k0; p < e; ++p) {
+      const size_t at = static_cast<size_t>(pc.next() * hk + h0) * row_bytes;
+      for (size_t off = 0; off < span; off += 64) {
+        __builtin_prefetch(kc + at + off, 0, 2);
+        __builtin_prefetch(vc + at + off, 0, 2);
+      }
+    }
+  }
   for (int64_t a = t.k0; a < t.k1;) {
     const int64_t b = segment_end(a, t.k1);
     reset_state<D>(M, sc);
