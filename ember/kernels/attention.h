@@ -152,6 +152,21 @@ struct AttnScratch {
   }
 };
 
+// The cache slots of keys p, p + 1, ... of one sequence (block table `table`), without a
+// division per key: next() returns key p's slot and steps to p + 1. Only keys inside the
+// table may be asked for (a key past the end is never read: callers stop first).
+struct PagedCursor {
+  const int64_t* table;
+  int64_t bs, blk, off;
+  PagedCursor(const int64_t* t, int64_t block_size, int64_t p)
+      : table(t), bs(block_size), blk(p / block_size), off(p % block_size) {}
+  int64_t next() {
+    const int64_t slot = table[blk] * bs + off;
+    if (++off == bs) off = 0, ++blk;
+    return slot;
+  }
+};
+
 // Keys [kb, kb + n) of kv head kvh as float rows (kKeys, D), rows >= n and keys below kstart
 // zero; the next tile's rows are prefetched. int8: dequantised (value x scale; the scales
 // also in ks / vs). NOTE: attend_decode folds int8 scales into scores and probabilities
@@ -161,6 +176,8 @@ inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache
                          int64_t kvh, int64_t kb, int64_t n, int64_t kstart, int64_t kend,
                          float* kf, float* vf, float* ks, float* vs) {
   const int64_t bs = c.block_size, hk = c.hk;
+  const int64_t jstart = std::max<int64_t>(0, kstart - kb);
+  PagedCursor cur(table, bs, kb + jstart), cn(table, bs, kb + jstart + kKeys);
   for (int64_t j = 0; j < kKeys; ++j) {
     float* kr = kf + j * D;
     float* vr = vf + j * D;
@@ -170,10 +187,10 @@ inline void load_kv_tile(const DecodeCtx& c, const int64_t* table, const KvCache
       continue;
     }
     const int64_t p = kb + j;
-    const int64_t row = (table[p / bs] * bs + p % bs) * hk + kvh;
+    const int64_t row = cur.next() * hk + kvh;
     const int64_t pn = p + kKeys;  // the same key of the next tile
     if (pn < kend) {
-      const int64_t rn = (table[pn / bs] * bs + pn % bs) * hk + kvh;
+      const int64_t rn = cn.next() * hk + kvh;
       const size_t elem = kv.dtype == 0 ? 2 : 1;
       for (size_t off = 0; off < D * elem; off += 64) {
         v_prefetch(static_cast<const char*>(kv.k) + rn * D * elem + off);
@@ -490,18 +507,41 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
   const size_t row_bytes = KS == kInt8 ? D : 2 * D;
   const char* kc = static_cast<const char*>(kv.k);
   const char* vc = static_cast<const char*>(kv.v);
+  // NOTE: the item's first two key tiles into L2 at once: the per-key prefetches below run two
+  // tiles ahead, so without this every item (a 512-key segment of a split decode: 2 of its 8
+  // tiles) starts on demand misses. Heads h0..h1 of a slot are one contiguous stretch.
+  {
+    const int64_t e = std::min(t.k1, t.k0 / kKeys * kKeys + 2 * kKeys);
+    const size_t span = static_cast<size_t>(h1 - h0) * row_bytes;
+    PagedCursor pc(table, bs, t.k0);
+    for (int64_t p = t.k0; p < e; ++p) {
+      const size_t at = static_cast<size_t>(pc.next() * hk + h0) * row_bytes;
+      for (size_t off = 0; off < span; off += 64) {
+        __builtin_prefetch(kc + at + off, 0, 2);
+        __builtin_prefetch(vc + at + off, 0, 2);
+      }
+    }
+  }
   for (int64_t a = t.k0; a < t.k1;) {
     const int64_t b = segment_end(a, t.k1);
     reset_state<D>(M, sc);
     for (int64_t kb = a / kKeys * kKeys; kb < b; kb += kKeys) {
       const int64_t n = std::min(kKeys, b - kb), j0 = std::max<int64_t>(0, a - kb);
-      for (int64_t j = j0; j < n; ++j) {
-        const int64_t p = kb + j;
-        base[j] = (table[p / bs] * bs + p % bs) * hk;
-        const int64_t pn = p + kKeys;  // the same key of the next tile
-        next[j] = pn < t.k1 ? (table[pn / bs] * bs + pn % bs) * hk + h0 : -1;
-        const int64_t pf2 = p + 2 * kKeys;  // the same key two tiles ahead
-        far[j] = pf2 < t.k1 ? (table[pf2 / bs] * bs + pf2 % bs) * hk : -1;
+      // NOTE: the keys' cache rows by block / offset counters stepped per key: one division
+      // per tile, where `p / bs` and `p % bs` per key (bs is not a constant: an integer
+      // division, ~20 cycles) cost a third of the kernel's compute at depth.
+      {
+        const int64_t p = kb + j0;
+        PagedCursor cur(table, bs, p), cn(table, bs, p + kKeys), cf(table, bs, p + 2 * kKeys);
+        for (int64_t j = j0; j < n; ++j) {
+          base[j] = cur.next() * hk;
+          const int64_t pn = kb + j + kKeys;  // the same key of the next tile
+          const int64_t sn = pn < t.k1 ? cn.next() : -1;
+          next[j] = sn >= 0 ? sn * hk + h0 : -1;
+          const int64_t pf2 = pn + kKeys;  // the same key two tiles ahead
+          const int64_t sf = pf2 < t.k1 ? cf.next() : -1;
+          far[j] = sf >= 0 ? sf * hk : -1;
+        }
       }
       for (int64_t j = 0; j < j0; ++j) far[j] = -1;
       for (int64_t j = n; j < kKeys + 4; ++j) far[j] = -1;
