@@ -247,3 +247,193 @@ void enc_gelu(const float* x, int64_t count, float* out) {
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// enc_i16_gemm: the same epilogue, with ONE scale per weight row (no groups) and the integer
+// sum kept in int32 over the whole K, so the inner loop is only madd + add (no per-group
+// float conversion) and the register tile grows to 6 x 16 (12 int32 accumulators).
+// Weights: q in [-qmax_w, qmax_w] (the caller picks ~11 bits) packed as above,
+// (N/16, K/2, 16, 2) int16; scales (N,) float32. Activations: per row, |q| <= qmax_a.
+// The caller keeps qmax_a * qmax_w * K < 2^31 (no int32 overflow).
+namespace {
+
+constexpr int64_t kEnc16Mr = 6;   // activation rows per micro-kernel
+constexpr int64_t kEnc16Mc = 96;  // activation rows per task (a multiple of kEnc16Mr)
+constexpr int64_t kEnc16Nc = 4;   // panels per task
+
+struct Enc16Epilogue {
+  const float* sw;        // (N,) weight row scales
+  const float* bias;      // (N,) or null
+  const float* residual;  // (M, N) or null
+  int act;
+  float* y;
+  int64_t ldy;
+};
+
+#if defined(EMBER_ISA_PORTABLE)
+
+template <int R>
+inline void enc16_micro(const int16_t* a, int64_t lda, const float* sa, const int16_t* b,
+                        int64_t kp, int64_t m0, int64_t n0, const Enc16Epilogue& e) {
+  int32_t acc[R][kEncNr] = {};
+  for (int64_t p = 0; p < kp; ++p) {
+    const int16_t* bp = b + p * 2 * kEncNr;
+    for (int r = 0; r < R; ++r) {
+      const int32_t a0 = a[r * lda + 2 * p], a1 = a[r * lda + 2 * p + 1];
+      for (int c = 0; c < kEncNr; ++c) acc[r][c] += a0 * bp[2 * c] + a1 * bp[2 * c + 1];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* yr = e.y + (m0 + r) * e.ldy + n0;
+    for (int c = 0; c < kEncNr; ++c) {
+      float v = EMBER_ENC_MADD(static_cast<float>(acc[r][c]), sa[r] * e.sw[n0 + c],
+                               e.bias ? e.bias[n0 + c] : 0.0f);
+      if (e.act == 1) v = enc_gelu_scalar(v);
+      if (e.residual) v += e.residual[(m0 + r) * e.ldy + n0 + c];
+      yr[c] = v;
+    }
+  }
+}
+
+#else
+
+// The 6 x 16 integer loop in assembly: GCC spills 12 int32 accumulators of the intrinsics
+// version to the stack. Registers: ymm0-11 the sums (row r: ymm 2r, 2r+1), ymm12-13 the
+// panel's two vectors, ymm14 the broadcast pair, ymm15 the product. kp must be even (two
+// k pairs per iteration).
+#define EMBER_ENC16_ROW(A, R0, R1)                                    \
+  "vpbroadcastd " A ", %%ymm14\n"                                     \
+  "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n"                              \
+  "vpaddd %%ymm15, %%ymm" #R0 ", %%ymm" #R0 "\n"                      \
+  "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n"                              \
+  "vpaddd %%ymm15, %%ymm" #R1 ", %%ymm" #R1 "\n"
+#define EMBER_ENC16_PAIR(OB, OA)                                      \
+  "vmovdqu " #OB "(%[b]), %%ymm12\n"                                   \
+  "vmovdqu " #OB "+32(%[b]), %%ymm13\n"                                \
+  EMBER_ENC16_ROW(#OA "(%[a0])", 0, 1)                                \
+  EMBER_ENC16_ROW(#OA "(%[a0],%[ld],1)", 2, 3)                        \
+  EMBER_ENC16_ROW(#OA "(%[a0],%[ld],2)", 4, 5)                        \
+  EMBER_ENC16_ROW(#OA "(%[a3])", 6, 7)                                \
+  EMBER_ENC16_ROW(#OA "(%[a3],%[ld],1)", 8, 9)                        \
+  EMBER_ENC16_ROW(#OA "(%[a3],%[ld],2)", 10, 11)
+
+inline void enc16_loop6(const int16_t* a, int64_t lda, const int16_t* b, int64_t kp,
+                        __m256i* acc) {
+  const char* a0 = reinterpret_cast<const char*>(a);
+  const char* a3 = a0 + 3 * lda * 2;
+  const int64_t ld = lda * 2;
+  int64_t n = kp / 2;
+  __asm__ volatile(
+      "vpxor %%ymm0, %%ymm0, %%ymm0\n" "vpxor %%ymm1, %%ymm1, %%ymm1\n"
+      "vpxor %%ymm2, %%ymm2, %%ymm2\n" "vpxor %%ymm3, %%ymm3, %%ymm3\n"
+      "vpxor %%ymm4, %%ymm4, %%ymm4\n" "vpxor %%ymm5, %%ymm5, %%ymm5\n"
+      "vpxor %%ymm6, %%ymm6, %%ymm6\n" "vpxor %%ymm7, %%ymm7, %%ymm7\n"
+      "vpxor %%ymm8, %%ymm8, %%ymm8\n" "vpxor %%ymm9, %%ymm9, %%ymm9\n"
+      "vpxor %%ymm10, %%ymm10, %%ymm10\n" "vpxor %%ymm11, %%ymm11, %%ymm11\n"
+      "1:\n"
+      EMBER_ENC16_PAIR(0, 0)
+      EMBER_ENC16_PAIR(64, 4)
+      "addq $128, %[b]\n"
+      "addq $8, %[a0]\n"
+      "addq $8, %[a3]\n"
+      "decq %[n]\n"
+      "jnz 1b\n"
+      "vmovdqu %%ymm0, (%[acc])\n" "vmovdqu %%ymm1, 32(%[acc])\n"
+      "vmovdqu %%ymm2, 64(%[acc])\n" "vmovdqu %%ymm3, 96(%[acc])\n"
+      "vmovdqu %%ymm4, 128(%[acc])\n" "vmovdqu %%ymm5, 160(%[acc])\n"
+      "vmovdqu %%ymm6, 192(%[acc])\n" "vmovdqu %%ymm7, 224(%[acc])\n"
+      "vmovdqu %%ymm8, 256(%[acc])\n" "vmovdqu %%ymm9, 288(%[acc])\n"
+      "vmovdqu %%ymm10, 320(%[acc])\n" "vmovdqu %%ymm11, 352(%[acc])\n"
+      : [b] "+r"(b), [a0] "+r"(a0), [a3] "+r"(a3), [n] "+r"(n)
+      : [ld] "r"(ld), [acc] "r"(acc)
+      : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+        "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+}
+
+template <int R>
+inline void enc16_micro(const int16_t* a, int64_t lda, const float* sa, const int16_t* b,
+                        int64_t kp, int64_t m0, int64_t n0, const Enc16Epilogue& e) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  if (R == 6 && kp % 2 == 0 && kp > 0) {
+    enc16_loop6(a, lda, b, kp, &acc[0][0]);
+    kp = 0;
+  }
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + p * 32));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + p * 32 + 16));
+    for (int r = 0; r < R; ++r) {
+      const __m256i av = enc_bcast_pair(a + r * lda + 2 * p);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, b0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, b1));
+    }
+  }
+  const __m256 w0 = _mm256_loadu_ps(e.sw + n0), w1 = _mm256_loadu_ps(e.sw + n0 + 8);
+  __m256 bias[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  if (e.bias) bias[0] = _mm256_loadu_ps(e.bias + n0), bias[1] = _mm256_loadu_ps(e.bias + n0 + 8);
+  for (int r = 0; r < R; ++r) {
+    const __m256 s = _mm256_set1_ps(sa[r]);
+    const __m256 sc[2] = {_mm256_mul_ps(s, w0), _mm256_mul_ps(s, w1)};
+    float* yr = e.y + (m0 + r) * e.ldy + n0;
+    for (int h = 0; h < 2; ++h) {
+      __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), sc[h], bias[h]);
+      if (e.act == 1) v = enc_gelu8(v);
+      if (e.residual) v = _mm256_add_ps(v, _mm256_loadu_ps(e.residual + (m0 + r) * e.ldy + n0 + 8 * h));
+      _mm256_storeu_ps(yr + 8 * h, v);
+    }
+  }
+}
+
+#endif
+
+inline void enc16_rows(int64_t rows, const int16_t* a, int64_t lda, const float* sa,
+                       const int16_t* b, int64_t kp, int64_t m0, int64_t n0,
+                       const Enc16Epilogue& e) {
+  switch (rows) {
+    case 6: enc16_micro<6>(a, lda, sa, b, kp, m0, n0, e); break;
+    case 5: enc16_micro<5>(a, lda, sa, b, kp, m0, n0, e); break;
+    case 4: enc16_micro<4>(a, lda, sa, b, kp, m0, n0, e); break;
+    case 3: enc16_micro<3>(a, lda, sa, b, kp, m0, n0, e); break;
+    case 2: enc16_micro<2>(a, lda, sa, b, kp, m0, n0, e); break;
+    case 1: enc16_micro<1>(a, lda, sa, b, kp, m0, n0, e); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// y (M, N) = [GELU](x (M, K) @ W^T + bias) [+ residual] for per-row weights (wp (N/16, K/2,
+// 16, 2) int16, sw (N,)), activations quantized per row to |q| <= qmax_a. K even, N a
+// multiple of 16. y must not alias x.
+void enc_i16_gemm(const float* x, int64_t mrows, int64_t k, const int16_t* wp, const float* sw,
+                  int64_t n, const float* bias, const float* residual, int act, float qmax_a,
+                  float* y, int nthreads) {
+  std::vector<int16_t> aq(static_cast<size_t>(mrows * k));
+  std::vector<float> sa(static_cast<size_t>(mrows));
+  const int64_t kp = k / 2, panels = n / kEncNr;
+  const int64_t mtasks = (mrows + kEnc16Mc - 1) / kEnc16Mc;
+  const int64_t ntasks = (panels + kEnc16Nc - 1) / kEnc16Nc;
+  const Enc16Epilogue e{sw, bias, residual, act, y, n};
+#pragma omp parallel num_threads(nthreads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < mrows; ++i)
+      sa[static_cast<size_t>(i)] = enc_quantize_row(x + i * k, k, qmax_a, aq.data() + i * k);
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t mt = 0; mt < mtasks; ++mt)
+      for (int64_t nt = 0; nt < ntasks; ++nt) {
+        const int64_t m_end = std::min(mrows, (mt + 1) * kEnc16Mc);
+        const int64_t p_end = std::min(panels, (nt + 1) * kEnc16Nc);
+        for (int64_t j = nt * kEnc16Nc; j < p_end; ++j) {
+          const int16_t* b = wp + j * kp * 2 * kEncNr;
+          for (int64_t m0 = mt * kEnc16Mc; m0 < m_end; m0 += kEnc16Mr)
+            enc16_rows(std::min(kEnc16Mr, m_end - m0), aq.data() + m0 * k, k, sa.data() + m0,
+                       b, kp, m0, j * kEncNr, e);
+        }
+      }
+  }
+}
+
+}  // extern "C"
