@@ -437,3 +437,164 @@ void enc_i16_gemm(const float* x, int64_t mrows, int64_t k, const int16_t* wp, c
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// enc_attention: bidirectional attention over a packed stream in ONE call (head_dim 32).
+//   qkv (T, 3, H, 32) float32 rows, cu_seqlens (B + 1) int64 -> out (T, H, 32)
+// Every (sequence, head) is one task (dynamic schedule: lengths differ). Per task: K is
+// copied transposed (32 x L16, zero-padded to 16 keys), V contiguous (L x 32); for 4 query rows
+// at a time the scores are 4 x 16-key FMA tiles, softmax in float (exp by a degree-6
+// polynomial on 2^f, rel. err ~2e-7), then P V with the row sums divided out at the end.
+namespace {
+
+constexpr int kAttD = 32;
+
+#if !defined(EMBER_ISA_PORTABLE)
+inline __m256 att_exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(f, f), _mm256_add_ps(f, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                       _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+// One (sequence, head): q/k/v rows `ld` floats apart, L tokens; o rows `ldo` apart.
+void att_one(const float* q, const float* k, const float* v, int64_t ld, int64_t len,
+             float* o, int64_t ldo, float* kt, float* vb, float* sb) {
+  const int64_t l16 = (len + 15) / 16 * 16;
+  const float scale = 1.0f / sqrtf(static_cast<float>(kAttD));
+  for (int64_t j = 0; j < l16; ++j)
+    for (int d = 0; d < kAttD; ++d) kt[d * l16 + j] = j < len ? k[j * ld + d] : 0.0f;
+  for (int64_t j = 0; j < len; ++j) memcpy(vb + j * kAttD, v + j * ld, kAttD * sizeof(float));
+#if defined(EMBER_ISA_PORTABLE)
+  for (int64_t i = 0; i < len; ++i) {
+    float* s = sb;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) {
+      float acc = 0.0f;
+      for (int d = 0; d < kAttD; ++d) acc = EMBER_ENC_MADD(q[i * ld + d], kt[d * l16 + j], acc);
+      s[j] = acc * scale;
+      mx = std::max(mx, s[j]);
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < len; ++j) sum += (s[j] = expf(s[j] - mx));
+    float acc[kAttD] = {};
+    for (int64_t j = 0; j < len; ++j)
+      for (int d = 0; d < kAttD; ++d) acc[d] = EMBER_ENC_MADD(s[j], vb[j * kAttD + d], acc[d]);
+    for (int d = 0; d < kAttD; ++d) o[i * ldo + d] = acc[d] / sum;
+  }
+#else
+  for (int64_t i0 = 0; i0 < len; i0 += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, len - i0));
+    // scores: rows x l16, 4 x 16 tiles (rows past `rows` repeat the last row, not stored)
+    const float* qr[4];
+    for (int r = 0; r < 4; ++r) qr[r] = q + (i0 + std::min(r, rows - 1)) * ld;
+    for (int64_t j = 0; j < l16; j += 16) {
+      __m256 acc[4][2];
+      for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      for (int d = 0; d < kAttD; ++d) {
+        const __m256 k0 = _mm256_loadu_ps(kt + d * l16 + j);
+        const __m256 k1 = _mm256_loadu_ps(kt + d * l16 + j + 8);
+        for (int r = 0; r < 4; ++r) {
+          const __m256 qv = _mm256_broadcast_ss(qr[r] + d);
+          acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
+        }
+      }
+      const __m256 sc = _mm256_set1_ps(scale);
+      for (int r = 0; r < rows; ++r) {
+        _mm256_storeu_ps(sb + r * l16 + j, _mm256_mul_ps(acc[r][0], sc));
+        _mm256_storeu_ps(sb + r * l16 + j + 8, _mm256_mul_ps(acc[r][1], sc));
+      }
+    }
+    float inv[4];
+    for (int r = 0; r < rows; ++r) {
+      float* s = sb + r * l16;
+      for (int64_t j = len; j < l16; ++j) s[j] = -INFINITY;
+      __m256 mv = _mm256_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < l16; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + j));
+      float lanes[8];
+      _mm256_storeu_ps(lanes, mv);
+      float mx = lanes[0];
+      for (float x : lanes) mx = std::max(mx, x);
+      const __m256 m = _mm256_set1_ps(mx);
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t j = 0; j < l16; j += 8) {
+        const __m256 ev = att_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+        _mm256_storeu_ps(s + j, ev);
+        sum = _mm256_add_ps(sum, ev);
+      }
+      _mm256_storeu_ps(lanes, sum);
+      float total = 0.0f;
+      for (float x : lanes) total += x;
+      inv[r] = 1.0f / total;
+    }
+    // P V: two rows at a time, 4 vectors of 8 dims each (8 accumulators)
+    for (int r = 0; r < rows; r += 2) {
+      const bool two = r + 1 < rows;
+      const float* p0 = sb + r * l16;
+      const float* p1 = sb + (two ? r + 1 : r) * l16;
+      __m256 a0[4], a1[4];
+      for (int c = 0; c < 4; ++c) a0[c] = a1[c] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < len; ++j) {
+        const __m256 w0 = _mm256_broadcast_ss(p0 + j), w1 = _mm256_broadcast_ss(p1 + j);
+        for (int c = 0; c < 4; ++c) {
+          const __m256 vv = _mm256_loadu_ps(vb + j * kAttD + 8 * c);
+          a0[c] = _mm256_fmadd_ps(w0, vv, a0[c]);
+          a1[c] = _mm256_fmadd_ps(w1, vv, a1[c]);
+        }
+      }
+      const __m256 i0v = _mm256_set1_ps(inv[r]);
+      for (int c = 0; c < 4; ++c)
+        _mm256_storeu_ps(o + (i0 + r) * ldo + 8 * c, _mm256_mul_ps(a0[c], i0v));
+      if (two) {
+        const __m256 i1v = _mm256_set1_ps(inv[r + 1]);
+        for (int c = 0; c < 4; ++c)
+          _mm256_storeu_ps(o + (i0 + r + 1) * ldo + 8 * c, _mm256_mul_ps(a1[c], i1v));
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0, or -1 when head_dim is not 32 (the caller falls back).
+int enc_attention(const float* qkv, const int64_t* cu, int64_t nseq, int heads, int head_dim,
+                  float* out, int nthreads) {
+  if (head_dim != kAttD) return -1;
+  int64_t maxlen = 0;
+  for (int64_t s = 0; s < nseq; ++s) maxlen = std::max(maxlen, cu[s + 1] - cu[s]);
+  const int64_t l16 = (maxlen + 15) / 16 * 16;
+  const int64_t hd = static_cast<int64_t>(heads) * kAttD, ld = 3 * hd;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> kt(static_cast<size_t>(kAttD * l16)), vb(static_cast<size_t>(l16 * kAttD)),
+        sb(static_cast<size_t>(4 * l16));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < nseq * heads; ++task) {
+      const int64_t s = task / heads, h = task % heads;
+      const int64_t t0 = cu[s], len = cu[s + 1] - cu[s];
+      if (len <= 0) continue;
+      const float* base = qkv + t0 * ld + h * kAttD;
+      att_one(base, base + hd, base + 2 * hd, ld, len, out + t0 * hd + h * kAttD, hd, kt.data(),
+              vb.data(), sb.data());
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -166,3 +166,30 @@ def encoder_gemm_i16(kernels: CpuKernels, x: torch.Tensor, packed: torch.Tensor,
        None if residual is None else residual.data_ptr(), GELU if gelu else 0, float(qa),
        y.data_ptr(), kernels.num_threads)
     return y
+
+
+ATTENTION_HEAD_DIM = 32
+"""The head size enc_attention runs (all-MiniLM-L6-v2's); other sizes use PyTorch's SDPA."""
+
+
+def encoder_attention(kernels: CpuKernels, qkv: torch.Tensor, cu_seqlens: torch.Tensor,
+                      heads: int, head_dim: int) -> torch.Tensor:
+    """Bidirectional attention inside each sequence of a packed stream, one kernel call:
+    qkv (T, 3 H D) float32, cu_seqlens (B + 1,) int64 -> (T, H D). D must be 32."""
+    fn = kernels.lib.enc_attention
+    if fn.argtypes is None:
+        p = c_void_p
+        fn.argtypes, fn.restype = [p, p, c_int64, c_int, c_int, p, c_int], c_int
+    if head_dim != ATTENTION_HEAD_DIM:
+        raise ValueError(f"enc_attention runs head_dim {ATTENTION_HEAD_DIM}, got {head_dim}")
+    qkv = qkv.float().contiguous()
+    cu = cu_seqlens.to(torch.int64).contiguous()
+    t = qkv.shape[0]
+    if qkv.shape[1] != 3 * heads * head_dim or int(cu[-1]) != t or int(cu[0]) != 0:
+        raise ValueError(f"qkv {tuple(qkv.shape)} does not match {heads} heads of {head_dim} "
+                         f"and sequence boundaries ending at {int(cu[-1])}")
+    out = torch.empty(t, heads * head_dim, dtype=torch.float32)
+    if fn(qkv.data_ptr(), cu.data_ptr(), cu.numel() - 1, heads, head_dim, out.data_ptr(),
+          kernels.num_threads) != 0:
+        raise ValueError(f"enc_attention refused head_dim {head_dim}")
+    return out

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ember.kernels.build import missing_cpu_features, select_isa
 from ember.kernels.encoder_ops import (WEIGHT_QMAX_I16, act_qmax, encoder_gemm, encoder_gemm_i16,
                                        gelu, pack_rows_i8, pack_rows_i16, unpack_rows_i8,
-                                       unpack_rows_i16)
+                                       unpack_rows_i16, encoder_attention)
 from ember.kernels.ops import CpuKernels
 
 pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
@@ -144,3 +144,24 @@ def test_i16_shape_errors_are_clear(kernels: CpuKernels) -> None:
         encoder_gemm_i16(kernels, torch.randn(4, 32), packed, scale)
     with pytest.raises(ValueError, match="residual"):
         encoder_gemm_i16(kernels, torch.randn(4, 64), packed, scale, residual=torch.randn(4, 8))
+
+
+# --- packed attention in one call (enc_attention) ---------------------------------------------
+
+@pytest.mark.parametrize("lens", [[1], [3, 3, 2], [17, 64, 5, 16, 15], [100, 33, 1], [511]])
+def test_packed_attention_matches_sdpa(kernels: CpuKernels, lens: list[int]) -> None:
+    from ember.models.bert import PackedBatch, packed_attention
+
+    torch.manual_seed(sum(lens))
+    batch = PackedBatch.pack([[1] * n for n in lens])
+    qkv = torch.randn(sum(lens), 3 * 4 * 32) * 2  # 4 heads of 32
+    ref = packed_attention(qkv, batch, 4, 32)
+    out = encoder_attention(kernels, qkv, batch.cu_seqlens, 4, 32)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)  # float sums in another order
+
+
+def test_packed_attention_refuses_other_shapes(kernels: CpuKernels) -> None:
+    with pytest.raises(ValueError, match="head_dim 32"):
+        encoder_attention(kernels, torch.randn(4, 3 * 64), torch.tensor([0, 4]), 1, 64)
+    with pytest.raises(ValueError, match="does not match"):
+        encoder_attention(kernels, torch.randn(4, 3 * 32), torch.tensor([0, 5]), 1, 32)
