@@ -495,18 +495,19 @@ void att_one(const float* q, const float* k, const float* v, int64_t ld, int64_t
     for (int d = 0; d < kAttD; ++d) o[i * ldo + d] = acc[d] / sum;
   }
 #else
-  for (int64_t i0 = 0; i0 < len; i0 += 4) {
-    const int rows = static_cast<int>(std::min<int64_t>(4, len - i0));
-    // scores: rows x l16, 4 x 16 tiles (rows past `rows` repeat the last row, not stored)
-    const float* qr[4];
-    for (int r = 0; r < 4; ++r) qr[r] = q + (i0 + std::min(r, rows - 1)) * ld;
+  constexpr int kRows = 6;  // query rows per block: 6 x 16 score tiles (12 accumulators)
+  for (int64_t i0 = 0; i0 < len; i0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, len - i0));
+    // scores: rows x l16 (rows past `rows` repeat the last row, not stored)
+    const float* qr[kRows];
+    for (int r = 0; r < kRows; ++r) qr[r] = q + (i0 + std::min(r, rows - 1)) * ld;
     for (int64_t j = 0; j < l16; j += 16) {
-      __m256 acc[4][2];
-      for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      __m256 acc[kRows][2];
+      for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
       for (int d = 0; d < kAttD; ++d) {
         const __m256 k0 = _mm256_loadu_ps(kt + d * l16 + j);
         const __m256 k1 = _mm256_loadu_ps(kt + d * l16 + j + 8);
-        for (int r = 0; r < 4; ++r) {
+        for (int r = 0; r < kRows; ++r) {
           const __m256 qv = _mm256_broadcast_ss(qr[r] + d);
           acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
           acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
@@ -518,7 +519,7 @@ void att_one(const float* q, const float* k, const float* v, int64_t ld, int64_t
         _mm256_storeu_ps(sb + r * l16 + j + 8, _mm256_mul_ps(acc[r][1], sc));
       }
     }
-    float inv[4];
+    float inv[kRows];
     for (int r = 0; r < rows; ++r) {
       float* s = sb + r * l16;
       for (int64_t j = len; j < l16; ++j) s[j] = -INFINITY;
@@ -540,28 +541,29 @@ void att_one(const float* q, const float* k, const float* v, int64_t ld, int64_t
       for (float x : lanes) total += x;
       inv[r] = 1.0f / total;
     }
-    // P V: two rows at a time, 4 vectors of 8 dims each (8 accumulators)
-    for (int r = 0; r < rows; r += 2) {
-      const bool two = r + 1 < rows;
-      const float* p0 = sb + r * l16;
-      const float* p1 = sb + (two ? r + 1 : r) * l16;
-      __m256 a0[4], a1[4];
-      for (int c = 0; c < 4; ++c) a0[c] = a1[c] = _mm256_setzero_ps();
+    // P V: three rows at a time, 4 vectors of 8 dims each (12 accumulators)
+    for (int r = 0; r < rows; r += 3) {
+      const int n3 = std::min(3, rows - r);
+      const float* pr[3];
+      for (int u = 0; u < 3; ++u) pr[u] = sb + (r + std::min(u, n3 - 1)) * l16;
+      __m256 a[3][4];
+      for (int u = 0; u < 3; ++u)
+        for (int c = 0; c < 4; ++c) a[u][c] = _mm256_setzero_ps();
       for (int64_t j = 0; j < len; ++j) {
-        const __m256 w0 = _mm256_broadcast_ss(p0 + j), w1 = _mm256_broadcast_ss(p1 + j);
-        for (int c = 0; c < 4; ++c) {
-          const __m256 vv = _mm256_loadu_ps(vb + j * kAttD + 8 * c);
-          a0[c] = _mm256_fmadd_ps(w0, vv, a0[c]);
-          a1[c] = _mm256_fmadd_ps(w1, vv, a1[c]);
+        const __m256 v0 = _mm256_loadu_ps(vb + j * kAttD), v1 = _mm256_loadu_ps(vb + j * kAttD + 8);
+        const __m256 v2 = _mm256_loadu_ps(vb + j * kAttD + 16), v3 = _mm256_loadu_ps(vb + j * kAttD + 24);
+        for (int u = 0; u < 3; ++u) {
+          const __m256 w = _mm256_broadcast_ss(pr[u] + j);
+          a[u][0] = _mm256_fmadd_ps(w, v0, a[u][0]);
+          a[u][1] = _mm256_fmadd_ps(w, v1, a[u][1]);
+          a[u][2] = _mm256_fmadd_ps(w, v2, a[u][2]);
+          a[u][3] = _mm256_fmadd_ps(w, v3, a[u][3]);
         }
       }
-      const __m256 i0v = _mm256_set1_ps(inv[r]);
-      for (int c = 0; c < 4; ++c)
-        _mm256_storeu_ps(o + (i0 + r) * ldo + 8 * c, _mm256_mul_ps(a0[c], i0v));
-      if (two) {
-        const __m256 i1v = _mm256_set1_ps(inv[r + 1]);
+      for (int u = 0; u < n3; ++u) {
+        const __m256 iv = _mm256_set1_ps(inv[r + u]);
         for (int c = 0; c < 4; ++c)
-          _mm256_storeu_ps(o + (i0 + r + 1) * ldo + 8 * c, _mm256_mul_ps(a1[c], i1v));
+          _mm256_storeu_ps(o + (i0 + r + u) * ldo + 8 * c, _mm256_mul_ps(a[u][c], iv));
       }
     }
   }
@@ -583,7 +585,7 @@ int enc_attention(const float* qkv, const int64_t* cu, int64_t nseq, int heads, 
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<float> kt(static_cast<size_t>(kAttD * l16)), vb(static_cast<size_t>(l16 * kAttD)),
-        sb(static_cast<size_t>(4 * l16));
+        sb(static_cast<size_t>(6 * l16));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < nseq * heads; ++task) {
       const int64_t s = task / heads, h = task % heads;
