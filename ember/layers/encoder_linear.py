@@ -1,9 +1,11 @@
 """Projections of encoder models (BERT) that take many tokens per call.
 
-`RowInt8Linear` runs on Ember's many-row GEMM (ember.kernels.encoder_ops): int8 weights with
-one scale per output row, activations quantized once per call to 13-bit int16 per row, int32
-sums over the whole K, and bias, GELU and the residual add fused into the GEMM's epilogue
-(`forward(x, residual=..., gelu=...)`). `project` gives every LinearBase that call shape, so a
+`RowInt16Linear` (the int8 plan's default) runs on Ember's per-row GEMM `enc_i16_gemm`
+(ember.kernels.encoder_ops): 11-bit weight codes with one scale per output row, activations
+quantized once per call per row (11-13 bits), int32 sums over the whole K. `RowInt8Linear`
+runs the grouped `enc_i8_gemm` (int8 weights, one scale per row and group of 32). Both fuse
+bias, GELU and the residual add into the GEMM's epilogue (`forward(x, residual=...,
+gelu=...)`). `project` gives every LinearBase that call shape, so a
 model writes its block once for dense and quantized plans.
 """
 

@@ -168,8 +168,9 @@ class BertLayer(nn.Module):
         self.cfg = cfg
         eps = cfg.layer_norm_eps
         if layers.weights == "int8" and layers.kernels is not None:
-            # Many-row int8 GEMM (layers.encoder_linear): activations quantized per row to 13
-            # bits, so q/k/v run quantized too, with bias/GELU/residual in the epilogue.
+            # Many-row integer GEMM (layers.encoder_linear): 11-bit per-row weights, activations
+            # quantized per row to 11-13 bits, so q/k/v run quantized too, with
+            # bias/GELU/residual in the epilogue.
             self.qkv = encoder_linear(layers, h, (h, h, h))
         else:
             # NOTE: q/k/v stay dense under other quantized plans. Their kernels quantize the
