@@ -42,7 +42,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(1)
     from ember.config import EnvSettings
-    from ember.kernels.encoder_ops import encoder_gemm, pack_rows_i8
+    from ember.kernels.encoder_ops import encoder_gemm, encoder_gemm_i16, pack_rows_i8, pack_rows_i16
     from ember.kernels.ops import CpuKernels
 
     kernels = CpuKernels.load(EnvSettings.from_env().cache_dir, num_threads=1)
@@ -56,12 +56,17 @@ def main() -> int:
         packed, scale = pack_rows_i8(w)
         t_torch = best(lambda: F.linear(x, w, b), args.reps)
         t_ember = best(lambda: encoder_gemm(kernels, x, packed, scale, b), args.reps)
+        p16, s16 = pack_rows_i16(w)
+        t_i16 = best(lambda: encoder_gemm_i16(kernels, x, p16, s16, b), args.reps)
         macs = args.tokens * k * n
         rows.append({"name": name, "m": args.tokens, "k": k, "n": n,
                      "torch_fp32_gmacs": macs / t_torch / 1e9,
-                     "ember_i8_gmacs": macs / t_ember / 1e9, "speedup": t_torch / t_ember})
+                     "ember_i8_gmacs": macs / t_ember / 1e9, "speedup": t_torch / t_ember,
+                     "ember_i16_row_gmacs": macs / t_i16 / 1e9,
+                     "speedup_i16_row": t_torch / t_i16})
         print(f"{name:13s} {args.tokens}x{k}x{n}: torch fp32 {macs / t_torch / 1e9:5.1f} GMAC/s, "
-              f"ember int8 {macs / t_ember / 1e9:5.1f} GMAC/s, {t_torch / t_ember:.2f}x",
+              f"ember int8 grouped {macs / t_ember / 1e9:5.1f} GMAC/s, {t_torch / t_ember:.2f}x, "
+              f"per-row i16 (default) {macs / t_i16 / 1e9:5.1f} GMAC/s, {t_torch / t_i16:.2f}x",
               flush=True)
     result = {"isa": kernels.isa, "threads": 1, "timing": "thread CPU time, best of reps",
               "shapes": rows, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}

@@ -247,3 +247,356 @@ void enc_gelu(const float* x, int64_t count, float* out) {
 }
 
 }  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// enc_i16_gemm: the same epilogue, with ONE scale per weight row (no groups) and the integer
+// sum kept in int32 over the whole K, so the inner loop is only madd + add (no per-group
+// float conversion) and the register tile grows to 6 x 16 (12 int32 accumulators).
+// Weights: q in [-qmax_w, qmax_w] (the caller picks ~11 bits) packed as above,
+// (N/16, K/2, 16, 2) int16; scales (N,) float32. Activations: per row, |q| <= qmax_a.
+// The caller keeps qmax_a * qmax_w * K < 2^31 (no int32 overflow).
+namespace {
+
+constexpr int64_t kEnc16Mr = 6;   // activation rows per micro-kernel
+constexpr int64_t kEnc16Mc = 96;  // activation rows per task (a multiple of kEnc16Mr)
+constexpr int64_t kEnc16Nc = 4;   // panels per task
+
+struct Enc16Epilogue {
+  const float* sw;        // (N,) weight row scales
+  const float* bias;      // (N,) or null
+  const float* residual;  // (M, N) or null
+  int act;
+  float* y;
+  int64_t ldy;
+};
+
+#if defined(EMBER_ISA_PORTABLE)
+
+template <int R>
+inline void enc16_micro(const int16_t* a, int64_t lda, const float* sa, const int16_t* b,
+                        int64_t kp, int64_t m0, int64_t n0, const Enc16Epilogue& e) {
+  int32_t acc[R][kEncNr] = {};
+  for (int64_t p = 0; p < kp; ++p) {
+    const int16_t* bp = b + p * 2 * kEncNr;
+    for (int r = 0; r < R; ++r) {
+      const int32_t a0 = a[r * lda + 2 * p], a1 = a[r * lda + 2 * p + 1];
+      for (int c = 0; c < kEncNr; ++c) acc[r][c] += a0 * bp[2 * c] + a1 * bp[2 * c + 1];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* yr = e.y + (m0 + r) * e.ldy + n0;
+    for (int c = 0; c < kEncNr; ++c) {
+      float v = EMBER_ENC_MADD(static_cast<float>(acc[r][c]), sa[r] * e.sw[n0 + c],
+                               e.bias ? e.bias[n0 + c] : 0.0f);
+      if (e.act == 1) v = enc_gelu_scalar(v);
+      if (e.residual) v += e.residual[(m0 + r) * e.ldy + n0 + c];
+      yr[c] = v;
+    }
+  }
+}
+
+#else
+
+// The 6 x 16 integer loop in assembly: GCC spills 12 int32 accumulators of the intrinsics
+// version to the stack. Registers: ymm0-11 the sums (row r: ymm 2r, 2r+1), ymm12-13 the
+// panel's two vectors, ymm14 the broadcast pair, ymm15 the product. kp must be even (two
+// k pairs per iteration).
+#define EMBER_ENC16_ROW(A, R0, R1)                                    \
+  "vpbroadcastd " A ", %%ymm14\n"                                     \
+  "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n"                              \
+  "vpaddd %%ymm15, %%ymm" #R0 ", %%ymm" #R0 "\n"                      \
+  "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n"                              \
+  "vpaddd %%ymm15, %%ymm" #R1 ", %%ymm" #R1 "\n"
+#define EMBER_ENC16_PAIR(OB, OA)                                      \
+  "vmovdqu " #OB "(%[b]), %%ymm12\n"                                   \
+  "vmovdqu " #OB "+32(%[b]), %%ymm13\n"                                \
+  EMBER_ENC16_ROW(#OA "(%[a0])", 0, 1)                                \
+  EMBER_ENC16_ROW(#OA "(%[a0],%[ld],1)", 2, 3)                        \
+  EMBER_ENC16_ROW(#OA "(%[a0],%[ld],2)", 4, 5)                        \
+  EMBER_ENC16_ROW(#OA "(%[a3])", 6, 7)                                \
+  EMBER_ENC16_ROW(#OA "(%[a3],%[ld],1)", 8, 9)                        \
+  EMBER_ENC16_ROW(#OA "(%[a3],%[ld],2)", 10, 11)
+
+inline void enc16_loop6(const int16_t* a, int64_t lda, const int16_t* b, int64_t kp,
+                        __m256i* acc) {
+  const char* a0 = reinterpret_cast<const char*>(a);
+  const char* a3 = a0 + 3 * lda * 2;
+  const int64_t ld = lda * 2;
+  int64_t n = kp / 2;
+  __asm__ volatile(
+      "vpxor %%ymm0, %%ymm0, %%ymm0\n" "vpxor %%ymm1, %%ymm1, %%ymm1\n"
+      "vpxor %%ymm2, %%ymm2, %%ymm2\n" "vpxor %%ymm3, %%ymm3, %%ymm3\n"
+      "vpxor %%ymm4, %%ymm4, %%ymm4\n" "vpxor %%ymm5, %%ymm5, %%ymm5\n"
+      "vpxor %%ymm6, %%ymm6, %%ymm6\n" "vpxor %%ymm7, %%ymm7, %%ymm7\n"
+      "vpxor %%ymm8, %%ymm8, %%ymm8\n" "vpxor %%ymm9, %%ymm9, %%ymm9\n"
+      "vpxor %%ymm10, %%ymm10, %%ymm10\n" "vpxor %%ymm11, %%ymm11, %%ymm11\n"
+      "1:\n"
+      EMBER_ENC16_PAIR(0, 0)
+      EMBER_ENC16_PAIR(64, 4)
+      "addq $128, %[b]\n"
+      "addq $8, %[a0]\n"
+      "addq $8, %[a3]\n"
+      "decq %[n]\n"
+      "jnz 1b\n"
+      "vmovdqu %%ymm0, (%[acc])\n" "vmovdqu %%ymm1, 32(%[acc])\n"
+      "vmovdqu %%ymm2, 64(%[acc])\n" "vmovdqu %%ymm3, 96(%[acc])\n"
+      "vmovdqu %%ymm4, 128(%[acc])\n" "vmovdqu %%ymm5, 160(%[acc])\n"
+      "vmovdqu %%ymm6, 192(%[acc])\n" "vmovdqu %%ymm7, 224(%[acc])\n"
+      "vmovdqu %%ymm8, 256(%[acc])\n" "vmovdqu %%ymm9, 288(%[acc])\n"
+      "vmovdqu %%ymm10, 320(%[acc])\n" "vmovdqu %%ymm11, 352(%[acc])\n"
+      : [b] "+r"(b), [a0] "+r"(a0), [a3] "+r"(a3), [n] "+r"(n)
+      : [ld] "r"(ld), [acc] "r"(acc)
+      : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+        "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+}
+
+template <int R>
+inline void enc16_micro(const int16_t* a, int64_t lda, const float* sa, const int16_t* b,
+                        int64_t kp, int64_t m0, int64_t n0, const Enc16Epilogue& e) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  if (R == 6 && kp % 2 == 0 && kp > 0) {
+    enc16_loop6(a, lda, b, kp, &acc[0][0]);
+    kp = 0;
+  }
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + p * 32));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + p * 32 + 16));
+    for (int r = 0; r < R; ++r) {
+      const __m256i av = enc_bcast_pair(a + r * lda + 2 * p);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, b0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, b1));
+    }
+  }
+  const __m256 w0 = _mm256_loadu_ps(e.sw + n0), w1 = _mm256_loadu_ps(e.sw + n0 + 8);
+  __m256 bias[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  if (e.bias) bias[0] = _mm256_loadu_ps(e.bias + n0), bias[1] = _mm256_loadu_ps(e.bias + n0 + 8);
+  for (int r = 0; r < R; ++r) {
+    const __m256 s = _mm256_set1_ps(sa[r]);
+    const __m256 sc[2] = {_mm256_mul_ps(s, w0), _mm256_mul_ps(s, w1)};
+    float* yr = e.y + (m0 + r) * e.ldy + n0;
+    for (int h = 0; h < 2; ++h) {
+      __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), sc[h], bias[h]);
+      if (e.act == 1) v = enc_gelu8(v);
+      if (e.residual) v = _mm256_add_ps(v, _mm256_loadu_ps(e.residual + (m0 + r) * e.ldy + n0 + 8 * h));
+      _mm256_storeu_ps(yr + 8 * h, v);
+    }
+  }
+}
+
+#endif
+
+inline void enc16_rows(int64_t rows, const int16_t* a, int64_t lda, const float* sa,
+                       const int16_t* b, int64_t kp, int64_t m0, int64_t n0,
+                       const Enc16Epilogue& e) {
+  switch (rows) {
+    case 6: enc16_micro<6>(a, lda, sa, b, kp, m0, n0, e); break;
+    case 5: enc16_micro<5>(a, lda, sa, b, kp, m0, n0, e); break;
+    case 4: enc16_micro<4>(a, lda, sa, b, kp, m0, n0, e); break;
+    case 3: enc16_micro<3>(a, lda, sa, b, kp, m0, n0, e); break;
+    case 2: enc16_micro<2>(a, lda, sa, b, kp, m0, n0, e); break;
+    case 1: enc16_micro<1>(a, lda, sa, b, kp, m0, n0, e); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// y (M, N) = [GELU](x (M, K) @ W^T + bias) [+ residual] for per-row weights (wp (N/16, K/2,
+// 16, 2) int16, sw (N,)), activations quantized per row to |q| <= qmax_a. K even, N a
+// multiple of 16. y must not alias x.
+void enc_i16_gemm(const float* x, int64_t mrows, int64_t k, const int16_t* wp, const float* sw,
+                  int64_t n, const float* bias, const float* residual, int act, float qmax_a,
+                  float* y, int nthreads) {
+  std::vector<int16_t> aq(static_cast<size_t>(mrows * k));
+  std::vector<float> sa(static_cast<size_t>(mrows));
+  const int64_t kp = k / 2, panels = n / kEncNr;
+  const int64_t mtasks = (mrows + kEnc16Mc - 1) / kEnc16Mc;
+  const int64_t ntasks = (panels + kEnc16Nc - 1) / kEnc16Nc;
+  const Enc16Epilogue e{sw, bias, residual, act, y, n};
+#pragma omp parallel num_threads(nthreads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < mrows; ++i)
+      sa[static_cast<size_t>(i)] = enc_quantize_row(x + i * k, k, qmax_a, aq.data() + i * k);
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t mt = 0; mt < mtasks; ++mt)
+      for (int64_t nt = 0; nt < ntasks; ++nt) {
+        const int64_t m_end = std::min(mrows, (mt + 1) * kEnc16Mc);
+        const int64_t p_end = std::min(panels, (nt + 1) * kEnc16Nc);
+        for (int64_t j = nt * kEnc16Nc; j < p_end; ++j) {
+          const int16_t* b = wp + j * kp * 2 * kEncNr;
+          for (int64_t m0 = mt * kEnc16Mc; m0 < m_end; m0 += kEnc16Mr)
+            enc16_rows(std::min(kEnc16Mr, m_end - m0), aq.data() + m0 * k, k, sa.data() + m0,
+                       b, kp, m0, j * kEncNr, e);
+        }
+      }
+  }
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// enc_attention: bidirectional attention over a packed stream in ONE call (head_dim 32).
+//   qkv (T, 3, H, 32) float32 rows, cu_seqlens (B + 1) int64 -> out (T, H, 32)
+// Every (sequence, head) is one task (dynamic schedule: lengths differ). Per task: K is
+// copied transposed (32 x L16, zero-padded to 16 keys), V contiguous (L x 32); for 4 query rows
+// at a time the scores are 4 x 16-key FMA tiles, softmax in float (exp by a degree-6
+// polynomial on 2^f, rel. err ~2e-7), then P V with the row sums divided out at the end.
+namespace {
+
+constexpr int kAttD = 32;
+
+#if !defined(EMBER_ISA_PORTABLE)
+inline __m256 att_exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), f);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(f, f), _mm256_add_ps(f, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                       _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+// One (sequence, head): q/k/v rows `ld` floats apart, L tokens; o rows `ldo` apart.
+void att_one(const float* q, const float* k, const float* v, int64_t ld, int64_t len,
+             float* o, int64_t ldo, float* kt, float* vb, float* sb) {
+  const int64_t l16 = (len + 15) / 16 * 16;
+  const float scale = 1.0f / sqrtf(static_cast<float>(kAttD));
+  for (int64_t j = 0; j < l16; ++j)
+    for (int d = 0; d < kAttD; ++d) kt[d * l16 + j] = j < len ? k[j * ld + d] : 0.0f;
+  for (int64_t j = 0; j < len; ++j) memcpy(vb + j * kAttD, v + j * ld, kAttD * sizeof(float));
+#if defined(EMBER_ISA_PORTABLE)
+  for (int64_t i = 0; i < len; ++i) {
+    float* s = sb;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) {
+      float acc = 0.0f;
+      for (int d = 0; d < kAttD; ++d) acc = EMBER_ENC_MADD(q[i * ld + d], kt[d * l16 + j], acc);
+      s[j] = acc * scale;
+      mx = std::max(mx, s[j]);
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < len; ++j) sum += (s[j] = expf(s[j] - mx));
+    float acc[kAttD] = {};
+    for (int64_t j = 0; j < len; ++j)
+      for (int d = 0; d < kAttD; ++d) acc[d] = EMBER_ENC_MADD(s[j], vb[j * kAttD + d], acc[d]);
+    for (int d = 0; d < kAttD; ++d) o[i * ldo + d] = acc[d] / sum;
+  }
+#else
+  constexpr int kRows = 6;  // query rows per block: 6 x 16 score tiles (12 accumulators)
+  for (int64_t i0 = 0; i0 < len; i0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, len - i0));
+    // scores: rows x l16 (rows past `rows` repeat the last row, not stored)
+    const float* qr[kRows];
+    for (int r = 0; r < kRows; ++r) qr[r] = q + (i0 + std::min(r, rows - 1)) * ld;
+    for (int64_t j = 0; j < l16; j += 16) {
+      __m256 acc[kRows][2];
+      for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      for (int d = 0; d < kAttD; ++d) {
+        const __m256 k0 = _mm256_loadu_ps(kt + d * l16 + j);
+        const __m256 k1 = _mm256_loadu_ps(kt + d * l16 + j + 8);
+        for (int r = 0; r < kRows; ++r) {
+          const __m256 qv = _mm256_broadcast_ss(qr[r] + d);
+          acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(qv, k1, acc[r][1]);
+        }
+      }
+      const __m256 sc = _mm256_set1_ps(scale);
+      for (int r = 0; r < rows; ++r) {
+        _mm256_storeu_ps(sb + r * l16 + j, _mm256_mul_ps(acc[r][0], sc));
+        _mm256_storeu_ps(sb + r * l16 + j + 8, _mm256_mul_ps(acc[r][1], sc));
+      }
+    }
+    float inv[kRows];
+    for (int r = 0; r < rows; ++r) {
+      float* s = sb + r * l16;
+      for (int64_t j = len; j < l16; ++j) s[j] = -INFINITY;
+      __m256 mv = _mm256_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < l16; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + j));
+      float lanes[8];
+      _mm256_storeu_ps(lanes, mv);
+      float mx = lanes[0];
+      for (float x : lanes) mx = std::max(mx, x);
+      const __m256 m = _mm256_set1_ps(mx);
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t j = 0; j < l16; j += 8) {
+        const __m256 ev = att_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+        _mm256_storeu_ps(s + j, ev);
+        sum = _mm256_add_ps(sum, ev);
+      }
+      _mm256_storeu_ps(lanes, sum);
+      float total = 0.0f;
+      for (float x : lanes) total += x;
+      inv[r] = 1.0f / total;
+    }
+    // P V: three rows at a time, 4 vectors of 8 dims each (12 accumulators)
+    for (int r = 0; r < rows; r += 3) {
+      const int n3 = std::min(3, rows - r);
+      const float* pr[3];
+      for (int u = 0; u < 3; ++u) pr[u] = sb + (r + std::min(u, n3 - 1)) * l16;
+      __m256 a[3][4];
+      for (int u = 0; u < 3; ++u)
+        for (int c = 0; c < 4; ++c) a[u][c] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < len; ++j) {
+        const __m256 v0 = _mm256_loadu_ps(vb + j * kAttD), v1 = _mm256_loadu_ps(vb + j * kAttD + 8);
+        const __m256 v2 = _mm256_loadu_ps(vb + j * kAttD + 16), v3 = _mm256_loadu_ps(vb + j * kAttD + 24);
+        for (int u = 0; u < 3; ++u) {
+          const __m256 w = _mm256_broadcast_ss(pr[u] + j);
+          a[u][0] = _mm256_fmadd_ps(w, v0, a[u][0]);
+          a[u][1] = _mm256_fmadd_ps(w, v1, a[u][1]);
+          a[u][2] = _mm256_fmadd_ps(w, v2, a[u][2]);
+          a[u][3] = _mm256_fmadd_ps(w, v3, a[u][3]);
+        }
+      }
+      for (int u = 0; u < n3; ++u) {
+        const __m256 iv = _mm256_set1_ps(inv[r + u]);
+        for (int c = 0; c < 4; ++c)
+          _mm256_storeu_ps(o + (i0 + r + u) * ldo + 8 * c, _mm256_mul_ps(a[u][c], iv));
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0, or -1 when head_dim is not 32 (the caller falls back).
+int enc_attention(const float* qkv, const int64_t* cu, int64_t nseq, int heads, int head_dim,
+                  float* out, int nthreads) {
+  if (head_dim != kAttD) return -1;
+  int64_t maxlen = 0;
+  for (int64_t s = 0; s < nseq; ++s) maxlen = std::max(maxlen, cu[s + 1] - cu[s]);
+  const int64_t l16 = (maxlen + 15) / 16 * 16;
+  const int64_t hd = static_cast<int64_t>(heads) * kAttD, ld = 3 * hd;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> kt(static_cast<size_t>(kAttD * l16)), vb(static_cast<size_t>(l16 * kAttD)),
+        sb(static_cast<size_t>(6 * l16));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < nseq * heads; ++task) {
+      const int64_t s = task / heads, h = task % heads;
+      const int64_t t0 = cu[s], len = cu[s + 1] - cu[s];
+      if (len <= 0) continue;
+      const float* base = qkv + t0 * ld + h * kAttD;
+      att_one(base, base + hd, base + 2 * hd, ld, len, out + t0 * hd + h * kAttD, hd, kt.data(),
+              vb.data(), sb.data());
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"

@@ -9,7 +9,7 @@ quantized once per call to int16 per row (13 bits; see the C++ header comment).
 
 from __future__ import annotations
 
-from ctypes import c_int, c_int64, c_void_p
+from ctypes import c_float, c_int, c_int64, c_void_p
 
 import torch
 
@@ -90,4 +90,106 @@ def gelu(kernels: CpuKernels, x: torch.Tensor) -> torch.Tensor:
     x = x.float().contiguous()
     out = torch.empty_like(x)
     kernels.lib.enc_gelu(x.data_ptr(), x.numel(), out.data_ptr())
+    return out
+
+
+# --- per-row weights, int32 sums over the whole K (enc_i16_gemm) -------------------------------
+
+WEIGHT_QMAX_I16 = 1023
+"""Weight codes of the per-row GEMM: 11 bits, |q| <= 1023, one scale per output row."""
+ACT_QMAX_LIMIT = 8191
+"""Most activation levels the per-row GEMM uses (13 bits, as the grouped GEMM)."""
+
+
+def act_qmax(in_features: int, weight_qmax: int = WEIGHT_QMAX_I16) -> int:
+    """Activation code bound for K = in_features: the largest qmax_a <= 8191 whose worst-case
+    int32 sum qmax_a * weight_qmax * K stays below 2^31 (K=384: 5466, K=1536: 1366)."""
+    return min(ACT_QMAX_LIMIT, (2**31 - 1) // (weight_qmax * in_features))
+
+
+def supports_shape_i16(in_features: int, out_features: int) -> bool:
+    """Whether enc_i16_gemm runs this projection (K even, N a multiple of 16, and at least
+    127 activation levels left after the int32 bound)."""
+    return (in_features % 2 == 0 and in_features > 0 and out_features % PANEL == 0
+            and act_qmax(in_features) >= 127)
+
+
+def pack_rows_i16(weight: torch.Tensor, qmax: int = WEIGHT_QMAX_I16
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float weight -> packed (N/16, K/2, 16, 2) int16 codes in [-qmax, qmax] and
+    (N,) float32 row scales, w ~= q * scale (round to nearest, symmetric)."""
+    n, k = weight.shape
+    if not supports_shape_i16(k, n):
+        raise ValueError(f"the per-row encoder GEMM needs K even and N % {PANEL} == 0, "
+                         f"got ({n}, {k})")
+    w = weight.float()
+    scale = w.abs().amax(-1).clamp_min(1e-30) / qmax  # (N,)
+    q = torch.round(w / scale[:, None]).clamp_(-qmax, qmax).to(torch.int16)
+    packed = q.view(n // PANEL, PANEL, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return packed, scale.contiguous()
+
+
+def unpack_rows_i16(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The dense (N, K) float32 weight a per-row packed one stands for (tests, reports)."""
+    panels, kp, _, _ = packed.shape
+    q = packed.permute(0, 2, 1, 3).reshape(panels * PANEL, kp * 2)  # (N, K)
+    return q.float() * scale[:, None]
+
+
+def encoder_gemm_i16(kernels: CpuKernels, x: torch.Tensor, packed: torch.Tensor,
+                     scale: torch.Tensor, bias: torch.Tensor | None = None,
+                     residual: torch.Tensor | None = None, gelu: bool = False,
+                     qmax_a: int | None = None) -> torch.Tensor:
+    """x (M, K) float32 -> (M, N) float32 = [GELU](x @ W^T + bias) [+ residual] on per-row
+    weights (pack_rows_i16); activations quantized per row to |q| <= qmax_a (default
+    act_qmax(K))."""
+    fn = kernels.lib.enc_i16_gemm
+    if fn.argtypes is None:
+        p, i64 = c_void_p, c_int64
+        fn.argtypes = [p, i64, i64, p, p, i64, p, p, c_int, c_float, p, c_int]
+        fn.restype = None
+    x = x.float().contiguous()
+    m, k = x.shape
+    n = packed.shape[0] * PANEL
+    if packed.shape[1] * 2 != k:
+        raise ValueError(f"x has {k} columns, the weight {packed.shape[1] * 2}")
+    qa = act_qmax(k) if qmax_a is None else qmax_a
+    if not 1 <= qa <= ACT_QMAX_LIMIT:
+        raise ValueError(f"qmax_a must be in [1, {ACT_QMAX_LIMIT}], got {qa}")
+    if residual is not None:
+        residual = residual.float().contiguous()
+        if residual.shape != (m, n):
+            raise ValueError(f"residual {tuple(residual.shape)} is not ({m}, {n})")
+    y = torch.empty(m, n, dtype=torch.float32)
+    fn(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(), n,
+       None if bias is None else bias.data_ptr(),
+       None if residual is None else residual.data_ptr(), GELU if gelu else 0, float(qa),
+       y.data_ptr(), kernels.num_threads)
+    return y
+
+
+ATTENTION_HEAD_DIM = 32
+"""The head size enc_attention runs (all-MiniLM-L6-v2's); other sizes use PyTorch's SDPA."""
+
+
+def encoder_attention(kernels: CpuKernels, qkv: torch.Tensor, cu_seqlens: torch.Tensor,
+                      heads: int, head_dim: int) -> torch.Tensor:
+    """Bidirectional attention inside each sequence of a packed stream, one kernel call:
+    qkv (T, 3 H D) float32, cu_seqlens (B + 1,) int64 -> (T, H D). D must be 32."""
+    fn = kernels.lib.enc_attention
+    if fn.argtypes is None:
+        p = c_void_p
+        fn.argtypes, fn.restype = [p, p, c_int64, c_int, c_int, p, c_int], c_int
+    if head_dim != ATTENTION_HEAD_DIM:
+        raise ValueError(f"enc_attention runs head_dim {ATTENTION_HEAD_DIM}, got {head_dim}")
+    qkv = qkv.float().contiguous()
+    cu = cu_seqlens.to(torch.int64).contiguous()
+    t = qkv.shape[0]
+    if qkv.shape[1] != 3 * heads * head_dim or int(cu[-1]) != t or int(cu[0]) != 0:
+        raise ValueError(f"qkv {tuple(qkv.shape)} does not match {heads} heads of {head_dim} "
+                         f"and sequence boundaries ending at {int(cu[-1])}")
+    out = torch.empty(t, heads * head_dim, dtype=torch.float32)
+    if fn(qkv.data_ptr(), cu.data_ptr(), cu.numel() - 1, heads, head_dim, out.data_ptr(),
+          kernels.num_threads) != 0:
+        raise ValueError(f"enc_attention refused head_dim {head_dim}")
     return out

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ember.kernels.build import missing_cpu_features, select_isa
-from ember.kernels.encoder_ops import encoder_gemm, gelu, pack_rows_i8, unpack_rows_i8
+from ember.kernels.encoder_ops import (WEIGHT_QMAX_I16, act_qmax, encoder_gemm, encoder_gemm_i16,
+                                       gelu, pack_rows_i8, pack_rows_i16, unpack_rows_i8,
+                                       unpack_rows_i16, encoder_attention)
 from ember.kernels.ops import CpuKernels
 
 pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
@@ -72,3 +74,94 @@ def test_shape_errors_are_clear(kernels: CpuKernels) -> None:
         encoder_gemm(kernels, torch.randn(4, 32), packed, scale)
     with pytest.raises(ValueError, match="residual"):
         encoder_gemm(kernels, torch.randn(4, 64), packed, scale, residual=torch.randn(4, 8))
+
+
+# --- per-row weights, int32 sums over the whole K (enc_i16_gemm) ------------------------------
+
+def _i16_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                   bias: torch.Tensor | None, qa: int) -> torch.Tensor:
+    """The kernel's arithmetic in float64: activations rounded per row as the kernel does
+    (float32 x * (qa / amax), half to even), exact integer dot products, then the scales."""
+    amax = x.abs().amax(-1, keepdim=True)  # (m, 1)
+    inv = torch.where(amax > 0, qa / amax, torch.zeros_like(amax))
+    xq = torch.round(x * inv).double()  # (m, k)
+    q = unpack_rows_i16(packed, torch.ones_like(scale)).double()  # (n, k) codes
+    y = (xq @ q.T) * (amax.double() / qa) * scale.double()
+    return (y if bias is None else y + bias.double()).float()
+
+
+def test_i16_pack_round_trip_is_per_row_rtn() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(48, 96)
+    packed, scale = pack_rows_i16(w)
+    assert packed.dtype == torch.int16 and packed.shape == (3, 48, 16, 2)
+    assert scale.shape == (48,) and int(packed.abs().max()) == WEIGHT_QMAX_I16
+    back = unpack_rows_i16(packed, scale)
+    step = w.abs().amax(-1, keepdim=True) / WEIGHT_QMAX_I16
+    assert bool(((back - w).abs() <= step / 2 + 1e-6).all())
+    assert act_qmax(384) == 5466 and act_qmax(1536) == 1366 and act_qmax(32) == 8191
+    with pytest.raises(ValueError, match="N % 16"):
+        pack_rows_i16(torch.randn(20, 64))
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 6, 7, 13, 97, 200])
+@pytest.mark.parametrize("k", [96, 98])  # even and odd pair counts (assembly / intrinsics)
+def test_i16_gemm_matches_integer_reference(kernels: CpuKernels, m: int, k: int) -> None:
+    torch.manual_seed(m + k)
+    n = 80  # 5 panels: the last task holds one
+    x = torch.randn(m, k) * 3
+    x[:, 7] *= 40  # a BERT-like outlier channel
+    w, b = torch.randn(n, k) * 0.05, torch.randn(n)
+    packed, scale = pack_rows_i16(w)
+    qa = act_qmax(k)
+    ref = _i16_reference(x, packed, scale, b, qa)  # (m, n)
+    tol = dict(atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
+    torch.testing.assert_close(encoder_gemm_i16(kernels, x, packed, scale, b), ref, **tol)
+    res = torch.randn(m, n)
+    fused = encoder_gemm_i16(kernels, x, packed, scale, b, residual=res, gelu=True)
+    torch.testing.assert_close(fused, F.gelu(ref) + res, **tol)
+    # and close to the float GEMM on the dequantized weight (13-bit activations)
+    dense = F.linear(x, unpack_rows_i16(packed, scale), b)
+    torch.testing.assert_close(encoder_gemm_i16(kernels, x, packed, scale, b), dense,
+                               atol=2e-3 * float(x.abs().max()) * 0.05 * math.sqrt(k), rtol=0)
+
+
+def test_i16_gemm_worst_case_sum_does_not_overflow(kernels: CpuKernels) -> None:
+    k, n = 1536, 16  # every code at its bound, same sign: the int32 sum's worst case
+    x = torch.ones(6, k)
+    w = torch.ones(n, k)
+    w[1] = -1.0
+    packed, scale = pack_rows_i16(w)
+    y = encoder_gemm_i16(kernels, x, packed, scale)
+    expect = torch.full((6, n), float(k))
+    expect[:, 1] = -k
+    torch.testing.assert_close(y, expect, atol=0, rtol=1e-6)
+
+
+def test_i16_shape_errors_are_clear(kernels: CpuKernels) -> None:
+    packed, scale = pack_rows_i16(torch.randn(16, 64))
+    with pytest.raises(ValueError, match="columns"):
+        encoder_gemm_i16(kernels, torch.randn(4, 32), packed, scale)
+    with pytest.raises(ValueError, match="residual"):
+        encoder_gemm_i16(kernels, torch.randn(4, 64), packed, scale, residual=torch.randn(4, 8))
+
+
+# --- packed attention in one call (enc_attention) ---------------------------------------------
+
+@pytest.mark.parametrize("lens", [[1], [3, 3, 2], [17, 64, 5, 16, 15], [100, 33, 1], [511]])
+def test_packed_attention_matches_sdpa(kernels: CpuKernels, lens: list[int]) -> None:
+    from ember.models.bert import PackedBatch, packed_attention
+
+    torch.manual_seed(sum(lens))
+    batch = PackedBatch.pack([[1] * n for n in lens])
+    qkv = torch.randn(sum(lens), 3 * 4 * 32) * 2  # 4 heads of 32
+    ref = packed_attention(qkv, batch, 4, 32)
+    out = encoder_attention(kernels, qkv, batch.cu_seqlens, 4, 32)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)  # float sums in another order
+
+
+def test_packed_attention_refuses_other_shapes(kernels: CpuKernels) -> None:
+    with pytest.raises(ValueError, match="head_dim 32"):
+        encoder_attention(kernels, torch.randn(4, 3 * 64), torch.tensor([0, 4]), 1, 64)
+    with pytest.raises(ValueError, match="does not match"):
+        encoder_attention(kernels, torch.randn(4, 3 * 32), torch.tensor([0, 5]), 1, 32)
