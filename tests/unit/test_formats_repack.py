@@ -75,7 +75,8 @@ def test_requantized_names_what_the_kernel_format_rounds():
 def test_nearest_kernel_format_per_type():
     from ember.formats.repack import nearest_kernel_format
 
-    assert [nearest_kernel_format(t) for t in (T.Q4_0, T.Q4_1, T.Q4_K)] == ["int4"] * 3
+    assert [nearest_kernel_format(t) for t in (T.Q4_0, T.Q4_1)] == ["int4"] * 2
+    assert nearest_kernel_format(T.Q4_K) == "int4k"
     assert [nearest_kernel_format(t) for t in (T.Q8_0, T.Q6_K, T.Q5_K)] == ["int8"] * 3
     assert nearest_kernel_format(T.Q5_0) == "int5"
     assert nearest_kernel_format(T.F16) is None and nearest_kernel_format(T.F32) is None

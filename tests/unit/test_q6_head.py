@@ -107,7 +107,10 @@ def test_plan_picks_q6_head_for_native_q6head() -> None:
     from ember.plan import _weights
 
     assert _weights("native-q6head", "int8", {"a": "int4"})[2] == "q6"
-    assert _weights("native", "int8", {})[2] == "q8"
+    # 'native' runs the head in Q6 (a Q8_0 head requantized); 'native-q8head' keeps it 8-bit
+    assert _weights("native", "int8", {})[2] == "q6"
+    assert _weights("native-q8head", "int8", {})[2] == "q8"
+    assert _weights("native-q8head", "int8", {"lm_head.weight": "q6"})[2] == "q8"
     # a Q6_K head (checkpoints marks it 'q6'): the native plan runs it exactly as Q6
     assert _weights("native", "int8", {"lm_head.weight": "q6"})[2] == "q6"
     assert _weights("native-q4head", "int8", {"lm_head.weight": "q6"})[2] == "q4"
