@@ -17,7 +17,7 @@ constexpr int64_t kQ4kSuper = 8;  // Q4K blocks of 32 per d / dmin (GGUF Q4_K's 
 
 // A weight matrix in one of the kernel formats.
 struct LinearW {
-  int64_t fmt;  // 4 = Q4, 5 = Q5, 6 = Q4K, 8 = Q8, 9 = Q8h (Q8 with float16 scales in its blocks)
+  int64_t fmt;  // 4 = Q4, 5 = Q5, 6 = Q4K, 7 = Q6 (q6_layers.h), 8 = Q8, 9 = Q8h (Q8 with float16 scales in its blocks)
   int64_t n, k;  // logical shape (out, in); outputs are padded to np = n rounded up to 16
   const uint8_t* w;
   const float* d;  // (unused for Q5: its scales are in w)

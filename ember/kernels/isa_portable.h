@@ -342,6 +342,8 @@ inline void q5_tile(const uint8_t* __restrict w, const QuantizedActs& a, int64_t
     for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
 }
 
+#include "q6_layers.h"  // q6x_tile: Q6 layers (GGUF Q6_K exact)
+
 template <int C>
 inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int64_t m0, float* yt,
                       int64_t np) {
@@ -350,6 +352,9 @@ inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int6
     q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
   else if (lw.fmt == 5)
     q5_tile<C>(lw.w + t * nb * kQ5BlockBytes, a, m0, yt, np);
+  else if (lw.fmt == 7)
+    q6x_tile<C>(lw.w + t * nb * kQ6xBlockBytes, lw.d + t * (nb / kQ6xSuper) * kTile, a, m0, yt,
+                np);
   else if (lw.fmt == 6)
     q4k_tile<C>(lw.w + t * nb * kQ4kBlockBytes, lw.d + t * (nb / kQ4kSuper) * kTile,
                 lw.m + t * (nb / kQ4kSuper) * kTile, a, m0, yt, np);

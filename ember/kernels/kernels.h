@@ -205,6 +205,8 @@ inline void q5_tile(const uint8_t* w, const QuantizedActs& a, int64_t m0, float*
   for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + (m0 + c) * n, acc[c]);
 }
 
+#include "q6_layers.h"  // q6x_tile: Q6 layers (GGUF Q6_K exact; the AVX2 code)
+
 // y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region
 // (every thread of the team must call it) or wrap with `omp parallel`.
 inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y) {
@@ -238,6 +240,20 @@ inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows,
         case 3: q5_tile<3>(w, a, m0, yt, np); break;
         case 2: q5_tile<2>(w, a, m0, yt, np); break;
         case 1: q5_tile<1>(w, a, m0, yt, np); break;
+        default: break;
+      }
+    } else if (lw.fmt == 7) {
+      const uint8_t* w = lw.w + t * nb * kQ6xBlockBytes;
+      const float* dt = lw.d + t * (nb / kQ6xSuper) * kTile;
+      for (; m0 + kChunk <= mrows; m0 += kChunk) q6x_tile<kChunk>(w, dt, a, m0, yt, np);
+      switch (mrows - m0) {
+        case 7: q6x_tile<7>(w, dt, a, m0, yt, np); break;
+        case 6: q6x_tile<6>(w, dt, a, m0, yt, np); break;
+        case 5: q6x_tile<5>(w, dt, a, m0, yt, np); break;
+        case 4: q6x_tile<4>(w, dt, a, m0, yt, np); break;
+        case 3: q6x_tile<3>(w, dt, a, m0, yt, np); break;
+        case 2: q6x_tile<2>(w, dt, a, m0, yt, np); break;
+        case 1: q6x_tile<1>(w, dt, a, m0, yt, np); break;
         default: break;
       }
     } else if (lw.fmt == 6) {

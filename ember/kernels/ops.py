@@ -209,6 +209,7 @@ class CpuKernels:
             "q8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
             "q5_gemm": [ptr, i64, i64, ptr, i64, ptr, i32],
             "q4k_gemm": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32],
+            "q6x_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
             "q8h_gemm": [ptr, i64, i64, ptr, i64, ptr, i32],
             "q8h_rows": [ptr, i64, ptr, i64, ptr],
             "q8_rows": [ptr, ptr, i64, ptr, i64, ptr],
@@ -282,6 +283,15 @@ class CpuKernels:
         y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
         self.lib.q4k_gemm(_ptr(x), mrows, k, _ptr(packed), _ptr(d), _ptr(neg_dmin), y.shape[1],
                           _ptr(y), self.num_threads)
+        return y
+
+    def q6x_gemm(self, x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """x (M, K) float32 -> (M, Np) for Q6 layer weights (`ember.formats.q6.pack_q6` with
+        256-column super-blocks: GGUF Q6_K's)."""
+        mrows, k = x.shape
+        y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
+        self.lib.q6x_gemm(_ptr(x), mrows, k, _ptr(packed), _ptr(d), y.shape[1], _ptr(y),
+                          self.num_threads)
         return y
 
     def q5_gemm(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

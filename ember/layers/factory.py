@@ -92,8 +92,8 @@ class LayerFactory:
         if self.weights is None:
             return None
         formats = {self.tensor_formats.get(n, self.weights) for n in names} or {self.weights}
-        if formats in ({"int5"}, {"int4k"}) and self.kernels is not None:
-            # NOTE: GGUF Q5_0 / Q4_K codes, exact in the kernels' Q5 / Q4K layouts
+        if formats in ({"int5"}, {"int4k"}, {"int6"}) and self.kernels is not None:
+            # NOTE: GGUF Q5_0 / Q4_K / Q6_K codes, exact in the kernels' Q5 / Q4K / Q6 layouts
             return formats.pop()
         return "int4" if formats <= {"int4", "int4k"} else "int8"
 
@@ -101,7 +101,9 @@ class LayerFactory:
                    fmt: str) -> LinearBase:
         four_bit = fmt == "int4"
         if self.kernels is not None:
-            cls = {"int4": Q4Linear, "int5": Q5Linear, "int4k": Q4KLinear}.get(fmt, Q8Linear)
+            from ember.layers.q6_head import Q6LayerLinear
+            cls = {"int4": Q4Linear, "int5": Q5Linear, "int4k": Q4KLinear,
+                   "int6": Q6LayerLinear}.get(fmt, Q8Linear)
             return cls(in_features, out_features, self.kernels, self.dtype)
         if four_bit:
             return Int4Linear(in_features, out_features, self.keep_dense, dtype=self.dtype)

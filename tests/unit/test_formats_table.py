@@ -114,7 +114,8 @@ def test_table_lookup() -> None:
     assert format_for(T.Q4_0).runs == "exact repack into Q4 g32 (kernel format)"
     assert format_for(T.Q5_0).runs.startswith("exact repack into Q5 g32 (kernel format")
     assert format_for(T.BF16).runs.startswith("dense")
-    assert format_for(T.Q6_K).runs.startswith("requantized to Q8 g32")
+    assert format_for(T.Q6_K).runs.startswith("exact repack into Q6 (kernel format")
+    assert format_for(T.Q5_1).runs.startswith("requantized to Q8 g32")
     with pytest.raises(TypeError):
         FORMATS["Q4_0"] = FORMATS["Q8_0"]  # type: ignore[index]
 

@@ -331,3 +331,47 @@ def test_q4k_linear_loads_gguf_q4_k_exactly(best_kernels):
         Q4KLinear(k, n, best_kernels).load_weight(
             slice(0, n), BlockWeight(T.Q8_0, quantize(np.ones((n, k), np.float32), T.Q8_0),
                                      (n, k)))
+
+
+@pytest.mark.parametrize("n, k, m", [(100, 256, 1), (48, 2048, 3), (64, 512, 9)])
+def test_q6_layer_gemm_is_bitwise_the_q6_head_kernel(kernels, n, k, m):
+    """Q6 layers (GGUF Q6_K exact, the fused decoder's fmt 7, activation sums formed in the
+    tile) equal the Q6 head kernel (q6_gemm, sums precomputed) bit for bit, and the dequantized
+    math within float rounding; the Q6_K reference dequantizer is the gguf library's, bit for
+    bit; a Q6LayerLinear loads a (row-permuted) Q6_K matrix with those outputs and refuses
+    other types."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize
+
+    from ember.formats.q6 import Q6Blocks, pack_q6
+    from ember.formats.stored import BlockWeight
+    from ember.layers.q6_head import Q6LayerLinear, q6_gemm
+
+    rng = np.random.default_rng(n + k + m)
+    blocks = rng.integers(0, 256, size=(n, k // 256, 210), dtype=np.uint8)
+    blocks[..., 208:210] = rng.uniform(0, 0.01, size=blocks.shape[:2]).astype(
+        np.float16)[..., None].view(np.uint8)
+    raw = blocks.reshape(n, -1)
+    q6 = Q6Blocks.from_q6_k(raw, (n, k))
+    want = torch.from_numpy(dequantize(raw, T.Q6_K).astype("float32")).reshape(n, k)
+    assert torch.equal(q6.dequantize().view(torch.int32), want.view(torch.int32))
+    packed, d = pack_q6(q6)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    got = kernels.q6x_gemm(x, packed, d)
+    assert torch.equal(got, q6_gemm(kernels, x, packed, d, 8))
+    torch.testing.assert_close(got[:, :n], act_quantized(x) @ want.t(), atol=2e-3, rtol=1e-4)
+    if kernels.isa == "portable":
+        return
+    flip = lambda t: t.flip(0)  # noqa: E731 - a row permutation
+    for transform in (None, flip):
+        layer = Q6LayerLinear(k, n, kernels)
+        layer.load_weight(slice(0, n), BlockWeight(T.Q6_K, raw, (n, k), transform))
+        layer.finalize()
+        ref = got if transform is None else got[:, :n].flip(1)
+        assert torch.equal(layer(x), ref[:, :n])
+        assert layer.kernel_linear().fmt == 7
+    with pytest.raises(ValueError, match="Q6_K"):
+        Q6LayerLinear(k, n, kernels).load_weight(
+            slice(0, n), BlockWeight(T.Q8_0, quantize(np.ones((n, k), np.float32), T.Q8_0),
+                                     (n, k)))
