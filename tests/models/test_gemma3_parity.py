@@ -160,8 +160,8 @@ def test_native_plan_within_one_percent_of_transformers(native_gemma, hf_perplex
                                                         pride_text):
     """The native plan: each matrix in the kernel format nearest its stored type (Q4_K -> Q4K,
     Q5_0 -> Q5, Q6_K -> Q6 and Q8_0 -> Q8 exactly, a fused q/k/v with a Q8_0 v -> Q8
-    exactly), the Q8_0 head requantized to Q6, int8 activations, bf16 KV (measured 22.44 vs 22.30,
-    +0.65%; 22.38 with the exact Q8 head, -q native-q8head)."""
+    exactly), the Q8_0 head requantized to Q6, int8 activations, bf16 KV (measured 22.39 vs 22.30,
+    +0.43%; 22.38 with the exact Q8 head and the Q4 / Q8 layer formats before Q4K and Q6)."""
     from ember.layers.factory import format_table
 
     plan = native_gemma.engine.core.plan
