@@ -52,9 +52,10 @@ def add_quantization_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -
                    help="runtime weight format (weight-only). auto (default): the file's own "
                         "(Q4 GGUF -> int4, Q8_0/Q5_0/Q6_K -> int8, else dense); native: each "
                         "matrix in the kernel format nearest its stored type (Q4_0/Q4_1/Q4_K -> "
-                        "int4, Q5_0 -> Q5, others -> int8; a Q8_0 head keeps its float16 "
-                        "scales); native-q4head: native plus a 4-bit LM head (opt-in, lossy); "
-                        "native-q6head: native plus a 6-bit Q6_K-style head; "
+                        "int4, Q5_0 -> Q5, others -> int8; the LM head in 6-bit Q6_K "
+                        "geometry); native-q6head: the same; native-q8head: native with the "
+                        "exact 8-bit head of a Q8_0 file; native-q4head: native plus a 4-bit "
+                        "LM head (opt-in, lossy); "
                         "int8 / int4: every matrix in one format; none: dense --dtype")
     p.add_argument("--no-cpu-kernels", action="store_true",
                    help="use PyTorch ops instead of Ember's C++ kernels")

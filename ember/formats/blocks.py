@@ -4,6 +4,8 @@
   convention). Every int4 source converts into it here: GGUF Q4_0 (offset = -8 d) and Q4_1
   (offset = m) exactly, Ember int4/int3 checkpoints (w = (q - zero) * scale per group of a
   multiple of 32 columns: offset = -zero * scale) and dense weights by round-to-nearest.
+- `Q4KBlocks`: GGUF Q4_K's own fields (4-bit codes, 6-bit sub-block scale and min per 32
+  columns, d and dmin per 256): w = (d * sc) * q - (dmin * m); `to_q4` is its exact Q4 form.
 - `Q8Blocks`: 8-bit symmetric group-wise weights w = q * d, q in [-127, 127] (GGUF Q8_0's
   convention; group = the whole row for per-channel int8).
 The layers that run them (ember.layers) take these forms and nothing else; the kernels' packed
@@ -116,6 +118,59 @@ class Q4Blocks:
     def int4pack_scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero) of PyTorch's int4pack convention w = (q - 8) * scale + zero."""
         return self.scale, self.offset + 8 * self.scale
+
+
+SUPER = 256
+"""Columns per d / dmin of `Q4KBlocks` (GGUF Q4_K's super-block)."""
+
+
+@dataclass(frozen=True)
+class Q4KBlocks:
+    """GGUF Q4_K's fields: q uint8 (N, K) in [0, 15], sc / m uint8 (N, K/32) in [0, 63], d /
+    dmin float32 (N, K/256); w = (d * sc) * q - (dmin * m) per 32 columns (every product is
+    exact in float32: fp16 d times a 6-bit integer)."""
+
+    q: torch.Tensor
+    sc: torch.Tensor
+    m: torch.Tensor
+    d: torch.Tensor
+    dmin: torch.Tensor
+
+    @classmethod
+    def from_q4_k(cls, raw: np.ndarray, shape: tuple[int, ...]) -> "Q4KBlocks":
+        return cls(*dequant.q4_k_codes(raw, shape))
+
+    def scale_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per 32 columns: scale d * sc and offset -(dmin * m), float32 (N, K/32)."""
+        per = SUPER // GROUP
+        d, dmin = self.d.repeat_interleave(per, 1), self.dmin.repeat_interleave(per, 1)
+        return d * self.sc.float(), -(dmin * self.m.float())
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        scale, offset = self.scale_offset()
+        q = self.q.float().view(n, k // GROUP, GROUP)
+        return (scale.unsqueeze(-1) * q + offset.unsqueeze(-1)).view(n, k)
+
+    def to_q4(self) -> Q4Blocks:
+        """The exact Q4 form (the per-32 products of the two scales)."""
+        return Q4Blocks(self.q, *self.scale_offset())
+
+    def permute_rows(self, fn: RowFn) -> "Q4KBlocks":
+        return Q4KBlocks(fn(self.q), fn(self.sc), fn(self.m), fn(self.d), fn(self.dmin))
+
+    @classmethod
+    def empty(cls, n: int, k: int) -> "Q4KBlocks":
+        if k % SUPER:
+            raise ValueError(f"Q4_K rows need K % {SUPER} == 0, got {k}")
+        u8 = torch.uint8
+        return cls(torch.empty(n, k, dtype=u8), torch.empty(n, k // GROUP, dtype=u8),
+                   torch.empty(n, k // GROUP, dtype=u8), torch.empty(n, k // SUPER),
+                   torch.empty(n, k // SUPER))
+
+    def set_rows(self, rows: slice, part: "Q4KBlocks") -> None:
+        self.q[rows], self.sc[rows], self.m[rows] = part.q, part.sc, part.m
+        self.d[rows], self.dmin[rows] = part.d, part.dmin
 
 
 @dataclass(frozen=True)

@@ -236,6 +236,18 @@ def q4_k_parts(raw: np.ndarray, shape: tuple[int, ...]
     return (q.reshape(r, nb, 8, 32), *_k_sub_scales(b))
 
 
+def q4_k_codes(raw: np.ndarray, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """Q4_K's own fields per row: codes uint8 (rows, K) in [0, 15], sub-block scales and mins
+    uint8 (rows, K/32) in [0, 63], d and dmin float32 (rows, K/256) (fp16 widened);
+    w = (d * sc) * q - (dmin * m) per 32 columns, as `dequant_q4_k`."""
+    b = _blocks(raw, shape, QK_K, 144)  # (rows, blocks, 144)
+    r, nb = b.shape[:2]
+    q = _unpack(b[..., 16:].reshape(r, nb, 4, 32), 4).reshape(r, nb * QK_K)
+    sc, mn = _k_scale_min(b[..., 4:16])  # float32 (rows, blocks, 8) each
+    return (q, sc.to(torch.uint8).reshape(r, nb * 8), mn.to(torch.uint8).reshape(r, nb * 8),
+            _fp16_field(b, 0).reshape(r, nb), _fp16_field(b, 2).reshape(r, nb))
+
+
 def dequant_q4_k(raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     """Q4_K: 8 sub-blocks of 32; each 32-byte run of qs holds two (low, then high nibbles)."""
     q, ds, dm = q4_k_parts(raw, shape)

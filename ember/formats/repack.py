@@ -96,10 +96,12 @@ def requantized(tensors: Iterable[tuple[str, T, np.ndarray, tuple[int, ...]]], w
         if not name.startswith("blk.") or len(shape) != 2:
             continue
         fmt = (nearest_kernel_format(qtype) or "int8") if weights == "native" else weights
-        exact = exact_q4 if fmt == "int4" else exact_q8
-        if exact(qtype, raw, shape) is not None:
+        exact = exact_q4 if fmt in ("int4", "int4k") else exact_q8
+        if fmt == "int6" or exact(qtype, raw, shape) is not None:
+            # NOTE: 'int6' is given to Q6_K only, which it holds exactly (a Q6_K part fused
+            # with another type runs Q8 by round-to-nearest: not counted here)
             continue
-        key = (qtype.name, "q4-g32" if fmt == "int4" else "q8-g32")
+        key = (qtype.name, "q4-g32" if fmt in ("int4", "int4k") else "q8-g32")
         counts[key] = counts.get(key, 0) + 1
         if measure:
             values = format_for(qtype).dequantize(raw, shape)
@@ -120,19 +122,26 @@ _DENSE_TYPES = frozenset({T.F32, T.F16, T.BF16})
 
 def nearest_kernel_format(qtype: T) -> str | None:
     """The kernel format that holds a quantized GGUF type exactly or nearest: 'int4' (Q4 g32:
-    Q4_0, Q4_1, Q4_K exactly), 'int5' (Q5 g32: Q5_0 exactly) or 'int8' (Q8 g32: Q8_0 exactly;
+    Q4_0, Q4_1 exactly), 'int4k' (Q4K: Q4_K exactly, its own 6-bit scales; 'int4' off the
+    kernels), 'int5' (Q5 g32: Q5_0 exactly), 'int6' (Q6: Q6_K exactly) or 'int8' (Q8 g32: Q8_0
+    exactly;
     Q5_1, Q6_K, the other K-quants by round-to-nearest, a finer grid than Q4); None for dense
     types."""
     if qtype in _DENSE_TYPES:
         return None
+    if qtype == T.Q6_K:
+        return "int6"  # NOTE: its own exact kernel format (the Q6 layout); 'int8' off the kernels
+    if qtype == T.Q4_K:
+        return "int4k"  # NOTE: its own exact kernel format (Q4K: the file's 6-bit scales)
     if qtype == T.Q5_0:
         return "int5"  # NOTE: its own exact kernel format (Q5 g32); 'int8' off the kernels
     return "int4" if qtype in _INT4_TYPES else "int8"
 
 
 def is_exact(qtype: T) -> bool:
-    """Whether tensors of this type reach a kernel format without rounding."""
-    return qtype in _EXACT
+    """Whether tensors of this type reach a kernel format without rounding (Q6_K: the Q6
+    layout, which native plans give it; one-format int8 plans round it to Q8)."""
+    return qtype in _EXACT or qtype == T.Q6_K
 
 
 def to_kernel_blocks(qtype: T, raw: np.ndarray, shape: tuple[int, ...]) -> KernelBlocks:

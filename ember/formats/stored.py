@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-from ember.formats.blocks import Q4Blocks, Q8Blocks
+from ember.formats.blocks import Q4Blocks, Q4KBlocks, Q8Blocks
 from ember.formats.repack import exact_q4, exact_q8
 from ember.formats.table import format_for
 
@@ -41,6 +41,10 @@ class StoredWeight(Protocol):
         """The exact group-32 Q8 form, or None when the storage has none."""
         ...
 
+    def q4k(self) -> Q4KBlocks | None:
+        """GGUF Q4_K's own fields (the Q4K kernel format), or None for any other storage."""
+        ...
+
 
 @dataclass(frozen=True)
 class DenseWeight:
@@ -59,6 +63,9 @@ class DenseWeight:
         return None
 
     def q8(self) -> Q8Blocks | None:
+        return None
+
+    def q4k(self) -> Q4KBlocks | None:
         return None
 
 
@@ -88,3 +95,9 @@ class BlockWeight:
         if self.transform is not None:
             return None
         return exact_q8(self.qtype, self.raw, self.shape)  # Q8_0, Q5_0
+
+    def q4k(self) -> Q4KBlocks | None:
+        if self.qtype != T.Q4_K or len(self.shape) != 2:
+            return None
+        blocks = Q4KBlocks.from_q4_k(self.raw, self.shape)
+        return blocks if self.transform is None else blocks.permute_rows(self.transform)

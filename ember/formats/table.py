@@ -29,6 +29,12 @@ RUNS_Q8 = "exact repack into Q8 g32 (kernel format)"
 RUNS_Q5 = ("exact repack into Q5 g32 (kernel format, the file's 22 bytes per 32 weights); Q8 g32 "
            "where a "
            "fused projection mixes it with another type")
+RUNS_Q4K = ("exact repack into Q4K (kernel format: the file's 6-bit sub-block scales and mins, "
+            "19 bytes per 32 weights, the file's 18); Q4 g32 where a fused projection mixes it "
+            "with another 4-bit type")
+RUNS_Q6 = ("exact repack into Q6 (kernel format: the file's codes, sub-scales and super-block d, "
+           "6.56 bits a weight); Q8 g32 by round-to-nearest where a fused projection mixes it "
+           "with another type (error reported at load)")
 RUNS_DEQUANT = "requantized to Q8 g32 by round-to-nearest (error reported at load)"
 
 
@@ -72,9 +78,9 @@ _SPECS = (
     FormatSpec("Q5_1", T.Q5_1, 32, 24, dequant.dequant_q5_1, RUNS_DEQUANT),
     FormatSpec("Q2_K", T.Q2_K, 256, 84, dequant.dequant_q2_k, RUNS_DEQUANT),
     FormatSpec("Q3_K", T.Q3_K, 256, 110, dequant.dequant_q3_k, RUNS_DEQUANT),
-    FormatSpec("Q4_K", T.Q4_K, 256, 144, dequant.dequant_q4_k, RUNS_INT4_REPACK),
+    FormatSpec("Q4_K", T.Q4_K, 256, 144, dequant.dequant_q4_k, RUNS_Q4K),
     FormatSpec("Q5_K", T.Q5_K, 256, 176, dequant.dequant_q5_k, RUNS_DEQUANT),
-    FormatSpec("Q6_K", T.Q6_K, 256, 210, dequant.dequant_q6_k, RUNS_DEQUANT, head="q6"),
+    FormatSpec("Q6_K", T.Q6_K, 256, 210, dequant.dequant_q6_k, RUNS_Q6, head="q6"),
     FormatSpec("Q8_K", T.Q8_K, 256, 292, dequant.dequant_q8_k, RUNS_DEQUANT),
 )
 

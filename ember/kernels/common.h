@@ -12,10 +12,12 @@ constexpr int kTile = 16;
 constexpr int kChunk = 8;  // activation rows sharing one unpacked weight block
 constexpr int64_t kQ5BlockBytes = 352;  // Q5 tile block: 256 nibbles, 64 fifth bits, 16 fp16 d
 constexpr int64_t kQ8hBlockBytes = 544;  // Q8h tile block: Q8's 512 code bytes, 16 fp16 d
+constexpr int64_t kQ4kBlockBytes = 288;  // Q4K tile block: Q4's 256 nibbles, 16 u8 sc, 16 u8 m
+constexpr int64_t kQ4kSuper = 8;  // Q4K blocks of 32 per d / dmin (GGUF Q4_K's 256 columns)
 
 // A weight matrix in one of the kernel formats.
 struct LinearW {
-  int64_t fmt;  // 4 = Q4, 5 = Q5, 8 = Q8, 9 = Q8h (Q8 with float16 scales in its blocks)
+  int64_t fmt;  // 4 = Q4, 5 = Q5, 6 = Q4K, 7 = Q6 (q6_layers.h), 8 = Q8, 9 = Q8h (Q8 with float16 scales in its blocks)
   int64_t n, k;  // logical shape (out, in); outputs are padded to np = n rounded up to 16
   const uint8_t* w;
   const float* d;  // (unused for Q5: its scales are in w)

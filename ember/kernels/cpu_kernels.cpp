@@ -74,6 +74,26 @@ void q8h_rows(const uint8_t* q, int64_t k, const int64_t* ids, int64_t t, float*
   }
 }
 
+// y (M, Np) = x (M, K) @ W^T for Q4K weights (packed (Np/16, K/32, 288); d and -dmin
+// (Np/16, K/256, 16) float32).
+void q4k_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, const float* d,
+              const float* nm, int64_t np, float* y, int nthreads) {
+  const QuantizedActs a(x, mrows, k);
+  const LinearW lw{6, np, k, packed, d, nm};
+#pragma omp parallel num_threads(nthreads)
+  gemm_tiles(lw, a, mrows, y);
+}
+
+// y (M, Np) = x (M, K) @ W^T for Q6 layer weights (q6_layers.h: the Q6 head's layout with
+// 256-column super-blocks).
+void q6x_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, const float* d,
+              int64_t np, float* y, int nthreads) {
+  const QuantizedActs a(x, mrows, k);
+  const LinearW lw{7, np, k, packed, d, nullptr};
+#pragma omp parallel num_threads(nthreads)
+  gemm_tiles(lw, a, mrows, y);
+}
+
 // Rows `ids` (T,) of Q8 weights dequantized into out (T, K) float32 (embedding lookup).
 void q8_rows(const uint8_t* q, const float* d, int64_t k, const int64_t* ids, int64_t t,
              float* out) {

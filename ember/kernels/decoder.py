@@ -26,7 +26,7 @@ import torch
 from ember.kernels.abi import LayerW, LinearW, Shape
 from ember.kernels.ops import CpuKernels, check_kv_caches, optional_ptr
 
-Q4, Q5, Q8, Q8H = 4, 5, 8, 9
+Q4, Q5, Q4K, Q6, Q8, Q8H = 4, 5, 6, 7, 8, 9
 """`KernelLinear.fmt` values (kernels.h `LinearW::fmt`)."""
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 """`LayerStack.activation` -> decoder.cpp `Shape::activation`."""
@@ -34,8 +34,8 @@ ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 
 @dataclass(frozen=True)
 class KernelLinear:
-    """A weight matrix in a kernel format: fmt Q4 (w, d, m), Q8 (w, d), or Q5 / Q8H (w with its
-    scales inside, d empty); logical (n, k)."""
+    """A weight matrix in a kernel format: fmt Q4 (w, d, m), Q4K (w, d, -dmin), Q6 / Q8 (w, d), or
+    Q5 / Q8H (w with its scales inside, d empty); logical (n, k)."""
 
     fmt: int
     n: int

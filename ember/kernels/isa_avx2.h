@@ -134,6 +134,60 @@ inline void q4_tile(const uint8_t* w, const float* d, const float* mn, const Qua
   }
 }
 
+// One 16-row tile of Q4K weights (GGUF Q4_K's codes: w = d sc u - dmin m, u in [0, 15]): a
+// block is the Q4 tile's 256 nibble bytes, then the 16 rows' 6-bit sub-block scales sc and
+// mins m as bytes (288 bytes a 16 x 32 block against Q4's 384); d and -dmin are float32
+// (tiles, K/256, 16). d sc and -dmin m are exact in float32 (11-bit x 6-bit), so with the Q4
+// kernel's math on them the outputs are the Q4 repack's bit for bit.
+template <int C>
+inline void q4k_tile(const uint8_t* w, const float* d, const float* nm, const QuantizedActs& a,
+                     int64_t m0, float* y, int64_t n) {
+  __m256 acc[C][2];
+  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wb = w + b * kQ4kBlockBytes;
+    for (int c = 0; c < 5; ++c)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * kQ4kBlockBytes + 64 * c), _MM_HINT_T0);
+    __m256i wv[2][8];  // [half][j]: half 0 = rows 0..7, 1 = rows 8..15
+    for (int c = 0; c < 4; ++c)
+      for (int h = 0; h < 2; ++h) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
+        wv[h][c] = _mm256_and_si256(raw, mask);
+        wv[h][c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+      }
+    const float *ds = d + (b / kQ4kSuper) * kTile, *ms = nm + (b / kQ4kSuper) * kTile;
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 256));
+    const __m128i mn = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 272));
+    const __m256 dw[2] = {
+        _mm256_mul_ps(_mm256_loadu_ps(ds), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc))),
+        _mm256_mul_ps(_mm256_loadu_ps(ds + 8),
+                      _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sc, 8))))};
+    const __m256 mw[2] = {
+        _mm256_mul_ps(_mm256_loadu_ps(ms), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn))),
+        _mm256_mul_ps(_mm256_loadu_ps(ms + 8),
+                      _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mn, 8))))};
+    for (int c = 0; c < C; ++c) {
+      const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
+      __m256i xb[8];
+      for (int j = 0; j < 8; ++j) xb[j] = bcast4(xq + 4 * j);
+      const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
+      const __m256 ad = _mm256_set1_ps(a.d[ab]), as = _mm256_set1_ps(a.s[ab]);
+      for (int h = 0; h < 2; ++h) {
+        __m256i s16 = _mm256_maddubs_epi16(wv[h][0], xb[0]);
+        for (int j = 1; j < 8; ++j) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wv[h][j], xb[j]));
+        const __m256i dot = _mm256_madd_epi16(s16, ones);
+        acc[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[h], ad), acc[c][h]);
+        acc[c][h] = _mm256_fmadd_ps(mw[h], as, acc[c][h]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    _mm256_storeu_ps(y + (m0 + c) * n, acc[c][0]);
+    _mm256_storeu_ps(y + (m0 + c) * n + 8, acc[c][1]);
+  }
+}
+
 // H (Q8h): the block's 16 scales are float16 after its 512 code bytes (d unused).
 template <int C, bool H = false>
 inline void q8_tile(const uint8_t* w, const float* d, const QuantizedActs& a, int64_t m0,
@@ -243,6 +297,8 @@ inline void q5_tile(const uint8_t* w, const QuantizedActs& a, int64_t m0, float*
   }
 }
 
+#include "q6_layers.h"  // q6x_tile: Q6 layers (GGUF Q6_K exact)
+
 template <int C>
 inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int64_t m0, float* yt,
                       int64_t np) {
@@ -251,6 +307,12 @@ inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int6
     q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
   else if (lw.fmt == 5)
     q5_tile<C>(lw.w + t * nb * kQ5BlockBytes, a, m0, yt, np);
+  else if (lw.fmt == 7)
+    q6x_tile<C>(lw.w + t * nb * kQ6xBlockBytes, lw.d + t * (nb / kQ6xSuper) * kTile, a, m0, yt,
+                np);
+  else if (lw.fmt == 6)
+    q4k_tile<C>(lw.w + t * nb * kQ4kBlockBytes, lw.d + t * (nb / kQ4kSuper) * kTile,
+                lw.m + t * (nb / kQ4kSuper) * kTile, a, m0, yt, np);
   else if (lw.fmt == 9)
     q8_tile<C, true>(lw.w + t * nb * kQ8hBlockBytes, nullptr, a, m0, yt, np);
   else

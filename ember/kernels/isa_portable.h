@@ -185,6 +185,60 @@ inline void q4_tile(const uint8_t* __restrict w, const float* __restrict d,
     for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
 }
 
+// Q4K (layout: isa_avx2.h q4k_tile): q4_tile's integer dot and float math, with the block's
+// scale d sc and offset -dmin m formed first (exact in float32): the Q4 repack's outputs.
+template <int C>
+inline void q4k_tile(const uint8_t* __restrict w, const float* __restrict d,
+                     const float* __restrict nm, const QuantizedActs& a, int64_t m0,
+                     float* __restrict y, int64_t n) {
+  float acc[C][kTile];
+  for (int c = 0; c < C; ++c)
+    for (int l = 0; l < kTile; ++l) acc[c][l] = 0.0f;
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* __restrict wb = w + b * kQ4kBlockBytes;
+    __builtin_prefetch(wb + 8 * kQ4kBlockBytes, 0, 3);
+    __builtin_prefetch(wb + 8 * kQ4kBlockBytes + 128, 0, 3);
+    __builtin_prefetch(wb + 8 * kQ4kBlockBytes + 256, 0, 3);
+    vi16 wc[2][4][4];  // [half][vector c][column]
+    for (int h = 0; h < 2; ++h)
+      for (int c = 0; c < 4; ++c) {
+        const vu16 raw = load_u16x16(wb + 64 * c + 32 * h);
+        wc[h][c][0] = reinterpret_cast<vi16>(raw & 15);
+        wc[h][c][1] = reinterpret_cast<vi16>((raw >> 8) & 15);
+        wc[h][c][2] = reinterpret_cast<vi16>((raw >> 4) & 15);
+        wc[h][c][3] = reinterpret_cast<vi16>(raw >> 12);
+      }
+    const float* __restrict ds = d + (b / kQ4kSuper) * kTile;
+    const float* __restrict ms = nm + (b / kQ4kSuper) * kTile;
+    float db[kTile], mb[kTile];
+    for (int l = 0; l < kTile; ++l) {
+      db[l] = ds[l] * static_cast<float>(wb[256 + l]);
+      mb[l] = ms[l] * static_cast<float>(wb[272 + l]);
+    }
+    for (int r = 0; r < C; ++r) {
+      const int16_t* __restrict x16 = a.qrow16(m0 + r) + b * kBlock;
+      int32_t dot[kTile];
+      for (int h = 0; h < 2; ++h) {
+        vi16 s = vi16{};
+        for (int c = 0; c < 4; ++c)
+          s += wc[h][c][0] * pair_pattern(x16, c, 0) + wc[h][c][1] * pair_pattern(x16, c, 1) +
+               wc[h][c][2] * pair_pattern(x16, 4 + c, 0) +
+               wc[h][c][3] * pair_pattern(x16, 4 + c, 1);
+        const vi32 s32 = pair_sum(s);
+        memcpy(dot + 8 * h, &s32, sizeof(s32));
+      }
+      const size_t ab = static_cast<size_t>((m0 + r) * a.nb + b);
+      const float ad = a.d[ab], as = a.s[ab];
+      float* __restrict ac = acc[r];
+#pragma omp simd
+      for (int l = 0; l < kTile; ++l)
+        ac[l] = EMBER_MADD(mb[l], as, EMBER_MADD(static_cast<float>(dot[l]), db[l] * ad, ac[l]));
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
+}
+
 // Q8: per block and half, 8 vectors j x 2 columns (low / high byte: k = 4j + 2q, 4j + 2q + 1)
 // of signed weights q = u - 128 (the xor flips the offset into the sign: u ^ 0x80 = q as
 // int8); a vector's two products per lane (2 * 127 * 128 = 32512) fit int16, then pair_sum
@@ -288,6 +342,8 @@ inline void q5_tile(const uint8_t* __restrict w, const QuantizedActs& a, int64_t
     for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
 }
 
+#include "q6_layers.h"  // q6x_tile: Q6 layers (GGUF Q6_K exact)
+
 template <int C>
 inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int64_t m0, float* yt,
                       int64_t np) {
@@ -296,6 +352,12 @@ inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int6
     q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
   else if (lw.fmt == 5)
     q5_tile<C>(lw.w + t * nb * kQ5BlockBytes, a, m0, yt, np);
+  else if (lw.fmt == 7)
+    q6x_tile<C>(lw.w + t * nb * kQ6xBlockBytes, lw.d + t * (nb / kQ6xSuper) * kTile, a, m0, yt,
+                np);
+  else if (lw.fmt == 6)
+    q4k_tile<C>(lw.w + t * nb * kQ4kBlockBytes, lw.d + t * (nb / kQ4kSuper) * kTile,
+                lw.m + t * (nb / kQ4kSuper) * kTile, a, m0, yt, np);
   else if (lw.fmt == 9)
     q8_tile<C, true>(lw.w + t * nb * kQ8hBlockBytes, nullptr, a, m0, yt, np);
   else

@@ -92,6 +92,33 @@ def pack_q4(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
     return packed, _tile_scales(scale), _tile_scales(offset)
 
 
+Q4K_BLOCK_BYTES = 288
+"""kernels' Q4K tile block (common.h kQ4kBlockBytes): Q4's 256 nibble bytes, 16 + 16 bytes of
+sub-block scales and mins."""
+Q4K_SUPER = 256
+"""Columns per Q4K d / dmin (GGUF Q4_K's super-block; common.h kQ4kSuper blocks of 32)."""
+
+
+def pack_q4k(q: torch.Tensor, sc: torch.Tensor, m: torch.Tensor, d: torch.Tensor,
+             dmin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_K's fields (q (N, K) uint8 in [0, 15]; sc, m (N, K/32) uint8 in [0, 63]; d, dmin
+    (N, K/256) float32; w = d sc q - dmin m) into the kernels' Q4K layout: packed (Np/16, K/32,
+    288) uint8, per block the Q4 layout's 256 nibble bytes, then sc and m of the tile's 16
+    rows; d and -dmin (Np/16, K/256, 16) float32: 19 bytes per 32 weights (the file's 18, its
+    d / dmin being float16) against Q4's 24."""
+    n, k = q.shape
+    if k % Q4K_SUPER or sc.shape != (n, k // BLOCK) or m.shape != sc.shape \
+            or d.shape != (n, k // Q4K_SUPER) or dmin.shape != d.shape:
+        raise ValueError(f"Q4K kernels need K % {Q4K_SUPER} == 0 and Q4_K's field shapes")
+    if q.numel() and int(q.max()) > 15 or sc.numel() and max(int(sc.max()), int(m.max())) > 63:
+        raise ValueError("Q4K kernels need codes in [0, 15] and scales / mins in [0, 63]")
+    nib = pack_q4(q, torch.zeros(n, k // BLOCK), torch.zeros(n, k // BLOCK))[0]
+    tiles, nb = nib.shape[0], k // BLOCK
+    lanes = [_pad_rows(t.to(torch.uint8)).view(tiles, TILE, nb).transpose(1, 2) for t in (sc, m)]
+    packed = torch.cat([nib.reshape(tiles, nb, 256), *lanes], dim=2).contiguous()
+    return packed, _tile_scales(d), _tile_scales(-dmin)
+
+
 def pack_q8(q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-32 8-bit weights w = q * d (q (N, K) int8, d (N, K/32)) into the kernel layout:
     u = q + 128 (Np/16, K/32, 8, 64) uint8 and d (Np/16, K/32, 16) float32 (exact)."""
@@ -181,6 +208,8 @@ class CpuKernels:
             "q4_gemm": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32],
             "q8_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
             "q5_gemm": [ptr, i64, i64, ptr, i64, ptr, i32],
+            "q4k_gemm": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32],
+            "q6x_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
             "q8h_gemm": [ptr, i64, i64, ptr, i64, ptr, i32],
             "q8h_rows": [ptr, i64, ptr, i64, ptr],
             "q8_rows": [ptr, ptr, i64, ptr, i64, ptr],
@@ -245,6 +274,24 @@ class CpuKernels:
         y = torch.empty(mrows, q.shape[0] * TILE, dtype=torch.float32)
         self.lib.q8_gemm(_ptr(x), mrows, k, _ptr(q), _ptr(d), y.shape[1], _ptr(y),
                          self.num_threads)
+        return y
+
+    def q4k_gemm(self, x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor,
+                 neg_dmin: torch.Tensor) -> torch.Tensor:
+        """x (M, K) float32 -> (M, Np) for Q4K weights (`pack_q4k`)."""
+        mrows, k = x.shape
+        y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
+        self.lib.q4k_gemm(_ptr(x), mrows, k, _ptr(packed), _ptr(d), _ptr(neg_dmin), y.shape[1],
+                          _ptr(y), self.num_threads)
+        return y
+
+    def q6x_gemm(self, x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """x (M, K) float32 -> (M, Np) for Q6 layer weights (`ember.formats.q6.pack_q6` with
+        256-column super-blocks: GGUF Q6_K's)."""
+        mrows, k = x.shape
+        y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
+        self.lib.q6x_gemm(_ptr(x), mrows, k, _ptr(packed), _ptr(d), y.shape[1], _ptr(y),
+                          self.num_threads)
         return y
 
     def q5_gemm(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ember.layers.activation import SiluAndMul
-from ember.layers.cpu_quant import Q4Linear, Q5Linear, Q8Embedding, Q8HeadLinear, Q8Linear
+from ember.layers.cpu_quant import (Q4KLinear, Q4Linear, Q5Linear, Q8Embedding, Q8HeadLinear,
+                                   Q8Linear)
 from ember.layers.embedding import Embedding
 from ember.layers.linear import AddBias, Linear, LinearBase
 from ember.layers.norm import RMSNorm
@@ -91,15 +92,18 @@ class LayerFactory:
         if self.weights is None:
             return None
         formats = {self.tensor_formats.get(n, self.weights) for n in names} or {self.weights}
-        if formats == {"int5"} and self.kernels is not None:
-            return "int5"  # NOTE: GGUF Q5_0 codes, exact in the kernels' Q5 layout
-        return "int4" if formats == {"int4"} else "int8"
+        if formats in ({"int5"}, {"int4k"}, {"int6"}) and self.kernels is not None:
+            # NOTE: GGUF Q5_0 / Q4_K / Q6_K codes, exact in the kernels' Q5 / Q4K / Q6 layouts
+            return formats.pop()
+        return "int4" if formats <= {"int4", "int4k"} else "int8"
 
     def _quantized(self, in_features: int, out_features: int | Sequence[int],
                    fmt: str) -> LinearBase:
         four_bit = fmt == "int4"
         if self.kernels is not None:
-            cls = Q4Linear if four_bit else Q5Linear if fmt == "int5" else Q8Linear
+            from ember.layers.q6_head import Q6LayerLinear
+            cls = {"int4": Q4Linear, "int5": Q5Linear, "int4k": Q4KLinear,
+                   "int6": Q6LayerLinear}.get(fmt, Q8Linear)
             return cls(in_features, out_features, self.kernels, self.dtype)
         if four_bit:
             return Int4Linear(in_features, out_features, self.keep_dense, dtype=self.dtype)

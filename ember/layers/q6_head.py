@@ -14,7 +14,8 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from ember.formats.q6 import BLOCK, SUB, TILE, Q6Blocks, pack_q6, super_blocks
-from ember.formats.stored import StoredWeight
+from ember.formats.stored import BlockWeight, StoredWeight
+from ember.kernels.decoder import Q6, KernelLinear
 from ember.kernels.ops import CpuKernels
 from ember.layers.cpu_quant import _KernelLinear
 
@@ -103,3 +104,31 @@ class Q6Linear(_KernelLinear):
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         return q6_gemm(self.kernels, x2, self.packed, self.d, self.sb)
+
+
+class Q6LayerLinear(Q6Linear):
+    """A decoder projection stored as GGUF Q6_K, run exactly in the Q6 layout (256-column
+    super-blocks) by the fused decoder (kernels' q6_layers.h) and `q6x_gemm`: the file's 6.56
+    bits a weight against Q8's 9. Loads only Q6_K parts (row-permuted ones too, exactly); the
+    plan gives this format to nothing else."""
+
+    def load_weight(self, rows: slice, weight: StoredWeight) -> None:
+        if not isinstance(weight, BlockWeight) or weight.qtype != T.Q6_K or len(weight.shape) != 2:
+            raise ValueError("the Q6 layer format holds only GGUF Q6_K matrices; this part is "
+                             "not one")
+        part = Q6Blocks.from_q6_k(weight.raw, weight.shape)
+        if weight.transform is not None:
+            fn = weight.transform
+            part = Q6Blocks(fn(part.q), fn(part.sc), fn(part.d), part.sb)
+        self._parts.append((rows, part))
+
+    def finalize(self) -> None:
+        super().finalize()
+        if self.sb != 8:
+            raise ValueError(f"Q6 layers need 256-column super-blocks, got {self.sb * BLOCK}")
+
+    def kernel_linear(self) -> KernelLinear:
+        return KernelLinear(Q6, self.out_features, self.in_features, self.packed, self.d)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        return self.kernels.q6x_gemm(x2, self.packed, self.d)

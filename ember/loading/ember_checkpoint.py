@@ -21,7 +21,7 @@ import torch
 from ember.loading.ember_format import (CONFIG_FILE, DENSE_DTYPES, FORMAT_NAME, FORMAT_VERSION,
                                         QUANT_BITS, TOKENIZER_FILE, WEIGHTS_FILE, QuantizedTensor)
 from ember.errors import ModelLoadError
-from ember.formats.blocks import GROUP, Q4Blocks, Q8Blocks
+from ember.formats.blocks import GROUP, Q4Blocks, Q4KBlocks, Q8Blocks
 from ember.formats.stored import DenseWeight, StoredWeight
 from ember.models.arch import ArchConfig
 from ember.tokenizer import Tokenizer
@@ -182,6 +182,9 @@ class GroupedWeight:
         return Q4Blocks.from_grouped(qt.codes(), qt.scales, qt.zeros, qt.group_size)
 
     def q8(self) -> Q8Blocks | None:
+        return None
+
+    def q4k(self) -> Q4KBlocks | None:
         return None
 
 

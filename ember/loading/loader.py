@@ -106,10 +106,10 @@ Q4_HEAD_NOTE = ("LM head requantized to q4-g32 by round-to-nearest (--quantizati
                 "cost (ppl_2048) beside the speed")
 
 
-Q6_HEAD_NOTE = ("LM head in Q6 (--quantization native-q6head, opt-in: Q6_K's geometry, exact "
-                "for a Q6_K head, else requantized by llama.cpp's Q6_K recipe; Gemma 3 270M's "
-                "Q8_0 head: rel. error ~2.0%, perplexity +0.2-0.3% over the exact head, 31% "
-                "fewer head bytes per token)")
+Q6_HEAD_NOTE = ("LM head in Q6 (--quantization native: Q6_K's geometry, exact for a Q6_K "
+                "head, else requantized by llama.cpp's Q6_K recipe; Gemma 3 270M's Q8_0 head: "
+                "rel. error ~2.0%, perplexity +0.2-0.3% over the exact head, 21% fewer head "
+                "bytes per token; -q native-q8head keeps the exact 8-bit head)")
 
 
 def _requantized(ckpt: Checkpoint, plan: ExecutionPlan, measure: bool) -> str | None:

@@ -67,16 +67,20 @@ def test_requantized_names_what_the_kernel_format_rounds():
     four = requantized(items, "int4")
     assert four is not None and "Q4_K" not in four and "Q5_0 x1 to q4-g32" in four
     assert requantized(items[:1], "int8") is None  # Q5_0 -> Q8 is exact
-    # native: each type in its nearest kernel format, so only Q6_K (-> Q8) is rounded
-    native = requantized(items, "native")
-    assert native == "requantized by round-to-nearest: Q6_K x2 to q8-g32"
+    # native: each type in its nearest kernel format (Q6_K -> Q6 exactly): nothing is rounded
+    assert requantized(items, "native") is None
+    q5_1 = [("blk.0.e.weight", T.Q5_1, random_raw(T.Q5_1, SHAPE), SHAPE)]
+    assert requantized(items + q5_1, "native") == \
+        "requantized by round-to-nearest: Q5_1 x1 to q8-g32"
 
 
 def test_nearest_kernel_format_per_type():
     from ember.formats.repack import nearest_kernel_format
 
-    assert [nearest_kernel_format(t) for t in (T.Q4_0, T.Q4_1, T.Q4_K)] == ["int4"] * 3
-    assert [nearest_kernel_format(t) for t in (T.Q8_0, T.Q6_K, T.Q5_K)] == ["int8"] * 3
+    assert [nearest_kernel_format(t) for t in (T.Q4_0, T.Q4_1)] == ["int4"] * 2
+    assert nearest_kernel_format(T.Q4_K) == "int4k"
+    assert [nearest_kernel_format(t) for t in (T.Q8_0, T.Q5_K)] == ["int8"] * 2
+    assert nearest_kernel_format(T.Q6_K) == "int6"
     assert nearest_kernel_format(T.Q5_0) == "int5"
     assert nearest_kernel_format(T.F16) is None and nearest_kernel_format(T.F32) is None
 

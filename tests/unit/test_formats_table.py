@@ -110,10 +110,12 @@ def test_table_lookup() -> None:
     assert {T.F32, T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K} <= SUPPORTED_GGUF_TYPES
     for spec in GGUF_SPECS:
         assert spec.qtype is not None and format_for(spec.qtype) is spec
-    assert format_for(T.Q4_K).runs == "exact repack into Q4 g32 (kernel format)"
+    assert format_for(T.Q4_K).runs.startswith("exact repack into Q4K (kernel format")
+    assert format_for(T.Q4_0).runs == "exact repack into Q4 g32 (kernel format)"
     assert format_for(T.Q5_0).runs.startswith("exact repack into Q5 g32 (kernel format")
     assert format_for(T.BF16).runs.startswith("dense")
-    assert format_for(T.Q6_K).runs.startswith("requantized to Q8 g32")
+    assert format_for(T.Q6_K).runs.startswith("exact repack into Q6 (kernel format")
+    assert format_for(T.Q5_1).runs.startswith("requantized to Q8 g32")
     with pytest.raises(TypeError):
         FORMATS["Q4_0"] = FORMATS["Q8_0"]  # type: ignore[index]
 

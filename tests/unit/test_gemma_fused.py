@@ -129,7 +129,8 @@ def _generate(engine: LLMEngine, prompts: list[list[int]] = ENGINE_PROMPTS
             torch.tensor([[lp.logprob for lp in o.logprobs] for o in outs]))
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4", "native", "native-q4head"])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "native", "native-q8head",
+                                          "native-q4head"])
 def test_fused_gemma_equals_module_path(kernels, quantization):
     fused_tokens, fused_lp = run(quantization, kernels, fused=True)
     module_tokens, module_lp = run(quantization, kernels, fused=False)
@@ -226,18 +227,24 @@ def test_fused_trimmed_preemption_and_prefix_cache(kernels):
 def test_native_plan_runs_each_matrix_in_its_format(kernels):
     """A 'native' plan builds each projection in its matrix's format (a fused one int4 only
     when all its parts are) and the fused decoder reads mixed int4/int8 layers (their
-    equality with the module path: test_fused_gemma_equals_module_path)."""
+    equality with the module path: test_fused_gemma_equals_module_path), the LM head in Q6
+    ('native-q8head': the exact 8-bit head)."""
     from ember.layers.factory import format_table
 
     loaded = tiny_gemma()
     config = ModelConfig(model="tiny", quantization="native")
     plan = resolve_plan(config, loaded.arch, type(loaded.model), "int8", kernels, MIXED)
-    assert plan.weights == "int8" and plan.head == "q8" and "native(int4 x" in plan.describe()
+    assert plan.weights == "int8" and plan.head == "q6" and "native(int4 x" in plan.describe()
     table = format_table(runtime_from(loaded, plan).model)
     assert table["self_attn.o_proj"] == {"q4-g32": 3}
     assert table["mlp.down_proj"] == {"q8-g32": 2, "q4-g32": 1}
     assert table["self_attn.qkv_proj"] == {"q8-g32": 1, "q4-g32": 2}
-    assert table["mlp.gate_up_proj"] == {"q8-g32": 3} and table["lm_head"] == {"q8-g32": 1}
+    assert table["mlp.gate_up_proj"] == {"q8-g32": 3}
+    assert len(table["lm_head"]) == 1 and next(iter(table["lm_head"])).startswith("q6"), table
+    q8head = resolve_plan(ModelConfig(model="tiny", quantization="native-q8head"), loaded.arch,
+                          type(loaded.model), "int8", kernels, MIXED)
+    assert q8head.head == "q8" and q8head.tensor_formats == plan.tensor_formats
+    assert format_table(runtime_from(loaded, q8head).model)["lm_head"] == {"q8-g32": 1}
     _, lp = run("native", kernels)
     _, int8_lp = run("int8", kernels)
     assert (lp - int8_lp).abs().max().item() > 1e-3  # the int4 matrices do run int4
@@ -259,7 +266,7 @@ def test_q4_head_is_opt_in_and_needs_the_kernels(kernels):
                       type(loaded.model), "int8", kernels, MIXED)
     assert isinstance(runtime_from(loaded, q4).model.lm_head, Q4Linear)
     _, lp = run("native-q4head", kernels)
-    _, exact_head = run("native", kernels)
+    _, exact_head = run("native-q8head", kernels)
     assert (lp - exact_head).abs().max().item() > 1e-3
     with pytest.raises(ConfigError, match="q4 LM head"):
         resolve_plan(ModelConfig(model="tiny", quantization="native-q4head"), loaded.arch,

@@ -245,3 +245,120 @@ def test_q5_linear_loads_gguf_q5_0_exactly(best_kernels):
     q5 = Q5Linear(96, 48, best_kernels)
     with pytest.raises(ValueError, match="Q5_0"):
         q5.load_weight(slice(0, 48), BlockWeight(T.Q8_0, quantize(w, T.Q8_0), (48, 96)))
+
+
+def _q4_k_raw(n: int, k: int, seed: int):
+    """Random GGUF Q4_K bytes (rows, k/256 * 144): random codes, 6-bit scales and mins, finite
+    float16 d and dmin of both signs (zero included)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(n, k // 256, 144), dtype=np.uint8)
+    for start in (0, 2):
+        scale = rng.uniform(-0.05, 0.05, size=blocks.shape[:2]).astype(np.float16)
+        scale[0, 0] = 0
+        blocks[..., start:start + 2] = scale[..., None].view(np.uint8)
+    return blocks.reshape(n, -1)
+
+
+@pytest.mark.parametrize("n, k, m", [(100, 256, 1), (48, 1024, 3), (64, 2048, 9)])
+def test_q4k_gemm_is_bitwise_q4_on_the_exact_form(kernels, n, k, m):
+    """Q4K (GGUF Q4_K's codes with its 6-bit sub-block scales and mins, 288 bytes per 16x32
+    block against Q4's 384) gives the Q4 kernel's outputs on the exact Q4 form bit for bit;
+    its reference dequantizer is the gguf library's, bit for bit."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize
+
+    from ember.formats.blocks import Q4KBlocks
+    from ember.kernels.ops import pack_q4k
+
+    raw = _q4_k_raw(n, k, n + k + m)
+    blocks = Q4KBlocks.from_q4_k(raw, (n, k))
+    want = torch.from_numpy(dequantize(raw, T.Q4_K).astype("float32")).reshape(n, k)
+    assert torch.equal(blocks.dequantize().view(torch.int32), want.view(torch.int32))
+    assert torch.equal(blocks.to_q4().dequantize().view(torch.int32), want.view(torch.int32))
+    gen = torch.Generator().manual_seed(n + k + m)
+    x = torch.randn(m, k, generator=gen) * 3
+    p4k = pack_q4k(blocks.q, blocks.sc, blocks.m, blocks.d, blocks.dmin)
+    assert p4k[0].shape == (-(-n // 16), k // 32, 288) and p4k[1].shape == (-(-n // 16), k // 256, 16)
+    w4 = blocks.to_q4()
+    got = kernels.q4k_gemm(x, *p4k)
+    assert torch.equal(got, kernels.q4_gemm(x, *pack_q4(w4.q, w4.scale, w4.offset)))
+    torch.testing.assert_close(got[:, :n], act_quantized(x) @ want.t(), atol=2e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="scales / mins in"):
+        pack_q4k(blocks.q, blocks.sc | 64, blocks.m, blocks.d, blocks.dmin)
+
+
+def test_q4k_linear_loads_gguf_q4_k_exactly(best_kernels):
+    """A GGUF Q4_K matrix (as stored, and row-permuted as llama.cpp's q/k are) loads into the
+    Q4K layer with the Q4 layer's outputs bit for bit; a Q8_0 part is refused by name."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    from ember.formats.stored import BlockWeight
+    from ember.layers.cpu_quant import Q4KLinear, Q4Linear
+
+    n, k = 40, 512
+    raw = _q4_k_raw(n, k, 7)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(7))
+    flip = lambda t: t.flip(0)  # noqa: E731 - a row permutation
+    for transform in (None, flip):
+        part = BlockWeight(T.Q4_K, raw, (n, k), transform)
+        q4k, q4 = Q4KLinear(k, n, best_kernels), Q4Linear(k, n, best_kernels)
+        for layer in (q4k, q4):
+            layer.load_weight(slice(0, n), part)
+            layer.finalize()
+        nbytes = [sum(t.numel() * t.element_size() for t in (lay.packed, lay.d, lay.m))
+                  for lay in (q4k, q4)]
+        assert q4k.format == "q4k-g32" and nbytes == [48 * 512 * 19 // 32, 48 * 512 * 24 // 32]
+        assert torch.equal(q4k(x), q4(x))
+        assert torch.equal(q4k.kernel_linear().w, q4k.packed)
+    with pytest.raises(ValueError, match="Q4_K"):
+        Q4KLinear(k, n, best_kernels).load_weight(
+            slice(0, n), BlockWeight(T.Q8_0, quantize(np.ones((n, k), np.float32), T.Q8_0),
+                                     (n, k)))
+
+
+@pytest.mark.parametrize("n, k, m", [(100, 256, 1), (48, 2048, 3), (64, 512, 9)])
+def test_q6_layer_gemm_is_bitwise_the_q6_head_kernel(kernels, n, k, m):
+    """Q6 layers (GGUF Q6_K exact, the fused decoder's fmt 7, activation sums formed in the
+    tile) equal the Q6 head kernel (q6_gemm, sums precomputed) bit for bit, and the dequantized
+    math within float rounding; the Q6_K reference dequantizer is the gguf library's, bit for
+    bit; a Q6LayerLinear loads a (row-permuted) Q6_K matrix with those outputs and refuses
+    other types."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize, quantize
+
+    from ember.formats.q6 import Q6Blocks, pack_q6
+    from ember.formats.stored import BlockWeight
+    from ember.layers.q6_head import Q6LayerLinear, q6_gemm
+
+    rng = np.random.default_rng(n + k + m)
+    blocks = rng.integers(0, 256, size=(n, k // 256, 210), dtype=np.uint8)
+    blocks[..., 208:210] = rng.uniform(0, 0.01, size=blocks.shape[:2]).astype(
+        np.float16)[..., None].view(np.uint8)
+    raw = blocks.reshape(n, -1)
+    q6 = Q6Blocks.from_q6_k(raw, (n, k))
+    want = torch.from_numpy(dequantize(raw, T.Q6_K).astype("float32")).reshape(n, k)
+    assert torch.equal(q6.dequantize().view(torch.int32), want.view(torch.int32))
+    packed, d = pack_q6(q6)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 3
+    got = kernels.q6x_gemm(x, packed, d)
+    assert torch.equal(got, q6_gemm(kernels, x, packed, d, 8))
+    torch.testing.assert_close(got[:, :n], act_quantized(x) @ want.t(), atol=2e-3, rtol=1e-4)
+    if kernels.isa == "portable":
+        return
+    flip = lambda t: t.flip(0)  # noqa: E731 - a row permutation
+    for transform in (None, flip):
+        layer = Q6LayerLinear(k, n, kernels)
+        layer.load_weight(slice(0, n), BlockWeight(T.Q6_K, raw, (n, k), transform))
+        layer.finalize()
+        ref = got if transform is None else got[:, :n].flip(1)
+        assert torch.equal(layer(x), ref[:, :n])
+        assert layer.kernel_linear().fmt == 7
+    with pytest.raises(ValueError, match="Q6_K"):
+        Q6LayerLinear(k, n, kernels).load_weight(
+            slice(0, n), BlockWeight(T.Q8_0, quantize(np.ones((n, k), np.float32), T.Q8_0),
+                                     (n, k)))

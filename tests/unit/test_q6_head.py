@@ -107,7 +107,10 @@ def test_plan_picks_q6_head_for_native_q6head() -> None:
     from ember.plan import _weights
 
     assert _weights("native-q6head", "int8", {"a": "int4"})[2] == "q6"
-    assert _weights("native", "int8", {})[2] == "q8"
+    # 'native' runs the head in Q6 (a Q8_0 head requantized); 'native-q8head' keeps it 8-bit
+    assert _weights("native", "int8", {})[2] == "q6"
+    assert _weights("native-q8head", "int8", {})[2] == "q8"
+    assert _weights("native-q8head", "int8", {"lm_head.weight": "q6"})[2] == "q8"
     # a Q6_K head (checkpoints marks it 'q6'): the native plan runs it exactly as Q6
     assert _weights("native", "int8", {"lm_head.weight": "q6"})[2] == "q6"
     assert _weights("native-q4head", "int8", {"lm_head.weight": "q6"})[2] == "q4"
@@ -119,7 +122,8 @@ def test_plan_picks_q6_head_for_native_q6head() -> None:
 
 def test_checkpoint_marks_a_q6_k_head() -> None:
     """The GGUF reader's per-tensor formats mark a Q6_K head (or tied embedding) 'q6', which
-    the plan then runs exactly; a Q6_K layer matrix stays 'int8', a Q8_0 head unmarked."""
+    the plan then runs exactly; a Q6_K layer matrix is 'int6' (the Q6 layer format), a Q8_0
+    head unmarked."""
     from types import SimpleNamespace
     from typing import Any
 
@@ -138,7 +142,7 @@ def test_checkpoint_marks_a_q6_k_head() -> None:
                       head_dim=256, max_position=64)
     tied = _gguf_tensor_formats(gf(T.Q6_K, True), Gemma3ForCausalLM, arch)
     assert tied["model.embed_tokens.weight"] == "q6"
-    assert tied["model.layers.0.mlp.down_proj.weight"] == "int8"
+    assert tied["model.layers.0.mlp.down_proj.weight"] == "int6"
     untied = dataclasses.replace(arch, tie_word_embeddings=False)
     assert _gguf_tensor_formats(gf(T.Q6_K, False), Gemma3ForCausalLM, untied)[
         "lm_head.weight"] == "q6"
