@@ -10,7 +10,8 @@
 //      vectors (Q4 / Q5 codes as u8, Q8 / Q8h as s8) and float scales, reused by all M rows;
 //   2. a register-blocked microkernel runs R activation rows x 16 outputs (2 ymm halves):
 //      R x 2 float accumulators + R x 2 int16 / int32 block sums + the two weight vectors and
-//      the broadcast activation fit the 16 ymm registers (R = 3 for Q4 / Q8, 2 for Q5).
+//      the broadcast activation fit the 16 ymm registers (R = 3 for Q4; 2 for Q5, and for
+//      Q8 / Q8h, whose sign trick needs two more registers).
 // The integer block dot products are exact and the float updates per block are the ones of
 // isa_avx2.h's tiles in the same order (acc = fma(float(dot), dw * ad, acc) [+ fma(m, s, acc)
 // for Q4]; a segment's accumulators are stored to y and reloaded, exactly), so the outputs are
@@ -180,7 +181,7 @@ inline void gemm_tiles_many(const LinearW& lw, const QuantizedActs& a, int64_t m
       const bool first = b0 == 0;
       if (lw.fmt == 4) many_rows<4, 3>(*s, a, mrows, b0, nbk, yt, np, first);
       else if (lw.fmt == 5) many_rows<5, 2>(*s, a, mrows, b0, nbk, yt, np, first);
-      else many_rows<8, 3>(*s, a, mrows, b0, nbk, yt, np, first);
+      else many_rows<8, 2>(*s, a, mrows, b0, nbk, yt, np, first);
     }
   }
   free(s);
