@@ -319,8 +319,13 @@ inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int6
     q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
 }
 
+inline void gemm_tiles_many(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y);
+constexpr int64_t kManyRowsFrom = 16;  // prefill chunks: avx2_prefill.h's kernel (bit-identical)
+
 // y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region.
 inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y) {
+  // avx2_prefill.h covers Q4 / Q5 / Q8 / Q8h; Q4K (6) and Q6 (7) keep the tiles below.
+  if (mrows >= kManyRowsFrom && lw.fmt != 6 && lw.fmt != 7) return gemm_tiles_many(lw, a, mrows, y);
   const int64_t np = padded(lw.n), tiles = np / kTile;
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < tiles; ++t) {
@@ -529,3 +534,5 @@ inline void bitmask_row(float* x, const int32_t* words, int64_t vocab) {
 }
 
 }  // namespace
+
+#include "avx2_prefill.h"

@@ -1,0 +1,90 @@
+"""The many-row (prefill) weight GEMMs: on AVX2, M >= 16 rows run avx2_prefill.h's
+register-blocked kernel (weights unpacked once per tile and K segment); each output row must
+equal the same row computed alone (the decode kernel) bit for bit, and the dequantized math
+within rounding, for every format, on ragged M / N / K (row remainders of the 3- and 2-row
+blocks, padded N, K across 16-block segments)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.formats.blocks import Q4Blocks, Q8Blocks
+from ember.kernels.build import missing_cpu_features, select_isa
+from ember.kernels.ops import CpuKernels, pack_q4, pack_q5, pack_q8, pack_q8h
+
+pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
+                                reason=f"CPU lacks {missing_cpu_features()}")
+
+BEST = select_isa()
+ISAS = ["best"] + (["portable"] if BEST is not None and BEST.name != "portable" else [])
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def kernels(request, load_kernels) -> CpuKernels:
+    return load_kernels(None if request.param == "best" else request.param)
+
+
+def act_quantized(x: torch.Tensor) -> torch.Tensor:
+    """x with each 32-value block rounded to int8 codes and back (the kernels' activations)."""
+    xb = x.view(x.shape[0], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    q = torch.round(xb * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))
+    return (q * (amax / 127.0)).view_as(x)
+
+
+def assert_near_reference(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """got (M, >= N) equals act_quantized(x) @ w.T up to float rounding plus one activation
+    code flipped at a rounding tie (float32 x * 127 / amax lands within 1e-5 of .5 for some
+    random rows): at most one code step of the row times the largest |w|."""
+    n = w.shape[0]
+    ref = act_quantized(x).double() @ w.double().t()
+    step = x.view(x.shape[0], -1, 32).abs().amax(-1).amax(-1, keepdim=True).double() / 127
+    tol = 1e-3 + 1e-4 * ref.abs() + step * w.abs().max().double()
+    assert bool(((got[:, :n].double() - ref).abs() <= tol).all())
+
+
+def rows_alone(gemm, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([gemm(x[i:i + 1]) for i in range(x.shape[0])])
+
+
+# (n, k, m): N padded to 16 (100), K of 3 / 20 / 34 blocks (one, two, three K segments),
+# M = 16 (the threshold), 17 and 40 (remainders 2 and 1 of the 3-row blocks; 1 and 0 of Q5's
+# 2-row blocks).
+SHAPES = [(100, 96, 16), (48, 640, 17), (64, 1088, 40)]
+
+
+@pytest.mark.parametrize("n, k, m", SHAPES)
+def test_q4_prefill_rows_equal_decode_rows_and_reference(kernels, n, k, m):
+    gen = torch.Generator().manual_seed(n * k + m)
+    w4 = Q4Blocks.quantize(torch.randn(n, k, generator=gen))
+    x = torch.randn(m, k, generator=gen) * 2
+    p = pack_q4(w4.q, w4.scale, w4.offset)
+    got = kernels.q4_gemm(x, *p)
+    assert torch.equal(got, rows_alone(lambda r: kernels.q4_gemm(r, *p), x))
+    assert_near_reference(got, x, w4.dequantize())
+
+
+@pytest.mark.parametrize("n, k, m", SHAPES)
+def test_q8_q8h_q5_prefill_rows_equal_decode_rows_and_reference(kernels, n, k, m):
+    gen = torch.Generator().manual_seed(n + k + m)
+    x = torch.randn(m, k, generator=gen) * 3
+    # Q8 / Q8h: full int8 code range (the sign trick's extremes), float16 scales
+    q8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    q8[0, :32] = -127
+    q8[-1, -32:] = 127
+    d = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-4).half().float()
+    p8, p8h = pack_q8(q8, d), pack_q8h(q8, d)
+    got8 = kernels.q8_gemm(x, *p8)
+    assert torch.equal(got8, rows_alone(lambda r: kernels.q8_gemm(r, *p8), x))
+    assert torch.equal(kernels.q8h_gemm(x, p8h), got8)
+    assert_near_reference(got8, x, Q8Blocks(q8, d).dequantize())
+    # Q5: codes in [-16, 15]; equals the Q8 kernel on the same codes bit for bit
+    q5 = torch.randint(-16, 16, (n, k), generator=gen, dtype=torch.int8)
+    q5[0, :32] = -16
+    q5[-1, -32:] = 15
+    p5 = pack_q5(q5, d)
+    got5 = kernels.q5_gemm(x, p5)
+    assert torch.equal(got5, rows_alone(lambda r: kernels.q5_gemm(r, p5), x))
+    assert torch.equal(got5, kernels.q8_gemm(x, *pack_q8(q5, d)))
+    assert_near_reference(got5, x, Q8Blocks(q5, d).dequantize())
