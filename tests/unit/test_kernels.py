@@ -261,7 +261,7 @@ def _q4_k_raw(n: int, k: int, seed: int):
     return blocks.reshape(n, -1)
 
 
-@pytest.mark.parametrize("n, k, m", [(100, 256, 1), (48, 1024, 3), (64, 2048, 9)])
+@pytest.mark.parametrize("n, k, m", [(100, 256, 1), (48, 1024, 3), (64, 2048, 9), (40, 512, 20)])
 def test_q4k_gemm_is_bitwise_q4_on_the_exact_form(kernels, n, k, m):
     """Q4K (GGUF Q4_K's codes with its 6-bit sub-block scales and mins, 288 bytes per 16x32
     block against Q4's 384) gives the Q4 kernel's outputs on the exact Q4 form bit for bit;
@@ -320,7 +320,7 @@ def test_q4k_linear_loads_gguf_q4_k_exactly(best_kernels):
                                      (n, k)))
 
 
-@pytest.mark.parametrize("n, k, m", [(100, 256, 1), (48, 2048, 3), (64, 512, 9)])
+@pytest.mark.parametrize("n, k, m", [(100, 256, 1), (48, 2048, 3), (64, 512, 9), (40, 512, 20)])
 def test_q6_layer_gemm_is_bitwise_the_q6_head_kernel(kernels, n, k, m):
     """Q6 layers (GGUF Q6_K exact, the fused decoder's fmt 7, activation sums formed in the
     tile) equal the Q6 head kernel (q6_gemm, sums precomputed) bit for bit, and the dequantized
