@@ -73,14 +73,18 @@ for line in sys.stdin:
 
 
 def start_ember(port: int, variant: str, model: str, threads: int) -> subprocess.Popen:
-    """`variant`: a --frontend-threads value, optionally ':MS' for --step-handoff-ms."""
-    frontend_threads, _, handoff_ms = variant.partition(":")
+    """`variant`: a --frontend-threads value, optionally ':MS' for --step-handoff-ms and
+    ':SPIN' for --omp-spin-count (e.g. '0:5:10000'; an empty field keeps the default)."""
+    frontend_threads, _, rest = variant.partition(":")
+    handoff_ms, _, spin = rest.partition(":")
     cmd = [sys.executable, "-c", "import sys; from ember.cli import main; sys.exit(main())",
            "serve", "--model", model, "--port", str(port), "--no-access-log",
            "--log-level", "warning", "--frontend-threads", frontend_threads,
            "--generation-config", "none"]
     if handoff_ms:
         cmd += ["--step-handoff-ms", handoff_ms]
+    if spin:
+        cmd += ["--omp-spin-count", spin]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, EMBER_NUM_THREADS=str(threads)))
 
@@ -151,7 +155,8 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--variants", default="auto,1,0",
                     help="ember serve --frontend-threads values to compare (first = headline); "
-                    "'0:0' = --frontend-threads 0 --step-handoff-ms 0 (no step hand-off)")
+                    "'0:0' = --frontend-threads 0 --step-handoff-ms 0 (no step hand-off); "
+                    "'0::10000' adds --omp-spin-count 10000")
     ap.add_argument("--rounds", type=int, default=8, help="1-client rounds")
     ap.add_argument("--input-len", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=128)

@@ -12,6 +12,7 @@ the public asyncio API in `async_engine.py`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -237,12 +238,13 @@ class EngineLoop:
             by_loop.setdefault(stream.loop, []).append((stream.mailbox, item))
         for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver, batch)
+                if not handoff:
+                    loop.call_soon_threadsafe(_deliver, batch)
+                elif not self._handoff.watch(loop, [box for box, _ in batch],
+                                             functools.partial(_deliver, batch)):
+                    raise RuntimeError("closed")
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 logger.debug("dropping %d outputs for a closed event loop", len(batch))
-                continue
-            if handoff:
-                self._handoff.watch(loop, [box for box, _ in batch])
 
     def _fail_tracked(self, exc: BaseException) -> None:
         """End every tracked request with `exc` (call with the lock held)."""

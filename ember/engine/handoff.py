@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ember.engine.mailbox import Mailbox
 
@@ -49,17 +49,26 @@ class StepHandoff:
         self.timeouts = 0
         """Waits that ran into `timeout_s`."""
 
-    def watch(self, loop: asyncio.AbstractEventLoop, boxes: Sequence[Mailbox]) -> None:
-        """Ask `loop` to acknowledge once its readers of `boxes` took their outputs (call
-        after the outputs' delivery was scheduled on `loop`, from the engine thread)."""
+    def watch(self, loop: asyncio.AbstractEventLoop, boxes: Sequence[Mailbox],
+              deliver: Callable[[], None] | None = None) -> bool:
+        """Ask `loop` to run `deliver` (put the outputs in `boxes`), then acknowledge once
+        its readers took them: one wake-up of the loop (call from the engine thread).
+        False when the loop is closed (nothing delivered, nobody to wait for)."""
         with self._lock:
             if self._pending == 0:
                 self._done.clear()
             self._pending += 1
         try:
-            loop.call_soon_threadsafe(self._check, boxes, 0, -1)
-        except RuntimeError:  # the loop is closed: nobody to wait for
+            loop.call_soon_threadsafe(self._start, deliver, boxes)
+        except RuntimeError:  # the loop is closed
             self._ack()
+            return False
+        return True
+
+    def _start(self, deliver: Callable[[], None] | None, boxes: Sequence[Mailbox]) -> None:
+        if deliver is not None:
+            deliver()
+        self._check(boxes, 0, -1)
 
     def wait(self) -> None:
         """Block until every watched loop acknowledged, at most `timeout_s`."""
