@@ -153,9 +153,9 @@ def bench_level(port: int, clients: int, args: argparse.Namespace, label: str) -
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--variants", default="auto,0,0:0,1",
+    ap.add_argument("--variants", default="auto,0,0:5,1",
                     help="ember serve --frontend-threads values to compare (first = headline); "
-                    "'0:0' = --frontend-threads 0 --step-handoff-ms 0 (no step hand-off); "
+                    "'0:5' = --frontend-threads 0 --step-handoff-ms 5 (step hand-off on); "
                     "'0::10000' adds --omp-spin-count 10000")
     ap.add_argument("--rounds", type=int, default=8, help="1-client rounds")
     ap.add_argument("--input-len", type=int, default=16)
