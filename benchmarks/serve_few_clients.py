@@ -73,11 +73,19 @@ for line in sys.stdin:
 """
 
 
-def start_ember(port: int, frontend_threads: str, model: str, threads: int) -> subprocess.Popen:
+def start_ember(port: int, variant: str, model: str, threads: int) -> subprocess.Popen:
+    """`variant`: a --frontend-threads value, optionally ':MS' for --step-handoff-ms and
+    ':SPIN' for --omp-spin-count (e.g. '0:5:10000'; an empty field keeps the default)."""
+    frontend_threads, _, rest = variant.partition(":")
+    handoff_ms, _, spin = rest.partition(":")
     cmd = [sys.executable, "-c", "import sys; from ember.cli import main; sys.exit(main())",
            "serve", "--model", model, "--port", str(port), "--no-access-log",
            "--log-level", "warning", "--frontend-threads", frontend_threads,
            "--generation-config", "none"]
+    if handoff_ms:
+        cmd += ["--step-handoff-ms", handoff_ms]
+    if spin:
+        cmd += ["--omp-spin-count", spin]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, EMBER_NUM_THREADS=str(threads)))
 
@@ -122,8 +130,10 @@ def bench_level(port: int, clients: int, args: argparse.Namespace, label: str) -
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--variants", default="auto,1,0",
-                    help="ember serve --frontend-threads values to compare (first = headline)")
+    ap.add_argument("--variants", default="auto,0,0:5,1",
+                    help="ember serve --frontend-threads values to compare (first = headline); "
+                    "'0:5' = --frontend-threads 0 --step-handoff-ms 5 (step hand-off on); "
+                    "'0::10000' adds --omp-spin-count 10000")
     ap.add_argument("--rounds", type=int, default=8, help="1-client rounds")
     ap.add_argument("--input-len", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=128)

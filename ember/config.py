@@ -303,6 +303,12 @@ class ServingGuards:
     (which one wins depends on the machine's load; see ember/engine/thread_policy.py)."""
     small_step_tokens: int = 4
     """A step computing at most this many tokens counts as small (one to a few clients)."""
+    step_handoff_timeout_s: float = 0.0
+    """After a small step that ran on every kernel thread, the engine waits (at most this
+    long) for the event loop to take the step's outputs and write them, so the front end's
+    work runs between steps instead of preempting a kernel thread (ember/engine/handoff.py);
+    0 (default) turns the wait off: on the 2-core dev VM it did not lift the every-thread
+    collapse (54 vs 57 tok/s without it, contended), so it is opt-in (e.g. 0.005)."""
     omp_spin_count: int | None = None
     """GOMP_SPINCOUNT of the server process (see `openmp_environment`): how long an idle or
     waiting kernel thread spins before it sleeps; a short spin hands the core back to the
@@ -336,8 +342,9 @@ class ServingGuards:
         if self.omp_spin_count is not None and self.omp_spin_count < 0:
             raise ConfigError(f"omp_spin_count must be >= 0, got {self.omp_spin_count}")
         if (self.frontend_threads is not None and self.frontend_threads < 0
-                or self.small_step_tokens < 0):
-            raise ConfigError("frontend_threads and small_step_tokens must be >= 0")
+                or self.small_step_tokens < 0 or self.step_handoff_timeout_s < 0):
+            raise ConfigError("frontend_threads, small_step_tokens and step_handoff_timeout_s "
+                              "must be >= 0")
         for name in ("step_deadline_s", "stream_read_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -104,6 +104,7 @@ def _guards(args: argparse.Namespace) -> ServingGuards:
                          stream_read_timeout_s=args.stream_read_timeout,
                          frontend_threads=args.frontend_threads,
                          omp_spin_count=args.omp_spin_count,
+                         step_handoff_timeout_s=args.step_handoff_ms / 1e3,
                          send_buffer_bytes=args.send_buffer_bytes)
 
 
@@ -226,6 +227,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="kernel threads left to the HTTP front end on small steps (1-4 "
                         "tokens); 0 uses every thread; auto (default): time both every "
                         "thread and one fewer, keep the faster")
+    g.add_argument("--step-handoff-ms", type=float,
+                   default=ServingGuards.step_handoff_timeout_s * 1e3,
+                   help="after a small step on every kernel thread, wait up to this long for "
+                        "the front end to send its outputs before the next step (0: off)")
     g.add_argument("--send-buffer-bytes", type=int, default=ServingGuards.send_buffer_bytes,
                    help="socket send buffer of each connection (bounds unread output before "
                         "--stream-read-timeout applies; 0: the kernel's autotuning)")

@@ -65,6 +65,7 @@ class InlineAsyncEngine(AsyncEngine):
         super().__init__(engine, observer)
         # NOTE: no front end runs during a step, so small steps keep every kernel thread.
         self._threads = KernelThreadPolicy(engine.core.kernels, 0, 0)
+        self._handoff_on = False  # it steps on the loop it would wait for (see handoff.py)
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None

@@ -73,6 +73,10 @@ class KernelThreadPolicy:
         self._arms: dict[int, tuple[_Arm, _Arm]] = {}
         self._timing: tuple[_Arm, float] | None = None  # arm of the running cycle, its start
         self._small_steps = 0
+        self._small_tokens_seen = False
+        self.shares_cores = False
+        """True when the last step was small and ran on every kernel thread (no core left to
+        the front end: the engine hands its outputs over between steps, see handoff.py)."""
 
     def small_step_tokens(self, requests: Mapping[str, Request]) -> int | None:
         """Tokens the next step computes when it is small, else None."""
@@ -91,6 +95,7 @@ class KernelThreadPolicy:
         if self.few == self.full:
             return self.full
         tokens = self.small_step_tokens(requests)
+        self._small_tokens_seen = tokens is not None
         now = self._clock()
         if self._timing is not None:  # the previous step's cycle ends here
             arm, start = self._timing
@@ -128,9 +133,19 @@ class KernelThreadPolicy:
         """The engine waits for work: the running cycle is not a step cycle (not timed)."""
         self._timing = None
 
+    def shares_cores_with(self, requests: Mapping[str, Request]) -> bool:
+        """True when a step over few `requests` (at most small_step_tokens of them) may run on
+        every kernel thread (a prefill always does) on a machine with more than one."""
+        return self._kernels is not None and self.full > 1 and len(requests) <= self._small
+
     def before_step(self, requests: Mapping[str, Request]) -> None:
-        if self._kernels is not None and self.few != self.full:
-            self._kernels.num_threads = self.threads_for(requests)
+        if self._kernels is None or self.full == 1:
+            return
+        if self.few != self.full:
+            threads = self._kernels.num_threads = self.threads_for(requests)
+            self.shares_cores = threads == self.full and self._small_tokens_seen
+        else:
+            self.shares_cores = self.small_step_tokens(requests) is not None
 
     def restore(self) -> None:
         """Back to the full thread count (when the engine stops serving)."""

@@ -117,3 +117,35 @@ def test_cli_frontend_threads_values() -> None:
     for bad in ("-1", "two"):
         with pytest.raises(argparse.ArgumentTypeError, match="auto"):
             _frontend_threads(bad)
+
+
+def test_shares_cores_marks_small_steps_on_every_thread() -> None:
+    """The step hand-off applies to small steps that left no core to the front end."""
+    policy, _, _ = make(0)
+    policy.before_step(requests(1))
+    assert policy.shares_cores
+    policy.before_step(requests(16))  # a prefill is no small step
+    assert not policy.shares_cores
+    policy.before_step(requests(*[1] * 5))
+    assert not policy.shares_cores
+    policy, _, _ = make(1)  # a core is left free: nothing to hand over
+    policy.before_step(requests(1))
+    assert not policy.shares_cores
+    policy, kernels, clock = make(None)  # auto: only the every-thread arm shares cores
+    for _ in range(8):
+        policy.before_step(requests(1))
+        assert policy.shares_cores == (kernels.num_threads == 2)
+        clock.now += 0.01
+    policy, _, _ = make(0, full=1)
+    policy.before_step(requests(1))
+    assert not policy.shares_cores
+
+
+def test_shares_cores_with_few_requests_whatever_their_tokens() -> None:
+    """A prefill of one or a few requests runs on every thread in every mode."""
+    for frontend_threads in (0, 1, None):
+        policy, _, _ = make(frontend_threads)
+        assert policy.shares_cores_with(requests(16))
+        assert not policy.shares_cores_with(requests(*[1] * 5))
+    policy, _, _ = make(0, full=1)
+    assert not policy.shares_cores_with(requests(16))
