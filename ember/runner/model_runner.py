@@ -149,7 +149,9 @@ class ModelRunner:
         rows = plan.sample_rows + plan.prompt_rows
         if not rows:
             return out
-        logits = self.model.compute_logits(hidden[rows])  # (N, V) float32
+        # NOTE: a decode step wants every row in order: no gather copy then.
+        every = len(rows) == hidden.shape[0] and rows == list(range(len(rows)))
+        logits = self.model.compute_logits(hidden if every else hidden[rows])  # (N, V) float32
         n_sample = len(plan.sample_rows)
         if n_sample:
             self._sample(logits[:n_sample], plan.sample_reqs, out)
