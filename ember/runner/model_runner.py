@@ -14,7 +14,9 @@ from ember.kv_cache.groups import KVCacheGroups, single_group
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM, KVCache
 from ember.plan import KERNELS_PAGED, ExecutionPlan
+from ember.runner.decode_inputs import decode_rows, is_plain_decode
 from ember.sampling.constrained import StructuredOutputManager
+from ember.sampling.greedy import argmax_rows, is_plain_greedy
 from ember.sampling.lazy_mask import sample_constrained
 from ember.sampling.logprobs import compute_token_logprobs
 from ember.sampling.sampler import Sampler
@@ -147,7 +149,9 @@ class ModelRunner:
         rows = plan.sample_rows + plan.prompt_rows
         if not rows:
             return out
-        logits = self.model.compute_logits(hidden[rows])  # (N, V) float32
+        # NOTE: a decode step wants every row in order: no gather copy then.
+        every = len(rows) == hidden.shape[0] and rows == list(range(len(rows)))
+        logits = self.model.compute_logits(hidden if every else hidden[rows])  # (N, V) float32
         n_sample = len(plan.sample_rows)
         if n_sample:
             self._sample(logits[:n_sample], plan.sample_reqs, out)
@@ -159,6 +163,11 @@ class ModelRunner:
                 out: ModelRunnerOutput) -> None:
         """One token per request, or with drafts: the verified tokens (logits has one row per
         request, plus one per draft token)."""
+        if all(not sr.spec_token_ids and is_plain_greedy(
+                sr.request.sampling_params, sr.request.num_output_tokens) for sr in reqs):
+            for sr, token in zip(reqs, argmax_rows(logits)):  # greedy.py: the same tokens
+                out.sampled_token_ids[sr.request.request_id] = [token]
+            return
         with sampling_threads(logits.shape[0], self.single_thread_sampling_rows):
             self._sample_rows(logits, reqs, out)
 
@@ -226,6 +235,8 @@ class ModelRunner:
 
     def _prepare(self, order: list[ScheduledRequest]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, _LogitsPlan]:
+        if self.kernel_attention and self.kv_groups.num_groups == 1 and is_plain_decode(order):
+            return self._prepare_decodes(order)
         bs = self.block_size
         ids: list[int] = []
         pos_parts: list[np.ndarray] = []
@@ -270,6 +281,21 @@ class ModelRunner:
             meta.groups = [meta] + [self._group_metadata(order, meta, g)
                                     for g in range(1, self.kv_groups.num_groups)]
             meta.layer_group = self.kv_groups.layer_group
+        return self._input_ids[:t], self._positions[:t], meta, plan
+
+    def _prepare_decodes(self, order: list[ScheduledRequest]
+                         ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, _LogitsPlan]:
+        """`_prepare` for one-token rows on the kernels with one KV cache group: the same
+        inputs without per-step torch ops (decode_inputs.py)."""
+        t = len(order)
+        tables, lens = decode_rows(order, self.block_size, self._input_ids, self._positions,
+                                   self._slots)
+        plan = _LogitsPlan([], [], [], [], [])
+        for i, sr in enumerate(order):
+            self._plan_logits(sr, i, plan)
+        meta = AttentionMetadata(num_tokens=t, slot_mapping=self._slots[:t], num_decodes=t,
+                                 decode_kv_slots=None, decode_kv_mask=None, prefills=[])
+        meta.row_block_tables, meta.row_lens = tables, lens
         return self._input_ids[:t], self._positions[:t], meta, plan
 
     def _group_kernel_tables(self, order: list[ScheduledRequest], positions: np.ndarray
