@@ -257,8 +257,13 @@ inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int6
     q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
 }
 
+}  // namespace
+#include "few_rows_avx2.h"
+namespace {
+
 // y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region.
 inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y) {
+  if (few_rows_supported(lw, mrows)) return gemm_tiles_few(lw, a, mrows, y);
   const int64_t np = padded(lw.n), tiles = np / kTile;
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < tiles; ++t) {
