@@ -8,7 +8,7 @@ exact verify steps and rows a real run would execute; a table of step times by q
     python benchmarks/spec_decode_model.py --step-ms 8.9,9.1,10.8,13.0,14.6,16.2,19.8,23.1,26.5
 
 Policies compared per workload (those of benchmarks/spec_decode.py):
-- `adaptive`: Ember's policy (ember/spec_decode/decoder.py `adaptive_length`, cap 16);
+- `adaptive`: Ember's policy (ember/spec_decode/decoder.py `adaptive_length`, caps 16 / 8 / 5);
 - `fixed K`: always draft K (what the proposer finds, up to K);
 - `oracle`: drafts exactly the tokens that will be accepted (an upper bound for any length
   policy with this proposer and this step-cost table).
@@ -96,7 +96,7 @@ def main() -> None:
     table = dict(zip(ROWS, (float(v) for v in args.step_ms.split(","))))
     t = step_time(table)
     llm = LLM(args.model, show_progress=False)
-    policies = [("adaptive", 16), ("fixed", 2), ("fixed", 5), ("fixed", 16), ("oracle", 16)]
+    policies = [("adaptive", 16), ("adaptive", 8), ("adaptive", 5), ("fixed", 2), ("fixed", 5), ("fixed", 16), ("oracle", 16)]
     results: dict[str, dict] = {}
     for name, (kind, message) in workloads().items():
         prompt = llm.encode_chat([{"role": "user", "content": message}])

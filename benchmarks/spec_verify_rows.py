@@ -1,6 +1,6 @@
 """Where a speculative verify step's time goes: the fused decoder (`decode_layers`, every layer
 for T query rows of one sequence over a context of C cached tokens) and the Q8 LM head
-(`q8_gemm`, T rows x vocab), timed apart for T = 1, 2, 3, 4, 6, 8, 12, 16 on the same kernels
+(`q8h_gemm`, T rows x vocab), timed apart for T = 1, 2, 3, 4, 6, 8, 12, 16 on the same kernels
 the engine runs (through the edge runtime's numpy buffers: no PyTorch, no Python per layer).
 
     EMBER_NUM_THREADS=2 flock /tmp/ember-bench.lock python benchmarks/spec_verify_rows.py   # ~1 min quiet
@@ -52,14 +52,15 @@ def decoder_call(m: EdgeModel, ctx: int, rows: int) -> Callable[[], None]:
 
 
 def head_call(m: EdgeModel, rows: int) -> Callable[[], None]:
-    """The Q8 LM head for `rows` rows."""
+    """The Q8h LM head (the edge runtime's: Q8 codes, float16 scales in the blocks) for
+    `rows` rows."""
     a = m.arch
     h = np.random.default_rng(2).standard_normal((rows, a.hidden)).astype(np.float32)
     logits = np.empty((rows, m.head.w.shape[0] * 16), dtype=np.float32)
 
     def run() -> None:
-        m._lib.q8_gemm(_ptr(h), rows, a.hidden, _ptr(m.head.w), _ptr(m.head.d),
-                       logits.shape[1], _ptr(logits), m.num_threads)
+        m._lib.q8h_gemm(_ptr(h), rows, a.hidden, _ptr(m.head.w), logits.shape[1],
+                        _ptr(logits), m.num_threads)
     return run
 
 
