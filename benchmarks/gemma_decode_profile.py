@@ -6,7 +6,13 @@ the LM head, the sampler (greedy argmax over 262k logits) and the rest of the en
         --quantization native --quantization native-q6head
 
 Writes benchmarks/results/issue9/gemma3-q6head/decode_profile.json (load average inside: a
-busy machine's figures are contended, labelled so).
+busy machine's figures are contended, labelled so). The layer formats' A/B (README "Layer
+formats of the native plan"):
+
+    flock /tmp/ember-bench.lock python benchmarks/gemma_decode_profile.py \
+        --quantization native-q4q8 --quantization native-q4q8+int4k \
+        --quantization native-q4q8+int6 --quantization native \
+        --out benchmarks/results/issue9/gemma3-layer-formats/decode_profile.json
 """
 from __future__ import annotations
 
@@ -34,13 +40,23 @@ def _timed(obj: Any, name: str, key: str, acc: dict[str, float]) -> None:
     setattr(obj, name, wrapper)
 
 
-def profile(quantization: str, tokens: int, threads: int) -> dict[str, float]:
+def profile(quantization: str, tokens: int, threads: int) -> dict[str, Any]:
+    """quantization: a plan name, or 'native-q4q8+FMT[+FMT]': that plan keeping the exact
+    layer layout FMT ('int4k', 'int6') that ember.formats.repack.DECODE_FORMATS trades away
+    (an A/B of one layout at a time; the plan's table is patched for this run only)."""
+    import ember.plan
     from ember import LLM, SamplingParams
     from ember.loading.sources import PACKAGED_MODELS, packaged_path
 
+    plan_name, *keep = quantization.split("+")
+    table = ember.plan.DECODE_FORMATS
+    ember.plan.DECODE_FORMATS = {k: v for k, v in table.items() if k not in keep}  # type: ignore[assignment]
     path = packaged_path(next(m for m in PACKAGED_MODELS if m.name == "gemma-3-270m"))
-    llm = LLM(str(path), quantization=quantization, show_progress=False,
-              generation_config="none", enable_prefix_caching=False)
+    try:
+        llm = LLM(str(path), quantization=plan_name, show_progress=False,
+                  generation_config="none", enable_prefix_caching=False)
+    finally:
+        ember.plan.DECODE_FORMATS = table  # type: ignore[assignment]
     core = llm._engine.core
     runner, model = core.runner, core.runner.model
     acc: dict[str, float] = collections.defaultdict(float)
@@ -65,7 +81,8 @@ def profile(quantization: str, tokens: int, threads: int) -> dict[str, float]:
     total = run(tokens + 1) - one
     steps = tokens  # the first token's step is subtracted with `one`
     per = {k: (v - first.get(k, 0.0)) / steps * 1e3 for k, v in acc.items()}
-    out = {"token_ms": total / steps * 1e3, **{f"{k}_ms": v for k, v in per.items()}}
+    out: dict[str, Any] = {"token_ms": total / steps * 1e3,
+                           **{f"{k}_ms": v for k, v in per.items()}}
     out["execute_other_ms"] = out["execute_ms"] - sum(
         out[f"{k}_ms"] for k in ("prepare", "layers", "head", "sample"))
     out["outside_execute_ms"] = out["token_ms"] - out["execute_ms"]
@@ -75,6 +92,7 @@ def profile(quantization: str, tokens: int, threads: int) -> dict[str, float]:
     for _ in range(20):
         logits.argmax(dim=-1).tolist()
     out["argmax_262k_ms"] = (time.perf_counter() - t) / 20 * 1e3
+    out["plan"] = core.plan.describe()
     return out
 
 

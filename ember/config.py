@@ -17,8 +17,8 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-QUANTIZATIONS = ("auto", "int8", "int4", "native", "native-q4head", "native-q6head",
-                 "native-q8head")
+QUANTIZATIONS = ("auto", "int8", "int4", "native", "native-q4q8", "native-q4head",
+                 "native-q6head", "native-q8head")
 """Values of ModelConfig.quantization besides None (resolved by ember.plan.resolve_plan)."""
 
 
@@ -98,7 +98,9 @@ class ModelConfig:
     kernel format, weight-only), 'native' (each matrix in the kernel format that holds its
     stored type exactly or nearest: Q4_0/Q4_1/Q4_K -> int4, Q5_0/Q8_0/Q6_K/... -> int8; the
     LM head in Q6, ember.formats.q6: exact for a Q6_K head, else requantized, Gemma 3 270M
-    +0.3% perplexity), 'native-q6head' (the same as 'native'), 'native-q8head' (native with
+    +0.3% perplexity), 'native-q4q8' (native with Q4_K as Q4 g32 and Q6_K as Q8 g32, the
+    layer formats before the exact Q4K / Q6 layouts), 'native-q6head' (the same as 'native'),
+    'native-q8head' (native with
     the exact 8-bit head of a Q8_0 file), 'native-q4head' (native with a lossy 4-bit LM
     head, opt-in), or 'auto' (the source's own:
     a GGUF of mostly Q4_0/Q4_1/Q4_K layers runs int4, of 5..8-bit ones int8, anything else

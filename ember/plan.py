@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.config import ConfigError, EnvSettings, ModelConfig
+from ember.formats.repack import DECODE_FORMATS
 from ember.kernels.ops import INT8_HEAD_DIMS, CpuKernels
 from ember.layers.factory import FUSIONS, LayerFactory
 from ember.models.arch import ArchConfig
@@ -124,7 +125,8 @@ def resolve_plan(config: ModelConfig, arch: ArchConfig, model_cls: type[CausalLM
     Decisions: weights (`_weights`): 'auto' is the source's own (majority) format; 'native'
     runs each matrix in `tensor_formats`' format (others in source_format) with the LM head
     in Q6 ('native-q6head' the same, 'native-q8head' keeps an 8-bit head, 'native-q4head'
-    the opt-in 4-bit one); the kernels run whenever
+    the opt-in 4-bit one, 'native-q4q8' Q4_K as Q4 and Q6_K as Q8: `DECODE_FORMATS`); the
+    kernels run whenever
     they loaded; quantized formats keep float32 activations on the kernels and bfloat16 on
     PyTorch's int4/int8 ops; a quantized model on the kernels keeps a bfloat16 KV cache (half
     the bytes long-context attention reads) and, where the kernels implement the
@@ -136,7 +138,8 @@ def resolve_plan(config: ModelConfig, arch: ArchConfig, model_cls: type[CausalLM
     weights, per_tensor, head = _weights(config.quantization, source_format,
                                          tensor_formats or {})
     use_kernels = kernels is not None and config.cpu_kernels
-    if head == "q6" and config.quantization in ("auto", "native", "native-q6head") and not (
+    if head == "q6" and config.quantization in ("auto", "native", "native-q4q8",
+                                                "native-q6head") and not (
             use_kernels and weights is not None):
         head = "q8"  # a stored Q6_K head off the kernels: the usual head
     if head in ("q4", "q6") and not (use_kernels and weights is not None):
@@ -180,6 +183,11 @@ def _weights(quantization: str | None, source_format: str | None,
     if choice in NATIVE_PLANS:
         # NOTE: a file whose layers are mostly dense (source_format None) stays dense.
         per_tensor = dict(tensor_formats) if source_format is not None else {}
+        if choice == "native-q4q8":
+            # NOTE: the one place a native plan trades the exact Q4K / Q6 layer layouts for
+            # the formats before them (ember.formats.repack.DECODE_FORMATS), for the A/B;
+            # measured no faster (README "Layer formats of the native plan: the A/B").
+            per_tensor = {n: DECODE_FORMATS.get(f, f) for n, f in per_tensor.items()}
         # NOTE: 'native' runs the head in Q6: a Q6_K head exactly, a Q8_0 one requantized by
         # llama.cpp's Q6_K recipe (Gemma 3 270M: perplexity +0.3%, inside the 1% target; 21%
         # fewer head bytes, 14% of a decode token's; README "The Q6 head").
@@ -187,9 +195,9 @@ def _weights(quantization: str | None, source_format: str | None,
     return choice, {}, "q6" if stored_q6 and quantization == "auto" and choice else "q8"
 
 
-NATIVE_PLANS = ("native", "native-q4head", "native-q6head", "native-q8head")
+NATIVE_PLANS = ("native", "native-q4q8", "native-q4head", "native-q6head", "native-q8head")
 _HEADS = {"native-q4head": "q4", "native-q6head": "q6", "native-q8head": "q8"}
-"""LM head formats of the native plans ('native' itself: 'q6'): 'q4' (round-to-nearest Q4
+"""LM head formats of the native plans ('native' and 'native-q4q8': 'q6'): 'q4' (round-to-nearest Q4
 g32, lossy, opt-in), 'q6' (llama.cpp's Q6_K recipe, ember.formats.q6: exact for a Q6_K head,
 requantized from any other), 'q8' (exact for a Q8_0 head: Q8h with its float16 scales)."""
 

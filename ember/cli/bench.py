@@ -157,7 +157,7 @@ def _register_offline(bench_sub: argparse._SubParsersAction) -> None:
                                              "(fresh process per run)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="a packaged name or .gguf")
     p.add_argument("--ember", action="append", default=None,
-                   choices=["int4", "int8", "native", "native-q4head", "native-q6head",
+                   choices=["int4", "int8", "native", "native-q4q8", "native-q4head", "native-q6head",
                             "native-q8head", "bf16", "fp32"],
                    help="Ember variant(s) to run (repeatable; default int4)")
     p.add_argument("--repeats", type=int, default=3)

@@ -53,7 +53,9 @@ def add_quantization_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -
                         "(Q4 GGUF -> int4, Q8_0/Q5_0/Q6_K -> int8, else dense); native: each "
                         "matrix in the kernel format nearest its stored type (Q4_0/Q4_1/Q4_K -> "
                         "int4, Q5_0 -> Q5, others -> int8; the LM head in 6-bit Q6_K "
-                        "geometry); native-q6head: the same; native-q8head: native with the "
+                        "geometry); native-q4q8: native with Q4_K as Q4 and Q6_K as Q8 (the "
+                        "layer formats before Q4K / Q6); "
+                        "native-q6head: the same as native; native-q8head: native with the "
                         "exact 8-bit head of a Q8_0 file; native-q4head: native plus a 4-bit "
                         "LM head (opt-in, lossy); "
                         "int8 / int4: every matrix in one format; none: dense --dtype")

@@ -44,8 +44,9 @@ class LLM:
         file's own format, on Ember's kernels where the CPU has them), None (dense `dtype`:
         the exact reference), 'int8' or 'int4' (one format for every matrix), 'native' (each
         matrix in the kernel format nearest its GGUF type, the LM head in 6-bit Q6_K geometry:
-        exact for a Q6_K head, else requantized, +0.3% perplexity on Gemma), 'native-q6head'
-        (the same), 'native-q8head' (native with the exact 8-bit head of a Q8_0 file) or
+        exact for a Q6_K head, else requantized, +0.3% perplexity on Gemma), 'native-q4q8'
+        (native with Q4_K as Q4 and Q6_K as Q8, the formats before Q4K / Q6), 'native-q6head'
+        (the same as 'native'), 'native-q8head' (native with the exact 8-bit head of a Q8_0 file) or
         'native-q4head' (native plus a lossy 4-bit LM head, opt-in).
         generation_config: where `get_default_sampling_params()` comes from ('auto': the
         model's generation_config.json / GGUF sampling metadata, else Ember's fallback;

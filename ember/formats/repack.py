@@ -26,7 +26,7 @@ from ember.formats.blocks import GROUP, Q4Blocks, Q8Blocks
 from ember.formats.table import format_for
 
 __all__ = ["GROUP", "KernelBlocks", "Q4Blocks", "Q8Blocks", "exact_q4", "exact_q8", "is_exact",
-           "head_requant_error", "nearest_kernel_format", "requant_error", "to_kernel_blocks"]
+           "DECODE_FORMATS", "head_requant_error", "native_format", "nearest_kernel_format", "requant_error", "to_kernel_blocks"]
 
 KernelBlocks = Q4Blocks | Q8Blocks
 
@@ -86,7 +86,7 @@ def exact_q8(qtype: T, raw: np.ndarray, shape: tuple[int, ...]) -> Q8Blocks | No
 def requantized(tensors: Iterable[tuple[str, T, np.ndarray, tuple[int, ...]]], weights: str,
                 measure: bool = False) -> str | None:
     """One line naming the layer matrices of a GGUF that the kernel format `weights` ('int4'
-    -> Q4 g32, 'int8' -> Q8 g32, 'native' -> each type's `nearest_kernel_format`) cannot hold
+    -> Q4 g32, 'int8' -> Q8 g32, 'native' / 'native-q4q8' -> each type's `native_format`) cannot hold
     exactly, per type with their count and, with `measure`, the largest relative RMS error of
     the round-to-nearest; None when all are exact. Matrices outside the layers (embedding,
     head) are Q8 in every format."""
@@ -95,7 +95,8 @@ def requantized(tensors: Iterable[tuple[str, T, np.ndarray, tuple[int, ...]]], w
     for name, qtype, raw, shape in tensors:
         if not name.startswith("blk.") or len(shape) != 2:
             continue
-        fmt = (nearest_kernel_format(qtype) or "int8") if weights == "native" else weights
+        fmt = (native_format(qtype, weights == "native") or "int8") \
+            if weights in ("native", "native-q4q8") else weights
         exact = exact_q4 if fmt in ("int4", "int4k") else exact_q8
         if fmt == "int6" or exact(qtype, raw, shape) is not None:
             # NOTE: 'int6' is given to Q6_K only, which it holds exactly (a Q6_K part fused
@@ -138,9 +139,24 @@ def nearest_kernel_format(qtype: T) -> str | None:
     return "int4" if qtype in _INT4_TYPES else "int8"
 
 
+DECODE_FORMATS: Mapping[str, str] = MappingProxyType({"int4k": "int4", "int6": "int8"})
+"""The layer formats the 'native-q4q8' plan runs in place of the exact Q4K / Q6 layouts (the
+formats before them, kept for the A/B): Q4_K's Q4K -> Q4 g32 (exact as well: d sc and dmin m
+in float32, 24 bytes per 32 weights against 19), Q6_K's Q6 -> Q8 g32 (round-to-nearest, the
+error reported at load). The 'native' plans keep the exact layouts: measured no slower to
+decode on AVX2 (README, "Layer formats of the native plan: the A/B")."""
+
+
+def native_format(qtype: T, exact_layouts: bool) -> str | None:
+    """The kernel format a native plan runs a GGUF type in: `nearest_kernel_format`, with
+    `DECODE_FORMATS` applied unless `exact_layouts` (False: 'native-q4q8')."""
+    fmt = nearest_kernel_format(qtype)
+    return fmt if exact_layouts or fmt is None else DECODE_FORMATS.get(fmt, fmt)
+
+
 def is_exact(qtype: T) -> bool:
-    """Whether tensors of this type reach a kernel format without rounding (Q6_K: the Q6
-    layout, which native plans give it; one-format int8 plans round it to Q8)."""
+    """Whether tensors of this type can reach a kernel format without rounding (Q6_K: the Q6
+    layout, which native plans give it; 'native-q4q8' and int8 plans round it to Q8)."""
     return qtype in _EXACT or qtype == T.Q6_K
 
 

@@ -22,7 +22,7 @@ import torch
 
 from ember.config import EnvSettings, ModelConfig
 from ember.errors import ModelLoadError
-from ember.formats.repack import head_requant_error, requantized
+from ember.formats.repack import DECODE_FORMATS, head_requant_error, requantized
 from ember.formats.stored import DenseWeight
 from ember.kernels.ops import CpuKernels
 from ember.layers.factory import format_counts
@@ -117,7 +117,11 @@ def _requantized(ckpt: Checkpoint, plan: ExecutionPlan, measure: bool) -> str | 
     if ckpt.gguf is None or plan.weights is None or plan.kernels is None:
         return None
     items = ((n, t.qtype, t.raw, t.shape) for n, t in ckpt.gguf.tensors.items())
-    note = requantized(items, "native" if plan.tensor_formats else plan.weights, measure)
+    # NOTE: a native plan whose layers hold none of the exact Q4K / Q6 layouts (DECODE_FORMATS'
+    # keys) rounds as 'native-q4q8' (same as 'native' for a file without Q4_K / Q6_K)
+    exact = not set(plan.tensor_formats.values()).isdisjoint(DECODE_FORMATS)
+    weights = ("native" if exact else "native-q4q8") if plan.tensor_formats else plan.weights
+    note = requantized(items, weights, measure)
     if measure and plan.head == "q4":
         name = "output.weight" if "output.weight" in ckpt.gguf.tensors else "token_embd.weight"
         t = ckpt.gguf.tensors[name]

@@ -67,11 +67,15 @@ def test_requantized_names_what_the_kernel_format_rounds():
     four = requantized(items, "int4")
     assert four is not None and "Q4_K" not in four and "Q5_0 x1 to q4-g32" in four
     assert requantized(items[:1], "int8") is None  # Q5_0 -> Q8 is exact
-    # native: each type in its nearest kernel format (Q6_K -> Q6 exactly): nothing is rounded
+    # native: each type in its exact kernel layout (Q6_K -> Q6): nothing is rounded
     assert requantized(items, "native") is None
     q5_1 = [("blk.0.e.weight", T.Q5_1, random_raw(T.Q5_1, SHAPE), SHAPE)]
     assert requantized(items + q5_1, "native") == \
         "requantized by round-to-nearest: Q5_1 x1 to q8-g32"
+    # native-q4q8: Q6_K runs Q8 g32 (DECODE_FORMATS), rounded and reported; Q4_K's Q4 g32
+    # stays exact
+    assert requantized(items + q5_1, "native-q4q8") == \
+        "requantized by round-to-nearest: Q5_1 x1 to q8-g32, Q6_K x2 to q8-g32"
 
 
 def test_nearest_kernel_format_per_type():
@@ -83,6 +87,18 @@ def test_nearest_kernel_format_per_type():
     assert nearest_kernel_format(T.Q6_K) == "int6"
     assert nearest_kernel_format(T.Q5_0) == "int5"
     assert nearest_kernel_format(T.F16) is None and nearest_kernel_format(T.F32) is None
+
+
+def test_native_format_keeps_exact_layouts_unless_q4q8():
+    """Native plans run Q4_K and Q6_K in their exact Q4K / Q6 layouts (measured no slower to
+    decode than Q4 / Q8: README "Layer formats of the native plan: the A/B"); 'native-q4q8'
+    runs them as Q4 g32 / Q8 g32; the other types are the same under both."""
+    from ember.formats.repack import native_format
+
+    assert native_format(T.Q4_K, False) == "int4" and native_format(T.Q4_K, True) == "int4k"
+    assert native_format(T.Q6_K, False) == "int8" and native_format(T.Q6_K, True) == "int6"
+    for t in (T.Q4_0, T.Q5_0, T.Q8_0, T.Q5_1, T.F32):
+        assert native_format(t, False) == native_format(t, True)
 
 
 def test_head_requant_error_matches_whole_matrix():

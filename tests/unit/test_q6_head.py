@@ -116,6 +116,13 @@ def test_plan_picks_q6_head_for_native_q6head() -> None:
     assert _weights("native-q4head", "int8", {"lm_head.weight": "q6"})[2] == "q4"
     assert _weights("auto", "int8", {"model.embed_tokens.weight": "q6"})[2] == "q6"
     assert _weights("int8", "int8", {"lm_head.weight": "q6"})[2] == "q8"  # explicit int8
+    # the layers: 'native' keeps the exact Q4K / Q6 layouts, 'native-q4q8' maps them to
+    # Q4 / Q8 (the A/B); the head's 'q6' is untouched by either
+    stored = {"lm_head.weight": "q6", "a.weight": "int4k", "b.weight": "int6",
+              "c.weight": "int5"}
+    assert _weights("native-q4q8", "int8", stored)[1] == {
+        "lm_head.weight": "q6", "a.weight": "int4", "b.weight": "int8", "c.weight": "int5"}
+    assert _weights("native", "int8", stored) == ("int8", stored, "q6")
     from ember.formats.table import format_for
     assert format_for(T.Q6_K).head == "q6" and format_for(T.Q8_0).head == "q8"
 
