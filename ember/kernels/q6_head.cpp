@@ -48,24 +48,12 @@ void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& 
     const int8_t* sc = reinterpret_cast<const int8_t*>(wb + 384);
     const float* dt = d + (b / sb) * 16;
     int32_t u[16][32];
-    for (int l = 0; l < 16; ++l)
-      for (int j = 0; j < 8; ++j)
-        for (int e = 0; e < 4; ++e) {
-          const uint8_t lo = wb[(j % 4) * 64 + 4 * l + e];
-          const uint8_t hi = wb[256 + (j / 4) * 64 + 4 * l + e];
-          u[l][4 * j + e] = ((j < 4 ? lo & 0xF : lo >> 4) | (((hi >> (2 * (j % 4))) & 3) << 4));
-        }
+    q6_unpack(wb, u);
     for (int c = 0; c < C; ++c) {
       const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
       const int32_t* xh = xs + (m0 + c) * a.nb * 2 + 2 * b;
-      const float dx = a.d[static_cast<size_t>((m0 + c) * a.nb + b)];
-      for (int l = 0; l < 16; ++l) {
-        int32_t d0 = 0, d1 = 0;
-        for (int e = 0; e < 16; ++e) d0 += u[l][e] * xq[e];
-        for (int e = 16; e < 32; ++e) d1 += u[l][e] * xq[e];
-        const int32_t isum = sc[l] * (d0 - 32 * xh[0]) + sc[16 + l] * (d1 - 32 * xh[1]);
-        acc[c][l] += static_cast<float>(isum) * (dt[l] * dx);
-      }
+      q6_block_row(u, sc, dt, xq, xh[0], xh[1], a.d[static_cast<size_t>((m0 + c) * a.nb + b)],
+                   acc[c]);
     }
   }
   for (int c = 0; c < C; ++c)
@@ -79,64 +67,19 @@ void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& 
              const int32_t* xs, int64_t m0, float* y, int64_t n) {
   __m256 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
-  const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* wb = w + b * kQ6BlockBytes;
     // NOTE: decode streams the head once from DRAM: prefetch ~5 blocks ahead.
     for (int c = 0; c < 7; ++c)
       _mm_prefetch(reinterpret_cast<const char*>(wb + 2048 + 64 * c), _MM_HINT_T0);
-    __m256i u[2][8];  // [half][j]: half 0 = rows 0..7, 1 = rows 8..15; u in [0, 63]
-    for (int hh = 0; hh < 2; ++hh) {
-      const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 + hh * 32));
-      const __m256i h1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 320 + hh * 32));
-      const __m256i hi[8] = {
-          _mm256_and_si256(_mm256_slli_epi16(h0, 4), m2), _mm256_and_si256(_mm256_slli_epi16(h0, 2), m2),
-          _mm256_and_si256(h0, m2), _mm256_and_si256(_mm256_srli_epi16(h0, 2), m2),
-          _mm256_and_si256(_mm256_slli_epi16(h1, 4), m2), _mm256_and_si256(_mm256_slli_epi16(h1, 2), m2),
-          _mm256_and_si256(h1, m2), _mm256_and_si256(_mm256_srli_epi16(h1, 2), m2)};
-      for (int c = 0; c < 4; ++c) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + hh * 32));
-        u[hh][c] = _mm256_or_si256(_mm256_and_si256(raw, m4), hi[c]);
-        u[hh][c + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), hi[c + 4]);
-      }
-    }
-    const __m128i scb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 384));
-    const __m128i scb2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 400));
-    // sc[h][rows 8 hh ..]: half-block h, row half hh
-    const __m256i sc[2][2] = {{_mm256_cvtepi8_epi32(scb), _mm256_cvtepi8_epi32(_mm_srli_si128(scb, 8))},
-                              {_mm256_cvtepi8_epi32(scb2), _mm256_cvtepi8_epi32(_mm_srli_si128(scb2, 8))}};
+    Q6Block blk;
+    q6_unpack(wb, blk);
     const float* dt = d + (b / sb) * 16;
     const __m256 dw[2] = {_mm256_loadu_ps(dt), _mm256_loadu_ps(dt + 8)};
     for (int c = 0; c < C; ++c) {
-      const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
       const int32_t* xh = xs + (m0 + c) * a.nb * 2 + 2 * b;
-      __m256i xb[8];
-      for (int j = 0; j < 8; ++j) {
-        int32_t v;
-        memcpy(&v, xq + 4 * j, 4);
-        xb[j] = _mm256_set1_epi32(v);
-      }
-      const __m256i off0 = _mm256_set1_epi32(32 * xh[0]), off1 = _mm256_set1_epi32(32 * xh[1]);
-      const __m256 ad = _mm256_set1_ps(a.d[static_cast<size_t>((m0 + c) * a.nb + b)]);
-      for (int hh = 0; hh < 2; ++hh) {
-        // pairs of maddubs stay < 2^15: 2 * 2 * 63 * 127 = 32004
-        const __m256i s0 = _mm256_add_epi16(_mm256_maddubs_epi16(u[hh][0], xb[0]),
-                                            _mm256_maddubs_epi16(u[hh][1], xb[1]));
-        const __m256i s1 = _mm256_add_epi16(_mm256_maddubs_epi16(u[hh][2], xb[2]),
-                                            _mm256_maddubs_epi16(u[hh][3], xb[3]));
-        const __m256i s2 = _mm256_add_epi16(_mm256_maddubs_epi16(u[hh][4], xb[4]),
-                                            _mm256_maddubs_epi16(u[hh][5], xb[5]));
-        const __m256i s3 = _mm256_add_epi16(_mm256_maddubs_epi16(u[hh][6], xb[6]),
-                                            _mm256_maddubs_epi16(u[hh][7], xb[7]));
-        const __m256i dot0 = _mm256_sub_epi32(
-            _mm256_add_epi32(_mm256_madd_epi16(s0, ones), _mm256_madd_epi16(s1, ones)), off0);
-        const __m256i dot1 = _mm256_sub_epi32(
-            _mm256_add_epi32(_mm256_madd_epi16(s2, ones), _mm256_madd_epi16(s3, ones)), off1);
-        const __m256i isum = _mm256_add_epi32(_mm256_mullo_epi32(dot0, sc[0][hh]),
-                                              _mm256_mullo_epi32(dot1, sc[1][hh]));
-        acc[c][hh] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw[hh], ad), acc[c][hh]);
-      }
+      q6_block_row(blk, dw, a.qrow(m0 + c) + b * kBlock, xh[0], xh[1],
+                   _mm256_set1_ps(a.d[static_cast<size_t>((m0 + c) * a.nb + b)]), acc[c]);
     }
   }
   for (int c = 0; c < C; ++c) {
