@@ -12,13 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ember.sampling.sampler import _GREEDY_TEMPERATURE
+from ember.sampling.sampler import argmax_tokens, is_greedy
 from ember.types import SamplingParams
 
 
 def is_plain_greedy(params: SamplingParams, num_output_tokens: int) -> bool:
     """Whether the sampler would return this row's argmax untouched (see module doc)."""
-    return (params.temperature < _GREEDY_TEMPERATURE and params.logprobs is None
+    return (is_greedy(params) and params.logprobs is None
             and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
             and params.presence_penalty == 0.0 and not params.logit_bias
             and params.structured_outputs is None and num_output_tokens >= params.min_tokens)
@@ -28,6 +28,6 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     """Index of each row's largest logit of (N, V) float32 CPU logits, the first on ties (as
     `sampler._argmax`; NaN counts as the largest, as in torch's max)."""
     if logits.device.type != "cpu" or logits.dtype != torch.float32:
-        return logits.max(dim=-1).indices.tolist()  # type: ignore[no-any-return]
+        return argmax_tokens(logits)
     values = logits.detach().numpy()  # (N, V), a view
     return [int(i) for i in np.argmax(values, axis=1)]
