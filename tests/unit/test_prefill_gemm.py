@@ -90,3 +90,27 @@ def test_q8_q8h_q5_prefill_rows_equal_decode_rows_and_reference(kernels, n, k, m
     assert torch.equal(got5, rows_alone(lambda r: kernels.q5_gemm(r, p5), x))
     assert torch.equal(got5, kernels.q8_gemm(x, *pack_q8(q5, d)))
     assert_near_reference(got5, x, Q8Blocks(q5, d).dequantize())
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="the best ISA here is the portable one")
+@pytest.mark.parametrize("m", [1, 20])
+def test_portable_activation_rounding_ties_equal_the_vector_isa(load_kernels, m):
+    """The portable build quantizes activations on generic vectors (isa_portable.h
+    QuantizedActs): exact .5 ties (a block whose amax is 127, so x * 127 / amax = x) must round
+    to nearest even like the hand-vectorised ISA's conversion; all-zero blocks give zero codes.
+    Checked through the Q8 and Q4 GEMMs, bit for bit, on the row (M = 1) and many-row paths."""
+    best, portable = load_kernels(None), load_kernels("portable")
+    k, n = 128, 32
+    ties = torch.arange(32, dtype=torch.float32) - 15.5  # -15.5 .. 15.5: every value a tie
+    ties[0] = 127.0  # the block's amax: id = 1
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x[:, :32] = ties
+    x[:, 32:64] = 0.0
+    x[:, 64:96] = -ties * 2  # amax 254: x * 127 / 254 = ties again
+    gen = torch.Generator().manual_seed(3)
+    q8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    p8 = pack_q8(q8, (torch.rand(n, k // 32, generator=gen) + 0.5) * 0.01)
+    assert torch.equal(portable.q8_gemm(x, *p8), best.q8_gemm(x, *p8))
+    w4 = Q4Blocks.quantize(torch.randn(n, k, generator=gen))
+    p4 = pack_q4(w4.q, w4.scale, w4.offset)
+    assert torch.equal(portable.q4_gemm(x, *p4), best.q4_gemm(x, *p4))
