@@ -148,7 +148,8 @@ def test_i16_shape_errors_are_clear(kernels: CpuKernels) -> None:
 
 # --- packed attention in one call (enc_attention) ---------------------------------------------
 
-@pytest.mark.parametrize("lens", [[1], [3, 3, 2], [17, 64, 5, 16, 15], [100, 33, 1], [511]])
+@pytest.mark.parametrize("lens", [[1], [3, 3, 2], [17, 64, 5, 16, 15], [100, 33, 1], [511],
+                                  [512, 129, 256, 383, 140, 7]])
 def test_packed_attention_matches_sdpa(kernels: CpuKernels, lens: list[int]) -> None:
     from ember.models.bert import PackedBatch, packed_attention
 
