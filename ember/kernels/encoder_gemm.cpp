@@ -469,13 +469,19 @@ inline __m256 att_exp8(__m256 x) {
 }
 #endif
 
+// K^T in tiles of 16 keys: tile j/16 holds (32 dims x 16 keys) contiguous, so one score tile
+// reads 2 KB in order. NOTE: a plain (32 x L) transpose puts the 32 rows of a tile 4 L bytes
+// apart: at L = 256 those 64 lines share 4 of L1's 64 sets and evict each other (measured
+// slower than PyTorch's SDPA at 384 tokens before this layout).
+inline int64_t att_kt(int64_t j, int d) { return (j >> 4) * (16 * kAttD) + d * 16 + (j & 15); }
+
 // One (sequence, head): q/k/v rows `ld` floats apart, L tokens; o rows `ldo` apart.
 void att_one(const float* q, const float* k, const float* v, int64_t ld, int64_t len,
              float* o, int64_t ldo, float* kt, float* vb, float* sb) {
   const int64_t l16 = (len + 15) / 16 * 16;
   const float scale = 1.0f / sqrtf(static_cast<float>(kAttD));
   for (int64_t j = 0; j < l16; ++j)
-    for (int d = 0; d < kAttD; ++d) kt[d * l16 + j] = j < len ? k[j * ld + d] : 0.0f;
+    for (int d = 0; d < kAttD; ++d) kt[att_kt(j, d)] = j < len ? k[j * ld + d] : 0.0f;
   for (int64_t j = 0; j < len; ++j) memcpy(vb + j * kAttD, v + j * ld, kAttD * sizeof(float));
 #if defined(EMBER_ISA_PORTABLE)
   for (int64_t i = 0; i < len; ++i) {
@@ -483,7 +489,7 @@ void att_one(const float* q, const float* k, const float* v, int64_t ld, int64_t
     float mx = -INFINITY;
     for (int64_t j = 0; j < len; ++j) {
       float acc = 0.0f;
-      for (int d = 0; d < kAttD; ++d) acc = EMBER_ENC_MADD(q[i * ld + d], kt[d * l16 + j], acc);
+      for (int d = 0; d < kAttD; ++d) acc = EMBER_ENC_MADD(q[i * ld + d], kt[att_kt(j, d)], acc);
       s[j] = acc * scale;
       mx = std::max(mx, s[j]);
     }
@@ -505,8 +511,8 @@ void att_one(const float* q, const float* k, const float* v, int64_t ld, int64_t
       __m256 acc[kRows][2];
       for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
       for (int d = 0; d < kAttD; ++d) {
-        const __m256 k0 = _mm256_loadu_ps(kt + d * l16 + j);
-        const __m256 k1 = _mm256_loadu_ps(kt + d * l16 + j + 8);
+        const __m256 k0 = _mm256_loadu_ps(kt + att_kt(j, d));
+        const __m256 k1 = _mm256_loadu_ps(kt + att_kt(j, d) + 8);
         for (int r = 0; r < kRows; ++r) {
           const __m256 qv = _mm256_broadcast_ss(qr[r] + d);
           acc[r][0] = _mm256_fmadd_ps(qv, k0, acc[r][0]);
@@ -597,6 +603,192 @@ int enc_attention(const float* qkv, const int64_t* cu, int64_t nseq, int heads, 
     }
   }
   return 0;
+}
+
+}  // extern "C"
+
+// ---------------------------------------------------------------------------------------------
+// enc_u8_gemm: 8-bit activations x 8-bit weights with AVX2's vpmaddubsw (u8 x s8 -> pairwise
+// s16 sums, 32 MACs per instruction), then vpmaddwd by ones into int32.
+// Activations: per row, asymmetric u8 (x ~= (q - zp) * sa, zp in [0, 255]), quantized once per
+// call. Weights: s8 codes, one scale per output row, chosen so every k pair obeys
+// |q[2i]| + |q[2i+1]| <= 128 (the packer enforces it): a pair sum is then at most
+// 255 * 128 = 32640 < 32767, so vpmaddubsw never saturates (provably, for any input).
+// Packed (N/16, K/4, 16, 4) int8: element [j][p][c][e] = q[16 j + c][4 p + e] (one 32-byte
+// vector = 8 columns x 4 k); colsum (N,) int32 = sum_k q[n][k] corrects the zero point:
+//   y = sa * sw[n] * (sum_k q_a[k] q_w[n][k] - zp * colsum[n]) + bias, [GELU], [+ residual].
+// K a multiple of 4, N of 16. The int32 sum is bounded by 255 * 64 * K (< 2^31 for K < 131k).
+namespace {
+
+constexpr int64_t kEnc8Mr = 4;   // activation rows per micro-kernel (8 int32 accumulators)
+constexpr int64_t kEnc8Mc = 96;  // activation rows per task (a multiple of kEnc8Mr)
+constexpr int64_t kEnc8Nc = 4;   // panels per task
+
+struct Enc8Epilogue {
+  const float* sw;        // (N,) weight row scales
+  const int32_t* colsum;  // (N,) sum of each row's codes
+  const float* bias;      // (N,) or null
+  const float* residual;  // (M, N) or null
+  int act;
+  float* y;
+  int64_t ldy;
+};
+
+// x row (k floats) -> u8 codes, zero point and scale (x ~= (q - zp) * scale). The range always
+// holds 0 (so zp is exact in [0, 255]); an all-zero row gets scale 0 and codes 0.
+inline float enc8_quantize_row(const float* x, int64_t k, uint8_t* q, int32_t* zp_out) {
+  float lo = 0.0f, hi = 0.0f;
+  for (int64_t j = 0; j < k; ++j) lo = std::min(lo, x[j]), hi = std::max(hi, x[j]);
+  if (hi - lo <= 0.0f) {
+    memset(q, 0, static_cast<size_t>(k));
+    *zp_out = 0;
+    return 0.0f;
+  }
+  const float scale = (hi - lo) / 255.0f, inv = 1.0f / scale;
+  const int32_t zp = std::min(255, std::max(0, static_cast<int32_t>(nearbyintf(-lo * inv))));
+  for (int64_t j = 0; j < k; ++j) {
+    const int32_t v = static_cast<int32_t>(nearbyintf(x[j] * inv)) + zp;
+    q[j] = static_cast<uint8_t>(std::min(255, std::max(0, v)));
+  }
+  *zp_out = zp;
+  return scale;
+}
+
+inline float enc8_out(int32_t acc, int64_t n, float sa, int32_t zp, const Enc8Epilogue& e) {
+  const int32_t s = acc - zp * e.colsum[n];
+  return EMBER_ENC_MADD(static_cast<float>(s), sa * e.sw[n], e.bias ? e.bias[n] : 0.0f);
+}
+
+#if defined(EMBER_ISA_PORTABLE)
+
+template <int R>
+inline void enc8_micro(const uint8_t* a, int64_t lda, const float* sa, const int32_t* zp,
+                       const int8_t* b, int64_t kq, int64_t m0, int64_t n0, const Enc8Epilogue& e) {
+  int32_t acc[R][kEncNr] = {};
+  for (int64_t p = 0; p < kq; ++p) {
+    const int8_t* bp = b + p * 4 * kEncNr;
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* ar = a + r * lda + 4 * p;
+      for (int c = 0; c < kEncNr; ++c)
+        acc[r][c] += ar[0] * bp[4 * c] + ar[1] * bp[4 * c + 1] + ar[2] * bp[4 * c + 2] +
+                     ar[3] * bp[4 * c + 3];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* yr = e.y + (m0 + r) * e.ldy + n0;
+    for (int c = 0; c < kEncNr; ++c) {
+      float v = enc8_out(acc[r][c], n0 + c, sa[r], zp[r], e);
+      if (e.act == 1) v = enc_gelu_scalar(v);
+      if (e.residual) v += e.residual[(m0 + r) * e.ldy + n0 + c];
+      yr[c] = v;
+    }
+  }
+}
+
+#else
+
+template <int R>
+inline void enc8_micro(const uint8_t* a, int64_t lda, const float* sa, const int32_t* zp,
+                       const int8_t* b, int64_t kq, int64_t m0, int64_t n0, const Enc8Epilogue& e) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t p = 0; p < kq; ++p) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + p * 64));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + p * 64 + 32));
+    for (int r = 0; r < R; ++r) {
+      int32_t quad;
+      memcpy(&quad, a + r * lda + 4 * p, 4);
+      const __m256i av = _mm256_set1_epi32(quad);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+      // vpdpbusd: the 4 products summed straight into int32 (same sums: no pair saturates)
+      acc[r][0] = _mm256_dpbusd_epi32(acc[r][0], av, b0);
+      acc[r][1] = _mm256_dpbusd_epi32(acc[r][1], av, b1);
+#else
+      // u8 x s8 pair sums in int16 (never saturate: see above), then pairs of those in int32
+      acc[r][0] = _mm256_add_epi32(acc[r][0],
+                                   _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1],
+                                   _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones));
+#endif
+    }
+  }
+  const __m256 w0 = _mm256_loadu_ps(e.sw + n0), w1 = _mm256_loadu_ps(e.sw + n0 + 8);
+  const __m256i cs0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.colsum + n0));
+  const __m256i cs1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.colsum + n0 + 8));
+  __m256 bias[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  if (e.bias) bias[0] = _mm256_loadu_ps(e.bias + n0), bias[1] = _mm256_loadu_ps(e.bias + n0 + 8);
+  for (int r = 0; r < R; ++r) {
+    const __m256 s = _mm256_set1_ps(sa[r]);
+    const __m256i z = _mm256_set1_epi32(zp[r]);
+    const __m256 sc[2] = {_mm256_mul_ps(s, w0), _mm256_mul_ps(s, w1)};
+    const __m256i corr[2] = {_mm256_mullo_epi32(z, cs0), _mm256_mullo_epi32(z, cs1)};
+    float* yr = e.y + (m0 + r) * e.ldy + n0;
+    for (int h = 0; h < 2; ++h) {
+      const __m256i sum = _mm256_sub_epi32(acc[r][h], corr[h]);
+      __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sc[h], bias[h]);
+      if (e.act == 1) v = enc_gelu8(v);
+      if (e.residual) v = _mm256_add_ps(v, _mm256_loadu_ps(e.residual + (m0 + r) * e.ldy + n0 + 8 * h));
+      _mm256_storeu_ps(yr + 8 * h, v);
+    }
+  }
+}
+
+#endif
+
+inline void enc8_rows(int64_t rows, const uint8_t* a, int64_t lda, const float* sa,
+                      const int32_t* zp, const int8_t* b, int64_t kq, int64_t m0, int64_t n0,
+                      const Enc8Epilogue& e) {
+  switch (rows) {
+    case 4: enc8_micro<4>(a, lda, sa, zp, b, kq, m0, n0, e); break;
+    case 3: enc8_micro<3>(a, lda, sa, zp, b, kq, m0, n0, e); break;
+    case 2: enc8_micro<2>(a, lda, sa, zp, b, kq, m0, n0, e); break;
+    case 1: enc8_micro<1>(a, lda, sa, zp, b, kq, m0, n0, e); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The activation quantizer enc_u8_gemm runs (tests): x (M, K) -> q (M, K) u8, zp (M,), sa (M,).
+void enc_u8_quantize(const float* x, int64_t mrows, int64_t k, uint8_t* q, int32_t* zp,
+                     float* sa) {
+  for (int64_t i = 0; i < mrows; ++i) sa[i] = enc8_quantize_row(x + i * k, k, q + i * k, zp + i);
+}
+
+// y (M, N) = [GELU](x (M, K) @ W^T + bias) [+ residual] for pair-bounded s8 weights (wp
+// (N/16, K/4, 16, 4) int8, sw (N,), colsum (N,)); see above. y must not alias x.
+void enc_u8_gemm(const float* x, int64_t mrows, int64_t k, const int8_t* wp, const float* sw,
+                 const int32_t* colsum, int64_t n, const float* bias, const float* residual,
+                 int act, float* y, int nthreads) {
+  std::vector<uint8_t> aq(static_cast<size_t>(mrows * k));
+  std::vector<float> sa(static_cast<size_t>(mrows));
+  std::vector<int32_t> zp(static_cast<size_t>(mrows));
+  const int64_t kq = k / 4, panels = n / kEncNr;
+  const int64_t mtasks = (mrows + kEnc8Mc - 1) / kEnc8Mc;
+  const int64_t ntasks = (panels + kEnc8Nc - 1) / kEnc8Nc;
+  const Enc8Epilogue e{sw, colsum, bias, residual, act, y, n};
+#pragma omp parallel num_threads(nthreads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < mrows; ++i)
+      sa[static_cast<size_t>(i)] = enc8_quantize_row(x + i * k, k, aq.data() + i * k,
+                                                     zp.data() + i);
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t mt = 0; mt < mtasks; ++mt)
+      for (int64_t nt = 0; nt < ntasks; ++nt) {
+        const int64_t m_end = std::min(mrows, (mt + 1) * kEnc8Mc);
+        const int64_t p_end = std::min(panels, (nt + 1) * kEnc8Nc);
+        for (int64_t j = nt * kEnc8Nc; j < p_end; ++j) {
+          const int8_t* b = wp + j * kq * 4 * kEncNr;
+          for (int64_t m0 = mt * kEnc8Mc; m0 < m_end; m0 += kEnc8Mr)
+            enc8_rows(std::min(kEnc8Mr, m_end - m0), aq.data() + m0 * k, k, sa.data() + m0,
+                      zp.data() + m0, b, kq, m0, j * kEncNr, e);
+        }
+      }
+  }
 }
 
 }  // extern "C"

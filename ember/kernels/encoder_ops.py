@@ -193,3 +193,90 @@ def encoder_attention(kernels: CpuKernels, qkv: torch.Tensor, cu_seqlens: torch.
           kernels.num_threads) != 0:
         raise ValueError(f"enc_attention refused head_dim {head_dim}")
     return out
+
+
+# --- 8-bit activations x pair-bounded 8-bit weights (enc_u8_gemm) -------------------------------
+
+PAIR_BOUND_U8 = 128
+"""|q[2i]| + |q[2i+1]| <= 128 for every weight row: with u8 activations (<= 255) a vpmaddubsw
+pair sum is at most 255 * 128 = 32640 < 32767, so it never saturates."""
+
+
+def supports_shape_u8(in_features: int, out_features: int) -> bool:
+    """Whether enc_u8_gemm runs this projection (K a multiple of 4, N of 16)."""
+    return in_features % 4 == 0 and in_features > 0 and out_features % PANEL == 0
+
+
+def pack_rows_u8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float weight -> packed (N/16, K/4, 16, 4) int8 codes, (N,) float32 row scales and
+    (N,) int32 code sums. The row scale makes the largest |w[2i]| + |w[2i+1]| map to 128;
+    codes round to nearest and a pair that rounds to 129 loses one step on its larger code,
+    so every pair obeys PAIR_BOUND_U8 (and |q| <= 127)."""
+    n, k = weight.shape
+    if not supports_shape_u8(k, n):
+        raise ValueError(f"the u8 encoder GEMM needs K % 4 == 0 and N % {PANEL} == 0, "
+                         f"got ({n}, {k})")
+    w = weight.float()
+    pair = w.abs().view(n, k // 2, 2).sum(-1).amax(-1)  # (N,)
+    scale = pair.clamp_min(1e-30) / PAIR_BOUND_U8
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).view(n, k // 2, 2)  # (N, K/2, 2)
+    over = q.abs().sum(-1) > PAIR_BOUND_U8  # (N, K/2)
+    big = q.abs().argmax(-1, keepdim=True)  # (N, K/2, 1)
+    q -= torch.zeros_like(q).scatter_(-1, big, 1.0) * torch.sign(q) * over[..., None]
+    codes = q.view(n, k).to(torch.int8)
+    packed = codes.view(n // PANEL, PANEL, k // 4, 4).permute(0, 2, 1, 3).contiguous()
+    return packed, scale.contiguous(), codes.sum(-1, dtype=torch.int32)
+
+
+def unpack_rows_u8(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The dense (N, K) float32 weight a u8-GEMM packed one stands for (tests, reports)."""
+    panels, kq, _, _ = packed.shape
+    q = packed.permute(0, 2, 1, 3).reshape(panels * PANEL, kq * 4)  # (N, K)
+    return q.float() * scale[:, None]
+
+
+def _bind_u8(kernels: CpuKernels) -> None:
+    fn = kernels.lib.enc_u8_gemm
+    if fn.argtypes is None:
+        p, i64 = c_void_p, c_int64
+        fn.argtypes = [p, i64, i64, p, p, p, i64, p, p, c_int, p, c_int]
+        fn.restype = None
+        qf = kernels.lib.enc_u8_quantize
+        qf.argtypes, qf.restype = [p, i64, i64, p, p, p], None
+
+
+def quantize_u8(kernels: CpuKernels, x: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The u8 GEMM's activation quantizer: x (M, K) -> codes (M, K) uint8, zero points (M,)
+    int32, scales (M,) float32 with x ~= (codes - zp) * scale (tests)."""
+    _bind_u8(kernels)
+    x = x.float().contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.uint8)
+    zp = torch.empty(m, dtype=torch.int32)
+    sa = torch.empty(m, dtype=torch.float32)
+    kernels.lib.enc_u8_quantize(x.data_ptr(), m, k, q.data_ptr(), zp.data_ptr(), sa.data_ptr())
+    return q, zp, sa
+
+
+def encoder_gemm_u8(kernels: CpuKernels, x: torch.Tensor, packed: torch.Tensor,
+                    scale: torch.Tensor, colsum: torch.Tensor, bias: torch.Tensor | None = None,
+                    residual: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
+    """x (M, K) float32 -> (M, N) float32 = [GELU](x @ W^T + bias) [+ residual] on
+    pair-bounded int8 weights (pack_rows_u8), activations quantized per row to u8."""
+    _bind_u8(kernels)
+    x = x.float().contiguous()
+    m, k = x.shape
+    n = packed.shape[0] * PANEL
+    if packed.shape[1] * 4 != k:
+        raise ValueError(f"x has {k} columns, the weight {packed.shape[1] * 4}")
+    if residual is not None:
+        residual = residual.float().contiguous()
+        if residual.shape != (m, n):
+            raise ValueError(f"residual {tuple(residual.shape)} is not ({m}, {n})")
+    y = torch.empty(m, n, dtype=torch.float32)
+    kernels.lib.enc_u8_gemm(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(),
+                            colsum.data_ptr(), n, None if bias is None else bias.data_ptr(),
+                            None if residual is None else residual.data_ptr(),
+                            GELU if gelu else 0, y.data_ptr(), kernels.num_threads)
+    return y

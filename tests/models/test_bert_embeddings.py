@@ -41,6 +41,10 @@ SENTENCES = [
     "However little known the feelings or views of such a man may be on his first entering "
     "a neighbourhood, this truth is so well fixed in the minds of the surrounding families, "
     "that he is considered the rightful property of some one or other of their daughters. " * 3,
+    # 206 tokens: attention of sequences over 128 tokens runs in the kernels too
+    "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, "
+    "seemed to unite some of the best blessings of existence; and had lived nearly twenty-one "
+    "years in the world with very little to distress or vex her. " * 4,
     "The quick brown fox jumps over the lazy dog.",
     "the quick brown fox jumps over the lazy dog",
     "A man is eating food.",

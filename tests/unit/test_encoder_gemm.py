@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from ember.kernels.build import missing_cpu_features, select_isa
-from ember.kernels.encoder_ops import (WEIGHT_QMAX_I16, act_qmax, encoder_gemm, encoder_gemm_i16,
-                                       gelu, pack_rows_i8, pack_rows_i16, unpack_rows_i8,
-                                       unpack_rows_i16, encoder_attention)
+from ember.kernels.encoder_ops import (PAIR_BOUND_U8, WEIGHT_QMAX_I16, act_qmax, encoder_gemm,
+                                       encoder_gemm_i16, encoder_gemm_u8, gelu, pack_rows_i8,
+                                       pack_rows_i16, pack_rows_u8, quantize_u8, unpack_rows_i8,
+                                       unpack_rows_i16, unpack_rows_u8, encoder_attention)
 from ember.kernels.ops import CpuKernels
 
 pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
@@ -148,7 +149,8 @@ def test_i16_shape_errors_are_clear(kernels: CpuKernels) -> None:
 
 # --- packed attention in one call (enc_attention) ---------------------------------------------
 
-@pytest.mark.parametrize("lens", [[1], [3, 3, 2], [17, 64, 5, 16, 15], [100, 33, 1], [511]])
+@pytest.mark.parametrize("lens", [[1], [3, 3, 2], [17, 64, 5, 16, 15], [100, 33, 1], [511],
+                                  [512, 129, 256, 383, 140, 7]])
 def test_packed_attention_matches_sdpa(kernels: CpuKernels, lens: list[int]) -> None:
     from ember.models.bert import PackedBatch, packed_attention
 
@@ -165,3 +167,84 @@ def test_packed_attention_refuses_other_shapes(kernels: CpuKernels) -> None:
         encoder_attention(kernels, torch.randn(4, 3 * 64), torch.tensor([0, 4]), 1, 64)
     with pytest.raises(ValueError, match="does not match"):
         encoder_attention(kernels, torch.randn(4, 3 * 32), torch.tensor([0, 5]), 1, 32)
+
+
+# --- u8 activations x pair-bounded s8 weights (enc_u8_gemm) -----------------------------------
+
+def _u8_reference(kernels: CpuKernels, x: torch.Tensor, packed: torch.Tensor,
+                  scale: torch.Tensor, colsum: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """Exact integer sums (float64) on the kernel's own activation codes."""
+    q, zp, sa = quantize_u8(kernels, x)
+    w = unpack_rows_u8(packed, torch.ones_like(scale)).double()  # (n, k) codes
+    acc = q.double() @ w.T - zp.double()[:, None] * colsum.double()[None, :]  # (m, n)
+    y = acc * sa.double()[:, None] * scale.double()[None, :]
+    return (y if bias is None else y + bias.double()).float()
+
+
+def test_u8_pack_bounds_every_pair_and_round_trips() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(48, 96)
+    w[5, 10], w[5, 11] = 3.0, -2.9  # a pair that sets its row's scale
+    packed, scale, colsum = pack_rows_u8(w)
+    assert packed.dtype == torch.int8 and packed.shape == (3, 24, 16, 4)
+    codes = unpack_rows_u8(packed, torch.ones_like(scale))  # (48, 96)
+    assert int(codes.view(48, 48, 2).abs().sum(-1).max()) <= PAIR_BOUND_U8
+    assert int(codes.view(48, 48, 2).abs().sum(-1).max()) == PAIR_BOUND_U8
+    assert torch.equal(colsum, codes.sum(-1).to(torch.int32))
+    back = unpack_rows_u8(packed, scale)
+    assert bool(((back - w).abs() <= 1.5 * scale[:, None] + 1e-6).all())  # rounding + the fix
+    with pytest.raises(ValueError, match="K % 4"):
+        pack_rows_u8(torch.randn(16, 66))
+
+
+def test_u8_quantizer_codes_and_zero_point(kernels: CpuKernels) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(7, 64) * 2 + 0.5
+    x[2] = 0.0  # all-zero row: scale 0, codes 0
+    x[3] = x[3].abs()  # all >= 0: zero point 0
+    q, zp, sa = quantize_u8(kernels, x)
+    assert float(sa[2]) == 0.0 and int(q[2].max()) == 0 and int(zp[2]) == 0
+    assert int(zp[3]) == 0 and int(q[3].max()) == 255
+    back = (q.float() - zp.float()[:, None]) * sa[:, None]
+    assert bool(((back - x).abs() <= sa[:, None] * 0.5001 + 1e-7).all())
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 97, 200])
+def test_u8_gemm_matches_integer_reference(kernels: CpuKernels, m: int) -> None:
+    torch.manual_seed(m)
+    k, n = 96, 80  # 5 panels: the last task holds one
+    x = torch.randn(m, k) * 3
+    x[:, 7] *= 40
+    w, b = torch.randn(n, k) * 0.05, torch.randn(n)
+    packed, scale, colsum = pack_rows_u8(w)
+    ref = _u8_reference(kernels, x, packed, scale, colsum, b)  # (m, n)
+    tol = dict(atol=1e-5 * float(ref.abs().max()), rtol=1e-5)
+    torch.testing.assert_close(encoder_gemm_u8(kernels, x, packed, scale, colsum, b), ref, **tol)
+    res = torch.randn(m, n)
+    fused = encoder_gemm_u8(kernels, x, packed, scale, colsum, b, residual=res, gelu=True)
+    torch.testing.assert_close(fused, F.gelu(ref) + res, **tol)
+
+
+def test_u8_gemm_worst_case_pairs_do_not_saturate(kernels: CpuKernels) -> None:
+    # every activation code 255 (zero point 0) against pairs at the bound, both signs, and
+    # the full-range row (codes 0 and 255, zero point in the middle): exact integer results
+    k, n = 1536, 16
+    w = torch.zeros(n, k)
+    w[0] = 1.0  # pairs (64, 64): scale 1/64
+    w[1] = -1.0
+    w[2, 0::2], w[2, 1::2] = 1.0, 0.0  # pairs (128, 0)
+    w[3, 0::2], w[3, 1::2] = -1.0, 0.0
+    w[4:] = torch.randn(n - 4, k)
+    packed, scale, colsum = pack_rows_u8(w)
+    codes = unpack_rows_u8(packed, torch.ones_like(scale))
+    assert int(codes[0].min()) == 64  # pairs (64, 64) at the bound: 255 * 128 per pair
+    assert int(codes[2].max()) == 127  # (128, 0) clamps to the s8 limit
+    x = torch.ones(5, k)
+    x[1] = -torch.ones(k)
+    x[2, 0::2], x[2, 1::2] = 1.0, -1.0  # codes 255 and 0 around zero point ~128
+    y = encoder_gemm_u8(kernels, x, packed, scale, colsum)
+    ref = _u8_reference(kernels, x, packed, scale, colsum, None)
+    torch.testing.assert_close(y, ref, atol=1e-4 * float(ref.abs().max()), rtol=0)
+    dense = x @ unpack_rows_u8(packed, scale).T  # (5, n)
+    torch.testing.assert_close(y[:2, :4], dense[:2, :4], atol=1e-3 * k, rtol=1e-5)
