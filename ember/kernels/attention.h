@@ -348,12 +348,16 @@ inline void qk4_direct(const float* q, const void* k, const int64_t* rows, float
   vfloat a[R][4];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < 4; ++i) a[r][i] = v_zero();
+  // NOTE: the R query vectors of a step stay in registers and each key's vector is converted,
+  // used by the R rows and dropped: 12 accumulators + 3 q + 1 k fit AVX2's 16 registers,
+  // where four converted keys at once (17 live) spilled one accumulator to the stack (a
+  // store/load in its FMA chain: ~20% of the QK time). Same FMA chains, same bits.
   for (int v = 0; v < NV; ++v) {
-    vfloat kv[4];
-    for (int i = 0; i < 4; ++i) kv[i] = load_kv<KS>(k, rows[i] * D + v * kVecW);
-    for (int r = 0; r < R; ++r) {
-      const vfloat qv = v_load(q + r * D + v * kVecW);
-      for (int i = 0; i < 4; ++i) a[r][i] = v_fma(qv, kv[i], a[r][i]);
+    vfloat qv[R];
+    for (int r = 0; r < R; ++r) qv[r] = v_load(q + r * D + v * kVecW);
+    for (int i = 0; i < 4; ++i) {
+      const vfloat kv = load_kv<KS>(k, rows[i] * D + v * kVecW);
+      for (int r = 0; r < R; ++r) a[r][i] = v_fma(qv[r], kv, a[r][i]);
     }
   }
   for (int r = 0; r < R; ++r) v_hsum4(a[r][0], a[r][1], a[r][2], a[r][3], s + r * kKeys);
@@ -484,27 +488,52 @@ void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, in
   finish_rows<D>(plan, t, kvh, sc, out, out_stride);
 }
 
+// The cache slots a decode key tile [kb, kb + n) needs (keys before j0 and the padding up to
+// n4 repeat key j0's slot: their scores are ignored), and for the prefetches the slots of the
+// same keys one and two tiles on; keys at or past `end` take the slot of key end - 1 (in cache
+// already: a harmless prefetch, no branch per head).
+inline void decode_tile_slots(const int64_t* table, int64_t bs, int64_t kb, int64_t j0,
+                              int64_t n, int64_t n4, int64_t end, int64_t* slot, int64_t* next,
+                              int64_t* far) {
+  PagedCursor cur(table, bs, kb + j0);
+  for (int64_t j = j0; j < n; ++j) slot[j] = cur.next();
+  for (int64_t j = 0; j < j0; ++j) slot[j] = slot[j0];
+  for (int64_t j = n; j < n4; ++j) slot[j] = slot[j0];
+  const int64_t last = table[(end - 1) / bs] * bs + (end - 1) % bs;
+  for (int64_t ahead = 1; ahead <= 2; ++ahead) {
+    int64_t* dst = ahead == 1 ? next : far;
+    const int64_t p0 = kb + ahead * kKeys, stop = std::min(kKeys, std::max<int64_t>(0, end - p0));
+    PagedCursor cn(table, bs, p0);
+    int64_t j = 0;
+    for (; j < stop; ++j) dst[j] = cn.next();
+    for (; j < n4; ++j) dst[j] = last;
+  }
+}
+
 // A decode row (a tile of one row), kv heads [h0, h1): the same segments, key tiles and
 // arithmetic per query head as attend_tile (so its output is bit-identical to the row's
 // inside a tile), K/V read straight from the cache. The heads run one after the other on each
 // key tile, so an item over all heads reads each slot's K/V rows of every head (contiguous)
 // while they are in cache. Head kvh's G rows sit at scratch rows (kvh - h0) G.
+// NOTE: the cache slots of a tile's keys (and of the two tiles after it, for the prefetches)
+// are found once per tile; every head then walks flat arrays: no per-key branches. Keys past
+// the item's end prefetch the item's last key again (already in cache) instead of branching.
 template <int D, int KS>
 void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, int64_t h0,
                    int64_t h1, const float* q, int64_t q_stride, const KvCache& kv,
                    AttnScratch& sc, float* out, int64_t out_stride) {
   const int64_t G = plan.group, M = (h1 - h0) * G, bs = c.block_size, hk = c.hk;
   const int64_t* table = c.block_tables + t.r0 * c.max_blocks;
-  float *qf = sc.q.data(), *s = sc.s.data(), *acc = sc.acc.data();
-  int64_t base[kKeys + 4], rows[kKeys + 4], next[kKeys + 4], far[kKeys + 4];
-  float* alpha = sc.alpha.data();
+  float *qf = sc.q.data(), *s = sc.s.data(), *acc = sc.acc.data(), *alpha = sc.alpha.data();
+  // slot[j]: key kb + j's cache slot; next / far: the same key one / two tiles on (clamped)
+  int64_t slot[kKeys + 4], next[kKeys + 4], far[kKeys + 4], rows[kKeys + 4];
   for (int64_t m = 0; m < M; ++m) {
     const float* src = q + t.r0 * q_stride + (h0 * G + m) * D;
     for (int v = 0; v < D; v += kVecW) v_store(qf + m * D + v, v_mul(v_load(src + v), v_set1(c.scale)));
     sc.cl[m] = 0.0f;
     sc.cm[m] = -INFINITY;
   }
-  const size_t row_bytes = KS == kInt8 ? D : 2 * D;
+  constexpr size_t row_bytes = KS == kInt8 ? D : 2 * D;
   const char* kc = static_cast<const char*>(kv.k);
   const char* vc = static_cast<const char*>(kv.v);
   // NOTE: the item's first two key tiles into L2 at once: the per-key prefetches below run two
@@ -527,55 +556,30 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
     reset_state<D>(M, sc);
     for (int64_t kb = a / kKeys * kKeys; kb < b; kb += kKeys) {
       const int64_t n = std::min(kKeys, b - kb), j0 = std::max<int64_t>(0, a - kb);
-      // NOTE: the keys' cache rows by block / offset counters stepped per key: one division
-      // per tile, where `p / bs` and `p % bs` per key (bs is not a constant: an integer
-      // division, ~20 cycles) cost a third of the kernel's compute at depth.
-      {
-        const int64_t p = kb + j0;
-        PagedCursor cur(table, bs, p), cn(table, bs, p + kKeys), cf(table, bs, p + 2 * kKeys);
-        for (int64_t j = j0; j < n; ++j) {
-          base[j] = cur.next() * hk;
-          const int64_t pn = kb + j + kKeys;  // the same key of the next tile
-          const int64_t sn = pn < t.k1 ? cn.next() : -1;
-          next[j] = sn >= 0 ? sn * hk + h0 : -1;
-          const int64_t pf2 = pn + kKeys;  // the same key two tiles ahead
-          const int64_t sf = pf2 < t.k1 ? cf.next() : -1;
-          far[j] = sf >= 0 ? sf * hk : -1;
-        }
-      }
-      for (int64_t j = 0; j < j0; ++j) far[j] = -1;
-      for (int64_t j = n; j < kKeys + 4; ++j) far[j] = -1;
-      for (int64_t j = 0; j < j0; ++j) base[j] = base[j0];  // keys before the window: ignored
       const int64_t n4 = (n + 3) / 4 * 4;
-      for (int64_t j = n; j < n4; ++j) base[j] = base[j0];  // padding keys: scores ignored
-      for (int64_t j = 0; j < j0; ++j) next[j] = -1;
-      for (int64_t j = n; j < n4; ++j) next[j] = -1;
+      decode_tile_slots(table, bs, kb, j0, n, n4, t.k1, slot, next, far);
       for (int64_t kvh = h0; kvh < h1; ++kvh) {
         const int64_t r0 = (kvh - h0) * G;
-        for (int64_t j = 0; j < n4; ++j) rows[j] = base[j] + kvh;
+        for (int64_t j = 0; j < n4; ++j) rows[j] = slot[j] * hk + kvh;
         // NOTE: prefetch the K/V rows of the head-tile processed next (head kvh + 1 of this
         // key tile, or the first head of the next tile), a few keys per QK step: one
         // head-tile ahead (8 KB int8 / 16 KB bf16) keeps it in L1, where one burst of the
         // whole next tile of all heads (24 / 48 KB) evicted the current one and stalled on
-        // the miss buffers.
-        const int64_t* pf = kvh + 1 < h1 ? rows : next;
-        const int64_t pf_add = kvh + 1 < h1 ? 1 : 0;
-        const int64_t pf_n = kvh + 1 < h1 ? n : n4;
+        // the miss buffers. And head kvh's K/V rows of the tile two ahead into L2
+        // (prefetcht1), so the L1 prefetch hits L2 instead of waiting on memory.
+        const int64_t* pf = kvh + 1 < h1 ? slot : next;
+        const int64_t pf_head = kvh + 1 < h1 ? kvh + 1 : h0;
         for (int64_t j = 0; j < n4; j += 4) {
-          for (int64_t i = j; i < j + 4 && i < pf_n; ++i)
-            if (pf[i] >= 0)
-              for (size_t off = 0; off < row_bytes; off += 64) {
-                v_prefetch(kc + static_cast<size_t>(pf[i] + pf_add) * row_bytes + off);
-                v_prefetch(vc + static_cast<size_t>(pf[i] + pf_add) * row_bytes + off);
-              }
-          // NOTE: and head kvh's K/V rows of the tile two ahead into L2 (prefetcht1), so the
-          // L1 prefetch above hits L2 instead of waiting on memory (the cold/hot gap).
-          for (int64_t i = j; i < j + 4; ++i)
-            if (far[i] >= 0)
-              for (size_t off = 0; off < row_bytes; off += 64) {
-                __builtin_prefetch(kc + static_cast<size_t>(far[i] + kvh) * row_bytes + off, 0, 2);
-                __builtin_prefetch(vc + static_cast<size_t>(far[i] + kvh) * row_bytes + off, 0, 2);
-              }
+          for (int64_t i = j; i < j + 4; ++i) {
+            const size_t l1 = static_cast<size_t>(pf[i] * hk + pf_head) * row_bytes;
+            const size_t l2 = static_cast<size_t>(far[i] * hk + kvh) * row_bytes;
+            for (size_t off = 0; off < row_bytes; off += 64) {
+              v_prefetch(kc + l1 + off);
+              v_prefetch(vc + l1 + off);
+              __builtin_prefetch(kc + l2 + off, 0, 2);
+              __builtin_prefetch(vc + l2 + off, 0, 2);
+            }
+          }
           int64_t m = r0;
           for (; m + 3 <= r0 + G; m += 3)
             qk4_direct<D, 3, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
