@@ -19,6 +19,8 @@ _ROW_DECAY = 0.9
 """Weight of the past per observed step of the same row count (per-row-count means)."""
 _MIN_ROW_STEPS = 3.0
 """Weighted steps of a row count (and of one-row steps) before its own mean is used."""
+_MIN_CURVE_STEPS = 1.0
+"""Weighted steps of a row count before it joins the measured curve (`extra`)."""
 _MIN_SPREAD = 0.25
 """Weighted variance of T needed for a slope (steps with one row count T alone)."""
 
@@ -71,16 +73,41 @@ class StepCostModel:
     def extra(self, drafts: int) -> float:
         """Extra cost of a step verifying `drafts` draft tokens, relative to a one-row step.
 
-        NOTE: not linear in the rows: on AVX2 a second GEMM row shares the first one's
-        weight reads (measured ~0.02 of a step, SmolLM2 int4, 2 threads), from the third on
-        the int8 dot products are compute-bound (~0.17 each). Row counts seen often enough
-        use their own mean time; others the linear fit."""
+        NOTE: not linear in the rows (on AVX2 a second GEMM row shares the first one's weight
+        reads; from the third on the int8 dot products are compute-bound; the LM head and the
+        per-step Python work do not grow alike), so this follows the measured curve: the mean
+        time of each row count seen, linearly interpolated between measured row counts and
+        extended past the longest measured one with the fitted slope. Before any multi-row
+        step is measured: the linear prior."""
         if drafts <= 0:
             return 0.0
-        one, many = self._by_rows.get(1), self._by_rows.get(1 + drafts)
-        if one and many and one[0] >= _MIN_ROW_STEPS and many[0] >= _MIN_ROW_STEPS:
-            return max(0.0, many[1] / one[1] - 1.0)
-        return self.cost * drafts
+        one = self._by_rows.get(1)
+        if not one or one[0] < _MIN_ROW_STEPS:
+            return self.cost * drafts
+        rows = 1 + drafts
+        curve = self.curve()
+        below = [r for r in curve if r <= rows]
+        above = [r for r in curve if r >= rows]
+        lo_r = below[-1] if below else 1
+        lo_t = curve[lo_r] if below else one[1]
+        if above:
+            hi_r, hi_t = above[0], curve[above[0]]
+            t = lo_t if hi_r == lo_r else lo_t + (hi_t - lo_t) * (rows - lo_r) / (hi_r - lo_r)
+        else:  # past the longest measured row count: its time plus the fitted slope
+            t = lo_t + self.cost * one[1] * (rows - lo_r)
+        return max(0.0, t / one[1] - 1.0)
+
+    def curve(self) -> dict[int, float]:
+        """Measured mean seconds by row count (ascending), made non-decreasing from above:
+        a row count timed slower than a larger one (a step that met a busy moment) takes
+        the larger one's time, so one slow sample does not bar a length for good."""
+        known = sorted(r for r, (w, _) in self._by_rows.items() if w >= _MIN_CURVE_STEPS)
+        out: dict[int, float] = {}
+        floor = float("inf")
+        for r in reversed(known):
+            floor = min(floor, self._by_rows[r][1])
+            out[r] = floor
+        return dict(sorted(out.items()))
 
     @property
     def one_row_seconds(self) -> float | None:
