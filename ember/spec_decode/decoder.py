@@ -76,7 +76,8 @@ class _Acceptance:
 
 
 _MATCH_PRIOR = 0.6
-"""Prior per-token acceptance of a draft from a match of any length (half a hit in ...)."""
+"""Prior per-token acceptance of a draft after a match of any length (replaced by what the
+drafts after matches of that length achieve, all requests together) ..."""
 _MATCH_PRIOR_WEIGHT = 2.0
 """... worth this many tested tokens."""
 _MATCH_DECAY = 0.99
@@ -142,6 +143,19 @@ def adaptive_length(acc: _Acceptance, cap: int, cost: float,
     maximising expected tokens per unit of step cost (0 when no length pays; then one token
     every `_PROBE_EVERY` steps)."""
     k = best_draft_length(acc.rate(), cap, cost, min_len=0, extra=extra)
+    acc.skipped = acc.skipped + 1 if k == 0 else 0
+    return 1 if k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
+
+
+def match_draft_length(acc: _Acceptance, by_match: MatchAcceptance, match_length: int,
+                       cap: int, extra: Callable[[int], float]) -> int:
+    """Draft length for a lookup proposal of `cap` tokens after a match of `match_length`:
+    the length with the most expected tokens per unit of step cost (`extra(k)`: measured
+    extra cost of verifying k drafts), the per-token acceptance being the geometric mean of
+    this request's recent rate and the rate of drafts after matches of this length (all
+    requests). 0 when no length pays (then one token every `_PROBE_EVERY` such steps)."""
+    alpha = (acc.rate() * by_match.rate(match_length)) ** 0.5
+    k = best_draft_length(alpha, cap, 0.0, min_len=0, extra=extra)
     acc.skipped = acc.skipped + 1 if k == 0 else 0
     return 1 if k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
 
@@ -269,10 +283,8 @@ class SpecDecoder:
             k = len(m.tokens)
             if k and self.config.adaptive:
                 acc = self._acceptance.setdefault(request.request_id, _Acceptance())
-                alpha = (acc.rate() * self.match_acceptance.rate(m.length)) ** 0.5
-                k = best_draft_length(alpha, k, 0.0, min_len=0, extra=self.step_cost.extra)
-                acc.skipped = acc.skipped + 1 if k == 0 else 0
-                k = 1 if k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
+                k = match_draft_length(acc, self.match_acceptance, m.length, k,
+                                       self.step_cost.extra)
             if k:
                 self._match_length[request.request_id] = m.length
             out.append(list(m.tokens[:k]))

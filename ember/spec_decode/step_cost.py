@@ -16,9 +16,12 @@ _DECAY = 0.98
 _MIN_STEPS = 8.0
 """Weighted steps needed before the fit replaces the prior."""
 _ROW_DECAY = 0.9
-"""Weight of the past per observed step of the same row count (per-row-count means)."""
+"""Weight of the past per observed step of the same row count (per-row-count times)."""
+_RISE = 0.1
+"""Fraction of the gap (at most of itself) a row count's time estimate moves up towards a
+slower sample."""
 _MIN_ROW_STEPS = 3.0
-"""Weighted steps of a row count (and of one-row steps) before its own mean is used."""
+"""Weighted steps of a row count (and of one-row steps) before its own time is used."""
 _MIN_CURVE_STEPS = 1.0
 """Weighted steps of a row count before it joins the measured curve (`extra`)."""
 _MIN_SPREAD = 0.25
@@ -39,15 +42,23 @@ class StepCostModel:
     _sxx: float = 0.0
     _sxy: float = 0.0
     _by_rows: dict[int, list[float]] = field(default_factory=dict)
-    """rows -> [weight, mean seconds] of the steps with that many rows (decayed)."""
+    """rows -> [weight, seconds] of the steps with that many rows (decayed weight; a
+    spike-robust running estimate of their time, see `observe`)."""
 
     def observe(self, rows: int, seconds: float) -> None:
         """One single-request step of `rows` query rows that took `seconds`."""
         if rows < 1 or seconds <= 0.0:
             return
         entry = self._by_rows.setdefault(rows, [0.0, 0.0])
+        # NOTE: a busy machine only ever makes a step slower: the estimate drops to a faster
+        # sample at once and rises towards a slower one by a fraction of the gap, so a few
+        # preempted steps do not bar a draft length for good (a plain mean would).
+        first = entry[0] == 0.0
         entry[0] = _ROW_DECAY * entry[0] + 1.0
-        entry[1] += (seconds - entry[1]) / entry[0]
+        if first or seconds < entry[1]:
+            entry[1] = seconds
+        else:
+            entry[1] += _RISE * min(seconds - entry[1], entry[1])  # at most +10% a sample
         d = _DECAY
         self._w = d * self._w + 1.0
         self._sx = d * self._sx + rows
@@ -75,9 +86,9 @@ class StepCostModel:
 
         NOTE: not linear in the rows (on AVX2 a second GEMM row shares the first one's weight
         reads; from the third on the int8 dot products are compute-bound; the LM head and the
-        per-step Python work do not grow alike), so this follows the measured curve: the mean
-        time of each row count seen, linearly interpolated between measured row counts and
-        extended past the longest measured one with the fitted slope. Before any multi-row
+        per-step Python work do not grow alike), so this follows the measured curve: the time
+        of each row count seen, linearly interpolated between measured row counts and
+        extended past the longest measured one with the curve's mean slope. Before any multi-row
         step is measured: the linear prior."""
         if drafts <= 0:
             return 0.0
@@ -93,12 +104,13 @@ class StepCostModel:
         if above:
             hi_r, hi_t = above[0], curve[above[0]]
             t = lo_t if hi_r == lo_r else lo_t + (hi_t - lo_t) * (rows - lo_r) / (hi_r - lo_r)
-        else:  # past the longest measured row count: its time plus the fitted slope
-            t = lo_t + self.cost * one[1] * (rows - lo_r)
+        else:  # past the longest measured row count: its time plus the curve's mean slope
+            slope = ((lo_t - one[1]) / (lo_r - 1) if lo_r > 1 else self.prior * one[1])
+            t = lo_t + max(slope, 0.0) * (rows - lo_r)
         return max(0.0, t / one[1] - 1.0)
 
     def curve(self) -> dict[int, float]:
-        """Measured mean seconds by row count (ascending), made non-decreasing from above:
+        """Measured seconds by row count (ascending), made non-decreasing from above:
         a row count timed slower than a larger one (a step that met a busy moment) takes
         the larger one's time, so one slow sample does not bar a length for good."""
         known = sorted(r for r, (w, _) in self._by_rows.items() if w >= _MIN_CURVE_STEPS)

@@ -168,6 +168,25 @@ def test_greedy_accepts_argmax_prefix_and_emits_the_first_mismatch():
     assert out.token_ids == [[2, 4], [2, 4, 1, 5]]
 
 
+def test_accept_greedy_matches_the_rejection_sampler():
+    """The runner's plain-greedy fast path (argmax of every row, then `accept_greedy`) emits
+    what the rejection sampler emits, request by request, for random drafts and logits."""
+    from ember.sampling.greedy import argmax_rows
+    from ember.spec_decode.rejection import accept_greedy
+
+    gen = torch.Generator().manual_seed(5)
+    rs = RejectionSampler(Sampler(torch.Generator().manual_seed(0)))
+    greedy = SamplingParams(temperature=0, max_tokens=100)
+    for _ in range(20):
+        drafts = [torch.randint(0, 3, (int(n),), generator=gen).tolist()
+                  for n in torch.randint(0, 6, (3,), generator=gen)]
+        logits = torch.randn(sum(len(d) + 1 for d in drafts), 3, generator=gen)
+        want = rs(logits, [SpecRow(_row(greedy), d) for d in drafts]).token_ids
+        assert accept_greedy(drafts, argmax_rows(logits)) == want
+    assert accept_greedy([[4, 5, 6], []], [4, 5, 6, 7, 9]) == [[4, 5, 6, 7], [9]]
+    assert accept_greedy([[4, 5, 6]], [4, 8, 6, 7]) == [[4, 8]]
+
+
 def test_greedy_counts_accepted_drafts_in_penalties():
     # token 3 leads by a little at every row; a repetition penalty makes it lose once it was
     # generated, so after accepting draft 3 the next row's argmax must be token 0.
@@ -620,9 +639,14 @@ def test_step_cost_uses_measured_row_counts_where_seen():
         model.observe(rows, {1: 0.010, 2: 0.0102, 5: 0.016}[rows])
     assert abs(model.extra(1) - 0.02) < 1e-9 and abs(model.extra(4) - 0.6) < 1e-9
     assert abs(model.extra(2) - (0.02 + 0.58 / 3)) < 1e-9  # 3 rows: between 2 and 5
-    assert abs(model.extra(7) - (0.6 + 3 * model.cost)) < 1e-9 and model.cost > 0.1
-    model.observe(4, 0.030)  # one slow 4-row step (a busy moment) counts as the 5-row time
-    assert abs(model.extra(3) - 0.6) < 1e-9 and model.curve()[4] == 0.016
+    assert abs(model.extra(7) - (0.6 + 3 * 0.15)) < 1e-9  # 5 rows' mean slope past them
     low = _Acceptance(hits=1.0, trials=9.0)  # alpha 0.15
     assert adaptive_length(low, 16, 0.0, model.extra) == 1
     assert adaptive_length(_Acceptance(hits=1.0, trials=9.0), 16, model.cost) == 0
+    model.observe(4, 0.030)  # one slow 4-row step (a busy moment) counts as the 5-row time
+    assert abs(model.extra(3) - 0.6) < 1e-9 and model.curve()[4] == 0.016
+    for _ in range(3):  # preempted one-row steps (10x slower) move its time up 10% each
+        model.observe(1, 0.100)
+    assert abs(model._by_rows[1][1] - 0.010 * 1.1 ** 3) < 1e-12
+    model.observe(1, 0.009)  # a faster sample is taken at once
+    assert model._by_rows[1][1] == 0.009
