@@ -112,12 +112,21 @@ class StepCostModel:
     def curve(self) -> dict[int, float]:
         """Measured seconds by row count (ascending), made non-decreasing from above:
         a row count timed slower than a larger one (a step that met a busy moment) takes
-        the larger one's time, so one slow sample does not bar a length for good."""
+        the larger one's time, so one slow sample does not bar a length for good.
+
+        NOTE: a row count timed fewer than `_MIN_ROW_STEPS` times counts at most at the
+        prior's estimate (one-row time x (1 + prior x extra rows)): a first sample that met
+        a busy moment must not keep that length from ever being tried (and re-timed) again."""
         known = sorted(r for r, (w, _) in self._by_rows.items() if w >= _MIN_CURVE_STEPS)
+        one = self._by_rows.get(1)
+        base = one[1] if one else None
         out: dict[int, float] = {}
         floor = float("inf")
         for r in reversed(known):
-            floor = min(floor, self._by_rows[r][1])
+            w, t = self._by_rows[r]
+            if w < _MIN_ROW_STEPS and base is not None:
+                t = min(t, base * (1.0 + self.prior * (r - 1)))
+            floor = min(floor, t)
             out[r] = floor
         return dict(sorted(out.items()))
 

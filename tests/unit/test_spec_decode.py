@@ -650,3 +650,20 @@ def test_step_cost_uses_measured_row_counts_where_seen():
     assert abs(model._by_rows[1][1] - 0.010 * 1.1 ** 3) < 1e-12
     model.observe(1, 0.009)  # a faster sample is taken at once
     assert model._by_rows[1][1] == 0.009
+
+
+def test_step_cost_first_slow_sample_does_not_bar_a_length():
+    """A row count timed once during a busy moment counts at most at the prior's estimate
+    (so the policy tries it again); once timed often its own (fastest-leaning) time rules."""
+    from ember.spec_decode.step_cost import StepCostModel
+
+    model = StepCostModel(prior=0.14)
+    for _ in range(5):
+        model.observe(1, 0.010)
+    model.observe(17, 0.200)  # one preempted 17-row step: 20x a one-row step
+    assert abs(model.extra(16) - 0.14 * 16) < 1e-9
+    for _ in range(3):  # timed often enough (decayed weight >= 3): its own time
+        model.observe(17, 0.200)
+    assert model.extra(16) > 15
+    model.observe(17, 0.030)  # a quiet sample: taken at once
+    assert abs(model.extra(16) - 2.0) < 1e-9
