@@ -8,7 +8,9 @@ exact verify steps and rows a real run would execute; a table of step times by q
     python benchmarks/spec_decode_model.py --step-ms 8.9,9.1,10.8,13.0,14.6,16.2,19.8,23.1,26.5
 
 Policies compared per workload (those of benchmarks/spec_decode.py):
-- `adaptive`: Ember's policy (ember/spec_decode/decoder.py `adaptive_length`, caps 16 / 8 / 5);
+- `adaptive`: Ember's policy (ember/spec_decode/decoder.py `match_draft_length`: acceptance
+  by match length x the request's own, caps 16 / 8 / 5);
+- `request`: the previous policy (`adaptive_length`: the request's own acceptance only);
 - `fixed K`: always draft K (what the proposer finds, up to K);
 - `oracle`: drafts exactly the tokens that will be accepted (an upper bound for any length
   policy with this proposer and this step-cost table).
@@ -29,9 +31,10 @@ from ember.spec_decode.ngram import NgramIndex
 
 OUT = Path(__file__).resolve().parent / "results" / "spec_decode"
 ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 17)
-DEFAULT_MS = (8.9, 9.1, 10.8, 13.0, 16.2, 19.3, 26.5, 33.0, 34.7)
-"""Engine step ms by query rows (SmolLM2 int4, 2 threads, ~416-token context, contended; the
-README's table, 16 and 17 rows extrapolated at its 8 -> 12 slope)."""
+DEFAULT_MS = (8.2, 8.2, 8.9, 9.8, 11.6, 12.6, 17.0, 22.2, 23.5)
+"""Engine step ms by query rows (SmolLM2 int4, 2 threads, ~416-token context): the quiet
+kernel times of benchmarks/results/spec_decode/verify_rows.json (decoder + head, made
+monotone) plus ~1.5 ms of per-step engine work (sampler, scheduler, proposer)."""
 
 
 def step_time(table: dict[int, float]) -> Callable[[int], float]:
@@ -47,10 +50,16 @@ def step_time(table: dict[int, float]) -> Callable[[int], float]:
 
 
 def replay(prompt: list[int], out: list[int], t: Callable[[int], float], policy: str,
-           cap: int, min_n: int, max_n: int) -> dict:
-    """Verify steps, drafts and modeled speedup of one greedy output under `policy`."""
+           cap: int, min_n: int, max_n: int,
+           by_match: dec.MatchAcceptance | None = None) -> dict:
+    """Verify steps, drafts and modeled speedup of one greedy output under `policy`.
+
+    `adaptive`: the engine's policy (`match_draft_length`: acceptance by match length,
+    shared across requests through `by_match`, times the request's own); `request`: the
+    previous one (the request's own acceptance only, `adaptive_length`)."""
     index = NgramIndex(min_n, max_n)
     acc = dec._Acceptance()
+    by_match = by_match if by_match is not None else dec.MatchAcceptance()
 
     def extra(k: int) -> float:
         return t(1 + k) / t(1) - 1.0
@@ -58,11 +67,16 @@ def replay(prompt: list[int], out: list[int], t: Callable[[int], float], policy:
     i, cost, steps, drafted, accepted = 1, 0.0, 0, 0, 0
     while i < len(out):
         index.extend(prompt + out[:i])
-        if policy == "adaptive":
-            k = dec.adaptive_length(acc, max(1, min(cap, len(out) - i)), 0.0, extra)
+        room = max(0, min(cap, len(out) - i))
+        if policy == "request":
+            k = dec.adaptive_length(acc, max(1, room), 0.0, extra)
+            m = index.match(k)
         else:
-            k = cap
-        draft = index.lookup(k)[1] if k > 0 else []
+            m = index.match(room)
+            k = len(m.tokens)
+            if policy == "adaptive" and k:
+                k = dec.match_draft_length(acc, by_match, m.length, k, extra)
+        draft = list(m.tokens[:k])
         a = 0
         while a < len(draft) and i + a < len(out) and draft[a] == out[i + a]:
             a += 1
@@ -70,6 +84,7 @@ def replay(prompt: list[int], out: list[int], t: Callable[[int], float], policy:
             draft = draft[:a]
         if draft:
             acc.update(len(draft), a)
+            by_match.update(m.length, len(draft), a)
         drafted += len(draft)
         accepted += a
         cost += t(1 + len(draft))
@@ -96,7 +111,10 @@ def main() -> None:
     table = dict(zip(ROWS, (float(v) for v in args.step_ms.split(","))))
     t = step_time(table)
     llm = LLM(args.model, show_progress=False)
-    policies = [("adaptive", 16), ("adaptive", 8), ("adaptive", 5), ("fixed", 2), ("fixed", 5), ("fixed", 16), ("oracle", 16)]
+    policies = [("adaptive", 16), ("adaptive", 8), ("adaptive", 5), ("request", 16),
+                ("request", 5), ("fixed", 2), ("fixed", 5), ("fixed", 16), ("oracle", 16)]
+    shared = {f"{p}_{c}": dec.MatchAcceptance() for p, c in policies}
+    """One per policy, kept across the workloads (as the engine keeps it across requests)."""
     results: dict[str, dict] = {}
     for name, (kind, message) in workloads().items():
         prompt = llm.encode_chat([{"role": "user", "content": message}])
@@ -105,7 +123,7 @@ def main() -> None:
         row: dict = {"kind": kind, "output_tokens": len(out)}
         for policy, cap in policies:
             row[f"{policy}_{cap}"] = replay(prompt, list(out), t, policy, cap, args.min_n,
-                                            args.max_n)
+                                            args.max_n, shared[f"{policy}_{cap}"])
         results[name] = row
         print(f"{name:14s} {kind:4s} " + "  ".join(
             f"{key} x{val['speedup']:.2f}" for key, val in row.items() if isinstance(val, dict)),

@@ -21,7 +21,7 @@ from ember.sampling.lazy_mask import sample_constrained
 from ember.sampling.logprobs import compute_token_logprobs
 from ember.sampling.sampler import Sampler
 from ember.sampling.threads import DEFAULT_SINGLE_THREAD_ROWS, sampling_threads
-from ember.spec_decode.rejection import RejectionSampler, SpecRow
+from ember.spec_decode.rejection import RejectionSampler, SpecRow, accept_greedy
 from ember.types import (ModelRunnerOutput, SamplingBatchRow, ScheduledRequest, SchedulerOutput,
                          TokenLogprobs)
 
@@ -163,10 +163,12 @@ class ModelRunner:
                 out: ModelRunnerOutput) -> None:
         """One token per request, or with drafts: the verified tokens (logits has one row per
         request, plus one per draft token)."""
-        if all(not sr.spec_token_ids and is_plain_greedy(
-                sr.request.sampling_params, sr.request.num_output_tokens) for sr in reqs):
-            for sr, token in zip(reqs, argmax_rows(logits)):  # greedy.py: the same tokens
-                out.sampled_token_ids[sr.request.request_id] = [token]
+        if all(is_plain_greedy(sr.request.sampling_params, sr.request.num_output_tokens)
+               for sr in reqs):  # greedy.py: the same tokens as the sampler's
+            picks = argmax_rows(logits)  # one per request, plus one per draft token
+            for sr, tokens in zip(reqs, accept_greedy([sr.spec_token_ids for sr in reqs],
+                                                      picks)):
+                out.sampled_token_ids[sr.request.request_id] = tokens
             return
         with sampling_threads(logits.shape[0], self.single_thread_sampling_rows):
             self._sample_rows(logits, reqs, out)

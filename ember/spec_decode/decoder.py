@@ -4,6 +4,7 @@ request's draft length from its acceptance rate, and keeps the acceptance counte
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,12 +18,11 @@ from ember.types import ModelRunnerOutput, Request, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
-DRAFT_TOKEN_COST = 0.3
+DRAFT_TOKEN_COST = 0.14
 """Prior cost of verifying one more draft token in a single-stream step, relative to a plain
-decode step, until `StepCostModel` has measured it on this machine. Profiled (SmolLM2-135M
-int4, AVX2 without VNNI, 1 thread, ~500-token context): +3.1 ms of decoder (int4 GEMM rows
-are compute-bound on AVX2; attention is per-row FLOPs) and +0.4 ms of LM head per row on a
-~11 ms step, i.e. ~0.3. The earlier 0.12 came from prefill-chunk timings that hid this."""
+decode step, until `StepCostModel` has timed this machine's steps (a few steps in). Measured
+with the AVX2 few-row verify GEMM (`benchmarks/spec_verify_rows.py`, SmolLM2-135M int4,
+2 threads, context 416): 16 rows cost 3.1 one-row steps, i.e. (3.1 - 1) / 15 per draft."""
 DEFAULT_MAX_BATCH = 4
 """Speculation stops for a step once this many requests run. Measured (same run): a step of
 5 rows per sequence vs 1 row gains at most 3.4x at batch 1, 2.1x at batch 2 and ~1.5x from
@@ -75,6 +75,42 @@ class _Acceptance:
         return (self.hits + 0.5) / (self.trials + 1.0)
 
 
+_MATCH_PRIOR = 0.6
+"""Prior per-token acceptance of a draft after a match of any length (replaced by what the
+drafts after matches of that length achieve, all requests together) ..."""
+_MATCH_PRIOR_WEIGHT = 2.0
+"""... worth this many tested tokens."""
+_MATCH_DECAY = 0.99
+"""Weight of the past in a match-length class's acceptance, per draft token tested."""
+
+
+def match_class(length: int) -> int:
+    """Match-length class: 1, 2-3, 4-7, 8-15, 16-31, 32+ tokens -> 1 .. 6 (0: no match)."""
+    return min(length.bit_length(), 6)
+
+
+@dataclass
+class MatchAcceptance:
+    """Per-token acceptance by match-length class, learned across all requests: a draft
+    copied after a 2-token match is a guess; one continuing a copy run that has matched 30
+    tokens is nearly always right (geometric model, decayed, with a prior)."""
+
+    hits: list[float] = field(default_factory=lambda: [0.0] * 7)
+    trials: list[float] = field(default_factory=lambda: [0.0] * 7)
+
+    def rate(self, length: int) -> float:
+        c = match_class(length)
+        return ((self.hits[c] + _MATCH_PRIOR * _MATCH_PRIOR_WEIGHT)
+                / (self.trials[c] + _MATCH_PRIOR_WEIGHT))
+
+    def update(self, length: int, drafted: int, accepted: int) -> None:
+        c = match_class(length)
+        tested = accepted + (1 if accepted < drafted else 0)
+        keep = _MATCH_DECAY ** tested
+        self.hits[c] = keep * self.hits[c] + accepted
+        self.trials[c] = keep * self.trials[c] + tested
+
+
 def best_draft_length(alpha: float, max_len: int, cost: float = DRAFT_TOKEN_COST,
                       min_len: int = 1, extra: Callable[[int], float] | None = None) -> int:
     """Draft length maximising expected tokens per unit of step cost.
@@ -92,6 +128,9 @@ def best_draft_length(alpha: float, max_len: int, cost: float = DRAFT_TOKEN_COST
     return max(range(min_len, max_len + 1), key=value)
 
 
+_MAX_GAP_S = 0.05
+"""A step period longer than the runner's time by more than this was idle (between requests
+or waiting on a client): the runner's time stands in for it."""
 _PROBE_EVERY = 8
 """A request that stopped drafting (it did not pay) drafts one token every this many steps,
 so its acceptance estimate follows the text."""
@@ -104,6 +143,19 @@ def adaptive_length(acc: _Acceptance, cap: int, cost: float,
     maximising expected tokens per unit of step cost (0 when no length pays; then one token
     every `_PROBE_EVERY` steps)."""
     k = best_draft_length(acc.rate(), cap, cost, min_len=0, extra=extra)
+    acc.skipped = acc.skipped + 1 if k == 0 else 0
+    return 1 if k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
+
+
+def match_draft_length(acc: _Acceptance, by_match: MatchAcceptance, match_length: int,
+                       cap: int, extra: Callable[[int], float]) -> int:
+    """Draft length for a lookup proposal of `cap` tokens after a match of `match_length`:
+    the length with the most expected tokens per unit of step cost (`extra(k)`: measured
+    extra cost of verifying k drafts), the per-token acceptance being the geometric mean of
+    this request's recent rate and the rate of drafts after matches of this length (all
+    requests). 0 when no length pays (then one token every `_PROBE_EVERY` such steps)."""
+    alpha = (acc.rate() * by_match.rate(match_length)) ** 0.5
+    k = best_draft_length(alpha, cap, 0.0, min_len=0, extra=extra)
     acc.skipped = acc.skipped + 1 if k == 0 else 0
     return 1 if k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
 
@@ -129,8 +181,14 @@ class SpecDecoder:
         self.proposer = proposer or create_proposer(config)
         self.stats = SpecStats(accepted_per_position=[0] * config.num_speculative_tokens)
         self._acceptance: dict[str, _Acceptance] = {}
+        self.match_acceptance = MatchAcceptance()
+        """Acceptance by match length, shared by all requests (lookup proposers)."""
+        self._match_length: dict[str, int] = {}
+        """Match length of each request's drafts in flight (lookup proposers)."""
         self.step_cost = StepCostModel(DRAFT_TOKEN_COST)
         """Measured cost of one draft token (single-stream steps), for the draft length."""
+        self._last_step: tuple[str, float] | None = None
+        """(request id, time) of the last single-request decode/verify step observed."""
         self.draft_filter: Callable[[Request, list[int]], list[int]] | None = None
         """Cuts a constrained request's draft to what its grammar accepts (set by the engine
         core to `StructuredOutputManager.truncate_draft`); None: such requests not drafted."""
@@ -140,20 +198,42 @@ class SpecDecoder:
         """Requests running from which a step skips speculation."""
         return self.config.disable_by_batch_size or DEFAULT_MAX_BATCH
 
+    def _time_step(self, so: SchedulerOutput, step_seconds: float | None) -> None:
+        """Feed the step-cost model with single-request decode/verify steps.
+
+        NOTE: a step's cost is the whole engine period (runner, sampler, scheduler, proposer,
+        output handling), timed from the previous observed step of the same request when
+        back to back; the per-step overhead outside the runner makes extra rows relatively
+        cheaper, which the runner's time alone would not show. Not with a draft model: its
+        steps (counted apart, per draft token) run inside that period."""
+        now = time.perf_counter()
+        last, self._last_step = self._last_step, None
+        if step_seconds is None or len(so.scheduled) != 1:
+            return
+        item = so.scheduled[0]
+        if item.num_new_tokens != 1 + len(item.spec_token_ids):  # prefill in this step
+            return
+        rid = item.request.request_id
+        self._last_step = (rid, now)
+        period = (now - last[1] if last is not None and last[0] == rid
+                  and not isinstance(self.proposer, DraftModelProposer) else 0.0)
+        seconds = period if step_seconds <= period < step_seconds + _MAX_GAP_S else step_seconds
+        self.step_cost.observe(item.num_new_tokens, seconds)
+
     def observe(self, so: SchedulerOutput, ro: ModelRunnerOutput,
                 step_seconds: float | None = None) -> None:
         """Count each verified request's accepted drafts (update its acceptance estimate);
         `step_seconds` (the runner's time for this step) feeds the draft-cost model."""
-        if step_seconds is not None and len(so.scheduled) == 1:
-            item = so.scheduled[0]
-            if item.num_new_tokens == 1 + len(item.spec_token_ids):  # decode/verify, no prefill
-                self.step_cost.observe(item.num_new_tokens, step_seconds)
+        self._time_step(so, step_seconds)
         for rid in so.finished_request_ids:
             self._acceptance.pop(rid, None)
+            self._match_length.pop(rid, None)
         self.proposer.release(so.finished_request_ids)
         for item in so.scheduled:
             k = len(item.spec_token_ids)
-            sampled = ro.sampled_token_ids.get(item.request.request_id)
+            rid = item.request.request_id
+            sampled = ro.sampled_token_ids.get(rid)
+            length = self._match_length.pop(rid, 0)
             if not k or not sampled:
                 continue
             accepted = len(sampled) - 1
@@ -163,8 +243,9 @@ class SpecDecoder:
             stats.num_accepted_tokens += accepted
             for j in range(accepted):
                 stats.accepted_per_position[j] += 1
-            self._acceptance.setdefault(item.request.request_id, _Acceptance()).update(
-                k, accepted)
+            self._acceptance.setdefault(rid, _Acceptance()).update(k, accepted)
+            if length:
+                self.match_acceptance.update(length, k, accepted)
 
     def propose(self, running: list[Request]) -> None:
         """Set `spec_token_ids` of every running request that has caught up with its tokens."""
@@ -181,11 +262,33 @@ class SpecDecoder:
         if not ready:
             return
         cap = self.config.num_speculative_tokens
-        lengths = [self._draft_length(r, cap) for r in ready]
-        for request, drafts in zip(ready, self.proposer.propose(ready, lengths)):
+        if isinstance(self.proposer, (NgramProposer, SuffixProposer)):
+            proposals = self._lookup_drafts(ready, cap)
+        else:
+            lengths = [self._draft_length(r, cap) for r in ready]
+            proposals = self.proposer.propose(ready, lengths)
+        for request, drafts in zip(ready, proposals):
             if self.draft_filter is not None and drafts and _constrained(request):
                 drafts = self.draft_filter(request, drafts)
             request.spec_token_ids = drafts
+
+    def _lookup_drafts(self, ready: list[Request], cap: int) -> list[list[int]]:
+        """Drafts of a lookup proposer: look up the longest useful draft first (free), then
+        cut it to the length that pays, given how often drafts after a match of this length
+        were accepted (all requests) and this request's own recent acceptance."""
+        assert isinstance(self.proposer, (NgramProposer, SuffixProposer))
+        caps = [max(0, min(cap, r.max_tokens - r.num_output_tokens - 1)) for r in ready]
+        out: list[list[int]] = []
+        for request, m in zip(ready, self.proposer.match(ready, caps)):
+            k = len(m.tokens)
+            if k and self.config.adaptive:
+                acc = self._acceptance.setdefault(request.request_id, _Acceptance())
+                k = match_draft_length(acc, self.match_acceptance, m.length, k,
+                                       self.step_cost.extra)
+            if k:
+                self._match_length[request.request_id] = m.length
+            out.append(list(m.tokens[:k]))
+        return out
 
     def _draft_length(self, request: Request, cap: int) -> int:
         cap = min(cap, request.max_tokens - request.num_output_tokens - 1)
@@ -203,6 +306,7 @@ class SpecDecoder:
     def release(self, request_ids: set[str]) -> None:
         for rid in request_ids:
             self._acceptance.pop(rid, None)
+            self._match_length.pop(rid, None)
         self.proposer.release(request_ids)
 
 

@@ -1,43 +1,102 @@
-"""Prompt-lookup (n-gram) proposer: continue the request's context after the most recent
-earlier occurrence of its last n tokens (n from `prompt_lookup_max` down to
-`prompt_lookup_min`). Costs no model call; wins when the output copies the prompt."""
+"""Prompt-lookup (n-gram) proposer: continue the request's context after an earlier occurrence
+of its suffix. Costs no model call; wins when the output copies the prompt (or itself).
+
+Matching (what a copy task needs):
+- the longest n-gram suffix (n from `prompt_lookup_max` down to `prompt_lookup_min`) finds the
+  candidate occurrences; among the most recent `MAX_CANDIDATES` of them the one whose match
+  extends furthest backwards (up to `MAX_EXTEND` tokens) wins, ties to the most recent: a copy
+  run continues from the place it is copying, not from a recent repeat of its last 4 tokens;
+- the draft copies with overlap (LZ77-style): a match inside a repeating run proposes the run's
+  continuation at full length instead of stopping at the end of the context;
+- a verified copy run is continued without searching: when every token appended since the last
+  proposal equals the source's continuation (the accepted drafts and the bonus token), the next
+  draft starts where the source left off and the match length grows by those tokens.
+
+The match length (`Match.length`) is what the draft-length policy uses as confidence.
+"""
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ember.types import Request
 
+MAX_CANDIDATES = 8
+"""Most recent occurrences of the suffix n-gram whose backward match length is measured."""
+MAX_EXTEND = 64
+"""Longest backward match measured when searching (a continued run may grow past it)."""
+
+
+@dataclass(frozen=True)
+class Match:
+    """A proposal: `tokens` copied from position `source` of the context, whose `length`
+    tokens before `source` equal the context's last `length` tokens (0 / [] when none)."""
+
+    length: int = 0
+    source: int = -1
+    tokens: tuple[int, ...] = ()
+
+
+NO_MATCH = Match()
+
+
+def overlap_copy(seq: list[int], source: int, k: int) -> list[int]:
+    """k tokens continuing `seq` from `source` (< len(seq)) as an overlapping copy: token j is
+    (seq + drafts)[source + j], so a match in a repeating run repeats the run."""
+    out = seq[source:source + k]
+    length = len(seq)
+    while len(out) < k:  # source + len(out) >= length: copy from the drafts themselves
+        out.append(out[source + len(out) - length])
+    return out
+
+
+def backward_match(seq: list[int], source: int, end: int, limit: int) -> int:
+    """How many tokens before `source` equal those before `end` (at most `limit`)."""
+    m = 0
+    while m < limit and m < source and seq[source - 1 - m] == seq[end - 1 - m]:
+        m += 1
+    return m
+
+
+def best_source(seq: list[int], sources: list[int], n: int) -> tuple[int, int]:
+    """(match length, source) among the most recent `MAX_CANDIDATES` of `sources` (positions
+    following an occurrence of the last n tokens; ascending): the longest backward match,
+    ties to the most recent."""
+    best_len, best_src = 0, -1
+    for src in reversed(sources[-MAX_CANDIDATES:]):
+        m = n + backward_match(seq, src - n, len(seq) - n, max(MAX_EXTEND - n, 0))
+        if m > best_len:
+            best_len, best_src = m, src
+    return best_len, best_src
+
 
 def ngram_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
-    """Up to `k` tokens following an earlier match of the longest suffix n-gram (the latest
-    match with k tokens after it, else the earliest match).
+    """Reference full scan (what `NgramIndex.match` proposes when no copy run is being
+    continued): up to `k` tokens after the best earlier occurrence of the longest suffix
+    n-gram, n in [min_n, max_n]; [] when none matches.
 
-    tokens: (L,) int64 context. A match must end before the suffix itself starts so that at
-    least one continuation token exists. Returns [] when no n in [min_n, max_n] matches.
+    tokens: (L,) int context. An occurrence must end before the last token so at least one
+    continuation token exists.
     """
-    length = tokens.shape[0]
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    seq = [int(t) for t in tokens]
+    length = len(seq)
     if k <= 0:
         return []
     for n in range(min(max_n, length - 1), min_n - 1, -1):
-        pattern = tokens[length - n:]  # (n,)
         windows = sliding_window_view(tokens[:length - 1], n)  # (L - n, n): starts 0 .. L-n-1
-        hits = np.flatnonzero((windows == pattern).all(axis=1))
+        hits = np.flatnonzero((windows == tokens[length - n:]).all(axis=1))
         if hits.size:
-            # NOTE: the latest match followed by k known tokens; in a repeating run the very
-            # latest match overlaps the suffix and would leave only one token to propose.
-            full = hits[hits + n + k <= length]
-            start = int(full[-1] if full.size else hits[0]) + n  # first token after the match
-            return tokens[start:start + k].tolist()
+            _, src = best_source(seq, [int(h) + n for h in hits], n)
+            return overlap_copy(seq, src, k)
     return []
 
 
 class NgramIndex:
-    """Incremental n-gram index of one append-only token sequence: `lookup` gives what
-    `ngram_lookup` gives, in O(max_n) dict probes instead of a scan of the whole context.
+    """Incremental n-gram index of one append-only token sequence.
 
     For every n in [min_n, max_n] it maps each n-gram to the ascending positions of the token
     that followed it (an n-gram enters once its next token exists, so the context's own
@@ -49,32 +108,57 @@ class NgramIndex:
         self.min_n, self.max_n = min_n, max_n
         self.tokens: list[int] = []
         self._next: dict[tuple[int, ...], list[int]] = {}
+        self._run: tuple[int, Match] | None = None
+        """(context length when proposed, the match proposed): the copy run to continue."""
 
     def extend(self, tokens: list[int]) -> None:
         """Index `tokens` (the whole context; normally the indexed one plus new tokens)."""
         old = len(self.tokens)
         if len(tokens) < old or (old and tokens[old - 1] != self.tokens[-1]) \
                 or tokens[:1] != self.tokens[:1]:
-            self.tokens, self._next, old = [], {}, 0
+            self.tokens, self._next, self._run, old = [], {}, None, 0
         self.tokens.extend(tokens[old:])
         seq, table = self.tokens, self._next
         for nxt in range(max(old, 1), len(seq)):  # the n-grams ending just before nxt
             for n in range(self.min_n, min(self.max_n, nxt) + 1):
                 table.setdefault(tuple(seq[nxt - n:nxt]), []).append(nxt)
 
-    def lookup(self, k: int) -> tuple[int, list[int]]:
-        """(n, up to k tokens) after an earlier occurrence of the longest suffix n-gram: the
-        latest occurrence followed by k known tokens, else the earliest; (0, []) if none."""
+    def _continued(self) -> tuple[int, int]:
+        """(match length, source) of the previous proposal's copy run when every token
+        appended since equals its source's continuation, else (0, -1)."""
+        if self._run is None:
+            return 0, -1
+        then, prev = self._run
+        seq, grown = self.tokens, len(self.tokens) - then
+        if grown <= 0 or overlap_copy(seq[:then], prev.source, grown) != seq[then:]:
+            return 0, -1
+        return prev.length + grown, prev.source + grown
+
+    def match(self, k: int, continue_run: bool = True) -> Match:
+        """Up to k tokens continuing the context (see the module docstring); NO_MATCH if
+        nothing matches or k <= 0. Remembers the proposal to continue it next time
+        (`continue_run=False` searches regardless, as `ngram_lookup` does)."""
         seq, length = self.tokens, len(self.tokens)
         if k <= 0:
-            return 0, []
-        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            starts = self._next.get(tuple(seq[length - n:]))
-            if starts:
-                i = bisect_right(starts, length - k) - 1  # latest start with k tokens after
-                start = starts[i] if i >= 0 else starts[0]
-                return n, seq[start:start + k]
-        return 0, []
+            return NO_MATCH
+        found, src = self._continued() if continue_run else (0, -1)
+        if not found:
+            for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
+                sources = self._next.get(tuple(seq[length - n:]))
+                if sources:
+                    found, src = best_source(seq, sources, n)
+                    break
+        if not found:
+            self._run = None
+            return NO_MATCH
+        result = Match(found, src, tuple(overlap_copy(seq, src, k)))
+        self._run = (length, result)
+        return result
+
+    def lookup(self, k: int) -> tuple[int, list[int]]:
+        """(match length, up to k tokens): `match(k)` as a pair."""
+        m = self.match(k)
+        return m.length, list(m.tokens)
 
 
 class NgramProposer:
@@ -94,9 +178,15 @@ class NgramProposer:
         index.extend(request.all_token_ids)
         return index
 
+    def match(self, requests: list[Request], max_len: list[int]) -> list[Match]:
+        """Each request's best match with up to max_len[i] tokens (the length policy cuts)."""
+        return [self.index(r).match(k) if k > 0 else NO_MATCH
+                for r, k in zip(requests, max_len)]
+
     def propose(self, requests: list[Request], max_len: list[int]) -> list[list[int]]:
-        return [self.index(r).lookup(k)[1] if k > 0 else [] for r, k in zip(requests, max_len)]
+        return [list(m.tokens) for m in self.match(requests, max_len)]
 
     def release(self, request_ids: set[str]) -> None:
         for rid in request_ids:
             self._index.pop(rid, None)
+

@@ -88,15 +88,9 @@ class RejectionSampler:
         idx = torch.cat([torch.arange(starts[i], starts[i] + requests[i].num_rows)
                          for i in which])
         best = argmax_tokens(processed[idx])  # flat over the selected rows
-        offset = 0
-        for i in which:
-            drafts = requests[i].draft_token_ids
-            picks = best[offset:offset + requests[i].num_rows]
-            offset += requests[i].num_rows
-            n = 0
-            while n < len(drafts) and picks[n] == drafts[n]:
-                n += 1
-            emitted[i] = drafts[:n] + [picks[n]]
+        for i, tokens in zip(which, accept_greedy([requests[i].draft_token_ids for i in which],
+                                                  best)):
+            emitted[i] = tokens
 
     def _verify_random(self, processed: torch.Tensor, rows: list[SamplingBatchRow],
                        requests: list[SpecRow], starts: list[int], which: list[int],
@@ -135,6 +129,21 @@ class RejectionSampler:
         tokens = inverse_cdf_sample(torch.stack(finals), torch.stack(final_u)).tolist()
         for i, tok in zip(which, tokens):
             emitted[i] = emitted[i] + [tok]
+
+
+def accept_greedy(drafts: list[list[int]], picks: list[int]) -> list[list[int]]:
+    """Greedy verification from each row's argmax (`picks`: 1 + len(drafts[i]) per request,
+    request by request): the drafts up to the first that differs from its row's argmax,
+    then that row's argmax (the bonus token when all were accepted)."""
+    out: list[list[int]] = []
+    offset = 0
+    for d in drafts:
+        n = 0
+        while n < len(d) and picks[offset + n] == d[n]:
+            n += 1
+        out.append(d[:n] + [picks[offset + n]])
+        offset += len(d) + 1
+    return out
 
 
 def _expand_rows(requests: list[SpecRow]) -> list[SamplingBatchRow]:

@@ -14,7 +14,7 @@ from collections import deque
 
 import numpy as np
 
-from ember.spec_decode.ngram import NgramProposer
+from ember.spec_decode.ngram import NO_MATCH, Match, NgramProposer
 from ember.types import Request
 
 _SEP = -1
@@ -62,22 +62,27 @@ class SuffixProposer:
     def num_cached_tokens(self) -> int:
         return sum(len(o) + 1 for o in self._outputs)
 
-    def propose(self, requests: list[Request], max_len: list[int]) -> list[list[int]]:
+    def match(self, requests: list[Request], max_len: list[int]) -> list[Match]:
+        """Each request's longest match: in its own context (continuing a copy run there
+        first), else in the shared store when that matches more tokens."""
         corpus = self._corpus_array()
-        out: list[list[int]] = []
+        out: list[Match] = []
         for request, k in zip(requests, max_len):
             self._live[request.request_id] = request
             if k <= 0:
-                out.append([])
+                out.append(NO_MATCH)
                 continue
-            own = self._own.index(request).lookup(k)[1]
-            if len(own) == k or corpus is None:
+            own = self._own.index(request).match(k)
+            if corpus is None or own.length >= self.max_n:
                 out.append(own)
                 continue
             ctx = np.asarray(request.all_token_ids, dtype=np.int64)
             n, shared = _corpus_lookup(corpus, ctx, self.min_n, self.max_n, k)
-            out.append(shared if len(shared) > len(own) else own)
+            out.append(Match(n, -1, tuple(shared)) if n > own.length else own)
         return out
+
+    def propose(self, requests: list[Request], max_len: list[int]) -> list[list[int]]:
+        return [list(m.tokens) for m in self.match(requests, max_len)]
 
     def release(self, request_ids: set[str]) -> None:
         """Finished requests' outputs enter the shared store."""

@@ -53,20 +53,29 @@ def test_ngram_lookup_continues_after_longest_match():
     ctx = np.array([1, 2, 3, 4, 5, 9, 9, 2, 3, 4, 7, 8, 1, 2, 3])
     # suffix [1, 2, 3] matched at 0 -> continue with 4, 5, 9
     assert ngram_lookup(ctx, 2, 4, 3) == [4, 5, 9]
-    # only 2-grams allowed: [2, 3] latest match with 3 tokens after it is at 7 -> 4, 7, 8
-    assert ngram_lookup(ctx, 2, 2, 3) == [4, 7, 8]
+    # only 2-grams looked up: [2, 3] occurs at 1 and 7; the one at 1 matches one token
+    # further back (the 1 before it), so it wins over the more recent one
+    assert ngram_lookup(ctx, 2, 2, 3) == [4, 5, 9]
     assert ngram_lookup(ctx, 4, 4, 3) == []  # [12, 1, 2, 3] never occurred before
     assert ngram_lookup(np.array([5, 6, 7]), 1, 3, 2) == []
+
+
+def test_ngram_lookup_prefers_the_most_recent_of_equal_matches():
+    ctx = np.array([5, 1, 2, 7, 6, 1, 2, 8, 9, 1, 2])
+    assert ngram_lookup(ctx, 2, 4, 3) == [8, 9, 1]
 
 
 def test_ngram_lookup_in_a_repeating_run_proposes_full_length():
     ctx = np.array([3, 7, 7, 7, 7, 7, 7])
     assert ngram_lookup(ctx, 2, 3, 3) == [7, 7, 7]
+    # overlapping copy: a repeating period continues past the end of the context
+    assert ngram_lookup(np.array([1, 2, 3, 1, 2, 3, 1, 2]), 2, 4, 7) == [3, 1, 2, 3, 1, 2, 3]
+    assert ngram_lookup(np.array([4, 9, 9]), 1, 2, 5) == [9, 9, 9, 9, 9]
 
 
 def test_ngram_index_matches_the_full_scan_as_tokens_arrive():
-    """The incremental index proposes exactly what the full-context scan proposes, after
-    every appended token (small alphabet: many competing matches), for several k and n."""
+    """The incremental index's search proposes exactly what the full-context scan proposes,
+    after every appended token (small alphabet: many competing matches), for several k, n."""
     from ember.spec_decode.ngram import NgramIndex
 
     rng = np.random.default_rng(7)
@@ -76,15 +85,43 @@ def test_ngram_index_matches_the_full_scan_as_tokens_arrive():
         for end in range(1, len(tokens) + 1):
             index.extend(tokens[:end])
             for k in (1, 3, 16):
-                n, got = index.lookup(k)
+                n, got = index.match(k, continue_run=False).length, \
+                    list(index.match(k, continue_run=False).tokens)
                 assert got == ngram_lookup(np.array(tokens[:end]), min_n, max_n, k), (end, k)
                 assert (n == 0) == (not got)
+                assert len(got) in (0, k)  # overlapping copy: always the full length
     # a context that is not an extension of the indexed one is re-indexed
     index = NgramIndex(2, 3)
     index.extend([1, 2, 3, 4, 1, 2])
     assert index.lookup(2) == (2, [3, 4])
     index.extend([5, 6, 7, 5, 6])
     assert index.lookup(2) == (2, [7, 5]) and index.tokens == [5, 6, 7, 5, 6]
+
+
+def test_ngram_index_continues_a_verified_copy_run():
+    """After the context grew by exactly the source's continuation (accepted drafts + bonus
+    token), the next draft continues from the same source with a longer match; a token that
+    differs from the source ends the run (a fresh search)."""
+    from ember.spec_decode.ngram import NgramIndex
+
+    passage = list(range(100, 140))
+    # the passage, a distractor repeating its tokens 104..107 followed by 999, then a copy
+    ctx = passage + [7, 104, 105, 106, 107, 999, 8] + passage[:8]
+    index = NgramIndex(2, 4)
+    index.extend(ctx)
+    first = index.match(5)
+    assert first.tokens == (108, 109, 110, 111, 112) and first.source == 8
+    assert first.length == 8  # the whole copied prefix matched (longest, not most recent)
+    index.extend(ctx + [108, 109, 110])  # two drafts accepted, the bonus token agrees
+    run = index.match(4)
+    assert run.source == 11 and run.length == 11 and run.tokens == (111, 112, 113, 114)
+    index.extend(ctx + [108, 109, 110, 111, 5])  # the model left the passage
+    assert index.match(4) == index.match(4, continue_run=False)
+    # the distractor: after 104..107 the copy continues with 108 (its source), not 999
+    index = NgramIndex(2, 4)
+    index.extend(passage[:10] + [104, 105, 106, 107, 999] + [100, 101, 102, 103, 104, 105,
+                                                             106, 107])
+    assert index.match(2).tokens == (108, 109)
 
 
 def test_ngram_proposer_keeps_one_index_per_running_request():
@@ -129,6 +166,25 @@ def test_greedy_accepts_argmax_prefix_and_emits_the_first_mismatch():
     out = rs(torch.cat([logits[:2], logits]), [SpecRow(_row(greedy), [2]),
                                                  SpecRow(_row(greedy), [2, 4, 1])])
     assert out.token_ids == [[2, 4], [2, 4, 1, 5]]
+
+
+def test_accept_greedy_matches_the_rejection_sampler():
+    """The runner's plain-greedy fast path (argmax of every row, then `accept_greedy`) emits
+    what the rejection sampler emits, request by request, for random drafts and logits."""
+    from ember.sampling.greedy import argmax_rows
+    from ember.spec_decode.rejection import accept_greedy
+
+    gen = torch.Generator().manual_seed(5)
+    rs = RejectionSampler(Sampler(torch.Generator().manual_seed(0)))
+    greedy = SamplingParams(temperature=0, max_tokens=100)
+    for _ in range(20):
+        drafts = [torch.randint(0, 3, (int(n),), generator=gen).tolist()
+                  for n in torch.randint(0, 6, (3,), generator=gen)]
+        logits = torch.randn(sum(len(d) + 1 for d in drafts), 3, generator=gen)
+        want = rs(logits, [SpecRow(_row(greedy), d) for d in drafts]).token_ids
+        assert accept_greedy(drafts, argmax_rows(logits)) == want
+    assert accept_greedy([[4, 5, 6], []], [4, 5, 6, 7, 9]) == [[4, 5, 6, 7], [9]]
+    assert accept_greedy([[4, 5, 6]], [4, 8, 6, 7]) == [[4, 8]]
 
 
 def test_greedy_counts_accepted_drafts_in_penalties():
@@ -332,9 +388,12 @@ def drafts(tmp_path_factory) -> dict[str, str]:
 
 def _spec_kw(method: str, drafts: dict[str, str]) -> dict[str, object]:
     """speculative_config entries of `method` ('draft-same' / 'draft-pruned': the draft
-    proposer with that checkpoint)."""
+    proposer with that checkpoint, at a fixed draft length: the adaptive one follows the
+    measured cost of draft steps, which on a tiny model and a busy machine may not pay at
+    all, and this test is about losslessness and rollback, not the policy)."""
     if method.startswith("draft-"):
-        return {"method": "draft", "model": drafts[method.removeprefix("draft-")]}
+        return {"method": "draft", "model": drafts[method.removeprefix("draft-")],
+                "adaptive": False}
     return {"method": method}
 
 
@@ -569,7 +628,8 @@ def test_step_cost_model_fits_the_marginal_row_cost():
 
 def test_step_cost_uses_measured_row_counts_where_seen():
     """A second verify row that costs almost nothing (measured) makes a 1-token draft pay at
-    low acceptance, where the linear fit would skip it; unseen row counts use the fit."""
+    low acceptance, where the linear fit would skip it; unseen row counts are interpolated
+    between measured ones, and past the longest measured one follow the fitted slope."""
     from ember.spec_decode.decoder import _Acceptance, adaptive_length
     from ember.spec_decode.step_cost import StepCostModel
 
@@ -578,7 +638,32 @@ def test_step_cost_uses_measured_row_counts_where_seen():
         rows = (1, 2, 5)[i % 3]
         model.observe(rows, {1: 0.010, 2: 0.0102, 5: 0.016}[rows])
     assert abs(model.extra(1) - 0.02) < 1e-9 and abs(model.extra(4) - 0.6) < 1e-9
-    assert abs(model.extra(7) - 7 * model.cost) < 1e-9 and model.cost > 0.1
+    assert abs(model.extra(2) - (0.02 + 0.58 / 3)) < 1e-9  # 3 rows: between 2 and 5
+    assert abs(model.extra(7) - (0.6 + 3 * 0.15)) < 1e-9  # 5 rows' mean slope past them
     low = _Acceptance(hits=1.0, trials=9.0)  # alpha 0.15
     assert adaptive_length(low, 16, 0.0, model.extra) == 1
     assert adaptive_length(_Acceptance(hits=1.0, trials=9.0), 16, model.cost) == 0
+    model.observe(4, 0.030)  # one slow 4-row step (a busy moment) counts as the 5-row time
+    assert abs(model.extra(3) - 0.6) < 1e-9 and model.curve()[4] == 0.016
+    for _ in range(3):  # preempted one-row steps (10x slower) move its time up 10% each
+        model.observe(1, 0.100)
+    assert abs(model._by_rows[1][1] - 0.010 * 1.1 ** 3) < 1e-12
+    model.observe(1, 0.009)  # a faster sample is taken at once
+    assert model._by_rows[1][1] == 0.009
+
+
+def test_step_cost_first_slow_sample_does_not_bar_a_length():
+    """A row count timed once during a busy moment counts at most at the prior's estimate
+    (so the policy tries it again); once timed often its own (fastest-leaning) time rules."""
+    from ember.spec_decode.step_cost import StepCostModel
+
+    model = StepCostModel(prior=0.14)
+    for _ in range(5):
+        model.observe(1, 0.010)
+    model.observe(17, 0.200)  # one preempted 17-row step: 20x a one-row step
+    assert abs(model.extra(16) - 0.14 * 16) < 1e-9
+    for _ in range(3):  # timed often enough (decayed weight >= 3): its own time
+        model.observe(17, 0.200)
+    assert model.extra(16) > 15
+    model.observe(17, 0.030)  # a quiet sample: taken at once
+    assert abs(model.extra(16) - 2.0) < 1e-9
