@@ -1,6 +1,7 @@
-// AVX2 weight GEMMs for many activation rows (prefill chunks: M >= kManyRowsFrom), included at the
-// end of isa_avx2.h. gemm_tiles (isa_avx2.h) hands such calls to gemm_tiles_many; decode
-// (M = 1) and verify rows (M < kManyRowsFrom) keep isa_avx2.h's tiles.
+// AVX2 weight GEMMs for many activation rows (prefill chunks: M >= kManyRowsFrom), included by
+// isa_avx2.h before its gemm_tiles, which hands the calls many_rows_supported allows (Q4, Q5,
+// Q8, Q8h) to gemm_tiles_many; decode (M = 1), verify rows (M < kManyRowsFrom) and every other
+// format (Q4K, Q6, any new one) keep isa_avx2.h's tiles.
 //
 // Why a second kernel: isa_avx2.h's tiles keep 8 rows x 2 halves of float accumulators plus a
 // block's 16 unpacked weight vectors live at once: ~40 ymm values for 16 registers, so the
@@ -21,6 +22,13 @@
 namespace {
 
 constexpr int64_t kSegBlocks = 16;  // K blocks (of 32) per segment: 8 KB of unpacked weights
+constexpr int64_t kManyRowsFrom = 16;  // prefill chunks
+
+// The calls gemm_tiles_many has a kernel for: an allow-list of formats (unpack_segment's), so a
+// format added later takes the tiles until it gets its own case here.
+inline bool many_rows_supported(const LinearW& lw, int64_t mrows) {
+  return mrows >= kManyRowsFrom && (lw.fmt == 4 || lw.fmt == 5 || lw.fmt == 8 || lw.fmt == 9);
+}
 
 // Unpacked weights of one tile's K segment: per block 16 vectors [j][h] (j = column group of 4
 // k values, h = rows 0..7 / 8..15), the 16 rows' scales d and (Q4) mins m as floats.

@@ -319,18 +319,18 @@ inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int6
     q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
 }
 
-inline void gemm_tiles_many(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y);
-constexpr int64_t kManyRowsFrom = 16;  // prefill chunks: avx2_prefill.h's kernel (bit-identical)
 }  // namespace
 #include "few_rows_avx2.h"
+#include "avx2_prefill.h"
 namespace {
 
 // y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region.
-// Verify rows (2..kFewRowsMax, Q4/Q8/Q8h) take few_rows_avx2.h's kernel, prefill chunks
-// avx2_prefill.h's (Q4/Q5/Q8/Q8h; Q4K (6) and Q6 (7) keep the tiles below); all bit-identical.
+// Verify rows take few_rows_avx2.h's kernel and prefill chunks avx2_prefill.h's where each
+// header's allow-list has the format (few_rows_supported / many_rows_supported); every other
+// call, and every other format, the tiles below. All bit-identical.
 inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y) {
   if (few_rows_supported(lw, mrows)) return gemm_tiles_few(lw, a, mrows, y);
-  if (mrows >= kManyRowsFrom && lw.fmt != 6 && lw.fmt != 7) return gemm_tiles_many(lw, a, mrows, y);
+  if (many_rows_supported(lw, mrows)) return gemm_tiles_many(lw, a, mrows, y);
   const int64_t np = padded(lw.n), tiles = np / kTile;
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < tiles; ++t) {
@@ -539,5 +539,3 @@ inline void bitmask_row(float* x, const int32_t* words, int64_t vocab) {
 }
 
 }  // namespace
-
-#include "avx2_prefill.h"

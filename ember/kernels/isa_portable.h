@@ -364,15 +364,15 @@ inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int6
     q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
 }
 
-inline void gemm_tiles_many_portable(const LinearW& lw, const QuantizedActs& a, int64_t mrows,
-                                     float* y);
-constexpr int64_t kPortableManyFrom = 16;  // prefill chunks: portable_prefill.h (bit-identical)
+}  // namespace
+#include "portable_prefill.h"
+namespace {
 
 // y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region.
-// Prefill chunks (M >= kPortableManyFrom) of Q4/Q5/Q8/Q8h take portable_prefill.h's kernel.
+// Prefill chunks take portable_prefill.h's kernel where its allow-list (many_rows_supported)
+// has the format; every other call, and every other format, the tiles below (bit-identical).
 inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y) {
-  if (mrows >= kPortableManyFrom && (lw.fmt == 4 || lw.fmt == 5 || lw.fmt == 8 || lw.fmt == 9))
-    return gemm_tiles_many_portable(lw, a, mrows, y);
+  if (many_rows_supported(lw, mrows)) return gemm_tiles_many_portable(lw, a, mrows, y);
   const int64_t np = padded(lw.n), tiles = np / kTile;
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < tiles; ++t) {
@@ -627,5 +627,3 @@ inline void bitmask_row(float* x, const int32_t* words, int64_t vocab) {
 }
 
 }  // namespace
-
-#include "portable_prefill.h"
