@@ -136,6 +136,7 @@ def test_every_kernel_format_prefills_like_its_rows(kernels, name):
     20-row call equals the rows computed one at a time bit for bit, whichever path it takes.
     A format the allow-list wrongly admitted would run another format's kernel and fail here;
     the list of names must be the whole of decoder.KERNEL_FORMATS."""
+    from ember.kernels.abi import LinearW
     from ember.kernels.decoder import KERNEL_FORMATS
 
     assert set(KERNEL_FORMATS) == {"q4", "q5", "q4k", "q6", "q8", "q8h"}, \
@@ -148,3 +149,9 @@ def test_every_kernel_format_prefills_like_its_rows(kernels, name):
     got = gemm(x, *packed)
     assert got.shape == (m, 48)
     assert torch.equal(got, rows_alone(lambda r: gemm(r, *packed), x))
+    # the generic entry (any format through its LinearW) is the per-format entry
+    ptrs = [t.data_ptr() for t in packed] + [None] * (3 - len(packed))
+    lw = LinearW(KERNEL_FORMATS[name], n, k, *ptrs)
+    assert torch.equal(kernels.linear_gemm(lw, x), got)
+    with pytest.raises(ValueError, match="K = 768"):
+        kernels.linear_gemm(lw, x[:, :32])
