@@ -93,6 +93,32 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
+// The nibbles of one 32-byte vector of a Q4 / Q4K / Q5 block (vector c, half h at
+// wb + 64 c + 32 h): lo = column group c, hi = column group c + 4 of rows 8h .. 8h + 7, codes
+// in [0, 15] as bytes. Shared by the row tiles and avx2_prefill.h's unpack.
+inline void q4_unpack(const uint8_t* p, __m256i& lo, __m256i& hi) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo = _mm256_and_si256(raw, mask);
+  hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+}
+
+// Half h (rows 8h .. 8h + 7) of a Q5 block (layout: q5_tile) as codes u in [0, 31]: out[j] =
+// column group j, the nibble (q4_unpack) with its fifth bit from the block's bit plane.
+inline void q5_unpack_half(const uint8_t* wb, int h, __m256i out[8]) {
+  const __m256i bit4 = _mm256_set1_epi8(0x10);
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 + h * 32));
+  const __m256i hs[8] = {
+      _mm256_slli_epi16(hi, 4), _mm256_slli_epi16(hi, 3), _mm256_slli_epi16(hi, 2),
+      _mm256_slli_epi16(hi, 1), hi, _mm256_srli_epi16(hi, 1), _mm256_srli_epi16(hi, 2),
+      _mm256_srli_epi16(hi, 3)};
+  for (int c = 0; c < 4; ++c) {
+    q4_unpack(wb + c * 64 + h * 32, out[c], out[c + 4]);
+    out[c] = _mm256_or_si256(out[c], _mm256_and_si256(hs[c], bit4));
+    out[c + 4] = _mm256_or_si256(out[c + 4], _mm256_and_si256(hs[c + 4], bit4));
+  }
+}
+
 // Per-block float scales of the Q4-family tiles (q4_tile's S), as two 8-row halves: the
 // block's scale dw and min / offset mw. kBytes: a block's bytes; kLines: its 64-byte lines.
 struct Q4Scales {  // Q4: stored per block, (tiles, K/32, 16) float32 each
@@ -135,18 +161,14 @@ inline void q4_tile(const uint8_t* w, S sc, const QuantizedActs& a, int64_t m0, 
                     int64_t n) {
   __m256 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
-  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* wb = w + b * S::kBytes;
     for (int c = 0; c < S::kLines; ++c)
       _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * S::kBytes + 64 * c), _MM_HINT_T0);
     __m256i wv[2][8];  // [half][j]: half 0 = rows 0..7, 1 = rows 8..15
     for (int c = 0; c < 4; ++c)
-      for (int h = 0; h < 2; ++h) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
-        wv[h][c] = _mm256_and_si256(raw, mask);
-        wv[h][c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-      }
+      for (int h = 0; h < 2; ++h) q4_unpack(wb + c * 64 + h * 32, wv[h][c], wv[h][c + 4]);
     __m256 dw[2], mw[2];
     sc.block(b, wb, dw, mw);
     for (int c = 0; c < C; ++c) {
@@ -230,26 +252,13 @@ inline void q5_tile(const uint8_t* w, const QuantizedActs& a, int64_t m0, float*
                     int64_t n) {
   __m256 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
-  const __m256i mask = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10),
-                ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* wb = w + b * kQ5BlockBytes;
     for (int c = 0; c < 6; ++c) _mm_prefetch(reinterpret_cast<const char*>(wb + 2816 + 64 * c),
                                              _MM_HINT_T0);
     __m256i wv[2][8];
-    for (int h = 0; h < 2; ++h) {
-      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 + h * 32));
-      const __m256i hs[8] = {
-          _mm256_slli_epi16(hi, 4), _mm256_slli_epi16(hi, 3), _mm256_slli_epi16(hi, 2),
-          _mm256_slli_epi16(hi, 1), hi, _mm256_srli_epi16(hi, 1), _mm256_srli_epi16(hi, 2),
-          _mm256_srli_epi16(hi, 3)};
-      for (int c = 0; c < 4; ++c) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
-        wv[h][c] = _mm256_or_si256(_mm256_and_si256(raw, mask), _mm256_and_si256(hs[c], bit4));
-        wv[h][c + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), mask),
-                                       _mm256_and_si256(hs[c + 4], bit4));
-      }
-    }
+    for (int h = 0; h < 2; ++h) q5_unpack_half(wb, h, wv[h]);
     const __m256 dw[2] = {
         _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 320))),
         _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 336)))};
