@@ -1,6 +1,7 @@
-// AVX2 weight GEMMs for many activation rows (prefill chunks: M >= kManyRowsFrom), included at the
-// end of isa_avx2.h. gemm_tiles (isa_avx2.h) hands such calls to gemm_tiles_many; decode
-// (M = 1) and verify rows (M < kManyRowsFrom) keep isa_avx2.h's tiles.
+// AVX2 weight GEMMs for many activation rows (prefill chunks: M >= kManyRowsFrom), included by
+// isa_avx2.h before its gemm_tiles, which hands the calls many_rows_supported allows (Q4, Q5,
+// Q8, Q8h) to gemm_tiles_many; decode (M = 1), verify rows (M < kManyRowsFrom) and every other
+// format (Q4K, Q6, any new one) keep isa_avx2.h's tiles.
 //
 // Why a second kernel: isa_avx2.h's tiles keep 8 rows x 2 halves of float accumulators plus a
 // block's 16 unpacked weight vectors live at once: ~40 ymm values for 16 registers, so the
@@ -21,6 +22,13 @@
 namespace {
 
 constexpr int64_t kSegBlocks = 16;  // K blocks (of 32) per segment: 8 KB of unpacked weights
+constexpr int64_t kManyRowsFrom = 16;  // prefill chunks
+
+// The calls gemm_tiles_many has a kernel for: an allow-list of formats (unpack_segment's), so a
+// format added later takes the tiles until it gets its own case here.
+inline bool many_rows_supported(const LinearW& lw, int64_t mrows) {
+  return mrows >= kManyRowsFrom && (lw.fmt == 4 || lw.fmt == 5 || lw.fmt == 8 || lw.fmt == 9);
+}
 
 // Unpacked weights of one tile's K segment: per block 16 vectors [j][h] (j = column group of 4
 // k values, h = rows 0..7 / 8..15), the 16 rows' scales d and (Q4) mins m as floats.
@@ -33,8 +41,7 @@ struct ManyScratch {
 // Fills s with blocks b0 .. b0 + nbk of tile t. fmt: 4 Q4, 5 Q5, 8 Q8, 9 Q8h.
 inline void unpack_segment(const LinearW& lw, int64_t nb, int64_t t, int64_t b0, int64_t nbk,
                            ManyScratch& s) {
-  const __m256i mask = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10),
-                flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   for (int64_t i = 0; i < nbk; ++i) {
     const int64_t blk = t * nb + b0 + i;
     __m256i* out = reinterpret_cast<__m256i*>(s.w + i * 512);
@@ -43,28 +50,19 @@ inline void unpack_segment(const LinearW& lw, int64_t nb, int64_t t, int64_t b0,
       const uint8_t* wb = lw.w + blk * 256;
       for (int c = 0; c < 4; ++c)
         for (int h = 0; h < 2; ++h) {
-          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
-          _mm256_store_si256(out + 2 * c + h, _mm256_and_si256(raw, mask));
-          _mm256_store_si256(out + 2 * (c + 4) + h, _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask));
+          __m256i lo, hi;
+          q4_unpack(wb + c * 64 + h * 32, lo, hi);
+          _mm256_store_si256(out + 2 * c + h, lo);
+          _mm256_store_si256(out + 2 * (c + 4) + h, hi);
         }
       memcpy(d, lw.d + blk * kTile, kTile * sizeof(float));
       memcpy(s.m + i * kTile, lw.m + blk * kTile, kTile * sizeof(float));
     } else if (lw.fmt == 5) {
       const uint8_t* wb = lw.w + blk * kQ5BlockBytes;
       for (int h = 0; h < 2; ++h) {
-        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 + h * 32));
-        const __m256i hs[8] = {
-            _mm256_slli_epi16(hi, 4), _mm256_slli_epi16(hi, 3), _mm256_slli_epi16(hi, 2),
-            _mm256_slli_epi16(hi, 1), hi, _mm256_srli_epi16(hi, 1), _mm256_srli_epi16(hi, 2),
-            _mm256_srli_epi16(hi, 3)};
-        for (int c = 0; c < 4; ++c) {
-          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
-          _mm256_store_si256(out + 2 * c + h, _mm256_or_si256(_mm256_and_si256(raw, mask),
-                                                              _mm256_and_si256(hs[c], bit4)));
-          _mm256_store_si256(out + 2 * (c + 4) + h,
-                             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), mask),
-                                             _mm256_and_si256(hs[c + 4], bit4)));
-        }
+        __m256i v[8];  // column groups j of half h (q5_tile's codes)
+        q5_unpack_half(wb, h, v);
+        for (int j = 0; j < 8; ++j) _mm256_store_si256(out + 2 * j + h, v[j]);
       }
       _mm256_store_ps(d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 320))));
       _mm256_store_ps(d + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 336))));

@@ -15,45 +15,54 @@
 
 #include "kernels.h"
 
+namespace {
+
+// y (M, Np) = x (M, K) @ W^T for one weight matrix lw in any kernel format (Np = lw.n padded
+// to 16): the activations quantized once, then gemm_tiles on nthreads threads.
+void run_gemm(const LinearW& lw, const float* x, int64_t mrows, float* y, int nthreads) {
+  const QuantizedActs a(x, mrows, lw.k);
+#pragma omp parallel num_threads(nthreads)
+  gemm_tiles(lw, a, mrows, y);
+}
+
+}  // namespace
+
 extern "C" {
 
 int ember_kernels_version() { return 3; }
 
-// y (M, Np) = x (M, K) @ W^T for Q4 weights (Np = N padded to 16).
+// y (M, Np) = x (M, K) @ W^T for the matrix *lw (abi.py LinearW): every format, one entry.
+void linear_gemm(const LinearW* lw, const float* x, int64_t mrows, float* y, int nthreads) {
+  run_gemm(*lw, x, mrows, y, nthreads);
+}
+
+// The same per format (the ctypes side's and the edge runtime's calls; np = N padded to 16):
+// Q4 (d, m per block), Q8 (d), Q5 and Q8h (packed (Np/16, K/32, 352 / 544), scales inside:
+// float16 after the codes), Q4K (packed (Np/16, K/32, 288); d and -dmin (Np/16, K/256, 16)
+// float32), Q6 layers (q6_layers.h: the Q6 head's layout with 256-column super-blocks).
 void q4_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, const float* d,
              const float* m, int64_t np, float* y, int nthreads) {
-  const QuantizedActs a(x, mrows, k);
-  const LinearW lw{4, np, k, packed, d, m};
-#pragma omp parallel num_threads(nthreads)
-  gemm_tiles(lw, a, mrows, y);
+  run_gemm({4, np, k, packed, d, m}, x, mrows, y, nthreads);
 }
-
-// y (M, Np) = x (M, K) @ W^T for Q8 weights.
 void q8_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* q, const float* d,
              int64_t np, float* y, int nthreads) {
-  const QuantizedActs a(x, mrows, k);
-  const LinearW lw{8, np, k, q, d, nullptr};
-#pragma omp parallel num_threads(nthreads)
-  gemm_tiles(lw, a, mrows, y);
+  run_gemm({8, np, k, q, d, nullptr}, x, mrows, y, nthreads);
 }
-
-// y (M, Np) = x (M, K) @ W^T for Q5 weights (packed (Np/16, K/32, 352), scales included).
 void q5_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, int64_t np,
              float* y, int nthreads) {
-  const QuantizedActs a(x, mrows, k);
-  const LinearW lw{5, np, k, packed, nullptr, nullptr};
-#pragma omp parallel num_threads(nthreads)
-  gemm_tiles(lw, a, mrows, y);
+  run_gemm({5, np, k, packed, nullptr, nullptr}, x, mrows, y, nthreads);
 }
-
-// y (M, Np) = x (M, K) @ W^T for Q8h weights (packed (Np/16, K/32, 544): Q8's codes, then the
-// 16 rows' scales as float16).
 void q8h_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, int64_t np,
               float* y, int nthreads) {
-  const QuantizedActs a(x, mrows, k);
-  const LinearW lw{9, np, k, packed, nullptr, nullptr};
-#pragma omp parallel num_threads(nthreads)
-  gemm_tiles(lw, a, mrows, y);
+  run_gemm({9, np, k, packed, nullptr, nullptr}, x, mrows, y, nthreads);
+}
+void q4k_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, const float* d,
+              const float* nm, int64_t np, float* y, int nthreads) {
+  run_gemm({6, np, k, packed, d, nm}, x, mrows, y, nthreads);
+}
+void q6x_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, const float* d,
+              int64_t np, float* y, int nthreads) {
+  run_gemm({7, np, k, packed, d, nullptr}, x, mrows, y, nthreads);
 }
 
 // Rows `ids` (T,) of Q8h weights dequantized into out (T, K) float32 (embedding lookup).
@@ -72,26 +81,6 @@ void q8h_rows(const uint8_t* q, int64_t k, const int64_t* ids, int64_t t, float*
               static_cast<float>(static_cast<int>(wb[j * 64 + 4 * l + e]) - 128) * scale;
     }
   }
-}
-
-// y (M, Np) = x (M, K) @ W^T for Q4K weights (packed (Np/16, K/32, 288); d and -dmin
-// (Np/16, K/256, 16) float32).
-void q4k_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, const float* d,
-              const float* nm, int64_t np, float* y, int nthreads) {
-  const QuantizedActs a(x, mrows, k);
-  const LinearW lw{6, np, k, packed, d, nm};
-#pragma omp parallel num_threads(nthreads)
-  gemm_tiles(lw, a, mrows, y);
-}
-
-// y (M, Np) = x (M, K) @ W^T for Q6 layer weights (q6_layers.h: the Q6 head's layout with
-// 256-column super-blocks).
-void q6x_gemm(const float* x, int64_t mrows, int64_t k, const uint8_t* packed, const float* d,
-              int64_t np, float* y, int nthreads) {
-  const QuantizedActs a(x, mrows, k);
-  const LinearW lw{7, np, k, packed, d, nullptr};
-#pragma omp parallel num_threads(nthreads)
-  gemm_tiles(lw, a, mrows, y);
 }
 
 // Rows `ids` (T,) of Q8 weights dequantized into out (T, K) float32 (embedding lookup).

@@ -28,6 +28,8 @@ from ember.kernels.ops import CpuKernels, check_kv_caches, optional_ptr
 
 Q4, Q5, Q4K, Q6, Q8, Q8H = 4, 5, 6, 7, 8, 9
 """`KernelLinear.fmt` values (kernels.h `LinearW::fmt`)."""
+KERNEL_FORMATS = {"q4": Q4, "q5": Q5, "q4k": Q4K, "q6": Q6, "q8": Q8, "q8h": Q8H}
+"""Every kernel format by name (a new format joins here and in the many-row dispatch test)."""
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 """`LayerStack.activation` -> decoder.cpp `Shape::activation`."""
 

@@ -93,80 +93,84 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-// One 16-row tile of Q4 weights against C (<= kChunk) activation rows starting at m0.
-template <int C>
-inline void q4_tile(const uint8_t* w, const float* d, const float* mn, const QuantizedActs& a,
-                    int64_t m0, float* y, int64_t n) {
-  __m256 acc[C][2];
-  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
-  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wb = w + b * 256;
-    for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(wb + 2048 + 64 * c),
-                                             _MM_HINT_T0);
-    __m256i wv[2][8];  // [half][j]: half 0 = rows 0..7, 1 = rows 8..15
-    for (int c = 0; c < 4; ++c)
-      for (int h = 0; h < 2; ++h) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
-        wv[h][c] = _mm256_and_si256(raw, mask);
-        wv[h][c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-      }
-    const __m256 dw[2] = {_mm256_loadu_ps(d + b * kTile), _mm256_loadu_ps(d + b * kTile + 8)};
-    const __m256 mw[2] = {_mm256_loadu_ps(mn + b * kTile), _mm256_loadu_ps(mn + b * kTile + 8)};
-    for (int c = 0; c < C; ++c) {
-      const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
-      __m256i xb[8];
-      for (int j = 0; j < 8; ++j) xb[j] = bcast4(xq + 4 * j);
-      const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
-      const __m256 ad = _mm256_set1_ps(a.d[ab]), as = _mm256_set1_ps(a.s[ab]);
-      for (int h = 0; h < 2; ++h) {
-        __m256i s16 = _mm256_maddubs_epi16(wv[h][0], xb[0]);
-        for (int j = 1; j < 8; ++j) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wv[h][j], xb[j]));
-        const __m256i dot = _mm256_madd_epi16(s16, ones);
-        acc[c][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dw[h], ad), acc[c][h]);
-        acc[c][h] = _mm256_fmadd_ps(mw[h], as, acc[c][h]);
-      }
-    }
-  }
-  for (int c = 0; c < C; ++c) {
-    _mm256_storeu_ps(y + (m0 + c) * n, acc[c][0]);
-    _mm256_storeu_ps(y + (m0 + c) * n + 8, acc[c][1]);
+// The nibbles of one 32-byte vector of a Q4 / Q4K / Q5 block (vector c, half h at
+// wb + 64 c + 32 h): lo = column group c, hi = column group c + 4 of rows 8h .. 8h + 7, codes
+// in [0, 15] as bytes. Shared by the row tiles and avx2_prefill.h's unpack.
+inline void q4_unpack(const uint8_t* p, __m256i& lo, __m256i& hi) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  lo = _mm256_and_si256(raw, mask);
+  hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+}
+
+// Half h (rows 8h .. 8h + 7) of a Q5 block (layout: q5_tile) as codes u in [0, 31]: out[j] =
+// column group j, the nibble (q4_unpack) with its fifth bit from the block's bit plane.
+inline void q5_unpack_half(const uint8_t* wb, int h, __m256i out[8]) {
+  const __m256i bit4 = _mm256_set1_epi8(0x10);
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 + h * 32));
+  const __m256i hs[8] = {
+      _mm256_slli_epi16(hi, 4), _mm256_slli_epi16(hi, 3), _mm256_slli_epi16(hi, 2),
+      _mm256_slli_epi16(hi, 1), hi, _mm256_srli_epi16(hi, 1), _mm256_srli_epi16(hi, 2),
+      _mm256_srli_epi16(hi, 3)};
+  for (int c = 0; c < 4; ++c) {
+    q4_unpack(wb + c * 64 + h * 32, out[c], out[c + 4]);
+    out[c] = _mm256_or_si256(out[c], _mm256_and_si256(hs[c], bit4));
+    out[c + 4] = _mm256_or_si256(out[c + 4], _mm256_and_si256(hs[c + 4], bit4));
   }
 }
 
-// One 16-row tile of Q4K weights (GGUF Q4_K's codes: w = d sc u - dmin m, u in [0, 15]): a
-// block is the Q4 tile's 256 nibble bytes, then the 16 rows' 6-bit sub-block scales sc and
-// mins m as bytes (288 bytes a 16 x 32 block against Q4's 384); d and -dmin are float32
-// (tiles, K/256, 16). d sc and -dmin m are exact in float32 (11-bit x 6-bit), so with the Q4
-// kernel's math on them the outputs are the Q4 repack's bit for bit.
-template <int C>
-inline void q4k_tile(const uint8_t* w, const float* d, const float* nm, const QuantizedActs& a,
-                     int64_t m0, float* y, int64_t n) {
-  __m256 acc[C][2];
-  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
-  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wb = w + b * kQ4kBlockBytes;
-    for (int c = 0; c < 5; ++c)
-      _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * kQ4kBlockBytes + 64 * c), _MM_HINT_T0);
-    __m256i wv[2][8];  // [half][j]: half 0 = rows 0..7, 1 = rows 8..15
-    for (int c = 0; c < 4; ++c)
-      for (int h = 0; h < 2; ++h) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
-        wv[h][c] = _mm256_and_si256(raw, mask);
-        wv[h][c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
-      }
+// Per-block float scales of the Q4-family tiles (q4_tile's S), as two 8-row halves: the
+// block's scale dw and min / offset mw. kBytes: a block's bytes; kLines: its 64-byte lines.
+struct Q4Scales {  // Q4: stored per block, (tiles, K/32, 16) float32 each
+  static constexpr int64_t kBytes = 256;
+  static constexpr int kLines = 4;
+  const float *d, *m;
+  void block(int64_t b, const uint8_t*, __m256 dw[2], __m256 mw[2]) const {
+    dw[0] = _mm256_loadu_ps(d + b * kTile), dw[1] = _mm256_loadu_ps(d + b * kTile + 8);
+    mw[0] = _mm256_loadu_ps(m + b * kTile), mw[1] = _mm256_loadu_ps(m + b * kTile + 8);
+  }
+};
+
+// Q4K (GGUF Q4_K's codes: w = d sc u - dmin m, u in [0, 15]): a block is the Q4 tile's 256
+// nibble bytes, then the 16 rows' 6-bit sub-block scales sc and mins m as bytes (288 bytes a
+// 16 x 32 block against Q4's 384); d and -dmin are float32 (tiles, K/256, 16). d sc and
+// -dmin m are exact in float32 (11-bit x 6-bit), so with the Q4 kernel's math on them the
+// outputs are the Q4 repack's bit for bit.
+struct Q4kScales {
+  static constexpr int64_t kBytes = kQ4kBlockBytes;
+  static constexpr int kLines = 5;
+  const float *d, *nm;
+  void block(int64_t b, const uint8_t* wb, __m256 dw[2], __m256 mw[2]) const {
     const float *ds = d + (b / kQ4kSuper) * kTile, *ms = nm + (b / kQ4kSuper) * kTile;
     const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 256));
     const __m128i mn = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 272));
-    const __m256 dw[2] = {
-        _mm256_mul_ps(_mm256_loadu_ps(ds), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc))),
-        _mm256_mul_ps(_mm256_loadu_ps(ds + 8),
-                      _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sc, 8))))};
-    const __m256 mw[2] = {
-        _mm256_mul_ps(_mm256_loadu_ps(ms), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn))),
-        _mm256_mul_ps(_mm256_loadu_ps(ms + 8),
-                      _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mn, 8))))};
+    dw[0] = _mm256_mul_ps(_mm256_loadu_ps(ds), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc)));
+    dw[1] = _mm256_mul_ps(_mm256_loadu_ps(ds + 8),
+                          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sc, 8))));
+    mw[0] = _mm256_mul_ps(_mm256_loadu_ps(ms), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)));
+    mw[1] = _mm256_mul_ps(_mm256_loadu_ps(ms + 8),
+                          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mn, 8))));
+  }
+};
+
+// One 16-row tile of Q4-family weights (Q4, Q4K: the same nibble bytes, S's scales) against
+// C (<= kChunk) activation rows starting at m0. S is a template parameter: each format's
+// tile compiles to its own straight-line code.
+template <int C, class S>
+inline void q4_tile(const uint8_t* w, S sc, const QuantizedActs& a, int64_t m0, float* y,
+                    int64_t n) {
+  __m256 acc[C][2];
+  for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wb = w + b * S::kBytes;
+    for (int c = 0; c < S::kLines; ++c)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * S::kBytes + 64 * c), _MM_HINT_T0);
+    __m256i wv[2][8];  // [half][j]: half 0 = rows 0..7, 1 = rows 8..15
+    for (int c = 0; c < 4; ++c)
+      for (int h = 0; h < 2; ++h) q4_unpack(wb + c * 64 + h * 32, wv[h][c], wv[h][c + 4]);
+    __m256 dw[2], mw[2];
+    sc.block(b, wb, dw, mw);
     for (int c = 0; c < C; ++c) {
       const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
       __m256i xb[8];
@@ -248,26 +252,13 @@ inline void q5_tile(const uint8_t* w, const QuantizedActs& a, int64_t m0, float*
                     int64_t n) {
   __m256 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
-  const __m256i mask = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10),
-                ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < a.nb; ++b) {
     const uint8_t* wb = w + b * kQ5BlockBytes;
     for (int c = 0; c < 6; ++c) _mm_prefetch(reinterpret_cast<const char*>(wb + 2816 + 64 * c),
                                              _MM_HINT_T0);
     __m256i wv[2][8];
-    for (int h = 0; h < 2; ++h) {
-      const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 256 + h * 32));
-      const __m256i hs[8] = {
-          _mm256_slli_epi16(hi, 4), _mm256_slli_epi16(hi, 3), _mm256_slli_epi16(hi, 2),
-          _mm256_slli_epi16(hi, 1), hi, _mm256_srli_epi16(hi, 1), _mm256_srli_epi16(hi, 2),
-          _mm256_srli_epi16(hi, 3)};
-      for (int c = 0; c < 4; ++c) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + h * 32));
-        wv[h][c] = _mm256_or_si256(_mm256_and_si256(raw, mask), _mm256_and_si256(hs[c], bit4));
-        wv[h][c + 4] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), mask),
-                                       _mm256_and_si256(hs[c + 4], bit4));
-      }
-    }
+    for (int h = 0; h < 2; ++h) q5_unpack_half(wb, h, wv[h]);
     const __m256 dw[2] = {
         _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 320))),
         _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 336)))};
@@ -298,56 +289,20 @@ inline void q5_tile(const uint8_t* w, const QuantizedActs& a, int64_t m0, float*
 }
 
 #include "q6_layers.h"  // q6x_tile: Q6 layers (GGUF Q6_K exact)
-
-template <int C>
-inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int64_t m0, float* yt,
-                      int64_t np) {
-  const int64_t nb = a.nb;
-  if (lw.fmt == 4)
-    q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
-  else if (lw.fmt == 5)
-    q5_tile<C>(lw.w + t * nb * kQ5BlockBytes, a, m0, yt, np);
-  else if (lw.fmt == 7)
-    q6x_tile<C>(lw.w + t * nb * kQ6xBlockBytes, lw.d + t * (nb / kQ6xSuper) * kTile, a, m0, yt,
-                np);
-  else if (lw.fmt == 6)
-    q4k_tile<C>(lw.w + t * nb * kQ4kBlockBytes, lw.d + t * (nb / kQ4kSuper) * kTile,
-                lw.m + t * (nb / kQ4kSuper) * kTile, a, m0, yt, np);
-  else if (lw.fmt == 9)
-    q8_tile<C, true>(lw.w + t * nb * kQ8hBlockBytes, nullptr, a, m0, yt, np);
-  else
-    q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
-}
-
-inline void gemm_tiles_many(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y);
-constexpr int64_t kManyRowsFrom = 16;  // prefill chunks: avx2_prefill.h's kernel (bit-identical)
 }  // namespace
+#include "gemm_rows.h"  // tile_rows, gemm_row_tiles: the row tiles above, all formats
 #include "few_rows_avx2.h"
+#include "avx2_prefill.h"
 namespace {
 
 // y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region.
-// Verify rows (2..kFewRowsMax, Q4/Q8/Q8h) take few_rows_avx2.h's kernel, prefill chunks
-// avx2_prefill.h's (Q4/Q5/Q8/Q8h; Q4K (6) and Q6 (7) keep the tiles below); all bit-identical.
+// Verify rows take few_rows_avx2.h's kernel and prefill chunks avx2_prefill.h's where each
+// header's allow-list has the format (few_rows_supported / many_rows_supported); every other
+// call, and every other format, the row tiles (gemm_rows.h). All bit-identical.
 inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y) {
   if (few_rows_supported(lw, mrows)) return gemm_tiles_few(lw, a, mrows, y);
-  if (mrows >= kManyRowsFrom && lw.fmt != 6 && lw.fmt != 7) return gemm_tiles_many(lw, a, mrows, y);
-  const int64_t np = padded(lw.n), tiles = np / kTile;
-#pragma omp for schedule(static)
-  for (int64_t t = 0; t < tiles; ++t) {
-    float* yt = y + t * kTile;
-    int64_t m0 = 0;
-    for (; m0 + kChunk <= mrows; m0 += kChunk) tile_rows<kChunk>(lw, a, t, m0, yt, np);
-    switch (mrows - m0) {
-      case 7: tile_rows<7>(lw, a, t, m0, yt, np); break;
-      case 6: tile_rows<6>(lw, a, t, m0, yt, np); break;
-      case 5: tile_rows<5>(lw, a, t, m0, yt, np); break;
-      case 4: tile_rows<4>(lw, a, t, m0, yt, np); break;
-      case 3: tile_rows<3>(lw, a, t, m0, yt, np); break;
-      case 2: tile_rows<2>(lw, a, t, m0, yt, np); break;
-      case 1: tile_rows<1>(lw, a, t, m0, yt, np); break;
-      default: break;
-    }
-  }
+  if (many_rows_supported(lw, mrows)) return gemm_tiles_many(lw, a, mrows, y);
+  gemm_row_tiles(lw, a, mrows, y);
 }
 
 inline void rms_norm_row(float* x, const float* residual, const float* w, int64_t h, float eps,
@@ -539,5 +494,3 @@ inline void bitmask_row(float* x, const int32_t* words, int64_t vocab) {
 }
 
 }  // namespace
-
-#include "avx2_prefill.h"

@@ -147,22 +147,53 @@ inline vi32 pair_sum(vi16 s) {
   return ((a << 16) >> 16) + (a >> 16);
 }
 
-// One 16-row tile of Q4 weights against C (<= kChunk) activation rows starting at m0.
+// Per-block float scales of the Q4-family tiles (q4_tile's S): the block's 16 scales and mins
+// (scales / mins: pointers to them, formed in the scratch bd / bm where they are computed).
+// kBytes: a block's bytes; kLines: its 128-byte prefetch lines.
+struct Q4Scales {  // Q4: stored per block, (tiles, K/32, 16) float32 each
+  static constexpr int64_t kBytes = 256;
+  static constexpr int kLines = 2;
+  const float* __restrict d;
+  const float* __restrict m;
+  const float* scales(int64_t b, const uint8_t*, float*) const { return d + b * kTile; }
+  const float* mins(int64_t b, const uint8_t*, float*) const { return m + b * kTile; }
+};
+
+// Q4K (layout: isa_avx2.h Q4kScales): the block's scale d sc and offset -dmin m, exact in
+// float32, so q4_tile's math gives the Q4 repack's outputs.
+struct Q4kScales {
+  static constexpr int64_t kBytes = kQ4kBlockBytes;
+  static constexpr int kLines = 3;
+  const float* __restrict d;
+  const float* __restrict nm;
+  const float* scales(int64_t b, const uint8_t* wb, float* bd) const {
+    const float* __restrict ds = d + (b / kQ4kSuper) * kTile;
+    for (int l = 0; l < kTile; ++l) bd[l] = ds[l] * static_cast<float>(wb[256 + l]);
+    return bd;
+  }
+  const float* mins(int64_t b, const uint8_t* wb, float* bm) const {
+    const float* __restrict ms = nm + (b / kQ4kSuper) * kTile;
+    for (int l = 0; l < kTile; ++l) bm[l] = ms[l] * static_cast<float>(wb[272 + l]);
+    return bm;
+  }
+};
+
+// One 16-row tile of Q4-family weights (Q4, Q4K: the same nibble bytes, S's scales) against
+// C (<= kChunk) activation rows starting at m0; S is a template parameter (each format's tile
+// is its own straight-line code).
 // Per block and half h (rows 8h..8h+7): 4 vectors c x 4 columns (low/high byte x low/high
 // nibble: k = 4c + 2q, 4c + 2q + 1, 16 + 4c + 2q, 17 + 4c + 2q), unpacked once and shared by
 // the C rows. A lane sums 16 products: 16 * 15 * 128 = 30720 < 32767 fits int16.
 // The float math per block and lane is the AVX2 kernel's (same FMAs): bit-identical outputs.
-template <int C>
-inline void q4_tile(const uint8_t* __restrict w, const float* __restrict d,
-                    const float* __restrict mn, const QuantizedActs& a, int64_t m0,
+template <int C, class S>
+inline void q4_tile(const uint8_t* __restrict w, S sc, const QuantizedActs& a, int64_t m0,
                     float* __restrict y, int64_t n) {
   float acc[C][kTile];
   for (int c = 0; c < C; ++c)
     for (int l = 0; l < kTile; ++l) acc[c][l] = 0.0f;
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* __restrict wb = w + b * 256;
-    __builtin_prefetch(wb + 2048, 0, 3);
-    __builtin_prefetch(wb + 2048 + 128, 0, 3);
+    const uint8_t* __restrict wb = w + b * S::kBytes;
+    for (int i = 0; i < S::kLines; ++i) __builtin_prefetch(wb + 8 * S::kBytes + 128 * i, 0, 3);
     vi16 wc[2][4][4];  // [half][vector c][column]
     for (int h = 0; h < 2; ++h)
       for (int c = 0; c < 4; ++c) {
@@ -172,62 +203,9 @@ inline void q4_tile(const uint8_t* __restrict w, const float* __restrict d,
         wc[h][c][2] = reinterpret_cast<vi16>((raw >> 4) & 15);
         wc[h][c][3] = reinterpret_cast<vi16>(raw >> 12);
       }
-    const float* __restrict db = d + b * kTile;
-    const float* __restrict mb = mn + b * kTile;
-    for (int r = 0; r < C; ++r) {
-      const int16_t* __restrict x16 = a.qrow16(m0 + r) + b * kBlock;
-      int32_t dot[kTile];
-      for (int h = 0; h < 2; ++h) {
-        vi16 s = vi16{};
-        for (int c = 0; c < 4; ++c)
-          s += wc[h][c][0] * pair_pattern(x16, c, 0) + wc[h][c][1] * pair_pattern(x16, c, 1) +
-               wc[h][c][2] * pair_pattern(x16, 4 + c, 0) +
-               wc[h][c][3] * pair_pattern(x16, 4 + c, 1);
-        const vi32 s32 = pair_sum(s);
-        memcpy(dot + 8 * h, &s32, sizeof(s32));
-      }
-      const size_t ab = static_cast<size_t>((m0 + r) * a.nb + b);
-      const float ad = a.d[ab], as = a.s[ab];
-      float* __restrict ac = acc[r];
-#pragma omp simd
-      for (int l = 0; l < kTile; ++l)
-        ac[l] = EMBER_MADD(mb[l], as, EMBER_MADD(static_cast<float>(dot[l]), db[l] * ad, ac[l]));
-    }
-  }
-  for (int c = 0; c < C; ++c)
-    for (int l = 0; l < kTile; ++l) y[(m0 + c) * n + l] = acc[c][l];
-}
-
-// Q4K (layout: isa_avx2.h q4k_tile): q4_tile's integer dot and float math, with the block's
-// scale d sc and offset -dmin m formed first (exact in float32): the Q4 repack's outputs.
-template <int C>
-inline void q4k_tile(const uint8_t* __restrict w, const float* __restrict d,
-                     const float* __restrict nm, const QuantizedActs& a, int64_t m0,
-                     float* __restrict y, int64_t n) {
-  float acc[C][kTile];
-  for (int c = 0; c < C; ++c)
-    for (int l = 0; l < kTile; ++l) acc[c][l] = 0.0f;
-  for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* __restrict wb = w + b * kQ4kBlockBytes;
-    __builtin_prefetch(wb + 8 * kQ4kBlockBytes, 0, 3);
-    __builtin_prefetch(wb + 8 * kQ4kBlockBytes + 128, 0, 3);
-    __builtin_prefetch(wb + 8 * kQ4kBlockBytes + 256, 0, 3);
-    vi16 wc[2][4][4];  // [half][vector c][column]
-    for (int h = 0; h < 2; ++h)
-      for (int c = 0; c < 4; ++c) {
-        const vu16 raw = load_u16x16(wb + 64 * c + 32 * h);
-        wc[h][c][0] = reinterpret_cast<vi16>(raw & 15);
-        wc[h][c][1] = reinterpret_cast<vi16>((raw >> 8) & 15);
-        wc[h][c][2] = reinterpret_cast<vi16>((raw >> 4) & 15);
-        wc[h][c][3] = reinterpret_cast<vi16>(raw >> 12);
-      }
-    const float* __restrict ds = d + (b / kQ4kSuper) * kTile;
-    const float* __restrict ms = nm + (b / kQ4kSuper) * kTile;
-    float db[kTile], mb[kTile];
-    for (int l = 0; l < kTile; ++l) {
-      db[l] = ds[l] * static_cast<float>(wb[256 + l]);
-      mb[l] = ms[l] * static_cast<float>(wb[272 + l]);
-    }
+    float bd[kTile], bm[kTile];
+    const float* __restrict db = sc.scales(b, wb, bd);
+    const float* __restrict mb = sc.mins(b, wb, bm);
     for (int r = 0; r < C; ++r) {
       const int16_t* __restrict x16 = a.qrow16(m0 + r) + b * kBlock;
       int32_t dot[kTile];
@@ -356,53 +334,18 @@ inline void q5_tile(const uint8_t* __restrict w, const QuantizedActs& a, int64_t
 }
 
 #include "q6_layers.h"  // q6x_tile: Q6 layers (GGUF Q6_K exact)
-
-template <int C>
-inline void tile_rows(const LinearW& lw, const QuantizedActs& a, int64_t t, int64_t m0, float* yt,
-                      int64_t np) {
-  const int64_t nb = a.nb;
-  if (lw.fmt == 4)
-    q4_tile<C>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt, np);
-  else if (lw.fmt == 5)
-    q5_tile<C>(lw.w + t * nb * kQ5BlockBytes, a, m0, yt, np);
-  else if (lw.fmt == 7)
-    q6x_tile<C>(lw.w + t * nb * kQ6xBlockBytes, lw.d + t * (nb / kQ6xSuper) * kTile, a, m0, yt,
-                np);
-  else if (lw.fmt == 6)
-    q4k_tile<C>(lw.w + t * nb * kQ4kBlockBytes, lw.d + t * (nb / kQ4kSuper) * kTile,
-                lw.m + t * (nb / kQ4kSuper) * kTile, a, m0, yt, np);
-  else if (lw.fmt == 9)
-    q8_tile<C, true>(lw.w + t * nb * kQ8hBlockBytes, nullptr, a, m0, yt, np);
-  else
-    q8_tile<C>(lw.w + t * nb * 512, lw.d + t * nb * kTile, a, m0, yt, np);
-}
-
-inline void gemm_tiles_many_portable(const LinearW& lw, const QuantizedActs& a, int64_t mrows,
-                                     float* y);
-constexpr int64_t kPortableManyFrom = 16;  // prefill chunks: portable_prefill.h (bit-identical)
+}  // namespace
+#include "gemm_rows.h"  // tile_rows, gemm_row_tiles: the row tiles above, all formats
+#include "portable_prefill.h"
+namespace {
 
 // y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region.
-// Prefill chunks (M >= kPortableManyFrom) of Q4/Q5/Q8/Q8h take portable_prefill.h's kernel.
+// Prefill chunks take portable_prefill.h's kernel where its allow-list (many_rows_supported)
+// has the format; every other call, and every other format, the row tiles (gemm_rows.h,
+// bit-identical).
 inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y) {
-  if (mrows >= kPortableManyFrom && (lw.fmt == 4 || lw.fmt == 5 || lw.fmt == 8 || lw.fmt == 9))
-    return gemm_tiles_many_portable(lw, a, mrows, y);
-  const int64_t np = padded(lw.n), tiles = np / kTile;
-#pragma omp for schedule(static)
-  for (int64_t t = 0; t < tiles; ++t) {
-    float* yt = y + t * kTile;
-    int64_t m0 = 0;
-    for (; m0 + kChunk <= mrows; m0 += kChunk) tile_rows<kChunk>(lw, a, t, m0, yt, np);
-    switch (mrows - m0) {
-      case 7: tile_rows<7>(lw, a, t, m0, yt, np); break;
-      case 6: tile_rows<6>(lw, a, t, m0, yt, np); break;
-      case 5: tile_rows<5>(lw, a, t, m0, yt, np); break;
-      case 4: tile_rows<4>(lw, a, t, m0, yt, np); break;
-      case 3: tile_rows<3>(lw, a, t, m0, yt, np); break;
-      case 2: tile_rows<2>(lw, a, t, m0, yt, np); break;
-      case 1: tile_rows<1>(lw, a, t, m0, yt, np); break;
-      default: break;
-    }
-  }
+  if (many_rows_supported(lw, mrows)) return gemm_tiles_many_portable(lw, a, mrows, y);
+  gemm_row_tiles(lw, a, mrows, y);
 }
 
 // The sum of 8 partial sums in the AVX2 kernels' order (hsum8 of isa_avx2.h), so both
@@ -640,5 +583,3 @@ inline void bitmask_row(float* x, const int32_t* words, int64_t vocab) {
 }
 
 }  // namespace
-
-#include "portable_prefill.h"

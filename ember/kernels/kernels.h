@@ -74,60 +74,53 @@ inline __m512i dot8(const __m512i* wv, const int8_t* xq, __m512i init) {
   return _mm512_add_epi32(d0, d1);
 }
 
-// One 16-row tile of Q4 weights against `count` (<= kChunk) activation rows starting at m0.
-template <int C>
-inline void q4_tile(const uint8_t* w, const float* d, const float* mn, const QuantizedActs& a,
-                    int64_t m0, float* y, int64_t n) {
-  __m512 acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-  const __m512i mask = _mm512_set1_epi8(0x0F);
-  for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wb = w + b * 256;
-    // NOTE: software prefetch a few KB ahead: decode streams every weight once from DRAM.
-    for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(wb + 2048 + 64 * c),
-                                             _MM_HINT_T0);
-    __m512i wv[8];
-    for (int c = 0; c < 4; ++c) {
-      const __m512i raw = _mm512_loadu_si512(wb + c * 64);
-      wv[c] = _mm512_and_si512(raw, mask);
-      wv[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
-    }
-    const __m512 dw = _mm512_loadu_ps(d + b * kTile), mw = _mm512_loadu_ps(mn + b * kTile);
-    for (int c = 0; c < C; ++c) {
-      const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
-      const __m512i dot = dot8(wv, xq, _mm512_setzero_si512());
-      const size_t ab = static_cast<size_t>((m0 + c) * a.nb + b);
-      acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                               _mm512_mul_ps(dw, _mm512_set1_ps(a.d[ab])), acc[c]);
-      acc[c] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[ab]), acc[c]);
-    }
+// Per-block float scales of the Q4-family tiles (q4_tile's S): the block's 16 scales dw and
+// mins / offsets mw. kBytes: a block's bytes; kLines: its 64-byte lines.
+struct Q4Scales {  // Q4: stored per block, (tiles, K/32, 16) float32 each
+  static constexpr int64_t kBytes = 256;
+  static constexpr int kLines = 4;
+  const float *d, *m;
+  void block(int64_t b, const uint8_t*, __m512& dw, __m512& mw) const {
+    dw = _mm512_loadu_ps(d + b * kTile), mw = _mm512_loadu_ps(m + b * kTile);
   }
-  for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + (m0 + c) * n, acc[c]);
-}
+};
 
-// One 16-row tile of Q4K weights (layout: isa_avx2.h q4k_tile): q4_tile's dot and float math
-// on the block's exact float32 scale d sc and offset -dmin m.
-template <int C>
-inline void q4k_tile(const uint8_t* w, const float* d, const float* nm, const QuantizedActs& a,
-                     int64_t m0, float* y, int64_t n) {
+// Q4K (layout: isa_avx2.h Q4kScales): the block's exact float32 scale d sc and offset -dmin m.
+struct Q4kScales {
+  static constexpr int64_t kBytes = kQ4kBlockBytes;
+  static constexpr int kLines = 5;
+  const float *d, *nm;
+  void block(int64_t b, const uint8_t* wb, __m512& dw, __m512& mw) const {
+    const float *ds = d + (b / kQ4kSuper) * kTile, *ms = nm + (b / kQ4kSuper) * kTile;
+    dw = _mm512_mul_ps(_mm512_loadu_ps(ds), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+             _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 256)))));
+    mw = _mm512_mul_ps(_mm512_loadu_ps(ms), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+             _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 272)))));
+  }
+};
+
+// One 16-row tile of Q4-family weights (Q4, Q4K: the same nibble bytes, S's scales) against C
+// (<= kChunk) activation rows starting at m0; S is a template parameter (each format's tile is
+// its own straight-line code).
+template <int C, class S>
+inline void q4_tile(const uint8_t* w, S sc, const QuantizedActs& a, int64_t m0, float* y,
+                    int64_t n) {
   __m512 acc[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
   const __m512i mask = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wb = w + b * kQ4kBlockBytes;
-    for (int c = 0; c < 5; ++c)
-      _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * kQ4kBlockBytes + 64 * c), _MM_HINT_T0);
+    const uint8_t* wb = w + b * S::kBytes;
+    // NOTE: software prefetch a few KB ahead: decode streams every weight once from DRAM.
+    for (int c = 0; c < S::kLines; ++c)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * S::kBytes + 64 * c), _MM_HINT_T0);
     __m512i wv[8];
     for (int c = 0; c < 4; ++c) {
       const __m512i raw = _mm512_loadu_si512(wb + c * 64);
       wv[c] = _mm512_and_si512(raw, mask);
       wv[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
     }
-    const float *ds = d + (b / kQ4kSuper) * kTile, *ms = nm + (b / kQ4kSuper) * kTile;
-    const __m512 dw = _mm512_mul_ps(_mm512_loadu_ps(ds), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 256)))));
-    const __m512 mw = _mm512_mul_ps(_mm512_loadu_ps(ms), _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                          _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 272)))));
+    __m512 dw, mw;
+    sc.block(b, wb, dw, mw);
     for (int c = 0; c < C; ++c) {
       const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
       const __m512i dot = dot8(wv, xq, _mm512_setzero_si512());
@@ -207,99 +200,14 @@ inline void q5_tile(const uint8_t* w, const QuantizedActs& a, int64_t m0, float*
 
 #include "q6_layers.h"  // q6x_tile: Q6 layers (GGUF Q6_K exact; the AVX2 code)
 
+}  // namespace
+#include "gemm_rows.h"  // tile_rows, gemm_row_tiles: the row tiles above, all formats
+namespace {
+
 // y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region
 // (every thread of the team must call it) or wrap with `omp parallel`.
 inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y) {
-  const int64_t np = padded(lw.n), tiles = np / kTile, nb = a.nb;
-#pragma omp for schedule(static)
-  for (int64_t t = 0; t < tiles; ++t) {
-    float* yt = y + t * kTile;
-    int64_t m0 = 0;
-    if (lw.fmt == 4) {
-      const uint8_t* w = lw.w + t * nb * 256;
-      const float *dt = lw.d + t * nb * kTile, *mt = lw.m + t * nb * kTile;
-      for (; m0 + kChunk <= mrows; m0 += kChunk) q4_tile<kChunk>(w, dt, mt, a, m0, yt, np);
-      switch (mrows - m0) {
-        case 7: q4_tile<7>(w, dt, mt, a, m0, yt, np); break;
-        case 6: q4_tile<6>(w, dt, mt, a, m0, yt, np); break;
-        case 5: q4_tile<5>(w, dt, mt, a, m0, yt, np); break;
-        case 4: q4_tile<4>(w, dt, mt, a, m0, yt, np); break;
-        case 3: q4_tile<3>(w, dt, mt, a, m0, yt, np); break;
-        case 2: q4_tile<2>(w, dt, mt, a, m0, yt, np); break;
-        case 1: q4_tile<1>(w, dt, mt, a, m0, yt, np); break;
-        default: break;
-      }
-    } else if (lw.fmt == 5) {
-      const uint8_t* w = lw.w + t * nb * kQ5BlockBytes;
-      for (; m0 + kChunk <= mrows; m0 += kChunk) q5_tile<kChunk>(w, a, m0, yt, np);
-      switch (mrows - m0) {
-        case 7: q5_tile<7>(w, a, m0, yt, np); break;
-        case 6: q5_tile<6>(w, a, m0, yt, np); break;
-        case 5: q5_tile<5>(w, a, m0, yt, np); break;
-        case 4: q5_tile<4>(w, a, m0, yt, np); break;
-        case 3: q5_tile<3>(w, a, m0, yt, np); break;
-        case 2: q5_tile<2>(w, a, m0, yt, np); break;
-        case 1: q5_tile<1>(w, a, m0, yt, np); break;
-        default: break;
-      }
-    } else if (lw.fmt == 7) {
-      const uint8_t* w = lw.w + t * nb * kQ6xBlockBytes;
-      const float* dt = lw.d + t * (nb / kQ6xSuper) * kTile;
-      for (; m0 + kChunk <= mrows; m0 += kChunk) q6x_tile<kChunk>(w, dt, a, m0, yt, np);
-      switch (mrows - m0) {
-        case 7: q6x_tile<7>(w, dt, a, m0, yt, np); break;
-        case 6: q6x_tile<6>(w, dt, a, m0, yt, np); break;
-        case 5: q6x_tile<5>(w, dt, a, m0, yt, np); break;
-        case 4: q6x_tile<4>(w, dt, a, m0, yt, np); break;
-        case 3: q6x_tile<3>(w, dt, a, m0, yt, np); break;
-        case 2: q6x_tile<2>(w, dt, a, m0, yt, np); break;
-        case 1: q6x_tile<1>(w, dt, a, m0, yt, np); break;
-        default: break;
-      }
-    } else if (lw.fmt == 6) {
-      const uint8_t* w = lw.w + t * nb * kQ4kBlockBytes;
-      const float *dt = lw.d + t * (nb / kQ4kSuper) * kTile,
-                  *mt = lw.m + t * (nb / kQ4kSuper) * kTile;
-      for (; m0 + kChunk <= mrows; m0 += kChunk) q4k_tile<kChunk>(w, dt, mt, a, m0, yt, np);
-      switch (mrows - m0) {
-        case 7: q4k_tile<7>(w, dt, mt, a, m0, yt, np); break;
-        case 6: q4k_tile<6>(w, dt, mt, a, m0, yt, np); break;
-        case 5: q4k_tile<5>(w, dt, mt, a, m0, yt, np); break;
-        case 4: q4k_tile<4>(w, dt, mt, a, m0, yt, np); break;
-        case 3: q4k_tile<3>(w, dt, mt, a, m0, yt, np); break;
-        case 2: q4k_tile<2>(w, dt, mt, a, m0, yt, np); break;
-        case 1: q4k_tile<1>(w, dt, mt, a, m0, yt, np); break;
-        default: break;
-      }
-    } else if (lw.fmt == 9) {
-      const uint8_t* w = lw.w + t * nb * kQ8hBlockBytes;
-      for (; m0 + kChunk <= mrows; m0 += kChunk) q8_tile<kChunk, true>(w, nullptr, a, m0, yt, np);
-      switch (mrows - m0) {
-        case 7: q8_tile<7, true>(w, nullptr, a, m0, yt, np); break;
-        case 6: q8_tile<6, true>(w, nullptr, a, m0, yt, np); break;
-        case 5: q8_tile<5, true>(w, nullptr, a, m0, yt, np); break;
-        case 4: q8_tile<4, true>(w, nullptr, a, m0, yt, np); break;
-        case 3: q8_tile<3, true>(w, nullptr, a, m0, yt, np); break;
-        case 2: q8_tile<2, true>(w, nullptr, a, m0, yt, np); break;
-        case 1: q8_tile<1, true>(w, nullptr, a, m0, yt, np); break;
-        default: break;
-      }
-    } else {
-      const uint8_t* w = lw.w + t * nb * 512;
-      const float* dt = lw.d + t * nb * kTile;
-      for (; m0 + kChunk <= mrows; m0 += kChunk) q8_tile<kChunk>(w, dt, a, m0, yt, np);
-      switch (mrows - m0) {
-        case 7: q8_tile<7>(w, dt, a, m0, yt, np); break;
-        case 6: q8_tile<6>(w, dt, a, m0, yt, np); break;
-        case 5: q8_tile<5>(w, dt, a, m0, yt, np); break;
-        case 4: q8_tile<4>(w, dt, a, m0, yt, np); break;
-        case 3: q8_tile<3>(w, dt, a, m0, yt, np); break;
-        case 2: q8_tile<2>(w, dt, a, m0, yt, np); break;
-        case 1: q8_tile<1>(w, dt, a, m0, yt, np); break;
-        default: break;
-      }
-    }
-  }
+  gemm_row_tiles(lw, a, mrows, y);
 }
 
 // out row = x row * rsqrt(mean(x^2) + eps) * w for one row of h floats; with `residual`,

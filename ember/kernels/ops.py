@@ -15,7 +15,7 @@ from ctypes import c_float, c_int, c_int64, c_void_p
 
 import torch
 
-from ember.kernels.abi import check_abi
+from ember.kernels.abi import LinearW, check_abi
 from ember.kernels.build import NoCompiler, forced_isa, open_library, supported_isas
 
 logger = logging.getLogger(__name__)
@@ -211,6 +211,7 @@ class CpuKernels:
             "q4k_gemm": [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32],
             "q6x_gemm": [ptr, i64, i64, ptr, ptr, i64, ptr, i32],
             "q8h_gemm": [ptr, i64, i64, ptr, i64, ptr, i32],
+            "linear_gemm": [ptr, ptr, i64, ptr, i32],
             "q8h_rows": [ptr, i64, ptr, i64, ptr],
             "q8_rows": [ptr, ptr, i64, ptr, i64, ptr],
             "rms_norm": [ptr, ptr, ptr, i64, i64, f32, ptr],
@@ -262,51 +263,47 @@ class CpuKernels:
     def q4_gemm(self, x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
                 ) -> torch.Tensor:
         """x (M, K) float32 -> (M, Np) with Np = 16 * packed.shape[0]."""
-        mrows, k = x.shape
-        y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
-        self.lib.q4_gemm(_ptr(x), mrows, k, _ptr(packed), _ptr(d), _ptr(m), y.shape[1], _ptr(y),
-                         self.num_threads)
-        return y
+        return self._gemm(self.lib.q4_gemm, x, packed, d, m)
 
     def q8_gemm(self, x: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """x (M, K) float32 -> (M, Np)."""
-        mrows, k = x.shape
-        y = torch.empty(mrows, q.shape[0] * TILE, dtype=torch.float32)
-        self.lib.q8_gemm(_ptr(x), mrows, k, _ptr(q), _ptr(d), y.shape[1], _ptr(y),
-                         self.num_threads)
-        return y
+        return self._gemm(self.lib.q8_gemm, x, q, d)
 
     def q4k_gemm(self, x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor,
                  neg_dmin: torch.Tensor) -> torch.Tensor:
         """x (M, K) float32 -> (M, Np) for Q4K weights (`pack_q4k`)."""
-        mrows, k = x.shape
-        y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
-        self.lib.q4k_gemm(_ptr(x), mrows, k, _ptr(packed), _ptr(d), _ptr(neg_dmin), y.shape[1],
-                          _ptr(y), self.num_threads)
-        return y
+        return self._gemm(self.lib.q4k_gemm, x, packed, d, neg_dmin)
 
     def q6x_gemm(self, x: torch.Tensor, packed: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """x (M, K) float32 -> (M, Np) for Q6 layer weights (`ember.formats.q6.pack_q6` with
         256-column super-blocks: GGUF Q6_K's)."""
-        mrows, k = x.shape
-        y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
-        self.lib.q6x_gemm(_ptr(x), mrows, k, _ptr(packed), _ptr(d), y.shape[1], _ptr(y),
-                          self.num_threads)
-        return y
+        return self._gemm(self.lib.q6x_gemm, x, packed, d)
 
     def q5_gemm(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """x (M, K) float32 -> (M, Np) for Q5 weights (`pack_q5`: scales included)."""
-        return self._packed_gemm(self.lib.q5_gemm, x, packed)
+        return self._gemm(self.lib.q5_gemm, x, packed)
 
     def q8h_gemm(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """x (M, K) float32 -> (M, Np) for Q8h weights (`pack_q8h`: scales included)."""
-        return self._packed_gemm(self.lib.q8h_gemm, x, packed)
+        return self._gemm(self.lib.q8h_gemm, x, packed)
 
-    def _packed_gemm(self, fn: Callable[..., None], x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        """A gemm entry point over a layout that carries its own scales (Q5, Q8h)."""
+    def _gemm(self, fn: Callable[..., None], x: torch.Tensor, packed: torch.Tensor,
+              *scales: torch.Tensor) -> torch.Tensor:
+        """A per-format gemm entry point (cpu_kernels.cpp): x (M, K) -> (M, 16 * tiles) over
+        packed (tiles, ...) and the format's scale tensors, if any."""
         mrows, k = x.shape
         y = torch.empty(mrows, packed.shape[0] * TILE, dtype=torch.float32)
-        fn(_ptr(x), mrows, k, _ptr(packed), y.shape[1], _ptr(y), self.num_threads)
+        fn(_ptr(x), mrows, k, _ptr(packed), *map(_ptr, scales), y.shape[1], _ptr(y),
+           self.num_threads)
+        return y
+
+    def linear_gemm(self, lw: LinearW, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) float32 -> (M, Np) for a matrix in any kernel format (`LinearW`: e.g.
+        `ember.kernels.decoder.KernelLinear.c_struct()`; its tensors must stay alive)."""
+        if x.shape[1] != lw.k:
+            raise ValueError(f"activations of width {x.shape[1]} for a matrix of K = {lw.k}")
+        y = torch.empty(x.shape[0], -(-lw.n // TILE) * TILE, dtype=torch.float32)
+        self.lib.linear_gemm(ctypes.byref(lw), _ptr(x), x.shape[0], _ptr(y), self.num_threads)
         return y
 
     def q8h_rows(self, packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

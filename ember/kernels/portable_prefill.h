@@ -1,7 +1,7 @@
 // Portable weight GEMMs for many activation rows (prefill chunks: M >= kPortableManyFrom), the
-// plain-C++ counterpart of avx2_prefill.h, included at the end of isa_portable.h. gemm_tiles
-// (isa_portable.h) hands such calls to gemm_tiles_many_portable for Q4 (4), Q5 (5), Q8 (8) and
-// Q8h (9); decode and verify rows keep isa_portable.h's tiles.
+// plain-C++ counterpart of avx2_prefill.h, included by isa_portable.h before its gemm_tiles,
+// which hands the calls many_rows_supported allows (Q4 (4), Q5 (5), Q8 (8), Q8h (9)) to
+// gemm_tiles_many_portable; decode, verify rows and other formats keep isa_portable.h's tiles.
 //
 // Per tile of 16 outputs and per K segment of kPortSegBlocks blocks:
 //   1. the segment's weights are unpacked once into a scratch of ready-to-multiply int16 lane
@@ -22,6 +22,13 @@
 namespace {
 
 constexpr int64_t kPortSegBlocks = 8;  // K blocks (of 32) per segment: 8 KB of unpacked weights
+constexpr int64_t kPortableManyFrom = 16;  // prefill chunks
+
+// The calls gemm_tiles_many_portable has a kernel for: an allow-list of formats
+// (unpack_segment_portable's); any other format keeps isa_portable.h's tiles.
+inline bool many_rows_supported(const LinearW& lw, int64_t mrows) {
+  return mrows >= kPortableManyFrom && (lw.fmt == 4 || lw.fmt == 5 || lw.fmt == 8 || lw.fmt == 9);
+}
 
 struct PortableScratch {
   vi16 w[kPortSegBlocks][16][2];  // [block][column p][half h: rows 8h .. 8h + 7]

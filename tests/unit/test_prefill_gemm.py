@@ -114,3 +114,68 @@ def test_portable_activation_rounding_ties_equal_the_vector_isa(load_kernels, m)
     w4 = Q4Blocks.quantize(torch.randn(n, k, generator=gen))
     p4 = pack_q4(w4.q, w4.scale, w4.offset)
     assert torch.equal(portable.q4_gemm(x, *p4), best.q4_gemm(x, *p4))
+
+
+def _random_kernel_weights(fmt: int, n: int, k: int, gen: torch.Generator):
+    """Random weights of kernel format fmt (decoder.KERNEL_FORMATS) as (gemm entry, packed
+    args): full code ranges, float16-exact scales (Q4K's d / dmin of both signs)."""
+    from ember.formats.blocks import Q4KBlocks
+    from ember.formats.q6 import Q6Blocks, pack_q6
+    from ember.kernels import decoder as dec
+    from ember.kernels.ops import pack_q4k
+
+    def scales(*shape: int, signed: bool = False) -> torch.Tensor:
+        s = torch.rand(*shape, generator=gen) * 0.01 + 1e-4
+        return (s * (torch.randint(0, 2, shape, generator=gen) * 2 - 1) if signed else s).half().float()
+
+    def codes(lo: int, hi: int, *shape: int) -> torch.Tensor:
+        return torch.randint(lo, hi + 1, shape, generator=gen, dtype=torch.int16)
+
+    if fmt == dec.Q4:
+        w4 = Q4Blocks.quantize(torch.randn(n, k, generator=gen))
+        return "q4_gemm", pack_q4(w4.q, w4.scale, w4.offset)
+    if fmt == dec.Q5:
+        return "q5_gemm", (pack_q5(codes(-16, 15, n, k).to(torch.int8), scales(n, k // 32)),)
+    if fmt == dec.Q4K:
+        b = Q4KBlocks(codes(0, 15, n, k).to(torch.uint8), codes(0, 63, n, k // 32).to(torch.uint8),
+                      codes(0, 63, n, k // 32).to(torch.uint8), scales(n, k // 256, signed=True),
+                      scales(n, k // 256, signed=True))
+        return "q4k_gemm", pack_q4k(b.q, b.sc, b.m, b.d, b.dmin)
+    if fmt == dec.Q6:
+        q6 = Q6Blocks(codes(-32, 31, n, k).to(torch.int8), codes(-128, 127, n, k // 16).to(torch.int8),
+                      scales(n, k // 256), 8)
+        return "q6x_gemm", pack_q6(q6)
+    q8 = codes(-127, 127, n, k).to(torch.int8)
+    if fmt == dec.Q8:
+        return "q8_gemm", pack_q8(q8, scales(n, k // 32))
+    if fmt == dec.Q8H:
+        return "q8h_gemm", (pack_q8h(q8, scales(n, k // 32)),)
+    raise AssertionError(f"kernel format {fmt} has no case here: add one")
+
+
+@pytest.mark.parametrize("name", ["q4", "q5", "q4k", "q6", "q8", "q8h"])
+def test_every_kernel_format_prefills_like_its_rows(kernels, name):
+    """Each kernel format either has a many-row (prefill) kernel or keeps the row tiles
+    (gemm_tiles asks avx2_prefill.h / portable_prefill.h's many_rows_supported allow-list): a
+    20-row call equals the rows computed one at a time bit for bit, whichever path it takes.
+    A format the allow-list wrongly admitted would run another format's kernel and fail here;
+    the list of names must be the whole of decoder.KERNEL_FORMATS."""
+    from ember.kernels.abi import LinearW
+    from ember.kernels.decoder import KERNEL_FORMATS
+
+    assert set(KERNEL_FORMATS) == {"q4", "q5", "q4k", "q6", "q8", "q8h"}, \
+        "a new kernel format: add it to this test's parameters"
+    n, k, m = 40, 768, 20  # N padded to 48; K: 24 blocks (AVX2 segments 16 + 8), 3 super-blocks
+    gen = torch.Generator().manual_seed(KERNEL_FORMATS[name])
+    entry, packed = _random_kernel_weights(KERNEL_FORMATS[name], n, k, gen)
+    gemm = getattr(kernels, entry)
+    x = torch.randn(m, k, generator=gen) * 3
+    got = gemm(x, *packed)
+    assert got.shape == (m, 48)
+    assert torch.equal(got, rows_alone(lambda r: gemm(r, *packed), x))
+    # the generic entry (any format through its LinearW) is the per-format entry
+    ptrs = [t.data_ptr() for t in packed] + [None] * (3 - len(packed))
+    lw = LinearW(KERNEL_FORMATS[name], n, k, *ptrs)
+    assert torch.equal(kernels.linear_gemm(lw, x), got)
+    with pytest.raises(ValueError, match="K = 768"):
+        kernels.linear_gemm(lw, x[:, :32])
