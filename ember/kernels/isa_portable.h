@@ -30,6 +30,17 @@
 
 #include "common.h"
 
+// NOTE: a product behind an association barrier (no FMA contraction of it): v_mul below and
+// portable_prefill.h, which is included before the vector helpers further down.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_assoc_barrier)
+#define EMBER_NO_CONTRACT(x) __builtin_assoc_barrier(x)
+#endif
+#endif
+#ifndef EMBER_NO_CONTRACT
+#define EMBER_NO_CONTRACT(x) (x)
+#endif
+
 // attention.h prefetches with the x86 spelling; here it is the compiler's generic builtin.
 #ifndef _MM_HINT_T0
 #define _MM_HINT_T0 3
@@ -516,14 +527,6 @@ inline vfloat v_zero() { return vfloat{}; }
 inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
 // NOTE: a product behind an association barrier, so `v_fma(x, y, v_mul(a, b))` (fold_state)
 // fuses x * y as the vector kernels do, never a * b.
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_assoc_barrier)
-#define EMBER_NO_CONTRACT(x) __builtin_assoc_barrier(x)
-#endif
-#endif
-#ifndef EMBER_NO_CONTRACT
-#define EMBER_NO_CONTRACT(x) (x)
-#endif
 inline vfloat v_mul(vfloat a, vfloat b) { return EMBER_NO_CONTRACT(a * b); }
 // NOTE: both widenings go through 16-bit lanes: GCC 12 scalarises a direct 8-bit -> 32-bit
 // convertvector and splits 16 -> 32 into two halves; these forms lower to unpack / pmovsx
