@@ -9,8 +9,8 @@ same GGUF file, the same 16-token prompt given as token ids (distinct per round)
 `--generation-config none`). Decode speed is measured the same way everywhere: tokens after
 the first over the time from the first to the last token (offline through `LLM.stream`, the
 servers through a lean blocking streaming client); TTFT is request start to first token.
-Then 32 clients (one wave of 32 requests each, `ember bench serve`'s client) per ember variant
-and llama-server, interleaved. Ember variants are values of --frontend-threads ("auto" is the
+Then 4 clients and 32 clients (one wave each, `ember bench serve`'s client; --few, --many) per
+ember variant and llama-server. Ember variants are values of --frontend-threads ("auto" is the
 default of `ember serve`).
 
 Why earlier harnesses disagreed on the offline denominator (90 vs 154 tok/s on the same
@@ -130,13 +130,16 @@ def bench_level(port: int, clients: int, args: argparse.Namespace, label: str) -
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--variants", default="auto,0,0:5,1",
+    ap.add_argument("--variants", default="auto,auto::libgomp,0,1",
                     help="ember serve --frontend-threads values to compare (first = headline); "
                     "'0:5' = --frontend-threads 0 --step-handoff-ms 5 (step hand-off on); "
-                    "'0::10000' adds --omp-spin-count 10000")
+                    "'0::10000' adds --omp-spin-count 10000 ('auto::libgomp': the old "
+                    "libgomp spin, ~16 ms on Zen 3)")
     ap.add_argument("--rounds", type=int, default=8, help="1-client rounds")
     ap.add_argument("--input-len", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--few", type=int, default=4, help="clients of the few-client level "
+                    "(0 skips it)")
     ap.add_argument("--many", type=int, default=32, help="clients of the many-client level "
                     "(0 skips it)")
     ap.add_argument("--threads", type=int, default=2)
@@ -189,6 +192,8 @@ def main() -> int:
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{n} {v[-1]['decode_tok_s']:.0f} tok/s {v[-1]['ttft_ms']:.0f} ms"
                 for n, v in one.items()), flush=True)
+        few = {name: bench_level(port, args.few, args, name)
+               for name, (port, _) in procs.items()} if args.few else {}
         many = {name: bench_level(port, args.many, args, name)
                 for name, (port, _) in procs.items()} if args.many else {}
     finally:
@@ -203,12 +208,16 @@ def main() -> int:
     load_after = os.getloadavg()
     contended = max(load_before[0], load_after[0]) > (os.cpu_count() or 1) / 2
     summary = summarize(one, many)
+    for name, result in few.items():
+        summary[name]["few_output_tok_s"] = result["output_tokens_per_s"]
+        summary[name]["few_ttft_ms_p50"] = result["ttft_ms"]["p50"]
     targets = {name: target_line(name, summary) for name in summary if name.startswith("ember")}
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     payload = {"model": args.model, "gguf": gguf, "input_len": args.input_len,
                "output_len": args.output_len, "threads": args.threads, "rounds": args.rounds,
                "many_clients": args.many, "summary": summary, "targets": targets,
+               "few_clients": args.few, "few_clients_runs": few,
                "one_client_runs": one, "many_clients_runs": many,
                "loadavg_before": load_before, "loadavg_after": load_after,
                "cpu_count": os.cpu_count(), "contended": contended}

@@ -70,6 +70,15 @@ class EnvSettings:
         )
 
 
+SERVE_OMP_SPIN_COUNT = 1000
+"""`ember serve`'s default GOMP_SPINCOUNT: ~50 us of spinning (one `pause` is ~54 ns on the
+Zen 3 dev VM, so libgomp's default of 300,000 spins ~16 ms and an idle kernel thread never
+sleeps between steps). Long enough for a barrier inside a step when both threads run, short
+enough that between steps the core goes to the event loop and the clients, and that a thread
+waiting for a preempted one sleeps and hands over its core instead of spinning through the
+other's time slice (README "Kernel waits in the server"; measured there)."""
+
+
 def openmp_environment(spin_count: int | None) -> dict[str, str]:
     """Variables to set before the OpenMP runtime loads (it reads them once, when `torch` is
     first imported): GOMP_SPINCOUNT, libgomp's busy-wait iterations before a waiting kernel
@@ -77,6 +86,13 @@ def openmp_environment(spin_count: int | None) -> dict[str, str]:
     if spin_count is None or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
         return {}
     return {"GOMP_SPINCOUNT": str(spin_count)}
+
+
+def describe_openmp_wait() -> str:
+    """The OpenMP wait settings this process runs with, for the startup line."""
+    set_ = [f"{k}={os.environ[k]}" for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+            if k in os.environ]
+    return " ".join(set_) or "libgomp default (GOMP_SPINCOUNT 300000)"
 
 
 KV_CACHE_DTYPES = ("auto", "bf16", "int8", "fp32")
@@ -311,10 +327,10 @@ class ServingGuards:
     work runs between steps instead of preempting a kernel thread (ember/engine/handoff.py);
     0 (default) turns the wait off: on the 2-core dev VM it did not lift the every-thread
     collapse (54 vs 57 tok/s without it, contended), so it is opt-in (e.g. 0.005)."""
-    omp_spin_count: int | None = None
+    omp_spin_count: int | None = SERVE_OMP_SPIN_COUNT
     """GOMP_SPINCOUNT of the server process (see `openmp_environment`): how long an idle or
     waiting kernel thread spins before it sleeps; a short spin hands the core back to the
-    event loop and the clients between steps. None keeps libgomp's default."""
+    event loop and the clients between steps. None keeps libgomp's default (300,000)."""
     step_deadline_s: float = 60.0
     """An engine step running longer than this counts as hung: the engine is restarted."""
     stream_read_timeout_s: float = 30.0

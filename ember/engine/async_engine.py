@@ -32,6 +32,7 @@ from ember.engine.engine import LLMEngine, Prompt, ProcessedPrompt
 from ember.engine.engine_loop import _spec_stats
 from ember.engine.generation_defaults import GenerationDefaults
 from ember.engine.supervisor import SupervisedEngineLoop
+from ember.kernels.omp_runtime import release_thread_pool
 from ember.loading.loader import ProgressFn
 from ember.sampling.grammar_compiler import GrammarCompiler
 from ember.tokenizer import Tokenizer
@@ -63,8 +64,12 @@ class AsyncEngine(SupervisedEngineLoop):
     @classmethod
     def from_config(cls, config: EngineConfig, progress: ProgressFn | None = None,
                     observer: RequestObserver | None = None) -> AsyncEngine:
-        """Load the model (blocking; call it in a worker thread from async code)."""
-        return cls(LLMEngine.from_config(config, progress), observer)
+        """Load the model (blocking; call it in a worker thread from async code). The loading
+        thread's OpenMP pool is freed afterwards, so the engine thread's is the only one and
+        its kernel threads spin at barriers instead of sleeping (ember/kernels/omp_runtime.py)."""
+        engine = LLMEngine.from_config(config, progress)
+        release_thread_pool()
+        return cls(engine, observer)
 
     # ---- read-only views (safe from any thread) -------------------------------------------
 
