@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import Sequence
 from ctypes import c_int, c_int64, c_void_p
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,6 +33,10 @@ KERNEL_FORMATS = {"q4": Q4, "q5": Q5, "q4k": Q4K, "q6": Q6, "q8": Q8, "q8h": Q8H
 """Every kernel format by name (a new format joins here and in the many-row dispatch test)."""
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 """`LayerStack.activation` -> decoder.cpp `Shape::activation`."""
+FEW_ROWS = 4
+"""Steps of at most this many tokens run `decode_layers_few` (decode_few.h: the same outputs
+bit for bit, 6 barriers a layer instead of 10, row stages on every thread); larger ones
+`decode_layers`."""
 
 
 @dataclass(frozen=True)
@@ -152,11 +157,8 @@ class FusedDecoder:
                            stack.num_kv_heads, stack.head_dim, stack.block_size, stack.eps,
                            stack.scale, ACTIVATIONS[stack.activation])
         self.kernels = kernels
-        fn = kernels.lib.decode_layers
-        fn.argtypes = [c_void_p, c_int64, c_void_p, c_int64, c_void_p, c_void_p, c_void_p,
-                       c_void_p, c_void_p, c_int64, c_int64, c_void_p, c_int]
-        fn.restype = None
-        self._fn = fn
+        self._fn, self._fn_few = (_bind(kernels.lib.decode_layers),
+                                  _bind(kernels.lib.decode_layers_few))
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  slots: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor) -> None:
@@ -181,7 +183,16 @@ class FusedDecoder:
             raise ValueError(f"slots {tuple(slots.shape)} / block tables "
                              f"{tuple(block_tables.shape)}: expected contiguous int64 "
                              f"({groups}, {num_tokens}) / ({groups}, {num_tokens}, max_blocks)")
-        self._fn(x.data_ptr(), num_tokens, ctypes.addressof(self.layers), len(self.layers),
-                 ctypes.addressof(self.shape), cos.data_ptr(), sin.data_ptr(),
-                 slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[2], groups,
-                 lens.data_ptr(), self.kernels.num_threads)
+        fn = self._fn_few if num_tokens <= FEW_ROWS else self._fn
+        fn(x.data_ptr(), num_tokens, ctypes.addressof(self.layers), len(self.layers),
+           ctypes.addressof(self.shape), cos.data_ptr(), sin.data_ptr(),
+           slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[2], groups,
+           lens.data_ptr(), self.kernels.num_threads)
+
+
+def _bind(fn: Any) -> Any:
+    """A decode_layers-signature function of the kernel library, typed for ctypes."""
+    fn.argtypes = [c_void_p, c_int64, c_void_p, c_int64, c_void_p, c_void_p, c_void_p,
+                   c_void_p, c_void_p, c_int64, c_int64, c_void_p, c_int]
+    fn.restype = None
+    return fn

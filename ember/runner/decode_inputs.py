@@ -41,3 +41,22 @@ def decode_rows(order: list[ScheduledRequest], block_size: int, input_ids: torch
         tables[i, :len(table)] = table
     lens = pos_np[:t] + 1  # (T,) a copy: each row's context, itself included
     return torch.from_numpy(tables), torch.from_numpy(lens)
+
+
+def group_decode_tables(order: list[ScheduledRequest], block_size: int, num_groups: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """With several KV cache groups (sliding-window layers trimmed): the fused decoder's slots
+    (G, T) and row block tables (G, T, max_blocks) of T one-token rows, padded with the null
+    block 0 (ModelRunner._group_kernel_tables' values without its per-step torch / fancy
+    indexing)."""
+    t = len(order)
+    per_request = [[sr.block_ids, *sr.group_block_ids] for sr in order]
+    width = max(len(table) for tables in per_request for table in tables)
+    padded = np.zeros((num_groups, t, width), dtype=np.int64)  # (G, T, max_blocks)
+    slots = np.empty((num_groups, t), dtype=np.int64)  # (G, T)
+    for r, (sr, tables) in enumerate(zip(order, per_request)):
+        start = sr.start
+        for g, table in enumerate(tables):
+            padded[g, r, :len(table)] = table
+            slots[g, r] = table[start // block_size] * block_size + start % block_size
+    return torch.from_numpy(slots), torch.from_numpy(padded)

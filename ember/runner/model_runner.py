@@ -14,7 +14,7 @@ from ember.kv_cache.groups import KVCacheGroups, single_group
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM, KVCache
 from ember.plan import KERNELS_PAGED, ExecutionPlan
-from ember.runner.decode_inputs import decode_rows, is_plain_decode
+from ember.runner.decode_inputs import decode_rows, group_decode_tables, is_plain_decode
 from ember.sampling.constrained import StructuredOutputManager
 from ember.sampling.greedy import argmax_rows, is_plain_greedy
 from ember.sampling.lazy_mask import sample_constrained
@@ -237,7 +237,8 @@ class ModelRunner:
 
     def _prepare(self, order: list[ScheduledRequest]
                  ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, _LogitsPlan]:
-        if self.kernel_attention and self.kv_groups.num_groups == 1 and is_plain_decode(order):
+        if self.kernel_attention and is_plain_decode(order) and (
+                self.kv_groups.num_groups == 1 or self.decoder is not None):
             return self._prepare_decodes(order)
         bs = self.block_size
         ids: list[int] = []
@@ -287,8 +288,8 @@ class ModelRunner:
 
     def _prepare_decodes(self, order: list[ScheduledRequest]
                          ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, _LogitsPlan]:
-        """`_prepare` for one-token rows on the kernels with one KV cache group: the same
-        inputs without per-step torch ops (decode_inputs.py)."""
+        """`_prepare` for one-token rows on the kernels (one KV cache group, or several on the
+        fused decoder): the same inputs without per-step torch ops (decode_inputs.py)."""
         t = len(order)
         tables, lens = decode_rows(order, self.block_size, self._input_ids, self._positions,
                                    self._slots)
@@ -298,6 +299,9 @@ class ModelRunner:
         meta = AttentionMetadata(num_tokens=t, slot_mapping=self._slots[:t], num_decodes=t,
                                  decode_kv_slots=None, decode_kv_mask=None, prefills=[])
         meta.row_block_tables, meta.row_lens = tables, lens
+        if self.kv_groups.num_groups > 1:
+            meta.group_slots, meta.group_row_block_tables = group_decode_tables(
+                order, self.block_size, self.kv_groups.num_groups)
         return self._input_ids[:t], self._positions[:t], meta, plan
 
     def _group_kernel_tables(self, order: list[ScheduledRequest], positions: np.ndarray

@@ -3,7 +3,8 @@
 It lets the kernel path's plumbing (packing, fused row blocks, tied Q8 head and embedding,
 kernel attention rows, the fused decoder's layer stack) run on CPUs without AVX-512. Matmuls
 are plain float math on the unpacked weights (the real kernels also quantize activations), and
-`decode_layers` cannot run: tests drop the fused decoder after checking what it was given.
+`decode_layers` (and `decode_layers_few`) cannot run: tests drop the fused decoder after checking
+what it was given.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class FakeKernels:
     num_threads = 1
 
     def __init__(self) -> None:
-        self.lib = SimpleNamespace(decode_layers=SimpleNamespace())
+        self.lib = SimpleNamespace(decode_layers=SimpleNamespace(),
+                                   decode_layers_few=SimpleNamespace())
         self.calls: dict[str, int] = {}
 
     def _count(self, name: str) -> None:
