@@ -70,13 +70,13 @@ class EnvSettings:
         )
 
 
-SERVE_OMP_SPIN_COUNT = 1000
-"""`ember serve`'s default GOMP_SPINCOUNT: ~50 us of spinning (one `pause` is ~54 ns on the
-Zen 3 dev VM, so libgomp's default of 300,000 spins ~16 ms and an idle kernel thread never
-sleeps between steps). Long enough for a barrier inside a step when both threads run, short
-enough that between steps the core goes to the event loop and the clients, and that a thread
-waiting for a preempted one sleeps and hands over its core instead of spinning through the
-other's time slice (README "Kernel waits in the server"; measured there)."""
+SERVE_OMP_SPIN_COUNT: int | None = None
+"""`ember serve`'s default GOMP_SPINCOUNT: None keeps libgomp's own (300,000 spins, ~16 ms at
+~54 ns per `pause` on Zen 3: a kernel thread never sleeps between steps). A short spin (1000,
+~50 us) was far better on a machine loaded by other work, but on a quiet machine, where the only
+other threads are the event loop and the client, libgomp's spin won at 1, 4 and 32 clients
+(README "Kernel waits in the server"; benchmarks/serve_few_clients.py). `--omp-spin-count 1000`
+is the setting for a shared host."""
 
 
 def openmp_environment(spin_count: int | None) -> dict[str, str]:

@@ -247,7 +247,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GOMP_SPINCOUNT of the server (busy-wait iterations of a waiting "
                         "kernel thread before it sleeps; ~54 ns each on Zen 3); 'libgomp' keeps "
                         "libgomp's 300000; an environment GOMP_SPINCOUNT/OMP_WAIT_POLICY wins "
-                        f"(default: {ServingGuards.omp_spin_count})")
+                        f"(default: {ServingGuards.omp_spin_count or 'libgomp'})")
     add_ray_args(p)
     p.set_defaults(func=cmd_serve)
 
