@@ -63,23 +63,8 @@ void decode_layers_few(float* x, int64_t batch, const LayerW* layers, int64_t nu
   std::vector<float> o_out(static_cast<size_t>(batch * o_np));
   std::vector<float> gu(static_cast<size_t>(batch * gu_np));
   std::vector<float> down_out(static_cast<size_t>(batch * down_np));
-  std::vector<DecodeCtx> ctxs;  // per KV cache group: its block tables
-  for (int64_t g = 0; g < num_groups; ++g)
-    ctxs.push_back({block_tables + g * batch * max_blocks, max_blocks, lens, hq, s.hk, dim,
-                    s.block_size, s.scale});
-  const int64_t max_len = *std::max_element(lens, lens + batch);
-  const bool tiled = tiled_attention_supports(dim);
-  std::vector<std::pair<std::pair<int64_t, int64_t>, AttnPlan>> plans;  // as decode_layers
-  std::vector<size_t> plan_of(static_cast<size_t>(num_layers));
-  for (int64_t l = 0; tiled && l < num_layers; ++l) {
-    const std::pair<int64_t, int64_t> key{layers[l].kv_group, layers[l].window};
-    size_t i = 0;
-    while (i < plans.size() && plans[i].first != key) ++i;
-    if (i == plans.size())
-      plans.push_back({key, make_attn_plan(ctxs[static_cast<size_t>(key.first)], batch,
-                                           key.second, nthreads)});
-    plan_of[static_cast<size_t>(l)] = i;
-  }
+  StepAttention step_attn(s, batch, layers, num_layers, block_tables, max_blocks, num_groups,
+                           lens, nthreads);
   const int64_t rope_items = batch * (hq + 1);
 #pragma omp parallel num_threads(nthreads)
   {
@@ -87,8 +72,8 @@ void decode_layers_few(float* x, int64_t batch, const LayerW* layers, int64_t nu
     std::vector<float> xp(x, x + batch * h), normed(static_cast<size_t>(batch * h));
     std::vector<float> tmp(static_cast<size_t>(h)), act(static_cast<size_t>(inter));
     QuantizedActs qa_h(batch, h), qa_attn(batch, hq * dim), qa_act(batch, inter);
-    std::vector<float> scores(static_cast<size_t>(tiled ? 0 : max_len * (hq / s.hk)));
-    AttnScratch sc(tiled ? hq / s.hk : 0, dim);
+    std::vector<float> scores = step_attn.scores_buffer(s);
+    AttnScratch sc = step_attn.scratch(s);
     // xp row += proj row, RMSNormed first (into tmp: proj is shared) when norm is given.
     auto add_out = [&](float* xr, const float* proj, const float* norm) {
       const float* add = proj;
@@ -100,7 +85,6 @@ void decode_layers_few(float* x, int64_t batch, const LayerW* layers, int64_t nu
     };
     for (int64_t l = 0; l < num_layers; ++l) {
       const LayerW& L = layers[l];
-      const DecodeCtx& ctx = ctxs[static_cast<size_t>(L.kv_group)];
       const int64_t* lslots = slots + L.kv_group * batch;
       for (int64_t b = 0; b < batch; ++b) {
         if (l > 0)  // the previous layer's MLP output joins the residual stream
@@ -116,19 +100,7 @@ void decode_layers_few(float* x, int64_t batch, const LayerW* layers, int64_t nu
         rope_item(L, s, qkv.data() + b * qkv_np, cos_t + rope_off, sin_t + rope_off,
                   i % (hq + 1), lslots[b]);
       }
-      if (tiled) {
-        const KvCache kv{L.k_cache, L.v_cache, L.k_scale, L.v_scale, L.kv_dtype};
-        auto& [key, plan] = plans[plan_of[static_cast<size_t>(l)]];
-        attend_planned(ctx, plan, key.second, qkv.data(), qkv_np, kv, sc, attn.data(), hq * dim);
-      } else {
-#pragma omp for schedule(dynamic) collapse(2)
-        for (int64_t b = 0; b < batch; ++b)
-          for (int64_t g = 0; g < s.hk; ++g)
-            attend_kv_group(ctx, b, g, qkv.data() + b * qkv_np,
-                            static_cast<const kv_t*>(L.k_cache),
-                            static_cast<const kv_t*>(L.v_cache), scores.data(),
-                            attn.data() + b * hq * dim);
-      }
+      step_attn.run(l, L, s, batch, qkv.data(), qkv_np, sc, scores.data(), attn.data());
       for (int64_t b = 0; b < batch; ++b) qa_attn.quantize_row(attn.data() + b * hq * dim, b);
       gemm_tiles(L.o, qa_attn, batch, o_out.data());
       for (int64_t b = 0; b < batch; ++b) {

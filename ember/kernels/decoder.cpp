@@ -58,6 +58,61 @@ inline void add_output(float* x, float* proj, const float* norm, int64_t h, floa
   for (int64_t j = 0; j < h; ++j) x[j] += proj[j];
 }
 
+
+// A decode step's attention, shared by decode_layers and decode_layers_few: one DecodeCtx per
+// KV cache group and, on the tiled kernels, one attention plan per distinct (KV cache group,
+// window), shared by the layers with both (lens are the step's, block tables the group's).
+struct StepAttention {
+  std::vector<DecodeCtx> ctxs;
+  int64_t max_len;
+  bool tiled;
+  std::vector<std::pair<std::pair<int64_t, int64_t>, AttnPlan>> plans;
+  std::vector<size_t> plan_of;
+
+  StepAttention(const Shape& s, int64_t batch, const LayerW* layers, int64_t num_layers,
+                const int64_t* block_tables, int64_t max_blocks, int64_t num_groups,
+                const int64_t* lens, int nthreads)
+      : max_len(*std::max_element(lens, lens + batch)),
+        tiled(tiled_attention_supports(s.dim)),
+        plan_of(static_cast<size_t>(num_layers)) {
+    for (int64_t g = 0; g < num_groups; ++g)
+      ctxs.push_back({block_tables + g * batch * max_blocks, max_blocks, lens, s.hq, s.hk,
+                      s.dim, s.block_size, s.scale});
+    for (int64_t l = 0; tiled && l < num_layers; ++l) {
+      const std::pair<int64_t, int64_t> key{layers[l].kv_group, layers[l].window};
+      size_t i = 0;
+      while (i < plans.size() && plans[i].first != key) ++i;
+      if (i == plans.size())
+        plans.push_back({key, make_attn_plan(ctxs[static_cast<size_t>(key.first)], batch,
+                                             key.second, nthreads)});
+      plan_of[static_cast<size_t>(l)] = i;
+    }
+  }
+
+  // Per thread: the untiled kernel's score rows, the tiled kernel's scratch.
+  std::vector<float> scores_buffer(const Shape& s) const {
+    return std::vector<float>(static_cast<size_t>(tiled ? 0 : max_len * (s.hq / s.hk)));
+  }
+  AttnScratch scratch(const Shape& s) const { return AttnScratch(tiled ? s.hq / s.hk : 0, s.dim); }
+
+  // Layer l's attention of every row (inside the step's parallel region: every thread calls).
+  void run(int64_t l, const LayerW& L, const Shape& s, int64_t batch, const float* qkv,
+           int64_t qkv_np, AttnScratch& sc, float* scores, float* attn) {
+    const DecodeCtx& ctx = ctxs[static_cast<size_t>(L.kv_group)];
+    const int64_t hq = s.hq, dim = s.dim;
+    if (tiled) {
+      const KvCache kv{L.k_cache, L.v_cache, L.k_scale, L.v_scale, L.kv_dtype};
+      auto& [key, plan] = plans[plan_of[static_cast<size_t>(l)]];
+      attend_planned(ctx, plan, key.second, qkv, qkv_np, kv, sc, attn, hq * dim);
+    } else {
+#pragma omp for schedule(dynamic) collapse(2)
+      for (int64_t b = 0; b < batch; ++b)
+        for (int64_t g = 0; g < s.hk; ++g)
+          attend_kv_group(ctx, b, g, qkv + b * qkv_np, static_cast<const kv_t*>(L.k_cache),
+                          static_cast<const kv_t*>(L.v_cache), scores, attn + b * hq * dim);
+    }
+  }
+};
 }  // namespace
 
 extern "C" {
@@ -95,34 +150,16 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
   std::vector<float> act(static_cast<size_t>(batch * s.inter));
   // Quantized inputs of the projections, one buffer per input width.
   QuantizedActs qa_h(batch, h), qa_attn(batch, hq * dim), qa_act(batch, s.inter);
-  std::vector<DecodeCtx> ctxs;  // per KV cache group: its block tables
-  for (int64_t g = 0; g < num_groups; ++g)
-    ctxs.push_back({block_tables + g * batch * max_blocks, max_blocks, lens, hq, s.hk, dim,
-                    s.block_size, s.scale});
-  const int64_t max_len = *std::max_element(lens, lens + batch);
-  const bool tiled = tiled_attention_supports(dim);
-  // NOTE: one attention plan per distinct (KV cache group, window), shared by the layers with
-  // both (lens are the step's, block tables the group's).
-  std::vector<std::pair<std::pair<int64_t, int64_t>, AttnPlan>> plans;
-  std::vector<size_t> plan_of(static_cast<size_t>(num_layers));
-  for (int64_t l = 0; tiled && l < num_layers; ++l) {
-    const std::pair<int64_t, int64_t> key{layers[l].kv_group, layers[l].window};
-    size_t i = 0;
-    while (i < plans.size() && plans[i].first != key) ++i;
-    if (i == plans.size())
-      plans.push_back({key, make_attn_plan(ctxs[static_cast<size_t>(key.first)], batch,
-                                           key.second, nthreads)});
-    plan_of[static_cast<size_t>(l)] = i;
-  }
+  StepAttention step_attn(s, batch, layers, num_layers, block_tables, max_blocks, num_groups,
+                           lens, nthreads);
   // NOTE: every stage is a worksharing loop (rows, tiles or heads) ending in the implicit
   // barrier the next stage needs; one parallel region for the whole step.
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> scores(static_cast<size_t>(tiled ? 0 : max_len * (hq / s.hk)));
-    AttnScratch sc(tiled ? hq / s.hk : 0, dim);
+    std::vector<float> scores = step_attn.scores_buffer(s);
+    AttnScratch sc = step_attn.scratch(s);
     for (int64_t l = 0; l < num_layers; ++l) {
       const LayerW& L = layers[l];
-      const DecodeCtx& ctx = ctxs[static_cast<size_t>(L.kv_group)];
       const int64_t* lslots = slots + L.kv_group * batch;
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < batch; ++b) {
@@ -152,19 +189,7 @@ void decode_layers(float* x, int64_t batch, const LayerW* layers, int64_t num_la
                          static_cast<kv_t*>(L.k_cache), static_cast<kv_t*>(L.v_cache), lslots[b]);
         }
       }
-      if (tiled) {
-        const KvCache kv{L.k_cache, L.v_cache, L.k_scale, L.v_scale, L.kv_dtype};
-        auto& [key, plan] = plans[plan_of[static_cast<size_t>(l)]];
-        attend_planned(ctx, plan, key.second, qkv.data(), qkv_np, kv, sc, attn.data(), hq * dim);
-      } else {
-#pragma omp for schedule(dynamic) collapse(2)
-        for (int64_t b = 0; b < batch; ++b)
-          for (int64_t g = 0; g < s.hk; ++g)
-            attend_kv_group(ctx, b, g, qkv.data() + b * qkv_np,
-                            static_cast<const kv_t*>(L.k_cache),
-                            static_cast<const kv_t*>(L.v_cache), scores.data(),
-                            attn.data() + b * hq * dim);
-      }
+      step_attn.run(l, L, s, batch, qkv.data(), qkv_np, sc, scores.data(), attn.data());
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < batch; ++b) qa_attn.quantize_row(attn.data() + b * hq * dim, b);
       gemm_tiles(L.o, qa_attn, batch, proj.data());
