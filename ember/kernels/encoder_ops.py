@@ -62,21 +62,31 @@ def _bind(kernels: CpuKernels) -> None:
         g.argtypes, g.restype = [p, i64, p], None
 
 
+def _gemm_operands(x: torch.Tensor, packed: torch.Tensor, codes_per_column: int,
+                   residual: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The encoder GEMMs' operands: x as contiguous float32 (M, K), checked against the packed
+    weight (codes_per_column K values per packed column), the residual checked as (M, N), and
+    the output y (M, N) allocated."""
+    x = x.float().contiguous()
+    m, k = x.shape
+    n = packed.shape[0] * PANEL
+    if packed.shape[1] * codes_per_column != k:
+        raise ValueError(f"x has {k} columns, the weight {packed.shape[1] * codes_per_column}")
+    if residual is not None:
+        residual = residual.float().contiguous()
+        if residual.shape != (m, n):
+            raise ValueError(f"residual {tuple(residual.shape)} is not ({m}, {n})")
+    return x, residual, torch.empty(m, n, dtype=torch.float32)
+
+
 def encoder_gemm(kernels: CpuKernels, x: torch.Tensor, packed: torch.Tensor,
                  scale: torch.Tensor, bias: torch.Tensor | None = None,
                  residual: torch.Tensor | None = None, gelu: bool = False) -> torch.Tensor:
     """x (M, K) float32 -> (M, N) float32 = [GELU](x @ W^T + bias) [+ residual]."""
     _bind(kernels)
-    x = x.float().contiguous()
-    m, k = x.shape
-    n = packed.shape[0] * PANEL
-    if packed.shape[1] * 2 != k:
-        raise ValueError(f"x has {k} columns, the weight {packed.shape[1] * 2}")
-    if residual is not None:
-        residual = residual.float().contiguous()
-        if residual.shape != (m, n):
-            raise ValueError(f"residual {tuple(residual.shape)} is not ({m}, {n})")
-    y = torch.empty(m, n, dtype=torch.float32)
+    x, residual, y = _gemm_operands(x, packed, 2, residual)
+    (m, k), n = x.shape, y.shape[1]
     kernels.lib.enc_i8_gemm(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(), n,
                             None if bias is None else bias.data_ptr(),
                             None if residual is None else residual.data_ptr(),
@@ -148,19 +158,11 @@ def encoder_gemm_i16(kernels: CpuKernels, x: torch.Tensor, packed: torch.Tensor,
         p, i64 = c_void_p, c_int64
         fn.argtypes = [p, i64, i64, p, p, i64, p, p, c_int, c_float, p, c_int]
         fn.restype = None
-    x = x.float().contiguous()
-    m, k = x.shape
-    n = packed.shape[0] * PANEL
-    if packed.shape[1] * 2 != k:
-        raise ValueError(f"x has {k} columns, the weight {packed.shape[1] * 2}")
+    x, residual, y = _gemm_operands(x, packed, 2, residual)
+    (m, k), n = x.shape, y.shape[1]
     qa = act_qmax(k) if qmax_a is None else qmax_a
     if not 1 <= qa <= ACT_QMAX_LIMIT:
         raise ValueError(f"qmax_a must be in [1, {ACT_QMAX_LIMIT}], got {qa}")
-    if residual is not None:
-        residual = residual.float().contiguous()
-        if residual.shape != (m, n):
-            raise ValueError(f"residual {tuple(residual.shape)} is not ({m}, {n})")
-    y = torch.empty(m, n, dtype=torch.float32)
     fn(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(), n,
        None if bias is None else bias.data_ptr(),
        None if residual is None else residual.data_ptr(), GELU if gelu else 0, float(qa),
@@ -265,16 +267,8 @@ def encoder_gemm_u8(kernels: CpuKernels, x: torch.Tensor, packed: torch.Tensor,
     """x (M, K) float32 -> (M, N) float32 = [GELU](x @ W^T + bias) [+ residual] on
     pair-bounded int8 weights (pack_rows_u8), activations quantized per row to u8."""
     _bind_u8(kernels)
-    x = x.float().contiguous()
-    m, k = x.shape
-    n = packed.shape[0] * PANEL
-    if packed.shape[1] * 4 != k:
-        raise ValueError(f"x has {k} columns, the weight {packed.shape[1] * 4}")
-    if residual is not None:
-        residual = residual.float().contiguous()
-        if residual.shape != (m, n):
-            raise ValueError(f"residual {tuple(residual.shape)} is not ({m}, {n})")
-    y = torch.empty(m, n, dtype=torch.float32)
+    x, residual, y = _gemm_operands(x, packed, 4, residual)
+    (m, k), n = x.shape, y.shape[1]
     kernels.lib.enc_u8_gemm(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(),
                             colsum.data_ptr(), n, None if bias is None else bias.data_ptr(),
                             None if residual is None else residual.data_ptr(),
