@@ -43,20 +43,26 @@ def decode_rows(order: list[ScheduledRequest], block_size: int, input_ids: torch
     return torch.from_numpy(tables), torch.from_numpy(lens)
 
 
+def padded_group_tables(order: list[ScheduledRequest], num_groups: int) -> np.ndarray:
+    """Every request's block table in every KV cache group, (G, R, max_blocks), padded with the
+    null block 0 (group 0: `block_ids`; the others: `group_block_ids`)."""
+    per_request = [[sr.block_ids, *sr.group_block_ids] for sr in order]
+    width = max(len(table) for tables in per_request for table in tables)
+    padded = np.zeros((num_groups, len(order), width), dtype=np.int64)
+    for r, tables in enumerate(per_request):
+        for g, table in enumerate(tables):
+            padded[g, r, :len(table)] = table
+    return padded
+
+
 def group_decode_tables(order: list[ScheduledRequest], block_size: int, num_groups: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """With several KV cache groups (sliding-window layers trimmed): the fused decoder's slots
-    (G, T) and row block tables (G, T, max_blocks) of T one-token rows, padded with the null
-    block 0 (ModelRunner._group_kernel_tables' values without its per-step torch / fancy
-    indexing)."""
-    t = len(order)
-    per_request = [[sr.block_ids, *sr.group_block_ids] for sr in order]
-    width = max(len(table) for tables in per_request for table in tables)
-    padded = np.zeros((num_groups, t, width), dtype=np.int64)  # (G, T, max_blocks)
-    slots = np.empty((num_groups, t), dtype=np.int64)  # (G, T)
-    for r, (sr, tables) in enumerate(zip(order, per_request)):
-        start = sr.start
-        for g, table in enumerate(tables):
-            padded[g, r, :len(table)] = table
-            slots[g, r] = table[start // block_size] * block_size + start % block_size
+    (G, T) and row block tables (G, T, max_blocks) of T one-token rows (ModelRunner.
+    _group_kernel_tables' values without its per-step fancy indexing)."""
+    padded = padded_group_tables(order, num_groups)  # (G, T, max_blocks): one row per token
+    slots = np.empty((num_groups, len(order)), dtype=np.int64)  # (G, T)
+    for r, sr in enumerate(order):
+        block, offset = divmod(sr.start, block_size)
+        slots[:, r] = padded[:, r, block] * block_size + offset
     return torch.from_numpy(slots), torch.from_numpy(padded)

@@ -14,7 +14,8 @@ from ember.kv_cache.groups import KVCacheGroups, single_group
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM, KVCache
 from ember.plan import KERNELS_PAGED, ExecutionPlan
-from ember.runner.decode_inputs import decode_rows, group_decode_tables, is_plain_decode
+from ember.runner.decode_inputs import (decode_rows, group_decode_tables, is_plain_decode,
+                                        padded_group_tables)
 from ember.sampling.constrained import StructuredOutputManager
 from ember.sampling.greedy import argmax_rows, is_plain_greedy
 from ember.sampling.lazy_mask import sample_constrained
@@ -311,12 +312,7 @@ class ModelRunner:
         (G, R, max_blocks) table; slots and row tables are then gathered for all tokens of
         all groups at once (no per-token Python)."""
         bs, num_groups = self.block_size, self.kv_groups.num_groups
-        per_request = [[sr.block_ids, *sr.group_block_ids] for sr in order]
-        width = max(len(table) for tables in per_request for table in tables)
-        padded = np.zeros((num_groups, len(order), width), dtype=np.int64)  # null block 0
-        for r, tables in enumerate(per_request):
-            for g, table in enumerate(tables):
-                padded[g, r, :len(table)] = table
+        padded = padded_group_tables(order, num_groups)  # (G, R, max_blocks), null block 0
         rows = np.repeat(np.arange(len(order)), [sr.num_new_tokens for sr in order])  # (T,)
         slots = padded[:, rows, positions // bs] * bs + positions % bs  # (G, T)
         return (torch.from_numpy(np.ascontiguousarray(slots)),
