@@ -55,14 +55,21 @@ def padded_group_tables(order: list[ScheduledRequest], num_groups: int) -> np.nd
     return padded
 
 
+def group_slots(padded: np.ndarray, rows: np.ndarray, positions: np.ndarray, block_size: int
+                ) -> np.ndarray:
+    """The KV slots (G, T) of T tokens in every KV cache group: token t of request rows[t] at
+    positions[t], through the padded group tables (G, R, max_blocks) (no per-token Python)."""
+    # NOTE: the fancy index yields a (T, G)-ordered buffer; the kernels take (G, T) contiguous
+    return np.ascontiguousarray(
+        padded[:, rows, positions // block_size] * block_size + positions % block_size)
+
+
 def group_decode_tables(order: list[ScheduledRequest], block_size: int, num_groups: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """With several KV cache groups (sliding-window layers trimmed): the fused decoder's slots
     (G, T) and row block tables (G, T, max_blocks) of T one-token rows (ModelRunner.
-    _group_kernel_tables' values without its per-step fancy indexing)."""
+    _group_kernel_tables' values without its per-step repeat of rows)."""
     padded = padded_group_tables(order, num_groups)  # (G, T, max_blocks): one row per token
-    slots = np.empty((num_groups, len(order)), dtype=np.int64)  # (G, T)
-    for r, sr in enumerate(order):
-        block, offset = divmod(sr.start, block_size)
-        slots[:, r] = padded[:, r, block] * block_size + offset
+    positions = np.fromiter((sr.start for sr in order), dtype=np.int64, count=len(order))
+    slots = group_slots(padded, np.arange(len(order)), positions, block_size)
     return torch.from_numpy(slots), torch.from_numpy(padded)

@@ -14,8 +14,8 @@ from ember.kv_cache.groups import KVCacheGroups, single_group
 from ember.models.arch import ArchConfig
 from ember.models.base import CausalLM, KVCache
 from ember.plan import KERNELS_PAGED, ExecutionPlan
-from ember.runner.decode_inputs import (decode_rows, group_decode_tables, is_plain_decode,
-                                        padded_group_tables)
+from ember.runner.decode_inputs import (decode_rows, group_decode_tables, group_slots,
+                                        is_plain_decode, padded_group_tables)
 from ember.sampling.constrained import StructuredOutputManager
 from ember.sampling.greedy import argmax_rows, is_plain_greedy
 from ember.sampling.lazy_mask import sample_constrained
@@ -314,8 +314,8 @@ class ModelRunner:
         bs, num_groups = self.block_size, self.kv_groups.num_groups
         padded = padded_group_tables(order, num_groups)  # (G, R, max_blocks), null block 0
         rows = np.repeat(np.arange(len(order)), [sr.num_new_tokens for sr in order])  # (T,)
-        slots = padded[:, rows, positions // bs] * bs + positions % bs  # (G, T)
-        return (torch.from_numpy(np.ascontiguousarray(slots)),
+        slots = group_slots(padded, rows, positions, bs)  # (G, T)
+        return (torch.from_numpy(slots),
                 torch.from_numpy(np.ascontiguousarray(padded[:, rows])))  # (G, T, width)
 
     def _group_metadata(self, order: list[ScheduledRequest], meta: AttentionMetadata,
