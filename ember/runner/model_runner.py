@@ -176,33 +176,42 @@ class ModelRunner:
 
     def _sample_rows(self, logits: torch.Tensor, reqs: list[ScheduledRequest],
                      out: ModelRunnerOutput) -> None:
+        """Requests with drafts are verified (rejection sampler); the others sample their one
+        row exactly as in a step without drafts (validate-first where exact), so a seeded
+        request's tokens do not depend on whether its batch-mates had drafts."""
         batch = self._sampling_rows(reqs)
-        if any(sr.spec_token_ids for sr in reqs):
+        owned = [1 + len(sr.spec_token_ids) for sr in reqs]  # logits rows of each request
+        starts = np.cumsum([0, *owned[:-1]]).tolist()
+        drafted = [i for i, sr in enumerate(reqs) if sr.spec_token_ids]
+        plain = [i for i, sr in enumerate(reqs) if not sr.spec_token_ids]
+        tokens: list[list[int]] = [[] for _ in reqs]
+        logprobs: list[list[TokenLogprobs] | None] = [None] * len(reqs)
+        if drafted:
+            sub = logits if not plain else logits[torch.tensor(
+                [r for i in drafted for r in range(starts[i], starts[i] + owned[i])])]
+            sub_reqs, sub_batch = [reqs[i] for i in drafted], [batch[i] for i in drafted]
             if self.structured is not None:
-                self._mask_undrafted(logits, reqs, batch)
+                self._mask_undrafted(sub, sub_reqs, sub_batch)
             verified = self.rejection_sampler(
-                logits, [SpecRow(row, sr.spec_token_ids) for row, sr in zip(batch, reqs)])
-            if self.structured is not None:
-                self.structured.prefetch(batch, verified.token_ids)
-            for sr, tokens, lps in zip(reqs, verified.token_ids, verified.logprobs):
-                out.sampled_token_ids[sr.request.request_id] = tokens
-                if lps is not None:
-                    out.logprobs[sr.request.request_id] = lps
-            return
-        if self.structured is not None:
+                sub, [SpecRow(row, sr.spec_token_ids) for row, sr in zip(sub_batch, sub_reqs)])
+            for i, toks, lps in zip(drafted, verified.token_ids, verified.logprobs):
+                tokens[i], logprobs[i] = toks, lps
+        if plain:
+            sub = logits if not drafted else logits[torch.tensor([starts[i] for i in plain])]
+            sub_batch = [batch[i] for i in plain]
             # NOTE: validate-first where exact, else masked before sampling (lazy_mask.py);
             # logprobs are those of the masked distribution either way.
-            result = sample_constrained(self.structured, self.sampler, logits, batch)
-        else:
-            result = self.sampler(logits, batch)
+            result = (sample_constrained(self.structured, self.sampler, sub, sub_batch)
+                      if self.structured is not None else self.sampler(sub, sub_batch))
+            for i, token, lp in zip(plain, result.token_ids, result.logprobs):
+                tokens[i], logprobs[i] = [token], (None if lp is None else [lp])
         if self.structured is not None:
             # NOTE: the next masks are computed while the next step runs (see constrained.py).
-            self.structured.prefetch(batch, [[t] for t in result.token_ids])
-        for sr, token, lp in zip(reqs, result.token_ids, result.logprobs):
-            rid = sr.request.request_id
-            out.sampled_token_ids[rid] = [token]
-            if lp is not None:
-                out.logprobs[rid] = [lp]
+            self.structured.prefetch(batch, tokens)
+        for sr, toks, lps in zip(reqs, tokens, logprobs):
+            out.sampled_token_ids[sr.request.request_id] = toks
+            if lps is not None:
+                out.logprobs[sr.request.request_id] = lps
 
     def _mask_undrafted(self, logits: torch.Tensor, reqs: list[ScheduledRequest],
                         batch: list[SamplingBatchRow]) -> None:

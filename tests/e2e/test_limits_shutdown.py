@@ -77,11 +77,16 @@ def test_queue_full_429(limited_server, metric):
                                       max_retries=0, timeout=120)
 
         running = await client("sk-queue-a").completions.create(
-            model="", prompt="Once", max_tokens=200, stream=True, extra_body=NO_EOS)
-        await running.__anext__()  # occupies the only running slot
+            model="", prompt="Once", max_tokens=380, stream=True, extra_body=NO_EOS)
+        await running.__anext__()  # occupies the only running slot (380 tokens: under the TPM)
         queued = asyncio.create_task(client("sk-queue-b").completions.create(
             model="", prompt="Twice", max_tokens=2, stream=True))
-        await asyncio.sleep(1.0)  # the second request now waits in the queue
+        # wait until the second request is queued (polled: a fast CPU ends the first request
+        # within any fixed sleep)
+        deadline = time.monotonic() + 30
+        while metric(limited_server.url, "ember:num_requests_waiting") < 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            await asyncio.sleep(0.02)
         with pytest.raises(openai.RateLimitError) as info:
             await client("sk-queue-c").completions.create(model="", prompt="Thrice",
                                                           max_tokens=2)
