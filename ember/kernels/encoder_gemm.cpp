@@ -14,7 +14,9 @@
 // all-MiniLM-L6-v2 (the 1536 -> 384 projections most); groups of 32 cost 0.0005.
 // Needs K a multiple of 32 and N a multiple of 16.
 // Built into every ISA's library: the AVX2 code under avx2 and avx512 builds (both compile
-// with -mavx2 -mfma), plain C++ under EMBER_ISA_PORTABLE.
+// with -mavx2 -mfma), plain C++ under EMBER_ISA_PORTABLE; the avx512-vnni build runs
+// enc_i16_gemm (the int8 plan's default) on a 512-bit vpdpwssd tile instead (bitwise the same
+// outputs, ~2.1x the AVX2 loop's MACs per CPU second on Zen 5).
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -400,6 +402,174 @@ inline void enc16_rows(int64_t rows, const int16_t* a, int64_t lda, const float*
   }
 }
 
+#if !defined(EMBER_ISA_PORTABLE) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// AVX-512 VNNI: one 64-byte panel row (16 columns x 2 k) is one zmm, and vpdpwssd does the
+// madd and the int32 add in one instruction (32 MACs). The register tile is 6 rows x 4
+// panels (64 columns: 24 int32 accumulators, 4 panel vectors, one broadcast pair). The sums
+// are the same integers as the AVX2 loop's (int32, no saturation), and the epilogue runs the
+// same float operations per output, so outputs are bitwise those of the AVX2 build.
+#define EMBER_ENC16_ZMM 1
+
+static_assert(kEnc16Nc == 4, "a task's panels are one micro-kernel's (at most 4)");
+
+inline __m512 enc_erf16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(4.0f)), _mm512_set1_ps(-4.0f));
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_fmadd_ps(x2, _mm512_set1_ps(-2.72614225801306e-10f),
+                             _mm512_set1_ps(2.77068142495902e-08f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-2.10102402082508e-06f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-5.69250639462346e-05f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-7.34990630326855e-04f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-2.95459980854025e-03f));
+  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-1.60960333262415e-02f));
+  p = _mm512_mul_ps(x, p);
+  __m512 q = _mm512_fmadd_ps(x2, _mm512_set1_ps(-1.45660718464996e-05f),
+                             _mm512_set1_ps(-2.13374055278905e-04f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-1.68282697438203e-03f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-7.37332916720468e-03f));
+  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(-1.42647390514189e-02f));
+  return _mm512_div_ps(p, q);
+}
+
+// enc_gelu8's operations on 16 lanes (same results lane for lane)
+inline __m512 enc_gelu16(__m512 v) {
+  const __m512 e = enc_erf16(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v),
+                       _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+// The full 6 x 4 tile's integer loop in assembly (GCC 12 copies and spills the 24
+// accumulators of the intrinsics version on every step). Registers: zmm(4 r + c) the sums of
+// row r and panel c, zmm24-27 the four panels' vectors, zmm28 the broadcast pair.
+#define EMBER_ENC16Z_ROW(A, R0, R1, R2, R3)                          \
+  "vpbroadcastd " A ", %%zmm28\n"                                    \
+  "vpdpwssd %%zmm24, %%zmm28, %%zmm" #R0 "\n"                        \
+  "vpdpwssd %%zmm25, %%zmm28, %%zmm" #R1 "\n"                        \
+  "vpdpwssd %%zmm26, %%zmm28, %%zmm" #R2 "\n"                        \
+  "vpdpwssd %%zmm27, %%zmm28, %%zmm" #R3 "\n"
+
+inline void enc16z_loop64(const int16_t* a, int64_t lda, const int16_t* b, int64_t ps,
+                          int64_t kp, __m512i* acc) {
+  const char* a0 = reinterpret_cast<const char*>(a);
+  const char* a3 = a0 + 3 * lda * 2;
+  const char* bp = reinterpret_cast<const char*>(b);
+  const char* b3 = bp + 3 * ps * 2;
+  const int64_t ld = lda * 2, pb = ps * 2;
+  int64_t n = kp;
+  __asm__ volatile(
+      "vpxord %%zmm0, %%zmm0, %%zmm0\n" "vmovdqa64 %%zmm0, %%zmm1\n"
+      "vmovdqa64 %%zmm0, %%zmm2\n" "vmovdqa64 %%zmm0, %%zmm3\n"
+      "vmovdqa64 %%zmm0, %%zmm4\n" "vmovdqa64 %%zmm0, %%zmm5\n"
+      "vmovdqa64 %%zmm0, %%zmm6\n" "vmovdqa64 %%zmm0, %%zmm7\n"
+      "vmovdqa64 %%zmm0, %%zmm8\n" "vmovdqa64 %%zmm0, %%zmm9\n"
+      "vmovdqa64 %%zmm0, %%zmm10\n" "vmovdqa64 %%zmm0, %%zmm11\n"
+      "vmovdqa64 %%zmm0, %%zmm12\n" "vmovdqa64 %%zmm0, %%zmm13\n"
+      "vmovdqa64 %%zmm0, %%zmm14\n" "vmovdqa64 %%zmm0, %%zmm15\n"
+      "vmovdqa64 %%zmm0, %%zmm16\n" "vmovdqa64 %%zmm0, %%zmm17\n"
+      "vmovdqa64 %%zmm0, %%zmm18\n" "vmovdqa64 %%zmm0, %%zmm19\n"
+      "vmovdqa64 %%zmm0, %%zmm20\n" "vmovdqa64 %%zmm0, %%zmm21\n"
+      "vmovdqa64 %%zmm0, %%zmm22\n" "vmovdqa64 %%zmm0, %%zmm23\n"
+      "1:\n"
+      "vmovdqu64 (%[b]), %%zmm24\n"
+      "vmovdqu64 (%[b],%[pb],1), %%zmm25\n"
+      "vmovdqu64 (%[b],%[pb],2), %%zmm26\n"
+      "vmovdqu64 (%[b3]), %%zmm27\n"
+      EMBER_ENC16Z_ROW("(%[a0])", 0, 1, 2, 3)
+      EMBER_ENC16Z_ROW("(%[a0],%[ld],1)", 4, 5, 6, 7)
+      EMBER_ENC16Z_ROW("(%[a0],%[ld],2)", 8, 9, 10, 11)
+      EMBER_ENC16Z_ROW("(%[a3])", 12, 13, 14, 15)
+      EMBER_ENC16Z_ROW("(%[a3],%[ld],1)", 16, 17, 18, 19)
+      EMBER_ENC16Z_ROW("(%[a3],%[ld],2)", 20, 21, 22, 23)
+      "addq $64, %[b]\n"
+      "addq $64, %[b3]\n"
+      "addq $4, %[a0]\n"
+      "addq $4, %[a3]\n"
+      "decq %[n]\n"
+      "jnz 1b\n"
+      "vmovdqu64 %%zmm0, (%[acc])\n" "vmovdqu64 %%zmm1, 64(%[acc])\n"
+      "vmovdqu64 %%zmm2, 128(%[acc])\n" "vmovdqu64 %%zmm3, 192(%[acc])\n"
+      "vmovdqu64 %%zmm4, 256(%[acc])\n" "vmovdqu64 %%zmm5, 320(%[acc])\n"
+      "vmovdqu64 %%zmm6, 384(%[acc])\n" "vmovdqu64 %%zmm7, 448(%[acc])\n"
+      "vmovdqu64 %%zmm8, 512(%[acc])\n" "vmovdqu64 %%zmm9, 576(%[acc])\n"
+      "vmovdqu64 %%zmm10, 640(%[acc])\n" "vmovdqu64 %%zmm11, 704(%[acc])\n"
+      "vmovdqu64 %%zmm12, 768(%[acc])\n" "vmovdqu64 %%zmm13, 832(%[acc])\n"
+      "vmovdqu64 %%zmm14, 896(%[acc])\n" "vmovdqu64 %%zmm15, 960(%[acc])\n"
+      "vmovdqu64 %%zmm16, 1024(%[acc])\n" "vmovdqu64 %%zmm17, 1088(%[acc])\n"
+      "vmovdqu64 %%zmm18, 1152(%[acc])\n" "vmovdqu64 %%zmm19, 1216(%[acc])\n"
+      "vmovdqu64 %%zmm20, 1280(%[acc])\n" "vmovdqu64 %%zmm21, 1344(%[acc])\n"
+      "vmovdqu64 %%zmm22, 1408(%[acc])\n" "vmovdqu64 %%zmm23, 1472(%[acc])\n"
+      : [b] "+r"(bp), [b3] "+r"(b3), [a0] "+r"(a0), [a3] "+r"(a3), [n] "+r"(n)
+      : [ld] "r"(ld), [pb] "r"(pb), [acc] "r"(acc)
+      : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+        "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18",
+        "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27",
+        "xmm28");
+}
+
+// R (<= 6) rows of a against P (<= 4) consecutive panels (b: the first, `ps` int16 apart).
+template <int R, int P>
+inline void enc16z_micro(const int16_t* a, int64_t lda, const float* sa, const int16_t* b,
+                         int64_t ps, int64_t kp, int64_t m0, int64_t n0, const Enc16Epilogue& e) {
+  __m512i acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < P; ++c) acc[r][c] = _mm512_setzero_si512();
+  if (R == 6 && P == 4 && kp > 0) {
+    enc16z_loop64(a, lda, b, ps, kp, &acc[0][0]);
+    kp = 0;
+  }
+  for (int64_t p = 0; p < kp; ++p) {
+    __m512i bv[P];
+    for (int c = 0; c < P; ++c) bv[c] = _mm512_loadu_si512(b + c * ps + p * 32);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      memcpy(&pair, a + r * lda + 2 * p, 4);
+      const __m512i av = _mm512_set1_epi32(pair);
+      for (int c = 0; c < P; ++c) acc[r][c] = _mm512_dpwssd_epi32(acc[r][c], av, bv[c]);
+    }
+  }
+  for (int c = 0; c < P; ++c) {
+    const int64_t nc = n0 + 16 * c;
+    const __m512 w = _mm512_loadu_ps(e.sw + nc);
+    const __m512 bias = e.bias ? _mm512_loadu_ps(e.bias + nc) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(sa[r]), w);
+      __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][c]), sc, bias);
+      if (e.act == 1) v = enc_gelu16(v);
+      if (e.residual) v = _mm512_add_ps(v, _mm512_loadu_ps(e.residual + (m0 + r) * e.ldy + nc));
+      _mm512_storeu_ps(e.y + (m0 + r) * e.ldy + nc, v);
+    }
+  }
+}
+
+template <int P>
+inline void enc16z_rows(int64_t rows, const int16_t* a, int64_t lda, const float* sa,
+                        const int16_t* b, int64_t ps, int64_t kp, int64_t m0, int64_t n0,
+                        const Enc16Epilogue& e) {
+  switch (rows) {
+    case 6: enc16z_micro<6, P>(a, lda, sa, b, ps, kp, m0, n0, e); break;
+    case 5: enc16z_micro<5, P>(a, lda, sa, b, ps, kp, m0, n0, e); break;
+    case 4: enc16z_micro<4, P>(a, lda, sa, b, ps, kp, m0, n0, e); break;
+    case 3: enc16z_micro<3, P>(a, lda, sa, b, ps, kp, m0, n0, e); break;
+    case 2: enc16z_micro<2, P>(a, lda, sa, b, ps, kp, m0, n0, e); break;
+    case 1: enc16z_micro<1, P>(a, lda, sa, b, ps, kp, m0, n0, e); break;
+    default: break;
+  }
+}
+
+inline void enc16z_block(int64_t rows, int64_t panels, const int16_t* a, int64_t lda,
+                         const float* sa, const int16_t* b, int64_t kp, int64_t m0, int64_t n0,
+                         const Enc16Epilogue& e) {
+  const int64_t ps = kp * 2 * kEncNr;
+  switch (panels) {
+    case 4: enc16z_rows<4>(rows, a, lda, sa, b, ps, kp, m0, n0, e); break;
+    case 3: enc16z_rows<3>(rows, a, lda, sa, b, ps, kp, m0, n0, e); break;
+    case 2: enc16z_rows<2>(rows, a, lda, sa, b, ps, kp, m0, n0, e); break;
+    case 1: enc16z_rows<1>(rows, a, lda, sa, b, ps, kp, m0, n0, e); break;
+    default: break;
+  }
+}
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -421,6 +591,17 @@ void enc_i16_gemm(const float* x, int64_t mrows, int64_t k, const int16_t* wp, c
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < mrows; ++i)
       sa[static_cast<size_t>(i)] = enc_quantize_row(x + i * k, k, qmax_a, aq.data() + i * k);
+#if defined(EMBER_ENC16_ZMM)
+#pragma omp for schedule(static) collapse(2)
+    for (int64_t mt = 0; mt < mtasks; ++mt)
+      for (int64_t nt = 0; nt < ntasks; ++nt) {
+        const int64_t m_end = std::min(mrows, (mt + 1) * kEnc16Mc);
+        const int64_t j = nt * kEnc16Nc, np = std::min(panels, j + kEnc16Nc) - j;
+        for (int64_t m0 = mt * kEnc16Mc; m0 < m_end; m0 += kEnc16Mr)
+          enc16z_block(std::min(kEnc16Mr, m_end - m0), np, aq.data() + m0 * k, k,
+                       sa.data() + m0, wp + j * kp * 2 * kEncNr, kp, m0, j * kEncNr, e);
+      }
+#else
 #pragma omp for schedule(static) collapse(2)
     for (int64_t mt = 0; mt < mtasks; ++mt)
       for (int64_t nt = 0; nt < ntasks; ++nt) {
@@ -433,6 +614,7 @@ void enc_i16_gemm(const float* x, int64_t mrows, int64_t k, const int16_t* wp, c
                        b, kp, m0, j * kEncNr, e);
         }
       }
+#endif
   }
 }
 
