@@ -595,7 +595,9 @@ void enc_i16_gemm(const float* x, int64_t mrows, int64_t k, const int16_t* wp, c
     for (int64_t i = 0; i < mrows; ++i)
       sa[static_cast<size_t>(i)] = enc_quantize_row(x + i * k, k, qmax_a, aq.data() + i * k);
 #if defined(EMBER_ENC_ZMM)
-#pragma omp for schedule(static) collapse(2)
+    // dynamic: a thread the OS preempts (2 busy cores) leaves its tiles to the other one
+    // (quiet, it measured the same as static: 172 vs 177 ms per 16 passages, load 2.7)
+#pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t mt = 0; mt < mtasks; ++mt)
       for (int64_t nt = 0; nt < ntasks; ++nt) {
         const int64_t m_end = std::min(mrows, (mt + 1) * kEnc16Mc);
