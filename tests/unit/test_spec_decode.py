@@ -350,6 +350,27 @@ def test_adaptive_length_follows_a_copy_streak_and_stops_when_drafts_fail():
     assert adaptive_length(streak, 16, 0.5) < adaptive_length(streak, 16, 0.1)
 
 
+def test_match_length_draft_trusts_a_long_copy_run_before_its_class_has_evidence():
+    """A request continuing a 40-token copy run drafts long at once (the prior of the 32+
+    class, 0.95; a flat 0.6 gave 4 tokens), one after a 2-token match drafts short (prior
+    0.6); each class's own evidence then replaces its prior."""
+    from ember.spec_decode.decoder import MatchAcceptance, _Acceptance, match_draft_length
+
+    by_match = MatchAcceptance()
+    assert by_match.rate(2) < by_match.rate(5) < by_match.rate(10) < by_match.rate(40)
+
+    def extra(k: int) -> float:  # a verify-cost curve like the measured one: 16 drafts ~3.1x
+        return 0.14 * k
+
+    long_run = match_draft_length(_Acceptance(hits=4.0, trials=4.0), by_match, 40, 16, extra)
+    short = match_draft_length(_Acceptance(hits=4.0, trials=4.0), by_match, 2, 16, extra)
+    assert long_run >= 8 and short <= 4, (long_run, short)
+    for _ in range(20):  # long runs that keep failing at once: the class learns it
+        by_match.update(40, 16, 0)
+    assert by_match.rate(40) < 0.2
+    assert match_draft_length(_Acceptance(hits=4.0, trials=4.0), by_match, 40, 16, extra) < 4
+
+
 # ---- engine on a tiny random model ----------------------------------------------------------
 
 PROMPTS = [[5, 17, 99, 3] * 6, [200, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 3, [42] * 23]
