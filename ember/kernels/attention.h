@@ -374,7 +374,10 @@ inline void qk4_direct(const float* q, const void* k, const int64_t* rows, float
 template <int D, int R, int KS>
 inline void pv_direct(const float* p, const void* vc, const int64_t* rows, int64_t n,
                       const float* alpha, float* acc) {
-  constexpr int NV = D / kVecW, C0 = R == 1 ? 8 : 4, C = NV < C0 ? NV : C0;
+  // NOTE: AVX-512 (kVecW 16) has 32 registers: 8 vectors of D per pass for R = 2, 3 (one
+  // pass over V for D = 128, two for 256, where 4 took two and four)
+  constexpr int C0 = kVecW == 16 ? (R == 1 ? 16 : 8) : (R == 1 ? 8 : 4);
+  constexpr int NV = D / kVecW, C = NV < C0 ? NV : C0;
   for (int c0 = 0; c0 < NV; c0 += C) {
     vfloat a[R][C];
     for (int r = 0; r < R; ++r)
