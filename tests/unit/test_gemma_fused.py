@@ -139,11 +139,12 @@ def test_fused_gemma_equals_module_path(kernels, quantization):
     if not quantization.startswith("native"):
         torch.testing.assert_close(fused_lp, module_lp, atol=1e-4, rtol=1e-4)
         return
-    # NOTE: on these mixed plans the two paths part by up to ~0.013 nats on the longest
-    # prompt from one position on (an int8 activation rounding flipped by the last bit of a
-    # float32 norm, then kept in the KV cache); the short prompts agree to float32 noise.
+    # NOTE: on these mixed plans the two paths can part by up to ~0.025 nats from one position
+    # on (an int8 activation rounding flipped by the last bit of a float32 norm, then kept in
+    # the KV cache). Which prompts flip depends on the ISA (AVX2: only the longest; AVX-512:
+    # the two longer ones); the shortest agrees to float32 noise everywhere.
     diff = (fused_lp - module_lp).abs()
-    assert diff[:2].max().item() < 1e-4 and diff.max().item() < 0.03
+    assert diff[0].max().item() < 1e-4 and diff.max().item() < 0.03
 
 
 def test_fused_gemma_close_to_dense_reference(kernels):
