@@ -81,7 +81,8 @@ class RowInt16Linear(RowInt8Linear):
     """y = [GELU](x @ W^T + b) [+ residual] on `enc_i16_gemm`: 11-bit weight codes with one
     scale per output row, activations quantized per row (13 bits, fewer where K is long: the
     int32 sum over the whole K must not overflow), no per-group float work in the inner loop.
-    Faster than the grouped int8 GEMM on AVX2 and closer to fp32 (see encoder_ops)."""
+    Faster than the grouped int8 GEMM on AVX2 and closer to fp32 (see encoder_ops); on
+    AVX-512 VNNI a 512-bit vpdpwssd tile with bitwise the same outputs."""
 
     @property
     def format(self) -> str:

@@ -139,6 +139,24 @@ def test_i16_gemm_worst_case_sum_does_not_overflow(kernels: CpuKernels) -> None:
     torch.testing.assert_close(y, expect, atol=0, rtol=1e-6)
 
 
+@pytest.mark.skipif(BEST is None or BEST.name != "avx512-vnni", reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("n", [48, 96, 112, 128])  # panel tails of 3, 2, 3 and none
+@pytest.mark.parametrize("m", [1, 5, 6, 97])
+def test_i16_gemm_avx512_equals_avx2_bitwise(load_kernels, m: int, n: int) -> None:
+    # the AVX-512 build's vpdpwssd tile (6 rows x 4 panels, intrinsics for the tails) sums
+    # the same integers and runs the same float epilogue as the AVX2 build
+    torch.manual_seed(m * n)
+    k = 384
+    x = torch.randn(m, k) * 3
+    x[:, 7] *= 40
+    packed, scale = pack_rows_i16(torch.randn(n, k) * 0.05)
+    b, res = torch.randn(n), torch.randn(m, n)
+    for gelu_, r in ((False, None), (True, res)):
+        got = encoder_gemm_i16(load_kernels(None), x, packed, scale, b, r, gelu_)
+        ref = encoder_gemm_i16(load_kernels("avx2"), x, packed, scale, b, r, gelu_)
+        assert torch.equal(got, ref)
+
+
 def test_i16_shape_errors_are_clear(kernels: CpuKernels) -> None:
     packed, scale = pack_rows_i16(torch.randn(16, 64))
     with pytest.raises(ValueError, match="columns"):
