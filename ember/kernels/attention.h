@@ -245,6 +245,11 @@ inline float max_of(const float* x, int64_t n, float mx) {
   return mx;
 }
 
+// x[j] *= by[j] for j in [j0, n).
+inline void scale_by(float* __restrict x, const float* __restrict by, int64_t j0, int64_t n) {
+  for (int64_t j = j0; j < n; ++j) x[j] *= by[j];
+}
+
 // carry (acc, m, l) <- carry (+) a segment's state (sacc, sm, sl): the one way two softmax
 // states are combined, always in key order, in the item (unsplit) and in merge_parts (split)
 // alike, so both give the same bits. Empty states (l = 0) are skipped; into an empty carry
@@ -369,7 +374,10 @@ inline void qk4_direct(const float* q, const void* k, const int64_t* rows, float
 template <int D, int R, int KS>
 inline void pv_direct(const float* p, const void* vc, const int64_t* rows, int64_t n,
                       const float* alpha, float* acc) {
-  constexpr int NV = D / kVecW, C0 = R == 1 ? 8 : 4, C = NV < C0 ? NV : C0;
+  // NOTE: AVX-512 (kVecW 16) has 32 registers: 8 vectors of D per pass for R = 2, 3 (one
+  // pass over V for D = 128, two for 256, where 4 took two and four)
+  constexpr int C0 = kVecW == 16 ? (R == 1 ? 16 : 8) : (R == 1 ? 8 : 4);
+  constexpr int NV = D / kVecW, C = NV < C0 ? NV : C0;
   for (int c0 = 0; c0 < NV; c0 += C) {
     vfloat a[R][C];
     for (int r = 0; r < R; ++r)
@@ -586,16 +594,19 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
           if (r0 + G - m == 2) qk4_direct<D, 2, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
           if (r0 + G - m == 1) qk4_direct<D, 1, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
         }
+        // NOTE: int8: the head's key / value scales gathered once (sc.ks / sc.vs) for its G
+        // rows, which then scale their scores in vectors (the same products as per key).
+        if constexpr (KS == kInt8)
+          for (int64_t j = j0; j < n; ++j)
+            sc.ks[j] = kv.k_scale[rows[j]], sc.vs[j] = kv.v_scale[rows[j]];
         for (int64_t m = r0; m < r0 + G; ++m) {
           float* sm = s + m * kKeys;
-          if constexpr (KS == kInt8)
-            for (int64_t j = j0; j < n; ++j) sm[j] *= kv.k_scale[rows[j]];
+          if constexpr (KS == kInt8) scale_by(sm, sc.ks.data(), j0, n);
           const float mx = max_of(sm + j0, n - j0, sc.m[m]);
           alpha[m] = expf(sc.m[m] - mx);  // 0 on the first keys (m = -inf)
           sc.l[m] = std::fma(sc.l[m], alpha[m], exp_shifted(sm + j0, n - j0, mx));
           sc.m[m] = mx;
-          if constexpr (KS == kInt8)
-            for (int64_t j = j0; j < n; ++j) sm[j] *= kv.v_scale[rows[j]];
+          if constexpr (KS == kInt8) scale_by(sm, sc.vs.data(), j0, n);
           for (int64_t j = 0; j < j0; ++j) sm[j] = 0.0f;
         }
         int64_t m = r0;

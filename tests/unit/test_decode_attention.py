@@ -56,6 +56,9 @@ DECODE_CASES = [
     (12, 4, 64, 16, [600, 131], 200),  # G = 3, window crossing a segment boundary
     (8, 1, 64, 16, [900], None),  # MQA (G = 8: query rows in 3 + 3 + 2)
     (4, 4, 64, 4, [77, 520], 33),  # MHA, tiny blocks, short window
+    # Gemma 3's shape: D = 256 (PV in 2 passes of 8 vectors on AVX-512), G = 4 (rows 3 + 1)
+    (4, 1, 256, 16, [1030, 300], 512),  # its 512-key sliding window
+    (4, 1, 256, 16, [700], None),  # D = 256, split-K without a window
 ]
 
 
