@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ember.kernels.abi import LayerW, LinearW, Shape
+from ember.kernels.arena import relocate
 from ember.kernels.ops import CpuKernels, check_kv_caches, optional_ptr
 
 Q4, Q5, Q4K, Q6, Q8, Q8H = 4, 5, 6, 7, 8, 9
@@ -92,6 +93,11 @@ class KernelLayer:
     kv_group: int = 0
     """This layer's KV cache group: its row of the step's slots and block tables."""
 
+    @property
+    def projections(self) -> tuple[KernelLinear, ...]:
+        """qkv, o, gate_up, down: the order a decode step reads them."""
+        return self.qkv, self.o, self.gate_up, self.down
+
 
 @dataclass(frozen=True)
 class LayerStack:
@@ -144,6 +150,10 @@ class FusedDecoder:
                      for layer in stack.layers]
         self.stack = stack
         """Keeps every tensor the C structs point to alive."""
+        self.arena_bytes = relocate([t for layer in stack.layers for lin in layer.projections
+                                     for t in (lin.w, lin.d, lin.m) if t is not None])
+        """The projections' bytes moved into one huge-page arena in streaming order (arena.py:
+        decode reads them once a step; the values are unchanged)."""
         self.layers = (LayerW * len(stack.layers))(*[
             LayerW(layer.in_norm.data_ptr(), layer.post_norm.data_ptr(), layer.qkv.c_struct(),
                    layer.o.c_struct(), layer.gate_up.c_struct(), layer.down.c_struct(),
