@@ -167,6 +167,8 @@ class FusedDecoder:
                            stack.num_kv_heads, stack.head_dim, stack.block_size, stack.eps,
                            stack.scale, ACTIVATIONS[stack.activation])
         self.kernels = kernels
+        self._groups = stack.num_groups
+        """`stack.num_groups`, computed once (it walks every layer: per step, per token)."""
         self._fn, self._fn_few = (_bind(kernels.lib.decode_layers),
                                   _bind(kernels.lib.decode_layers_few))
 
@@ -183,7 +185,7 @@ class FusedDecoder:
                                                              and sin.is_contiguous()):
             raise ValueError(f"RoPE tables of {tuple(cos.shape)}: expected {want} contiguous "
                              f"values ({self.stack.rope_tables} tables of {x.shape[0]} rows)")
-        num_tokens, groups = x.shape[0], self.stack.num_groups
+        num_tokens, groups = x.shape[0], self._groups
         if slots.dim() == 1 and block_tables.dim() == 2:  # one group
             slots, block_tables = slots.unsqueeze(0), block_tables.unsqueeze(0)
         if (tuple(slots.shape) != (groups, num_tokens) or block_tables.dim() != 3

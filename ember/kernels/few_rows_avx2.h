@@ -1,7 +1,10 @@
-// AVX2 GEMM for a few activation rows (2..kFewRowsMax: speculative verify steps, small
-// batches): each weight block is unpacked ONCE per column group and applied to a group of R
-// rows whose int16 partial sums stay in registers (the generic tiles of isa_avx2.h unpack a
-// whole block into 16 vectors and then spill their per-row sums on AVX2's 16 registers).
+// AVX2 GEMM for a few activation rows (1..kFewRowsMax: decode steps, speculative verify steps,
+// small batches): each weight block is unpacked ONCE per column group and applied to a group of
+// R rows whose int16 partial sums stay in registers (the generic tiles of isa_avx2.h unpack a
+// whole block into 16 vectors and then spill their per-row sums on AVX2's 16 registers; at one
+// row they spill the unpacked weights too: q4_tile<1> holds 16 weight + 8 activation vectors,
+// this kernel 4 + 2. One decode row: Q4 20-28% and Q8 ~3% less time per call than q4_tile<1> /
+// q8_tile<1>, benchmarks/kernel_ab.py, thread CPU time).
 // Integer dots and the float accumulation order per output are those of q4_tile / q8_tile, so
 // the outputs are bit-identical to them (tests/unit/test_few_rows_gemm.py).
 #pragma once
@@ -136,10 +139,10 @@ inline void few_tile(const LinearW& lw, int64_t nb, const QuantizedActs& a, int6
 }
 
 inline bool few_rows_supported(const LinearW& lw, int64_t mrows) {
-  return mrows >= 2 && mrows <= kFewRowsMax && (lw.fmt == 4 || lw.fmt == 8 || lw.fmt == 9);
+  return mrows >= 1 && mrows <= kFewRowsMax && (lw.fmt == 4 || lw.fmt == 8 || lw.fmt == 9);
 }
 
-// y (M, np) = act @ W^T for 2 <= M <= kFewRowsMax rows, in row groups of 4 (a group of 5
+// y (M, np) = act @ W^T for 1 <= M <= kFewRowsMax rows, in row groups of 4 (a group of 5
 // would spill: 3 + 2 instead). Worksharing only: call inside a parallel region.
 inline void gemm_tiles_few(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y) {
   const int64_t np = padded(lw.n), tiles = np / kTile, nb = a.nb;

@@ -296,9 +296,9 @@ inline void q5_tile(const uint8_t* w, const QuantizedActs& a, int64_t m0, float*
 namespace {
 
 // y (M, np) = act @ W^T over the tiles of W. Worksharing only: call inside a parallel region.
-// Verify rows take few_rows_avx2.h's kernel and prefill chunks avx2_prefill.h's where each
-// header's allow-list has the format (few_rows_supported / many_rows_supported); every other
-// call, and every other format, the row tiles (gemm_rows.h). All bit-identical.
+// Decode and verify rows take few_rows_avx2.h's kernel, prefill chunks avx2_prefill.h's where
+// each header's allow-list has the format (few_rows_supported / many_rows_supported); every
+// other call, and every other format, the row tiles (gemm_rows.h). All bit-identical.
 inline void gemm_tiles(const LinearW& lw, const QuantizedActs& a, int64_t mrows, float* y) {
   if (few_rows_supported(lw, mrows)) return gemm_tiles_few(lw, a, mrows, y);
   if (many_rows_supported(lw, mrows)) return gemm_tiles_many(lw, a, mrows, y);

@@ -1,6 +1,8 @@
-"""The few-row GEMM (2..17 activation rows: speculative verify steps, small batches; AVX2's
-few_rows_avx2.h) gives every row exactly what a one-row call gives it (so greedy output is the
-same with speculation on or off), and matches the dequantized reference."""
+"""The few-row GEMM (1..17 activation rows: decode steps, speculative verify steps, small
+batches; AVX2's few_rows_avx2.h) gives every row exactly what a one-row call gives it (so greedy
+output is the same with speculation on or off), a one-row call gives exactly what a many-row
+(prefill) call gives that row, and both match the dequantized reference. Run on every ISA this
+CPU has (AVX2 here too on an AVX-512 machine)."""
 
 from __future__ import annotations
 
@@ -8,18 +10,19 @@ import pytest
 import torch
 
 from ember.formats.blocks import Q4Blocks, Q8Blocks
-from ember.kernels.build import missing_cpu_features
+from ember.kernels.build import missing_cpu_features, supported_isas
 from ember.kernels.ops import CpuKernels, pack_q4, pack_q8, pack_q8h
 
 pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
                                 reason=f"CPU lacks {missing_cpu_features()}")
 
 ROWS = list(range(2, 18))  # every row-group split: 4+..+(2..5) for Q4, 2+..+(2..3) for Q8
+MANY = 20  # past the few-row kernel: the prefill path (many-row kernel or row tiles)
 
 
-@pytest.fixture(scope="module")
-def kernels(load_kernels) -> CpuKernels:
-    return load_kernels(None)
+@pytest.fixture(scope="module", params=[isa.name for isa in supported_isas()])
+def kernels(load_kernels, request) -> CpuKernels:
+    return load_kernels(request.param)
 
 
 def one_by_one(gemm, x: torch.Tensor, *w: torch.Tensor) -> torch.Tensor:
@@ -38,10 +41,11 @@ def test_q4_few_rows_equal_single_rows_bitwise(kernels):
     n, k = 88, 576  # 6 tiles (last one padded), 18 blocks
     w4 = Q4Blocks.quantize(torch.randn(n, k, generator=gen))
     p4 = pack_q4(w4.q, w4.scale, w4.offset)
-    x = torch.randn(max(ROWS), k, generator=gen) * 2
+    x = torch.randn(MANY, k, generator=gen) * 2
     x[3, 32:64] = 0.0  # an all-zero activation block (scale 0)
     single = one_by_one(kernels.q4_gemm, x, *p4)
     ref = act_quantized(x) @ w4.dequantize().t()
+    assert torch.equal(kernels.q4_gemm(x, *p4), single), "one-row calls differ from a prefill's"
     for m in ROWS:
         got = kernels.q4_gemm(x[:m], *p4)
         assert torch.equal(got, single[:m]), f"{m} rows differ from one-row calls"
@@ -55,10 +59,12 @@ def test_q8_and_q8h_few_rows_equal_single_rows_bitwise(kernels):
     q[0, :32] = -127  # extreme codes: the sign trick's pairs at their largest
     d = (torch.rand(n, k // 32, generator=gen) * 0.01).half().float()
     p8, p8h = pack_q8(q, d), pack_q8h(q, d)
-    x = torch.randn(max(ROWS), k, generator=gen) * 3
+    x = torch.randn(MANY, k, generator=gen) * 3
     x[1, :32] = -5.0  # |x| quantizes to 127 in the whole block
     single = one_by_one(kernels.q8_gemm, x, *p8)
     ref = act_quantized(x) @ Q8Blocks(q, d).dequantize().t()
+    assert torch.equal(kernels.q8_gemm(x, *p8), single), "Q8: one-row calls differ from a prefill's"
+    assert torch.equal(one_by_one(kernels.q8h_gemm, x, p8h), single), "Q8h: one-row calls differ"
     for m in ROWS:
         assert torch.equal(kernels.q8_gemm(x[:m], *p8), single[:m]), f"Q8: {m} rows differ"
         assert torch.equal(kernels.q8h_gemm(x[:m], p8h), single[:m]), f"Q8h: {m} rows differ"
