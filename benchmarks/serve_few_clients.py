@@ -75,7 +75,10 @@ for line in sys.stdin:
 
 def start_ember(port: int, variant: str, model: str, threads: int) -> subprocess.Popen:
     """`variant`: a --frontend-threads value, optionally ':MS' for --step-handoff-ms and
-    ':SPIN' for --omp-spin-count (e.g. '0:5:10000'; an empty field keeps the default)."""
+    ':SPIN' for --omp-spin-count (e.g. '0:5:10000'; an empty field keeps the default), and
+    '@TREE' to run the server from another source tree (old vs new code in one run, e.g.
+    'auto@/work/main': PYTHONPATH=TREE)."""
+    variant, _, tree = variant.partition("@")
     frontend_threads, _, rest = variant.partition(":")
     handoff_ms, _, spin = rest.partition(":")
     cmd = [sys.executable, "-c", "import sys; from ember.cli import main; sys.exit(main())",
@@ -86,8 +89,10 @@ def start_ember(port: int, variant: str, model: str, threads: int) -> subprocess
         cmd += ["--step-handoff-ms", handoff_ms]
     if spin:
         cmd += ["--omp-spin-count", spin]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, EMBER_NUM_THREADS=str(threads)))
+    env = dict(os.environ, EMBER_NUM_THREADS=str(threads))
+    if tree:
+        env["PYTHONPATH"] = tree
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
 def start_llama_server(binary: Path, gguf: str, port: int, threads: int,
@@ -130,11 +135,12 @@ def bench_level(port: int, clients: int, args: argparse.Namespace, label: str) -
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--variants", default="auto,auto::libgomp,0,1",
+    ap.add_argument("--variants", default="auto,auto:0,1",
                     help="ember serve --frontend-threads values to compare (first = headline); "
-                    "'0:5' = --frontend-threads 0 --step-handoff-ms 5 (step hand-off on); "
+                    "'auto:0' = the step hand-off off (on by default since issue 11's "
+                    "fifth pass); '0:5' = --frontend-threads 0 --step-handoff-ms 5; "
                     "'0::10000' adds --omp-spin-count 10000 ('auto::libgomp': the old "
-                    "libgomp spin, ~16 ms on Zen 3)")
+                    "libgomp spin, ~16 ms on Zen 3); 'auto@/work/main' runs that tree's code")
     ap.add_argument("--rounds", type=int, default=8, help="1-client rounds")
     ap.add_argument("--input-len", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=128)

@@ -321,12 +321,13 @@ class ServingGuards:
     (which one wins depends on the machine's load; see ember/engine/thread_policy.py)."""
     small_step_tokens: int = 4
     """A step computing at most this many tokens counts as small (one to a few clients)."""
-    step_handoff_timeout_s: float = 0.0
+    step_handoff_timeout_s: float = 0.005
     """After a small step that ran on every kernel thread, the engine waits (at most this
     long) for the event loop to take the step's outputs and write them, so the front end's
     work runs between steps instead of preempting a kernel thread (ember/engine/handoff.py);
-    0 (default) turns the wait off: on the 2-core dev VM it did not lift the every-thread
-    collapse (54 vs 57 tok/s without it, contended), so it is opt-in (e.g. 0.005)."""
+    0 turns the wait off. On by default since the Zen 5 dev VM: one streamed client with
+    `frontend_threads` auto ran 0.83x offline with it against 0.65x without (interleaved,
+    contended); on the Zen 3 VM it had measured no gain (54 vs 57 tok/s, contended)."""
     omp_spin_count: int | None = SERVE_OMP_SPIN_COUNT
     """GOMP_SPINCOUNT of the server process (see `openmp_environment`): how long an idle or
     waiting kernel thread spins before it sleeps; a short spin hands the core back to the

@@ -9,9 +9,10 @@ core comes back: one stream ran at 40 tok/s this way against 100 with a core lef
 `StepHandoff` serialises the two instead, as `ember run-batch` does by stepping on the loop
 (`inline_engine.py`) but keeping the step on its supervised thread: after such a step the
 engine thread hands the outputs to the loop(s) and waits until each loop has let the readers
-take them (their mailboxes are empty) and run a few more iterations (the SSE writes), at most
-`timeout_s`. A reader that does not take its output (a stalled client) does not hold the
-engine up: the loop acknowledges after `MAX_HOPS` iterations whatever the mailboxes hold.
+take them (their mailboxes are empty) and has nothing ready to run any more (the SSE writes are
+done; at most `SETTLE_HOPS` further iterations on a loop that stays busy), at most `timeout_s`.
+A reader that does not take its output (a stalled client) does not hold the engine up: the
+loop acknowledges after `MAX_HOPS` iterations whatever the mailboxes hold.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from ember.engine.mailbox import Mailbox
 logger = logging.getLogger(__name__)
 
 SETTLE_HOPS = 3
-"""Loop iterations run after the readers took their outputs (SSE encoding, the send task)."""
+"""Most loop iterations run after the readers took their outputs (SSE encoding, the send
+task); the loop acknowledges earlier as soon as it has nothing ready (`_loop_idle`)."""
 MAX_HOPS = 12
 """Loop iterations after which the loop acknowledges whatever the mailboxes hold."""
 
@@ -83,12 +85,14 @@ class StepHandoff:
 
     def _check(self, boxes: Sequence[Mailbox], hops: int, taken_at: int) -> None:
         """Runs on the loop, once per iteration, until the readers took their outputs."""
+        loop = asyncio.get_running_loop()
         if taken_at < 0 and all(box.pending_since is None for box in boxes):
             taken_at = hops
-        if (taken_at >= 0 and hops - taken_at >= SETTLE_HOPS) or hops >= MAX_HOPS:
+        if (taken_at >= 0 and (hops - taken_at >= SETTLE_HOPS or _loop_idle(loop))
+                or hops >= MAX_HOPS):
             self._ack()
             return
-        asyncio.get_running_loop().call_soon(self._check, boxes, hops + 1, taken_at)
+        loop.call_soon(self._check, boxes, hops + 1, taken_at)
 
     def _ack(self) -> None:
         with self._lock:
@@ -97,3 +101,14 @@ class StepHandoff:
             self._pending -= 1
             if self._pending == 0:
                 self._done.set()
+
+
+def _loop_idle(loop: asyncio.AbstractEventLoop) -> bool:
+    """True when `loop` has no callback ready to run (the readers' writes are done): the
+    engine may step again at once instead of after SETTLE_HOPS more iterations.
+
+    NOTE: reads the ready queue of CPython's asyncio loops (`_ready`, as inline_engine.py's
+    `_settle` does); a loop without one is never idle here (SETTLE_HOPS applies).
+    """
+    ready = getattr(loop, "_ready", None)
+    return ready is not None and not ready

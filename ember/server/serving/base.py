@@ -290,8 +290,11 @@ class EventStreamResponse(StreamingResponse):
         timeout = self.read_timeout_s
 
         async def timed_send(message: Message) -> None:
+            # NOTE: asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps every send
+            # in a new Task (~13 us per SSE chunk on the event loop's critical path).
             try:
-                await asyncio.wait_for(send(message), timeout)
+                async with asyncio.timeout(timeout):
+                    await send(message)
             except TimeoutError:
                 raise _StalledClient from None
 
