@@ -31,7 +31,10 @@ from pathlib import Path
 from ember import LLM, SamplingParams
 from ember.spec_decode.draft import DraftModelProposer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = next((p / "shared" / "data" for p in Path(__file__).resolve().parents[1:4]
+             if (p / "shared" / "data").is_dir()),
+            Path(__file__).resolve().parents[2] / "shared" / "data")
+"""The shared data folder: next to the checkout (/work/main) or above a worktree (/work/wt/x)."""
 OUT = Path(__file__).resolve().parent / "results" / "spec_decode"
 NGRAM = {"method": "ngram", "num_speculative_tokens": 16, "prompt_lookup_max": 4,
          "prompt_lookup_min": 2}

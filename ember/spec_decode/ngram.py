@@ -11,6 +11,13 @@ Matching (what a copy task needs):
 - a verified copy run is continued without searching: when every token appended since the last
   proposal equals the source's continuation (the accepted drafts and the bonus token), the next
   draft starts where the source left off and the match length grows by those tokens.
+- a long copy run broken by one token (an edit: the model wrote a token the source does not
+  have) is re-anchored at once instead of waiting for a fresh n-gram match (which needs
+  `prompt_lookup_min` tokens past the edit): when the new token is found a few tokens further
+  in the source the model skipped those (continue after it), else it replaced the source token
+  (continue after that one). Such a guess has match length 1, so its acceptance is learned
+  apart from the n-gram matches (`MatchAcceptance`, class 1); an n-gram match of
+  `REANCHOR_BELOW` tokens or more found by the search wins over it.
 
 The match length (`Match.length`) is what the draft-length policy uses as confidence.
 """
@@ -27,6 +34,12 @@ MAX_CANDIDATES = 8
 """Most recent occurrences of the suffix n-gram whose backward match length is measured."""
 MAX_EXTEND = 64
 """Longest backward match measured when searching (a continued run may grow past it)."""
+REANCHOR_MIN_RUN = 8
+"""Tokens a copy run must have matched (before the edit) to be re-anchored after one."""
+REANCHOR_SKIP = 4
+"""Source tokens looked ahead for the edited token (the model skipped up to this many - 1)."""
+REANCHOR_BELOW = 4
+"""A searched n-gram match shorter than this gives way to a re-anchored copy run."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,27 @@ class NgramIndex:
             return 0, -1
         return prev.length + grown, prev.source + grown
 
+    def _reanchored(self) -> int:
+        """Source position to continue from when the previous proposal's copy run (at least
+        `REANCHOR_MIN_RUN` tokens matched) broke at the last token appended since: after that
+        token's next occurrence within `REANCHOR_SKIP` source tokens (the model skipped the
+        ones before it), else after the source token it replaced; -1 when not such a break."""
+        if self._run is None:
+            return -1
+        then, prev = self._run
+        seq, grown = self.tokens, len(self.tokens) - then
+        if grown <= 0 or prev.source < 0:
+            return -1
+        expect = overlap_copy(seq[:then], prev.source, grown)
+        if expect[:-1] != seq[then:-1] or expect[-1] == seq[-1] \
+                or prev.length + grown - 1 < REANCHOR_MIN_RUN:
+            return -1
+        edited = prev.source + grown - 1  # the source token the model did not copy
+        for skip in range(1, REANCHOR_SKIP + 1):
+            if edited + skip < then and seq[edited + skip] == seq[-1]:
+                return edited + skip + 1
+        return edited + 1 if edited + 1 < then else -1
+
     def match(self, k: int, continue_run: bool = True) -> Match:
         """Up to k tokens continuing the context (see the module docstring); NO_MATCH if
         nothing matches or k <= 0. Remembers the proposal to continue it next time
@@ -148,6 +182,10 @@ class NgramIndex:
                 if sources:
                     found, src = best_source(seq, sources, n)
                     break
+            if continue_run and found < REANCHOR_BELOW:
+                anchor = self._reanchored()
+                if anchor >= 0:
+                    found, src = 1, anchor
         if not found:
             self._run = None
             return NO_MATCH

@@ -44,11 +44,15 @@ class StepCostModel:
     _by_rows: dict[int, list[float]] = field(default_factory=dict)
     """rows -> [weight, seconds] of the steps with that many rows (decayed weight; a
     spike-robust running estimate of their time, see `observe`)."""
+    _curve: dict[int, float] | None = None
+    """`curve()` as of the last `observe` (the draft-length search reads it once per
+    candidate length, every step); None: to be recomputed."""
 
     def observe(self, rows: int, seconds: float) -> None:
         """One single-request step of `rows` query rows that took `seconds`."""
         if rows < 1 or seconds <= 0.0:
             return
+        self._curve = None
         entry = self._by_rows.setdefault(rows, [0.0, 0.0])
         # NOTE: a busy machine only ever makes a step slower: the estimate drops to a faster
         # sample at once and rises towards a slower one by a fraction of the gap, so a few
@@ -117,6 +121,12 @@ class StepCostModel:
         NOTE: a row count timed fewer than `_MIN_ROW_STEPS` times counts at most at the
         prior's estimate (one-row time x (1 + prior x extra rows)): a first sample that met
         a busy moment must not keep that length from ever being tried (and re-timed) again."""
+        if self._curve is None:
+            self._curve = self._measured_curve()
+        return self._curve
+
+    def _measured_curve(self) -> dict[int, float]:
+        """`curve()` computed from the per-row-count estimates."""
         known = sorted(r for r, (w, _) in self._by_rows.items() if w >= _MIN_CURVE_STEPS)
         one = self._by_rows.get(1)
         base = one[1] if one else None

@@ -115,13 +115,47 @@ def test_ngram_index_continues_a_verified_copy_run():
     index.extend(ctx + [108, 109, 110])  # two drafts accepted, the bonus token agrees
     run = index.match(4)
     assert run.source == 11 and run.length == 11 and run.tokens == (111, 112, 113, 114)
-    index.extend(ctx + [108, 109, 110, 111, 5])  # the model left the passage
-    assert index.match(4) == index.match(4, continue_run=False)
+    index.extend(ctx + [108, 109, 110, 111, 5])  # an edit: 5 written in place of 112
+    edit = index.match(4)  # re-anchored after the replaced token (match length 1)
+    assert edit.source == 13 and edit.length == 1 and edit.tokens == (113, 114, 115, 116)
+    index.extend(ctx + [108, 109, 110, 111, 5, 113, 6])  # the model left the passage: the
+    assert index.match(4) == index.match(4, continue_run=False)  # short run is not re-anchored
     # the distractor: after 104..107 the copy continues with 108 (its source), not 999
     index = NgramIndex(2, 4)
     index.extend(passage[:10] + [104, 105, 106, 107, 999] + [100, 101, 102, 103, 104, 105,
                                                              106, 107])
     assert index.match(2).tokens == (108, 109)
+
+
+def test_ngram_index_reanchors_a_long_copy_run_after_an_edit():
+    """A copy run of >= REANCHOR_MIN_RUN tokens broken by one token continues at once: after
+    the source token it replaced, or after the same token a few source tokens ahead (the
+    model skipped some); a short run or a longer n-gram match found elsewhere is not."""
+    from ember.spec_decode.ngram import REANCHOR_MIN_RUN, NgramIndex
+
+    passage = list(range(100, 140))
+    copy = passage[:12]
+    for written, source in [(5, 15), (116, 17)]:  # replaced 114 / skipped 114, 115
+        index = NgramIndex(2, 4)
+        index.extend(passage + copy)
+        assert index.match(6).source == 12
+        index.extend(passage + copy + [112, 113, written])  # 2 accepted, the bonus differs
+        m = index.match(4)
+        assert (m.source, m.length) == (source, 1), (written, m)
+        assert m.tokens == tuple(passage[source:source + 4])
+    short = list(range(200, 200 + REANCHOR_MIN_RUN - 4))
+    index = NgramIndex(2, 4)
+    index.extend(short + [7] + short[:2])
+    index.match(2)
+    index.extend(short + [7] + short[:2] + [short[2], 5])  # run of 3 broken: fresh search
+    assert index.match(4) == index.match(4, continue_run=False)
+    # a 4-token n-gram match elsewhere wins over the re-anchor guess
+    index = NgramIndex(2, 4)
+    head = passage + [50, 111, 112, 113, 5, 60, 61]
+    index.extend(head + copy)
+    index.match(6)
+    index.extend(head + copy + [112, 113, 5])
+    assert index.match(2).tokens == (60, 61)
 
 
 def test_ngram_proposer_keeps_one_index_per_running_request():
@@ -348,6 +382,27 @@ def test_adaptive_length_follows_a_copy_streak_and_stops_when_drafts_fail():
     assert adaptive_length(_Acceptance(hits=0.0, trials=10.0), 16, 0.0) >= 1
     streak = _Acceptance(hits=15.0, trials=15.0)
     assert adaptive_length(streak, 16, 0.5) < adaptive_length(streak, 16, 0.1)
+
+
+def test_match_length_draft_trusts_a_long_copy_run_before_its_class_has_evidence():
+    """A request continuing a 40-token copy run drafts long at once (the prior of the 32+
+    class, 0.95; a flat 0.6 gave 4 tokens), one after a 2-token match drafts short (prior
+    0.6); each class's own evidence then replaces its prior."""
+    from ember.spec_decode.decoder import MatchAcceptance, _Acceptance, match_draft_length
+
+    by_match = MatchAcceptance()
+    assert by_match.rate(2) < by_match.rate(5) < by_match.rate(10) < by_match.rate(40)
+
+    def extra(k: int) -> float:  # a verify-cost curve like the measured one: 16 drafts ~3.1x
+        return 0.14 * k
+
+    long_run = match_draft_length(_Acceptance(hits=4.0, trials=4.0), by_match, 40, 16, extra)
+    short = match_draft_length(_Acceptance(hits=4.0, trials=4.0), by_match, 2, 16, extra)
+    assert long_run >= 8 and short <= 4, (long_run, short)
+    for _ in range(20):  # long runs that keep failing at once: the class learns it
+        by_match.update(40, 16, 0)
+    assert by_match.rate(40) < 0.2
+    assert match_draft_length(_Acceptance(hits=4.0, trials=4.0), by_match, 40, 16, extra) < 4
 
 
 # ---- engine on a tiny random model ----------------------------------------------------------
