@@ -145,15 +145,18 @@ class LayerStack:
 class FusedDecoder:
     """Runs a `LayerStack` through `decode_layers` (decoder.cpp)."""
 
-    def __init__(self, stack: LayerStack, kernels: CpuKernels) -> None:
+    def __init__(self, stack: LayerStack, kernels: CpuKernels,
+                 head: Sequence[torch.Tensor] = ()) -> None:
+        """head: the output head's weight tensors (read after the last layer every decode
+        step, outside this kernel): they join the arena after the projections."""
         kv_dtypes = [check_kv_caches(layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale)
                      for layer in stack.layers]
         self.stack = stack
         """Keeps every tensor the C structs point to alive."""
-        self.arena_bytes = relocate([t for layer in stack.layers for lin in layer.projections
-                                     for t in (lin.w, lin.d, lin.m) if t is not None])
-        """The projections' bytes moved into one huge-page arena in streaming order (arena.py:
-        decode reads them once a step; the values are unchanged)."""
+        self.arena_bytes = relocate([*(t for layer in stack.layers for lin in layer.projections
+                                       for t in (lin.w, lin.d, lin.m) if t is not None), *head])
+        """The projections' and the head's bytes moved into one huge-page arena in streaming
+        order (arena.py: decode reads them once a step; the values are unchanged)."""
         self.layers = (LayerW * len(stack.layers))(*[
             LayerW(layer.in_norm.data_ptr(), layer.post_norm.data_ptr(), layer.qkv.c_struct(),
                    layer.o.c_struct(), layer.gate_up.c_struct(), layer.down.c_struct(),

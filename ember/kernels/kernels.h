@@ -198,7 +198,7 @@ inline void q5_tile(const uint8_t* w, const QuantizedActs& a, int64_t m0, float*
   for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + (m0 + c) * n, acc[c]);
 }
 
-#include "q6_layers.h"  // q6x_tile: Q6 layers (GGUF Q6_K exact; the AVX2 code)
+#include "q6_layers.h"  // q6x_tile: Q6 layers (GGUF Q6_K exact)
 
 }  // namespace
 #include "gemm_rows.h"  // tile_rows, gemm_row_tiles: the row tiles above, all formats

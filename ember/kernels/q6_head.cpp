@@ -13,8 +13,8 @@
 //                 with j = 4p + i (column group j of 4 columns)
 //     [384, 416): sub-scales int8: [h][l] = sc[16t+l][2b + h]
 //   d (N/16, K/(32 sb), 16) float32: [t][s][l] = d[16t+l][s].
-// The AVX2 code below also serves the AVX-512 build (its flags include AVX2; not tested on an
-// AVX-512 machine here); EMBER_ISA_PORTABLE gets plain C++.
+// One tile per ISA (AVX-512 VNNI, AVX2, plain C++ for EMBER_ISA_PORTABLE) on q6_layers.h's block
+// helpers; all three give the same outputs bit for bit.
 
 #include "kernels.h"
 
@@ -60,7 +60,7 @@ void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& 
     for (int l = 0; l < 16; ++l) y[(m0 + c) * n + l] = acc[c][l];
 }
 
-#else
+#elif defined(EMBER_ISA_AVX2)
 
 template <int C>
 void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& a,
@@ -86,6 +86,30 @@ void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& 
     _mm256_storeu_ps(y + (m0 + c) * n, acc[c][0]);
     _mm256_storeu_ps(y + (m0 + c) * n + 8, acc[c][1]);
   }
+}
+
+#else
+
+template <int C>
+void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& a,
+             const int32_t* xs, int64_t m0, float* y, int64_t n) {
+  __m512 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wb = w + b * kQ6BlockBytes;
+    // NOTE: decode streams the head once from DRAM: prefetch ~5 blocks ahead.
+    for (int c = 0; c < 7; ++c)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 2048 + 64 * c), _MM_HINT_T0);
+    Q6Block blk;
+    q6_unpack(wb, blk);
+    const __m512 dw = _mm512_loadu_ps(d + (b / sb) * 16);
+    for (int c = 0; c < C; ++c) {
+      const int32_t* xh = xs + (m0 + c) * a.nb * 2 + 2 * b;
+      q6_block_row(blk, dw, a.qrow(m0 + c) + b * kBlock, xh[0], xh[1],
+                   _mm512_set1_ps(a.d[static_cast<size_t>((m0 + c) * a.nb + b)]), acc[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + (m0 + c) * n, acc[c]);
 }
 
 #endif

@@ -1,9 +1,8 @@
 // Q6 weights in the decoder's layers (fmt 7, LinearW d = the float32 super-block scales):
 // GGUF Q6_K's codes exactly, in the Q6 head's layout (q6_head.cpp has it: 416 bytes per 16-row
 // x 32-column block, d (tiles, K/256, 16)), with sb = 8 (Q6_K's 256-column super-block).
-// One tile function per ISA, included by isa_avx2.h, isa_portable.h and kernels.h (AVX-512: the
-// AVX2 code, its flags include AVX2; compiled, not run on an AVX-512 machine here) before
-// their gemm dispatch. Unlike q6_gemm it needs no precomputed activation sums: the two 16-column
+// One tile function per ISA, included by isa_avx2.h, isa_portable.h and kernels.h (AVX-512 VNNI:
+// all 16 rows of a block in one vector, vpdpbusd dots) before their gemm dispatch. Unlike q6_gemm it needs no precomputed activation sums: the two 16-column
 // sums of a block's int8 codes (the -32 offset term) are formed in the tile. The integer dot
 // and float math are q6_head.cpp's, so outputs equal q6_gemm's bit for bit.
 #pragma once
@@ -64,7 +63,7 @@ inline void q6x_tile(const uint8_t* w, const float* d, const QuantizedActs& a, i
     for (int l = 0; l < 16; ++l) y[(m0 + c) * n + l] = acc[c][l];
 }
 
-#else
+#elif defined(EMBER_ISA_AVX2)
 
 // AVX2 block helpers shared with q6_head.cpp (see the portable ones above).
 struct Q6Block {
@@ -160,6 +159,84 @@ inline void q6x_tile(const uint8_t* w, const float* d, const QuantizedActs& a, i
     _mm256_storeu_ps(y + (m0 + c) * n, acc[c][0]);
     _mm256_storeu_ps(y + (m0 + c) * n + 8, acc[c][1]);
   }
+}
+
+#else
+
+// AVX-512 VNNI block helpers shared with q6_head.cpp (see the portable ones above). Per output
+// lane (row) the same integer dots and the same float ops in the same order as the AVX2 code
+// (the -32 offset is the dot's starting value instead of a subtraction: integers, exact), so
+// every ISA's outputs are equal bit for bit (tests/unit/test_q6_head.py).
+struct Q6Block {
+  __m512i u[8];   // [j]: lane l = row l, the 4 codes of columns 4j .. 4j + 3 (in [0, 63])
+  __m512i sc[2];  // [h]: int32 sub-scales of half-block h (columns 16h .. 16h + 15), lane = row
+};
+
+__attribute__((always_inline)) inline void q6_unpack(const uint8_t* wb, Q6Block& blk) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(0x30);
+  const __m512i h0 = _mm512_loadu_si512(wb + 256), h1 = _mm512_loadu_si512(wb + 320);
+  const __m512i hi[8] = {
+      _mm512_and_si512(_mm512_slli_epi16(h0, 4), m2), _mm512_and_si512(_mm512_slli_epi16(h0, 2), m2),
+      _mm512_and_si512(h0, m2), _mm512_and_si512(_mm512_srli_epi16(h0, 2), m2),
+      _mm512_and_si512(_mm512_slli_epi16(h1, 4), m2), _mm512_and_si512(_mm512_slli_epi16(h1, 2), m2),
+      _mm512_and_si512(h1, m2), _mm512_and_si512(_mm512_srli_epi16(h1, 2), m2)};
+  for (int c = 0; c < 4; ++c) {
+    const __m512i raw = _mm512_loadu_si512(wb + c * 64);
+    blk.u[c] = _mm512_or_si512(_mm512_and_si512(raw, m4), hi[c]);
+    blk.u[c + 4] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(raw, 4), m4), hi[c + 4]);
+  }
+  blk.sc[0] = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 384)));
+  blk.sc[1] = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 400)));
+}
+
+// acc += (u . x - 32 xh) * sc * dw * ad for one block and one activation row xq.
+__attribute__((always_inline)) inline void q6_block_row(const Q6Block& blk, __m512 dw,
+                                                        const int8_t* xq, int32_t xh0, int32_t xh1,
+                                                        __m512 ad, __m512& acc) {
+  __m512i dot0 = _mm512_set1_epi32(-32 * xh0), dot1 = _mm512_set1_epi32(-32 * xh1);
+  for (int j = 0; j < 4; ++j) {
+    dot0 = _mm512_dpbusd_epi32(dot0, blk.u[j], bcast4(xq + 4 * j));
+    dot1 = _mm512_dpbusd_epi32(dot1, blk.u[j + 4], bcast4(xq + 16 + 4 * j));
+  }
+  const __m512i isum = _mm512_add_epi32(_mm512_mullo_epi32(dot0, blk.sc[0]),
+                                        _mm512_mullo_epi32(dot1, blk.sc[1]));
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, ad), acc);
+}
+
+// The two 16-code sums of one activation block (the -32 offset term): sad of the codes + 128 per
+// 8 bytes, less 16 * 128 per half.
+__attribute__((always_inline)) inline void q6_half_sums(const int8_t* xq, int32_t& xh0,
+                                                        int32_t& xh1) {
+  const __m256i sad = _mm256_sad_epu8(
+      _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq)),
+                       _mm256_set1_epi8(static_cast<char>(0x80))),
+      _mm256_setzero_si256());
+  const __m128i s_lo = _mm256_castsi256_si128(sad), s_hi = _mm256_extracti128_si256(sad, 1);
+  xh0 = _mm_cvtsi128_si32(s_lo) + _mm_extract_epi32(s_lo, 2) - 2048;
+  xh1 = _mm_cvtsi128_si32(s_hi) + _mm_extract_epi32(s_hi, 2) - 2048;
+}
+
+template <int C>
+inline void q6x_tile(const uint8_t* w, const float* d, const QuantizedActs& a, int64_t m0,
+                     float* y, int64_t n) {
+  __m512 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    const uint8_t* wb = w + b * kQ6xBlockBytes;
+    for (int c = 0; c < 7; ++c)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * kQ6xBlockBytes + 64 * c), _MM_HINT_T0);
+    Q6Block blk;
+    q6_unpack(wb, blk);
+    const __m512 dw = _mm512_loadu_ps(d + (b / kQ6xSuper) * 16);
+    for (int c = 0; c < C; ++c) {
+      const int8_t* xq = a.qrow(m0 + c) + b * kBlock;
+      int32_t xh0, xh1;
+      q6_half_sums(xq, xh0, xh1);
+      q6_block_row(blk, dw, xq, xh0, xh1,
+                   _mm512_set1_ps(a.d[static_cast<size_t>((m0 + c) * a.nb + b)]), acc[c]);
+    }
+  }
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + (m0 + c) * n, acc[c]);
 }
 
 #endif

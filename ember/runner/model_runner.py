@@ -111,7 +111,12 @@ class ModelRunner:
                                f"but the plan runs the fused decoder")
         if self.kv_groups.num_groups > 1:  # each layer reads / writes its group's tables
             stack = stack.with_kv_groups(self.kv_groups.layer_group)
-        return FusedDecoder(stack, self.plan.kernels)
+        # the output head streams right after the layers every decode step (Gemma's 262k-row
+        # head: ~2/3 of a step's bytes): its weights join the decoder's huge-page arena
+        head = getattr(self.model, "lm_head", None)
+        head_tensors = ([*head.parameters(), *head.buffers()]
+                        if isinstance(head, torch.nn.Module) else [])
+        return FusedDecoder(stack, self.plan.kernels, head=head_tensors)
 
     # ---- per-request state --------------------------------------------------------------
 

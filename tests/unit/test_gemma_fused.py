@@ -108,6 +108,12 @@ def _engine(quantization: str | None, kernels: CpuKernels | None, trim: bool = T
         assert plan.fused_decoder and isinstance(runner.decoder, FusedDecoder)
         assert runner.decoder.stack.rope_tables == 2
         assert runner.decoder.stack.num_groups == runner.kv_groups.num_groups
+        if runner.decoder.arena_bytes:  # the head's weights joined the layers' arena
+            start = min(lin.w.data_ptr() for layer in runner.decoder.stack.layers
+                        for lin in layer.projections)
+            head = [b for b in runner.model.lm_head.buffers() if b.numel()]
+            assert head and all(start < b.data_ptr() < start + runner.decoder.arena_bytes
+                                for b in head)
     mgr, step = engine.core.kv_manager, engine.core.step
     engine.peak_blocks = 0  # type: ignore[attr-defined]
 

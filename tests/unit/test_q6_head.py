@@ -71,6 +71,32 @@ def test_q6_gemm_matches_dequantized_reference(load_kernels, isa: str, mrows: in
     assert float((y - ref).norm() / ref.norm()) < 0.01
 
 
+@pytest.mark.parametrize("mrows", [1, 2, 8, 9, 17])
+def test_q6_kernels_are_bitwise_equal_on_every_isa(load_kernels, mrows: int) -> None:
+    """The Q6 head (q6_gemm, Gemma's 640-wide head: 128-column super-blocks) and the Q6 layer
+    kernel (q6x_gemm, Q6_K's 256) give the same bits on every ISA this CPU runs: the integer
+    block dots are exact and every ISA applies the same float ops per output in one order."""
+    from ember.layers.q6_head import q6_gemm
+
+    isas = [i.name for i in supported_isas()]
+    torch.manual_seed(mrows)
+    x640, x512 = torch.randn(mrows, 640) * 2, torch.randn(mrows, 512) * 2
+    head = Q6Blocks.quantize(torch.randn(72, 640) * torch.rand(72, 1))
+    layer = Q6Blocks.from_q6_k(_q6_k_raw(40, 512, seed=mrows), (40, 512))
+    assert head.sb == 4 and layer.sb == 8
+    (hp, hd), (lp, ld) = pack_q6(head), pack_q6(layer)
+    outs = {}
+    for isa in isas:
+        kernels = load_kernels(isa)
+        outs[isa] = (q6_gemm(kernels, x640, hp, hd, head.sb), kernels.q6x_gemm(x512, lp, ld),
+                     q6_gemm(kernels, x512, lp, ld, layer.sb))
+    ref = outs[isas[0]]
+    assert torch.equal(ref[1], ref[2])  # layer kernel == head kernel on the same weights
+    for isa in isas[1:]:
+        for got, want in zip(outs[isa], ref):
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (isa, isas[0])
+
+
 def test_q6_gemm_exact_q6_k_head(load_kernels) -> None:
     """A GGUF Q6_K matrix runs exactly: the kernel against its dequantized values (sb = 8)."""
     from ember.layers.q6_head import Q6Linear
