@@ -2,15 +2,17 @@
 
 Starts `ember serve` with timing wrappers around the engine thread's step cycle and the event
 loop's callbacks, streams `--rounds` one-client completions (16-token prompt given as token
-ids, greedy, ignore_eos, the lean client of serve_few_clients.py), stops the server and prints,
-per decode step (small steps only, i.e. one stream):
+ids, greedy, ignore_eos, the lean client of serve_few_clients.py), stops the server and prints
+medians per engine step (after the warm-up request; cycles over 50 ms, i.e. idle gaps between
+requests, left out):
   step      LLMEngine.step (schedule + model + sample + detokenize: what offline also pays)
   handoff   the engine thread's wait for the event loop after a step (handoff.py)
   rest      the rest of the engine thread's cycle (dispatch, stats, metrics, commands)
   loop      event-loop callback time per step (SSE encoding, socket writes, mailbox, ...)
-and the kernel thread counts the auto policy chose. cycle = step + handoff + rest; offline
-pays ~step per token, so rest + handoff is what the server adds on the engine's path (the loop
-time overlaps the step when the kernels leave a core free).
+and how many steps ran on each kernel thread count (the auto policy's arms). cycle = step +
+handoff + rest; offline pays ~step per token, so rest + handoff is what the server adds on the
+engine's path. With a core left to the front end the loop's time overlaps the step, but its
+Python still takes the GIL from the engine thread's Python (rest grows instead of handoff).
 
     flock /tmp/ember-bench.lock python benchmarks/serve_step_profile.py --rounds 6
 """
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from _stream_client import stream_completion
@@ -98,7 +101,7 @@ def breakdown(rec: dict, first_step: int, max_cycle_s: float = 0.05) -> dict[str
             "rest_ms_p50": ms * statistics.median(rests),
             "loop_busy_ms_per_step": ms * rec["loop_busy_s"] / n,
             "loop_calls_per_step": rec["loop_calls"] / n,
-            "full_thread_steps": sum(t == max(threads) for t in threads) / max(1, len(threads))}
+            "steps_by_kernel_threads": dict(Counter(threads))}
 
 
 def main() -> int:
