@@ -144,6 +144,9 @@ class ServerMetrics:
         self.http_requests = Counter("ember:http_requests", "HTTP requests handled.",
                                      ["method", "route", "status"], registry=self.registry)
         self.registry.register(_EngineCollector(model_name, lambda: self._stats()))
+        self._itl: Histogram | None = None
+        """`itl`'s child for this model, made at the first observation (as `labels()` does)
+        and kept: on_inter_token runs per token on the engine thread."""
 
     def bind_engine(self, stats: Callable[[], EngineStats | None]) -> None:
         """Read engine gauges and totals from `stats` from now on."""
@@ -156,7 +159,10 @@ class ServerMetrics:
         self.queue_time.labels(self.model_name).observe(queue_s)
 
     def on_inter_token(self, seconds: float) -> None:
-        self.itl.labels(self.model_name).observe(seconds)
+        child = self._itl
+        if child is None:
+            child = self._itl = self.itl.labels(self.model_name)
+        child.observe(seconds)
 
     def on_finished(self, e2e_s: float, finish_reasons: list[str]) -> None:
         self.e2e.labels(self.model_name).observe(e2e_s)
