@@ -48,6 +48,10 @@ namespace {
 constexpr int64_t kQRows = 16;    // query rows (tokens) per tile
 constexpr int64_t kKeys = 64;     // keys per inner tile (converted to float once)
 constexpr int64_t kSegKeys = 512;  // keys per segment (fixed key positions; see above)
+// NOTE: bf16 tiles (prefill_bf16.h) only for a sequence with this many rows in the step (a
+// prefill chunk): fewer rows (decodes, speculative verification rows) stay float32 and
+// batch-invariant.
+constexpr int64_t kBf16MinRows = 64;
 
 // A paged KV cache of one layer, bf16 (dtype 0) or int8 with per-slot-and-head scales (1).
 struct KvCache {
@@ -104,23 +108,30 @@ inline int64_t first_key(const DecodeCtx& c, int64_t i, int64_t window) {
   return window > 0 ? std::max<int64_t>(0, c.lens[i] - window) : 0;
 }
 
-// The pack entries of the full tiles (runs of kQRows rows; consecutive ones of a sequence
-// share one) and their key tiles to pack; returns each run's entry (-1: none).
+// The pack entries of the full tiles (runs of kQRows rows) of sequences with at least
+// kBf16MinRows rows in the step (one entry per sequence) and their key tiles to pack; returns
+// each run's entry (-1: none).
 inline std::vector<int64_t> make_packs(const DecodeCtx& c,
                                        const std::vector<std::pair<int64_t, int64_t>>& runs,
                                        int64_t window, AttnPlan& plan) {
   std::vector<int64_t> pack_of(runs.size(), -1);
   if (!EMBER_ATTN_BF16) return pack_of;
-  for (size_t ri = 0; ri < runs.size(); ++ri) {
-    const auto [r0, nr] = runs[ri];
-    if (nr != kQRows) continue;
-    const bool extend = ri > 0 && pack_of[ri - 1] >= 0 && runs[ri - 1].first + kQRows == r0 &&
-                        same_sequence(c, r0);
-    if (!extend) plan.packs.push_back({0, first_key(c, r0, window), 0, 0, 0, 0});
-    PackSeq& e = plan.packs.back();
-    e.row = r0 + nr - 1;  // its table covers every key of the entry
-    e.kend = c.lens[r0 + nr - 1];
-    pack_of[ri] = static_cast<int64_t>(plan.packs.size()) - 1;
+  for (size_t ri = 0; ri < runs.size();) {
+    // runs ri .. rj - 1: consecutive rows of one sequence
+    size_t rj = ri + 1;
+    while (rj < runs.size() && runs[rj - 1].first + runs[rj - 1].second == runs[rj].first &&
+           same_sequence(c, runs[rj].first))
+      ++rj;
+    const int64_t rows = runs[rj - 1].first + runs[rj - 1].second - runs[ri].first;
+    for (size_t r = ri; rows >= kBf16MinRows && r < rj && runs[r].second == kQRows; ++r) {
+      const auto [r0, nr] = runs[r];
+      if (r == ri) plan.packs.push_back({0, first_key(c, r0, window), 0, 0, 0, 0});
+      PackSeq& e = plan.packs.back();
+      e.row = r0 + nr - 1;  // its table covers every key of the entry
+      e.kend = c.lens[r0 + nr - 1];
+      pack_of[r] = static_cast<int64_t>(plan.packs.size()) - 1;
+    }
+    ri = rj;
   }
   int64_t off = 0;
   for (size_t i = 0; i < plan.packs.size(); ++i) {

@@ -12,10 +12,11 @@
 // weights a row applies sum to its denominator); accumulation, max and exp in float32. Keys
 // outside the sequence's range are packed as zeros; keys outside a row's range get
 // probability 0 (masks over the 64 keys of a tile).
-// NOTE: this is not bit-identical to the decode rows (float32 dot products): batch
-// invariance holds for tiles of fewer than kQRows rows (decode, verification rows of up to
-// kQRows - 1 draft tokens, a prefill chunk's ragged last tile); a full prefill tile gives the
-// same bits whatever the thread count and split.
+// Only sequences with at least kBf16MinRows rows in the step (prefill chunks) take this path.
+// NOTE: it is not bit-identical to the decode rows (float32 dot products): batch invariance
+// holds for sequences with fewer rows in a step (decodes, verification rows of up to
+// kBf16MinRows - 1 draft tokens) and for a prefill chunk's ragged last tile; a full prefill
+// tile gives the same bits whatever the thread count, the split and the rows beside it.
 #pragma once
 
 namespace {

@@ -76,24 +76,26 @@ CASES = [
     (12, 3, 64, 16, [(7, 45)], 24),  # prefill, G = 4: PV passes over rows of two tokens
     # full prefill tiles (16 rows: bf16 dot products on AVX-512) across key segments, a
     # chunk over a cached context, ragged last tiles, head dims 128 / 256, windows
-    (9, 3, 64, 16, [(0, 300), (1000, 70), (5, 1)], None),
-    (4, 4, 128, 16, [(500, 40)], None),
-    (4, 2, 256, 16, [(20, 33)], None),
-    (8, 2, 64, 16, [(600, 48)], 200),
-    (6, 2, 64, 4, [(61, 35)], 50),  # 4-slot blocks, a window inside the first tile's keys
+    (9, 3, 64, 16, [(0, 300), (1000, 70), (5, 1), (40, 63)], None),
+    (4, 4, 128, 16, [(500, 70)], None),
+    (4, 2, 256, 16, [(20, 65)], None),
+    (8, 2, 64, 16, [(600, 80)], 200),
+    (6, 2, 64, 4, [(61, 67)], 50),  # 4-slot blocks, a window inside the first tile's keys
 ]
 
 # Full query tiles (kQRows consecutive rows of one sequence, from its first row in the step)
-# run on bf16 dot products on AVX-512 (prefill_bf16.h): queries and probabilities rounded to
-# bfloat16, float32 softmax and accumulation. Their tolerance follows bf16's 8-bit mantissa
-# (scores of q * 2: a sharp softmax); other rows are float32 throughout.
-Q_ROWS = 16
+# of a sequence with at least kBf16MinRows rows in the step run on bf16 dot products on
+# AVX-512 (prefill_bf16.h): queries and probabilities rounded to bfloat16, float32 softmax and
+# accumulation. Their tolerance follows bf16's 8-bit mantissa (scores of q * 2: a sharp
+# softmax); other rows are float32 throughout.
+Q_ROWS, BF16_MIN_ROWS = 16, 64
 BF16_ATOL, BF16_MEAN = 3e-2, 2e-3
 
 
 def _full_tile_rows(seqs: list[tuple[int, int]]) -> torch.Tensor:
     """Per query row (as _rows lays them out): True where its tile holds Q_ROWS rows."""
-    return torch.tensor([i < new // Q_ROWS * Q_ROWS for _, new in seqs for i in range(new)])
+    return torch.tensor([new >= BF16_MIN_ROWS and i < new // Q_ROWS * Q_ROWS
+                         for _, new in seqs for i in range(new)])
 
 
 def _assert_attention_close(kernels: CpuKernels, got: torch.Tensor, ref: torch.Tensor,
@@ -201,24 +203,24 @@ def _attend(kernels: CpuKernels, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def test_full_tile_output_does_not_depend_on_the_rows_beside_it(kernels):
-    """A full prefill tile (bf16 dot products on AVX-512) past two key segments gives the same
-    bits alone (few items: split over its key segments across threads) and beside other
-    sequences' tiles (unsplit), and equals the dense reference to bf16 accuracy."""
+    """Full prefill tiles (bf16 dot products on AVX-512) past two key segments give the same
+    bits alone (4 items: split over their key segments across threads) and beside another
+    prefill chunk (unsplit), and equal the dense reference to bf16 accuracy."""
     gen = torch.Generator().manual_seed(23)
-    hq, hk, dim, bs, ctx = 9, 3, 64, 16, 1100
-    k_cache, v_cache, tables = random_paged_cache(gen, [ctx + Q_ROWS, 700], hk, dim, bs)
-    q = torch.randn(Q_ROWS, hq, dim, generator=gen) * 2
-    q_other = torch.randn(2 * Q_ROWS, hq, dim, generator=gen) * 2
-    alone = _attend(kernels, k_cache, v_cache, [(ctx, Q_ROWS)], tables[:1], q)
-    beside = _attend(kernels, k_cache, v_cache, [(700 - 2 * Q_ROWS, 2 * Q_ROWS), (ctx, Q_ROWS)],
-                     tables[::-1], torch.cat([q_other, q]))[2 * Q_ROWS:]
-    many = _attend(kernels, k_cache, v_cache, [(ctx, Q_ROWS)] * 4, tables[:1] * 4,
-                   q.repeat(4, 1, 1))[-Q_ROWS:]
+    hq, hk, dim, bs, ctx, n = 8, 1, 64, 16, 1100, BF16_MIN_ROWS
+    k_cache, v_cache, tables = random_paged_cache(gen, [ctx + n, 700], hk, dim, bs)
+    q = torch.randn(n, hq, dim, generator=gen) * 2
+    q_other = torch.randn(n, hq, dim, generator=gen) * 2
+    alone = _attend(kernels, k_cache, v_cache, [(ctx, n)], tables[:1], q)
+    beside = _attend(kernels, k_cache, v_cache, [(700 - n, n), (ctx, n)], tables[::-1],
+                     torch.cat([q_other, q]))[n:]
+    many = _attend(kernels, k_cache, v_cache, [(ctx, n)] * 3, tables[:1] * 3,
+                   q.repeat(3, 1, 1))[-n:]
     assert torch.equal(beside, alone)
     assert torch.equal(many, alone)
-    row_tables, lens = _rows([(ctx, Q_ROWS)], tables[:1])
+    row_tables, lens = _rows([(ctx, n)], tables[:1])
     ref = _reference(q, k_cache, v_cache, row_tables, lens, dim ** -0.5, None)
-    _assert_attention_close(kernels, alone.double(), ref, [(ctx, Q_ROWS)])
+    _assert_attention_close(kernels, alone.double(), ref, [(ctx, n)])
 
 
 @pytest.mark.parametrize("hq, hk, dim, int8, window", [
