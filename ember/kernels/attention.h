@@ -17,9 +17,13 @@
 // kSegKeys) whatever the step looks like; each segment runs its own online softmax over key
 // tiles at multiples of kKeys, and the segments' states are folded in key order by one
 // function (fold_state), whether one item ran them all or split-K items ran them apart. So a
-// row's output is bit-identical alone (a decode) or inside a tile (verification rows, a
-// prefill chunk), whatever the split and the thread count. int8 caches: invariant across
-// splits and thread counts, but a decode row applies the scales differently from a tile.
+// row's output is bit-identical alone (a decode) or inside a float32 tile (verification rows,
+// a prefill chunk of fewer than kBf16MinRows rows), whatever the split and the thread count.
+// Exception (AVX-512 build, bf16 cache): the full tiles of a sequence with >= kBf16MinRows
+// rows in the step run on bf16 dot products (prefill_bf16.h): invariant across splits, thread
+// counts and the rows beside them, but equal to the same rows decoded only to bf16 accuracy
+// (test_prefill_chunk_rows_versus_decoded_rows). int8 caches: invariant across splits and
+// thread counts, but a decode row applies the scales differently from a tile.
 //
 // KV caches: bfloat16 (S, Hk, D), or int8 (S, Hk, D) with a float32 scale per slot and head
 // (S, Hk): value = q * scale. A sliding window w > 0 limits row i to keys (lens[i]-1-w, ...]:

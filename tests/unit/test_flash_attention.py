@@ -223,6 +223,28 @@ def test_full_tile_output_does_not_depend_on_the_rows_beside_it(kernels):
     _assert_attention_close(kernels, alone.double(), ref, [(ctx, n)])
 
 
+def test_prefill_chunk_rows_versus_decoded_rows(kernels):
+    """The batch-invariance scope of the bf16 prefill tiles, made exact: a row inside a full
+    tile of a chunk of BF16_MIN_ROWS rows equals the same row decoded alone (float32) to bf16
+    accuracy only (bit-equal on the float32 builds), while a chunk of BF16_MIN_ROWS - 1 rows
+    (the most verification rows a step may carry) stays bit-equal to its rows decoded alone."""
+    gen = torch.Generator().manual_seed(29)
+    hq, hk, dim, bs, ctx = 9, 3, 64, 16, 700
+    k_cache, v_cache, tables = random_paged_cache(gen, [ctx + BF16_MIN_ROWS], hk, dim, bs)
+    q = torch.randn(BF16_MIN_ROWS, hq, dim, generator=gen) * 2
+    row = Q_ROWS - 1  # the last row of the first full tile
+    decoded = _attend(kernels, k_cache, v_cache, [(ctx + row, 1)], tables, q[row:row + 1])[0]
+    chunk = _attend(kernels, k_cache, v_cache, [(ctx, BF16_MIN_ROWS)], tables, q)[row]
+    short = _attend(kernels, k_cache, v_cache, [(ctx, BF16_MIN_ROWS - 1)], tables,
+                    q[:BF16_MIN_ROWS - 1])[row]
+    assert torch.equal(short, decoded)
+    if kernels.isa == "avx512-vnni":
+        torch.testing.assert_close(chunk, decoded, atol=BF16_ATOL, rtol=0)
+        assert float((chunk - decoded).abs().mean()) < BF16_MEAN
+    else:
+        assert torch.equal(chunk, decoded)
+
+
 @pytest.mark.parametrize("hq, hk, dim, int8, window", [
     (9, 3, 64, False, None),  # SmolLM2's shape, bf16
     (4, 2, 128, False, 700),  # a sliding window starting mid key tile
