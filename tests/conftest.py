@@ -11,7 +11,21 @@ import pytest
 
 from ember.loading.sources import PACKAGED_MODELS, packaged_path
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+def _shared_data() -> Path:
+    """`shared/data` beside the checkout, or, in a git worktree (its .git a file naming
+    <main>/.git/worktrees/<name>), beside the main checkout."""
+    root = Path(__file__).resolve().parents[1]
+    candidates = [root.parent / "shared" / "data"]
+    git = root / ".git"
+    if git.is_file() and git.read_text().startswith("gitdir:"):
+        gitdir = Path(git.read_text().split(":", 1)[1].strip())
+        if len(gitdir.parents) > 2:
+            candidates.append(gitdir.parents[2].parent / "shared" / "data")
+    return next((p for p in candidates if p.is_dir()), candidates[0])
+
+
+SHARED_DATA = _shared_data()
 
 
 def smollm2_gguf() -> Path:

@@ -17,9 +17,13 @@
 // kSegKeys) whatever the step looks like; each segment runs its own online softmax over key
 // tiles at multiples of kKeys, and the segments' states are folded in key order by one
 // function (fold_state), whether one item ran them all or split-K items ran them apart. So a
-// row's output is bit-identical alone (a decode) or inside a tile (verification rows, a
-// prefill chunk), whatever the split and the thread count. int8 caches: invariant across
-// splits and thread counts, but a decode row applies the scales differently from a tile.
+// row's output is bit-identical alone (a decode) or inside a float32 tile (verification rows,
+// a prefill chunk of fewer than kBf16MinRows rows), whatever the split and the thread count.
+// Exception (AVX-512 build, bf16 cache): the full tiles of a sequence with >= kBf16MinRows
+// rows in the step run on bf16 dot products (prefill_bf16.h): invariant across splits, thread
+// counts and the rows beside them, but equal to the same rows decoded only to bf16 accuracy
+// (test_prefill_chunk_rows_versus_decoded_rows). int8 caches: invariant across splits and
+// thread counts, but a decode row applies the scales differently from a tile.
 //
 // KV caches: bfloat16 (S, Hk, D), or int8 (S, Hk, D) with a float32 scale per slot and head
 // (S, Hk): value = q * scale. A sliding window w > 0 limits row i to keys (lens[i]-1-w, ...]:
@@ -29,16 +33,29 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <vector>
 
 #include "common.h"
+
+// Full prefill tiles over a bf16 cache run on AVX-512 BF16 dot products (prefill_bf16.h);
+// the AVX2 and portable builds keep the float32 tile for every tile.
+#if !defined(EMBER_ISA_AVX2) && !defined(EMBER_ISA_PORTABLE) && defined(__AVX512BF16__)
+#define EMBER_ATTN_BF16 1
+#else
+#define EMBER_ATTN_BF16 0
+#endif
 
 namespace {
 
 constexpr int64_t kQRows = 16;    // query rows (tokens) per tile
 constexpr int64_t kKeys = 64;     // keys per inner tile (converted to float once)
 constexpr int64_t kSegKeys = 512;  // keys per segment (fixed key positions; see above)
+// NOTE: bf16 tiles (prefill_bf16.h) only for a sequence with this many rows in the step (a
+// prefill chunk): fewer rows (decodes, speculative verification rows) stay float32 and
+// batch-invariant.
+constexpr int64_t kBf16MinRows = 64;
 
 // A paged KV cache of one layer, bf16 (dtype 0) or int8 with per-slot-and-head scales (1).
 struct KvCache {
@@ -54,6 +71,14 @@ struct AttnTile {
   int64_t k0, k1;  // keys [k0, k1) this item covers
   int64_t part;    // -1: writes the output; else the slot of the tile's first segment
   int64_t seg0;    // the tile's first segment (k / kSegKeys of its first key)
+  int64_t pack = -1;  // a full prefill tile: its sequence's pack entry (prefill_bf16.h)
+};
+
+// Consecutive full tiles of one sequence share their K/V key tiles, packed once per layer:
+// keys [kstart, kend) of the table of row `row`, tiles tile0 .. tile0 + ntiles of kKeys keys
+// (keys outside the range packed as zeros), per kv head, at tile offset off of the buffer.
+struct PackSeq {
+  int64_t row, kstart, kend, tile0, ntiles, off;
 };
 
 struct AttnMerge {  // the segments of one split tile, folded in order after the items ran
@@ -69,6 +94,9 @@ struct AttnPlan {
   // each slot's K/V rows of all heads, one contiguous stretch, in one item)
   std::vector<std::pair<int64_t, int64_t>> items;
   std::vector<float> partial;  // (segments, Hk, kQRows * G, D + 2): acc, m, l
+  std::vector<PackSeq> packs;
+  std::vector<std::array<int64_t, 3>> pack_items;  // (entry, kv head, key tile)
+  std::vector<uint32_t> kvpack;  // (tiles, K / V, D x kKeys / 2) packed bf16 pairs
   int64_t group = 1, part_stride = 0;
 };
 
@@ -84,6 +112,46 @@ inline int64_t first_key(const DecodeCtx& c, int64_t i, int64_t window) {
   return window > 0 ? std::max<int64_t>(0, c.lens[i] - window) : 0;
 }
 
+// The pack entries of the full tiles (runs of kQRows rows) of sequences with at least
+// kBf16MinRows rows in the step (one entry per sequence) and their key tiles to pack; returns
+// each run's entry (-1: none).
+inline std::vector<int64_t> make_packs(const DecodeCtx& c,
+                                       const std::vector<std::pair<int64_t, int64_t>>& runs,
+                                       int64_t window, AttnPlan& plan) {
+  std::vector<int64_t> pack_of(runs.size(), -1);
+  if (!EMBER_ATTN_BF16) return pack_of;
+  for (size_t ri = 0; ri < runs.size();) {
+    // runs ri .. rj - 1: consecutive rows of one sequence
+    size_t rj = ri + 1;
+    while (rj < runs.size() && runs[rj - 1].first + runs[rj - 1].second == runs[rj].first &&
+           same_sequence(c, runs[rj].first))
+      ++rj;
+    const int64_t rows = runs[rj - 1].first + runs[rj - 1].second - runs[ri].first;
+    for (size_t r = ri; rows >= kBf16MinRows && r < rj && runs[r].second == kQRows; ++r) {
+      const auto [r0, nr] = runs[r];
+      if (r == ri) plan.packs.push_back({0, first_key(c, r0, window), 0, 0, 0, 0});
+      PackSeq& e = plan.packs.back();
+      e.row = r0 + nr - 1;  // its table covers every key of the entry
+      e.kend = c.lens[r0 + nr - 1];
+      pack_of[r] = static_cast<int64_t>(plan.packs.size()) - 1;
+    }
+    ri = rj;
+  }
+  int64_t off = 0;
+  for (size_t i = 0; i < plan.packs.size(); ++i) {
+    PackSeq& e = plan.packs[i];
+    e.tile0 = e.kstart / kKeys;
+    e.ntiles = (e.kend + kKeys - 1) / kKeys - e.tile0;
+    e.off = off;
+    off += e.ntiles * c.hk;
+    for (int64_t h = 0; h < c.hk; ++h)
+      for (int64_t t = 0; t < e.ntiles; ++t)
+        plan.pack_items.push_back({static_cast<int64_t>(i), h, t});
+  }
+  plan.kvpack.resize(static_cast<size_t>(off * c.dim * kKeys));  // K and V per tile
+  return pack_of;
+}
+
 inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window, int nthreads) {
   AttnPlan plan;
   plan.group = c.hq / c.hk;
@@ -95,23 +163,26 @@ inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window,
     else
       runs.push_back({i, 1});
   }
+  const std::vector<int64_t> pack_of = make_packs(c, runs, window, plan);
   const bool all_heads = c.hk <= kQRows;  // the scratch holds kQRows x G rows
   int64_t items = 0;
   for (const auto& run : runs) items += run.second == 1 && all_heads ? 1 : c.hk;
   const int64_t want = 4 * static_cast<int64_t>(nthreads);
   int64_t parts = 0;
-  for (const auto& [r0, nr] : runs) {
+  for (size_t ri = 0; ri < runs.size(); ++ri) {
+    const auto [r0, nr] = runs[ri];
+    const int64_t pk = pack_of[ri];
     const int64_t k0 = first_key(c, r0, window), k1 = c.lens[r0 + nr - 1];
     const int64_t s0 = k0 / kSegKeys, nseg = (k1 + kSegKeys - 1) / kSegKeys - s0;
     // NOTE: few items (one long decode): one item per segment (split-K). The split only
     // changes who runs a segment, never the segments or their fold order (batch-invariant).
     if (items >= want || nseg <= 1) {
-      plan.tiles.push_back({r0, nr, k0, k1, -1, s0});
+      plan.tiles.push_back({r0, nr, k0, k1, -1, s0, pk});
       continue;
     }
     for (int64_t g = 0; g < nseg; ++g)
       plan.tiles.push_back({r0, nr, std::max(k0, (s0 + g) * kSegKeys),
-                            std::min(k1, (s0 + g + 1) * kSegKeys), parts, s0});
+                            std::min(k1, (s0 + g + 1) * kSegKeys), parts, s0, pk});
     plan.merges.push_back({r0, nr, parts, nseg});
     parts += nseg;
   }
@@ -132,8 +203,13 @@ inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window,
 struct AttnScratch {
   std::vector<float> q, s, kf, vf, acc, m, l, alpha, cacc, cm, cl, ks, vs;
   std::vector<int64_t> lo, hi;
+  std::vector<uint32_t> qb, pb;  // bf16 tiles: the queries and probabilities as bf16 pairs
   AttnScratch(int64_t group, int64_t dim) {
     const size_t rows = static_cast<size_t>(kQRows * group);
+    if (EMBER_ATTN_BF16) {
+      qb.resize(rows * dim / 2);
+      pb.resize(rows * kKeys / 2);
+    }
     q.resize(rows * dim);
     cacc.resize(rows * dim);  // the carry: segments folded so far (fold_state)
     cm.resize(rows);
@@ -666,6 +742,12 @@ inline bool tiled_attention_supports(int64_t dim) {
   return dim == 64 || dim == 128 || dim == 256;
 }
 
+}  // namespace
+#if EMBER_ATTN_BF16
+#include "prefill_bf16.h"
+#endif
+namespace {
+
 inline void attend_decode_dispatch(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t,
                                    int64_t h0, int64_t h1, const float* q, int64_t q_stride,
                                    const KvCache& kv, AttnScratch& sc, float* out,
@@ -687,6 +769,10 @@ inline void attend_planned(const DecodeCtx& c, AttnPlan& plan, int64_t window, c
                            int64_t q_stride, const KvCache& kv, AttnScratch& sc, float* out,
                            int64_t out_stride) {
   const int64_t items = static_cast<int64_t>(plan.items.size());
+  const bool packed = EMBER_ATTN_BF16 && kv.dtype == 0 && !plan.packs.empty();
+#if EMBER_ATTN_BF16
+  if (packed) pack_plan(c, plan, kv);  // ends on the worksharing loop's barrier
+#endif
 #pragma omp for schedule(dynamic, 1)
   for (int64_t i = 0; i < items; ++i) {
     const auto [ti, kvh] = plan.items[static_cast<size_t>(i)];
@@ -696,6 +782,16 @@ inline void attend_planned(const DecodeCtx& c, AttnPlan& plan, int64_t window, c
                              q_stride, kv, sc, out, out_stride);
       continue;
     }
+#if EMBER_ATTN_BF16
+    if (packed && t.pack >= 0) {  // a full prefill tile: bf16 dot products on packed K/V
+      switch (c.dim) {
+        case 64: attend_tile_bf16<64>(c, plan, t, kvh, window, q, q_stride, sc, out, out_stride); break;
+        case 128: attend_tile_bf16<128>(c, plan, t, kvh, window, q, q_stride, sc, out, out_stride); break;
+        default: attend_tile_bf16<256>(c, plan, t, kvh, window, q, q_stride, sc, out, out_stride); break;
+      }
+      continue;
+    }
+#endif
     switch (c.dim) {
       case 64: attend_tile<64>(c, plan, t, kvh, window, q, q_stride, kv, sc, out, out_stride); break;
       case 128: attend_tile<128>(c, plan, t, kvh, window, q, q_stride, kv, sc, out, out_stride); break;

@@ -37,3 +37,14 @@ def teacher_forced_agreement(ref_llm, other_llm, ids: list[int]) -> Agreement:
     top1 = sum(a.top[0][0] == b.top[0][0] for a, b in zip(ref, got)) / len(ref)
     return Agreement(top1, -sum(a.logprob for a in ref) / len(ref),
                      -sum(b.logprob for b in got) / len(got))
+
+
+def first_split(got: list[int], ref) -> tuple[int, float] | None:
+    """Where greedy tokens `got` first leave the reference output `ref` (logprobs=2): (index,
+    the reference's own margin between its top token and `got`'s token there); None if equal."""
+    for i, (a, b) in enumerate(zip(got, ref.token_ids)):
+        if a != b:
+            top = dict(ref.logprobs[i].top)
+            assert a in top, f"token {i}: {a} is not among the reference's top 2 {top}"
+            return i, top[b] - top[a]
+    return None

@@ -11,6 +11,7 @@ import pytest
 from ember import SamplingParams
 from ember.kernels.build import missing_cpu_features
 from ember.plan import KERNELS_PAGED
+from agreement import first_split
 
 pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
                                 reason=f"CPU lacks {missing_cpu_features()}")
@@ -54,17 +55,6 @@ def long_ids(engines, pride_text) -> list[int]:
     return engines[0].get_tokenizer().encode(pride_text[20000:40000])[:1400]
 
 
-def _first_split(got: list[int], ref) -> tuple[int, float] | None:
-    """Where greedy tokens `got` first leave the reference output `ref` (logprobs=2): (index,
-    the reference's own margin between its top token and `got`'s token there); None if equal."""
-    for i, (a, b) in enumerate(zip(got, ref.token_ids)):
-        if a != b:
-            top = dict(ref.logprobs[i].top)
-            assert a in top, f"token {i}: {a} is not among the reference's top 2 {top}"
-            return i, top[b] - top[a]
-    return None
-
-
 def test_greedy_tokens_equal_torch_attention(engines):
     """The kernels' greedy tokens follow the reference's until a near-tie (the reference's top
     two within 0.1 nats, where ISA-dependent rounding of int8 activations decides: the AVX2 CI
@@ -78,7 +68,7 @@ def test_greedy_tokens_equal_torch_attention(engines):
         ref = torch_attn.generate([prompt], params, use_tqdm=False)[0].outputs[0]
         for llm, tie in ((kernel, 0.1), (int8, 0.25)):
             got = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
-            split = _first_split(got, ref)
+            split = first_split(got, ref)
             assert split is None or split[1] < tie, (prompt, split)
 
 

@@ -74,7 +74,39 @@ CASES = [
     (16, 2, 128, 8, [(999, 1), (2, 1)], None),  # G = 8 (3 + 3 + 2), split
     (10, 5, 64, 16, [(1301, 1)], None),  # G = 2, split over 5 kv heads
     (12, 3, 64, 16, [(7, 45)], 24),  # prefill, G = 4: PV passes over rows of two tokens
+    # full prefill tiles (16 rows: bf16 dot products on AVX-512) across key segments, a
+    # chunk over a cached context, ragged last tiles, head dims 128 / 256, windows
+    (9, 3, 64, 16, [(0, 300), (1000, 70), (5, 1), (40, 63)], None),
+    (4, 4, 128, 16, [(500, 70)], None),
+    (4, 2, 256, 16, [(20, 65)], None),
+    (8, 2, 64, 16, [(600, 80)], 200),
+    (6, 2, 64, 4, [(61, 67)], 50),  # 4-slot blocks, a window inside the first tile's keys
 ]
+
+# Full query tiles (kQRows consecutive rows of one sequence, from its first row in the step)
+# of a sequence with at least kBf16MinRows rows in the step run on bf16 dot products on
+# AVX-512 (prefill_bf16.h): queries and probabilities rounded to bfloat16, float32 softmax and
+# accumulation. Their tolerance follows bf16's 8-bit mantissa (scores of q * 2: a sharp
+# softmax); other rows are float32 throughout.
+Q_ROWS, BF16_MIN_ROWS = 16, 64
+BF16_ATOL, BF16_MEAN = 3e-2, 2e-3
+
+
+def _full_tile_rows(seqs: list[tuple[int, int]]) -> torch.Tensor:
+    """Per query row (as _rows lays them out): True where its tile holds Q_ROWS rows."""
+    return torch.tensor([new >= BF16_MIN_ROWS and i < new // Q_ROWS * Q_ROWS
+                         for _, new in seqs for i in range(new)])
+
+
+def _assert_attention_close(kernels: CpuKernels, got: torch.Tensor, ref: torch.Tensor,
+                            seqs: list[tuple[int, int]]) -> None:
+    """got / ref (T, Hq, D): float32 rows to 2e-5; full-tile rows to bf16 accuracy when the
+    kernels use bf16 tiles (the AVX-512 build), else float32 as well."""
+    bf16 = _full_tile_rows(seqs) & (kernels.isa == "avx512-vnni")
+    torch.testing.assert_close(got[~bf16], ref[~bf16], atol=2e-5, rtol=1e-4)
+    if bool(bf16.any()):
+        torch.testing.assert_close(got[bf16], ref[bf16], atol=BF16_ATOL, rtol=0)
+        assert float((got[bf16] - ref[bf16]).abs().mean()) < BF16_MEAN
 
 
 @pytest.mark.parametrize("hq, hk, dim, bs, seqs, window", CASES)
@@ -89,7 +121,7 @@ def test_tiled_attention_matches_dense_reference(kernels, hq, hk, dim, bs, seqs,
     got = kernels.paged_decode_attention(qkv, hq, dim, k_cache, v_cache, row_tables, lens,
                                          scale, window)
     ref = _reference(q, k_cache, v_cache, row_tables, lens, scale, window)
-    torch.testing.assert_close(got.view(t, hq, dim).double(), ref, atol=2e-5, rtol=1e-4)
+    _assert_attention_close(kernels, got.view(t, hq, dim).double(), ref, seqs)
 
 
 def test_rows_of_different_sequences_are_not_tiled_together(kernels):
@@ -157,6 +189,62 @@ def test_int8_cache_write_quantizes_per_token_and_head(kernels):
         assert torch.equal(cache.view(-1, hk, dim)[slots], q_ref)
 
 
+def _attend(kernels: CpuKernels, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            seqs: list[tuple[int, int]], tabs: list[list[int]], rows: torch.Tensor,
+            window: int | None = None, **scales: torch.Tensor) -> torch.Tensor:
+    """The kernel on query rows (T, Hq, D) of `seqs` (as _rows lays them out) -> (T, Hq, D)."""
+    hk, dim = k_cache.shape[2:]
+    row_tables, lens = _rows(seqs, tabs)
+    qkv = torch.cat([rows.reshape(rows.shape[0], -1),
+                     torch.zeros(rows.shape[0], 2 * hk * dim)], dim=1)
+    out = kernels.paged_decode_attention(qkv, rows.shape[1], dim, k_cache, v_cache, row_tables,
+                                         lens, dim ** -0.5, window, **scales)
+    return out.view(rows.shape)
+
+
+def test_full_tile_output_does_not_depend_on_the_rows_beside_it(kernels):
+    """Full prefill tiles (bf16 dot products on AVX-512) past two key segments give the same
+    bits alone (4 items: split over their key segments across threads) and beside another
+    prefill chunk (unsplit), and equal the dense reference to bf16 accuracy."""
+    gen = torch.Generator().manual_seed(23)
+    hq, hk, dim, bs, ctx, n = 8, 1, 64, 16, 1100, BF16_MIN_ROWS
+    k_cache, v_cache, tables = random_paged_cache(gen, [ctx + n, 700], hk, dim, bs)
+    q = torch.randn(n, hq, dim, generator=gen) * 2
+    q_other = torch.randn(n, hq, dim, generator=gen) * 2
+    alone = _attend(kernels, k_cache, v_cache, [(ctx, n)], tables[:1], q)
+    beside = _attend(kernels, k_cache, v_cache, [(700 - n, n), (ctx, n)], tables[::-1],
+                     torch.cat([q_other, q]))[n:]
+    many = _attend(kernels, k_cache, v_cache, [(ctx, n)] * 3, tables[:1] * 3,
+                   q.repeat(3, 1, 1))[-n:]
+    assert torch.equal(beside, alone)
+    assert torch.equal(many, alone)
+    row_tables, lens = _rows([(ctx, n)], tables[:1])
+    ref = _reference(q, k_cache, v_cache, row_tables, lens, dim ** -0.5, None)
+    _assert_attention_close(kernels, alone.double(), ref, [(ctx, n)])
+
+
+def test_prefill_chunk_rows_versus_decoded_rows(kernels):
+    """The batch-invariance scope of the bf16 prefill tiles, made exact: a row inside a full
+    tile of a chunk of BF16_MIN_ROWS rows equals the same row decoded alone (float32) to bf16
+    accuracy only (bit-equal on the float32 builds), while a chunk of BF16_MIN_ROWS - 1 rows
+    (the most verification rows a step may carry) stays bit-equal to its rows decoded alone."""
+    gen = torch.Generator().manual_seed(29)
+    hq, hk, dim, bs, ctx = 9, 3, 64, 16, 700
+    k_cache, v_cache, tables = random_paged_cache(gen, [ctx + BF16_MIN_ROWS], hk, dim, bs)
+    q = torch.randn(BF16_MIN_ROWS, hq, dim, generator=gen) * 2
+    row = Q_ROWS - 1  # the last row of the first full tile
+    decoded = _attend(kernels, k_cache, v_cache, [(ctx + row, 1)], tables, q[row:row + 1])[0]
+    chunk = _attend(kernels, k_cache, v_cache, [(ctx, BF16_MIN_ROWS)], tables, q)[row]
+    short = _attend(kernels, k_cache, v_cache, [(ctx, BF16_MIN_ROWS - 1)], tables,
+                    q[:BF16_MIN_ROWS - 1])[row]
+    assert torch.equal(short, decoded)
+    if kernels.isa == "avx512-vnni":
+        torch.testing.assert_close(chunk, decoded, atol=BF16_ATOL, rtol=0)
+        assert float((chunk - decoded).abs().mean()) < BF16_MEAN
+    else:
+        assert torch.equal(chunk, decoded)
+
+
 @pytest.mark.parametrize("hq, hk, dim, int8, window", [
     (9, 3, 64, False, None),  # SmolLM2's shape, bf16
     (4, 2, 128, False, 700),  # a sliding window starting mid key tile
@@ -178,11 +266,7 @@ def test_row_output_does_not_depend_on_the_rows_beside_it(kernels, hq, hk, dim, 
 
     def attend(seqs: list[tuple[int, int]], tabs: list[list[int]], rows: torch.Tensor
                ) -> torch.Tensor:
-        row_tables, lens = _rows(seqs, tabs)
-        qkv = torch.cat([rows.reshape(rows.shape[0], -1),
-                         torch.zeros(rows.shape[0], 2 * hk * dim)], dim=1)
-        return kernels.paged_decode_attention(qkv, hq, dim, k_cache, v_cache, row_tables, lens,
-                                              dim ** -0.5, window, **scales)
+        return _attend(kernels, k_cache, v_cache, seqs, tabs, rows, window, **scales)
 
     group = attend([(ctx, verify)], tables[:1], q)[-1]  # one tile of 5 rows, unsplit
     alone = attend([(ctx + verify - 1, 1)], tables[:1], q[-1:])[0]  # split over segments
