@@ -12,15 +12,17 @@ a quiet machine ran one streamed client at 86 tok/s with every thread against 78
 one left free, and a contended one (load 2.6) at 51 against 115 tok/s. So the default
 (`frontend_threads=None`, "auto") measures: on small steps it times the engine's whole step
 cycle (step start to the next step start, which includes the front end's interference) with
-both thread counts, keeps the faster one, and re-tries the other one step in `probe_every` so
-that it follows changes in load. A fixed `frontend_threads` (0, 1, ...) turns this off.
+both thread counts, keeps the faster one (by the mean of recent cycles, rare stalls clipped),
+and re-tries the other one step in `probe_every` so that it follows changes in load. A fixed `frontend_threads` (0, 1, ...) turns this off.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ember.kernels.ops import CpuKernels
 from ember.types import Request
@@ -29,22 +31,35 @@ PROBE_EVERY = 32
 """Auto mode: one small step in this many runs on the thread count not currently preferred."""
 WARMUP_SAMPLES = 4
 """Auto mode: cycles timed per thread count (alternating) before either is preferred."""
-EWMA_WEIGHT = 0.125
-"""Auto mode: weight of a new cycle time in the running mean of its thread count."""
+WINDOW = 16
+"""Auto mode: the most recent cycle times kept per thread count."""
+STALL_CLIP = 2.0
+"""Auto mode: a cycle counts at most this many times its count's recent median. A rare stall
+(the front end preempting a kernel thread at a barrier) cost up to 20x a cycle; in a running
+mean one such cycle made the faster count look slower for hundreds of steps, since the
+count not preferred is only timed one step in PROBE_EVERY. Frequent slowness still moves the
+median, and with it the mean."""
 
 
 @dataclass
 class _Arm:
-    """Running mean of the step cycle time (s) with one thread count, per small-step size."""
+    """Recent step cycle times (s) with one thread count, per small-step size."""
 
     threads: int
-    mean_s: float = 0.0
-    samples: int = 0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
 
     def add(self, seconds: float) -> None:
-        self.mean_s = seconds if self.samples == 0 else (
-            self.mean_s + EWMA_WEIGHT * (seconds - self.mean_s))
-        self.samples += 1
+        self.recent.append(seconds)
+
+    @property
+    def samples(self) -> int:
+        return len(self.recent)
+
+    @property
+    def mean_s(self) -> float:
+        """Mean recent cycle time, each clipped at STALL_CLIP times the recent median."""
+        cap = STALL_CLIP * statistics.median(self.recent)
+        return sum(min(s, cap) for s in self.recent) / len(self.recent)
 
 
 class KernelThreadPolicy:

@@ -149,3 +149,24 @@ def test_shares_cores_with_few_requests_whatever_their_tokens() -> None:
         assert not policy.shares_cores_with(requests(*[1] * 5))
     policy, _, _ = make(0, full=1)
     assert not policy.shares_cores_with(requests(16))
+
+
+def test_auto_is_not_thrown_off_by_rare_stalls() -> None:
+    """Every thread is faster on average, but one cycle in 100 on every thread is a 100 ms
+    stall (a preempted barrier). A running mean pulled up by one stall kept the slower count for
+    hundreds of steps (the other count is only probed one step in PROBE_EVERY); clipping such
+    cycles at twice the recent median keeps the faster count."""
+    policy, kernels, clock = make(None)
+    used: Counter[int] = Counter()
+    full_cycles = 0
+    for _ in range(4000):
+        policy.before_step(requests(1))
+        threads = kernels.num_threads
+        used[threads] += 1
+        if threads == 2:
+            full_cycles += 1
+            clock.now += 0.100 if full_cycles % 100 == 0 else 0.006
+        else:
+            clock.now += 0.008
+    assert policy.preferred(1) == 2
+    assert used[2] >= 0.9 * 4000, used
