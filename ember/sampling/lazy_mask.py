@@ -20,7 +20,9 @@ Seeds: a seeded sampled row draws one or two numbers per step from its own gener
 only on its own logits and grammar state, so a seed still gives the same tokens, alone or in any
 batch; they may differ from the mask-first path's tokens (which draws one number from the masked
 distribution). The choice per row and step is made the same way whether or not the mask was
-prefetched (a prefetched mask's bit answers the check), so batching does not change it.
+prefetched (a prefetched mask's bit answers the check), so batching does not change it; in a
+step where other requests verify drafts (jump-forward, speculation) the undrafted rows still
+sample here (`ModelRunner._sample_rows`), not in the rejection sampler.
 
 Rows whose grammar forces bytes, whose matcher is stopped, or that asked for logprobs (which are
 of the masked distribution) still get their mask; see `StructuredOutputManager.free_rows`.
