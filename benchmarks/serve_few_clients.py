@@ -74,13 +74,15 @@ for line in sys.stdin:
 
 
 def start_ember(port: int, variant: str, model: str, threads: int) -> subprocess.Popen:
-    """`variant`: a --frontend-threads value, optionally ':MS' for --step-handoff-ms and
-    ':SPIN' for --omp-spin-count (e.g. '0:5:10000'; an empty field keeps the default), and
+    """`variant`: a --frontend-threads value, optionally ':MS' for --step-handoff-ms,
+    ':SPIN' for --omp-spin-count and ':MS' for --stream-interval-ms (e.g. '0:5:10000',
+    'auto:::10'; an empty field keeps the default), and
     '@TREE' to run the server from another source tree (old vs new code in one run, e.g.
     'auto@/work/main': PYTHONPATH=TREE)."""
     variant, _, tree = variant.partition("@")
     frontend_threads, _, rest = variant.partition(":")
-    handoff_ms, _, spin = rest.partition(":")
+    handoff_ms, _, rest = rest.partition(":")
+    spin, _, interval_ms = rest.partition(":")
     cmd = [sys.executable, "-c", "import sys; from ember.cli import main; sys.exit(main())",
            "serve", "--model", model, "--port", str(port), "--no-access-log",
            "--log-level", "warning", "--frontend-threads", frontend_threads,
@@ -89,6 +91,8 @@ def start_ember(port: int, variant: str, model: str, threads: int) -> subprocess
         cmd += ["--step-handoff-ms", handoff_ms]
     if spin:
         cmd += ["--omp-spin-count", spin]
+    if interval_ms:
+        cmd += ["--stream-interval-ms", interval_ms]
     env = dict(os.environ, EMBER_NUM_THREADS=str(threads))
     if tree:
         env["PYTHONPATH"] = tree
@@ -140,7 +144,8 @@ def main() -> int:
                     "'auto:0' = the step hand-off off (on by default since issue 11's "
                     "fifth pass); '0:5' = --frontend-threads 0 --step-handoff-ms 5; "
                     "'0::10000' adds --omp-spin-count 10000 ('auto::libgomp': the old "
-                    "libgomp spin, ~16 ms on Zen 3); 'auto@/work/main' runs that tree's code")
+                    "libgomp spin, ~16 ms on Zen 3); 'auto:::10' adds --stream-interval-ms 10; "
+                    "'auto@/work/main' runs that tree's code")
     ap.add_argument("--rounds", type=int, default=8, help="1-client rounds")
     ap.add_argument("--input-len", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=128)

@@ -106,6 +106,7 @@ def _guards(args: argparse.Namespace) -> ServingGuards:
                          frontend_threads=args.frontend_threads,
                          omp_spin_count=args.omp_spin_count,
                          step_handoff_timeout_s=args.step_handoff_ms / 1e3,
+                         stream_interval_s=args.stream_interval_ms / 1e3,
                          send_buffer_bytes=args.send_buffer_bytes)
 
 
@@ -240,6 +241,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    default=ServingGuards.step_handoff_timeout_s * 1e3,
                    help="after a small step on every kernel thread, wait up to this long for "
                         "the front end to send its outputs before the next step (0: off)")
+    g.add_argument("--stream-interval-ms", type=float,
+                   default=ServingGuards.stream_interval_s * 1e3,
+                   help="hold streamed tokens back until this long since the last hand-off to "
+                        "the front end, then send them together (first and last tokens go "
+                        "out at once; 0: every step)")
     g.add_argument("--send-buffer-bytes", type=int, default=ServingGuards.send_buffer_bytes,
                    help="socket send buffer of each connection (bounds unread output before "
                         "--stream-read-timeout applies; 0: the kernel's autotuning)")

@@ -26,7 +26,7 @@ from ember.engine.async_parts import (EngineStats, EngineUnavailableError, Reque
                                       _Abort, _Add, _Command, _deliver, _Stream, _Tracked)
 from ember.engine.engine import LLMEngine
 from ember.engine.handoff import StepHandoff
-from ember.engine.mailbox import Item, Mailbox
+from ember.engine.mailbox import Item, Mailbox, merge_outputs
 from ember.engine.thread_policy import KernelThreadPolicy
 from ember.spec_decode.decoder import SpecDecoder
 from ember.types import RequestOutput
@@ -55,6 +55,10 @@ class EngineLoop:
                                            guards.small_step_tokens)
         self._handoff = StepHandoff(guards.step_handoff_timeout_s)
         self._handoff_on = guards.step_handoff_timeout_s > 0
+        self._stream_interval_s = guards.stream_interval_s
+        self._held: dict[int, tuple[_Stream, RequestOutput]] = {}
+        """Outputs held back by stream_interval_s (engine thread): id(mailbox) -> merged."""
+        self._last_release = 0.0
         self._added_on: set[asyncio.AbstractEventLoop] = set()
         """Event loops of requests added since the last step (engine thread)."""
         # Supervision: `_lock` guards the generation switch and everything a stale thread
@@ -203,8 +207,34 @@ class EngineLoop:
                     scheduled = self._engine.first_scheduled_time(rid)
                     if scheduled is not None:
                         tracked.queue_time = max(0.0, scheduled - tracked.arrival)
+            if self._hold(pending, now):
+                return True
+            self._last_release = now
             self._dispatch(pending, handoff=self._handoff_on and self._threads.shares_cores)
         return True
+
+    def _hold(self, pending: list[tuple[_Stream, Item]], now: float) -> bool:
+        """Keep this step's outputs back (True) when they are all plain stream updates (no
+        first token, no final output) and stream_interval_s has not passed since the last
+        release; the next release merges them in front of newer ones (`_dispatch`)."""
+        if now - self._last_release >= self._stream_interval_s or any(
+                not isinstance(item, RequestOutput) or item.finished
+                or any(len(c.token_ids) == len(c.delta_token_ids) for c in item.outputs)
+                for _, item in pending):
+            return False
+        for stream, item in pending:
+            assert isinstance(item, RequestOutput)
+            key = id(stream.mailbox)
+            held = self._held.get(key)
+            self._held[key] = (stream, item if held is None else merge_outputs(held[1], item))
+        return True
+
+    def _with_held(self, stream: _Stream, item: Item) -> tuple[_Stream, Item]:
+        """`item` with the request's held-back output merged in front (an error replaces it)."""
+        held = self._held.pop(id(stream.mailbox), None)
+        if held is None or not isinstance(item, RequestOutput):
+            return stream, item
+        return stream, merge_outputs(held[1], item)
 
     def _account(self, tracked: _Tracked, out: RequestOutput, step_start: float,
                  now: float) -> None:
@@ -234,7 +264,7 @@ class EngineLoop:
         """Hand outputs to their event loops: one thread-safe call per loop; with `handoff`,
         the engine's next `_handoff.wait()` waits for the loops to take them."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Mailbox, Item]]] = {}
-        for stream, item in items:
+        for stream, item in [self._with_held(stream, item) for stream, item in items]:
             by_loop.setdefault(stream.loop, []).append((stream.mailbox, item))
         for loop, batch in by_loop.items():
             try:

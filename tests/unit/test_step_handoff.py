@@ -135,3 +135,32 @@ def test_engine_steps_only_after_the_front_end_handled_the_last_output(
         assert ahead == 0 and len(handled) == 12, (step_starts, handled)
     else:  # the engine ran ahead: the reader got several steps merged into one output
         assert len(handled) < 12
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 60.0])
+def test_stream_interval_holds_plain_updates_back(interval_s: float) -> None:
+    """stream_interval_s: the first token and the final output go out at once, the updates
+    between are held back until the interval has passed (60 s: never within this request) and
+    then arrive merged in front of the next output; the tokens and text are the same."""
+    llm_engine = _engine(guards=ServingGuards(stream_interval_s=interval_s,
+                                              step_handoff_timeout_s=0.0))
+
+    async def run() -> list[RequestOutput]:
+        engine = AsyncEngine(llm_engine)
+        engine.start()
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        outs = []
+        async for out in engine.generate("r", "hello", params):
+            outs.append(out)
+            await asyncio.sleep(0.02)  # a reader slower than a step must not matter here
+        await engine.shutdown()
+        return outs
+
+    outs = asyncio.run(run())
+    final = outs[-1].outputs[0]
+    assert final.token_ids == [t for o in outs for t in o.outputs[0].delta_token_ids]
+    assert final.text == "".join(o.outputs[0].delta_text for o in outs)
+    assert len(final.token_ids) == 12 and outs[-1].finished
+    assert len(outs[0].outputs[0].delta_token_ids) == 1  # the first token is never held
+    if interval_s:
+        assert len(outs) == 2  # everything after the first token came with the final output
