@@ -46,3 +46,17 @@ def test_relocate_keeps_values_in_order() -> None:
 def test_relocate_nothing() -> None:
     assert relocate([]) == 0
     assert relocate([torch.empty(0), torch.arange(10)[2:]]) == 0
+
+
+def test_a_whole_storage_view_moves_with_its_base_and_frees_the_old_storage() -> None:
+    """A packed weight is often a reshape of a fresh tensor (a view whose _base holds the
+    storage): after the move its base points into the arena too, so no tensor is left on the
+    old storage (before, the weights stayed resident twice)."""
+    packed = (torch.arange(4 * 16 * 4, dtype=torch.int32) % 251).to(torch.uint8)
+    packed = packed.view(4, 16, 4).reshape(4, 64)  # a view of a base that owns the storage
+    ref = packed.clone()
+    old_ptr = packed.untyped_storage().data_ptr()
+    assert packed._base is not None
+    relocate([packed])
+    assert torch.equal(packed, ref) and packed.data_ptr() != old_ptr
+    assert packed._base.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
