@@ -60,7 +60,20 @@ void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& 
     for (int l = 0; l < 16; ++l) y[(m0 + c) * n + l] = acc[c][l];
 }
 
-#elif defined(EMBER_ISA_AVX2)
+#else
+
+// Block b of a tile's row of blocks `w`, unpacked (the vector ISAs' Q6Block). NOTE: decode
+// streams the head once from DRAM: the bytes ~5 blocks ahead are prefetched.
+inline void q6_stream_block(const uint8_t* w, int64_t b, Q6Block& blk) {
+  const uint8_t* wb = w + b * kQ6BlockBytes;
+  for (int c = 0; c < 7; ++c)
+    _mm_prefetch(reinterpret_cast<const char*>(wb + 2048 + 64 * c), _MM_HINT_T0);
+  q6_unpack(wb, blk);
+}
+
+#endif
+
+#if defined(EMBER_ISA_AVX2)
 
 template <int C>
 void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& a,
@@ -68,12 +81,8 @@ void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& 
   __m256 acc[C][2];
   for (int c = 0; c < C; ++c) acc[c][0] = acc[c][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wb = w + b * kQ6BlockBytes;
-    // NOTE: decode streams the head once from DRAM: prefetch ~5 blocks ahead.
-    for (int c = 0; c < 7; ++c)
-      _mm_prefetch(reinterpret_cast<const char*>(wb + 2048 + 64 * c), _MM_HINT_T0);
     Q6Block blk;
-    q6_unpack(wb, blk);
+    q6_stream_block(w, b, blk);
     const float* dt = d + (b / sb) * 16;
     const __m256 dw[2] = {_mm256_loadu_ps(dt), _mm256_loadu_ps(dt + 8)};
     for (int c = 0; c < C; ++c) {
@@ -88,7 +97,7 @@ void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& 
   }
 }
 
-#else
+#elif !defined(EMBER_ISA_PORTABLE)
 
 template <int C>
 void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& a,
@@ -96,12 +105,8 @@ void q6_tile(const uint8_t* w, const float* d, int64_t sb, const QuantizedActs& 
   __m512 acc[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wb = w + b * kQ6BlockBytes;
-    // NOTE: decode streams the head once from DRAM: prefetch ~5 blocks ahead.
-    for (int c = 0; c < 7; ++c)
-      _mm_prefetch(reinterpret_cast<const char*>(wb + 2048 + 64 * c), _MM_HINT_T0);
     Q6Block blk;
-    q6_unpack(wb, blk);
+    q6_stream_block(w, b, blk);
     const __m512 dw = _mm512_loadu_ps(d + (b / sb) * 16);
     for (int c = 0; c < C; ++c) {
       const int32_t* xh = xs + (m0 + c) * a.nb * 2 + 2 * b;
