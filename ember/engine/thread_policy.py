@@ -13,7 +13,8 @@ one left free, and a contended one (load 2.6) at 51 against 115 tok/s. So the de
 (`frontend_threads=None`, "auto") measures: on small steps it times the engine's whole step
 cycle (step start to the next step start, which includes the front end's interference) with
 both thread counts, keeps the faster one (by the mean of recent cycles, rare stalls clipped),
-and re-tries the other one step in `probe_every` so that it follows changes in load. A fixed `frontend_threads` (0, 1, ...) turns this off.
+and re-tries the other one step in `probe_every` so that it follows changes in load. A fixed
+`frontend_threads` (0, 1, ...) turns this off.
 """
 
 from __future__ import annotations
@@ -47,19 +48,18 @@ class _Arm:
 
     threads: int
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    mean_s: float = 0.0
+    """Mean recent cycle time, each clipped at STALL_CLIP times the recent median (kept up to
+    date by `add`: the policy compares both arms every small step)."""
 
     def add(self, seconds: float) -> None:
         self.recent.append(seconds)
+        cap = STALL_CLIP * statistics.median(self.recent)
+        self.mean_s = sum(min(s, cap) for s in self.recent) / len(self.recent)
 
     @property
     def samples(self) -> int:
         return len(self.recent)
-
-    @property
-    def mean_s(self) -> float:
-        """Mean recent cycle time, each clipped at STALL_CLIP times the recent median."""
-        cap = STALL_CLIP * statistics.median(self.recent)
-        return sum(min(s, cap) for s in self.recent) / len(self.recent)
 
 
 class KernelThreadPolicy:

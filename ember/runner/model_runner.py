@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -185,15 +186,17 @@ class ModelRunner:
         row exactly as in a step without drafts (validate-first where exact), so a seeded
         request's tokens do not depend on whether its batch-mates had drafts."""
         batch = self._sampling_rows(reqs)
-        owned = [1 + len(sr.spec_token_ids) for sr in reqs]  # logits rows of each request
-        starts = np.cumsum([0, *owned[:-1]]).tolist()
         drafted = [i for i, sr in enumerate(reqs) if sr.spec_token_ids]
         plain = [i for i, sr in enumerate(reqs) if not sr.spec_token_ids]
+        if drafted and plain:  # each side gathers its rows
+            # request i owns logits rows [starts[i], starts[i + 1]): 1 + its draft tokens
+            starts = list(itertools.accumulate((1 + len(sr.spec_token_ids) for sr in reqs),
+                                               initial=0))
         tokens: list[list[int]] = [[] for _ in reqs]
         logprobs: list[list[TokenLogprobs] | None] = [None] * len(reqs)
         if drafted:
             sub = logits if not plain else logits[torch.tensor(
-                [r for i in drafted for r in range(starts[i], starts[i] + owned[i])])]
+                [r for i in drafted for r in range(starts[i], starts[i + 1])])]
             sub_reqs, sub_batch = [reqs[i] for i in drafted], [batch[i] for i in drafted]
             if self.structured is not None:
                 self._mask_undrafted(sub, sub_reqs, sub_batch)
