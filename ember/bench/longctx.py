@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,24 +62,31 @@ def _prefill_then_decode(llm: Any, prompt: list[int], decode_tokens: int) -> dic
 
 
 def worker(model_path: str, quantization: str, kv: str, text: Path, ppl_text: Path | None,
-           decode_tokens: int, speed: bool) -> dict[str, float]:
-    """One Ember process: speed figures (speed=True) and/or perplexity over 4096 windows."""
+           decode_tokens: int, speed: bool, repeats: int = 3) -> dict[str, Any]:
+    """One Ember process: speed figures (speed=True; the median of `repeats` rounds of the
+    512 prefill then the 4096 prefill and decode, each run kept under `runs`) and/or
+    perplexity over 4096 windows."""
     from ember import LLM, SamplingParams
     from ember.eval.perplexity import perplexity
 
     llm = LLM(model_path, quantization=quantization, dtype="float32", show_progress=False,
               enable_prefix_caching=False, kv_cache_dtype=kv, max_model_len=2 * DEPTH,
               kv_cache_mb=1024)
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     tok = llm.get_tokenizer()
     if speed:
         ids = _text_ids(lambda t: tok.encode(t, add_special_tokens=False), text, DEPTH + 512)
         one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
         llm.generate([ids[:64]], one, use_tqdm=False)  # warm-up
-        t = time.perf_counter()
-        llm.generate([ids[:512]], one, use_tqdm=False)
-        out["prefill_512_tok_s"] = 512 / (time.perf_counter() - t)
-        out.update(_prefill_then_decode(llm, ids[:DEPTH], decode_tokens))
+        runs: dict[str, list[float]] = {}
+        for _ in range(max(1, repeats)):
+            t = time.perf_counter()
+            llm.generate([ids[:512]], one, use_tqdm=False)
+            runs.setdefault("prefill_512_tok_s", []).append(512 / (time.perf_counter() - t))
+            for key, value in _prefill_then_decode(llm, ids[:DEPTH], decode_tokens).items():
+                runs.setdefault(key, []).append(value)
+        out.update({key: statistics.median(values) for key, values in runs.items()})
+        out["runs"] = runs
     if ppl_text is not None:
         r = perplexity(llm, ppl_text.read_text(encoding="utf-8"), window=DEPTH,
                        max_tokens=2 * DEPTH)
@@ -114,15 +122,18 @@ class LongCtxArgs:
     threads: int = 2
     quantization: str = "int4"
     decode_tokens: int = 64
+    repeats: int = 3
+    """Rounds of the speed figures per Ember process (medians reported)."""
     llama_bench: Path | None = None
     timeout_s: float = 1800.0
     kv_variants: tuple[str, ...] = field(default=KV_VARIANTS)
 
 
-def _ember(args: LongCtxArgs, kv: str, speed: bool, ppl: bool) -> dict[str, float] | None:
+def _ember(args: LongCtxArgs, kv: str, speed: bool, ppl: bool) -> dict[str, Any] | None:
     cmd = [sys.executable, "-m", "ember.bench.longctx", "--model-path", args.model_path,
            "--quantization", args.quantization, "--kv", kv, "--text", str(args.text),
-           "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads)]
+           "--decode-tokens", str(args.decode_tokens), "--threads", str(args.threads),
+           "--repeats", str(args.repeats)]
     if ppl:
         cmd += ["--ppl-text", str(args.ppl_text)]
     if not speed:
@@ -149,7 +160,7 @@ def run_longctx_bench(args: LongCtxArgs) -> dict[str, Any]:
 
     load = os.getloadavg()
     bandwidth = measure_bandwidth_gbs(args.threads)
-    engines: dict[str, dict[str, float]] = {}
+    engines: dict[str, dict[str, Any]] = {}
     for kv in args.kv_variants:
         logger.info("ember kv=%s ...", kv)
         r = _ember(args, kv, speed=True, ppl=True)
@@ -194,7 +205,7 @@ def run_longctx_bench(args: LongCtxArgs) -> dict[str, Any]:
     return report
 
 
-def _plot(engines: dict[str, dict[str, float]], path: Path, load: float) -> None:
+def _plot(engines: dict[str, dict[str, Any]], path: Path, load: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,12 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(a.threads)
     result = worker(a.model_path, a.quantization, a.kv, a.text, a.ppl_text, a.decode_tokens,
-                    not a.no_speed)
+                    not a.no_speed, a.repeats)
     json.dump(result, sys.stdout)
     return 0
 

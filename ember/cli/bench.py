@@ -130,12 +130,13 @@ def _long_context(args: argparse.Namespace, model_path: str, llama_bench: Path |
     report = run_longctx_bench(LongCtxArgs(
         model_path=model_path, out_dir=Path(args.out), text=data / "emma.txt",
         ppl_text=data / "pride_and_prejudice.txt", threads=args.threads,
-        quantization=variants[0], llama_bench=llama_bench,
+        quantization=variants[0], llama_bench=llama_bench, repeats=args.repeats,
         kv_variants=tuple(args.kv_cache_dtype or ["bf16", "int8"])))
     table = Table(title=f"long context (depth {report['depth']}, load average "
                         f"{report['loadavg_before'][0]:.1f})")
     table.add_column("engine")
-    keys = sorted({k for figs in report["engines"].values() for k in figs})
+    keys = sorted({k for figs in report["engines"].values() for k, v in figs.items()
+                   if isinstance(v, float)})
     for k in keys:
         table.add_column(k, justify="right")
     for label, figs in report["engines"].items():

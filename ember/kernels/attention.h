@@ -201,7 +201,7 @@ inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window,
 
 // Per-thread scratch of the tile kernel.
 struct AttnScratch {
-  std::vector<float> q, s, kf, vf, acc, m, l, alpha, cacc, cm, cl, ks, vs;
+  std::vector<float> q, s, kf, vf, acc, m, l, alpha, cacc, cm, cl, ks, vs, lv;
   std::vector<int64_t> lo, hi;
   std::vector<uint32_t> qb, pb;  // bf16 tiles: the queries and probabilities as bf16 pairs
   AttnScratch(int64_t group, int64_t dim) {
@@ -209,6 +209,7 @@ struct AttnScratch {
     if (EMBER_ATTN_BF16) {
       qb.resize(rows * dim / 2);
       pb.resize(rows * kKeys / 2);
+      lv.resize(rows * 16);  // each row's softmax sum as 16 partial sums
     }
     q.resize(rows * dim);
     cacc.resize(rows * dim);  // the carry: segments folded so far (fold_state)
