@@ -79,8 +79,12 @@ def workloads() -> dict[str, tuple[str, str]]:
     text = passage()
     return {
         "quote_passage": ("copy", f"Repeat the following text exactly, word for word.\n\n{text}"),
-        "edit_passage": ("copy", "Rewrite the following text, replacing every name 'Bennet' "
-                                 f"with 'Smith'. Keep everything else the same.\n\n{text}"),
+        # NOTE: a light edit SmolLM2-135M carries out (it returns the passage, corrected);
+        # asked to replace a name ("... replacing every name 'Bennet' with 'Smith'. Keep
+        # everything else the same.", the prompt before 2026-12-01) it answers with one
+        # 27-token sentence instead, which measured nothing about copying
+        "edit_passage": ("copy", "Correct the spelling and punctuation of the following text "
+                                 f"and return the full corrected text.\n\n{text}"),
         "rewrite_code": ("copy", "Add type hints to this Python code. Return the full code.\n\n"
                                  f"```python\n{CODE}```"),
         "story": ("open", "Write a short story about a lighthouse keeper who finds a map."),
