@@ -436,9 +436,9 @@ inline void qk4_direct(const float* q, const void* k, const int64_t* rows, float
   // store/load in its FMA chain: ~20% of the QK time). Same FMA chains, same bits.
   for (int v = 0; v < NV; ++v) {
     vfloat qv[R];
-    for (int r = 0; r < R; ++r) qv[r] = v_load(q + r * D + v * kVecW);
+    for (int r = 0; r < R; ++r) qv[r] = v_reg(v_load(q + r * D + v * kVecW));
     for (int i = 0; i < 4; ++i) {
-      const vfloat kv = load_kv<KS>(k, rows[i] * D + v * kVecW);
+      const vfloat kv = v_reg(load_kv<KS>(k, rows[i] * D + v * kVecW));
       for (int r = 0; r < R; ++r) a[r][i] = v_fma(qv[r], kv, a[r][i]);
     }
   }
@@ -464,7 +464,7 @@ inline void pv_direct(const float* p, const void* vc, const int64_t* rows, int64
       vfloat w[R];
       for (int r = 0; r < R; ++r) w[r] = v_set1(p[r * kKeys + j]);
       for (int v = 0; v < C; ++v) {
-        const vfloat x = load_kv<KS>(vc, (KS == kFloatTile ? j : rows[j]) * D + (c0 + v) * kVecW);
+        const vfloat x = v_reg(load_kv<KS>(vc, (KS == kFloatTile ? j : rows[j]) * D + (c0 + v) * kVecW));
         for (int r = 0; r < R; ++r) a[r][v] = v_fma(w[r], x, a[r][v]);
       }
     }
@@ -487,7 +487,7 @@ inline void pv_chunk(const float* p, const float* vc, int64_t D, int64_t n, cons
     vfloat w[R];
     for (int r = 0; r < R; ++r) w[r] = v_set1(p[r * kKeys + j]);
     for (int v = 0; v < C; ++v) {
-      const vfloat x = v_load(vc + j * D + v * kVecW);
+      const vfloat x = v_reg(v_load(vc + j * D + v * kVecW));
       for (int r = 0; r < R; ++r) a[r][v] = v_fma(w[r], x, a[r][v]);
     }
   }

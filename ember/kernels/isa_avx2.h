@@ -458,6 +458,7 @@ inline vfloat v_load_i8(const int8_t* p) {  // 8 int8 -> 8 floats
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(raw)));
 }
 inline vfloat v_max(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
+inline vfloat v_reg(vfloat v) { return v; }  // (isa_portable.h: kept in a register)
 inline float v_hmax(vfloat a) {  // the largest lane
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));

@@ -472,6 +472,7 @@ inline vfloat v_load_i8(const int8_t* p) {  // 16 int8 -> 16 floats
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline vfloat v_max(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
+inline vfloat v_reg(vfloat v) { return v; }  // (isa_portable.h: kept in a register)
 inline float v_hmax(vfloat a) { return _mm512_reduce_max_ps(a); }  // the largest lane
 inline void v_prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 inline void v_hsum4(vfloat a, vfloat b, vfloat c, vfloat d, float* out) {
