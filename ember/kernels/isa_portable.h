@@ -30,16 +30,43 @@
 
 #include "common.h"
 
-// NOTE: a product behind an association barrier (no FMA contraction of it): v_mul below and
-// portable_prefill.h, which is included before the vector helpers further down.
+// A value pinned to a vector register (an empty asm naming it): the compiler can neither
+// fold it into another instruction nor reorder the arithmetic across it. The constraint names
+// a vector register: "x" on x86, "w" on AArch64; elsewhere no pin (EMBER_HAS_PIN 0).
+#if defined(__x86_64__) || defined(__i386__)
+#define EMBER_PIN(v) __asm__("" : "+x"(v))
+#define EMBER_HAS_PIN 1
+#elif defined(__aarch64__)
+#define EMBER_PIN(v) __asm__("" : "+w"(v))
+#define EMBER_HAS_PIN 1
+#else
+#define EMBER_PIN(v) ((void)0)
+#define EMBER_HAS_PIN 0
+#endif
+
 #if defined(__has_builtin)
 #if __has_builtin(__builtin_assoc_barrier)
-#define EMBER_NO_CONTRACT(x) __builtin_assoc_barrier(x)
+#define EMBER_ASSOC_BARRIER(x) __builtin_assoc_barrier(x)
 #endif
 #endif
-#ifndef EMBER_NO_CONTRACT
-#define EMBER_NO_CONTRACT(x) (x)
+#ifndef EMBER_ASSOC_BARRIER
+#define EMBER_ASSOC_BARRIER(x) (x)
 #endif
+
+// a * b rounded on its own, never contracted into an FMA with a later add (the vector
+// kernels' separate multiply). NOTE: pinned rather than behind __builtin_assoc_barrier, which
+// GCC 12 lowers for 8-float vectors into ~9 lane shuffles (extract, valignd, unpck, insert)
+// per product: a quarter of the portable Q4 GEMM's time went to them.
+template <class V>
+inline V mul_no_contract(V a, V b) {
+  V p = a * b;
+#if EMBER_HAS_PIN
+  EMBER_PIN(p);
+  return p;
+#else
+  return EMBER_ASSOC_BARRIER(p);
+#endif
+}
 
 // attention.h prefetches with the x86 spelling; here it is the compiler's generic builtin.
 #ifndef _MM_HINT_T0
@@ -525,9 +552,9 @@ inline vfloat v_zero() { return vfloat{}; }
 // accumulators (qk4_direct, pv_chunk) in memory, a load and a store per FMA (the flash
 // attention ran 2-3x slower than AVX2's); spelling the 8 lanes out scalarised it.
 inline vfloat v_fma(vfloat a, vfloat b, vfloat c) { return a * b + c; }
-// NOTE: a product behind an association barrier, so `v_fma(x, y, v_mul(a, b))` (fold_state)
+// NOTE: a product never contracted (mul_no_contract), so `v_fma(x, y, v_mul(a, b))` (fold_state)
 // fuses x * y as the vector kernels do, never a * b.
-inline vfloat v_mul(vfloat a, vfloat b) { return EMBER_NO_CONTRACT(a * b); }
+inline vfloat v_mul(vfloat a, vfloat b) { return mul_no_contract(a, b); }
 // NOTE: both widenings go through 16-bit lanes: GCC 12 scalarises a direct 8-bit -> 32-bit
 // convertvector and splits 16 -> 32 into two halves; these forms lower to unpack / pmovsx
 // (x86) and zip / sxtl (NEON).

@@ -102,18 +102,10 @@ inline void unpack_segment_portable(const LinearW& lw, int64_t nb, int64_t t, in
   }
 }
 
-// NOTE: each block sum is pinned to its register after every step (an empty asm naming it):
-// GCC 12 otherwise reassociates a row's 16 integer adds into a tree, hoists all 64 activation
+// NOTE: each block sum is pinned to its register after every step (EMBER_PIN): GCC 12
+// otherwise reassociates a row's 16 integer adds into a tree, hoists all 64 activation
 // broadcasts and products of a block (R = 4) and spills them to the stack (the Q4 kernel ran
-// slower than the tile path). The constraint names a vector register: "x" on x86, "w" on
-// AArch64; elsewhere no pin (correct, maybe slower).
-#if defined(__x86_64__) || defined(__i386__)
-#define EMBER_PIN(v) __asm__("" : "+x"(v))
-#elif defined(__aarch64__)
-#define EMBER_PIN(v) __asm__("" : "+w"(v))
-#else
-#define EMBER_PIN(v) ((void)0)
-#endif
+// slower than the tile path).
 
 // The activation pair of column p (pair_pattern(x16, p / 2, p % 2)).
 inline vi16 pair_at(const int16_t* x16, int p) { return pair_pattern(x16, p >> 1, p & 1); }
@@ -180,7 +172,7 @@ inline void pmany_kernel(const PortableScratch& s, const QuantizedActs& a, int64
       const float ad = a.d[ab];
       for (int h = 0; h < 2; ++h) {
         // lane for lane the tiles' EMBER_MADD(float(dot), d * ad, acc) (+ m * s for Q4)
-        const vf8p t = EMBER_NO_CONTRACT(db[h] * ad);
+        const vf8p t = mul_no_contract(db[h], vf8p{} + ad);
         acc[r][h] = __builtin_convertvector(dot[r][h], vf8p) * t + acc[r][h];
         if constexpr (F == 4) acc[r][h] = load_vf8(s.m[i] + 8 * h) * a.s[ab] + acc[r][h];
       }
