@@ -57,8 +57,8 @@
 // kernels' separate multiply). NOTE: pinned rather than behind __builtin_assoc_barrier, which
 // GCC 12 lowers for 8-float vectors into ~9 lane shuffles (extract, valignd, unpck, insert)
 // per product: a quarter of the portable Q4 GEMM's time went to them.
-template <class V>
-inline V mul_no_contract(V a, V b) {
+template <class V, class B>
+inline V mul_no_contract(V a, B b) {  // b: a vector like a, or a scalar (every lane)
   V p = a * b;
 #if EMBER_HAS_PIN
   EMBER_PIN(p);

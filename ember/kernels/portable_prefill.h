@@ -172,7 +172,7 @@ inline void pmany_kernel(const PortableScratch& s, const QuantizedActs& a, int64
       const float ad = a.d[ab];
       for (int h = 0; h < 2; ++h) {
         // lane for lane the tiles' EMBER_MADD(float(dot), d * ad, acc) (+ m * s for Q4)
-        const vf8p t = mul_no_contract(db[h], vf8p{} + ad);
+        const vf8p t = mul_no_contract(db[h], ad);
         acc[r][h] = __builtin_convertvector(dot[r][h], vf8p) * t + acc[r][h];
         if constexpr (F == 4) acc[r][h] = load_vf8(s.m[i] + 8 * h) * a.s[ab] + acc[r][h];
       }
