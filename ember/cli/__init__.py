@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=env.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ModelLoadError, InvalidRequestError, ValueError) as exc:
+    except (ModelLoadError, InvalidRequestError, ValueError, FileNotFoundError) as exc:
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(exc))}",
                                                    highlight=False)
         return 2

@@ -49,3 +49,13 @@ def test_without_a_compiler_it_says_so(fake_compiler, tmp_path, capsys, monkeypa
     out = capsys.readouterr().out
     assert "avx2: not built" in out and "no C++ compiler" in out and "missing-g++" in out
     assert fake_compiler == []
+
+
+def test_a_missing_peer_binary_is_one_line_not_a_traceback(capsys):
+    """`ember bench offline --llama-bench PATH` with nothing there: exit 2, one error line."""
+    from ember.cli import main
+
+    assert main(["bench", "offline", "--llama-bench", "/nonexistent/llama-bench"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "/nonexistent/llama-bench" in err
+    assert "Traceback" not in err
