@@ -1,7 +1,8 @@
-// Portable weight GEMMs for many activation rows (prefill chunks: M >= kPortableManyFrom), the
-// plain-C++ counterpart of avx2_prefill.h, included by isa_portable.h before its gemm_tiles,
-// which hands the calls many_rows_supported allows (Q4 (4), Q5 (5), Q8 (8), Q8h (9)) to
-// gemm_tiles_many_portable; decode, verify rows and other formats keep isa_portable.h's tiles.
+// Portable weight GEMMs for several activation rows (M >= kPortableManyFrom: prefill chunks,
+// batched decode, verify rows), the plain-C++ counterpart of avx2_prefill.h, included by
+// isa_portable.h before its gemm_tiles, which hands the calls many_rows_supported allows
+// (Q4 (4), Q5 (5), Q8 (8), Q8h (9)) to gemm_tiles_many_portable; one or two rows and other
+// formats keep isa_portable.h's tiles.
 //
 // Per tile of 16 outputs and per K segment of kPortSegBlocks blocks:
 //   1. the segment's weights are unpacked once into a scratch of ready-to-multiply int16 lane
@@ -22,7 +23,10 @@
 namespace {
 
 constexpr int64_t kPortSegBlocks = 8;  // K blocks (of 32) per segment: 8 KB of unpacked weights
-constexpr int64_t kPortableManyFrom = 16;  // prefill chunks
+// NOTE: from 3 rows (batched decode, verify rows, prefill chunks): measured per call (gate_up
+// 3072 x 576, 1 thread) the unpacked-segment kernel beats the tiles at every M >= 3 (M = 3:
+// 100 vs 113 us, 8: 218 vs 273, 12: 312 vs 414) and ties at M = 2.
+constexpr int64_t kPortableManyFrom = 3;
 
 // The calls gemm_tiles_many_portable has a kernel for: an allow-list of formats
 // (unpack_segment_portable's); any other format keeps isa_portable.h's tiles.

@@ -40,7 +40,7 @@ def kernels(request) -> CpuKernels:
 
 
 @pytest.mark.skipif(len(ISAS) < 2, reason="the best ISA here is the portable one")
-@pytest.mark.parametrize("m", [1, 5, 9])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 9, 19])
 def test_portable_gemm_is_bitwise_the_vector_isas(best_kernels, portable_kernels, m):
     """Integer block dots are exact and the float math per block is the same FMAs, lane for
     lane: the portable build's Q4 / Q8 matmuls equal the hand-vectorised ISA's bit for bit."""
