@@ -32,16 +32,20 @@
 
 // A value pinned to a vector register (an empty asm naming it): the compiler can neither
 // fold it into another instruction nor reorder the arithmetic across it. The constraint names
-// a vector register: "x" on x86, "w" on AArch64; elsewhere no pin (EMBER_HAS_PIN 0).
+// a vector register: "x" on x86, "w" on AArch64; elsewhere no pin.
+// NOTE: on AArch64 "w" is one 16-byte NEON register: GCC 12 accepts the 32-byte int16 vectors
+// of the dot loops (a register pair) but not 32-byte float vectors ("impossible constraint"),
+// so float vectors are pinned on x86 only (EMBER_PIN_FLOAT; checked with
+// aarch64-linux-gnu-g++-12 -mcpu=neoverse-n1).
 #if defined(__x86_64__) || defined(__i386__)
 #define EMBER_PIN(v) __asm__("" : "+x"(v))
-#define EMBER_HAS_PIN 1
+#define EMBER_PIN_FLOAT 1
 #elif defined(__aarch64__)
 #define EMBER_PIN(v) __asm__("" : "+w"(v))
-#define EMBER_HAS_PIN 1
+#define EMBER_PIN_FLOAT 0
 #else
 #define EMBER_PIN(v) ((void)0)
-#define EMBER_HAS_PIN 0
+#define EMBER_PIN_FLOAT 0
 #endif
 
 #if defined(__has_builtin)
@@ -60,7 +64,7 @@
 template <class V, class B>
 inline V mul_no_contract(V a, B b) {  // b: a vector like a, or a scalar (every lane)
   V p = a * b;
-#if EMBER_HAS_PIN
+#if EMBER_PIN_FLOAT
   EMBER_PIN(p);
   return p;
 #else
@@ -581,7 +585,9 @@ inline vfloat v_max(vfloat a, vfloat b) { return a > b ? a : b; }
 // row (24 loads for 12 FMAs where the AVX2 build has 7): the tile attention ran 1.7x slower
 // than AVX2's, from the same source. Pinned, a vector is loaded once and reused.
 inline vfloat v_reg(vfloat v) {
+#if EMBER_PIN_FLOAT
   EMBER_PIN(v);
+#endif
   return v;
 }
 inline float v_hmax(vfloat a) {  // the largest lane
