@@ -22,6 +22,7 @@
 
 namespace {
 
+constexpr int64_t kPortPrefetch = 8;  // blocks ahead that unpack_segment_portable prefetches
 constexpr int64_t kPortSegBlocks = 8;  // K blocks (of 32) per segment: 8 KB of unpacked weights
 // NOTE: from 3 rows (batched decode, verify rows, prefill chunks): measured per call (gate_up
 // 3072 x 576, 1 thread) the unpacked-segment kernel beats the tiles at every M >= 3 (M = 3:
@@ -43,8 +44,14 @@ struct PortableScratch {
 // Fills s with blocks b0 .. b0 + nbk of tile t. fmt: 4 Q4, 5 Q5, 8 Q8, 9 Q8h.
 inline void unpack_segment_portable(const LinearW& lw, int64_t nb, int64_t t, int64_t b0,
                                     int64_t nbk, PortableScratch& s) {
+  const int64_t bytes = lw.fmt == 4 ? 256 : lw.fmt == 5 ? kQ5BlockBytes
+                       : lw.fmt == 9 ? kQ8hBlockBytes : 512;
   for (int64_t i = 0; i < nbk; ++i) {
     const int64_t blk = t * nb + b0 + i;
+    // the weights stream from memory when they outgrow the caches (the LM head): prefetch
+    // the block kPortPrefetch ahead (the tiles' prefetch distance), every 64-byte line of it
+    const uint8_t* ahead = lw.w + (blk + kPortPrefetch) * bytes;
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(ahead + off, 0, 3);
     vi16(*out)[2] = s.w[i];
     if (lw.fmt == 4) {  // q4_tile's unpack: column (g, j) of pair_pattern is p = 2 g + j
       const uint8_t* wb = lw.w + blk * 256;
