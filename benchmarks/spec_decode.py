@@ -402,6 +402,14 @@ def main() -> None:
               "label": args.label, "loadavg_before": load_before,
               "loadavg_after": os.getloadavg(), "cpu": platform.processor(),
               "summary": summary, "workloads": results}
+    methods = {c.get("method") for c in (spec_config, report["compare_config"] or {})}
+    if args.rounds > 1 and "suffix" in methods:
+        # NOTE: the suffix method keeps earlier requests' outputs (SuffixDecoding's global
+        # tree; suffix_decoding_max_cached_requests: 0 turns it off): from the second round
+        # on it drafts the same prompt's previous output, a repeated-request figure
+        report["note"] = ("suffix method with rounds > 1: later rounds repeat a prompt whose "
+                          "output the method has cached; not a single-stream figure")
+        print(f"note: {report['note']}")
     proposer = spec.engine.core.spec.proposer if spec.engine.core.spec else None
     if isinstance(proposer, DraftModelProposer):
         report["draft_model"] = {"path": spec_config["model"],
