@@ -96,6 +96,9 @@ def available_engines(include_hf: bool, ember_variants: list[str],
     ember-<variant>)."""
     specs: list[Engine] = []
     for variant in ember_variants:
+        if variant == "edge":  # the torch-free runtime (ember.edge), the best ISA
+            specs.append(EngineSpec("ember-edge", "ember-edge"))
+            continue
         quant = None if variant in ("bf16", "fp32") else variant
         # NOTE: quantized formats run float32 activations on Ember's kernels (the workers
         # fall back to PyTorch's bf16 ops by themselves where the kernels are unavailable).

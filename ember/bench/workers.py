@@ -94,6 +94,24 @@ class LlamaCppRunner:
         return total
 
 
+class EdgeRunner:
+    """Ember's torch-free edge runtime (ember.edge.EdgeLLM) over the same kernels: one process
+    without PyTorch, sequences one after another (as llama-cpp-python's runner)."""
+
+    def __init__(self, model_path: str, threads: int) -> None:
+        from ember.edge import EdgeLLM
+
+        self.llm = EdgeLLM(model_path, max_context=2048, num_threads=threads)
+
+    def tokenize(self, text: str) -> list[int]:
+        ids: list[int] = self.llm.tokenizer.encode(text)
+        return ids
+
+    def generate(self, prompts: list[list[int]], n: int) -> int:
+        return sum(len(self.llm.generate(p, max_tokens=n, temperature=0,
+                                         ignore_eos=True).token_ids) for p in prompts)
+
+
 class HFRunner:
     """HF transformers, fp32, on the same GGUF weights; batches padded on the left."""
 
@@ -154,7 +172,7 @@ def measure(runner: Any, load_s: float, decode_tokens: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("engine", help="ember | llama.cpp | transformers")
+    ap.add_argument("engine", help="ember | ember-edge | llama.cpp | transformers")
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--dtype", default="bfloat16")
@@ -165,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ppl-text", default=None,
                     help="ember: also report ppl_2048, the perplexity of this text's start")
     args = ap.parse_args(argv)
-    import torch
-    torch.set_num_threads(args.threads)
+    if args.engine in ("ember", "transformers"):
+        # NOTE: only the engines that run on PyTorch import it: llama-cpp-python's RSS must not
+        # carry torch's ~200 MB (until 2026-12-01 every worker imported it, so its rss_mb was
+        # llama.cpp's plus torch's)
+        import torch
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     runner: Any
     if args.engine == "ember":
@@ -174,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                              not args.no_cpu_kernels)
     elif args.engine == "llama.cpp":
         runner = LlamaCppRunner(args.model_path, args.threads)
+    elif args.engine == "ember-edge":
+        runner = EdgeRunner(args.model_path, args.threads)
     elif args.engine == "transformers":
         runner = HFRunner(args.model_path)
     else:

@@ -127,6 +127,9 @@ def _long_context(args: argparse.Namespace, model_path: str, llama_bench: Path |
 
     data = Path(args.data_dir)
     variants = tuple(args.ember or ["int4"])
+    if "edge" in variants:
+        raise ValueError("--long-context runs the engine (ember.LLM); 'edge' is not one of its "
+                         "variants")
     report = run_longctx_bench(LongCtxArgs(
         model_path=model_path, out_dir=Path(args.out), text=data / "emma.txt",
         ppl_text=data / "pride_and_prejudice.txt", threads=args.threads,
@@ -159,8 +162,10 @@ def _register_offline(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="a packaged name or .gguf")
     p.add_argument("--ember", action="append", default=None,
                    choices=["int4", "int8", "native", "native-q4q8", "native-q4head", "native-q6head",
-                            "native-q8head", "bf16", "fp32"],
-                   help="Ember variant(s) to run (repeatable; default int4)")
+                            "native-q8head", "bf16", "fp32", "edge"],
+                   help="Ember variant(s) to run (repeatable; default int4); 'edge': the "
+                        "torch-free runtime (ember.edge, int4 GGUF, one process without "
+                        "PyTorch)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--decode-tokens", type=int, default=256)

@@ -171,3 +171,39 @@ def test_portable_slowdown_pairs_each_variants_portable_run_with_its_other_isas(
     # only speed figures, only the same variant's hand-written ISA (not torch, not a peer)
     assert slow == {"ember-int4-portable/avx2": {"prefill_512_tok_s": 2.0,
                                                  "decode_16_tok_s": 1.5}}
+
+
+def test_edge_variant_is_its_own_engine_and_only_pytorch_engines_import_torch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--ember edge` runs the torch-free runtime as engine ember-edge; the workers of
+    engines that do not run on PyTorch (ember-edge, llama.cpp) never import it, so their
+    rss_mb is their own (every worker used to import torch, ~200 MB)."""
+    import builtins
+
+    from ember.bench import workers
+
+    specs, _ = available_engines(False, ["int4", "edge"], None, (), ("auto", "portable"))
+    labels = [s.label for s in specs]
+    assert labels[:3] == ["ember-int4", "ember-int4-portable", "ember-edge"]
+    assert specs[2].argv("/m.gguf", 2, 8)[3] == "ember-edge"  # type: ignore[attr-defined]
+
+    class Fake:
+        def __init__(self, *args: object) -> None:
+            pass
+
+    monkeypatch.setattr(workers, "EdgeRunner", Fake)
+    monkeypatch.setattr(workers, "LlamaCppRunner", Fake)
+    monkeypatch.setattr(workers, "measure", lambda *a: {"rss_mb": 1.0})
+    imported: list[str] = []
+    real_import = builtins.__import__
+
+    def recording_import(name: str, *args: object, **kwargs: object) -> object:
+        imported.append(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", recording_import)
+    for engine in ("ember-edge", "llama.cpp", "ember"):
+        imported.clear()
+        monkeypatch.setattr(workers, "EmberRunner", Fake)
+        assert workers.main([engine, "--model-path", "/m.gguf"]) == 0
+        assert ("torch" in imported) == (engine == "ember"), engine
