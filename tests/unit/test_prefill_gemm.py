@@ -52,8 +52,10 @@ def rows_alone(gemm, x: torch.Tensor) -> torch.Tensor:
 # M = 16 (the threshold), 17 and 40 (remainders 2 and 1 of the 3-row blocks; 1 and 0 of Q5's
 # 2-row blocks); M = 19 and 22: remainders 3 and 2 of the portable build's 4-row blocks
 # (portable_prefill.h, K segments of 8 blocks); K = 4096: its row groups of 24 (24 + 16 rows).
+# M = 3 and 7: the portable build takes its many-row kernel from 3 rows (one 3-row block; a
+# 4-row block and 3), the vector ISAs their tiles.
 SHAPES = [(100, 96, 16), (48, 640, 17), (64, 1088, 40), (100, 96, 19), (48, 640, 22),
-          (32, 4096, 40)]
+          (32, 4096, 40), (48, 640, 3), (100, 1088, 7)]
 
 
 @pytest.mark.parametrize("n, k, m", SHAPES)
