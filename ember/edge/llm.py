@@ -13,7 +13,6 @@ fused kernel, so greedy tokens equal `ember.LLM`'s (tests/unit/test_edge_runtime
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
 import os
@@ -30,6 +29,7 @@ from ember.edge.model import EdgeModel
 from ember.edge.sampler import EdgeSampler
 from ember.engine.generation_defaults import GenerationDefaults, resolve_generation_defaults
 from ember.errors import ModelLoadError
+from ember.kernels.heap import trim_heap
 from ember.kernels.library import KernelLibraryError, load_kernel_library
 from ember.loading.gguf_header import parse_gguf
 from ember.loading.sources import resolve_model
@@ -75,17 +75,6 @@ def tokenizer_cache_path(path: Path, cache_dir: Path) -> Path:
     return cache_dir / "tokenizers" / f"{h.hexdigest()[:20]}.json"
 
 
-def _return_freed_heap() -> None:
-    """Hand the C heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
-
-    NOTE: building the tokenizer and repacking leave ~10 MB freed inside malloc's arenas for
-    SmolLM2; on an edge device that is worth one call at load."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class EdgeLLM:
     """Offline generation on one Llama GGUF model without PyTorch (see the module docstring)."""
 
@@ -126,7 +115,9 @@ class EdgeLLM:
         # NOTE: every tensor is now a copy in kernel layout: dropping the entries unmaps the
         # file, so its pages leave this process's RSS.
         del tensors, entries, meta
-        _return_freed_heap()
+        # NOTE: building the tokenizer and repacking leave ~10 MB freed inside malloc's
+        # arenas for SmolLM2; on an edge device that is worth one call at load
+        trim_heap()
         logger.info("edge runtime: %s (%s layers, %s kernels, %d threads, context %d)",
                     source.path, self.arch.layer_format, kernels.isa, threads,
                     self.model.max_context)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import gc
 import logging
 import time
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.config import EngineConfig
+from ember.kernels.heap import trim_heap
 from ember.kv_cache.groups import KVCacheGroups, build_kv_groups
 from ember.kv_cache.manager import KVCacheManager
 from ember.loading.loader import LoadedModel
@@ -30,10 +30,7 @@ logger = logging.getLogger(__name__)
 def release_free_memory() -> None:
     """Return free heap pages to the OS (glibc's malloc_trim; a no-op elsewhere)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 @dataclass(frozen=True)

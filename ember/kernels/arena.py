@@ -12,11 +12,12 @@ numbers from the new place, and the old storage is freed. Nothing numeric change
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 from collections.abc import Sequence
 
 import torch
+
+from ember.kernels.heap import trim_heap
 
 HUGE_PAGE = 2 << 20
 """The huge page size the arena's start is aligned to (x86-64 and most ARM kernels)."""
@@ -72,14 +73,7 @@ def relocate(tensors: Sequence[torch.Tensor]) -> int:
                 base.set_(storage, (start + off) // base.element_size(), base.shape,
                           base.stride())
                 base = base._base
-    _return_freed_heap()
+    # the old weights were heap blocks below the top, which free() alone keeps resident
+    # (~80 MB RSS on SmolLM2)
+    trim_heap()
     return size
-
-
-def _return_freed_heap() -> None:
-    """Give the heap pages freed by the move back to the OS (glibc's malloc_trim; the old
-    weights were heap blocks below the top, which free() alone keeps resident: ~80 MB RSS on
-    SmolLM2). A no-op where the C library has no malloc_trim."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
