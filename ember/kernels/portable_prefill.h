@@ -48,13 +48,13 @@ inline void unpack_segment_portable(const LinearW& lw, int64_t nb, int64_t t, in
                        : lw.fmt == 9 ? kQ8hBlockBytes : 512;
   for (int64_t i = 0; i < nbk; ++i) {
     const int64_t blk = t * nb + b0 + i;
+    const uint8_t* wb = lw.w + blk * bytes;
     // the weights stream from memory when they outgrow the caches (the LM head): prefetch
     // the block kPortPrefetch ahead (the tiles' prefetch distance), every 64-byte line of it
-    const uint8_t* ahead = lw.w + (blk + kPortPrefetch) * bytes;
+    const uint8_t* ahead = wb + kPortPrefetch * bytes;
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(ahead + off, 0, 3);
     vi16(*out)[2] = s.w[i];
     if (lw.fmt == 4) {  // q4_tile's unpack: column (g, j) of pair_pattern is p = 2 g + j
-      const uint8_t* wb = lw.w + blk * 256;
       for (int h = 0; h < 2; ++h)
         for (int c = 0; c < 4; ++c) {
           const vu16 raw = load_u16x16(wb + 64 * c + 32 * h);
@@ -66,7 +66,6 @@ inline void unpack_segment_portable(const LinearW& lw, int64_t nb, int64_t t, in
       memcpy(s.d[i], lw.d + blk * kTile, kTile * sizeof(float));
       memcpy(s.m[i], lw.m + blk * kTile, kTile * sizeof(float));
     } else if (lw.fmt == 5) {  // q5_tile's codes w[row][k] in [-16, 15], then the lane layout
-      const uint8_t* wb = lw.w + blk * kQ5BlockBytes;
       int16_t wq[kTile][kBlock];
       for (int l = 0; l < kTile; ++l)
         for (int e = 0; e < 4; ++e) {
@@ -93,7 +92,6 @@ inline void unpack_segment_portable(const LinearW& lw, int64_t nb, int64_t t, in
       }
     } else {  // Q8 / Q8h: q8_tile's signed codes q = u - 128
       const bool h16 = lw.fmt == 9;
-      const uint8_t* wb = lw.w + blk * (h16 ? kQ8hBlockBytes : 512);
       for (int h = 0; h < 2; ++h)
         for (int j = 0; j < 8; ++j) {
           const vi16 v = reinterpret_cast<vi16>(load_u16x16(wb + 64 * j + 32 * h) ^ 0x8080);
