@@ -1,10 +1,12 @@
-"""Decode at depth 4096 alone (SmolLM2 int4, 2 threads): the fast loop for issue 16's decode row.
+"""Decode at depth 4096 and the prefill rows alone (SmolLM2 int4, 2 threads): the fast loop for
+issue 16's decode and prefill rows.
 
-One Ember process per KV cache dtype: a 4096-token prompt (emma.txt) is prefilled, then
---decode-tokens decode steps are timed on their own, --repeats times (the prompt prefilled
-again each time: prefix caching off); the same at depth 16 (the weights-only decode cost, for
-the split "attention = t(4096) - t(16)"). Best and median per figure, the load average, one
-JSON line per dtype appended to --out. The full row (prefill, llama.cpp, perplexity) stays
+One Ember process per KV cache dtype: a 4096-token prompt (emma.txt) is prefilled (timed to its
+first token: prefill_4096), then --decode-tokens decode steps are timed on their own, --repeats
+times (the prompt prefilled again each time: prefix caching off); the same at depth 16 (the
+weights-only decode cost, for the split "attention = t(4096) - t(16)"), and a 512-token prompt's
+prefill (prefill_512, for the ratio prefill_4096 / prefill_512). Best and median per figure, the
+load average, one JSON line per dtype appended to --out. The full row (prefill, llama.cpp, perplexity) stays
 `ember bench offline --long-context`; this one takes ~1 minute per dtype.
 
     PYTHONPATH=. flock /tmp/ember-bench.lock python benchmarks/longctx_decode_only.py \
@@ -31,10 +33,12 @@ from pathlib import Path
 DEPTH = 4096
 
 
-def _rate(llm: object, prompt: list[int], tokens: int) -> float:
+def _rates(llm: object, prompt: list[int], tokens: int) -> tuple[float, float]:
+    """(prefill tok/s to the first token, decode tok/s after it) for `prompt`."""
     from ember.bench.longctx import _prefill_then_decode
 
-    return _prefill_then_decode(llm, prompt, tokens)[f"decode_{len(prompt)}_tok_s"]
+    r = _prefill_then_decode(llm, prompt, tokens)
+    return r[f"prefill_{len(prompt)}_tok_s"], r[f"decode_{len(prompt)}_tok_s"]
 
 
 def worker(kv: str, text: Path, tokens: int, repeats: int, threads: int) -> dict[str, object]:
@@ -50,11 +54,19 @@ def worker(kv: str, text: Path, tokens: int, repeats: int, threads: int) -> dict
     ids = tok.encode(text.read_text(encoding="utf-8"), add_special_tokens=False)
     while len(ids) < DEPTH:
         ids = ids + ids
-    _rate(llm, ids[:64], 8)  # warm-up
-    short = [_rate(llm, ids[:16], tokens) for _ in range(repeats)]
-    deep = [_rate(llm, ids[:DEPTH], tokens) for _ in range(repeats)]
+    _rates(llm, ids[:64], 8)  # warm-up
+    short = [_rates(llm, ids[:16], tokens)[1] for _ in range(repeats)]
+    p512, p4k, deep = [], [], []
+    for _ in range(repeats):  # the two prefills interleaved
+        p512.append(_rates(llm, ids[:512], 1)[0])
+        p, d = _rates(llm, ids[:DEPTH], tokens)
+        p4k.append(p)
+        deep.append(d)
     ms_short, ms_deep = 1e3 / max(short), 1e3 / max(deep)
-    return {"kv": kv, "decode_16_tok_s_best": max(short),
+    return {"kv": kv, "prefill_512_tok_s_median": statistics.median(p512),
+            f"prefill_{DEPTH}_tok_s_median": statistics.median(p4k),
+            f"prefill_{DEPTH}_over_512": statistics.median(p4k) / statistics.median(p512),
+            "decode_16_tok_s_best": max(short),
             "decode_16_tok_s_median": statistics.median(short),
             f"decode_{DEPTH}_tok_s_best": max(deep),
             f"decode_{DEPTH}_tok_s_median": statistics.median(deep),

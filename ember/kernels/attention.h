@@ -18,12 +18,15 @@
 // tiles at multiples of kKeys, and the segments' states are folded in key order by one
 // function (fold_state), whether one item ran them all or split-K items ran them apart. So a
 // row's output is bit-identical alone (a decode) or inside a float32 tile (verification rows,
-// a prefill chunk of fewer than kBf16MinRows rows), whatever the split and the thread count.
-// Exception (AVX-512 build, bf16 cache): the full tiles of a sequence with >= kBf16MinRows
-// rows in the step run on bf16 dot products (prefill_bf16.h): invariant across splits, thread
-// counts and the rows beside them, but equal to the same rows decoded only to bf16 accuracy
-// (test_prefill_chunk_rows_versus_decoded_rows). int8 caches: invariant across splits and
-// thread counts, but a decode row applies the scales differently from a tile.
+// a prefill chunk of fewer than kPackMinRows rows), whatever the split and the thread count.
+// Exception (packed tiles): the full tiles of a sequence with >= kPackMinRows rows in the step
+// run on K/V tiles packed once per layer and step: bf16 dot products on AVX-512 with a bf16
+// cache (prefill_bf16.h), float32 outer products on AVX2 with either cache (prefill_f32.h).
+// They are invariant across splits, thread counts and the rows beside them, but equal to the
+// same rows decoded only to bf16 accuracy (AVX-512) or to float32 rounding (AVX2: the same
+// products, summed in another order) (test_prefill_chunk_rows_versus_decoded_rows). int8
+// caches: invariant across splits and thread counts, but a decode row applies the scales
+// differently from a tile.
 //
 // KV caches: bfloat16 (S, Hk, D), or int8 (S, Hk, D) with a float32 scale per slot and head
 // (S, Hk): value = q * scale. A sliding window w > 0 limits row i to keys (lens[i]-1-w, ...]:
@@ -39,23 +42,30 @@
 
 #include "common.h"
 
-// Full prefill tiles over a bf16 cache run on AVX-512 BF16 dot products (prefill_bf16.h);
-// the AVX2 and portable builds keep the float32 tile for every tile.
+// Full prefill tiles run on packed K/V tiles: over a bf16 cache on AVX-512 BF16 dot products
+// (prefill_bf16.h), over either cache on AVX2 float32 outer products (prefill_f32.h); the
+// portable build keeps the float32 tile for every tile.
 #if !defined(EMBER_ISA_AVX2) && !defined(EMBER_ISA_PORTABLE) && defined(__AVX512BF16__)
 #define EMBER_ATTN_BF16 1
 #else
 #define EMBER_ATTN_BF16 0
 #endif
+#if defined(EMBER_ISA_AVX2)
+#define EMBER_ATTN_F32 1
+#else
+#define EMBER_ATTN_F32 0
+#endif
+#define EMBER_ATTN_PACKED (EMBER_ATTN_BF16 || EMBER_ATTN_F32)
 
 namespace {
 
 constexpr int64_t kQRows = 16;    // query rows (tokens) per tile
 constexpr int64_t kKeys = 64;     // keys per inner tile (converted to float once)
 constexpr int64_t kSegKeys = 512;  // keys per segment (fixed key positions; see above)
-// NOTE: bf16 tiles (prefill_bf16.h) only for a sequence with this many rows in the step (a
-// prefill chunk): fewer rows (decodes, speculative verification rows) stay float32 and
-// batch-invariant.
-constexpr int64_t kBf16MinRows = 64;
+// NOTE: packed tiles (prefill_bf16.h, prefill_f32.h) only for a sequence with this many rows in
+// the step (a prefill chunk): fewer rows (decodes, speculative verification rows) keep the
+// float32 tile and stay bit-identical to their rows decoded alone.
+constexpr int64_t kPackMinRows = 64;
 
 // A paged KV cache of one layer, bf16 (dtype 0) or int8 with per-slot-and-head scales (1).
 struct KvCache {
@@ -71,7 +81,7 @@ struct AttnTile {
   int64_t k0, k1;  // keys [k0, k1) this item covers
   int64_t part;    // -1: writes the output; else the slot of the tile's first segment
   int64_t seg0;    // the tile's first segment (k / kSegKeys of its first key)
-  int64_t pack = -1;  // a full prefill tile: its sequence's pack entry (prefill_bf16.h)
+  int64_t pack = -1;  // a full prefill tile: its sequence's pack entry (packed tiles)
 };
 
 // Consecutive full tiles of one sequence share their K/V key tiles, packed once per layer:
@@ -96,7 +106,7 @@ struct AttnPlan {
   std::vector<float> partial;  // (segments, Hk, kQRows * G, D + 2): acc, m, l
   std::vector<PackSeq> packs;
   std::vector<std::array<int64_t, 3>> pack_items;  // (entry, kv head, key tile)
-  std::vector<uint32_t> kvpack;  // (tiles, K / V, D x kKeys / 2) packed bf16 pairs
+  std::vector<uint32_t> kvpack;  // (tiles, K / V, packed_tile_words(D)) packed K / V tiles
   int64_t group = 1, part_stride = 0;
 };
 
@@ -112,14 +122,20 @@ inline int64_t first_key(const DecodeCtx& c, int64_t i, int64_t window) {
   return window > 0 ? std::max<int64_t>(0, c.lens[i] - window) : 0;
 }
 
+// The words of one packed K or V tile: D x kKeys / 2 bf16 pairs (AVX-512) or D x kKeys floats
+// (AVX2).
+inline int64_t packed_tile_words(int64_t dim) {
+  return EMBER_ATTN_BF16 ? dim * kKeys / 2 : dim * kKeys;
+}
+
 // The pack entries of the full tiles (runs of kQRows rows) of sequences with at least
-// kBf16MinRows rows in the step (one entry per sequence) and their key tiles to pack; returns
+// kPackMinRows rows in the step (one entry per sequence) and their key tiles to pack; returns
 // each run's entry (-1: none).
 inline std::vector<int64_t> make_packs(const DecodeCtx& c,
                                        const std::vector<std::pair<int64_t, int64_t>>& runs,
                                        int64_t window, AttnPlan& plan) {
   std::vector<int64_t> pack_of(runs.size(), -1);
-  if (!EMBER_ATTN_BF16) return pack_of;
+  if (!EMBER_ATTN_PACKED) return pack_of;
   for (size_t ri = 0; ri < runs.size();) {
     // runs ri .. rj - 1: consecutive rows of one sequence
     size_t rj = ri + 1;
@@ -127,7 +143,7 @@ inline std::vector<int64_t> make_packs(const DecodeCtx& c,
            same_sequence(c, runs[rj].first))
       ++rj;
     const int64_t rows = runs[rj - 1].first + runs[rj - 1].second - runs[ri].first;
-    for (size_t r = ri; rows >= kBf16MinRows && r < rj && runs[r].second == kQRows; ++r) {
+    for (size_t r = ri; rows >= kPackMinRows && r < rj && runs[r].second == kQRows; ++r) {
       const auto [r0, nr] = runs[r];
       if (r == ri) plan.packs.push_back({0, first_key(c, r0, window), 0, 0, 0, 0});
       PackSeq& e = plan.packs.back();
@@ -148,7 +164,7 @@ inline std::vector<int64_t> make_packs(const DecodeCtx& c,
       for (int64_t t = 0; t < e.ntiles; ++t)
         plan.pack_items.push_back({static_cast<int64_t>(i), h, t});
   }
-  plan.kvpack.resize(static_cast<size_t>(off * c.dim * kKeys));  // K and V per tile
+  plan.kvpack.resize(static_cast<size_t>(off * 2 * packed_tile_words(c.dim)));  // K and V
   return pack_of;
 }
 
@@ -209,8 +225,8 @@ struct AttnScratch {
     if (EMBER_ATTN_BF16) {
       qb.resize(rows * dim / 2);
       pb.resize(rows * kKeys / 2);
-      lv.resize(rows * 16);  // each row's softmax sum as 16 partial sums
     }
+    if (EMBER_ATTN_PACKED) lv.resize(rows * 16);  // each row's softmax sum as partial sums
     q.resize(rows * dim);
     cacc.resize(rows * dim);  // the carry: segments folded so far (fold_state)
     cm.resize(rows);
@@ -743,11 +759,36 @@ inline bool tiled_attention_supports(int64_t dim) {
   return dim == 64 || dim == 128 || dim == 256;
 }
 
+// The value a C row starts from in the packed tiles' dot products: zero, itself, or itself
+// times alpha_r.
+enum class Init { kZero, kKeep, kScale };
+
+// A row's running maximum m is only a reference point (its accumulators and sum are scaled
+// by exp(-m)): any m at or below the true maximum works while exp(score - m) stays far from
+// float32's range. The packed tiles raise it only when a score exceeds it by more than this
+// (probabilities up to e^8 ~ 3000), so most key tiles skip the horizontal max and the
+// accumulator rescale.
+constexpr float kLazyMax = 8.0f;
+
 }  // namespace
 #if EMBER_ATTN_BF16
-#include "prefill_bf16.h"
+#include "prefill_bf16.h"  // pack_kv_tile, attend_tile_packed: bf16 dot products
+#elif EMBER_ATTN_F32
+#include "prefill_f32.h"  // pack_kv_tile, attend_tile_packed: float32 outer products
 #endif
 namespace {
+
+#if EMBER_ATTN_PACKED
+// Every key tile of every pack entry of the plan (worksharing: all threads call).
+inline void pack_plan(const DecodeCtx& c, AttnPlan& plan, const KvCache& kv) {
+  const int64_t n = static_cast<int64_t>(plan.pack_items.size());
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& [e, kvh, ti] = plan.pack_items[static_cast<size_t>(i)];
+    pack_kv_tile(c, plan, plan.packs[static_cast<size_t>(e)], kvh, ti, kv);
+  }
+}
+#endif
 
 inline void attend_decode_dispatch(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t,
                                    int64_t h0, int64_t h1, const float* q, int64_t q_stride,
@@ -770,8 +811,11 @@ inline void attend_planned(const DecodeCtx& c, AttnPlan& plan, int64_t window, c
                            int64_t q_stride, const KvCache& kv, AttnScratch& sc, float* out,
                            int64_t out_stride) {
   const int64_t items = static_cast<int64_t>(plan.items.size());
-  const bool packed = EMBER_ATTN_BF16 && kv.dtype == 0 && !plan.packs.empty();
-#if EMBER_ATTN_BF16
+  // NOTE: AVX-512 packs bf16 caches only (its tiles multiply bf16 pairs); AVX2 packs either
+  // cache as floats (int8 dequantised as load_kv_tile does)
+  const bool packed = EMBER_ATTN_PACKED && (EMBER_ATTN_F32 || kv.dtype == 0) &&
+                      !plan.packs.empty();
+#if EMBER_ATTN_PACKED
   if (packed) pack_plan(c, plan, kv);  // ends on the worksharing loop's barrier
 #endif
 #pragma omp for schedule(dynamic, 1)
@@ -783,12 +827,12 @@ inline void attend_planned(const DecodeCtx& c, AttnPlan& plan, int64_t window, c
                              q_stride, kv, sc, out, out_stride);
       continue;
     }
-#if EMBER_ATTN_BF16
-    if (packed && t.pack >= 0) {  // a full prefill tile: bf16 dot products on packed K/V
+#if EMBER_ATTN_PACKED
+    if (packed && t.pack >= 0) {  // a full prefill tile on packed K/V
       switch (c.dim) {
-        case 64: attend_tile_bf16<64>(c, plan, t, kvh, window, q, q_stride, sc, out, out_stride); break;
-        case 128: attend_tile_bf16<128>(c, plan, t, kvh, window, q, q_stride, sc, out, out_stride); break;
-        default: attend_tile_bf16<256>(c, plan, t, kvh, window, q, q_stride, sc, out, out_stride); break;
+        case 64: attend_tile_packed<64>(c, plan, t, kvh, window, q, q_stride, sc, out, out_stride); break;
+        case 128: attend_tile_packed<128>(c, plan, t, kvh, window, q, q_stride, sc, out, out_stride); break;
+        default: attend_tile_packed<256>(c, plan, t, kvh, window, q, q_stride, sc, out, out_stride); break;
       }
       continue;
     }

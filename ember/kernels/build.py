@@ -30,7 +30,7 @@ SOURCES = (HERE / "cpu_kernels.cpp", HERE / "decoder.cpp", HERE / "encoder_gemm.
 HEADERS = (HERE / "common.h", HERE / "kernels.h", HERE / "isa_avx2.h", HERE / "few_rows_avx2.h",
            HERE / "isa_portable.h", HERE / "attention.h", HERE / "q6_layers.h",
            HERE / "avx2_prefill.h", HERE / "portable_prefill.h", HERE / "gemm_rows.h",
-           HERE / "decode_few.h", HERE / "prefill_bf16.h")
+           HERE / "decode_few.h", HERE / "prefill_bf16.h", HERE / "prefill_f32.h")
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
 
 

@@ -14,17 +14,14 @@
 // more than e^8, so most key tiles skip the horizontal max and the accumulator rescale. Keys
 // outside the sequence's range are packed as zeros; keys outside a row's range get
 // probability 0 (masks over the 64 keys of a tile).
-// Only sequences with at least kBf16MinRows rows in the step (prefill chunks) take this path.
+// Only sequences with at least kPackMinRows rows in the step (prefill chunks) take this path.
 // NOTE: it is not bit-identical to the decode rows (float32 dot products): batch invariance
 // holds for sequences with fewer rows in a step (decodes, verification rows of up to
-// kBf16MinRows - 1 draft tokens) and for a prefill chunk's ragged last tile; a full prefill
+// kPackMinRows - 1 draft tokens) and for a prefill chunk's ragged last tile; a full prefill
 // tile gives the same bits whatever the thread count, the split and the rows beside it.
 #pragma once
 
 namespace {
-
-// The words of one packed K or V tile.
-inline int64_t packed_tile_words(int64_t dim) { return dim * kKeys / 2; }
 
 // r[i] word j <- r[j] word i (a 16 x 16 matrix of 32-bit words, rows in registers).
 inline void transpose16x16_epi32(__m512i* r) {
@@ -101,19 +98,6 @@ inline void pack_kv_tile(const DecodeCtx& c, AttnPlan& plan, const PackSeq& e, i
     }
 }
 
-// Every key tile of every pack entry of the plan (worksharing: all threads call).
-inline void pack_plan(const DecodeCtx& c, AttnPlan& plan, const KvCache& kv) {
-  const int64_t n = static_cast<int64_t>(plan.pack_items.size());
-#pragma omp for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const auto& [e, kvh, ti] = plan.pack_items[static_cast<size_t>(i)];
-    pack_kv_tile(c, plan, plan.packs[static_cast<size_t>(e)], kvh, ti, kv);
-  }
-}
-
-// The value a C row starts from in dot_bf16_rows: zero, itself, or itself times alpha_r.
-enum class Init { kZero, kKeep, kScale };
-
 // C_r (64 floats at c + r * cs) = init_r + sum_{p < np} a_r[p] b[p] for R <= 6 rows: a_r a
 // row of bf16 pairs (words, stride as), b[p] 64 pair words (stride bs). init_r: see Init
 // (alpha used by kScale only). 24 accumulators, the four B vectors of a step shared by the
@@ -176,12 +160,6 @@ inline __m512 exp_for_bf16(__m512 x, __m512 mlog2e) {
   return _mm512_scalef_ps(p, n);
 }
 
-// A row's running maximum m is only a reference point (its accumulators and sum are scaled
-// by exp(-m)): any m at or below the true maximum works while exp(score - m) stays far from
-// float32's range. It is raised when a score exceeds it by more than this (probabilities up
-// to e^8 ~ 3000, exact in bf16's float32 exponent range; rounding is relative, so the same).
-constexpr float kLazyMax = 8.0f;
-
 // One row's online-softmax step over a key tile's 64 scores s, keys [j0, j1) its own:
 // alpha = exp(m_old - m_new), the probabilities (0 outside [j0, j1)) as bf16 pairs into pb.
 // Full: every key of the tile is the row's (j0 = 0, j1 = 64; no masks).
@@ -231,7 +209,7 @@ inline void softmax_row_bf16(const float* s, int64_t j0, int64_t j1, float& m, f
 
 // attend_tile on bf16 dot products: the rows of full tile t (pack entry t.pack), kv head kvh.
 template <int D>
-void attend_tile_bf16(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, int64_t kvh,
+void attend_tile_packed(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, int64_t kvh,
                       int64_t window, const float* q, int64_t q_stride, AttnScratch& sc,
                       float* out, int64_t out_stride) {
   constexpr int64_t W = D / 2;  // words (bf16 pairs) of a query row

@@ -26,6 +26,12 @@ GREEDY = SamplingParams(max_tokens=40, temperature=0)
 TIE = 0.1
 """Near-tie margin (nats) of the reference's top two tokens where a rounding-level change may
 flip a greedy token (as in test_long_context.py)."""
+TIE_RECOMPUTE = 0.25
+"""... where a recomputed prefix (preemption) may flip one: rounding-level changes anywhere in
+a prefix move later logprobs by ~0.07 nats on average through the int8 activations (measured
+on a 600-token text, AVX2: the packed prefill tiles vs the float32 tile, and either vs the
+fp32-KV PyTorch-attention reference, mean |delta logprob| 0.066-0.068, max 0.57-0.72), and a
+recompute changes a whole prefix at once (a split at a 0.13-nat tie seen on Zen 3)."""
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +79,13 @@ def test_ngram_greedy_identical_batched_on_kernels(make_llm, prompts, config):
 
 
 def test_ngram_greedy_identical_with_preemption(make_llm, prompts):
-    """Preemption recomputes a request's prompt and output tokens as one prefill. On AVX-512
-    that prefill is not bit-equal to the first pass (the full 16-row tiles of >= 64 rows run
-    bf16 dot products where the output tokens were decoded in float32: attention.h,
-    test_flash_attention.py::test_prefill_chunk_rows_versus_decoded_rows; and the exact check
-    failed here on Zen 5 with the bf16 tiles switched off too), so the tokens follow the
-    reference's until a near-tie at most (its top two within TIE nats); other ISAs: equal."""
+    """Preemption recomputes a request's prompt and output tokens as one prefill. With packed
+    prefill tiles (AVX-512: bf16 dot products; AVX2: float32 in another summation order) that
+    prefill is not bit-equal to the first pass, whose output tokens were decoded one row at a
+    time (attention.h, test_flash_attention.py::test_prefill_chunk_rows_versus_decoded_rows;
+    the exact check also failed on Zen 5 with the bf16 tiles switched off), so the tokens
+    follow the reference's until a near-tie at most (its top two within TIE_RECOMPUTE nats);
+    the portable build: equal."""
     params = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0, logprobs=2)
     ref = [o.outputs[0] for o in make_llm(quantization="auto").generate(prompts, params,
                                                                          use_tqdm=False)]
@@ -86,10 +93,10 @@ def test_ngram_greedy_identical_with_preemption(make_llm, prompts):
                 block_size=4, num_blocks=64, enable_prefix_caching=False)
     got = _tokens(tight, prompts)
     splits = [first_split(g, r) for g, r in zip(got, ref)]
-    if tight.engine.core.plan.kernels is None or tight.engine.core.plan.kernels.isa != \
-            "avx512-vnni":
+    if tight.engine.core.plan.kernels is None or tight.engine.core.plan.kernels.isa not in \
+            ("avx512-vnni", "avx2"):
         assert splits == [None] * len(prompts)
-    assert all(s is None or s[1] < TIE for s in splits), splits
+    assert all(s is None or s[1] < TIE_RECOMPUTE for s in splits), splits
     assert tight.engine.core.scheduler.num_preemptions > 0
     kv = tight.engine.core.kv_manager
     assert kv.num_free_blocks == kv.num_blocks - 1  # every block back after the run

@@ -7,18 +7,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ember.kernels.build import missing_cpu_features
+from ember.kernels.build import missing_cpu_features, supported_isas
 from ember.kernels.ops import CpuKernels
 from paged_cache import random_paged_cache
 
 pytestmark = pytest.mark.skipif(bool(missing_cpu_features()),
                                 reason=f"CPU lacks {missing_cpu_features()}")
 
+# The SIMD builds this CPU runs, each with its own full prefill tiles (AVX-512: bf16 dot
+# products; AVX2: float32 outer products); the portable build is tested in test_portable_*.
+ISAS = [isa.name for isa in supported_isas() if isa.name in ("avx512-vnni", "avx2")]
 
-@pytest.fixture(scope="module")
-def kernels(load_kernels) -> CpuKernels:
+
+@pytest.fixture(scope="module", params=ISAS or [None])
+def kernels(request, load_kernels) -> CpuKernels:
     # NOTE: the shared kernel cache (keyed by source hash): no extra compile per run
-    return load_kernels(None)
+    return load_kernels(request.param)
 
 
 def _rows(seqs: list[tuple[int, int]], tables: list[list[int]]
@@ -84,10 +88,11 @@ CASES = [
 ]
 
 # Full query tiles (kQRows consecutive rows of one sequence, from its first row in the step)
-# of a sequence with at least kBf16MinRows rows in the step run on bf16 dot products on
-# AVX-512 (prefill_bf16.h): queries and probabilities rounded to bfloat16, float32 softmax and
-# accumulation. Their tolerance follows bf16's 8-bit mantissa (scores of q * 2: a sharp
-# softmax); other rows are float32 throughout.
+# of a sequence with at least kPackMinRows rows in the step run on packed K/V tiles: bf16 dot
+# products on AVX-512 (prefill_bf16.h: queries and probabilities rounded to bfloat16, float32
+# softmax and accumulation; their tolerance follows bf16's 8-bit mantissa, scores of q * 2: a
+# sharp softmax), float32 outer products on AVX2 (prefill_f32.h: float32 throughout, summed in
+# another order than the decode rows). Other rows are float32 throughout.
 Q_ROWS, BF16_MIN_ROWS = 16, 64
 BF16_ATOL, BF16_MEAN = 3e-2, 2e-3
 
@@ -153,6 +158,8 @@ def _quantize_int8(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (6, 2, 64, 8, [(200, 30)], 64),
     (8, 2, 256, 16, [(700, 1), (3, 1)], None),  # int8 decode rows, G = 4, head dim 256
     (9, 3, 64, 16, [(1337, 1)], 200),  # int8 split decode reading only its window
+    (9, 3, 64, 16, [(300, 70), (5, 1)], None),  # an int8 prefill chunk: packed tiles on AVX2
+    (4, 2, 128, 16, [(900, 96)], 250),  # ... past a segment, windowed
 ])
 def test_int8_cache_attention_matches_dequantized_reference(kernels, hq, hk, dim, bs, seqs,
                                                             window):
@@ -224,10 +231,11 @@ def test_full_tile_output_does_not_depend_on_the_rows_beside_it(kernels):
 
 
 def test_prefill_chunk_rows_versus_decoded_rows(kernels):
-    """The batch-invariance scope of the bf16 prefill tiles, made exact: a row inside a full
+    """The batch-invariance scope of the packed prefill tiles, made exact: a row inside a full
     tile of a chunk of BF16_MIN_ROWS rows equals the same row decoded alone (float32) to bf16
-    accuracy only (bit-equal on the float32 builds), while a chunk of BF16_MIN_ROWS - 1 rows
-    (the most verification rows a step may carry) stays bit-equal to its rows decoded alone."""
+    accuracy on AVX-512, to float32 rounding on AVX2 (another summation order) and bit for bit
+    on the portable build (no packed tiles), while a chunk of BF16_MIN_ROWS - 1 rows (the most
+    verification rows a step may carry) stays bit-equal to its rows decoded alone."""
     gen = torch.Generator().manual_seed(29)
     hq, hk, dim, bs, ctx = 9, 3, 64, 16, 700
     k_cache, v_cache, tables = random_paged_cache(gen, [ctx + BF16_MIN_ROWS], hk, dim, bs)
@@ -241,6 +249,8 @@ def test_prefill_chunk_rows_versus_decoded_rows(kernels):
     if kernels.isa == "avx512-vnni":
         torch.testing.assert_close(chunk, decoded, atol=BF16_ATOL, rtol=0)
         assert float((chunk - decoded).abs().mean()) < BF16_MEAN
+    elif kernels.isa == "avx2":
+        torch.testing.assert_close(chunk, decoded, atol=2e-6, rtol=1e-5)
     else:
         assert torch.equal(chunk, decoded)
 
