@@ -209,9 +209,9 @@ inline void softmax_row_bf16(const float* s, int64_t j0, int64_t j1, float& m, f
 
 // attend_tile on bf16 dot products: the rows of full tile t (pack entry t.pack), kv head kvh.
 template <int D>
-void attend_tile_packed(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, int64_t kvh,
-                      int64_t window, const float* q, int64_t q_stride, AttnScratch& sc,
-                      float* out, int64_t out_stride) {
+void attend_tile_packed(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t,
+                        int64_t kvh, int64_t window, const float* q, int64_t q_stride,
+                        AttnScratch& sc, float* out, int64_t out_stride) {
   constexpr int64_t W = D / 2;  // words (bf16 pairs) of a query row
   const int64_t G = plan.group, M = t.nr * G;
   const PackSeq& e = plan.packs[static_cast<size_t>(t.pack)];
