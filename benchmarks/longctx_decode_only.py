@@ -5,9 +5,10 @@ One Ember process per KV cache dtype: a 4096-token prompt (emma.txt) is prefille
 first token: prefill_4096), then --decode-tokens decode steps are timed on their own, --repeats
 times (the prompt prefilled again each time: prefix caching off); the same at depth 16 (the
 weights-only decode cost, for the split "attention = t(4096) - t(16)"), and a 512-token prompt's
-prefill (prefill_512, for the ratio prefill_4096 / prefill_512). Best and median per figure, the
-load average, one JSON line per dtype appended to --out. The full row (prefill, llama.cpp, perplexity) stays
-`ember bench offline --long-context`; this one takes ~1 minute per dtype.
+prefill (prefill_512, for the ratio prefill_4096 / prefill_512). Best and median per decode
+figure, medians of the prefill ones, the load average, one JSON line per dtype appended to
+--out. The full row (llama.cpp beside Ember, perplexity) stays `ember bench offline
+--long-context`; this one takes ~1 minute per dtype.
 
     PYTHONPATH=. flock /tmp/ember-bench.lock python benchmarks/longctx_decode_only.py \
         --kv bf16 --kv int8 --label X --out benchmarks/results/longctx/decode_only.jsonl

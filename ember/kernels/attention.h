@@ -525,16 +525,14 @@ inline void pv_tile(const float* p, const float* vf, int64_t n, int64_t M, const
   }
 }
 
-// One work item: the rows of tile t, the G query heads of kv head kvh, keys [t.k0, t.k1) in
-// segments, each over key tiles at multiples of kKeys (rows masked to their own keys).
-// q: row i's query heads at q + i * q_stride; out: row i's heads at out + i * out_stride.
+// The M = nr x G rows of tile t, kv head kvh, at the start of an item: each row's query
+// head scaled into sc.q (float32), its carry empty, its key range [lo, hi) in sc.
 template <int D>
-void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, int64_t kvh,
-                 int64_t window, const float* q, int64_t q_stride, const KvCache& kv,
-                 AttnScratch& sc, float* out, int64_t out_stride) {
+inline void start_tile_rows(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t,
+                            int64_t kvh, int64_t window, const float* q, int64_t q_stride,
+                            AttnScratch& sc) {
   const int64_t G = plan.group, M = t.nr * G;
-  const int64_t* table = c.block_tables + (t.r0 + t.nr - 1) * c.max_blocks;  // covers all rows
-  float *qf = sc.q.data(), *s = sc.s.data(), *acc = sc.acc.data();
+  float* qf = sc.q.data();
   for (int64_t m = 0; m < M; ++m) {
     const int64_t r = t.r0 + m / G, h = kvh * G + m % G;
     const float* src = q + r * q_stride + h * D;
@@ -545,6 +543,19 @@ void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, in
     sc.hi[m] = c.lens[r];  // exclusive
     sc.lo[m] = first_key(c, r, window);
   }
+}
+
+// One work item: the rows of tile t, the G query heads of kv head kvh, keys [t.k0, t.k1) in
+// segments, each over key tiles at multiples of kKeys (rows masked to their own keys).
+// q: row i's query heads at q + i * q_stride; out: row i's heads at out + i * out_stride.
+template <int D>
+void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, int64_t kvh,
+                 int64_t window, const float* q, int64_t q_stride, const KvCache& kv,
+                 AttnScratch& sc, float* out, int64_t out_stride) {
+  const int64_t G = plan.group, M = t.nr * G;
+  const int64_t* table = c.block_tables + (t.r0 + t.nr - 1) * c.max_blocks;  // covers all rows
+  float *qf = sc.q.data(), *s = sc.s.data(), *acc = sc.acc.data();
+  start_tile_rows<D>(c, plan, t, kvh, window, q, q_stride, sc);
   float *ks = sc.ks.data(), *vs = sc.vs.data(), *alpha = sc.alpha.data();
   for (int64_t a = t.k0; a < t.k1;) {
     const int64_t b = segment_end(a, t.k1);

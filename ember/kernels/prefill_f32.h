@@ -167,17 +167,7 @@ void attend_tile_packed(const DecodeCtx& c, const AttnPlan& plan, const AttnTile
   const PackSeq& e = plan.packs[static_cast<size_t>(t.pack)];
   float *qf = sc.q.data(), *s = sc.s.data(), *acc = sc.acc.data(), *alpha = sc.alpha.data();
   float* lv = sc.lv.data();
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t r = t.r0 + m / G, h = kvh * G + m % G;
-    const float* src = q + r * q_stride + h * D;
-    for (int64_t v = 0; v < D; v += 8)
-      _mm256_storeu_ps(qf + m * D + v, _mm256_mul_ps(_mm256_loadu_ps(src + v),
-                                                     _mm256_set1_ps(c.scale)));
-    sc.cl[m] = 0.0f;
-    sc.cm[m] = -INFINITY;
-    sc.hi[m] = c.lens[r];  // exclusive
-    sc.lo[m] = first_key(c, r, window);
-  }
+  start_tile_rows<D>(c, plan, t, kvh, window, q, q_stride, sc);  // the float tile's setup
   const int64_t words = packed_tile_words(D);
   const float* base = reinterpret_cast<const float*>(plan.kvpack.data()) +
                       (e.off + kvh * e.ntiles) * 2 * words;
