@@ -128,14 +128,21 @@ inline int64_t packed_tile_words(int64_t dim) {
   return EMBER_ATTN_BF16 ? dim * kKeys / 2 : dim * kKeys;
 }
 
+// Whether full prefill tiles over a cache of this dtype run packed. AVX-512 packs bf16 caches
+// only (its tiles multiply bf16 pairs); AVX2 packs either cache as floats (int8 dequantised
+// as load_kv_tile does).
+inline bool packs_cache(int64_t kv_dtype) {
+  return EMBER_ATTN_PACKED && (EMBER_ATTN_F32 || kv_dtype == 0);
+}
+
 // The pack entries of the full tiles (runs of kQRows rows) of sequences with at least
 // kPackMinRows rows in the step (one entry per sequence) and their key tiles to pack; returns
-// each run's entry (-1: none).
+// each run's entry (-1: none). None where the cache's dtype is not packed.
 inline std::vector<int64_t> make_packs(const DecodeCtx& c,
                                        const std::vector<std::pair<int64_t, int64_t>>& runs,
-                                       int64_t window, AttnPlan& plan) {
+                                       int64_t window, int64_t kv_dtype, AttnPlan& plan) {
   std::vector<int64_t> pack_of(runs.size(), -1);
-  if (!EMBER_ATTN_PACKED) return pack_of;
+  if (!packs_cache(kv_dtype)) return pack_of;
   for (size_t ri = 0; ri < runs.size();) {
     // runs ri .. rj - 1: consecutive rows of one sequence
     size_t rj = ri + 1;
@@ -168,7 +175,8 @@ inline std::vector<int64_t> make_packs(const DecodeCtx& c,
   return pack_of;
 }
 
-inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window, int nthreads) {
+inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window, int64_t kv_dtype,
+                               int nthreads) {
   AttnPlan plan;
   plan.group = c.hq / c.hk;
   std::vector<std::pair<int64_t, int64_t>> runs;  // (r0, nr) query tiles
@@ -179,7 +187,7 @@ inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window,
     else
       runs.push_back({i, 1});
   }
-  const std::vector<int64_t> pack_of = make_packs(c, runs, window, plan);
+  const std::vector<int64_t> pack_of = make_packs(c, runs, window, kv_dtype, plan);
   const bool all_heads = c.hk <= kQRows;  // the scratch holds kQRows x G rows
   int64_t items = 0;
   for (const auto& run : runs) items += run.second == 1 && all_heads ? 1 : c.hk;
@@ -602,23 +610,27 @@ void attend_tile(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, in
 
 // The cache slots a decode key tile [kb, kb + n) needs (keys before j0 and the padding up to
 // n4 repeat key j0's slot: their scores are ignored), and for the prefetches the slots of the
-// same keys one and two tiles on; keys at or past `end` take the slot of key end - 1 (in cache
+// same keys one tile on; keys at or past `end` take the slot of key end - 1 (in cache
 // already: a harmless prefetch, no branch per head).
 inline void decode_tile_slots(const int64_t* table, int64_t bs, int64_t kb, int64_t j0,
-                              int64_t n, int64_t n4, int64_t end, int64_t* slot, int64_t* next,
-                              int64_t* far) {
+                              int64_t n, int64_t n4, int64_t end, int64_t* slot, int64_t* next) {
   PagedCursor cur(table, bs, kb + j0);
   for (int64_t j = j0; j < n; ++j) slot[j] = cur.next();
   for (int64_t j = 0; j < j0; ++j) slot[j] = slot[j0];
   for (int64_t j = n; j < n4; ++j) slot[j] = slot[j0];
   const int64_t last = table[(end - 1) / bs] * bs + (end - 1) % bs;
-  for (int64_t ahead = 1; ahead <= 2; ++ahead) {
-    int64_t* dst = ahead == 1 ? next : far;
-    const int64_t p0 = kb + ahead * kKeys, stop = std::min(kKeys, std::max<int64_t>(0, end - p0));
-    PagedCursor cn(table, bs, p0);
-    int64_t j = 0;
-    for (; j < stop; ++j) dst[j] = cn.next();
-    for (; j < n4; ++j) dst[j] = last;
+  const int64_t p0 = kb + kKeys, stop = std::min(kKeys, std::max<int64_t>(0, end - p0));
+  PagedCursor cn(table, bs, p0);
+  int64_t j = 0;
+  for (; j < stop; ++j) next[j] = cn.next();
+  for (; j < n4; ++j) next[j] = last;
+}
+
+// Every cache line of `bytes` from `at` in K and in V into L2 (prefetcht1).
+inline void prefetch_kv_l2(const char* kc, const char* vc, size_t at, size_t bytes) {
+  for (size_t off = 0; off < bytes; off += 64) {
+    __builtin_prefetch(kc + at + off, 0, 2);
+    __builtin_prefetch(vc + at + off, 0, 2);
   }
 }
 
@@ -627,7 +639,7 @@ inline void decode_tile_slots(const int64_t* table, int64_t bs, int64_t kb, int6
 // inside a tile), K/V read straight from the cache. The heads run one after the other on each
 // key tile, so an item over all heads reads each slot's K/V rows of every head (contiguous)
 // while they are in cache. Head kvh's G rows sit at scratch rows (kvh - h0) G.
-// NOTE: the cache slots of a tile's keys (and of the two tiles after it, for the prefetches)
+// NOTE: the cache slots of a tile's keys (and of the tile after it, for the prefetches)
 // are found once per tile; every head then walks flat arrays: no per-key branches. Keys past
 // the item's end prefetch the item's last key again (already in cache) instead of branching.
 template <int D, int KS>
@@ -637,8 +649,8 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
   const int64_t G = plan.group, M = (h1 - h0) * G, bs = c.block_size, hk = c.hk;
   const int64_t* table = c.block_tables + t.r0 * c.max_blocks;
   float *qf = sc.q.data(), *s = sc.s.data(), *acc = sc.acc.data(), *alpha = sc.alpha.data();
-  // slot[j]: key kb + j's cache slot; next / far: the same key one / two tiles on (clamped)
-  int64_t slot[kKeys + 4], next[kKeys + 4], far[kKeys + 4], rows[kKeys + 4];
+  // slot[j]: key kb + j's cache slot; next[j]: the same key one tile on (clamped)
+  int64_t slot[kKeys + 4], next[kKeys + 4], rows[kKeys + 4];
   for (int64_t m = 0; m < M; ++m) {
     const float* src = q + t.r0 * q_stride + (h0 * G + m) * D;
     for (int v = 0; v < D; v += kVecW) v_store(qf + m * D + v, v_mul(v_load(src + v), v_set1(c.scale)));
@@ -648,20 +660,16 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
   constexpr size_t row_bytes = KS == kInt8 ? D : 2 * D;
   const char* kc = static_cast<const char*>(kv.k);
   const char* vc = static_cast<const char*>(kv.v);
-  // NOTE: the item's first two key tiles into L2 at once: the per-key prefetches below run two
-  // tiles ahead, so without this every item (a 512-key segment of a split decode: 2 of its 8
-  // tiles) starts on demand misses. Heads h0..h1 of a slot are one contiguous stretch.
+  // Heads h0..h1 of a slot are one contiguous stretch of the cache: `span` bytes.
+  const size_t span = static_cast<size_t>(h1 - h0) * row_bytes;
+  // NOTE: the item's first two key tiles into L2 at once: the prefetches below run one
+  // tile ahead, so without this every item (a 512-key segment of a split decode: 2 of its 8
+  // tiles) starts on demand misses.
   {
     const int64_t e = std::min(t.k1, t.k0 / kKeys * kKeys + 2 * kKeys);
-    const size_t span = static_cast<size_t>(h1 - h0) * row_bytes;
     PagedCursor pc(table, bs, t.k0);
-    for (int64_t p = t.k0; p < e; ++p) {
-      const size_t at = static_cast<size_t>(pc.next() * hk + h0) * row_bytes;
-      for (size_t off = 0; off < span; off += 64) {
-        __builtin_prefetch(kc + at + off, 0, 2);
-        __builtin_prefetch(vc + at + off, 0, 2);
-      }
-    }
+    for (int64_t p = t.k0; p < e; ++p)
+      prefetch_kv_l2(kc, vc, static_cast<size_t>(pc.next() * hk + h0) * row_bytes, span);
   }
   for (int64_t a = t.k0; a < t.k1;) {
     const int64_t b = segment_end(a, t.k1);
@@ -669,7 +677,7 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
     for (int64_t kb = a / kKeys * kKeys; kb < b; kb += kKeys) {
       const int64_t n = std::min(kKeys, b - kb), j0 = std::max<int64_t>(0, a - kb);
       const int64_t n4 = (n + 3) / 4 * 4;
-      decode_tile_slots(table, bs, kb, j0, n, n4, t.k1, slot, next, far);
+      decode_tile_slots(table, bs, kb, j0, n, n4, t.k1, slot, next);
       for (int64_t kvh = h0; kvh < h1; ++kvh) {
         const int64_t r0 = (kvh - h0) * G;
         for (int64_t j = 0; j < n4; ++j) rows[j] = slot[j] * hk + kvh;
@@ -677,21 +685,26 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
         // key tile, or the first head of the next tile), a few keys per QK step: one
         // head-tile ahead (8 KB int8 / 16 KB bf16) keeps it in L1, where one burst of the
         // whole next tile of all heads (24 / 48 KB) evicted the current one and stalled on
-        // the miss buffers. And head kvh's K/V rows of the tile two ahead into L2
-        // (prefetcht1), so the L1 prefetch hits L2 instead of waiting on memory.
+        // the miss buffers. And into L2 (prefetcht1) the next tile's K/V, so the L1
+        // prefetch hits L2 instead of waiting on memory: each head of this tile fetches its
+        // share of the next tile's keys, a key's rows of all heads h0..h1 at once (one
+        // contiguous span, so whole lines in address order). Per-head rows of the tile two
+        // ahead instead left ~1.6 ms more of a depth-4096 decode waiting on memory (probe,
+        // 2 threads, 9.2 -> 7.7 ms).
         const int64_t* pf = kvh + 1 < h1 ? slot : next;
         const int64_t pf_head = kvh + 1 < h1 ? kvh + 1 : h0;
+        const int64_t share = (n4 + h1 - h0 - 1) / (h1 - h0), f0 = (kvh - h0) * share;
         for (int64_t j = 0; j < n4; j += 4) {
           for (int64_t i = j; i < j + 4; ++i) {
             const size_t l1 = static_cast<size_t>(pf[i] * hk + pf_head) * row_bytes;
-            const size_t l2 = static_cast<size_t>(far[i] * hk + kvh) * row_bytes;
             for (size_t off = 0; off < row_bytes; off += 64) {
               v_prefetch(kc + l1 + off);
               v_prefetch(vc + l1 + off);
-              __builtin_prefetch(kc + l2 + off, 0, 2);
-              __builtin_prefetch(vc + l2 + off, 0, 2);
             }
           }
+          const int64_t f1 = std::min(n4, f0 + (j + 4) * share / n4);
+          for (int64_t f = f0 + j * share / n4; f < f1; ++f)
+            prefetch_kv_l2(kc, vc, static_cast<size_t>(next[f] * hk + h0) * row_bytes, span);
           int64_t m = r0;
           for (; m + 3 <= r0 + G; m += 3)
             qk4_direct<D, 3, KS>(qf + m * D, kv.k, rows + j, s + m * kKeys + j);
@@ -822,10 +835,7 @@ inline void attend_planned(const DecodeCtx& c, AttnPlan& plan, int64_t window, c
                            int64_t q_stride, const KvCache& kv, AttnScratch& sc, float* out,
                            int64_t out_stride) {
   const int64_t items = static_cast<int64_t>(plan.items.size());
-  // NOTE: AVX-512 packs bf16 caches only (its tiles multiply bf16 pairs); AVX2 packs either
-  // cache as floats (int8 dequantised as load_kv_tile does)
-  const bool packed = EMBER_ATTN_PACKED && (EMBER_ATTN_F32 || kv.dtype == 0) &&
-                      !plan.packs.empty();
+  const bool packed = !plan.packs.empty();  // make_packs: only where packs_cache(kv.dtype)
 #if EMBER_ATTN_PACKED
   if (packed) pack_plan(c, plan, kv);  // ends on the worksharing loop's barrier
 #endif

@@ -153,7 +153,7 @@ void paged_decode_attention(const float* q, int64_t q_stride, const void* k_cach
                             float* out, int nthreads) {
   const DecodeCtx c{block_tables, max_blocks, lens, hq, hk, dim, block_size, scale};
   if (tiled_attention_supports(dim)) {
-    AttnPlan plan = make_attn_plan(c, batch, window, nthreads);
+    AttnPlan plan = make_attn_plan(c, batch, window, kv_dtype, nthreads);
     const KvCache kv{k_cache, v_cache, k_scale, v_scale, kv_dtype};
 #pragma omp parallel num_threads(nthreads)
     {

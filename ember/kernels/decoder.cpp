@@ -7,6 +7,8 @@
 // bases). The math is the one of the models' module paths, which stay the reference; tests
 // compare the two.
 
+#include <tuple>
+
 #include "kernels.h"
 
 namespace {
@@ -61,12 +63,13 @@ inline void add_output(float* x, float* proj, const float* norm, int64_t h, floa
 
 // A decode step's attention, shared by decode_layers and decode_layers_few: one DecodeCtx per
 // KV cache group and, on the tiled kernels, one attention plan per distinct (KV cache group,
-// window), shared by the layers with both (lens are the step's, block tables the group's).
+// window, cache dtype), shared by the layers with all three (lens are the step's, block
+// tables the group's; the dtype decides whether prefill tiles run packed).
 struct StepAttention {
   std::vector<DecodeCtx> ctxs;
   int64_t max_len;
   bool tiled;
-  std::vector<std::pair<std::pair<int64_t, int64_t>, AttnPlan>> plans;
+  std::vector<std::pair<std::tuple<int64_t, int64_t, int64_t>, AttnPlan>> plans;
   std::vector<size_t> plan_of;
 
   StepAttention(const Shape& s, int64_t batch, const LayerW* layers, int64_t num_layers,
@@ -79,12 +82,13 @@ struct StepAttention {
       ctxs.push_back({block_tables + g * batch * max_blocks, max_blocks, lens, s.hq, s.hk,
                       s.dim, s.block_size, s.scale});
     for (int64_t l = 0; tiled && l < num_layers; ++l) {
-      const std::pair<int64_t, int64_t> key{layers[l].kv_group, layers[l].window};
+      const LayerW& L = layers[l];
+      const std::tuple<int64_t, int64_t, int64_t> key{L.kv_group, L.window, L.kv_dtype};
       size_t i = 0;
       while (i < plans.size() && plans[i].first != key) ++i;
       if (i == plans.size())
-        plans.push_back({key, make_attn_plan(ctxs[static_cast<size_t>(key.first)], batch,
-                                             key.second, nthreads)});
+        plans.push_back({key, make_attn_plan(ctxs[static_cast<size_t>(L.kv_group)], batch,
+                                             L.window, L.kv_dtype, nthreads)});
       plan_of[static_cast<size_t>(l)] = i;
     }
   }
@@ -102,8 +106,8 @@ struct StepAttention {
     const int64_t hq = s.hq, dim = s.dim;
     if (tiled) {
       const KvCache kv{L.k_cache, L.v_cache, L.k_scale, L.v_scale, L.kv_dtype};
-      auto& [key, plan] = plans[plan_of[static_cast<size_t>(l)]];
-      attend_planned(ctx, plan, key.second, qkv, qkv_np, kv, sc, attn, hq * dim);
+      AttnPlan& plan = plans[plan_of[static_cast<size_t>(l)]].second;
+      attend_planned(ctx, plan, L.window, qkv, qkv_np, kv, sc, attn, hq * dim);
     } else {
 #pragma omp for schedule(dynamic) collapse(2)
       for (int64_t b = 0; b < batch; ++b)
