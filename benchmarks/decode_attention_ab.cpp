@@ -1,0 +1,68 @@
+// Decode attention at depth 4096 (SmolLM2's geometry, as longctx_decode_probe.cpp), several
+// builds of the kernels in ONE process: each build's libember .so is dlopen'ed (RTLD_LOCAL) and
+// the builds take turns, one full step (30 layers) each, `reps` times. On a noisy VM two probe
+// processes of the same build differ by 10-20% (page placement, neighbours); turns inside one
+// process on the same buffers cancel that, so 5% differences show. Prints min / p25 / median
+// per build and the checksum of its last output (equal checksums: the same bits), one JSON
+// line per build.
+// Driven by decode_attention_ab.sh (builds the .so of each git revision).
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <algorithm>
+#include <random>
+#include <vector>
+#include <cstdint>
+typedef void (*fn_t)(const float*, int64_t, const void*, const void*, const float*, const float*, int64_t,
+                     const int64_t*, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                     float, int64_t, float*, int);
+int main(int argc, char** argv) {
+  // args: threads dtype(bf16|int8) mode(cold|hot) reps lib1 lib2 ...
+  const int nth = atoi(argv[1]); const int dtype = strcmp(argv[2], "int8") == 0; const int hot = strcmp(argv[3], "hot") == 0;
+  const int reps = atoi(argv[4]); const int nl = argc - 5;
+  std::vector<fn_t> fns;
+  for (int i = 0; i < nl; ++i) {
+    void* h = dlopen(argv[5 + i], RTLD_NOW | RTLD_LOCAL);
+    if (!h) { printf("%s\n", dlerror()); return 1; }
+    fns.push_back((fn_t)dlsym(h, "paged_decode_attention"));
+  }
+  const int64_t HQ = 9, HK = 3, D = 64, BS = 16, CTX = 4096, L = 30;
+  const int64_t nblk = CTX / BS + 1, S = nblk * BS;
+  std::mt19937 rng(0);
+  std::vector<int64_t> table(nblk - 1);
+  for (int64_t i = 0; i < nblk - 1; ++i) table[i] = i + 1;
+  std::shuffle(table.begin(), table.end(), rng);
+  std::normal_distribution<float> nd;
+  const size_t eb = dtype ? 1 : 2;
+  std::vector<std::vector<char>> kb(L), vb(L);
+  for (int l = 0; l < L; ++l) {
+    kb[l].resize(S * HK * D * eb); vb[l].resize(S * HK * D * eb);
+    for (size_t i = 0; i < kb[l].size(); ++i) { kb[l][i] = (char)(rng() & (dtype ? 0x7f : 0x3f)); vb[l][i] = (char)(rng() & (dtype ? 0x7f : 0x3f)); }
+  }
+  std::vector<float> scales(S * HK, 0.01f), q((HQ + 2 * HK) * D), out(HQ * D);
+  for (auto& x : q) x = nd(rng);
+  std::vector<std::vector<double>> t(nl);
+  std::vector<double> cs(nl);
+  for (int rep = 0; rep < reps; ++rep)
+    for (int f = 0; f < nl; ++f) {
+      int64_t lens[1] = {CTX};
+      timespec a0, a1;
+      clock_gettime(CLOCK_MONOTONIC, &a0);
+      for (int l = 0; l < L; ++l) {
+        const int li = hot ? 0 : l;
+        fns[f](q.data(), (int64_t)q.size(), kb[li].data(), vb[li].data(), scales.data(), scales.data(), dtype,
+               table.data(), nblk - 1, lens, 1, HQ, HK, D, BS, 0.125f, 0, out.data(), nth);
+      }
+      clock_gettime(CLOCK_MONOTONIC, &a1);
+      t[f].push_back((a1.tv_sec - a0.tv_sec) * 1e3 + (a1.tv_nsec - a0.tv_nsec) * 1e-6);
+      double c = 0; for (int64_t i = 0; i < HQ * D; ++i) c += out[i] * (double)(i + 1); cs[f] = c;
+    }
+  for (int f = 0; f < nl; ++f) {
+    std::vector<double> v = t[f]; std::sort(v.begin(), v.end());
+    printf("{\"build\": \"%s\", \"threads\": %d, \"kv\": \"%s\", \"mode\": \"%s\", \"turns\": %d, "
+           "\"min_ms\": %.3f, \"p25_ms\": %.3f, \"median_ms\": %.3f, \"checksum\": %.9g}\n",
+           argv[5 + f], nth, argv[2], argv[3], reps, v[0], v[v.size() / 4], v[v.size() / 2], cs[f]);
+  }
+}
