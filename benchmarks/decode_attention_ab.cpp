@@ -1,4 +1,4 @@
-// Decode attention at depth 4096 (SmolLM2's geometry, as longctx_decode_probe.cpp), several
+// Decode attention at one depth (SmolLM2's geometry, as longctx_decode_probe.cpp), several
 // builds of the kernels in ONE process: each build's libember .so is dlopen'ed (RTLD_LOCAL) and
 // the builds take turns, one full step (30 layers) each, `reps` times. On a noisy VM two probe
 // processes of the same build differ by 10-20% (page placement, neighbours); turns inside one
@@ -19,17 +19,18 @@ typedef void (*fn_t)(const float*, int64_t, const void*, const void*, const floa
                      const int64_t*, int64_t, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
                      float, int64_t, float*, int);
 int main(int argc, char** argv) {
-  // args: threads dtype(bf16|int8) mode(cold|hot) reps lib1 lib2 ...
+  // args: threads dtype(bf16|int8) mode(cold|hot) reps depth lib1 lib2 ...
+  if (argc < 7) { fprintf(stderr, "usage: %s threads bf16|int8 cold|hot reps depth lib.so...\n", argv[0]); return 2; }
   const int nth = atoi(argv[1]); const int dtype = strcmp(argv[2], "int8") == 0; const int hot = strcmp(argv[3], "hot") == 0;
-  const int reps = atoi(argv[4]); const int nl = argc - 5;
+  const int reps = atoi(argv[4]); const int64_t CTX = atoi(argv[5]); const int nl = argc - 6;
   std::vector<fn_t> fns;
   for (int i = 0; i < nl; ++i) {
-    void* h = dlopen(argv[5 + i], RTLD_NOW | RTLD_LOCAL);
+    void* h = dlopen(argv[6 + i], RTLD_NOW | RTLD_LOCAL);
     if (!h) { printf("%s\n", dlerror()); return 1; }
     fns.push_back((fn_t)dlsym(h, "paged_decode_attention"));
   }
-  const int64_t HQ = 9, HK = 3, D = 64, BS = 16, CTX = 4096, L = 30;
-  const int64_t nblk = CTX / BS + 1, S = nblk * BS;
+  const int64_t HQ = 9, HK = 3, D = 64, BS = 16, L = 30;
+  const int64_t nblk = (CTX + BS - 1) / BS + 1, S = nblk * BS;
   std::mt19937 rng(0);
   std::vector<int64_t> table(nblk - 1);
   for (int64_t i = 0; i < nblk - 1; ++i) table[i] = i + 1;
@@ -61,8 +62,9 @@ int main(int argc, char** argv) {
     }
   for (int f = 0; f < nl; ++f) {
     std::vector<double> v = t[f]; std::sort(v.begin(), v.end());
-    printf("{\"build\": \"%s\", \"threads\": %d, \"kv\": \"%s\", \"mode\": \"%s\", \"turns\": %d, "
-           "\"min_ms\": %.3f, \"p25_ms\": %.3f, \"median_ms\": %.3f, \"checksum\": %.9g}\n",
-           argv[5 + f], nth, argv[2], argv[3], reps, v[0], v[v.size() / 4], v[v.size() / 2], cs[f]);
+    printf("{\"build\": \"%s\", \"threads\": %d, \"kv\": \"%s\", \"mode\": \"%s\", \"depth\": %ld, "
+           "\"turns\": %d, \"min_ms\": %.3f, \"p25_ms\": %.3f, \"median_ms\": %.3f, \"checksum\": %.9g}\n",
+           argv[6 + f], nth, argv[2], argv[3], static_cast<long>(CTX), reps, v[0], v[v.size() / 4],
+           v[v.size() / 2], cs[f]);
   }
 }

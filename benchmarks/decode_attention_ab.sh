@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # In-process A/B of the decode attention kernel between git revisions (and/or the working tree:
-# WORKTREE), at depth 4096 on SmolLM2's geometry:
-#   benchmarks/decode_attention_ab.sh [--threads N] [--kv bf16|int8] [--mode cold|hot] [--reps N] REV...
+# WORKTREE), at one depth (default 4096) on SmolLM2's geometry:
+#   benchmarks/decode_attention_ab.sh [--threads N] [--kv bf16|int8] [--mode cold|hot] [--reps N]
+#                                     [--depth N] REV...
 # e.g. benchmarks/decode_attention_ab.sh 9150e9c WORKTREE >> benchmarks/results/16/X.jsonl
 # (one JSON line per revision on stdout)
 # Each revision's ember/kernels is exported (git archive) and cpu_kernels.cpp built as a shared
@@ -9,10 +10,11 @@
 # decode_attention_ab.cpp alternates the builds inside one process. cold: 30 distinct layer
 # caches streamed from memory (a real decode step); hot: one layer's cache 30 times (L3).
 set -euo pipefail
-threads=2 kv=bf16 mode=cold reps=40
+threads=2 kv=bf16 mode=cold reps=40 depth=4096
 while [[ $# -gt 0 && $1 == --* ]]; do
   case $1 in
     --threads) threads=$2 ;; --kv) kv=$2 ;; --mode) mode=$2 ;; --reps) reps=$2 ;;
+    --depth) depth=$2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift 2
@@ -38,4 +40,4 @@ for rev in "$@"; do
 done
 g++ -O2 -std=c++17 "$root/benchmarks/decode_attention_ab.cpp" -o "$tmp/ab" -ldl
 echo "# $(lscpu | sed -n 's/^Model name: *//p'), load average $(cut -d' ' -f1 /proc/loadavg)" >&2
-"$tmp/ab" "$threads" "$kv" "$mode" "$reps" "${libs[@]}" | sed "s|$tmp/||; s|\.so\"|\"|"
+"$tmp/ab" "$threads" "$kv" "$mode" "$reps" "$depth" "${libs[@]}" | sed "s|$tmp/||; s|\.so\"|\"|"
