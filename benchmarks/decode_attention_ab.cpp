@@ -21,7 +21,7 @@ typedef void (*fn_t)(const float*, int64_t, const void*, const void*, const floa
 int main(int argc, char** argv) {
   // args: threads dtype(bf16|int8) mode(cold|hot) reps depth lib1 lib2 ...
   if (argc < 7) { fprintf(stderr, "usage: %s threads bf16|int8 cold|hot reps depth lib.so...\n", argv[0]); return 2; }
-  const int nth = atoi(argv[1]); const int dtype = strcmp(argv[2], "int8") == 0; const int hot = strcmp(argv[3], "hot") == 0;
+  const int nth = atoi(argv[1]); const int dtype = strcmp(argv[2], "int8") == 0; const int hot = strcmp(argv[3], "hot") == 0, flush = strcmp(argv[3], "flush") == 0;
   const int reps = atoi(argv[4]); const int64_t CTX = atoi(argv[5]); const int nl = argc - 6;
   std::vector<fn_t> fns;
   for (int i = 0; i < nl; ++i) {
@@ -44,11 +44,16 @@ int main(int argc, char** argv) {
   }
   std::vector<float> scales(S * HK, 0.01f), q((HQ + 2 * HK) * D), out(HQ * D);
   for (auto& x : q) x = nd(rng);
+  std::vector<int64_t> junk(flush ? (96u << 20) / sizeof(int64_t) : 0, 1);  // 96 MB > L3
+  int64_t sink = 0;
   std::vector<std::vector<double>> t(nl);
   std::vector<double> cs(nl);
   for (int rep = 0; rep < reps; ++rep)
     for (int f = 0; f < nl; ++f) {
       int64_t lens[1] = {CTX};
+      if (flush) {  // evict the caches from L3 (as a step's weights do) before the timed step
+        for (size_t i = 0; i < junk.size(); i += 64 / sizeof(int64_t)) sink += junk[i];
+      }
       timespec a0, a1;
       clock_gettime(CLOCK_MONOTONIC, &a0);
       for (int l = 0; l < L; ++l) {
@@ -67,4 +72,5 @@ int main(int argc, char** argv) {
            argv[6 + f], nth, argv[2], argv[3], static_cast<long>(CTX), reps, v[0], v[v.size() / 4],
            v[v.size() / 2], cs[f]);
   }
+  if (sink == -1) fprintf(stderr, "!");  // keeps the flush reads
 }

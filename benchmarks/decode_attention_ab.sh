@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # In-process A/B of the decode attention kernel between git revisions (and/or the working tree:
 # WORKTREE), at one depth (default 4096) on SmolLM2's geometry:
-#   benchmarks/decode_attention_ab.sh [--threads N] [--kv bf16|int8] [--mode cold|hot] [--reps N]
+#   benchmarks/decode_attention_ab.sh [--threads N] [--kv bf16|int8] [--mode cold|hot|flush] [--reps N]
 #                                     [--depth N] REV...
 # e.g. benchmarks/decode_attention_ab.sh 9150e9c WORKTREE >> benchmarks/results/16/X.jsonl
 # (one JSON line per revision on stdout)
 # Each revision's ember/kernels is exported (git archive) and cpu_kernels.cpp built as a shared
 # library with the engine's flags for this CPU (ember.kernels.build's ISA choice), then
 # decode_attention_ab.cpp alternates the builds inside one process. cold: 30 distinct layer
-# caches streamed from memory (a real decode step); hot: one layer's cache 30 times (L3).
+# caches (streamed from memory where they exceed L3: depth 4096); flush: the same after reading
+# 96 MB (as a real step's weights evict L3: short depths); hot: one layer's cache 30 times.
 set -euo pipefail
 threads=2 kv=bf16 mode=cold reps=40 depth=4096
 while [[ $# -gt 0 && $1 == --* ]]; do
