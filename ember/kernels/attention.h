@@ -214,8 +214,8 @@ inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window,
   // NOTE: a decode row's tile is one item over every head, even alone in a short step (one
   // item, one thread): one item per head let both threads work but read each slot's rows
   // per head; with K/V in L3 that was 11-18% faster at depths 128-512, but from memory (a
-  // real step: its weights evict L3) it measured -5% to +8% (decode_attention_ab.sh --mode
-  // flush), so the reads in address order stay.
+  // real step: its weights evict L3) it measured -10% to +8% over two runs
+  // (decode_attention_ab.sh --mode flush), so the reads in address order stay.
   for (int64_t i = static_cast<int64_t>(plan.tiles.size()) - 1; i >= 0; --i) {
     if (plan.tiles[static_cast<size_t>(i)].nr == 1 && all_heads) {
       plan.items.push_back({i, -1});
@@ -694,8 +694,8 @@ void attend_decode(const DecodeCtx& c, const AttnPlan& plan, const AttnTile& t, 
         // prefetch hits L2 instead of waiting on memory: each head of this tile fetches its
         // share of the next tile's keys, a key's rows of all heads h0..h1 at once (one
         // contiguous span, so whole lines in address order). Per-head rows of the tile two
-        // ahead instead left ~1.6 ms more of a depth-4096 decode waiting on memory (probe,
-        // 2 threads, 9.2 -> 7.7 ms).
+        // ahead instead left more of a cold decode waiting on memory (depth 4096, 2 threads,
+        // Zen 3: 9.4 -> 8.0 ms, benchmarks/decode_attention_ab.sh).
         const int64_t* pf = kvh + 1 < h1 ? slot : next;
         const int64_t pf_head = kvh + 1 < h1 ? kvh + 1 : h0;
         const int64_t share = (n4 + h1 - h0 - 1) / (h1 - h0), f0 = (kvh - h0) * share;
