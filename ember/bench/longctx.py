@@ -11,6 +11,9 @@ Ember runs once per KV cache dtype (bf16, int8) plus the PyTorch-attention refer
 the same kernel weights) for perplexity; llama.cpp-native runs `llama-bench -p 4096` and
 `-p 0 -n N -d 4096`. The report adds the decode bandwidth bound (weights + KV bytes read per
 token at depth 4096), the machine's load average (contention) and ratios; JSON + PNG.
+decode_bandwidth_fraction pairs each speed round's decode rate with a read-bandwidth probe run
+in the same process just before it (the median over rounds): on a shared VM the bandwidth
+moves by half between minutes, so one probe at the start made the fraction follow the probe.
 """
 
 from __future__ import annotations
@@ -62,11 +65,13 @@ def _prefill_then_decode(llm: Any, prompt: list[int], decode_tokens: int) -> dic
 
 
 def worker(model_path: str, quantization: str, kv: str, text: Path, ppl_text: Path | None,
-           decode_tokens: int, speed: bool, repeats: int = 3) -> dict[str, Any]:
+           decode_tokens: int, speed: bool, repeats: int = 3, threads: int = 2) -> dict[str, Any]:
     """One Ember process: speed figures (speed=True; the median of `repeats` rounds of the
-    512 prefill then the 4096 prefill and decode, each run kept under `runs`) and/or
-    perplexity over 4096 windows."""
+    512 prefill then the 4096 prefill and decode, each run kept under `runs`, with the read
+    bandwidth measured just before each decode: runs["bandwidth_gbs"]) and/or perplexity
+    over 4096 windows."""
     from ember import LLM, SamplingParams
+    from ember.bench.offline import measure_bandwidth_gbs
     from ember.eval.perplexity import perplexity
 
     llm = LLM(model_path, quantization=quantization, dtype="float32", show_progress=False,
@@ -83,6 +88,7 @@ def worker(model_path: str, quantization: str, kv: str, text: Path, ppl_text: Pa
             t = time.perf_counter()
             llm.generate([ids[:512]], one, use_tqdm=False)
             runs.setdefault("prefill_512_tok_s", []).append(512 / (time.perf_counter() - t))
+            runs.setdefault("bandwidth_gbs", []).append(measure_bandwidth_gbs(threads, repeats=3))
             for key, value in _prefill_then_decode(llm, ids[:DEPTH], decode_tokens).items():
                 runs.setdefault(key, []).append(value)
         out.update({key: statistics.median(values) for key, values in runs.items()})
@@ -142,6 +148,15 @@ def _ember(args: LongCtxArgs, kv: str, speed: bool, ppl: bool) -> dict[str, Any]
     return None if stdout is None else dict(json.loads(stdout.strip().splitlines()[-1]))
 
 
+def paired_bandwidth_fraction(runs: dict[str, list[float]], bytes_per_token: float) -> float | None:
+    """The median over speed rounds of decode rate / bandwidth bound, each round's bound from
+    the bandwidth probed just before its decode (None without paired figures)."""
+    fractions = [dec / (bw * 1e9 / bytes_per_token)
+                 for dec, bw in zip(runs.get(f"decode_{DEPTH}_tok_s", []),
+                                    runs.get("bandwidth_gbs", []))]
+    return statistics.median(fractions) if fractions else None
+
+
 def kv_bytes_per_token(model_path: str, depth: int, kv: str) -> float:
     """KV bytes one decoded token reads at `depth` (every layer's K and V of the context)."""
     from ember.config import EnvSettings
@@ -179,12 +194,15 @@ def run_longctx_bench(args: LongCtxArgs) -> dict[str, Any]:
         if not label.startswith("ember"):
             continue
         kv = label.rsplit("-", 1)[-1]
-        bound = bandwidth * 1e9 / (weights + kv_bytes_per_token(args.model_path, DEPTH, kv))
+        per_token = weights + kv_bytes_per_token(args.model_path, DEPTH, kv)
+        paired = paired_bandwidth_fraction(figs.get("runs", {}), per_token)
+        bw = figs.get("bandwidth_gbs", bandwidth)  # the median of the paired probes
+        bound = bw * 1e9 / per_token
         d: dict[str, float] = {"decode_bandwidth_bound_tok_s": bound}
         dec, p512, p4k = (figs.get(f"decode_{DEPTH}_tok_s"), figs.get("prefill_512_tok_s"),
                           figs.get(f"prefill_{DEPTH}_tok_s"))
         if dec:
-            d["decode_bandwidth_fraction"] = dec / bound
+            d["decode_bandwidth_fraction"] = paired if paired is not None else dec / bound
             if native.get(f"decode_{DEPTH}_tok_s"):
                 d["decode_vs_llama_cpp"] = dec / native[f"decode_{DEPTH}_tok_s"]
         if p512 and p4k:
@@ -243,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     result = worker(a.model_path, a.quantization, a.kv, a.text, a.ppl_text, a.decode_tokens,
-                    not a.no_speed, a.repeats)
+                    not a.no_speed, a.repeats, a.threads)
     json.dump(result, sys.stdout)
     return 0
 
