@@ -792,6 +792,15 @@ inline bool tiled_attention_supports(int64_t dim) {
 // times alpha_r.
 enum class Init { kZero, kKeep, kScale };
 
+// One accumulator vector of a C row that starts at p: zero, p's value, or p's value x alpha
+// (alpha read by kScale only). Both packed kernels (prefill_bf16.h, prefill_f32.h) start
+// from it, each in its build's vector width.
+inline vfloat init_acc(const float* p, Init init, const float* alpha) {
+  if (init == Init::kZero) return v_zero();
+  const vfloat x = v_load(p);
+  return init == Init::kScale ? v_mul(x, v_set1(*alpha)) : x;
+}
+
 // A row's running maximum m is only a reference point (its accumulators and sum are scaled
 // by exp(-m)): any m at or below the true maximum works while exp(score - m) stays far from
 // float32's range. The packed tiles raise it only when a score exceeds it by more than this

@@ -107,14 +107,7 @@ inline void dot_bf16_rows(const uint32_t* a, int64_t as, const uint32_t* b, int6
                           int64_t np, float* c, int64_t cs, Init init, const float* alpha) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) {
-      if (init == Init::kZero) {
-        acc[r][v] = _mm512_setzero_ps();
-        continue;
-      }
-      acc[r][v] = _mm512_loadu_ps(c + r * cs + 16 * v);
-      if (init == Init::kScale) acc[r][v] = _mm512_mul_ps(acc[r][v], _mm512_set1_ps(alpha[r]));
-    }
+    for (int v = 0; v < 4; ++v) acc[r][v] = init_acc(c + r * cs + 16 * v, init, alpha + r);
   for (int64_t p = 0; p < np; ++p) {
     __m512bh bv[4];
     for (int v = 0; v < 4; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + p * bs + 16 * v);

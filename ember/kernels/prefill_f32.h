@@ -78,14 +78,7 @@ inline void gemm_rows16(const float* a, int64_t as, const float* b, int64_t bs, 
                         float* c, int64_t cs, Init init, const float* alpha) {
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 2; ++v) {
-      if (init == Init::kZero) {
-        acc[r][v] = _mm256_setzero_ps();
-        continue;
-      }
-      acc[r][v] = _mm256_loadu_ps(c + r * cs + 8 * v);
-      if (init == Init::kScale) acc[r][v] = _mm256_mul_ps(acc[r][v], _mm256_set1_ps(alpha[r]));
-    }
+    for (int v = 0; v < 2; ++v) acc[r][v] = init_acc(c + r * cs + 8 * v, init, alpha + r);
   for (int64_t k = 0; k < K; ++k) {
     const __m256 b0 = _mm256_loadu_ps(b + k * bs), b1 = _mm256_loadu_ps(b + k * bs + 8);
     for (int r = 0; r < R; ++r) {
