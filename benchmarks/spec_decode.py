@@ -15,11 +15,21 @@ GGUF and the same prompt token ids, without speculation and with `--spec-type ng
 Greedy decoding, so both runs emit the same tokens (checked) and tok/s compare the same work.
 Decode tok/s = (tokens - 1) / (time of the last token - time of the first token).
 Writes benchmarks/results/spec_decode/spec_decode.json and .png; records os.getloadavg().
+
+--warm-traffic N (methods with a shared store, `suffix`): before the timed rounds every
+speculative engine serves the first N prompts of WARM_PROMPTS (other requests of the same
+kinds: stories, explanations and chat questions on other subjects, none of them a workload's
+prompt), and each timed run starts from that store (restored before every run), so no round
+drafts from the measured prompt's own earlier output:
+
+    python benchmarks/spec_decode.py --warm-traffic 50 --workloads story,explain \\
+        --speculative-config '{"method": "suffix", "num_speculative_tokens": 16}'
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -92,6 +102,61 @@ def workloads() -> dict[str, tuple[str, str]]:
     }
 
 
+_STORIES = ["a baker who loses her recipe book", "a robot learning to paint",
+            "two friends lost in a forest", "a dragon afraid of fire",
+            "a boy who can talk to birds", "a detective solving a missing cat case",
+            "an astronaut stranded on the moon", "a farmer and a magic seed",
+            "a girl who builds a kite", "an old clockmaker", "a pirate who hates the sea",
+            "a teacher on her last day", "a dog waiting for its owner",
+            "a musician who loses his voice", "a city that never sleeps",
+            "a knight and a talking horse", "a scientist who invents a time machine",
+            "a family moving to a new town", "a painter who sees colors no one else can",
+            "a fox and a crow"]
+_DEVICES = ["a microwave oven", "a car engine", "the internet", "photosynthesis", "a rainbow",
+            "a bicycle gear system", "vaccines", "a solar panel", "an airplane", "a camera",
+            "the water cycle", "a battery", "a computer", "a telescope", "the human heart",
+            "a volcano", "a washing machine", "a compass", "an elevator", "a wind turbine"]
+_CHAT = ["Give me five tips for staying productive while working from home.",
+         "Write an email to my manager asking for a day off.",
+         "What are the benefits of regular exercise?", "Describe your ideal vacation.",
+         "How do I make a cup of tea?", "Summarize the plot of a typical fairy tale.",
+         "Write a poem about the ocean.", "What is the difference between weather and climate?",
+         "List some healthy breakfast ideas.", "Explain why the sky is blue."]
+_STORY, _EXPLAIN = "Write a short story about {}.", "Explain how {} works, step by step."
+WARM_PROMPTS = [p for group in zip([_STORY.format(s) for s in _STORIES[0::2]],
+                                   [_EXPLAIN.format(d) for d in _DEVICES[0::2]], _CHAT,
+                                   [_STORY.format(s) for s in _STORIES[1::2]],
+                                   [_EXPLAIN.format(d) for d in _DEVICES[1::2]])
+                for p in group]
+"""--warm-traffic: other requests served before the timed rounds, 50 distinct prompts (20
+stories, 20 explanations, 10 chat questions) in an order that mixes the kinds."""
+
+
+def shared_store(llm: LLM | None):
+    """The speculative engine's shared store of finished outputs (`suffix`), or None."""
+    spec = llm.engine.core.spec if llm is not None else None
+    return getattr(spec.proposer, "store", None) if spec is not None else None
+
+
+def warm_traffic(llms: list[LLM | None], count: int, max_tokens: int) -> dict:
+    """Serve the first `count` WARM_PROMPTS (greedy) on every engine with a shared store;
+    returns what the stores hold."""
+    prompts = WARM_PROMPTS[:count]
+    report = {"requests": len(prompts), "prompts": prompts}
+    for llm in llms:
+        if shared_store(llm) is None:
+            continue
+        ids = [llm.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+        llm.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0))
+        llm.engine.step()  # an idle step: the last finished requests' release runs now
+        store = shared_store(llm)
+        report.setdefault("stores", []).append({"stored_tokens": store.num_tokens,
+                                                "index_entries": store.num_entries})
+        print(f"warm traffic: {len(prompts)} requests served first; store {store.num_tokens} "
+              f"tokens, {store.num_entries} index entries", flush=True)
+    return report
+
+
 SELECTED: list[str] | None = None
 """--workloads: the workload names run (None: all)."""
 
@@ -129,6 +194,10 @@ def run_workloads(base: LLM, spec: LLM, max_tokens: int, rounds: int,
                   compare: LLM | None = None) -> dict[str, dict]:
     """Off / on (and `compare`, a second speculative config) interleaved per workload."""
     results: dict[str, dict] = {}
+    # NOTE: each timed run starts from the store as it was before the rounds (the warm
+    # traffic, if any): a later round must not draft from the same prompt's earlier output
+    stores = {id(llm): copy.deepcopy(shared_store(llm)) for llm in (spec, compare)
+              if shared_store(llm) is not None}
     for name, (kind, message) in selected_workloads().items():
         prompt = base.encode_chat([{"role": "user", "content": message}])
         off_rates: list[float] = []
@@ -142,7 +211,10 @@ def run_workloads(base: LLM, spec: LLM, max_tokens: int, rounds: int,
                 order.append((compare, cmp_rates))
             outs = []
             for llm, rates in (order if r % 2 == 0 else order[::-1]):
+                if id(llm) in stores:
+                    llm.engine.core.spec.proposer.store = copy.deepcopy(stores[id(llm)])
                 tokens, rate = timed(llm, prompt, max_tokens)
+                llm.engine.step()  # an idle step: the finished request's release runs now
                 rates.append(rate)
                 outs.append(tokens)
             identical &= all(out == outs[0] for out in outs)
@@ -302,7 +374,7 @@ def crossover(base: LLM, max_batch: int = 32, k: int = 4) -> list[dict]:
     return rows
 
 
-def plot(results: dict[str, dict], path: Path, title: str) -> None:
+def plot(results: dict[str, dict], path: Path, title: str, label: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -313,7 +385,7 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
     ax.bar([x - 0.2 for x in xs], [results[n]["off_tok_s"] for n in names], 0.4,
            label="speculation off")
     ax.bar([x + 0.2 for x in xs], [results[n]["on_tok_s"] for n in names], 0.4,
-           label="n-gram speculation")
+           label=label)
     for x, n in zip(xs, names):
         ax.text(x + 0.2, results[n]["on_tok_s"], f"x{results[n]['speedup']:.2f}",
                 ha="center", va="bottom", fontsize=8)
@@ -353,6 +425,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=0,
                     help="only the serving test: N concurrent clients through ember serve, "
                          "speculation off vs on")
+    ap.add_argument("--warm-traffic", type=int, default=0, metavar="N",
+                    help="serve the first N of WARM_PROMPTS (other requests) on the speculative "
+                         "engines before timing (fills a `suffix` store; at most "
+                         f"{len(WARM_PROMPTS)})")
     ap.add_argument("--workloads", default=None, metavar="NAMES",
                     help="comma-separated subset of " + ",".join(workloads()) + " (default: all)")
     args = ap.parse_args()
@@ -388,6 +464,7 @@ def main() -> None:
     for llm in (base, spec, compare):
         if llm is not None:
             timed(llm, warm, 8)
+    traffic = warm_traffic([spec, compare], args.warm_traffic, args.max_tokens)
     results = run_workloads(base, spec, args.max_tokens, args.rounds, compare)
     copy = [r["speedup"] for r in results.values() if r["kind"] == "copy"]
     open_ = [r["speedup"] for r in results.values() if r["kind"] == "open"]
@@ -401,15 +478,7 @@ def main() -> None:
               "rounds": args.rounds, "threads": os.environ.get("EMBER_NUM_THREADS"),
               "label": args.label, "loadavg_before": load_before,
               "loadavg_after": os.getloadavg(), "cpu": platform.processor(),
-              "summary": summary, "workloads": results}
-    methods = {c.get("method") for c in (spec_config, report["compare_config"] or {})}
-    if args.rounds > 1 and "suffix" in methods:
-        # NOTE: the suffix method keeps earlier requests' outputs (SuffixDecoding's global
-        # tree; suffix_decoding_max_cached_requests: 0 turns it off): from the second round
-        # on it drafts the same prompt's previous output, a repeated-request figure
-        report["note"] = ("suffix method with rounds > 1: later rounds repeat a prompt whose "
-                          "output the method has cached; not a single-stream figure")
-        print(f"note: {report['note']}")
+              "summary": summary, "workloads": results, "warm_traffic": traffic}
     proposer = spec.engine.core.spec.proposer if spec.engine.core.spec else None
     if isinstance(proposer, DraftModelProposer):
         report["draft_model"] = {"path": spec_config["model"],
@@ -444,7 +513,7 @@ def main() -> None:
     (OUT / f"{stem}.json").write_text(json.dumps(report, indent=2))
     title = (f"Ember {method} speculation, SmolLM2-135M, threads={report['threads']}, "
              f"load {load_before[0]:.1f} {args.label}")
-    plot(results, OUT / f"{stem}.png", title)
+    plot(results, OUT / f"{stem}.png", title, f"{method} speculation")
     print(f"wrote {OUT / stem}.json and .png")
 
 

@@ -253,6 +253,8 @@ class SpecDecoder:
 
     def propose(self, running: list[Request]) -> None:
         """Set `spec_token_ids` of every running request that has caught up with its tokens."""
+        if isinstance(self.proposer, SuffixProposer):  # every output enters its shared store
+            self.proposer.track(running)
         if len(running) >= self.max_batch:
             for request in running:  # no stale drafts once the batch shrinks again
                 request.spec_token_ids = []

@@ -325,6 +325,59 @@ def test_suffix_proposer_uses_outputs_of_finished_requests():
     assert prop.propose([fresh], [3]) == [[]] and prop.num_cached_tokens == 2
 
 
+def _store_reference(outputs: list[list[int]], context: list[int], min_n: int, max_n: int,
+                     k: int) -> tuple[int, list[int]]:
+    """The store's contract by brute force: the longest suffix n-gram of `context` that some
+    stored output has followed by a token, continued from its most recent occurrence."""
+    for n in range(min(max_n, len(context)), min_n - 1, -1):
+        suffix = context[len(context) - n:]
+        for tokens in reversed(outputs):
+            for pos in range(len(tokens) - 1, n - 1, -1):
+                if tokens[pos - n:pos] == suffix:
+                    return n, tokens[pos:pos + k]
+    return 0, []
+
+
+def test_suffix_store_lookup_equals_a_scan_and_evicts_its_entries():
+    from ember.spec_decode.suffix import SuffixStore
+
+    rng = np.random.default_rng(5)
+    store = SuffixStore(min_n=1, max_n=3, max_outputs=4, max_tokens_per_output=40)
+    kept: list[list[int]] = []
+    for _ in range(12):  # 3x the capacity: eight outputs evicted on the way
+        tokens = rng.integers(0, 6, int(rng.integers(1, 60))).tolist()
+        store.add(tokens)
+        kept = (kept + [tokens[:40]])[-4:]
+        for _ in range(40):
+            context = rng.integers(0, 6, int(rng.integers(0, 6))).tolist()
+            k = int(rng.integers(1, 8))
+            assert store.lookup(context, k) == _store_reference(kept, context, 1, 3, k)
+        # the index holds exactly the distinct n-grams (followed by a token) of the kept outputs
+        live = {tuple(t[p - n:p]) for t in kept for p in range(1, len(t))
+                for n in range(1, min(3, p) + 1)}
+        assert store.num_entries == len(live)
+    assert store.num_tokens == sum(len(t) + 1 for t in kept)
+
+
+def test_suffix_store_keeps_outputs_of_requests_never_drafted():
+    """A step with a batch too large to speculate skips the lookups; the requests' outputs
+    still enter the shared store when they finish."""
+    from ember.spec_decode.decoder import SpecDecoder
+
+    spec = SpecDecoder(SpecConfig(method="suffix", num_speculative_tokens=3,
+                                  disable_by_batch_size=2))
+    a, b = Request("a", [1, 2], SamplingParams()), Request("b", [3], SamplingParams())
+    for t in [30, 31, 32, 33]:
+        a.append_output_token(t)
+    spec.propose([a, b])  # 2 running >= disable_by_batch_size: no drafts
+    assert a.spec_token_ids == [] and spec.proposer.store.num_tokens == 0
+    spec.release({"a"})
+    fresh = Request("c", [9, 31, 32], SamplingParams())
+    fresh.num_computed_tokens = fresh.num_tokens - 1
+    spec.propose([fresh])
+    assert fresh.spec_token_ids[:1] == [33]
+
+
 # ---- config ---------------------------------------------------------------------------------
 
 def test_spec_config_from_vllm_dict_and_errors():
