@@ -1,10 +1,14 @@
-// Decode attention at one depth (SmolLM2's geometry, as longctx_decode_probe.cpp), several
-// builds of the kernels in ONE process: each build's libember .so is dlopen'ed (RTLD_LOCAL) and
-// the builds take turns, one full step (30 layers) each, `reps` times. On a noisy VM two probe
-// processes of the same build differ by 10-20% (page placement, neighbours); turns inside one
-// process on the same buffers cancel that, so 5% differences show. Prints min / p25 / median
-// per build and the checksum of its last output (equal checksums: the same bits), one JSON
-// line per build.
+// Decode attention at one depth on SmolLM2's geometry (9 query heads, 3 KV heads, head dim 64,
+// 16-slot blocks in shuffled order, 30 layers), the kernel alone, no Python, several builds of
+// the kernels in ONE process: each build's libember .so is dlopen'ed (RTLD_LOCAL) and the
+// builds take turns, one full step (30 layers) each, `reps` times. On a noisy VM two processes
+// of the same build differ by 10-20% (page placement, neighbours); turns inside one process on
+// the same buffers cancel that, so 5% differences show. Prints min / p25 / median per build and
+// the checksum of its last output (equal checksums: the same bits), one JSON line per build.
+// Where a step's attention time goes (one build): cold (30 distinct caches, from memory at
+// depth 4096) against hot (one layer's cache 30 times, from L3) and hot at depth 512 (L2;
+// x 8: the compute cost at 4096); cold - compute = memory time not hidden behind compute.
+// (This replaced longctx_decode_probe.cpp, the one-build probe of those three modes.)
 // Driven by decode_attention_ab.sh (builds the .so of each git revision).
 #include <dlfcn.h>
 #include <stdio.h>
