@@ -29,7 +29,6 @@ drafts from the measured prompt's own earlier output:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -39,6 +38,10 @@ import time
 from pathlib import Path
 
 from ember import LLM, SamplingParams
+from ember.bench.spec import (NGRAM, WARM_PROMPTS, plot, run_workloads, summarize, timed,
+                              warm_traffic)
+from ember.bench.spec import passage as spec_passage
+from ember.bench.spec import workloads as spec_workloads
 from ember.spec_decode.draft import DraftModelProposer
 
 DATA = next((p / "shared" / "data" for p in Path(__file__).resolve().parents[1:4]
@@ -46,201 +49,23 @@ DATA = next((p / "shared" / "data" for p in Path(__file__).resolve().parents[1:4
             Path(__file__).resolve().parents[2] / "shared" / "data")
 """The shared data folder: next to the checkout (/work/main) or above a worktree (/work/wt/x)."""
 OUT = Path(__file__).resolve().parent / "results" / "spec_decode"
-NGRAM = {"method": "ngram", "num_speculative_tokens": 16, "prompt_lookup_max": 4,
-         "prompt_lookup_min": 2}
-"""The measured config: drafts of up to 16 tokens, each cut to the length that pays from the
-acceptance after matches of its length and the measured step-cost curve (a copy run drafts
-long, open text short or none; see README)."""
-CODE = '''def load_rows(path, sep, skip_header):
-    rows = []
-    with open(path) as handle:
-        for index, line in enumerate(handle):
-            if index == 0 and skip_header:
-                continue
-            parts = line.rstrip("\\n").split(sep)
-            if len(parts) == 0:
-                continue
-            rows.append([part.strip() for part in parts])
-    return rows
-
-
-def column_means(rows, columns):
-    means = {}
-    for column in columns:
-        values = [float(row[column]) for row in rows if row[column] != ""]
-        means[column] = sum(values) / len(values) if values else 0.0
-    return means
-'''
-
-
-def passage(num_words: int = 300) -> str:
-    """About 400 tokens of Pride and Prejudice (chapter 1 onwards, whole paragraphs)."""
-    path = DATA / "pride_and_prejudice.txt"
-    if not path.is_file():
-        raise SystemExit(f"{path}: missing (the shared data folder holds the novels)")
-    text = path.read_text(encoding="utf-8")
-    start = text.find("It is a truth universally acknowledged")
-    words = text[start:].split()
-    return " ".join(words[:num_words])
+SELECTED: list[str] | None = None
+"""--workloads: the workload names run (None: all)."""
 
 
 def workloads() -> dict[str, tuple[str, str]]:
-    """name -> (kind, user message)."""
-    text = passage()
-    return {
-        "quote_passage": ("copy", f"Repeat the following text exactly, word for word.\n\n{text}"),
-        # NOTE: a light edit SmolLM2-135M carries out (it returns the passage, corrected);
-        # asked to replace a name ("... replacing every name 'Bennet' with 'Smith'. Keep
-        # everything else the same.", the prompt before 2026-12-01) it answers with one
-        # 27-token sentence instead, which measured nothing about copying
-        "edit_passage": ("copy", "Correct the spelling and punctuation of the following text "
-                                 f"and return the full corrected text.\n\n{text}"),
-        "rewrite_code": ("copy", "Add type hints to this Python code. Return the full code.\n\n"
-                                 f"```python\n{CODE}```"),
-        "story": ("open", "Write a short story about a lighthouse keeper who finds a map."),
-        "explain": ("open", "Explain how a refrigerator works, step by step."),
-    }
+    """name -> (kind, user message): ember.bench.spec's, on the shared data folder."""
+    return spec_workloads(DATA)
 
 
-_STORIES = ["a baker who loses her recipe book", "a robot learning to paint",
-            "two friends lost in a forest", "a dragon afraid of fire",
-            "a boy who can talk to birds", "a detective solving a missing cat case",
-            "an astronaut stranded on the moon", "a farmer and a magic seed",
-            "a girl who builds a kite", "an old clockmaker", "a pirate who hates the sea",
-            "a teacher on her last day", "a dog waiting for its owner",
-            "a musician who loses his voice", "a city that never sleeps",
-            "a knight and a talking horse", "a scientist who invents a time machine",
-            "a family moving to a new town", "a painter who sees colors no one else can",
-            "a fox and a crow"]
-_DEVICES = ["a microwave oven", "a car engine", "the internet", "photosynthesis", "a rainbow",
-            "a bicycle gear system", "vaccines", "a solar panel", "an airplane", "a camera",
-            "the water cycle", "a battery", "a computer", "a telescope", "the human heart",
-            "a volcano", "a washing machine", "a compass", "an elevator", "a wind turbine"]
-_CHAT = ["Give me five tips for staying productive while working from home.",
-         "Write an email to my manager asking for a day off.",
-         "What are the benefits of regular exercise?", "Describe your ideal vacation.",
-         "How do I make a cup of tea?", "Summarize the plot of a typical fairy tale.",
-         "Write a poem about the ocean.", "What is the difference between weather and climate?",
-         "List some healthy breakfast ideas.", "Explain why the sky is blue."]
-_STORY, _EXPLAIN = "Write a short story about {}.", "Explain how {} works, step by step."
-WARM_PROMPTS = [p for group in zip([_STORY.format(s) for s in _STORIES[0::2]],
-                                   [_EXPLAIN.format(d) for d in _DEVICES[0::2]], _CHAT,
-                                   [_STORY.format(s) for s in _STORIES[1::2]],
-                                   [_EXPLAIN.format(d) for d in _DEVICES[1::2]])
-                for p in group]
-"""--warm-traffic: other requests served before the timed rounds, 50 distinct prompts (20
-stories, 20 explanations, 10 chat questions) in an order that mixes the kinds."""
-
-
-def shared_store(llm: LLM | None):
-    """The speculative engine's shared store of finished outputs (`suffix`), or None."""
-    spec = llm.engine.core.spec if llm is not None else None
-    return getattr(spec.proposer, "store", None) if spec is not None else None
-
-
-def warm_traffic(llms: list[LLM | None], count: int, max_tokens: int) -> dict:
-    """Serve the first `count` WARM_PROMPTS (greedy) on every engine with a shared store;
-    returns what the stores hold."""
-    prompts = WARM_PROMPTS[:count]
-    report = {"requests": len(prompts), "prompts": prompts}
-    for llm in llms:
-        if shared_store(llm) is None:
-            continue
-        ids = [llm.encode_chat([{"role": "user", "content": p}]) for p in prompts]
-        llm.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0))
-        llm.engine.step()  # an idle step: the last finished requests' release runs now
-        store = shared_store(llm)
-        report.setdefault("stores", []).append({"stored_tokens": store.num_tokens,
-                                                "index_entries": store.num_entries})
-        print(f"warm traffic: {len(prompts)} requests served first; store {store.num_tokens} "
-              f"tokens, {store.num_entries} index entries", flush=True)
-    return report
-
-
-SELECTED: list[str] | None = None
-"""--workloads: the workload names run (None: all)."""
+def passage() -> str:
+    return spec_passage(DATA)
 
 
 def selected_workloads() -> dict[str, tuple[str, str]]:
     """`workloads()` cut to --workloads."""
     every = workloads()
     return every if SELECTED is None else {n: every[n] for n in SELECTED}
-
-
-def timed(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
-    """Greedy tokens and decode tok/s (first token to last token)."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0)
-    t_first = t_last = 0.0
-    tokens: list[int] = []
-    for out in llm.stream(prompt, params):
-        now = time.perf_counter()
-        if not tokens and out.outputs[0].token_ids:
-            t_first = now
-        tokens = list(out.outputs[0].token_ids)
-        t_last = now
-    rate = (len(tokens) - 1) / (t_last - t_first) if t_last > t_first else 0.0
-    return tokens, rate
-
-
-def spec_counts(llm: LLM) -> tuple[int, int, int]:
-    """(verify steps with drafts, draft tokens, accepted tokens) since the engine started."""
-    spec = llm.engine.core.spec
-    if spec is None:
-        return 0, 0, 0
-    return spec.stats.num_drafts, spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens
-
-
-def run_workloads(base: LLM, spec: LLM, max_tokens: int, rounds: int,
-                  compare: LLM | None = None) -> dict[str, dict]:
-    """Off / on (and `compare`, a second speculative config) interleaved per workload."""
-    results: dict[str, dict] = {}
-    # NOTE: each timed run starts from the store as it was before the rounds (the warm
-    # traffic, if any): a later round must not draft from the same prompt's earlier output
-    stores = {id(llm): copy.deepcopy(shared_store(llm)) for llm in (spec, compare)
-              if shared_store(llm) is not None}
-    for name, (kind, message) in selected_workloads().items():
-        prompt = base.encode_chat([{"role": "user", "content": message}])
-        off_rates: list[float] = []
-        on_rates: list[float] = []
-        cmp_rates: list[float] = []
-        before = spec_counts(spec)
-        identical = True
-        for r in range(rounds):  # interleaved; the order alternates between rounds
-            order = [(base, off_rates), (spec, on_rates)]
-            if compare is not None:
-                order.append((compare, cmp_rates))
-            outs = []
-            for llm, rates in (order if r % 2 == 0 else order[::-1]):
-                if id(llm) in stores:
-                    llm.engine.core.spec.proposer.store = copy.deepcopy(stores[id(llm)])
-                tokens, rate = timed(llm, prompt, max_tokens)
-                llm.engine.step()  # an idle step: the finished request's release runs now
-                rates.append(rate)
-                outs.append(tokens)
-            identical &= all(out == outs[0] for out in outs)
-        steps, drafted, accepted = (a - b for a, b in zip(spec_counts(spec), before))
-        off, on = statistics.median(off_rates), statistics.median(on_rates)
-        results[name] = {
-            "kind": kind, "prompt_tokens": len(prompt), "output_tokens": len(outs[0]),
-            "off_tok_s": off, "on_tok_s": on, "speedup": on / off if off else 0.0,
-            "draft_tokens": drafted, "accepted_tokens": accepted, "verify_steps": steps,
-            "acceptance_rate": accepted / drafted if drafted else 0.0,
-            "mean_draft_length": drafted / steps if steps else 0.0,
-            "mean_accepted_per_verify": accepted / steps if steps else 0.0,
-            "greedy_identical": identical, "off_runs": off_rates, "on_runs": on_rates}
-        extra = ""
-        if compare is not None:
-            cmp_ = statistics.median(cmp_rates)
-            results[name].update(compare_tok_s=cmp_, compare_speedup=cmp_ / off if off else 0.0,
-                                 compare_runs=cmp_rates)
-            extra = f"  compare x{cmp_ / off if off else 0:4.2f}"
-        row = results[name]
-        print(f"{name:14s} {kind:4s} {len(outs[0]):4d} tok  off {off:7.1f}  on {on:7.1f} tok/s"
-              f"  x{row['speedup']:4.2f}{extra}  acceptance {row['acceptance_rate']:.2f}"
-              f"  draft {row['mean_draft_length']:.1f} accepted "
-              f"{row['mean_accepted_per_verify']:.1f} per verify  identical={identical}",
-              flush=True)
-    return results
 
 
 LLAMA_BIN = Path.home() / ".cache" / "ember-peers" / "llama.cpp-native" / "build" / "bin"
@@ -374,27 +199,13 @@ def crossover(base: LLM, max_batch: int = 32, k: int = 4) -> list[dict]:
     return rows
 
 
-def plot(results: dict[str, dict], path: Path, title: str, label: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [results[n]["off_tok_s"] for n in names], 0.4,
-           label="speculation off")
-    ax.bar([x + 0.2 for x in xs], [results[n]["on_tok_s"] for n in names], 0.4,
-           label=label)
-    for x, n in zip(xs, names):
-        ax.text(x + 0.2, results[n]["on_tok_s"], f"x{results[n]['speedup']:.2f}",
-                ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), names, fontsize=8)
-    ax.set_ylabel("decode tok/s (single stream)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def print_row(name: str, row: dict) -> None:
+    extra = f"  compare x{row['compare_speedup']:4.2f}" if "compare_speedup" in row else ""
+    print(f"{name:14s} {row['kind']:4s} {row['output_tokens']:4d} tok  off {row['off_tok_s']:7.1f}"
+          f"  on {row['on_tok_s']:7.1f} tok/s  x{row['speedup']:4.2f}{extra}  acceptance "
+          f"{row['acceptance_rate']:.2f}  draft {row['mean_draft_length']:.1f} accepted "
+          f"{row['mean_accepted_per_verify']:.1f} per verify  "
+          f"identical={row['greedy_identical']}", flush=True)
 
 
 def main() -> None:
@@ -465,11 +276,13 @@ def main() -> None:
         if llm is not None:
             timed(llm, warm, 8)
     traffic = warm_traffic([spec, compare], args.warm_traffic, args.max_tokens)
-    results = run_workloads(base, spec, args.max_tokens, args.rounds, compare)
-    copy = [r["speedup"] for r in results.values() if r["kind"] == "copy"]
-    open_ = [r["speedup"] for r in results.values() if r["kind"] == "open"]
-    summary = {"copy_heavy_speedup_geomean": statistics.geometric_mean(copy) if copy else None,
-               "open_ended_speedup_geomean": statistics.geometric_mean(open_) if open_ else None}
+    for store in traffic["stores"]:
+        print(f"warm traffic: {traffic['requests']} requests served first; store "
+              f"{store['stored_tokens']} tokens, {store['index_entries']} index entries",
+              flush=True)
+    results = run_workloads(base, spec, selected_workloads(), args.max_tokens, args.rounds,
+                            compare, print_row)
+    summary = summarize(results)
     print(f"copy-heavy speedup x{summary['copy_heavy_speedup_geomean'] or 0:.2f} (target 2.5), "
           f"open-ended x{summary['open_ended_speedup_geomean'] or 0:.2f} (target 1.3)")
     report = {"model": args.model, "speculative_config": spec_config,

@@ -61,6 +61,14 @@ def gguf_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder (the novels), failing the test where it is missing."""
+    if not (SHARED_DATA / "pride_and_prejudice.txt").is_file():
+        pytest.fail(f"shared data missing: {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
 def pride_text() -> str:
     path = SHARED_DATA / "pride_and_prejudice.txt"
     if not path.is_file():

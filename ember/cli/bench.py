@@ -1,10 +1,12 @@
-"""`ember bench <sub>`: benchmarks. Each benchmark is one subcommand registered here
-(`serve` now; e.g. `offline` can be added next to it with its own `_register_*`)."""
+"""`ember bench <sub>`: benchmarks. Each benchmark is one subcommand registered here with its
+own `_register_*`: `offline` (engines side by side), `serve` (load an OpenAI-compatible server),
+`spec` (speculative decoding against none)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -194,10 +196,86 @@ def _register_offline(bench_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_offline)
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at column {exc.colno}): "
+                                         f"{text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def cmd_bench_spec(args: argparse.Namespace) -> int:
+    from ember.bench.spec import NGRAM, SpecBenchArgs, run_spec_bench
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title="speculative decoding, single stream (medians of interleaved rounds)")
+    for column in ("workload", "kind", "off tok/s", "on tok/s", "speedup", "acceptance",
+                   "draft / verify", "accepted / verify", "identical"):
+        table.add_column(column, justify="left" if column in ("workload", "kind") else "right")
+
+    def report_row(name: str, row: dict) -> None:
+        extra = (f"  compare x{row['compare_speedup']:.2f}" if "compare_speedup" in row else "")
+        console.print(f"{name}: off {row['off_tok_s']:.1f} on {row['on_tok_s']:.1f} tok/s "
+                      f"x{row['speedup']:.2f}{extra}, acceptance {row['acceptance_rate']:.2f}",
+                      highlight=False)
+        table.add_row(name, row["kind"], f"{row['off_tok_s']:.1f}", f"{row['on_tok_s']:.1f}",
+                      f"x{row['speedup']:.2f}", f"{row['acceptance_rate']:.2f}",
+                      f"{row['mean_draft_length']:.1f}", f"{row['mean_accepted_per_verify']:.1f}",
+                      "yes" if row["greedy_identical"] else "[red]NO[/]")
+
+    config = SpecBenchArgs(
+        model=args.model, speculative_config=args.speculative_config or dict(NGRAM),
+        compare_config=args.compare_config,
+        workloads=tuple(n.strip() for n in (args.workloads or "").split(",") if n.strip()),
+        rounds=args.rounds, max_tokens=args.max_tokens, warm_traffic=args.warm_traffic,
+        data_dir=Path(args.data_dir), out_dir=Path(args.out), label=args.label)
+    config.chosen_workloads()  # a bad argument: one line, before any model loads
+    console.print(f"ember bench spec: {args.model}, {json.dumps(config.speculative_config)}, "
+                  f"{config.rounds} rounds x {config.max_tokens} tokens"
+                  + (f", after {config.warm_traffic} other requests" if config.warm_traffic
+                     else ""), highlight=False)
+    report = run_spec_bench(config, report_row)
+    console.print(table)
+    summary = report["summary"]
+    for key, label in (("copy_heavy_speedup_geomean", "copy-heavy"),
+                       ("open_ended_speedup_geomean", "open-ended")):
+        if summary[key] is not None:
+            console.print(f"{label} speedup x{summary[key]:.2f} (geometric mean)", highlight=False)
+    console.print(f"wrote {args.out}/spec_decode.json and spec_decode.png", highlight=False)
+    return 0 if all(r["greedy_identical"] for r in report["workloads"].values()) else 1
+
+
+def _register_spec(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("spec", help="speculative decoding against none: speedup and "
+                                          "acceptance per workload (single stream)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="a packaged name or path")
+    p.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                   help="the config measured (vLLM's names; default: ngram, up to 16 drafts)")
+    p.add_argument("--compare-config", type=_json_object, default=None, metavar="JSON",
+                   help="a second config timed in the same interleaved rounds")
+    p.add_argument("--workloads", default=None, metavar="NAMES",
+                   help="comma-separated subset of quote_passage, edit_passage, rewrite_code, "
+                        "story, explain (default: all)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--warm-traffic", type=int, default=0, metavar="N",
+                   help="serve N other requests first (fills a suffix store; at most 50)")
+    p.add_argument("--data-dir", default="../shared/data",
+                   help="folder with pride_and_prejudice.txt (the passage)")
+    p.add_argument("--label", default="", help="free text stored in the JSON")
+    p.add_argument("--out", default="bench_out", help="folder for the JSON and PNG")
+    p.set_defaults(func=cmd_bench_spec)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `bench` (with its subcommands) to the `ember` command."""
     p = sub.add_parser("bench", help="benchmarks: offline (engines side by side), "
-                                     "serve (load an OpenAI-compatible server)")
+                                     "serve (load an OpenAI-compatible server), spec "
+                                     "(speculative decoding against none)")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
     _register_offline(bench_sub)
     _register_serve(bench_sub)
+    _register_spec(bench_sub)

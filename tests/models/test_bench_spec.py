@@ -1,0 +1,55 @@
+"""`ember bench spec` on the real SmolLM2: speculation against none, the figures in its JSON
+consistent with each other, the greedy tokens the same, a PNG written; bad arguments are one
+line (exit 2) before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ember.cli import main
+
+
+def test_bench_spec_writes_consistent_figures(tmp_path, shared_data, capsys):
+    out = tmp_path / "out"
+    code = main(["bench", "spec", "--workloads", "rewrite_code,story", "--rounds", "2",
+                 "--max-tokens", "48", "--data-dir", str(shared_data), "--out", str(out),
+                 "--compare-config", '{"method": "suffix", "num_speculative_tokens": 8}',
+                 "--warm-traffic", "2"])
+    assert code == 0
+    report = json.loads((out / "spec_decode.json").read_text())
+    assert report["speculative_config"]["method"] == "ngram" and report["rounds"] == 2
+    assert list(report["workloads"]) == ["rewrite_code", "story"]
+    for name, row in report["workloads"].items():
+        assert row["greedy_identical"], name
+        assert len(row["off_runs"]) == len(row["on_runs"]) == len(row["compare_runs"]) == 2
+        assert row["speedup"] == pytest.approx(row["on_tok_s"] / row["off_tok_s"])
+        assert 0 <= row["accepted_tokens"] <= row["draft_tokens"]
+    code_row = report["workloads"]["rewrite_code"]  # the code is copied: drafts, accepted
+    assert code_row["verify_steps"] > 0 and code_row["accepted_tokens"] > 0
+    assert code_row["acceptance_rate"] == pytest.approx(
+        code_row["accepted_tokens"] / code_row["draft_tokens"])
+    assert report["summary"]["copy_heavy_speedup_geomean"] == pytest.approx(code_row["speedup"])
+    # the suffix engine served the two warm requests first: their outputs are in its store
+    assert report["warm_traffic"]["requests"] == 2
+    assert report["warm_traffic"]["stores"][0]["stored_tokens"] > 2
+    assert (out / "spec_decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "rewrite_code" in printed and "copy-heavy speedup" in printed
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--workloads", "nope"], "unknown workload(s) nope"),
+    (["--data-dir", "/nonexistent"], "pride_and_prejudice.txt: missing"),
+    (["--speculative-config", '{"method": "eagle"}'], "speculative_config.method"),
+    (["--speculative-config", '{"method": null}'], "turns speculation off"),
+    (["--warm-traffic", "99"], "warm traffic must be 0..50"),
+    (["--rounds", "0"], "rounds must be >= 1"),
+])
+def test_bench_spec_bad_arguments_are_one_line(args, needle, shared_data, capsys, tmp_path):
+    base = ["bench", "spec", "--data-dir", str(shared_data), "--out", str(tmp_path)]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+    assert not (tmp_path / "spec_decode.json").exists()
