@@ -13,8 +13,9 @@
 // accumulator) and a final log-sum-exp reduction merges the ranges. No score matrix larger
 // than one tile (kQRows x G x kKeys) exists.
 //
-// Batch invariance: a row's keys are cut into segments at fixed key positions (multiples of
-// kSegKeys) whatever the step looks like; each segment runs its own online softmax over key
+// Batch invariance: a row's keys are cut into segments at fixed key positions (0, kSegFirst,
+// 2 kSegFirst, ... doubling up to kSegKeys, then multiples of kSegKeys) whatever the step
+// looks like; each segment runs its own online softmax over key
 // tiles at multiples of kKeys, and the segments' states are folded in key order by one
 // function (fold_state), whether one item ran them all or split-K items ran them apart. So a
 // row's output is bit-identical alone (a decode) or inside a float32 tile (verification rows,
@@ -61,7 +62,34 @@ namespace {
 
 constexpr int64_t kQRows = 16;    // query rows (tokens) per tile
 constexpr int64_t kKeys = 64;     // keys per inner tile (converted to float once)
-constexpr int64_t kSegKeys = 512;  // keys per segment (fixed key positions; see above)
+constexpr int64_t kSegKeys = 512;  // keys per segment from key kSegKeys on (see above)
+// NOTE: the first kSegKeys keys in two segments of 256: a lone decode at 257-512 keys is two
+// split-K items (both threads) instead of one, and at 513-767 three of 256 / 256 / <256
+// instead of 512 / <256. Attention alone, 30 layers, K/V evicted first (Zen 3, 2 threads,
+// decode_attention_ab.sh --mode flush): depth 416 1.90 -> 1.68 ms, 640 2.18 -> 1.76, 1024
+// and 4096 unchanged (2.58 / 9.93 -> 2.60 / 9.98); segments of 128 from key 0 gained at 256
+// keys (1.36 -> 1.21) but lost at 1024-4096 (+2-4%), uniform 256 or 128 lost 9-31% there.
+constexpr int64_t kSegFirst = 256;  // the first segment's keys; the ones up to kSegKeys double
+static_assert(kSegFirst % kKeys == 0 && kSegKeys % kSegFirst == 0 &&
+              ((kSegKeys / kSegFirst) & (kSegKeys / kSegFirst - 1)) == 0);
+constexpr int64_t kSegHead = [] {  // segments before key kSegKeys: 1 + log2(kSegKeys / kSegFirst)
+  int64_t n = 1;
+  for (int64_t q = kSegKeys / kSegFirst; q > 1; q /= 2) ++n;
+  return n;
+}();
+
+// The segment of key `key`, and the first key of segment i: [0, kSegFirst), then segments
+// doubling up to kSegKeys ([kSegFirst, 2 kSegFirst), ...), then kSegKeys keys each.
+inline int64_t seg_index(int64_t key) {
+  if (key >= kSegKeys) return kSegHead + (key - kSegKeys) / kSegKeys;
+  int64_t i = 0;
+  for (int64_t q = key / kSegFirst; q > 0; q /= 2) ++i;
+  return i;
+}
+inline int64_t seg_start(int64_t i) {
+  if (i >= kSegHead) return kSegKeys + (i - kSegHead) * kSegKeys;
+  return i == 0 ? 0 : kSegFirst << (i - 1);
+}
 // NOTE: packed tiles (prefill_bf16.h, prefill_f32.h) only for a sequence with this many rows in
 // the step (a prefill chunk): fewer rows (decodes, speculative verification rows) keep the
 // float32 tile and stay bit-identical to their rows decoded alone.
@@ -80,7 +108,7 @@ struct AttnTile {
   int64_t r0, nr;  // query rows [r0, r0 + nr)
   int64_t k0, k1;  // keys [k0, k1) this item covers
   int64_t part;    // -1: writes the output; else the slot of the tile's first segment
-  int64_t seg0;    // the tile's first segment (k / kSegKeys of its first key)
+  int64_t seg0;    // the tile's first segment (seg_index of its first key)
   int64_t pack = -1;  // a full prefill tile: its sequence's pack entry (packed tiles)
 };
 
@@ -197,7 +225,7 @@ inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window,
     const auto [r0, nr] = runs[ri];
     const int64_t pk = pack_of[ri];
     const int64_t k0 = first_key(c, r0, window), k1 = c.lens[r0 + nr - 1];
-    const int64_t s0 = k0 / kSegKeys, nseg = (k1 + kSegKeys - 1) / kSegKeys - s0;
+    const int64_t s0 = seg_index(k0), nseg = seg_index(k1 - 1) + 1 - s0;
     // NOTE: few items (one long decode): one item per segment (split-K). The split only
     // changes who runs a segment, never the segments or their fold order (batch-invariant).
     if (items >= want || nseg <= 1) {
@@ -205,8 +233,8 @@ inline AttnPlan make_attn_plan(const DecodeCtx& c, int64_t rows, int64_t window,
       continue;
     }
     for (int64_t g = 0; g < nseg; ++g)
-      plan.tiles.push_back({r0, nr, std::max(k0, (s0 + g) * kSegKeys),
-                            std::min(k1, (s0 + g + 1) * kSegKeys), parts, s0, pk});
+      plan.tiles.push_back({r0, nr, std::max(k0, seg_start(s0 + g)),
+                            std::min(k1, seg_start(s0 + g + 1)), parts, s0, pk});
     plan.merges.push_back({r0, nr, parts, nseg});
     parts += nseg;
   }
@@ -398,7 +426,7 @@ inline void end_segment(const DecodeCtx& c, const AttnPlan& plan, const AttnTile
       fold_state(sc.cacc.data() + x * D, sc.cm[x], sc.cl[x], acc + m * D, sc.m[x], sc.l[x], D);
       continue;
     }
-    const int64_t slot = t.part + a / kSegKeys - t.seg0;
+    const int64_t slot = t.part + seg_index(a) - t.seg0;
     float* dst = const_cast<float*>(plan.partial.data()) +
                  (slot * c.hk + kvh) * plan.part_stride + m * (D + 2);
     memcpy(dst, acc + m * D, D * sizeof(float));
@@ -432,7 +460,7 @@ inline void reset_state(int64_t M, AttnScratch& sc) {
 
 // The end of the segment that starts at key a (< k1).
 inline int64_t segment_end(int64_t a, int64_t k1) {
-  return std::min(k1, (a / kSegKeys + 1) * kSegKeys);
+  return std::min(k1, seg_start(seg_index(a) + 1));
 }
 
 // ---- decode rows (a tile of one query row): K/V read straight from the cache ------------
