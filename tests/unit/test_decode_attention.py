@@ -2,7 +2,7 @@
 the cache, a tile's cache slots found once and walked by every KV head, prefetch targets past
 the item's end clamped to its last key) against the dense float64 reference of
 test_flash_attention.py: lengths on and around the 4-key steps, the 64-key tiles and the
-512-key segments (the split-K items), block sizes that do not divide a tile, GQA ratios,
+key segments (256, 256, then 512 keys: the split-K items), block sizes that do not divide a tile, GQA ratios,
 sliding windows starting inside a tile; bf16 and int8 caches; and the same bits whatever the
 thread count."""
 
@@ -50,7 +50,8 @@ DECODE_CASES = [
     # (hq, hk, dim, block_size, lengths, window)
     (9, 3, 64, 16, [1, 2, 3, 4, 5, 63, 64, 65], None),  # 4-key steps, one tile +- 1
     (9, 3, 64, 12, [127, 128, 129, 191], None),  # blocks of 12: slots cross blocks mid-tile
-    (9, 3, 64, 16, [511, 512, 513], None),  # one segment +- 1 (513: split into 2 items)
+    (9, 3, 64, 16, [255, 256, 257], None),  # the first segment +- 1 (257: 2 items)
+    (9, 3, 64, 16, [511, 512, 513], None),  # two segments +- 1 (513: split into 3 items)
     (9, 3, 64, 16, [1025, 1090], None),  # split, the last tile short; prefetch past the end
     (6, 2, 128, 8, [700], 70),  # window starting mid-tile, split item
     (12, 4, 64, 16, [600, 131], 200),  # G = 3, window crossing a segment boundary

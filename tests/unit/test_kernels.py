@@ -63,7 +63,7 @@ VECTOR_ISAS = [isa.name for isa in supported_isas() if isa.name != "portable"]
 def test_portable_attention_norm_silu_follow_the_vector_isas(load_kernels, portable_kernels,
                                                              isa, rows, context):
     """The portable build's attention (a decode row; a prefill tile of `rows` rows of one
-    sequence; split-K over 512-key segments at 600), RMSNorm and SiLU (vector exp) keep the
+    sequence; split-K over its key segments at 600), RMSNorm and SiLU (vector exp) keep the
     AVX2 build's 8-lane order and FMAs: equal to it bit for bit. AVX-512 sums 16 lanes, so its
     dot products and norms round differently: equal to a float32 rounding (and SiLU, lane-wise,
     bit for bit)."""
