@@ -262,15 +262,16 @@ class SpecConfig:
         return config
 
     @classmethod
-    def from_json(cls, text: str | None) -> "SpecConfig":
-        """Parse `--speculative-config '<JSON>'` (None or empty: off)."""
+    def from_json(cls, text: str | None, flag: str = "--speculative-config") -> "SpecConfig":
+        """Parse `--speculative-config '<JSON>'` (None or empty: off); `flag` names the option
+        in the error for text that is not JSON."""
         if not text:
             return cls()
         import json
         try:
             values = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"--speculative-config is not valid JSON ({exc.msg} at column "
+            raise ConfigError(f"{flag} is not valid JSON ({exc.msg} at column "
                               f"{exc.colno}): {text!r}") from None
         return cls.from_dict(values)
 

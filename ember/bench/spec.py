@@ -270,7 +270,6 @@ class SpecBenchArgs:
     out_dir: Path = Path("bench_out")
     label: str = ""
 
-
     def chosen_workloads(self) -> dict[str, tuple[str, str]]:
         """The workloads to run, after checking every argument: a bad config, workload name,
         count or data folder raises ValueError / FileNotFoundError (no model loaded yet)."""
@@ -294,12 +293,12 @@ class SpecBenchArgs:
         return {n: every[n] for n in (self.workloads or every)}
 
 
-def run_spec_bench(args: SpecBenchArgs,
+def run_spec_bench(args: SpecBenchArgs, chosen: dict[str, tuple[str, str]],
                    report_row: Callable[[str, dict[str, Any]], None] | None = None
                    ) -> dict[str, Any]:
-    """Run the benchmark; writes spec_decode.json and spec_decode.png under args.out_dir and
-    returns the report (arguments checked first: `SpecBenchArgs.chosen_workloads`)."""
-    chosen = args.chosen_workloads()
+    """Run the benchmark on `chosen` (`args.chosen_workloads()`, which checks the arguments
+    before any model loads); writes spec_decode.json and spec_decode.png under args.out_dir
+    and returns the report."""
     load_before = os.getloadavg()
     base = LLM(args.model, show_progress=False)
     spec = LLM(args.model, show_progress=False, speculative_config=args.speculative_config)

@@ -196,15 +196,13 @@ def _register_offline(bench_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_offline)
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at column {exc.colno}): "
-                                         f"{text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
+def _spec_config(text: str | None, flag: str) -> dict | None:
+    """`flag`'s JSON as a validated speculative config (every field), None when not given."""
+    import dataclasses
+
+    from ember.config import SpecConfig
+
+    return None if text is None else dataclasses.asdict(SpecConfig.from_json(text, flag))
 
 
 def cmd_bench_spec(args: argparse.Namespace) -> int:
@@ -227,17 +225,19 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
                       "yes" if row["greedy_identical"] else "[red]NO[/]")
 
     config = SpecBenchArgs(
-        model=args.model, speculative_config=args.speculative_config or dict(NGRAM),
-        compare_config=args.compare_config,
+        model=args.model,
+        speculative_config=(_spec_config(args.speculative_config, "--speculative-config")
+                            or dict(NGRAM)),
+        compare_config=_spec_config(args.compare_config, "--compare-config"),
         workloads=tuple(n.strip() for n in (args.workloads or "").split(",") if n.strip()),
         rounds=args.rounds, max_tokens=args.max_tokens, warm_traffic=args.warm_traffic,
         data_dir=Path(args.data_dir), out_dir=Path(args.out), label=args.label)
-    config.chosen_workloads()  # a bad argument: one line, before any model loads
+    chosen = config.chosen_workloads()  # a bad argument: one line, before any model loads
     console.print(f"ember bench spec: {args.model}, {json.dumps(config.speculative_config)}, "
                   f"{config.rounds} rounds x {config.max_tokens} tokens"
                   + (f", after {config.warm_traffic} other requests" if config.warm_traffic
                      else ""), highlight=False)
-    report = run_spec_bench(config, report_row)
+    report = run_spec_bench(config, chosen, report_row)
     console.print(table)
     summary = report["summary"]
     for key, label in (("copy_heavy_speedup_geomean", "copy-heavy"),
@@ -252,9 +252,9 @@ def _register_spec(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("spec", help="speculative decoding against none: speedup and "
                                           "acceptance per workload (single stream)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="a packaged name or path")
-    p.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help="the config measured (vLLM's names; default: ngram, up to 16 drafts)")
-    p.add_argument("--compare-config", type=_json_object, default=None, metavar="JSON",
+    p.add_argument("--compare-config", default=None, metavar="JSON",
                    help="a second config timed in the same interleaved rounds")
     p.add_argument("--workloads", default=None, metavar="NAMES",
                    help="comma-separated subset of quote_passage, edit_passage, rewrite_code, "
