@@ -13,13 +13,13 @@
 // accumulator) and a final log-sum-exp reduction merges the ranges. No score matrix larger
 // than one tile (kQRows x G x kKeys) exists.
 //
-// Batch invariance: a row's keys are cut into segments at fixed key positions (0, kSegFirst,
-// 2 kSegFirst, ... doubling up to kSegKeys, then multiples of kSegKeys) whatever the step
-// looks like; each segment runs its own online softmax over key
-// tiles at multiples of kKeys, and the segments' states are folded in key order by one
-// function (fold_state), whether one item ran them all or split-K items ran them apart. So a
-// row's output is bit-identical alone (a decode) or inside a float32 tile (verification rows,
-// a prefill chunk of fewer than kPackMinRows rows), whatever the split and the thread count.
+// Batch invariance: a row's keys are cut into segments at fixed key positions (multiples of
+// kSegFirst up to kSegKeys, then of kSegKeys) whatever the step looks like; each segment runs
+// its own online softmax over key tiles at multiples of kKeys, and the segments' states are
+// folded in key order by one function (fold_state), whether one item ran them all or split-K
+// items ran them apart. So a row's output is bit-identical alone (a decode) or inside a float32
+// tile (verification rows, a prefill chunk of fewer than kPackMinRows rows), whatever the
+// split and the thread count.
 // Exception (packed tiles): the full tiles of a sequence with >= kPackMinRows rows in the step
 // run on K/V tiles packed once per layer and step: bf16 dot products on AVX-512 with a bf16
 // cache (prefill_bf16.h), float32 outer products on AVX2 with either cache (prefill_f32.h).
@@ -67,28 +67,20 @@ constexpr int64_t kSegKeys = 512;  // keys per segment from key kSegKeys on (see
 // split-K items (both threads) instead of one, and at 513-767 three of 256 / 256 / <256
 // instead of 512 / <256. Attention alone, 30 layers, K/V evicted first (Zen 3, 2 threads,
 // decode_attention_ab.sh --mode flush): depth 416 1.90 -> 1.68 ms, 640 2.18 -> 1.76, 1024
-// and 4096 unchanged (2.58 / 9.93 -> 2.60 / 9.98); segments of 128 from key 0 gained at 256
-// keys (1.36 -> 1.21) but lost at 1024-4096 (+2-4%), uniform 256 or 128 lost 9-31% there.
-constexpr int64_t kSegFirst = 256;  // the first segment's keys; the ones up to kSegKeys double
-static_assert(kSegFirst % kKeys == 0 && kSegKeys % kSegFirst == 0 &&
-              ((kSegKeys / kSegFirst) & (kSegKeys / kSegFirst - 1)) == 0);
-constexpr int64_t kSegHead = [] {  // segments before key kSegKeys: 1 + log2(kSegKeys / kSegFirst)
-  int64_t n = 1;
-  for (int64_t q = kSegKeys / kSegFirst; q > 1; q /= 2) ++n;
-  return n;
-}();
+// and 4096 unchanged (2.58 / 9.93 -> 2.60 / 9.98); segments of 128, 128, 256 before key 512
+// gained at 256 keys (1.36 -> 1.21) but lost at 1024-4096 (+2-4%); uniform 256 or 128 lost
+// 9-31% there.
+constexpr int64_t kSegFirst = 256;  // keys per segment before key kSegKeys
+static_assert(kSegFirst % kKeys == 0 && kSegKeys % kSegFirst == 0);
+constexpr int64_t kSegHead = kSegKeys / kSegFirst;  // segments before key kSegKeys
 
-// The segment of key `key`, and the first key of segment i: [0, kSegFirst), then segments
-// doubling up to kSegKeys ([kSegFirst, 2 kSegFirst), ...), then kSegKeys keys each.
+// The segment of key `key`, and the first key of segment i: kSegFirst keys each up to key
+// kSegKeys, then kSegKeys keys each.
 inline int64_t seg_index(int64_t key) {
-  if (key >= kSegKeys) return kSegHead + (key - kSegKeys) / kSegKeys;
-  int64_t i = 0;
-  for (int64_t q = key / kSegFirst; q > 0; q /= 2) ++i;
-  return i;
+  return key < kSegKeys ? key / kSegFirst : kSegHead + (key - kSegKeys) / kSegKeys;
 }
 inline int64_t seg_start(int64_t i) {
-  if (i >= kSegHead) return kSegKeys + (i - kSegHead) * kSegKeys;
-  return i == 0 ? 0 : kSegFirst << (i - 1);
+  return i < kSegHead ? i * kSegFirst : kSegKeys + (i - kSegHead) * kSegKeys;
 }
 // NOTE: packed tiles (prefill_bf16.h, prefill_f32.h) only for a sequence with this many rows in
 // the step (a prefill chunk): fewer rows (decodes, speculative verification rows) keep the
