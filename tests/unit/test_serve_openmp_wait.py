@@ -70,7 +70,7 @@ def test_bad_spin_count_flag_is_a_usage_error():
 
 
 _POOL = """
-import ctypes, os, threading
+import ctypes, os, threading, time
 import torch
 from ember.kernels.omp_runtime import release_thread_pool
 torch.set_num_threads(2)
@@ -85,7 +85,12 @@ def threads():
 
 busy()  # the main thread's pool: one OpenMP worker
 before = threads()
-print(release_thread_pool(), len(before - threads()), flush=True)  # its worker is gone
+ok = release_thread_pool()
+# the worker leaves asynchronously: wait (bounded) for its /proc entry to go
+deadline = time.monotonic() + 10.0
+while not (before - threads()) and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(ok, len(before - threads()), flush=True)  # its worker is gone
 t = threading.Thread(target=busy); t.start(); t.join()
 print(release_thread_pool(), flush=True)  # no pool on this thread now: still fine
 """
