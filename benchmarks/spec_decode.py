@@ -134,7 +134,8 @@ def ember_server(model: str, port: int, spec: dict | None) -> subprocess.Popen:
     return start_server(cmd, port, "ember serve", 180)
 
 
-def serve_clients(model: str, clients: int, rounds: int, output_len: int) -> dict:
+def serve_clients(model: str, clients: int, rounds: int, output_len: int,
+                  spec_config: dict) -> dict:
     """Output tok/s of `clients` concurrent streamed clients through `ember serve`, speculation
     off vs on (interleaved rounds; the order alternates). Speculation is meant to switch itself
     off for steps with many running requests, so the ratio should stay near 1."""
@@ -146,7 +147,7 @@ def serve_clients(model: str, clients: int, rounds: int, output_len: int) -> dic
     rates: dict[str, list[float]] = {"off": [], "on": []}
     levels: dict[str, list[dict]] = {"off": [], "on": []}
     for r in range(rounds):
-        order = [("off", None), ("on", NGRAM)]
+        order = [("off", None), ("on", spec_config)]
         for label, spec in (order if r % 2 == 0 else order[::-1]):
             proc = ember_server(model, 18432, spec)
             try:
@@ -235,7 +236,7 @@ def main() -> None:
                          "--model, cached under ~/.cache/ember/drafts (default 6 of 30)")
     ap.add_argument("--clients", type=int, default=0,
                     help="only the serving test: N concurrent clients through ember serve, "
-                         "speculation off vs on")
+                         "speculation off vs on (--speculative-config, default n-gram)")
     ap.add_argument("--warm-traffic", type=int, default=0, metavar="N",
                     help="serve the first N of WARM_PROMPTS (other requests) on the speculative "
                          "engines before timing (fills a `suffix` store; at most "
@@ -258,11 +259,12 @@ def main() -> None:
     stem = args.out_stem or stem
     load_before = os.getloadavg()
     if args.clients:
-        report = serve_clients(args.model, args.clients, args.rounds, output_len=64)
+        report = serve_clients(args.model, args.clients, args.rounds, output_len=64,
+                               spec_config=spec_config)
         report.update(label=args.label, loadavg_before=load_before,
-                      loadavg_after=os.getloadavg(), speculative_config=NGRAM)
+                      loadavg_after=os.getloadavg(), speculative_config=spec_config)
         OUT.mkdir(parents=True, exist_ok=True)
-        path = OUT / f"serve_{args.clients}_clients.json"
+        path = OUT / f"{args.out_stem or f'serve_{args.clients}_clients'}.json"
         path.write_text(json.dumps(report, indent=2))
         print(f"wrote {path}")
         return
