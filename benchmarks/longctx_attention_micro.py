@@ -112,6 +112,9 @@ def main() -> None:
                 q2, HQ, D, k_cache, v_cache, tables, torch.tensor(rows), D ** -0.5), 3)
             result["prefill_chunk512_at3584_layer_ms_wall"] = w
             result["prefill_chunk512_at3584_layer_ms_cpu"] = c
+            # multiply-adds of the chunk: QK and PV, HQ heads x D dims x each row's keys
+            macs = 2 * HQ * D * sum(rows)
+            result["prefill_chunk_gmac_s"] = macs / (w / 1e3) / 1e9
     print(json.dumps(result))
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
