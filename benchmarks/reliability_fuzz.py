@@ -51,15 +51,19 @@ def main() -> int:
                     help="the server's context: bounds the requests without max_tokens (which "
                          "generate to the end of the context: at 8192 tokens on a busy machine "
                          "they outlived the client timeout, counted as network errors)")
+    ap.add_argument("--speculative-config", default=None, metavar="JSON",
+                    help="serve with speculative decoding (ember serve's flag), e.g. "
+                         "'{\"method\": \"suffix\", \"num_speculative_tokens\": 16}'")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    spec = ["--speculative-config", args.speculative_config] if args.speculative_config else []
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     server = subprocess.Popen(
         [sys.executable, "-c", "import sys; from ember.cli import main; sys.exit(main())",
          "serve", "--port", str(args.port), "--no-access-log", "--log-level", "warning",
          "--max-num-seqs", "16", "--max-queued-requests", "64",
-         "--max-model-len", str(args.max_model_len)],
+         "--max-model-len", str(args.max_model_len), *spec],
         stdout=subprocess.DEVNULL, stderr=open(args.out / f"fuzz_{stamp}_server.log", "w"))
     try:
         url = f"http://127.0.0.1:{args.port}"
@@ -105,6 +109,7 @@ def main() -> int:
                "server_5xx_by_label": five_xx_lines,
                "health_after": health, "seconds": elapsed, "max_examples": args.max_examples,
                "max_model_len": args.max_model_len,
+               "speculative_config": args.speculative_config,
                "network_errors": _network_errors(text),
                "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                "contended": os.getloadavg()[0] > (os.cpu_count() or 1),
