@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 
 from ember import LLM, SamplingParams
-from ember.bench.spec import (NGRAM, WARM_PROMPTS, plot, run_workloads, summarize, timed,
-                              warm_traffic)
+from ember.bench.spec import (NGRAM, WARM_PROMPTS, Workload, encode_task, plot, run_workloads,
+                              summarize, timed, warm_traffic)
 from ember.bench.spec import passage as spec_passage
 from ember.bench.spec import workloads as spec_workloads
 from ember.spec_decode.draft import DraftModelProposer
@@ -53,8 +53,8 @@ SELECTED: list[str] | None = None
 """--workloads: the workload names run (None: all)."""
 
 
-def workloads() -> dict[str, tuple[str, str]]:
-    """name -> (kind, user message): ember.bench.spec's, on the shared data folder."""
+def workloads() -> dict[str, Workload]:
+    """ember.bench.spec's workloads, on the shared data folder."""
     return spec_workloads(DATA)
 
 
@@ -62,7 +62,7 @@ def passage() -> str:
     return spec_passage(DATA)
 
 
-def selected_workloads() -> dict[str, tuple[str, str]]:
+def selected_workloads() -> dict[str, Workload]:
     """`workloads()` cut to --workloads."""
     every = workloads()
     return every if SELECTED is None else {n: every[n] for n in SELECTED}
@@ -87,7 +87,7 @@ def llama_server(gguf: str, threads: int, port: int, spec: list[str]) -> subproc
     return start_server(cmd, port, "llama-server", 120)
 
 
-def llama_cpp_peer(base: LLM, max_tokens: int, threads: int, ngram_n: int,
+def llama_cpp_peer(model: str, base: LLM, max_tokens: int, threads: int, ngram_n: int,
                    ngram_m: int) -> dict[str, dict]:
     """llama.cpp decode tok/s per workload, speculation off and `ngram-simple` on, on the same
     prompt token ids (greedy)."""
@@ -95,9 +95,9 @@ def llama_cpp_peer(base: LLM, max_tokens: int, threads: int, ngram_n: int,
 
     from ember.loading.sources import resolve_model
 
-    gguf = str(resolve_model("smollm2-135m-instruct").path)
-    prompts = {name: base.encode_chat([{"role": "user", "content": msg}])
-               for name, (_, msg) in selected_workloads().items()}
+    gguf = str(resolve_model(model).path)
+    prompts = {name: encode_task(base, task.message, task.completion)
+               for name, task in selected_workloads().items()}
     spec_flags = ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(ngram_n),
                   "--spec-ngram-simple-size-m", str(ngram_m)]
     out: dict[str, dict] = {name: {} for name in prompts}
@@ -273,7 +273,7 @@ def main() -> None:
     compare = (LLM(args.model, show_progress=False,
                    speculative_config=json.loads(args.compare_config))
                if args.compare_config else None)
-    warm = base.encode_chat([{"role": "user", "content": "Hello"}])
+    warm = encode_task(base, "Hello", "Hello")
     for llm in (base, spec, compare):
         if llm is not None:
             timed(llm, warm, 8)
@@ -304,7 +304,7 @@ def main() -> None:
                                      1e3 * (proposer.step_seconds or 0.0)}
     if args.llama_cpp:
         threads = int(os.environ.get("EMBER_NUM_THREADS") or 2)
-        peer = report["llama_cpp"] = llama_cpp_peer(base, args.max_tokens, threads,
+        peer = report["llama_cpp"] = llama_cpp_peer(args.model, base, args.max_tokens, threads,
                                                     args.ngram_n, args.ngram_m)
         for name, row in peer.items():
             on = results[name]["on_tok_s"]
@@ -326,7 +326,7 @@ def main() -> None:
               f"draft token cost at batch 1: {report['draft_token_cost_batch1']:.3f} of a step")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    title = (f"Ember {method} speculation, SmolLM2-135M, threads={report['threads']}, "
+    title = (f"Ember {method} speculation, {Path(args.model).name}, threads={report['threads']}, "
              f"load {load_before[0]:.1f} {args.label}")
     plot(results, OUT / f"{stem}.png", title, f"{method} speculation")
     print(f"wrote {OUT / stem}.json and .png")

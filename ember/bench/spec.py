@@ -8,6 +8,10 @@ between rounds; per workload the median decode tok/s of each, the speedup, the d
 acceptance and the accepted drafts per verify step, and whether the greedy tokens were the same
 (they must be). Decode tok/s = (tokens - 1) / (time of the last token - time of the first).
 
+A chat model gets each task as a user message in its chat template; a base model (no chat
+template, e.g. Gemma 3 270M) gets the same task as a plain-text prompt it completes
+(`Workload.completion`, `encode_task`).
+
 Warm traffic (`warm_traffic` > 0): before the rounds each speculative engine serves the first N
 of `WARM_PROMPTS` (other requests of the same kinds on other subjects), which fills a `suffix`
 store; every timed run then starts from that store (restored before each run), so no round
@@ -78,14 +82,27 @@ _CHAT = ["Give me five tips for staying productive while working from home.",
          "How do I make a cup of tea?", "Summarize the plot of a typical fairy tale.",
          "Write a poem about the ocean.", "What is the difference between weather and climate?",
          "List some healthy breakfast ideas.", "Explain why the sky is blue."]
-_STORY, _EXPLAIN = "Write a short story about {}.", "Explain how {} works, step by step."
-WARM_PROMPTS = [p for group in zip([_STORY.format(s) for s in _STORIES[0::2]],
-                                   [_EXPLAIN.format(d) for d in _DEVICES[0::2]], _CHAT,
-                                   [_STORY.format(s) for s in _STORIES[1::2]],
-                                   [_EXPLAIN.format(d) for d in _DEVICES[1::2]])
-                for p in group]
-"""Warm traffic: other requests served before the timed rounds, 50 distinct prompts (20
-stories, 20 explanations, 10 chat questions) in an order that mixes the kinds."""
+# (chat message, plain-text prompt for a base model) of each kind of task
+_STORY = ("Write a short story about {}.", "Here is a short story about {}.\n\n")
+_EXPLAIN = ("Explain how {} works, step by step.", "How {} works, step by step:\n\n1.")
+_QUESTION = ("{}", "Question: {}\nAnswer:")
+
+
+def _task(form: tuple[str, str], subject: str) -> tuple[str, str]:
+    return form[0].format(subject), form[1].format(subject)
+
+
+WARM_TASKS = [p for group in zip([_task(_STORY, s) for s in _STORIES[0::2]],
+                                 [_task(_EXPLAIN, d) for d in _DEVICES[0::2]],
+                                 [_task(_QUESTION, q) for q in _CHAT],
+                                 [_task(_STORY, s) for s in _STORIES[1::2]],
+                                 [_task(_EXPLAIN, d) for d in _DEVICES[1::2]])
+              for p in group]
+"""Warm traffic: other requests served before the timed rounds, 50 distinct tasks (20
+stories, 20 explanations, 10 chat questions) in an order that mixes the kinds, each as (chat
+message, plain-text prompt)."""
+WARM_PROMPTS = [message for message, _ in WARM_TASKS]
+"""The warm tasks' chat messages."""
 
 
 def passage(data_dir: Path, num_words: int = 300) -> str:
@@ -98,22 +115,47 @@ def passage(data_dir: Path, num_words: int = 300) -> str:
     return " ".join(text[start:].split()[:num_words])
 
 
-def workloads(data_dir: Path) -> dict[str, tuple[str, str]]:
-    """name -> (kind: 'copy' or 'open', user message)."""
+@dataclass(frozen=True)
+class Workload:
+    """One measured task: its kind ('copy' or 'open'), as a chat model's user message and as
+    the plain-text prompt a base model completes."""
+
+    kind: str
+    message: str
+    completion: str
+
+
+def workloads(data_dir: Path) -> dict[str, Workload]:
+    """The measured tasks by name."""
     text = passage(data_dir)
     return {
-        "quote_passage": ("copy", f"Repeat the following text exactly, word for word.\n\n{text}"),
+        "quote_passage": Workload(
+            "copy", f"Repeat the following text exactly, word for word.\n\n{text}",
+            f'Original text:\n"{text}"\n\nExact copy of the original text:\n"'),
         # NOTE: a light edit SmolLM2-135M carries out (it returns the passage, corrected);
         # asked to replace a name ("... replacing every name 'Bennet' with 'Smith'. Keep
         # everything else the same.", the prompt before 2026-12-01) it answers with one
         # 27-token sentence instead, which measured nothing about copying
-        "edit_passage": ("copy", "Correct the spelling and punctuation of the following text "
-                                 f"and return the full corrected text.\n\n{text}"),
-        "rewrite_code": ("copy", "Add type hints to this Python code. Return the full code.\n\n"
-                                 f"```python\n{CODE}```"),
-        "story": ("open", "Write a short story about a lighthouse keeper who finds a map."),
-        "explain": ("open", "Explain how a refrigerator works, step by step."),
+        "edit_passage": Workload(
+            "copy", "Correct the spelling and punctuation of the following text and return the "
+                    f"full corrected text.\n\n{text}",
+            f'Text:\n"{text}"\n\nThe same text with its spelling and punctuation corrected:\n"'),
+        "rewrite_code": Workload(
+            "copy", f"Add type hints to this Python code. Return the full code.\n\n"
+                    f"```python\n{CODE}```",
+            f"Original code:\n```python\n{CODE}```\n\n"
+            "The same code with type hints added:\n```python\n"),
+        "story": Workload("open", *_task(_STORY, "a lighthouse keeper who finds a map")),
+        "explain": Workload("open", *_task(_EXPLAIN, "a refrigerator")),
     }
+
+
+def encode_task(llm: LLM, message: str, completion: str) -> list[int]:
+    """Prompt token ids of a task: the message in the model's chat template, or for a base
+    model (no chat template) the plain-text prompt."""
+    if llm.get_tokenizer().chat_template is None:
+        return llm.get_tokenizer().encode(completion)
+    return llm.encode_chat([{"role": "user", "content": message}])
 
 
 def timed(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
@@ -157,13 +199,14 @@ def shared_store(llm: LLM | None) -> SuffixStore | None:
 def warm_traffic(llms: list[LLM | None], count: int, max_tokens: int) -> dict[str, Any]:
     """Serve the first `count` WARM_PROMPTS (greedy) on every engine with a shared store;
     returns the prompts and what the stores hold."""
-    prompts = WARM_PROMPTS[:count]
-    report: dict[str, Any] = {"requests": len(prompts), "prompts": prompts, "stores": []}
+    prompts = WARM_TASKS[:count]
+    report: dict[str, Any] = {"requests": len(prompts),
+                              "prompts": [message for message, _ in prompts], "stores": []}
     for llm in llms:
         store = shared_store(llm)
         if llm is None or store is None or not prompts:
             continue
-        ids = [llm.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+        ids = [encode_task(llm, message, completion) for message, completion in prompts]
         llm.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0), use_tqdm=False)
         llm.engine.step()  # an idle step: the last finished requests' release runs now
         report["stores"].append({"stored_tokens": store.num_tokens,
@@ -171,7 +214,7 @@ def warm_traffic(llms: list[LLM | None], count: int, max_tokens: int) -> dict[st
     return report
 
 
-def run_workloads(base: LLM, spec: LLM, chosen: dict[str, tuple[str, str]], max_tokens: int,
+def run_workloads(base: LLM, spec: LLM, chosen: dict[str, Workload], max_tokens: int,
                   rounds: int, compare: LLM | None = None,
                   report_row: Callable[[str, dict[str, Any]], None] | None = None
                   ) -> dict[str, dict[str, Any]]:
@@ -182,8 +225,8 @@ def run_workloads(base: LLM, spec: LLM, chosen: dict[str, tuple[str, str]], max_
     # traffic, if any): a later round must not draft from the same prompt's earlier output
     stores = {id(llm): copy.deepcopy(store) for llm in (spec, compare)
               if (store := shared_store(llm)) is not None}
-    for name, (kind, message) in chosen.items():
-        prompt = base.encode_chat([{"role": "user", "content": message}])
+    for name, task in chosen.items():
+        prompt = encode_task(base, task.message, task.completion)
         off_rates: list[float] = []
         on_rates: list[float] = []
         cmp_rates: list[float] = []
@@ -206,7 +249,7 @@ def run_workloads(base: LLM, spec: LLM, chosen: dict[str, tuple[str, str]], max_
         steps, drafted, accepted = (a - b for a, b in zip(spec_counts(spec), before))
         off, on = statistics.median(off_rates), statistics.median(on_rates)
         row: dict[str, Any] = {
-            "kind": kind, "prompt_tokens": len(prompt), "output_tokens": len(outs[0]),
+            "kind": task.kind, "prompt_tokens": len(prompt), "output_tokens": len(outs[0]),
             "off_tok_s": off, "on_tok_s": on, "speedup": on / off if off else 0.0,
             "draft_tokens": drafted, "accepted_tokens": accepted, "verify_steps": steps,
             "acceptance_rate": accepted / drafted if drafted else 0.0,
@@ -270,7 +313,7 @@ class SpecBenchArgs:
     out_dir: Path = Path("bench_out")
     label: str = ""
 
-    def chosen_workloads(self) -> dict[str, tuple[str, str]]:
+    def chosen_workloads(self) -> dict[str, Workload]:
         """The workloads to run, after checking every argument: a bad config, workload name,
         count or data folder raises ValueError / FileNotFoundError (no model loaded yet)."""
         from ember.config import SpecConfig
@@ -293,7 +336,7 @@ class SpecBenchArgs:
         return {n: every[n] for n in (self.workloads or every)}
 
 
-def run_spec_bench(args: SpecBenchArgs, chosen: dict[str, tuple[str, str]],
+def run_spec_bench(args: SpecBenchArgs, chosen: dict[str, Workload],
                    report_row: Callable[[str, dict[str, Any]], None] | None = None
                    ) -> dict[str, Any]:
     """Run the benchmark on `chosen` (`args.chosen_workloads()`, which checks the arguments
@@ -304,7 +347,7 @@ def run_spec_bench(args: SpecBenchArgs, chosen: dict[str, tuple[str, str]],
     spec = LLM(args.model, show_progress=False, speculative_config=args.speculative_config)
     compare = (LLM(args.model, show_progress=False, speculative_config=args.compare_config)
                if args.compare_config else None)
-    hello = base.encode_chat([{"role": "user", "content": "Hello"}])
+    hello = encode_task(base, "Hello", "Hello")
     for llm in (base, spec, compare):
         if llm is not None:
             timed(llm, hello, 8)  # warm-up

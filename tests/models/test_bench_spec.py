@@ -1,6 +1,7 @@
 """`ember bench spec` on the real SmolLM2: speculation against none, the figures in its JSON
 consistent with each other, the greedy tokens the same, a PNG written; bad arguments are one
-line (exit 2) before any model loads."""
+line (exit 2) before any model loads. On the real Gemma 3 270M (a base model, no chat
+template): the tasks go in as the plain-text prompts it completes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 
 import pytest
 
+from ember.bench.spec import workloads
 from ember.cli import main
+from ember.loading.sources import PACKAGED_MODELS, packaged_path
 
 
 def test_bench_spec_writes_consistent_figures(tmp_path, shared_data, capsys):
@@ -53,3 +56,47 @@ def test_bench_spec_bad_arguments_are_one_line(args, needle, shared_data, capsys
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
     assert not (tmp_path / "spec_decode.json").exists()
+
+
+def test_bench_spec_on_a_base_model_sends_the_plain_text_task(tmp_path, shared_data):
+    gemma = next(m for m in PACKAGED_MODELS if m.name == "gemma-3-270m")
+    path = packaged_path(gemma)
+    if path is None:
+        pytest.fail(f"Gemma 3 missing: {gemma.install_hint} (make setup does it)")
+    out = tmp_path / "out"
+    assert main(["bench", "spec", "--model", str(path), "--workloads", "rewrite_code",
+                 "--rounds", "1", "--max-tokens", "32", "--data-dir", str(shared_data),
+                 "--out", str(out)]) == 0
+    row = json.loads((out / "spec_decode.json").read_text())["workloads"]["rewrite_code"]
+    assert row["greedy_identical"] and row["output_tokens"] == 32
+    # the base model copies the code block it is shown: drafts made and accepted
+    assert row["verify_steps"] > 0 and row["accepted_tokens"] > 0
+
+
+class _Tok:
+    def __init__(self, template):
+        self.chat_template = template
+
+    def encode(self, text):
+        return [len(text)]
+
+
+class _Llm:
+    def __init__(self, template):
+        self.tok = _Tok(template)
+
+    def get_tokenizer(self):
+        return self.tok
+
+    def encode_chat(self, messages):
+        return [-len(messages[0]["content"])]
+
+
+def test_encode_task_picks_the_chat_message_or_the_plain_text_prompt(shared_data):
+    from ember.bench.spec import encode_task
+
+    task = workloads(shared_data)["rewrite_code"]
+    assert task.kind == "copy" and task.completion.endswith("```python\n")
+    assert encode_task(_Llm("{{ messages }}"), task.message, task.completion) == [
+        -len(task.message)]
+    assert encode_task(_Llm(None), task.message, task.completion) == [len(task.completion)]
