@@ -205,8 +205,9 @@ def print_row(name: str, row: dict) -> None:
     print(f"{name:14s} {row['kind']:4s} {row['output_tokens']:4d} tok  off {row['off_tok_s']:7.1f}"
           f"  on {row['on_tok_s']:7.1f} tok/s  x{row['speedup']:4.2f}{extra}  acceptance "
           f"{row['acceptance_rate']:.2f}  draft {row['mean_draft_length']:.1f} accepted "
-          f"{row['mean_accepted_per_verify']:.1f} per verify  "
-          f"identical={row['greedy_identical']}", flush=True)
+          f"{row['mean_accepted_per_verify']:.1f} per verify  output "
+          f"{row['output_copies_prompt']:.0%} copied / {row['output_repeats_itself']:.0%} "
+          f"looped  identical={row['greedy_identical']}", flush=True)
 
 
 def main() -> None:

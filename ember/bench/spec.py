@@ -158,6 +158,26 @@ def encode_task(llm: LLM, message: str, completion: str) -> list[int]:
     return llm.encode_chat([{"role": "user", "content": message}])
 
 
+def output_shares(prompt: list[int], output: list[int], n: int = 4) -> tuple[float, float]:
+    """What the greedy output is made of: (share of its tokens that complete an n-gram of the
+    prompt, share that repeat an n-gram of its own earlier output and not the prompt's). A
+    copy-heavy task's output should be mostly the first; an open-ended one that is mostly the
+    second is a loop (a base model's greedy text often is), which drafts win on cheaply."""
+    grams = {tuple(prompt[i:i + n]) for i in range(len(prompt) - n + 1)}
+    seen: set[tuple[int, ...]] = set()
+    full = list(prompt) + list(output)
+    copied = repeated = 0
+    for i in range(len(prompt), len(full)):
+        gram = tuple(full[max(0, i - n + 1):i + 1])
+        if len(gram) == n and gram in grams:
+            copied += 1
+        elif len(gram) == n and gram in seen:
+            repeated += 1
+        seen.add(gram)
+    total = max(1, len(output))
+    return copied / total, repeated / total
+
+
 def timed(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[list[int], float]:
     """Greedy tokens and decode tok/s (first token to last token)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
@@ -248,6 +268,7 @@ def run_workloads(base: LLM, spec: LLM, chosen: dict[str, Workload], max_tokens:
             identical &= all(out == outs[0] for out in outs)
         steps, drafted, accepted = (a - b for a, b in zip(spec_counts(spec), before))
         off, on = statistics.median(off_rates), statistics.median(on_rates)
+        copied, repeated = output_shares(prompt, outs[0])
         row: dict[str, Any] = {
             "kind": task.kind, "prompt_tokens": len(prompt), "output_tokens": len(outs[0]),
             "off_tok_s": off, "on_tok_s": on, "speedup": on / off if off else 0.0,
@@ -255,7 +276,8 @@ def run_workloads(base: LLM, spec: LLM, chosen: dict[str, Workload], max_tokens:
             "acceptance_rate": accepted / drafted if drafted else 0.0,
             "mean_draft_length": drafted / steps if steps else 0.0,
             "mean_accepted_per_verify": accepted / steps if steps else 0.0,
-            "greedy_identical": identical, "off_runs": off_rates, "on_runs": on_rates}
+            "greedy_identical": identical, "off_runs": off_rates, "on_runs": on_rates,
+            "output_copies_prompt": copied, "output_repeats_itself": repeated}
         if compare is not None:
             cmp_ = statistics.median(cmp_rates)
             row.update(compare_tok_s=cmp_, compare_speedup=cmp_ / off if off else 0.0,

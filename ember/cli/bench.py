@@ -211,7 +211,7 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title="speculative decoding, single stream (medians of interleaved rounds)")
     for column in ("workload", "kind", "off tok/s", "on tok/s", "speedup", "acceptance",
-                   "draft / verify", "accepted / verify", "identical"):
+                   "draft / verify", "accepted / verify", "copied / looped", "identical"):
         table.add_column(column, justify="left" if column in ("workload", "kind") else "right")
 
     def report_row(name: str, row: dict) -> None:
@@ -222,6 +222,7 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
         table.add_row(name, row["kind"], f"{row['off_tok_s']:.1f}", f"{row['on_tok_s']:.1f}",
                       f"x{row['speedup']:.2f}", f"{row['acceptance_rate']:.2f}",
                       f"{row['mean_draft_length']:.1f}", f"{row['mean_accepted_per_verify']:.1f}",
+                      f"{row['output_copies_prompt']:.0%} / {row['output_repeats_itself']:.0%}",
                       "yes" if row["greedy_identical"] else "[red]NO[/]")
 
     config = SpecBenchArgs(

@@ -31,6 +31,7 @@ def test_bench_spec_writes_consistent_figures(tmp_path, shared_data, capsys):
         assert 0 <= row["accepted_tokens"] <= row["draft_tokens"]
     code_row = report["workloads"]["rewrite_code"]  # the code is copied: drafts, accepted
     assert code_row["verify_steps"] > 0 and code_row["accepted_tokens"] > 0
+    assert code_row["output_copies_prompt"] > 0.5
     assert code_row["acceptance_rate"] == pytest.approx(
         code_row["accepted_tokens"] / code_row["draft_tokens"])
     assert report["summary"]["copy_heavy_speedup_geomean"] == pytest.approx(code_row["speedup"])
@@ -69,6 +70,7 @@ def test_bench_spec_on_a_base_model_sends_the_plain_text_task(tmp_path, shared_d
                  "--out", str(out)]) == 0
     row = json.loads((out / "spec_decode.json").read_text())["workloads"]["rewrite_code"]
     assert row["greedy_identical"] and row["output_tokens"] == 32
+    assert row["output_copies_prompt"] > 0.8
     # the base model copies the code block it is shown: drafts made and accepted
     assert row["verify_steps"] > 0 and row["accepted_tokens"] > 0
 
@@ -100,3 +102,12 @@ def test_encode_task_picks_the_chat_message_or_the_plain_text_prompt(shared_data
     assert encode_task(_Llm("{{ messages }}"), task.message, task.completion) == [
         -len(task.message)]
     assert encode_task(_Llm(None), task.message, task.completion) == [len(task.completion)]
+
+
+def test_output_shares_count_prompt_copies_and_self_repeats():
+    from ember.bench.spec import output_shares
+
+    # 4-grams ending at each output token: (1,2,3,4) twice from the prompt, then (2,3,4,9) a
+    # second time from the output itself
+    assert output_shares([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 1, 2, 3, 4, 9]) == (0.2, 0.1)
+    assert output_shares([1, 2], []) == (0.0, 0.0)
