@@ -4,7 +4,8 @@
 // whole block into 16 vectors and then spill their per-row sums on AVX2's 16 registers; at one
 // row they spill the unpacked weights too: q4_tile<1> holds 16 weight + 8 activation vectors,
 // this kernel 4 + 2. One decode row: Q4 20-28% and Q8 ~3% less time per call than q4_tile<1> /
-// q8_tile<1>, benchmarks/kernel_ab.py, thread CPU time).
+// q8_tile<1>, benchmarks/kernel_ab.py, thread CPU time; Q4K (Gemma 3's Q4_K layers) 15-30% at
+// 1 row and 30-50% at 2-17 rows, weights in cache. Q5 here was no faster: it keeps the tiles).
 // Integer dots and the float accumulation order per output are those of q4_tile / q8_tile, so
 // the outputs are bit-identical to them (tests/unit/test_few_rows_gemm.py).
 #pragma once
@@ -22,20 +23,21 @@ constexpr int64_t kFewRowsMax = 17;  // 16 draft tokens + the bonus row
 // (~1.5x slower per row on Zen 3, measured in isolation).
 inline void pin(__m256i& v) { __asm__("" : "+x"(v)); }
 
-// R rows (m0 .. m0+R-1) of one 16-row Q4 tile. Per column pair (c, c+4) the nibbles of both
-// halves are unpacked once (4 vectors) and multiplied with every row's broadcast activations.
-template <int R>
-inline void q4_tile_few(const uint8_t* w, const float* d, const float* mn, const QuantizedActs& a,
-                        int64_t m0, float* y, int64_t n) {
+// R rows (m0 .. m0+R-1) of one 16-row tile of Q4-family weights (S: Q4Scales or Q4kScales,
+// as q4_tile). Per column pair (c, c+4) the nibbles of both halves are unpacked once (4 vectors)
+// and multiplied with every row's broadcast activations.
+template <int R, class S>
+inline void q4_tile_few(const uint8_t* w, S sc, const QuantizedActs& a, int64_t m0, float* y,
+                        int64_t n) {
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const int8_t* xr[R];
   for (int r = 0; r < R; ++r) xr[r] = a.qrow(m0 + r);
   for (int64_t b = 0; b < a.nb; ++b) {
-    const uint8_t* wb = w + b * 256;
-    for (int c = 0; c < 4; ++c)
-      _mm_prefetch(reinterpret_cast<const char*>(wb + 2048 + 64 * c), _MM_HINT_T0);
+    const uint8_t* wb = w + b * S::kBytes;
+    for (int c = 0; c < S::kLines; ++c)
+      _mm_prefetch(reinterpret_cast<const char*>(wb + 8 * S::kBytes + 64 * c), _MM_HINT_T0);
     __m256i s16[R][2];  // 16 products per int16 lane, as in q4_tile (<= 30480)
     for (int c = 0; c < 4; ++c) {
       const __m256i raw0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64));
@@ -56,8 +58,8 @@ inline void q4_tile_few(const uint8_t* w, const float* d, const float* mn, const
         pin(s16[r][0]), pin(s16[r][1]);
       }
     }
-    const __m256 dw[2] = {_mm256_loadu_ps(d + b * kTile), _mm256_loadu_ps(d + b * kTile + 8)};
-    const __m256 mw[2] = {_mm256_loadu_ps(mn + b * kTile), _mm256_loadu_ps(mn + b * kTile + 8)};
+    __m256 dw[2], mw[2];
+    sc.block(b, wb, dw, mw);
     for (int r = 0; r < R; ++r) {
       const size_t ab = static_cast<size_t>((m0 + r) * a.nb + b);
       const __m256 ad = _mm256_set1_ps(a.d[ab]), as = _mm256_set1_ps(a.s[ab]);
@@ -130,8 +132,13 @@ template <int R>
 inline void few_tile(const LinearW& lw, int64_t nb, const QuantizedActs& a, int64_t t, int64_t m0,
                      float* yt, int64_t np) {
   if (lw.fmt == 4)
-    q4_tile_few<R>(lw.w + t * nb * 256, lw.d + t * nb * kTile, lw.m + t * nb * kTile, a, m0, yt,
-                   np);
+    q4_tile_few<R>(lw.w + t * nb * 256, Q4Scales{lw.d + t * nb * kTile, lw.m + t * nb * kTile}, a,
+                   m0, yt, np);
+  else if (lw.fmt == 6)
+    q4_tile_few<R>(lw.w + t * nb * kQ4kBlockBytes,
+                   Q4kScales{lw.d + t * (nb / kQ4kSuper) * kTile,
+                             lw.m + t * (nb / kQ4kSuper) * kTile},
+                   a, m0, yt, np);
   else if (lw.fmt == 9)
     q8_tile_few<R, true>(lw.w + t * nb * kQ8hBlockBytes, nullptr, a, m0, yt, np);
   else
@@ -139,7 +146,8 @@ inline void few_tile(const LinearW& lw, int64_t nb, const QuantizedActs& a, int6
 }
 
 inline bool few_rows_supported(const LinearW& lw, int64_t mrows) {
-  return mrows >= 1 && mrows <= kFewRowsMax && (lw.fmt == 4 || lw.fmt == 8 || lw.fmt == 9);
+  return mrows >= 1 && mrows <= kFewRowsMax &&
+         (lw.fmt == 4 || lw.fmt == 6 || lw.fmt == 8 || lw.fmt == 9);
 }
 
 // y (M, np) = act @ W^T for 1 <= M <= kFewRowsMax rows, in row groups of 4 (a group of 5

@@ -69,3 +69,36 @@ def test_q8_and_q8h_few_rows_equal_single_rows_bitwise(kernels):
         assert torch.equal(kernels.q8_gemm(x[:m], *p8), single[:m]), f"Q8: {m} rows differ"
         assert torch.equal(kernels.q8h_gemm(x[:m], p8h), single[:m]), f"Q8h: {m} rows differ"
     torch.testing.assert_close(single[:, :n], ref, atol=1e-3, rtol=1e-4)
+
+
+def test_gemma_layer_formats_rows_equal_single_rows_bitwise(kernels):
+    """Gemma 3's layer formats (GGUF Q4_K -> Q4K: the few-row kernel; Q5_0 -> Q5: the row
+    tiles): every row gets what a one-row call gives it, a many-row (prefill) call the same,
+    and Q5 equals the Q8 kernel on the same codes."""
+    from ember.kernels.ops import pack_q4k, pack_q5
+
+    gen = torch.Generator().manual_seed(5)
+    n, k = 40, 512  # 3 tiles (the last padded), 16 blocks = 2 Q4_K super-blocks
+    q5 = torch.randint(-16, 16, (n, k), generator=gen, dtype=torch.int8)
+    q5[0, :32], q5[-1, -32:] = -16, 15  # both ends of the code range
+    d5 = (torch.rand(n, k // 32, generator=gen) * 0.01).half().float()
+    p5, p8 = pack_q5(q5, d5), pack_q8(q5, d5)
+    q4 = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    sc = torch.randint(0, 64, (n, k // 32), generator=gen, dtype=torch.uint8)
+    mn = torch.randint(0, 64, (n, k // 32), generator=gen, dtype=torch.uint8)
+    dk = (torch.rand(n, k // 256, generator=gen) * 0.001).half().float()
+    dmin = (torch.rand(n, k // 256, generator=gen) * 0.001).half().float()
+    p4k = pack_q4k(q4, sc, mn, dk, dmin)
+    x = torch.randn(MANY, k, generator=gen) * 2
+    x[2, 64:96] = 0.0  # an all-zero activation block
+    x[5, :32] = -4.0  # |x| quantizes to 127 in the whole block
+    for name, gemm, w in (("Q5", kernels.q5_gemm, (p5,)), ("Q4K", kernels.q4k_gemm, p4k)):
+        single = one_by_one(gemm, x, *w)
+        assert torch.equal(gemm(x, *w), single), f"{name}: one-row calls differ from a prefill's"
+        for m in ROWS:
+            assert torch.equal(gemm(x[:m], *w), single[:m]), f"{name}: {m} rows differ"
+    assert torch.equal(one_by_one(kernels.q5_gemm, x, p5), one_by_one(kernels.q8_gemm, x, *p8))
+    ref4k = (dk.repeat_interleave(8, 1) * sc.float()).repeat_interleave(32, 1) * q4.float() \
+        - (dmin.repeat_interleave(8, 1) * mn.float()).repeat_interleave(32, 1)
+    torch.testing.assert_close(one_by_one(kernels.q4k_gemm, x, *p4k)[:, :n],
+                               act_quantized(x) @ ref4k.t(), atol=2e-3, rtol=1e-4)
