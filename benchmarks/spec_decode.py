@@ -43,6 +43,7 @@ from ember.bench.spec import (NGRAM, WARM_PROMPTS, Workload, encode_task, plot, 
 from ember.bench.spec import passage as spec_passage
 from ember.bench.spec import workloads as spec_workloads
 from ember.spec_decode.draft import DraftModelProposer
+from ember.spec_decode.eagle import EagleProposer
 
 DATA = next((p / "shared" / "data" for p in Path(__file__).resolve().parents[1:4]
              if (p / "shared" / "data").is_dir()),
@@ -303,6 +304,10 @@ def main() -> None:
                                  "draft_steps": proposer.num_steps,
                                  "draft_step_ms_single_stream":
                                      1e3 * (proposer.step_seconds or 0.0)}
+    if isinstance(proposer, EagleProposer):
+        report["draft_head"] = {"path": spec_config["model"], "vocab": proposer.head.vocab.numel(),
+                                "ffn": proposer.head.ffn, "head_steps": proposer.num_steps,
+                                "head_step_ms": 1e3 * (proposer.step_seconds or 0.0)}
     if args.llama_cpp:
         threads = int(os.environ.get("EMBER_NUM_THREADS") or 2)
         peer = report["llama_cpp"] = llama_cpp_peer(args.model, base, args.max_tokens, threads,

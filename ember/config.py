@@ -206,7 +206,7 @@ class SchedulerConfig:
             raise ConfigError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
 
 
-SPEC_METHODS = ("ngram", "suffix", "draft")
+SPEC_METHODS = ("ngram", "suffix", "draft", "eagle")
 """Speculative decoding methods this build implements (vLLM's names)."""
 
 
@@ -216,7 +216,8 @@ class SpecConfig:
 
     method: str | None = None
     """'ngram' (prompt lookup over the request's prompt + output), 'suffix' (also over the
-    outputs of recent requests), 'draft' (a smaller model, `model`) or None (off)."""
+    outputs of recent requests), 'draft' (a smaller model, `model`), 'eagle' (a draft head on
+    the target's hidden states, `model`: its file from `ember train-draft-head`) or None (off)."""
     num_speculative_tokens: int = 0
     """Most draft tokens verified per request and step (the adaptive length's ceiling)."""
     prompt_lookup_max: int = 4
@@ -230,7 +231,8 @@ class SpecConfig:
     is compute-bound); None uses the crossover measured for Ember on CPU (see README)."""
     model: str | None = None
     """draft: the draft model (a known name, a .gguf file or an Ember/HF folder) sharing the
-    target's vocabulary, e.g. `ember prune --drop-layers` of the target."""
+    target's vocabulary, e.g. `ember prune --drop-layers` of the target; eagle: the draft-head
+    file (.safetensors) trained on the target."""
     quantization: str | None = None
     """draft: the draft's runtime weight format (as ModelConfig.quantization); None: the
     target's."""
@@ -298,9 +300,9 @@ class SpecConfig:
                 or self.suffix_decoding_max_cached_requests < 0):
             raise ConfigError("speculative_config.suffix_decoding_max_cached_requests must be an "
                               f"integer >= 0, got {self.suffix_decoding_max_cached_requests!r}")
-        if (self.method == "draft") != (self.model is not None):
-            raise ConfigError("speculative_config.model (the draft model) is required with "
-                              "method 'draft' and only allowed with it")
+        if (self.method in ("draft", "eagle")) != (self.model is not None):
+            raise ConfigError("speculative_config.model (the draft model or head) is required "
+                              "with methods 'draft' and 'eagle' and only allowed with them")
         if self.quantization not in (None, "int8", "int4", "auto"):
             raise ConfigError("speculative_config.quantization must be 'int8', 'int4', 'auto' "
                               f"or unset, got {self.quantization!r}")

@@ -313,6 +313,9 @@ class ModelRunnerOutput:
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     """Logprobs of prompt tokens computed this step, in order (None for the first token)."""
+    hidden_states: dict[str, Any] = field(default_factory=dict)
+    """With `ModelRunner.keep_hidden` (the `eagle` proposer): each sampling request's final
+    hidden row (torch (D,) float32) that produced its last sampled token."""
 
 
 @dataclass

@@ -197,10 +197,11 @@ def register_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add quantize, prune, distill and eval to the `ember` command."""
-    from ember.cli import compress_distill, compress_eval, compress_prune
+    """Add quantize, prune, distill, train-draft-head and eval to the `ember` command."""
+    from ember.cli import compress_distill, compress_draft_head, compress_eval, compress_prune
 
     register_quantize(sub)
     compress_prune.register(sub)
     compress_distill.register(sub)
+    compress_draft_head.register(sub)
     compress_eval.register(sub)

@@ -22,6 +22,7 @@ from ember.sampling.sampler import Sampler
 from ember.scheduler.scheduler import Scheduler
 from ember.spec_decode.decoder import SpecDecoder
 from ember.engine.draft_model import load_draft_proposer
+from ember.spec_decode.eagle import EagleProposer
 from ember.types import EngineCoreOutput, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class EngineCore:
                     self.layout.num_blocks, self.layout.block_size,
                     self.layout.groups.page_layers, self.layout.groups.num_groups,
                     self.layout.max_model_len)
+        self.runner.keep_hidden = (self.spec is not None
+                                   and isinstance(self.spec.proposer, EagleProposer))
         if config.env.sample_single_thread_rows is not None:
             self.runner.single_thread_sampling_rows = config.env.sample_single_thread_rows
         self.structured = StructuredOutputManager(loaded.tokenizer, kernels=self.kernels)

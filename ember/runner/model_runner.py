@@ -103,6 +103,9 @@ class ModelRunner:
         self._prompt_lp_next: dict[str, int] = {}
         self.structured: StructuredOutputManager | None = None
         """Grammar masks and logit_bias, applied before sampling (set by the engine core)."""
+        self.keep_hidden = False
+        """Return each sampling request's last hidden row (`ModelRunnerOutput.hidden_states`;
+        set by the engine core for the `eagle` proposer)."""
 
     def _fused_decoder(self) -> FusedDecoder:
         """The fused decoder over the model's layer stack (the plan promised one)."""
@@ -162,9 +165,22 @@ class ModelRunner:
         n_sample = len(plan.sample_rows)
         if n_sample:
             self._sample(logits[:n_sample], plan.sample_reqs, out)
+            if self.keep_hidden:
+                self._keep_hidden(hidden, plan, out)
         if plan.prompt_rows:
             self._prompt_logprobs(logits[n_sample:], plan, out)
         return out
+
+    @staticmethod
+    def _keep_hidden(hidden: torch.Tensor, plan: _LogitsPlan, out: ModelRunnerOutput) -> None:
+        """Each sampling request's hidden row that produced its last sampled token (after
+        its accepted drafts), for a proposer that drafts from the target's features."""
+        start = 0
+        for sr in plan.sample_reqs:
+            rid = sr.request.request_id
+            row = plan.sample_rows[start + len(out.sampled_token_ids[rid]) - 1]
+            out.hidden_states[rid] = hidden[row].float().clone()
+            start += 1 + len(sr.spec_token_ids)
 
     def _sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest],
                 out: ModelRunnerOutput) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ember.config import SpecConfig
 from ember.spec_decode.draft import DraftModelProposer, draft_cost
+from ember.spec_decode.eagle import EagleProposer
 from ember.spec_decode.ngram import NgramProposer
 from ember.spec_decode.proposer import Proposer
 from ember.spec_decode.step_cost import StepCostModel
@@ -28,6 +29,8 @@ DEFAULT_MAX_BATCH = 4
 5 rows per sequence vs 1 row gains at most 3.4x at batch 1, 2.1x at batch 2 and ~1.5x from
 batch 4 to 32; from batch 4 on, verification of 4 drafts loses unless acceptance exceeds ~0.85
 (the batch is compute-bound). SpecConfig.disable_by_batch_size overrides it."""
+EAGLE_STEP_COST = 0.05
+"""Prior cost of one `eagle` head step relative to a plain decode step, until both are timed."""
 _DECAY = 0.95
 """Weight of the past in each request's acceptance estimate, per draft token tested."""
 _STEP_DECAY = 0.5
@@ -170,8 +173,8 @@ def create_proposer(config: SpecConfig) -> Proposer:
     if config.method == "suffix":
         return SuffixProposer(config.prompt_lookup_min, config.prompt_lookup_max,
                               config.suffix_decoding_max_cached_requests)
-    if config.method == "draft":  # NOTE: needs the target's model and KV geometry
-        raise ValueError("the 'draft' proposer is built by the engine core "
+    if config.method in ("draft", "eagle"):  # NOTE: needs the target's model (and KV geometry)
+        raise ValueError(f"the {config.method!r} proposer is built by the engine core "
                          "(ember.engine.draft_model.load_draft_proposer)")
     raise ValueError(f"unknown speculative method {config.method!r}")
 
@@ -183,8 +186,17 @@ class SpecDecoder:
         config.validate()
         self.config = config
         self.proposer = proposer or create_proposer(config)
+        self.lookup: NgramProposer | SuffixProposer | None = (
+            self.proposer if isinstance(self.proposer, (NgramProposer, SuffixProposer))
+            else NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+            if isinstance(self.proposer, EagleProposer) else None)
+        """The lookup proposer: the method's own, or with `eagle` a prompt lookup tried first
+        (its drafts are free; the head drafts where it finds nothing that pays)."""
         self.stats = SpecStats(accepted_per_position=[0] * config.num_speculative_tokens)
         self._acceptance: dict[str, _Acceptance] = {}
+        self._head_acceptance: dict[str, _Acceptance] = {}
+        """With `eagle`: each request's acceptance of the head's drafts (apart from its
+        lookup drafts', which follow the match length)."""
         self.match_acceptance = MatchAcceptance()
         """Acceptance by match length, shared by all requests (lookup proposers)."""
         self._match_length: dict[str, int] = {}
@@ -220,7 +232,8 @@ class SpecDecoder:
         rid = item.request.request_id
         self._last_step = (rid, now)
         period = (now - last[1] if last is not None and last[0] == rid
-                  and not isinstance(self.proposer, DraftModelProposer) else 0.0)
+                  and not isinstance(self.proposer, (DraftModelProposer, EagleProposer))
+                  else 0.0)
         seconds = period if step_seconds <= period < step_seconds + _MAX_GAP_S else step_seconds
         self.step_cost.observe(item.num_new_tokens, seconds)
 
@@ -229,10 +242,9 @@ class SpecDecoder:
         """Count each verified request's accepted drafts (update its acceptance estimate);
         `step_seconds` (the runner's time for this step) feeds the draft-cost model."""
         self._time_step(so, step_seconds)
-        for rid in so.finished_request_ids:
-            self._acceptance.pop(rid, None)
-            self._match_length.pop(rid, None)
-        self.proposer.release(so.finished_request_ids)
+        self.release(so.finished_request_ids)
+        if isinstance(self.proposer, EagleProposer):
+            self.proposer.observe_hidden(ro.hidden_states, [sr.request for sr in so.scheduled])
         for item in so.scheduled:
             k = len(item.spec_token_ids)
             rid = item.request.request_id
@@ -247,7 +259,9 @@ class SpecDecoder:
             stats.num_accepted_tokens += accepted
             for j in range(accepted):
                 stats.accepted_per_position[j] += 1
-            self._acceptance.setdefault(rid, _Acceptance()).update(k, accepted)
+            own = self._acceptance if length or self.proposer is self.lookup else \
+                self._head_acceptance
+            own.setdefault(rid, _Acceptance()).update(k, accepted)
             if length:
                 self.match_acceptance.update(length, k, accepted)
 
@@ -268,24 +282,27 @@ class SpecDecoder:
         if not ready:
             return
         cap = self.config.num_speculative_tokens
-        if isinstance(self.proposer, (NgramProposer, SuffixProposer)):
-            proposals = self._lookup_drafts(ready, cap)
-        else:
-            lengths = [self._draft_length(r, cap) for r in ready]
-            proposals = self.proposer.propose(ready, lengths)
+        proposals = [[] for _ in ready] if self.lookup is None else self._lookup_drafts(
+            ready, cap, self.lookup)
+        if self.proposer is not self.lookup:  # a model: where the lookup has nothing
+            rest = [i for i, drafts in enumerate(proposals) if not drafts]
+            lengths = [self._draft_length(ready[i], cap) for i in rest]
+            for i, drafts in zip(rest, self.proposer.propose([ready[i] for i in rest],
+                                                             lengths)):
+                proposals[i] = drafts
         for request, drafts in zip(ready, proposals):
             if self.draft_filter is not None and drafts and _constrained(request):
                 drafts = self.draft_filter(request, drafts)
             request.spec_token_ids = drafts
 
-    def _lookup_drafts(self, ready: list[Request], cap: int) -> list[list[int]]:
+    def _lookup_drafts(self, ready: list[Request], cap: int,
+                       lookup: NgramProposer | SuffixProposer) -> list[list[int]]:
         """Drafts of a lookup proposer: look up the longest useful draft first (free), then
         cut it to the length that pays, given how often drafts after a match of this length
         were accepted (all requests) and this request's own recent acceptance."""
-        assert isinstance(self.proposer, (NgramProposer, SuffixProposer))
         caps = [max(0, min(cap, r.max_tokens - r.num_output_tokens - 1)) for r in ready]
         out: list[list[int]] = []
-        for request, m in zip(ready, self.proposer.match(ready, caps)):
+        for request, m in zip(ready, lookup.match(ready, caps)):
             k = len(m.tokens)
             if k and self.config.adaptive:
                 acc = self._acceptance.setdefault(request.request_id, _Acceptance())
@@ -300,20 +317,28 @@ class SpecDecoder:
         cap = min(cap, request.max_tokens - request.num_output_tokens - 1)
         if cap <= 0 or not self.config.adaptive:
             return max(cap, 0)
-        acc = self._acceptance.setdefault(request.request_id, _Acceptance())
+        own = self._head_acceptance if isinstance(self.proposer, EagleProposer) else \
+            self._acceptance
+        acc = own.setdefault(request.request_id, _Acceptance())
         return adaptive_length(acc, cap, self._proposal_cost(), self.step_cost.extra)
 
     def _proposal_cost(self) -> float:
         """What proposing one draft token costs, relative to a plain decode step."""
         if isinstance(self.proposer, DraftModelProposer):  # one draft-model step per token
             return draft_cost(self.proposer.step_seconds, self.step_cost.one_row_seconds)
+        if isinstance(self.proposer, EagleProposer):  # one head step per token
+            return draft_cost(self.proposer.step_seconds, self.step_cost.one_row_seconds,
+                              prior=EAGLE_STEP_COST)
         return 0.0  # n-gram / suffix lookups: a few dict probes
 
     def release(self, request_ids: set[str]) -> None:
         for rid in request_ids:
             self._acceptance.pop(rid, None)
+            self._head_acceptance.pop(rid, None)
             self._match_length.pop(rid, None)
         self.proposer.release(request_ids)
+        if self.lookup is not None and self.lookup is not self.proposer:
+            self.lookup.release(request_ids)
 
 
 def _constrained(request: Request) -> bool:
