@@ -57,9 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="text files whose 512-token windows are added")
     p.add_argument("--text-tokens", type=int, default=100_000,
                    help="tokens of --data windows used at most (default 100000)")
-    p.add_argument("--vocab", type=int, default=8192,
-                   help="the head's vocabulary: the most frequent tokens (default 8192)")
-    p.add_argument("--ffn", type=int, default=1024, help="the head's MLP width (default 1024)")
+    p.add_argument("--vocab", type=int, default=4096,
+                   help="the head's vocabulary: the most frequent tokens (default 4096)")
+    p.add_argument("--ffn", type=int, default=256, help="the head's MLP width (default 256)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -46,8 +46,8 @@ class HeadSettings:
     """Text files whose windows are added to the data."""
     text_tokens: int = 100_000
     """Tokens of text-file windows used (at most)."""
-    vocab: int = 8192
-    ffn: int = 1024
+    vocab: int = 4096
+    ffn: int = 256
     epochs: int = 4
     batch_size: int = 256
     lr: float = 1e-3

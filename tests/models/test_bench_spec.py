@@ -46,7 +46,7 @@ def test_bench_spec_writes_consistent_figures(tmp_path, shared_data, capsys):
 @pytest.mark.parametrize("args,needle", [
     (["--workloads", "nope"], "unknown workload(s) nope"),
     (["--data-dir", "/nonexistent"], "pride_and_prejudice.txt: missing"),
-    (["--speculative-config", '{"method": "eagle"}'], "speculative_config.method"),
+    (["--speculative-config", '{"method": "medusa"}'], "speculative_config.method"),
     (["--speculative-config", '{"method": null}'], "turns speculation off"),
     (["--warm-traffic", "99"], "warm traffic must be 0..50"),
     (["--rounds", "0"], "rounds must be >= 1"),
