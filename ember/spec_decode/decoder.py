@@ -259,8 +259,8 @@ class SpecDecoder:
             stats.num_accepted_tokens += accepted
             for j in range(accepted):
                 stats.accepted_per_position[j] += 1
-            own = self._acceptance if length or self.proposer is self.lookup else \
-                self._head_acceptance
+            own = (self._head_acceptance if isinstance(self.proposer, EagleProposer)
+                   and not length else self._acceptance)  # as _draft_length reads it
             own.setdefault(rid, _Acceptance()).update(k, accepted)
             if length:
                 self.match_acceptance.update(length, k, accepted)

@@ -208,3 +208,37 @@ def test_train_draft_head_cli_writes_a_head_the_engine_loads(tmp_path, capsys):
                                                                    ignore_eos=True))
     assert engine.core.spec.proposer.num_steps > 0
     assert main(["train-draft-head", "--model", str(model), "-o", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("method", ["draft", "eagle"])
+def test_model_drafts_evidence_reaches_the_length_policy(method):
+    """A model proposer's verified drafts feed the acceptance its draft length reads (the
+    head's apart from the lookup's with `eagle`)."""
+    from ember.spec_decode.decoder import SpecDecoder
+    from ember.types import ModelRunnerOutput, Request, ScheduledRequest, SchedulerOutput
+
+    class Model(EagleProposer if method == "eagle" else object):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.step_seconds, self._hidden = None, {}
+
+        def propose(self, requests, max_len):
+            return [[1] * k for k in max_len]
+
+        def release(self, request_ids) -> None: ...
+
+        def observe_hidden(self, hidden, requests) -> None: ...
+
+    if method == "draft":
+        from ember.spec_decode.draft import DraftModelProposer
+        Model = type("Model", (Model, DraftModelProposer), {})  # noqa: N806
+    config = SpecConfig.from_dict({"method": method, "model": "x", "num_speculative_tokens": 4})
+    dec = SpecDecoder(config, Model())
+    request = Request("r", [5, 6, 7], SamplingParams(max_tokens=50))
+    before = dec._draft_length(request, 4)
+    for _ in range(6):  # every draft accepted: the length grows to the cap
+        so = SchedulerOutput(scheduled=[ScheduledRequest(request, 3, 5, [], [1, 1, 1, 1])])
+        dec.observe(so, ModelRunnerOutput(sampled_token_ids={"r": [1, 1, 1, 1, 2]}))
+    assert dec._draft_length(request, 4) == 4 > before or before == 4
+    own = dec._head_acceptance if method == "eagle" else dec._acceptance
+    assert own["r"].trials > 0 and "r" not in (dec._acceptance if method == "eagle"
+                                               else dec._head_acceptance)
