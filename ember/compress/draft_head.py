@@ -14,12 +14,11 @@ is the held-out draft acceptance at depth 1..4 (chained, greedy).
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,9 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ember.spec_decode.eagle import NORM_EPS, HeadWeights
-
-logger = logging.getLogger(__name__)
+from ember.spec_decode.eagle import HeadWeights, head_features
 
 Progress = Callable[[str, int, int], None]
 
@@ -120,7 +117,7 @@ class Examples:
     h: torch.Tensor
     x: torch.Tensor
     hn: torch.Tensor
-    cont: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    cont: torch.Tensor
 
     @classmethod
     def of(cls, seqs: list[Sequence]) -> "Examples":
@@ -154,9 +151,8 @@ class HeadModule(nn.Module):
         self.register_buffer("out", out)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        z = self.fc(torch.cat([h, e], dim=-1))
-        n = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + NORM_EPS) * self.norm
-        return z + self.down(F.silu(self.gate(n)) * self.up(n))
+        return head_features(h, e, self.fc, self.norm,
+                             lambda n: self.down(F.silu(self.gate(n)) * self.up(n)))
 
     def weights(self, vocab: torch.Tensor, target_vocab: int) -> HeadWeights:
         t: dict[str, torch.Tensor] = {

@@ -259,8 +259,7 @@ class SpecDecoder:
             stats.num_accepted_tokens += accepted
             for j in range(accepted):
                 stats.accepted_per_position[j] += 1
-            own = (self._head_acceptance if isinstance(self.proposer, EagleProposer)
-                   and not length else self._acceptance)  # as _draft_length reads it
+            own = self._acceptance if length else self._model_acceptance
             own.setdefault(rid, _Acceptance()).update(k, accepted)
             if length:
                 self.match_acceptance.update(length, k, accepted)
@@ -317,10 +316,15 @@ class SpecDecoder:
         cap = min(cap, request.max_tokens - request.num_output_tokens - 1)
         if cap <= 0 or not self.config.adaptive:
             return max(cap, 0)
-        own = self._head_acceptance if isinstance(self.proposer, EagleProposer) else \
-            self._acceptance
-        acc = own.setdefault(request.request_id, _Acceptance())
+        acc = self._model_acceptance.setdefault(request.request_id, _Acceptance())
         return adaptive_length(acc, cap, self._proposal_cost(), self.step_cost.extra)
+
+    @property
+    def _model_acceptance(self) -> dict[str, _Acceptance]:
+        """Where drafts not from a lookup match count (and `_draft_length` reads): the head's
+        own table with `eagle` (its lookup drafts count in `_acceptance`), else `_acceptance`."""
+        return (self._head_acceptance if isinstance(self.proposer, EagleProposer)
+                else self._acceptance)
 
     def _proposal_cost(self) -> float:
         """What proposing one draft token costs, relative to a plain decode step."""

@@ -107,6 +107,15 @@ class HeadWeights:
 Matmul = Callable[[torch.Tensor], torch.Tensor]
 
 
+def head_features(h: torch.Tensor, e: torch.Tensor, fc: Matmul, norm: torch.Tensor,
+                  mlp: Matmul) -> torch.Tensor:
+    """The head's guess of the next feature, z + mlp(rmsnorm(z)) with z = fc([h ; e]): the one
+    definition the trainer (autograd modules) and `DraftHead` (kernel matmuls) both run."""
+    z = fc(torch.cat([h, e], dim=-1).float().contiguous())
+    n = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + NORM_EPS) * norm
+    return z + mlp(n.contiguous())
+
+
 def _dense_matmul(weight: torch.Tensor) -> Matmul:
     return lambda x: F.linear(x, weight)
 
@@ -130,11 +139,12 @@ class DraftHead:
     def __call__(self, h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h: (N, D) features, e: (N, D) embeddings of the next tokens -> (predicted next
         features (N, D), draft token ids (N,))."""
-        z = self.fc(torch.cat([h, e], dim=-1).float().contiguous())
-        n = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + NORM_EPS) * self.norm
-        gu = self.gate_up(n.contiguous())
-        f = z + self.down((F.silu(gu[:, :self.ffn]) * gu[:, self.ffn:]).contiguous())
+        f = head_features(h, e, self.fc, self.norm, self._mlp)
         return f, self.vocab[self.out(f).argmax(-1)]
+
+    def _mlp(self, n: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up(n)
+        return self.down((F.silu(gu[:, :self.ffn]) * gu[:, self.ffn:]).contiguous())
 
 
 _DECAY = 0.9
@@ -191,4 +201,5 @@ class EagleProposer:
 
 
 __all__ = ["DraftHead", "DraftHeadError", "EagleProposer", "HEAD_FORMAT", "HeadWeights", "Matmul",
+           "head_features",
            "head_shapes"]
