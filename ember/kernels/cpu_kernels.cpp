@@ -175,6 +175,35 @@ void paged_decode_attention(const float* q, int64_t q_stride, const void* k_cach
 }
 
 
+// One step of an `eagle` draft head (ember/spec_decode/eagle.py) for T rows in one call, so a
+// draft token costs four GEMMs and no Python between them:
+//   z = fc(x) with x (T, 2D) = [h ; e];  g, u = gate_up(rmsnorm(z) * norm);
+//   feat (T, D) = z + down(silu(g) * u);  best (T,) = argmax of out(feat) over its `vocab` rows.
+// w: fc (D x 2D), gate_up (2F x D), down (D x F), out (V x D) in any kernel format (D and F
+// multiples of 32, V <= padded out rows); eps: the norm's epsilon.
+void draft_head_step(const LinearW* w, const float* norm, float eps, const float* x, int64_t t,
+                     int64_t vocab, float* feat, int64_t* best, int nthreads) {
+  const LinearW &fc = w[0], &gate_up = w[1], &down = w[2], &out = w[3];
+  const int64_t dim = fc.n, ffn = down.k, gu_cols = padded(gate_up.n), out_cols = padded(out.n);
+  std::vector<float> z(static_cast<size_t>(t * dim)), normed(z.size()),
+      gu(static_cast<size_t>(t * gu_cols)), act(static_cast<size_t>(t * ffn)),
+      logits(static_cast<size_t>(t * out_cols));
+  run_gemm(fc, x, t, z.data(), nthreads);
+  for (int64_t i = 0; i < t; ++i)
+    rms_norm_row(z.data() + i * dim, nullptr, norm, dim, eps, normed.data() + i * dim);
+  run_gemm(gate_up, normed.data(), t, gu.data(), nthreads);
+  for (int64_t i = 0; i < t; ++i)
+    silu_mul_row(gu.data() + i * gu_cols, gu.data() + i * gu_cols + ffn, ffn,
+                 act.data() + i * ffn);
+  run_gemm(down, act.data(), t, feat, nthreads);
+  for (int64_t j = 0; j < t * dim; ++j) feat[j] += z[static_cast<size_t>(j)];
+  run_gemm(out, feat, t, logits.data(), nthreads);
+  for (int64_t i = 0; i < t; ++i) {
+    const float* row = logits.data() + i * out_cols;
+    best[i] = std::max_element(row, row + vocab) - row;
+  }
+}
+
 // Grammar masks, in place: logits row rows[i] (row_stride floats apart, V = vocab floats) keeps
 // the tokens whose bit is set in masks row i ((n, words) int32, bit t % 32 of word t / 32:
 // llguidance's layout), the others become -inf. A mask row with no bit set allows only `eos`

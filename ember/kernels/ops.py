@@ -221,6 +221,7 @@ class CpuKernels:
             "paged_decode_attention": [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, i64,
                                        i64, i64, i64, i64, f32, i64, ptr, i32],
             "apply_token_bitmask": [ptr, i64, ptr, i64, ptr, i64, i64, i64],
+            "draft_head_step": [ptr, ptr, f32, ptr, i64, i64, ptr, ptr, i32],
         }
         for name, args in sigs.items():
             fn = getattr(lib, name)
@@ -305,6 +306,21 @@ class CpuKernels:
         y = torch.empty(x.shape[0], -(-lw.n // TILE) * TILE, dtype=torch.float32)
         self.lib.linear_gemm(ctypes.byref(lw), _ptr(x), x.shape[0], _ptr(y), self.num_threads)
         return y
+
+    def draft_head_step(self, mats: "ctypes.Array[LinearW]", norm: torch.Tensor, eps: float,
+                        x: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One `eagle` draft-head step in one call (cpu_kernels.cpp `draft_head_step`): mats =
+        (fc, gate_up, down, out) as a ctypes array (their tensors kept alive by the caller),
+        x (T, 2D) = [h ; e] float32 -> (next features (T, D), argmax row of out's first
+        `vocab` rows (T,) int64)."""
+        t, dim = x.shape[0], mats[0].n
+        if x.shape[1] != mats[0].k:
+            raise ValueError(f"head input of width {x.shape[1]} for fc of K = {mats[0].k}")
+        feat = torch.empty(t, dim, dtype=torch.float32)
+        best = torch.empty(t, dtype=torch.int64)
+        self.lib.draft_head_step(mats, _ptr(norm), eps, _ptr(x), t, vocab, _ptr(feat),
+                                 _ptr(best), self.num_threads)
+        return feat, best
 
     def q8h_rows(self, packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (T,) int64 of Q8h weights as float32 (T, K) (embedding lookup)."""

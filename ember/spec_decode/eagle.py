@@ -116,35 +116,42 @@ def head_features(h: torch.Tensor, e: torch.Tensor, fc: Matmul, norm: torch.Tens
     return z + mlp(n.contiguous())
 
 
-def _dense_matmul(weight: torch.Tensor) -> Matmul:
-    return lambda x: F.linear(x, weight)
+HeadStep = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""One head step: (h (N, D) features, e (N, D) embeddings of the next tokens) -> (predicted next
+features (N, D), argmax row of the head's vocabulary (N,) int64)."""
+
+
+def dense_step(weights: HeadWeights) -> HeadStep:
+    """The head's step in float32 PyTorch (`head_features`, then argmax of `out`)."""
+    t = weights.tensors
+    fc, down, out, norm = t["fc.weight"], t["down.weight"], t["out.weight"], t["norm.weight"]
+    gate_up, ffn = torch.cat([t["gate.weight"], t["up.weight"]]), int(t["gate.weight"].shape[0])
+
+    def mlp(n: torch.Tensor) -> torch.Tensor:
+        gu = F.linear(n, gate_up)
+        return F.linear(F.silu(gu[:, :ffn]) * gu[:, ffn:], down)
+
+    def step(h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = head_features(h, e, lambda x: F.linear(x, fc), norm, mlp)
+        return f, F.linear(f, out).argmax(-1)
+    return step
 
 
 class DraftHead:
     """Inference form of a head: (N, D) features and (N,) tokens -> next features and drafts.
-    `linear(weight)` builds each matmul (the CPU kernels' Q8 GEMM when the target runs on
-    them, else dense float32)."""
+    `step` runs the math (`dense_step` by default; the CPU kernels' fused 8-bit step when the
+    target runs on them: ember/engine/draft_model.py)."""
 
-    def __init__(self, weights: HeadWeights, linear: Callable[[torch.Tensor], Matmul]
-                 = _dense_matmul) -> None:
-        t = weights.tensors
-        self.fc = linear(t["fc.weight"])
-        self.gate_up = linear(torch.cat([t["gate.weight"], t["up.weight"]]))
-        self.down = linear(t["down.weight"])
-        self.out = linear(t["out.weight"])
-        self.norm = t["norm.weight"]
-        self.ffn = int(t["gate.weight"].shape[0])
+    def __init__(self, weights: HeadWeights, step: HeadStep | None = None) -> None:
+        self.step = dense_step(weights) if step is None else step
+        self.ffn = int(weights.tensors["gate.weight"].shape[0])
         self.vocab = weights.vocab
 
     def __call__(self, h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h: (N, D) features, e: (N, D) embeddings of the next tokens -> (predicted next
         features (N, D), draft token ids (N,))."""
-        f = head_features(h, e, self.fc, self.norm, self._mlp)
-        return f, self.vocab[self.out(f).argmax(-1)]
-
-    def _mlp(self, n: torch.Tensor) -> torch.Tensor:
-        gu = self.gate_up(n)
-        return self.down((F.silu(gu[:, :self.ffn]) * gu[:, self.ffn:]).contiguous())
+        f, best = self.step(h, e)
+        return f, self.vocab[best]
 
 
 _DECAY = 0.9
@@ -186,9 +193,9 @@ class EagleProposer:
         steps = max(max_len[i] for i in live)
         for j in range(steps):
             h, tokens = self.head(h, self.embed(tokens))
-            for row, i in enumerate(live):
+            for i, token in zip(live, tokens.tolist()):
                 if j < max_len[i]:
-                    out[i].append(int(tokens[row]))
+                    out[i].append(token)
         seconds = (time.perf_counter() - t0) / steps
         self.num_steps += steps
         self.step_seconds = seconds if self.step_seconds is None else (
@@ -200,6 +207,5 @@ class EagleProposer:
             self._hidden.pop(rid, None)
 
 
-__all__ = ["DraftHead", "DraftHeadError", "EagleProposer", "HEAD_FORMAT", "HeadWeights", "Matmul",
-           "head_features",
-           "head_shapes"]
+__all__ = ["DraftHead", "DraftHeadError", "EagleProposer", "HEAD_FORMAT", "HeadStep", "HeadWeights",
+           "Matmul", "NORM_EPS", "dense_step", "head_features", "head_shapes"]

@@ -1,13 +1,19 @@
-"""Speculative decoding on the real SmolLM2: greedy output identical with and without n-gram
-speculation, batched, on Ember's kernels, and with preemption forced by a tiny KV cache."""
+"""Speculative decoding on the real SmolLM2: greedy output identical with and without
+speculation (n-gram, draft model, eagle head), batched, on Ember's kernels, and with
+preemption forced by a tiny KV cache."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from agreement import first_split
 
 from ember import LLM, SamplingParams
+from ember.engine.draft_model import KernelHeadStep
+from ember.spec_decode.eagle import EagleProposer, HeadWeights, head_shapes
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 16, "prompt_lookup_max": 4,
          "prompt_lookup_min": 2, "disable_by_batch_size": 16}  # verify the whole batch
@@ -50,11 +56,29 @@ DRAFT = {"method": "draft", "model": "smollm2-135m-instruct", "num_speculative_t
          "disable_by_batch_size": 16, "adaptive": False}
 
 
-@pytest.mark.parametrize("config", [NGRAM, DRAFT], ids=["ngram", "draft"])
-def test_ngram_greedy_identical_batched_on_kernels(make_llm, prompts, config):
+def _random_eagle_head(path: Path) -> dict[str, object]:
+    """An `eagle` config with an untrained head of SmolLM2's sizes (random weights, a 256-token
+    vocabulary): its drafts are nearly always rejected, which is what a lossless engine must
+    survive; the copy prompts' lookups still draft (lookup first)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = head_shapes(576, 64, 256)
+    tensors = {name: torch.randn(shape, generator=gen) * 0.05 for name, shape in shapes.items()
+               if name != "vocab"}
+    tensors["norm.weight"] = torch.ones(576)
+    tensors["vocab"] = torch.randperm(49152, generator=gen)[:256]
+    HeadWeights(tensors, 49152).save(path, {"test": "untrained"})
+    return {"method": "eagle", "model": str(path), "num_speculative_tokens": 3,
+            "disable_by_batch_size": 16, "adaptive": False}
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft", "eagle"])
+def test_greedy_identical_batched_on_kernels(make_llm, prompts, method, tmp_path):
     """Speculation (verify rows mixed with 64-token prefill chunks) keeps the engine's greedy
     tokens. On AVX-512 a verify step's rows round differently from decoded ones (see the
-    preemption test below), so there the tokens follow the reference's until a near-tie."""
+    preemption test below), so there the tokens follow the reference's until a near-tie.
+    eagle: the head runs as the kernels' fused step (`KernelHeadStep`) inside the engine."""
+    config = {"ngram": NGRAM, "draft": DRAFT}.get(method) or \
+        _random_eagle_head(tmp_path / "head.safetensors")
     engine = {"quantization": "auto", "max_num_batched_tokens": 64,
               "enable_prefix_caching": False}
     params = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0, logprobs=2)
@@ -73,6 +97,11 @@ def test_ngram_greedy_identical_batched_on_kernels(make_llm, prompts, config):
     assert stats.num_accepted_tokens > 20, stats
     if config is DRAFT:
         assert stats.num_accepted_tokens >= 0.9 * stats.num_draft_tokens, stats
+    if method == "eagle":
+        proposer = spec.engine.core.spec.proposer
+        assert isinstance(proposer, EagleProposer) and proposer.num_steps > 20
+        assert isinstance(proposer.head.step, KernelHeadStep) == \
+            (spec.engine.core.plan.kernels is not None)
     # one at a time as well (single-stream path)
     alone = [_tokens(spec, [p])[0] for p in prompts[:2]]
     assert all(s is None or s[1] < TIE for s in map(first_split, alone, ref_out[:2]))

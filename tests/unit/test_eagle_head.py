@@ -63,18 +63,41 @@ def test_inference_head_equals_the_training_module():
 
 
 def test_inference_head_on_the_q8_kernels_drafts_as_dense(load_kernels):
-    from ember.engine.draft_model import _q8_matmul
+    from ember.engine.draft_model import KernelHeadStep
 
     kernels = load_kernels()
     module, ids = _random_head(hidden=64, ffn=64, vocab=48)
     weights = module.weights(ids, 257)
     dense_head = DraftHead(weights)
-    q8_head = DraftHead(weights, _q8_matmul(kernels))
+    q8_head = DraftHead(weights, KernelHeadStep(weights, kernels))
     h, e = torch.randn(64, 64), torch.randn(64, 64)
     f_ref, t_ref = dense_head(h, e)
     f, t = q8_head(h, e)
     assert float((f - f_ref).norm() / f_ref.norm()) < 0.02
     assert float((t == t_ref).float().mean()) > 0.9
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_fused_kernel_step_equals_the_same_kernels_called_one_by_one(load_kernels, rows):
+    """`draft_head_step` is the per-op kernel path (Q8 GEMMs, RMS norm, SiLU) in one call, to
+    the bit, its argmax over the head's vocabulary rows only (40 of the 48 padded)."""
+    from ember.engine.draft_model import KernelHeadStep
+    from ember.spec_decode.eagle import NORM_EPS
+
+    kernels = load_kernels()
+    module, ids = _random_head(hidden=64, ffn=32, vocab=40)  # out padded to 48 rows
+    weights = module.weights(ids, 257)
+    step = KernelHeadStep(weights, kernels)
+    fc, gate_up, down, out = step.layers
+    h, e = torch.randn(rows, 64), torch.randn(rows, 64)
+    z = kernels.q8_gemm(torch.cat([h, e], -1).contiguous(), fc.q, fc.d)[:, :64].contiguous()
+    gu = kernels.q8_gemm(kernels.rms_norm(z.clone(), None, step.norm, NORM_EPS),
+                         gate_up.q, gate_up.d)
+    f = z + kernels.q8_gemm(kernels.silu_mul(gu), down.q, down.d)[:, :64]
+    logits = kernels.q8_gemm(f.contiguous(), out.q, out.d)
+    got_f, got_best = step(h, e)
+    assert torch.equal(got_f, f)
+    assert torch.equal(got_best, logits[:, :40].argmax(-1))
 
 
 def test_proposer_chains_on_predicted_features_and_skips_stale_rows():
