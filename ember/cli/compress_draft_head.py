@@ -19,7 +19,8 @@ def cmd_train_draft_head(args: argparse.Namespace) -> int:
                          "(e.g. head.safetensors)")
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = HeadSettings(
-        model=args.model, prompts=args.prompts, max_tokens=args.max_tokens,
+        model=args.model, prompts=args.prompts, samples=args.samples,
+        temperature=args.temperature, max_tokens=args.max_tokens,
         data=tuple(str(Path(p).expanduser().resolve()) for p in args.data),
         text_tokens=args.text_tokens, vocab=args.vocab, ffn=args.ffn, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed)
@@ -52,6 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="the head file to write")
     p.add_argument("--prompts", type=int, default=500,
                    help="built-in prompts the target answers for data (default 500)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="answers per prompt: the greedy one and SAMPLES - 1 sampled at "
+                        "--temperature (default 1)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="temperature of the sampled answers (default 0.8)")
     p.add_argument("--max-tokens", type=int, default=256, help="answer length (default 256)")
     p.add_argument("--data", nargs="*", default=[], metavar="FILE",
                    help="text files whose 512-token windows are added")

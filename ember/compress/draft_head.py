@@ -38,6 +38,11 @@ class HeadSettings:
     model: str
     prompts: int = 500
     """Chat prompts the target answers (greedy) for training data (built-in templates)."""
+    samples: int = 1
+    """Answers per prompt: the greedy one, and samples - 1 sampled at `temperature` (more
+    positions of the target's own distribution: the head fits its training answers far better
+    than held-out ones)."""
+    temperature: float = 0.8
     max_tokens: int = 256
     data: tuple[str, ...] = ()
     """Text files whose windows are added to the data."""
@@ -107,6 +112,11 @@ class Sequence:
     feats: torch.Tensor
     """(T, D) float16."""
     start: int
+    prompt: int = -1
+    """The built-in prompt an answer came from (-1: a text window): a held-out prompt's answers
+    are all held out."""
+    greedy: bool = True
+    """The target's greedy answer (held-out acceptance is measured on these only)."""
 
 
 @dataclass
@@ -196,6 +206,19 @@ def chained_acceptance(head: HeadModule, embed: torch.Tensor, vocab: torch.Tenso
     return [h_ / total if total else 0.0 for h_ in hits]
 
 
+def split_held_out(seqs: list[Sequence], share: float) -> tuple[list[Sequence], list[Sequence]]:
+    """(train, held out). With prompt answers: every answer of the last `share` of the prompts
+    is out of training, and their greedy answers are the held-out set; else the last `share`
+    of the sequences."""
+    prompts = sorted({q.prompt for q in seqs if q.prompt >= 0})
+    if not prompts:
+        n_held = max(1, int(len(seqs) * share)) if len(seqs) > 1 else 0
+        return seqs[:len(seqs) - n_held], seqs[len(seqs) - n_held:]
+    out = set(prompts[len(prompts) - max(1, int(len(prompts) * share)):])
+    return ([q for q in seqs if q.prompt not in out],
+            [q for q in seqs if q.prompt in out and q.greedy])
+
+
 def train_head(settings: HeadSettings, seqs: list[Sequence], embed: torch.Tensor,
                lm_head: torch.Tensor, progress: Progress | None = None
                ) -> tuple[HeadWeights, dict[str, Any]]:
@@ -203,8 +226,7 @@ def train_head(settings: HeadSettings, seqs: list[Sequence], embed: torch.Tensor
     embed: (V, D) input embeddings; lm_head: (V, D) the target's output matrix."""
     s = settings
     torch.manual_seed(s.seed)
-    n_held = max(1, int(len(seqs) * s.held_out)) if len(seqs) > 1 else 0
-    train, held = seqs[:len(seqs) - n_held], seqs[len(seqs) - n_held:]
+    train, held = split_held_out(seqs, s.held_out)
     vocab = head_vocab(train, s.vocab, embed.shape[0])
     head = HeadModule(embed.shape[1], s.ffn, lm_head[vocab].float().clone())
     ex = Examples.of(train)
@@ -271,40 +293,47 @@ def collect(settings: HeadSettings, progress: Progress | None = None
     from ember.types import SamplingParams
 
     s = settings
+    if s.samples < 1 or (s.samples > 1 and s.temperature <= 0):
+        raise ValueError(f"--samples {s.samples} --temperature {s.temperature}: give at least "
+                         "one answer per prompt, and a positive temperature for the sampled ones")
     files = check_text_files(list(s.data), "training") if s.data else []
-    sequences: list[tuple[list[int], int]] = []
+    sequences: list[tuple[list[int], int, int, bool]] = []  # ids, start, prompt, greedy
     if s.prompts:
         llm = LLM(s.model, max_num_seqs=64, show_progress=False)
         tok = llm.get_tokenizer()
         prompts = builtin_prompts(s.prompts, s.seed)
         ids = [tok.encode(p) if tok.chat_template is None
                else llm.encode_chat([{"role": "user", "content": p}]) for p in prompts]
-        params = SamplingParams(max_tokens=s.max_tokens, temperature=0)
+        jobs = [(i, k) for k in range(s.samples) for i in range(len(ids))]
         done = 0
-        for lo in range(0, len(ids), 64):
-            batch = ids[lo:lo + 64]
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params,
-                                use_tqdm=False)
-            for prompt_ids, o in zip(batch, outs):
-                sequences.append((prompt_ids + list(o.outputs[0].token_ids), len(prompt_ids)))
+        for lo in range(0, len(jobs), 64):
+            batch = jobs[lo:lo + 64]
+            params = [SamplingParams(max_tokens=s.max_tokens, temperature=0) if k == 0 else
+                      SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature,
+                                     seed=s.seed * 1_000_003 + k * len(ids) + i)
+                      for i, k in batch]
+            outs = llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i, _ in batch],
+                                params, use_tqdm=False)
+            for (i, k), o in zip(batch, outs):
+                sequences.append((ids[i] + list(o.outputs[0].token_ids), len(ids[i]), i, k == 0))
             done += len(batch)
             if progress is not None:
-                progress("answering prompts", done, len(ids))
+                progress("answering prompts", done, len(jobs))
         del llm
     loaded = load_model(ModelConfig(model=s.model, quantization=None), EnvSettings.from_env())
     model = loaded.model
-    text: list[tuple[list[int], int]] = []
+    text: list[tuple[list[int], int, int, bool]] = []
     for file_ids in tokenize_files(files, loaded.tokenizer):
-        text += [(file_ids[i:i + 512], 1) for i in range(0, len(file_ids) - 511, 512)]
+        text += [(file_ids[i:i + 512], 1, -1, True) for i in range(0, len(file_ids) - 511, 512)]
     random.Random(s.seed).shuffle(text)
     text = text[:max(0, s.text_tokens // 512)]
     # NOTE: text windows first, so the held-out tail is made of answers (what is drafted)
     ordered = text + sequences
     out: list[Sequence] = []
     with torch.inference_mode():
-        for n, (token_ids, start) in enumerate(ordered):
+        for n, (token_ids, start, prompt, greedy) in enumerate(ordered):
             feats = dense.hidden_states(model, torch.tensor([token_ids]))[0]
-            out.append(Sequence(token_ids, feats.to(torch.float16), start))
+            out.append(Sequence(token_ids, feats.to(torch.float16), start, prompt, greedy))
             if progress is not None:
                 progress("target features", n + 1, len(ordered))
     with torch.inference_mode():  # the rows the runtime's embed_tokens(ids) returns
@@ -323,4 +352,4 @@ def train_draft_head(settings: HeadSettings, out: Path, progress: Progress | Non
 
 
 __all__ = ["HeadSettings", "builtin_prompts", "chained_acceptance", "collect",
-           "train_draft_head", "train_head"]
+           "split_held_out", "train_draft_head", "train_head"]

@@ -4,6 +4,7 @@ over (the one that sampled the last token, after verification), and the trainer.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -12,7 +13,8 @@ from safetensors.torch import save_file
 
 from ember import SamplingParams
 from ember.compress import dense
-from ember.compress.draft_head import HeadModule, HeadSettings, Sequence, head_vocab, train_head
+from ember.compress.draft_head import (HeadModule, HeadSettings, Sequence, head_vocab,
+                                       split_held_out, train_head)
 from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpecConfig
 from ember.engine.engine import LLMEngine
 from ember.spec_decode.eagle import DraftHead, DraftHeadError, EagleProposer, HeadWeights
@@ -196,6 +198,19 @@ def test_trainer_learns_the_tiny_targets_continuations():
     assert torch.equal(weights.vocab, head_vocab(train, 128, 257))
 
 
+def test_held_out_split_keeps_every_answer_of_a_held_out_prompt_out_of_training():
+    feats = torch.zeros(4, 8)
+    seqs = [Sequence([1, 2, 3, 4], feats, 1)]  # a text window
+    seqs += [Sequence([1, 2, 3, 4], feats, 2, prompt=i, greedy=k == 0)
+             for k in range(3) for i in range(10)]
+    train, held = split_held_out(seqs, 0.2)
+    assert sorted(q.prompt for q in held) == [8, 9] and all(q.greedy for q in held)
+    assert all(q.prompt < 8 for q in train) and len(train) == 1 + 8 * 3
+    # text windows only: the last sequences
+    text = [Sequence([1, 2, 3], feats, 1) for _ in range(10)]
+    assert split_held_out(text, 0.2) == (text[:8], text[8:])
+
+
 def test_eagle_config_and_file_errors_are_one_line(tmp_path):
     from ember.config import ConfigError
     from ember.spec_decode.draft import DraftModelError
@@ -221,16 +236,26 @@ def test_train_draft_head_cli_writes_a_head_the_engine_loads(tmp_path, capsys):
     model = save_tiny(tmp_path / "tiny")
     out = tmp_path / "head.safetensors"
     assert main(["train-draft-head", "--model", str(model), "-o", str(out), "--prompts", "12",
-                 "--max-tokens", "24", "--epochs", "2", "--batch-size", "32", "--vocab", "96",
-                 "--ffn", "32"]) == 0
+                 "--samples", "2", "--max-tokens", "24", "--epochs", "2", "--batch-size", "32",
+                 "--vocab", "96", "--ffn", "32"]) == 0
     assert "held-out acceptance" in capsys.readouterr().out
     weights = HeadWeights.load(out, 64, 257)
+    from safetensors import safe_open
+    with safe_open(str(out), "pt") as f:
+        report = json.loads(f.metadata()["training"])
+    # 12 prompts x 2 answers, the one held-out prompt's both out of training, its greedy one
+    # measured; an answer of at most 24 tokens trains at most 23 positions: more than 11 x 23
+    # means the sampled answers are in
+    assert report["held_out_sequences"] == 1 and 11 * 23 < report["train_positions"] <= 22 * 23
+    assert report["settings"]["samples"] == 2
     assert weights.vocab.numel() == 96 and weights.tensors["gate.weight"].shape == (32, 64)
     engine = _eagle_engine(str(out), num_blocks=64)
     run_to_completion(engine, [[5, 17, 99, 3] * 4], SamplingParams(max_tokens=12, temperature=0,
                                                                    ignore_eos=True))
     assert engine.core.spec.proposer.num_steps > 0
     assert main(["train-draft-head", "--model", str(model), "-o", str(tmp_path)]) == 2
+    assert main(["train-draft-head", "--model", str(model), "-o", str(out), "--samples",
+                 "0"]) == 2
 
 
 @pytest.mark.parametrize("method", ["draft", "eagle"])
