@@ -53,9 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="the head file to write")
     p.add_argument("--prompts", type=int, default=500,
                    help="built-in prompts the target answers for data (default 500)")
-    p.add_argument("--samples", type=int, default=1,
+    p.add_argument("--samples", type=int, default=3,
                    help="answers per prompt: the greedy one and SAMPLES - 1 sampled at "
-                        "--temperature (default 1)")
+                        "--temperature (default 3)")
     p.add_argument("--temperature", type=float, default=0.8,
                    help="temperature of the sampled answers (default 0.8)")
     p.add_argument("--max-tokens", type=int, default=256, help="answer length (default 256)")
@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab", type=int, default=4096,
                    help="the head's vocabulary: the most frequent tokens (default 4096)")
     p.add_argument("--ffn", type=int, default=256, help="the head's MLP width (default 256)")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)

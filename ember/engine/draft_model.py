@@ -29,7 +29,7 @@ class KernelHeadStep:
     """The head's step as one call of the kernels' `draft_head_step` (fc, norm, MLP, out and
     argmax fused, 8-bit weights): a draft token costs four GEMMs and no Python between them.
     (Measured on a Zen 3, SmolLM2's default head: 0.34 ms a step hot as five kernel calls with
-    PyTorch's norm / SiLU / argmax between, against the GEMMs' 0.15 ms; 4-bit weights were ~20%
+    PyTorch's norm / SiLU / argmax between, against the GEMMs' 0.15 ms; 4-bit weights were ~15%
     faster but changed a fifth of the drafts.)"""
 
     def __init__(self, weights: HeadWeights, kernels: CpuKernels) -> None:
