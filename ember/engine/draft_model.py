@@ -46,8 +46,7 @@ class KernelHeadStep:
     @staticmethod
     def fits(weights: HeadWeights) -> bool:
         """Whether the fused step takes this head: hidden size and MLP multiples of 32."""
-        ffn = int(weights.tensors["gate.weight"].shape[0])
-        return weights.hidden_size % BLOCK == 0 and ffn % BLOCK == 0
+        return weights.hidden_size % BLOCK == 0 and weights.ffn % BLOCK == 0
 
     def __call__(self, h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([h, e], dim=-1).float().contiguous()
@@ -68,7 +67,7 @@ def load_eagle_proposer(path: str, target: LoadedModel) -> EagleProposer:
     embed = cast(Callable[[torch.Tensor], torch.Tensor],
                  getattr(target.model.model, "embed_tokens"))  # as the trainer's dense.embed
     logger.info("eagle draft head %s: %d-token vocabulary, MLP %d", path,
-                weights.vocab.numel(), head.ffn)
+                weights.vocab.numel(), weights.ffn)
     return EagleProposer(head, lambda ids: embed(ids).float())
 
 

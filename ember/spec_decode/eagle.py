@@ -57,6 +57,11 @@ class HeadWeights:
         return int(self.tensors["norm.weight"].shape[0])
 
     @property
+    def ffn(self) -> int:
+        """The MLP's width."""
+        return int(self.tensors["gate.weight"].shape[0])
+
+    @property
     def vocab(self) -> torch.Tensor:
         return self.tensors["vocab"]
 
@@ -125,7 +130,7 @@ def dense_step(weights: HeadWeights) -> HeadStep:
     """The head's step in float32 PyTorch (`head_features`, then argmax of `out`)."""
     t = weights.tensors
     fc, down, out, norm = t["fc.weight"], t["down.weight"], t["out.weight"], t["norm.weight"]
-    gate_up, ffn = torch.cat([t["gate.weight"], t["up.weight"]]), int(t["gate.weight"].shape[0])
+    gate_up, ffn = torch.cat([t["gate.weight"], t["up.weight"]]), weights.ffn
 
     def mlp(n: torch.Tensor) -> torch.Tensor:
         gu = F.linear(n, gate_up)
@@ -144,7 +149,6 @@ class DraftHead:
 
     def __init__(self, weights: HeadWeights, step: HeadStep | None = None) -> None:
         self.step = dense_step(weights) if step is None else step
-        self.ffn = int(weights.tensors["gate.weight"].shape[0])
         self.vocab = weights.vocab
 
     def __call__(self, h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
