@@ -27,10 +27,13 @@ logger = logging.getLogger(__name__)
 
 class KernelHeadStep:
     """The head's step as one call of the kernels' `draft_head_step` (fc, norm, MLP, out and
-    argmax fused, 8-bit weights): a draft token costs four GEMMs and no Python between them.
-    (Measured on a Zen 3, SmolLM2's default head: 0.34 ms a step hot as five kernel calls with
-    PyTorch's norm / SiLU / argmax between, against the GEMMs' 0.15 ms; 4-bit weights were ~15%
-    faster but changed a fifth of the drafts.)"""
+    argmax fused, 8-bit weights): a draft token costs four GEMMs and no Python between them;
+    `chain` runs k chained steps in one call (`draft_head_chain`), the drafted tokens'
+    embeddings read from `vocab_embed` in C. (Measured on a Zen 3, SmolLM2's default head:
+    0.34 ms a step hot as five kernel calls with PyTorch's norm / SiLU / argmax between,
+    against the GEMMs' 0.15 ms; 4-bit weights were ~15% faster but changed a fifth of the
+    drafts. In the engine, steps chained in Python cost 0.36 ms each after the first against
+    ~0.1 ms chained in C.)"""
 
     def __init__(self, weights: HeadWeights, kernels: CpuKernels) -> None:
         t = weights.tensors
@@ -49,26 +52,39 @@ class KernelHeadStep:
         return weights.hidden_size % BLOCK == 0 and weights.ffn % BLOCK == 0
 
     def __call__(self, h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([h, e], dim=-1).float().contiguous()
-        return self.kernels.draft_head_step(self.mats, self.norm, NORM_EPS, x, self.vocab_rows)
+        return self.kernels.draft_head_step(self.mats, self.norm, NORM_EPS,
+                                            torch.cat([h, e], dim=-1).float().contiguous(),
+                                            self.vocab_rows)
+
+    def chain(self, h: torch.Tensor, e: torch.Tensor | None, first: list[int] | None,
+              vocab_embed: torch.Tensor, k: int) -> list[list[int]]:
+        return self.kernels.draft_head_chain(self.mats, self.norm, NORM_EPS, h.contiguous(), e,
+                                             first, vocab_embed, k)
 
 
 def load_eagle_proposer(path: str, target: LoadedModel) -> EagleProposer:
-    """The `eagle` proposer: the head file checked against the target's sizes, its step fused on
-    the target's CPU kernels (8-bit) when it runs on them, the target's own embedding table."""
+    """The `eagle` proposer: the head file checked against the target's sizes, its steps fused
+    on the target's CPU kernels (8-bit) when it runs on them, the target's own embedding
+    table."""
     try:
         weights = HeadWeights.load(path, target.arch.hidden_size, target.arch.vocab_size)
     except DraftHeadError as exc:
         raise DraftModelError(f"speculative_config.model: {exc}") from None
+    module = cast(Callable[[torch.Tensor], torch.Tensor],
+                  getattr(target.model.model, "embed_tokens"))  # as the trainer's dense.embed
+
+    def embed(ids: list[int]) -> torch.Tensor:
+        return module(torch.tensor(ids)).float()
+
     kernels = target.plan.kernels
-    step = (KernelHeadStep(weights, kernels)
-            if kernels is not None and KernelHeadStep.fits(weights) else None)
-    head = DraftHead(weights, step)
-    embed = cast(Callable[[torch.Tensor], torch.Tensor],
-                 getattr(target.model.model, "embed_tokens"))  # as the trainer's dense.embed
+    if kernels is not None and KernelHeadStep.fits(weights):
+        fused = KernelHeadStep(weights, kernels)
+        head = DraftHead(weights, embed, fused, fused.chain)
+    else:
+        head = DraftHead(weights, embed)
     logger.info("eagle draft head %s: %d-token vocabulary, MLP %d", path,
                 weights.vocab.numel(), weights.ffn)
-    return EagleProposer(head, lambda ids: embed(ids).float())
+    return EagleProposer(head)
 
 
 def load_draft_proposer(config: EngineConfig, target: LoadedModel, block_size: int,

@@ -204,6 +204,34 @@ void draft_head_step(const LinearW* w, const float* norm, float eps, const float
   }
 }
 
+// `steps` chained head steps for T rows in one call (draft_head_step each): step s + 1's input
+// is [feat of step s ; embed row of the token step s drafted], embed (V, D) being the head's
+// vocabulary rows of the target's input embeddings (float32). The first step's input is
+// [h ; e] (h, e: (T, D)), or with e null [h ; embed row first[i]] for row i. best (T, steps)
+// gets each step's argmax row of the head's vocabulary.
+void draft_head_chain(const LinearW* w, const float* norm, float eps, const float* h,
+                      const float* e, const int64_t* first, int64_t t, int64_t vocab,
+                      const float* embed, int64_t steps, int64_t* best, int nthreads) {
+  const int64_t dim = w[0].n;
+  std::vector<float> x(static_cast<size_t>(t * 2 * dim)), feat(static_cast<size_t>(t * dim));
+  std::vector<int64_t> row_best(static_cast<size_t>(t));
+  for (int64_t i = 0; i < t; ++i) {
+    std::copy_n(h + i * dim, dim, x.data() + i * 2 * dim);
+    std::copy_n(e != nullptr ? e + i * dim : embed + first[i] * dim, dim,
+                x.data() + i * 2 * dim + dim);
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    draft_head_step(w, norm, eps, x.data(), t, vocab, feat.data(), row_best.data(), nthreads);
+    for (int64_t i = 0; i < t; ++i) {
+      const int64_t b = row_best[static_cast<size_t>(i)];
+      best[i * steps + s] = b;
+      float* xi = x.data() + i * 2 * dim;
+      std::copy_n(feat.data() + i * dim, dim, xi);
+      std::copy_n(embed + b * dim, dim, xi + dim);
+    }
+  }
+}
+
 // Grammar masks, in place: logits row rows[i] (row_stride floats apart, V = vocab floats) keeps
 // the tokens whose bit is set in masks row i ((n, words) int32, bit t % 32 of word t / 32:
 // llguidance's layout), the others become -inf. A mask row with no bit set allows only `eos`

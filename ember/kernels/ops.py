@@ -222,6 +222,7 @@ class CpuKernels:
                                        i64, i64, i64, i64, f32, i64, ptr, i32],
             "apply_token_bitmask": [ptr, i64, ptr, i64, ptr, i64, i64, i64],
             "draft_head_step": [ptr, ptr, f32, ptr, i64, i64, ptr, ptr, i32],
+            "draft_head_chain": [ptr, ptr, f32, ptr, ptr, ptr, i64, i64, ptr, i64, ptr, i32],
         }
         for name, args in sigs.items():
             fn = getattr(lib, name)
@@ -321,6 +322,33 @@ class CpuKernels:
         self.lib.draft_head_step(mats, _ptr(norm), eps, _ptr(x), t, vocab, _ptr(feat),
                                  _ptr(best), self.num_threads)
         return feat, best
+
+    def draft_head_chain(self, mats: "ctypes.Array[LinearW]", norm: torch.Tensor, eps: float,
+                         h: torch.Tensor, e: torch.Tensor | None, first: list[int] | None,
+                         embed: torch.Tensor, steps: int) -> list[list[int]]:
+        """`steps` chained `draft_head_step`s in one call (cpu_kernels.cpp `draft_head_chain`):
+        the first on [h ; e] (h, e: (T, D) float32) or, e None, on [h ; embed[first[i]]], each
+        next one on [its features ; embed[its drafted row]]; embed (V, D) float32, V the head's
+        vocabulary (out's first V rows) -> each row's `steps` argmax rows. Plain lists in and
+        out (ctypes arrays): a torch op costs more than the call right after a forward."""
+        t, dim, vocab = h.shape[0], mats[0].n, embed.shape[0]
+        if h.shape != (t, dim) or h.dtype != torch.float32 or (e is None) == (first is None) \
+                or 2 * dim != mats[0].k \
+                or embed.shape != (vocab, dim) or vocab > mats[3].n \
+                or (e is not None and e.shape != (t, dim)) \
+                or (first is not None and (len(first) != t or not all(0 <= r < vocab
+                                                                       for r in first))):
+            shape = None if e is None else tuple(e.shape)
+            raise ValueError(f"head inputs h {tuple(h.shape)}, e {shape}, first {first} and "
+                             f"embedding table {tuple(embed.shape)} for fc of K = "
+                             f"{mats[0].k}, out of {mats[3].n} rows")
+        rows = None if first is None else (ctypes.c_int64 * t)(*first)
+        best = (ctypes.c_int64 * (t * steps))()
+        self.lib.draft_head_chain(mats, _ptr(norm), eps, _ptr(h), None if e is None else _ptr(e),
+                                  None if rows is None else ctypes.addressof(rows), t, vocab,
+                                  _ptr(embed), steps, ctypes.addressof(best), self.num_threads)
+        flat = list(best)
+        return [flat[i * steps:(i + 1) * steps] for i in range(t)]
 
     def q8h_rows(self, packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (T,) int64 of Q8h weights as float32 (T, K) (embedding lookup)."""

@@ -142,20 +142,67 @@ def dense_step(weights: HeadWeights) -> HeadStep:
     return step
 
 
-class DraftHead:
-    """Inference form of a head: (N, D) features and (N,) tokens -> next features and drafts.
-    `step` runs the math (`dense_step` by default; the CPU kernels' fused 8-bit step when the
-    target runs on them: ember/engine/draft_model.py)."""
+Embed = Callable[[list[int]], torch.Tensor]
+"""Target token ids (N) -> their (N, D) float32 input embeddings (the target's table)."""
+HeadChain = Callable[[torch.Tensor, torch.Tensor | None, list[int] | None, torch.Tensor, int],
+                     list[list[int]]]
+"""k chained head steps for N rows: (h (N, D) features; the embeddings of the tokens sampled
+from them, either e (N, D) or `first`, their rows of vocab_embed (K, D) (the target's input
+embeddings of the head's vocabulary); k) -> each row's k argmax rows of the head's vocabulary.
+Step j + 1 runs on step j's predicted features and the embedding of the token it drafted."""
 
-    def __init__(self, weights: HeadWeights, step: HeadStep | None = None) -> None:
+
+def step_chain(step: HeadStep) -> HeadChain:
+    """`step` chained in Python."""
+    def chain(h: torch.Tensor, e: torch.Tensor | None, first: list[int] | None,
+              vocab_embed: torch.Tensor, k: int) -> list[list[int]]:
+        x = e if e is not None else vocab_embed[first]
+        out: list[list[int]] = [[] for _ in range(h.shape[0])]
+        for _ in range(k):
+            h, best = step(h, x)
+            for row, b in zip(out, best.tolist()):
+                row.append(b)
+            x = vocab_embed[best]
+        return out
+    return chain
+
+
+class DraftHead:
+    """Inference form of a head: (N, D) features and the tokens sampled from them -> drafts.
+    `step` runs one step's math (`dense_step` by default; the CPU kernels' fused 8-bit step
+    when the target runs on them: ember/engine/draft_model.py), `chain` k steps at once
+    (`step_chain` by default; the kernels' one-call chain with them). `embed`: the target's
+    input embeddings, whose rows of the head's vocabulary (`vocab_embed`) a drafted token
+    feeds the next step."""
+
+    def __init__(self, weights: HeadWeights, embed: Embed, step: HeadStep | None = None,
+                 chain: HeadChain | None = None) -> None:
+        self.embed = embed
         self.step = dense_step(weights) if step is None else step
+        self.chain = step_chain(self.step) if chain is None else chain
         self.vocab = weights.vocab
+        self._vocab_ids: list[int] = weights.vocab.tolist()
+        self._row_of = {token: row for row, token in enumerate(self._vocab_ids)}
+        with torch.no_grad():
+            self.vocab_embed = embed(self._vocab_ids).float().contiguous()
+        """(K, D): the input embeddings of the head's vocabulary tokens."""
 
     def __call__(self, h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h: (N, D) features, e: (N, D) embeddings of the next tokens -> (predicted next
         features (N, D), draft token ids (N,))."""
         f, best = self.step(h, e)
         return f, self.vocab[best]
+
+    def draft(self, h: torch.Tensor, tokens: list[int], k: int) -> list[list[int]]:
+        """k chained drafts (target token ids) for each of N rows, from features h (N, D) and
+        the tokens sampled from them."""
+        # NOTE: few torch ops: each costs 30-90 us right after the target's forward (cold
+        # caches), the whole head step ~80 us hot; list lookups instead where they can
+        first = [self._row_of.get(token, -1) for token in tokens]
+        e = None if -1 not in first else self.embed(tokens).float().contiguous()
+        ids = self._vocab_ids
+        return [[ids[b] for b in row] for row in
+                self.chain(h, e, first if e is None else None, self.vocab_embed, k)]
 
 
 _DECAY = 0.9
@@ -166,10 +213,8 @@ class EagleProposer:
     """Drafts each ready request's next tokens with a `DraftHead`, from the hidden state the
     target computed for the row that sampled its last token (`observe_hidden`)."""
 
-    def __init__(self, head: DraftHead, embed: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, head: DraftHead) -> None:
         self.head = head
-        self.embed = embed
-        """Target token ids (N,) -> (N, D) input embeddings, as the head was trained on."""
         self._hidden: dict[str, tuple[int, torch.Tensor]] = {}
         """request id -> (its token count when sampled, the hidden row (D,) that sampled the
         last token)."""
@@ -192,14 +237,12 @@ class EagleProposer:
         if not live:
             return out
         t0 = time.perf_counter()
-        h = torch.stack([self._hidden[requests[i].request_id][1] for i in live])
-        tokens = torch.tensor([requests[i].all_token_ids[-1] for i in live])
+        rows = [self._hidden[requests[i].request_id][1] for i in live]
+        h = rows[0][None] if len(rows) == 1 else torch.stack(rows)
+        tokens = [requests[i].all_token_ids[-1] for i in live]
         steps = max(max_len[i] for i in live)
-        for j in range(steps):
-            h, tokens = self.head(h, self.embed(tokens))
-            for i, token in zip(live, tokens.tolist()):
-                if j < max_len[i]:
-                    out[i].append(token)
+        for i, drafts in zip(live, self.head.draft(h, tokens, steps)):
+            out[i] = drafts[:max_len[i]]
         seconds = (time.perf_counter() - t0) / steps
         self.num_steps += steps
         self.step_seconds = seconds if self.step_seconds is None else (
@@ -211,5 +254,6 @@ class EagleProposer:
             self._hidden.pop(rid, None)
 
 
-__all__ = ["DraftHead", "DraftHeadError", "EagleProposer", "HEAD_FORMAT", "HeadStep", "HeadWeights",
-           "Matmul", "NORM_EPS", "dense_step", "head_features", "head_shapes"]
+__all__ = ["DraftHead", "DraftHeadError", "EagleProposer", "Embed", "HEAD_FORMAT", "HeadChain",
+           "HeadStep", "HeadWeights", "Matmul", "NORM_EPS", "dense_step", "head_features",
+           "head_shapes", "step_chain"]

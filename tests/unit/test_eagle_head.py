@@ -53,9 +53,15 @@ def test_head_file_round_trip_and_one_line_errors(tmp_path):
         assert "\n" not in str(err.value) and str(p) in str(err.value)
 
 
+def _embed(hidden: int = 64):
+    """A random 257-token input embedding table, as `Embed` (token ids -> rows)."""
+    table = torch.randn(257, hidden, generator=torch.Generator().manual_seed(7))
+    return lambda ids: table[ids]
+
+
 def test_inference_head_equals_the_training_module():
     module, ids = _random_head()
-    head = DraftHead(module.weights(ids, 257))
+    head = DraftHead(module.weights(ids, 257), _embed())
     h, e = torch.randn(5, 64), torch.randn(5, 64)
     f, tokens = head(h, e)
     with torch.no_grad():
@@ -70,8 +76,8 @@ def test_inference_head_on_the_q8_kernels_drafts_as_dense(load_kernels):
     kernels = load_kernels()
     module, ids = _random_head(hidden=64, ffn=64, vocab=48)
     weights = module.weights(ids, 257)
-    dense_head = DraftHead(weights)
-    q8_head = DraftHead(weights, KernelHeadStep(weights, kernels))
+    dense_head = DraftHead(weights, _embed())
+    q8_head = DraftHead(weights, _embed(), KernelHeadStep(weights, kernels))
     h, e = torch.randn(64, 64), torch.randn(64, 64)
     f_ref, t_ref = dense_head(h, e)
     f, t = q8_head(h, e)
@@ -102,11 +108,45 @@ def test_fused_kernel_step_equals_the_same_kernels_called_one_by_one(load_kernel
     assert torch.equal(got_best, logits[:, :40].argmax(-1))
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_kernel_chain_equals_the_fused_step_chained_in_python(load_kernels, rows):
+    """`draft_head_chain` (k steps in one call, the drafted tokens' embeddings read in C) drafts
+    what `draft_head_step` called k times from Python does, to the bit of every step, whether
+    the first tokens come as embeddings or as rows of the head's vocabulary."""
+    from ember.engine.draft_model import KernelHeadStep
+    from ember.spec_decode.eagle import step_chain
+
+    kernels = load_kernels()
+    module, ids = _random_head(hidden=64, ffn=32, vocab=40)
+    weights = module.weights(ids, 257)
+    embed = _embed()
+    fused = KernelHeadStep(weights, kernels)
+    head = DraftHead(weights, embed, fused, fused.chain)
+    vocab_embed = head.vocab_embed
+    h, e = torch.randn(rows, 64), torch.randn(rows, 64)
+    want = step_chain(fused)(h, e, None, vocab_embed, 5)
+    assert fused.chain(h, e, None, vocab_embed, 5) == want
+    assert len({t for row in want for t in row}) > 1  # the chain moved on
+    first = [3, 17, 39][:rows]
+    from_rows = step_chain(fused)(h, None, first, vocab_embed, 5)
+    assert fused.chain(h, None, first, vocab_embed, 5) == from_rows
+    assert from_rows == step_chain(fused)(h, vocab_embed[first], None, vocab_embed, 5)
+    # DraftHead.draft: in-vocabulary tokens go as rows, any other through `embed`
+    tokens = ids[first].tolist()
+    assert head.draft(h, tokens, 5) == [ids[row].tolist() for row in from_rows]
+    outside = [4] + tokens[1:]  # token 4 is not in the head's (odd) vocabulary
+    assert head.draft(h, outside, 5) == [ids[row].tolist() for row in step_chain(fused)(
+        h, embed(outside), None, vocab_embed, 5)]
+    with pytest.raises(ValueError, match="embedding table"):
+        kernels.draft_head_chain(fused.mats, fused.norm, 1e-5, h, None, [40] * rows,
+                                 vocab_embed, 2)
+
+
 def test_proposer_chains_on_predicted_features_and_skips_stale_rows():
     module, ids = _random_head()
-    head = DraftHead(module.weights(ids, 257))
     table = torch.randn(257, 64)
-    proposer = EagleProposer(head, lambda t: table[t])
+    head = DraftHead(module.weights(ids, 257), lambda t: table[t])
+    proposer = EagleProposer(head)
     from ember.types import Request
     a = Request("a", [5, 6, 7], SamplingParams())
     b = Request("b", [9, 10], SamplingParams())
