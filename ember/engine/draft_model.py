@@ -83,7 +83,7 @@ def load_eagle_proposer(path: str, target: LoadedModel) -> EagleProposer:
     else:
         head = DraftHead(weights, embed)
     logger.info("eagle draft head %s: %d-token vocabulary, MLP %d", path,
-                weights.vocab.numel(), weights.ffn)
+                weights.vocab.numel(), head.ffn)
     return EagleProposer(head)
 
 

@@ -181,6 +181,8 @@ class DraftHead:
         self.step = dense_step(weights) if step is None else step
         self.chain = step_chain(self.step) if chain is None else chain
         self.vocab = weights.vocab
+        self.ffn = weights.ffn
+        """The MLP's width (reports)."""
         self._vocab_ids: list[int] = weights.vocab.tolist()
         self._row_of = {token: row for row, token in enumerate(self._vocab_ids)}
         with torch.no_grad():
