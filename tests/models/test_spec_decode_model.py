@@ -107,18 +107,26 @@ def test_greedy_identical_batched_on_kernels(make_llm, prompts, method, tmp_path
     assert all(s is None or s[1] < TIE for s in map(first_split, alone, ref_out[:2]))
 
 
-def test_ngram_greedy_identical_with_preemption(make_llm, prompts):
+SUFFIX = {"method": "suffix", "num_speculative_tokens": 16, "disable_by_batch_size": 16}
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft", "eagle"])
+def test_greedy_identical_with_preemption(make_llm, prompts, method, tmp_path):
     """Preemption recomputes a request's prompt and output tokens as one prefill. With packed
     prefill tiles (AVX-512: bf16 dot products; AVX2: float32 in another summation order) that
     prefill is not bit-equal to the first pass, whose output tokens were decoded one row at a
     time (attention.h, test_flash_attention.py::test_prefill_chunk_rows_versus_decoded_rows;
     the exact check also failed on Zen 5 with the bf16 tiles switched off), so the tokens
     follow the reference's until a near-tie at most (its top two within TIE_RECOMPUTE nats);
-    the portable build: equal."""
+    the portable build: equal. draft: the target as its own draft, with a KV cache as tight;
+    eagle: an untrained head (its drafts mostly rejected) on top of the lookup, the hidden rows
+    it drafts from remade by the recompute."""
+    config = {"ngram": NGRAM, "suffix": SUFFIX, "draft": DRAFT}.get(method) or \
+        _random_eagle_head(tmp_path / "head.safetensors")
     params = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0, logprobs=2)
     ref = [o.outputs[0] for o in make_llm(quantization="auto").generate(prompts, params,
                                                                          use_tqdm=False)]
-    tight = LLM(quantization="auto", show_progress=False, speculative_config=NGRAM,
+    tight = LLM(quantization="auto", show_progress=False, speculative_config=config,
                 block_size=4, num_blocks=64, enable_prefix_caching=False)
     got = _tokens(tight, prompts)
     splits = [first_split(g, r) for g, r in zip(got, ref)]
@@ -127,5 +135,9 @@ def test_ngram_greedy_identical_with_preemption(make_llm, prompts):
         assert splits == [None] * len(prompts)
     assert all(s is None or s[1] < TIE_RECOMPUTE for s in splits), splits
     assert tight.engine.core.scheduler.num_preemptions > 0
+    spec = tight.engine.core.spec
+    assert spec is not None and spec.stats.num_accepted_tokens > 10, spec and spec.stats
+    if method == "eagle":
+        assert isinstance(spec.proposer, EagleProposer) and spec.proposer.num_steps > 5
     kv = tight.engine.core.kv_manager
     assert kv.num_free_blocks == kv.num_blocks - 1  # every block back after the run
