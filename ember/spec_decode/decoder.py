@@ -28,7 +28,10 @@ DEFAULT_MAX_BATCH = 4
 """Speculation stops for a step once this many requests run. Measured (same run): a step of
 5 rows per sequence vs 1 row gains at most 3.4x at batch 1, 2.1x at batch 2 and ~1.5x from
 batch 4 to 32; from batch 4 on, verification of 4 drafts loses unless acceptance exceeds ~0.85
-(the batch is compute-bound). SpecConfig.disable_by_batch_size overrides it."""
+(the batch is compute-bound). On a Zen 3 (AVX2, no VNNI): 2.9x, 2.0x, 2.0x, 1.7x from 8 on.
+Below it each request's drafts are priced by the measured cost of a row at that batch size
+(`SpecDecoder._extra`), so a small batch drafts only what pays there; at and above it no
+request drafts (not even the 1-token probes). SpecConfig.disable_by_batch_size overrides it."""
 EAGLE_STEP_COST = 0.05
 """Prior cost of one `eagle` head step relative to a plain decode step, until both are timed."""
 _DECAY = 0.95
@@ -203,6 +206,9 @@ class SpecDecoder:
         """Match length of each request's drafts in flight (lookup proposers)."""
         self.step_cost = StepCostModel(DRAFT_TOKEN_COST)
         """Measured cost of one draft token (single-stream steps), for the draft length."""
+        self.batch_cost: dict[int, StepCostModel] = {}
+        """Requests in a step (2 .. max_batch - 1) -> the time by rows of such decode/verify
+        steps (all their rows): what a draft token costs in a batch, measured (`_extra`)."""
         self._last_step: tuple[str, float] | None = None
         """(request id, time) of the last single-request decode/verify step observed."""
         self.draft_filter: Callable[[Request, list[int]], list[int]] | None = None
@@ -215,7 +221,8 @@ class SpecDecoder:
         return self.config.disable_by_batch_size or DEFAULT_MAX_BATCH
 
     def _time_step(self, so: SchedulerOutput, step_seconds: float | None) -> None:
-        """Feed the step-cost model with single-request decode/verify steps.
+        """Feed the step-cost models with decode/verify steps: single-request ones the
+        single-stream curve, those of B requests `batch_cost[B]` (the runner's time).
 
         NOTE: a step's cost is the whole engine period (runner, sampler, scheduler, proposer,
         output handling), timed from the previous observed step of the same request when
@@ -224,7 +231,13 @@ class SpecDecoder:
         steps (counted apart, per draft token) run inside that period."""
         now = time.perf_counter()
         last, self._last_step = self._last_step, None
-        if step_seconds is None or len(so.scheduled) != 1:
+        if step_seconds is None or not so.scheduled:
+            return
+        if len(so.scheduled) > 1:
+            if all(i.num_new_tokens == 1 + len(i.spec_token_ids) for i in so.scheduled):
+                model = self.batch_cost.setdefault(len(so.scheduled),
+                                                   StepCostModel(DRAFT_TOKEN_COST))
+                model.observe(sum(i.num_new_tokens for i in so.scheduled), step_seconds)
             return
         item = so.scheduled[0]
         if item.num_new_tokens != 1 + len(item.spec_token_ids):  # prefill in this step
@@ -281,11 +294,12 @@ class SpecDecoder:
         if not ready:
             return
         cap = self.config.num_speculative_tokens
+        extra = self._extra(len(running))
         proposals = [[] for _ in ready] if self.lookup is None else self._lookup_drafts(
-            ready, cap, self.lookup)
+            ready, cap, self.lookup, extra)
         if self.proposer is not self.lookup:  # a model: where the lookup has nothing
             rest = [i for i, drafts in enumerate(proposals) if not drafts]
-            lengths = [self._draft_length(ready[i], cap) for i in rest]
+            lengths = [self._draft_length(ready[i], cap, extra) for i in rest]
             for i, drafts in zip(rest, self.proposer.propose([ready[i] for i in rest],
                                                              lengths)):
                 proposals[i] = drafts
@@ -294,8 +308,26 @@ class SpecDecoder:
                 drafts = self.draft_filter(request, drafts)
             request.spec_token_ids = drafts
 
+    def _extra(self, batch: int) -> Callable[[int], float]:
+        """What verifying k drafts of one request adds to a step of `batch` running requests,
+        relative to what one sampled token costs in that step. Alone: the measured
+        single-stream curve (`step_cost.extra`). In a batch: k times the measured time of one
+        more row there against the step's time per request (`batch_cost[batch].row_cost`;
+        past a few rows the GEMMs are compute-bound, so every row costs about the same while
+        a sampled token's share of the step shrinks); until measured, the single-stream cost
+        times the batch (a constant row time). Measured on a Zen 3 (AVX2, no VNNI): 0.18 of
+        a step alone, 0.36 at 2 requests, 0.37 at 4, 0.5 at 8-32 (`spec_decode.py
+        --crossover`), so drafts must be right more often the larger the batch."""
+        if batch <= 1:
+            return self.step_cost.extra
+        model = self.batch_cost.get(batch)
+        cost = (model.row_cost(batch) if model is not None else None) or min(
+            self.step_cost.hi, self.step_cost.cost * batch)
+        return lambda k: cost * k
+
     def _lookup_drafts(self, ready: list[Request], cap: int,
-                       lookup: NgramProposer | SuffixProposer) -> list[list[int]]:
+                       lookup: NgramProposer | SuffixProposer,
+                       extra: Callable[[int], float]) -> list[list[int]]:
         """Drafts of a lookup proposer: look up the longest useful draft first (free), then
         cut it to the length that pays, given how often drafts after a match of this length
         were accepted (all requests) and this request's own recent acceptance."""
@@ -305,19 +337,18 @@ class SpecDecoder:
             k = len(m.tokens)
             if k and self.config.adaptive:
                 acc = self._acceptance.setdefault(request.request_id, _Acceptance())
-                k = match_draft_length(acc, self.match_acceptance, m.length, k,
-                                       self.step_cost.extra)
+                k = match_draft_length(acc, self.match_acceptance, m.length, k, extra)
             if k:
                 self._match_length[request.request_id] = m.length
             out.append(list(m.tokens[:k]))
         return out
 
-    def _draft_length(self, request: Request, cap: int) -> int:
+    def _draft_length(self, request: Request, cap: int, extra: Callable[[int], float]) -> int:
         cap = min(cap, request.max_tokens - request.num_output_tokens - 1)
         if cap <= 0 or not self.config.adaptive:
             return max(cap, 0)
         acc = self._model_acceptance.setdefault(request.request_id, _Acceptance())
-        return adaptive_length(acc, cap, self._proposal_cost(), self.step_cost.extra)
+        return adaptive_length(acc, cap, self._proposal_cost(), extra)
 
     @property
     def _model_acceptance(self) -> dict[str, _Acceptance]:

@@ -70,20 +70,31 @@ class StepCostModel:
         self._sxx = d * self._sxx + rows * rows
         self._sxy = d * self._sxy + rows * seconds
 
-    @property
-    def cost(self) -> float:
-        """Extra cost of one draft token relative to a one-row step."""
+    def _fit(self) -> tuple[float, float] | None:
+        """(a, b) of t(T) = a + b T, None before enough steps with different row counts."""
         if self._w < _MIN_STEPS:
-            return self.prior
+            return None
         mx, my = self._sx / self._w, self._sy / self._w
         var = self._sxx / self._w - mx * mx
         if var < _MIN_SPREAD:
-            return self.prior
+            return None
         b = (self._sxy / self._w - mx * my) / var
-        a = my - b * mx
-        if a + b <= 0.0:
-            return self.prior
-        return min(self.hi, max(self.lo, b / (a + b)))
+        return my - b * mx, b
+
+    @property
+    def cost(self) -> float:
+        """Extra cost of one draft token relative to a one-row step."""
+        return self.row_cost(1) or self.prior
+
+    def row_cost(self, rows: int) -> float | None:
+        """Time of one more row in a step of `rows` rows, relative to that step's time per
+        row (b n / (a + b n): in a step of n requests' plain decode rows, what one more draft
+        token costs against what one sampled token costs); None before the fit."""
+        fit = self._fit()
+        if fit is None or fit[0] + fit[1] * rows <= 0.0:
+            return None
+        a, b = fit
+        return min(self.hi, max(self.lo, b * rows / (a + b * rows)))
 
     def extra(self, drafts: int) -> float:
         """Extra cost of a step verifying `drafts` draft tokens, relative to a one-row step.
@@ -145,10 +156,7 @@ class StepCostModel:
         """Fitted time of a one-row (plain decode) step, None until enough steps were seen."""
         if self._w < _MIN_STEPS:
             return None
-        mx, my = self._sx / self._w, self._sy / self._w
-        var = self._sxx / self._w - mx * mx
-        if var < _MIN_SPREAD:
-            return my if mx < 1.05 else None  # only one-row steps so far: their mean
-        b = (self._sxy / self._w - mx * my) / var
-        a = my - b * mx
-        return a + b if a + b > 0.0 else None
+        fit = self._fit()
+        if fit is None:  # only one row count so far: one-row steps' mean, else unknown
+            return self._sy / self._w if self._sx / self._w < 1.05 else None
+        return fit[0] + fit[1] if fit[0] + fit[1] > 0.0 else None

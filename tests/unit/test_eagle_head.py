@@ -322,11 +322,11 @@ def test_model_drafts_evidence_reaches_the_length_policy(method):
     config = SpecConfig.from_dict({"method": method, "model": "x", "num_speculative_tokens": 4})
     dec = SpecDecoder(config, Model())
     request = Request("r", [5, 6, 7], SamplingParams(max_tokens=50))
-    before = dec._draft_length(request, 4)
+    before = dec._draft_length(request, 4, dec._extra(1))
     for _ in range(6):  # every draft accepted: the length grows to the cap
         so = SchedulerOutput(scheduled=[ScheduledRequest(request, 3, 5, [], [1, 1, 1, 1])])
         dec.observe(so, ModelRunnerOutput(sampled_token_ids={"r": [1, 1, 1, 1, 2]}))
-    assert dec._draft_length(request, 4) == 4 > before or before == 4
+    assert dec._draft_length(request, 4, dec._extra(1)) == 4 > before or before == 4
     own = dec._head_acceptance if method == "eagle" else dec._acceptance
     assert own["r"].trials > 0 and "r" not in (dec._acceptance if method == "eagle"
                                                else dec._head_acceptance)

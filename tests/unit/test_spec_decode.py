@@ -819,3 +819,40 @@ def test_step_cost_first_slow_sample_does_not_bar_a_length():
     assert model.extra(16) > 15
     model.observe(17, 0.030)  # a quiet sample: taken at once
     assert abs(model.extra(16) - 2.0) < 1e-9
+
+
+def test_draft_cost_in_a_batch_is_measured_per_batch_size():
+    """In a step of B requests a draft row is priced by what such steps were measured to cost
+    (`batch_cost[B]`, fed by the steps' own timings): a lookup draft at the acceptance of a
+    short match pays alone (single-stream cost) but not in a batch of 2 whose rows were
+    measured dear; before any batch measurement the single-stream cost times B stands in."""
+    from ember.spec_decode.decoder import SpecDecoder
+    from ember.types import ScheduledRequest, SchedulerOutput
+
+    def requests(n: int) -> list[Request]:
+        out = []
+        for i in range(n):  # the last two tokens matched earlier (a 2-gram: acceptance ~0.6)
+            r = Request(f"r{i}", [1, 2, 3, 9, 8, 7, 1, 2], SamplingParams(max_tokens=50))
+            r.num_computed_tokens = r.num_tokens - 1
+            out.append(r)
+        return out
+
+    config = SpecConfig.from_dict({"method": "ngram", "num_speculative_tokens": 4})
+    alone = SpecDecoder(config)
+    [single] = requests(1)
+    alone.propose([single])
+    assert single.spec_token_ids[:2] == [3, 9]
+    assert alone._extra(2)(1) == pytest.approx(2 * alone.step_cost.cost)  # unmeasured prior
+
+    batch = SpecDecoder(config)
+    pair = requests(2)
+    for rows, ms in [(2, 10.0), (3, 14.0), (4, 18.0), (6, 26.0)] * 4:  # t = 2 ms + 4 ms/row
+        so = SchedulerOutput(scheduled=[
+            ScheduledRequest(r, r.num_computed_tokens, 1 + d, [], spec_token_ids=[5] * d)
+            for r, d in zip(pair, (rows - 2, 0))])
+        batch._time_step(so, ms / 1e3)
+    assert set(batch.batch_cost) == {2}
+    assert batch._extra(2)(1) == pytest.approx(4.0 * 2 / 10.0)  # a row / a request's share
+    batch.propose(pair)
+    assert [r.spec_token_ids for r in pair] == [[], []]
+    assert batch._extra(1) == batch.step_cost.extra  # alone: the single-stream curve
