@@ -234,7 +234,8 @@ class SpecDecoder:
         if step_seconds is None or not so.scheduled:
             return
         if len(so.scheduled) > 1:
-            if all(i.num_new_tokens == 1 + len(i.spec_token_ids) for i in so.scheduled):
+            if len(so.scheduled) < self.max_batch and all(
+                    i.num_new_tokens == 1 + len(i.spec_token_ids) for i in so.scheduled):
                 model = self.batch_cost.setdefault(len(so.scheduled),
                                                    StepCostModel(DRAFT_TOKEN_COST))
                 model.observe(sum(i.num_new_tokens for i in so.scheduled), step_seconds)
