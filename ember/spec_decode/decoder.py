@@ -30,8 +30,11 @@ DEFAULT_MAX_BATCH = 4
 batch 4 to 32; from batch 4 on, verification of 4 drafts loses unless acceptance exceeds ~0.85
 (the batch is compute-bound). On a Zen 3 (AVX2, no VNNI): 2.9x, 2.0x, 2.0x, 1.7x from 8 on.
 Below it each request's drafts are priced by the measured cost of a row at that batch size
-(`SpecDecoder._extra`), so a small batch drafts only what pays there; at and above it no
-request drafts (not even the 1-token probes). SpecConfig.disable_by_batch_size overrides it."""
+(`SpecDecoder._extra`), so a small batch drafts only what pays there (and sends no 1-token
+probes: those are for a single stream); at and above it no request drafts. With the pricing
+and no cap, 4 streams (3 copy-heavy) ran 1.21x against this cap's 1.09x but 5 streams 0.97x
+against 1.02x (Zen 3, benchmarks/results/spec_decode/batch_cost_ab/): the cap stays.
+SpecConfig.disable_by_batch_size overrides it."""
 EAGLE_STEP_COST = 0.05
 """Prior cost of one `eagle` head step relative to a plain decode step, until both are timed."""
 _DECAY = 0.95
@@ -147,27 +150,29 @@ so its acceptance estimate follows the text."""
 
 
 def adaptive_length(acc: _Acceptance, cap: int, cost: float,
-                    extra: Callable[[int], float] | None = None) -> int:
+                    extra: Callable[[int], float] | None = None, probe: bool = True) -> int:
     """This step's draft length for a request with acceptance evidence `acc`, when one draft
     token costs `cost` of a plain decode step (plus `extra(k)` for verifying k): the length
     maximising expected tokens per unit of step cost (0 when no length pays; then one token
-    every `_PROBE_EVERY` steps)."""
+    every `_PROBE_EVERY` steps, unless `probe` is False: in a batch a probe's row costs the
+    whole batch)."""
     k = best_draft_length(acc.rate(), cap, cost, min_len=0, extra=extra)
     acc.skipped = acc.skipped + 1 if k == 0 else 0
-    return 1 if k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
+    return 1 if probe and k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
 
 
 def match_draft_length(acc: _Acceptance, by_match: MatchAcceptance, match_length: int,
-                       cap: int, extra: Callable[[int], float]) -> int:
+                       cap: int, extra: Callable[[int], float], probe: bool = True) -> int:
     """Draft length for a lookup proposal of `cap` tokens after a match of `match_length`:
     the length with the most expected tokens per unit of step cost (`extra(k)`: measured
     extra cost of verifying k drafts), the per-token acceptance being the geometric mean of
     this request's recent rate and the rate of drafts after matches of this length (all
-    requests). 0 when no length pays (then one token every `_PROBE_EVERY` such steps)."""
+    requests). 0 when no length pays (then, with `probe`, one token every `_PROBE_EVERY` such
+    steps)."""
     alpha = (acc.rate() * by_match.rate(match_length)) ** 0.5
     k = best_draft_length(alpha, cap, 0.0, min_len=0, extra=extra)
     acc.skipped = acc.skipped + 1 if k == 0 else 0
-    return 1 if k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
+    return 1 if probe and k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
 
 
 def create_proposer(config: SpecConfig) -> Proposer:
@@ -295,12 +300,12 @@ class SpecDecoder:
         if not ready:
             return
         cap = self.config.num_speculative_tokens
-        extra = self._extra(len(running))
+        extra, alone = self._extra(len(running)), len(running) == 1
         proposals = [[] for _ in ready] if self.lookup is None else self._lookup_drafts(
-            ready, cap, self.lookup, extra)
+            ready, cap, self.lookup, extra, alone)
         if self.proposer is not self.lookup:  # a model: where the lookup has nothing
             rest = [i for i, drafts in enumerate(proposals) if not drafts]
-            lengths = [self._draft_length(ready[i], cap, extra) for i in rest]
+            lengths = [self._draft_length(ready[i], cap, extra, alone) for i in rest]
             for i, drafts in zip(rest, self.proposer.propose([ready[i] for i in rest],
                                                              lengths)):
                 proposals[i] = drafts
@@ -327,8 +332,8 @@ class SpecDecoder:
         return lambda k: cost * k
 
     def _lookup_drafts(self, ready: list[Request], cap: int,
-                       lookup: NgramProposer | SuffixProposer,
-                       extra: Callable[[int], float]) -> list[list[int]]:
+                       lookup: NgramProposer | SuffixProposer, extra: Callable[[int], float],
+                       probe: bool = True) -> list[list[int]]:
         """Drafts of a lookup proposer: look up the longest useful draft first (free), then
         cut it to the length that pays, given how often drafts after a match of this length
         were accepted (all requests) and this request's own recent acceptance."""
@@ -338,18 +343,19 @@ class SpecDecoder:
             k = len(m.tokens)
             if k and self.config.adaptive:
                 acc = self._acceptance.setdefault(request.request_id, _Acceptance())
-                k = match_draft_length(acc, self.match_acceptance, m.length, k, extra)
+                k = match_draft_length(acc, self.match_acceptance, m.length, k, extra, probe)
             if k:
                 self._match_length[request.request_id] = m.length
             out.append(list(m.tokens[:k]))
         return out
 
-    def _draft_length(self, request: Request, cap: int, extra: Callable[[int], float]) -> int:
+    def _draft_length(self, request: Request, cap: int, extra: Callable[[int], float],
+                      probe: bool = True) -> int:
         cap = min(cap, request.max_tokens - request.num_output_tokens - 1)
         if cap <= 0 or not self.config.adaptive:
             return max(cap, 0)
         acc = self._model_acceptance.setdefault(request.request_id, _Acceptance())
-        return adaptive_length(acc, cap, self._proposal_cost(), extra)
+        return adaptive_length(acc, cap, self._proposal_cost(), extra, probe)
 
     @property
     def _model_acceptance(self) -> dict[str, _Acceptance]:

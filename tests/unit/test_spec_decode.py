@@ -856,3 +856,22 @@ def test_draft_cost_in_a_batch_is_measured_per_batch_size():
     batch.propose(pair)
     assert [r.spec_token_ids for r in pair] == [[], []]
     assert batch._extra(1) == batch.step_cost.extra  # alone: the single-stream curve
+
+
+def test_no_probes_in_a_batch():
+    """A request whose drafts do not pay sends a 1-token probe every _PROBE_EVERY steps when
+    it runs alone (rows are cheap there), none in a batch (a row costs the whole batch)."""
+    from ember.spec_decode.decoder import (_PROBE_EVERY, MatchAcceptance, _Acceptance,
+                                           adaptive_length, match_draft_length)
+
+    acc = _Acceptance(hits=0.0, trials=10.0)
+    probes = [adaptive_length(acc, 16, 0.5) for _ in range(2 * _PROBE_EVERY)]
+    acc = _Acceptance(hits=0.0, trials=10.0)
+    batched = [adaptive_length(acc, 16, 0.5, probe=False) for _ in range(2 * _PROBE_EVERY)]
+    assert probes.count(1) == 2 and set(batched) == {0}
+    by_match = MatchAcceptance()
+    for _ in range(20):  # drafts after 2-token matches always fail
+        by_match.update(2, 4, 0)
+    acc = _Acceptance(hits=0.0, trials=10.0)
+    assert {match_draft_length(acc, by_match, 2, 4, lambda k: 0.5 * k, probe=False)
+            for _ in range(2 * _PROBE_EVERY)} == {0}
