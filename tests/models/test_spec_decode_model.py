@@ -16,7 +16,9 @@ from ember.engine.draft_model import KernelHeadStep
 from ember.spec_decode.eagle import EagleProposer, HeadWeights, head_shapes
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 16, "prompt_lookup_max": 4,
-         "prompt_lookup_min": 2, "disable_by_batch_size": 16}  # verify the whole batch
+         "prompt_lookup_min": 2, "disable_by_batch_size": 16,  # verify the whole batch
+         "adaptive": False}  # every match drafted in full: how much is drafted in a batch
+# does not depend on the step timings (the adaptive lengths price a row by them)
 PASSAGE = ("It is a truth universally acknowledged, that a single man in possession of a good "
            "fortune, must be in want of a wife. However little known the feelings or views of "
            "such a man may be on his first entering a neighbourhood, this truth is so well fixed "
@@ -107,7 +109,8 @@ def test_greedy_identical_batched_on_kernels(make_llm, prompts, method, tmp_path
     assert all(s is None or s[1] < TIE for s in map(first_split, alone, ref_out[:2]))
 
 
-SUFFIX = {"method": "suffix", "num_speculative_tokens": 16, "disable_by_batch_size": 16}
+SUFFIX = {"method": "suffix", "num_speculative_tokens": 16, "disable_by_batch_size": 16,
+          "adaptive": False}
 
 
 @pytest.mark.parametrize("method", ["ngram", "suffix", "draft", "eagle"])

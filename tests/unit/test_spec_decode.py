@@ -522,15 +522,16 @@ def eagle_head(tmp_path_factory) -> tuple[str, dict[str, object]]:
 
 def _spec_kw(method: str, drafts: dict[str, str]) -> dict[str, object]:
     """speculative_config entries of `method` ('draft-same' / 'draft-pruned': the draft
-    proposer with that checkpoint, at a fixed draft length: the adaptive one follows the
-    measured cost of draft steps, which on a tiny model and a busy machine may not pay at
-    all, and this test is about losslessness and rollback, not the policy)."""
+    proposer with that checkpoint), at a fixed draft length: the adaptive one follows the
+    measured cost of draft steps and of verify rows in a batch, which on a tiny model and a
+    busy machine may not pay at all, and this test is about losslessness and rollback, not
+    the policy."""
     if method.startswith("draft-"):
         return {"method": "draft", "model": drafts[method.removeprefix("draft-")],
                 "adaptive": False}
     if method == "eagle":
         return {"method": "eagle", "model": drafts["eagle"], "adaptive": False}
-    return {"method": method}
+    return {"method": method, "adaptive": False}
 
 
 def _drafts_for(method: str, request: pytest.FixtureRequest) -> dict[str, str]:
