@@ -149,6 +149,14 @@ _PROBE_EVERY = 8
 so its acceptance estimate follows the text."""
 
 
+def _with_probe(acc: _Acceptance, k: int, probe: bool) -> int:
+    """The draft length k chosen for a request, or when none pays (k == 0) a 1-token probe
+    every `_PROBE_EVERY` such steps in a row (if `probe`), so its acceptance estimate keeps
+    following the text."""
+    acc.skipped = acc.skipped + 1 if k == 0 else 0
+    return 1 if probe and k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
+
+
 def adaptive_length(acc: _Acceptance, cap: int, cost: float,
                     extra: Callable[[int], float] | None = None, probe: bool = True) -> int:
     """This step's draft length for a request with acceptance evidence `acc`, when one draft
@@ -157,8 +165,7 @@ def adaptive_length(acc: _Acceptance, cap: int, cost: float,
     every `_PROBE_EVERY` steps, unless `probe` is False: in a batch a probe's row costs the
     whole batch)."""
     k = best_draft_length(acc.rate(), cap, cost, min_len=0, extra=extra)
-    acc.skipped = acc.skipped + 1 if k == 0 else 0
-    return 1 if probe and k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
+    return _with_probe(acc, k, probe)
 
 
 def match_draft_length(acc: _Acceptance, by_match: MatchAcceptance, match_length: int,
@@ -171,8 +178,7 @@ def match_draft_length(acc: _Acceptance, by_match: MatchAcceptance, match_length
     steps)."""
     alpha = (acc.rate() * by_match.rate(match_length)) ** 0.5
     k = best_draft_length(alpha, cap, 0.0, min_len=0, extra=extra)
-    acc.skipped = acc.skipped + 1 if k == 0 else 0
-    return 1 if probe and k == 0 and acc.skipped % _PROBE_EVERY == 0 else k
+    return _with_probe(acc, k, probe)
 
 
 def create_proposer(config: SpecConfig) -> Proposer:
