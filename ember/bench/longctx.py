@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.bench.llama_bench import run_engine_process
+from ember.models.arch import ArchConfig
 
 logger = logging.getLogger(__name__)
 
@@ -157,17 +158,48 @@ def paired_bandwidth_fraction(runs: dict[str, list[float]], bytes_per_token: flo
     return statistics.median(fractions) if fractions else None
 
 
-def kv_bytes_per_token(model_path: str, depth: int, kv: str) -> float:
-    """KV bytes one decoded token reads at `depth` (every layer's K and V of the context)."""
+def _arch(model_path: str) -> ArchConfig:
     from ember.config import EnvSettings
-    from ember.loading.sources import resolve_model
     from ember.loading.checkpoints import open_source
+    from ember.loading.sources import resolve_model
 
     env = EnvSettings.from_env()
-    arch = open_source(resolve_model(model_path, env.model_dirs, env.cache_path),
+    return open_source(resolve_model(model_path, env.model_dirs, env.cache_path),
                        env.cache_path).arch
+
+
+def kv_bytes_per_token(arch: ArchConfig, depth: int, kv: str) -> float:
+    """KV bytes one decoded token reads at `depth` (every layer's K and V of the context)."""
     per_elem = {"bf16": 2.0, "int8": 1.0 + 4.0 / arch.head_dim, "fp32": 4.0}[kv]
     return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * per_elem * depth
+
+
+def prefill_attention_macs(arch: ArchConfig, n: int) -> int:
+    """Multiply-adds of a causal prefill of n tokens' attention (QK and PV, every query head
+    of every layer; a sliding-window layer's query reads at most its window of keys)."""
+    total = 0
+    for layer in range(arch.num_layers):
+        w = arch.layer_window(layer) or n
+        keys = n * (n + 1) // 2 if n <= w else w * (w + 1) // 2 + (n - w) * w
+        total += 2 * arch.num_heads * arch.head_dim * keys
+    return total
+
+
+def prefill_attention_roofline(arch: ArchConfig, p512: float, p4k: float,
+                               target: float = 0.6) -> dict[str, float]:
+    """What prefill 4096 / prefill 512 says about the attention kernel's speed: the extra
+    attention multiply-adds per token at depth 4096 over 512 (the linear layers cost the same
+    per token at both lengths), the rate they ran at (implied by the two prefill rates) and the
+    rate that `target` (prefill 4096 / prefill 512) needs, to set against the CPU's float
+    FMA peak (benchmarks/compute_peak.cpp)."""
+    extra = (prefill_attention_macs(arch, DEPTH) / DEPTH - prefill_attention_macs(arch, 512)
+             / 512)
+    out = {"prefill_attention_extra_macs_per_token": float(extra)}
+    if p4k < p512:
+        out["prefill_attention_gmac_s_implied"] = extra / (1 / p4k - 1 / p512) / 1e9
+    out[f"prefill_attention_gmac_s_needed_for_{target}"] = \
+        extra / ((1 / target - 1) / p512) / 1e9
+    return out
 
 
 def run_longctx_bench(args: LongCtxArgs) -> dict[str, Any]:
@@ -188,13 +220,14 @@ def run_longctx_bench(args: LongCtxArgs) -> dict[str, Any]:
         if r is not None:
             engines["llama.cpp-native"] = r
     weights = _weight_bytes(args.model_path)
+    arch = _arch(args.model_path)
     derived: dict[str, dict[str, float]] = {}
     native = engines.get("llama.cpp-native", {})
     for label, figs in engines.items():
         if not label.startswith("ember"):
             continue
         kv = label.rsplit("-", 1)[-1]
-        per_token = weights + kv_bytes_per_token(args.model_path, DEPTH, kv)
+        per_token = weights + kv_bytes_per_token(arch, DEPTH, kv)
         paired = paired_bandwidth_fraction(figs.get("runs", {}), per_token)
         bw = figs.get("bandwidth_gbs", bandwidth)  # the median of the paired probes
         bound = bw * 1e9 / per_token
@@ -207,6 +240,7 @@ def run_longctx_bench(args: LongCtxArgs) -> dict[str, Any]:
                 d["decode_vs_llama_cpp"] = dec / native[f"decode_{DEPTH}_tok_s"]
         if p512 and p4k:
             d["prefill_4096_over_512"] = p4k / p512
+            d.update(prefill_attention_roofline(arch, p512, p4k))
         if p4k and native.get(f"prefill_{DEPTH}_tok_s"):
             d["prefill_4096_vs_llama_cpp"] = p4k / native[f"prefill_{DEPTH}_tok_s"]
         if ref and ref.get(f"ppl_{DEPTH}") and figs.get(f"ppl_{DEPTH}"):
