@@ -27,10 +27,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.bench.llama_bench import run_engine_process
-from ember.models.arch import ArchConfig
+
+if TYPE_CHECKING:
+    from ember.models.arch import ArchConfig
 
 logger = logging.getLogger(__name__)
 

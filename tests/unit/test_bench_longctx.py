@@ -1,9 +1,12 @@
-"""The long-context bench's bandwidth fraction: each round's decode over the bound of the
-bandwidth probed just before it, the median over rounds."""
+"""The long-context bench's derived figures: the bandwidth fraction (each round's decode over the
+bound of the bandwidth probed just before it, the median over rounds) and the prefill attention
+roofline."""
 
 import pytest
 
-from ember.bench.longctx import DEPTH, paired_bandwidth_fraction
+from ember.bench.longctx import (DEPTH, paired_bandwidth_fraction, prefill_attention_macs,
+                                 prefill_attention_roofline)
+from ember.models.arch import ArchConfig
 
 
 def test_each_round_pairs_with_its_own_probe():
@@ -21,22 +24,18 @@ def test_no_paired_probe_gives_none():
 
 
 def _arch(**kw):
-    from ember.models.arch import ArchConfig
-
     return ArchConfig(architecture="llama", vocab_size=100, hidden_size=64, intermediate_size=128,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                       max_position=8192, **kw)
 
 
 def test_prefill_attention_macs_count_every_causal_key_once():
-    from ember.bench.longctx import prefill_attention_macs
-
     # token i reads i + 1 keys; QK and PV, 4 heads x 16 dims, 2 layers
     assert prefill_attention_macs(_arch(), 3) == 2 * (2 * 4 * 16 * (1 + 2 + 3))
     # SmolLM2-135M's geometry at 4096 tokens: ~290 G multiply-adds
-    smol = _arch().__class__(architecture="llama", vocab_size=49152, hidden_size=576,
-                             intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
-                             head_dim=64, max_position=8192)
+    smol = ArchConfig(architecture="llama", vocab_size=49152, hidden_size=576,
+                      intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+                      head_dim=64, max_position=8192)
     assert prefill_attention_macs(smol, DEPTH) == 30 * 9 * 64 * DEPTH * (DEPTH + 1)
     # a window of 2 keys: queries past the first read 2 keys each (every layer sliding)
     assert prefill_attention_macs(_arch(sliding_window=2), 5) == 2 * (2 * 4 * 16 * (1 + 2 * 4))
@@ -46,8 +45,6 @@ def test_prefill_attention_macs_count_every_causal_key_once():
 
 
 def test_prefill_attention_roofline_from_the_two_prefill_rates():
-    from ember.bench.longctx import prefill_attention_macs, prefill_attention_roofline
-
     arch = _arch()
     extra = prefill_attention_macs(arch, DEPTH) / DEPTH - prefill_attention_macs(arch, 512) / 512
     r = prefill_attention_roofline(arch, p512=1000.0, p4k=500.0)
