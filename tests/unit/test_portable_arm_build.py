@@ -18,7 +18,8 @@ CROSS = next((c for c in ("aarch64-linux-gnu-g++-12", "aarch64-linux-gnu-g++")
 
 
 @pytest.fixture(scope="module")
-def cross_builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, subprocess.Popen[str]]]:
+def cross_builds(tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[dict[str, subprocess.Popen[str]]]:
     """Every source's cross compile, all started at once (each takes ~50 s on one core: CI's
     two cores run two together); a test waits for its own."""
     assert CROSS is not None
